@@ -1,0 +1,106 @@
+"""The only place that builds Google Cloud clients.
+
+Normally they use Application Default Credentials. When GEMMA_LAUNCH_EMULATOR_HOST is set, every gRPC
+client talks to the local emulator over one insecure channel with anonymous credentials, and storage
+follows google-cloud-storage's own STORAGE_EMULATOR_HOST convention. Callers pass `RETRY` on each call.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import cached_property
+
+import grpc
+from google.api_core import exceptions, retry
+from google.auth.credentials import AnonymousCredentials
+from google.cloud import artifactregistry_v1, iam_admin_v1, run_v2, secretmanager_v1, storage
+from google.cloud.artifactregistry_v1.services.artifact_registry.transports.grpc import (
+    ArtifactRegistryGrpcTransport,
+)
+from google.cloud.devtools import cloudbuild_v1
+from google.cloud.devtools.cloudbuild_v1.services.cloud_build.transports.grpc import CloudBuildGrpcTransport
+from google.cloud.iam_admin_v1.services.iam.transports.grpc import IAMGrpcTransport
+from google.cloud.logging_v2.services.logging_service_v2 import LoggingServiceV2Client
+from google.cloud.logging_v2.services.logging_service_v2.transports.grpc import LoggingServiceV2GrpcTransport
+from google.cloud.run_v2.services.executions.transports.grpc import ExecutionsGrpcTransport
+from google.cloud.run_v2.services.jobs.transports.grpc import JobsGrpcTransport
+from google.cloud.secretmanager_v1.services.secret_manager_service.transports.grpc import (
+    SecretManagerServiceGrpcTransport,
+)
+
+EMULATOR_ENV = "GEMMA_LAUNCH_EMULATOR_HOST"
+
+TRANSIENT = (
+    exceptions.ServiceUnavailable,
+    exceptions.DeadlineExceeded,
+    exceptions.TooManyRequests,
+    exceptions.InternalServerError,
+    exceptions.BadGateway,
+    exceptions.GatewayTimeout,
+)
+
+# Transient failures are retried with jittered exponential backoff for up to two minutes, then the
+# last error surfaces and the caller turns it into a message that names the resource.
+RETRY = retry.Retry(
+    predicate=retry.if_exception_type(*TRANSIENT),
+    initial=0.2,
+    maximum=5.0,
+    multiplier=2.0,
+    timeout=120.0,
+)
+
+
+def emulator_host() -> str | None:
+    return os.environ.get(EMULATOR_ENV) or None
+
+
+class Clients:
+    """One client per service, built on first use."""
+
+    def __init__(self, project: str) -> None:
+        self.project = project
+        self.emulator = emulator_host()
+
+    @cached_property
+    def _channel(self) -> grpc.Channel:
+        assert self.emulator
+        return grpc.insecure_channel(self.emulator)
+
+    def _build(self, client_cls, transport_cls):
+        if self.emulator:
+            return client_cls(transport=transport_cls(channel=self._channel))
+        return client_cls()
+
+    @cached_property
+    def iam(self) -> iam_admin_v1.IAMClient:
+        return self._build(iam_admin_v1.IAMClient, IAMGrpcTransport)
+
+    @cached_property
+    def secrets(self) -> secretmanager_v1.SecretManagerServiceClient:
+        return self._build(secretmanager_v1.SecretManagerServiceClient, SecretManagerServiceGrpcTransport)
+
+    @cached_property
+    def registry(self) -> artifactregistry_v1.ArtifactRegistryClient:
+        return self._build(artifactregistry_v1.ArtifactRegistryClient, ArtifactRegistryGrpcTransport)
+
+    @cached_property
+    def builds(self) -> cloudbuild_v1.CloudBuildClient:
+        return self._build(cloudbuild_v1.CloudBuildClient, CloudBuildGrpcTransport)
+
+    @cached_property
+    def jobs(self) -> run_v2.JobsClient:
+        return self._build(run_v2.JobsClient, JobsGrpcTransport)
+
+    @cached_property
+    def executions(self) -> run_v2.ExecutionsClient:
+        return self._build(run_v2.ExecutionsClient, ExecutionsGrpcTransport)
+
+    @cached_property
+    def logging(self) -> LoggingServiceV2Client:
+        return self._build(LoggingServiceV2Client, LoggingServiceV2GrpcTransport)
+
+    @cached_property
+    def storage(self) -> storage.Client:
+        if self.emulator or os.environ.get("STORAGE_EMULATOR_HOST"):
+            return storage.Client(project=self.project, credentials=AnonymousCredentials())
+        return storage.Client(project=self.project)

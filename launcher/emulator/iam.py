@@ -1,0 +1,114 @@
+"""IAM Admin v1: service accounts (create, get, list, delete)."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+
+import grpc
+from google.cloud import iam_admin_v1
+from google.protobuf import empty_pb2
+
+from launcher.emulator.rpc import Hub, Method, already_exists, invalid, not_found, service_handler
+from launcher.emulator.state import State
+
+_ACCOUNT_ID = re.compile(r"^[a-z](?:[-a-z0-9]{4,28}[a-z0-9])$")
+_NAME = re.compile(r"^projects/(?P<project>[^/]+)/serviceAccounts/(?P<account>[^/]+)$")
+
+
+def email_for(project: str, account_id: str) -> str:
+    return f"{account_id}@{project}.iam.gserviceaccount.com"
+
+
+class Iam:
+    def __init__(self, state: State) -> None:
+        self.state = state
+
+    def _accounts(self) -> dict:
+        return self.state.table("service_accounts")
+
+    def create(self, request: iam_admin_v1.CreateServiceAccountRequest, context: grpc.ServicerContext):
+        project = request.name.removeprefix("projects/")
+        if not request.name.startswith("projects/") or "/" in project or not project:
+            raise invalid(f"Invalid project resource name {request.name!r}.")
+        if not _ACCOUNT_ID.match(request.account_id):
+            raise invalid(
+                f"Invalid account id {request.account_id!r}: 6-30 characters, lower-case letters, digits "
+                "and hyphens, starting with a letter and not ending with a hyphen."
+            )
+        email = email_for(project, request.account_id)
+        account = iam_admin_v1.ServiceAccount(
+            name=f"projects/{project}/serviceAccounts/{email}",
+            project_id=project,
+            email=email,
+            unique_id=str(int(hashlib.sha256(email.encode()).hexdigest()[:15], 16)),
+            display_name=request.service_account.display_name,
+            description=request.service_account.description,
+            etag=b"BwY=",
+        )
+        with self.state.transaction() as tables:
+            if email in tables["service_accounts"]:
+                raise already_exists(f"Service account {email}")
+            tables["service_accounts"][email] = iam_admin_v1.ServiceAccount.to_dict(account)
+        return account
+
+    def _lookup(self, name: str) -> iam_admin_v1.ServiceAccount:
+        match = _NAME.match(name)
+        if not match:
+            raise invalid(f"Invalid service account name {name!r}.")
+        stored = self._accounts().get(match["account"])
+        if stored is None:
+            raise not_found(f"Service account {match['account']}")
+        return iam_admin_v1.ServiceAccount(stored)
+
+    def get(self, request: iam_admin_v1.GetServiceAccountRequest, context: grpc.ServicerContext):
+        return self._lookup(request.name)
+
+    def list(self, request: iam_admin_v1.ListServiceAccountsRequest, context: grpc.ServicerContext):
+        project = request.name.removeprefix("projects/")
+        accounts = [
+            iam_admin_v1.ServiceAccount(stored)
+            for stored in self._accounts().values()
+            if stored["project_id"] == project
+        ]
+        return iam_admin_v1.ListServiceAccountsResponse(accounts=accounts)
+
+    def delete(self, request: iam_admin_v1.DeleteServiceAccountRequest, context: grpc.ServicerContext):
+        account = self._lookup(request.name)
+        with self.state.transaction() as tables:
+            tables["service_accounts"].pop(account.email, None)
+        return empty_pb2.Empty()
+
+    def handler(self, hub: Hub) -> grpc.GenericRpcHandler:
+        return service_handler(
+            "google.iam.admin.v1.IAM",
+            [
+                Method(
+                    "CreateServiceAccount",
+                    self.create,
+                    iam_admin_v1.CreateServiceAccountRequest,
+                    iam_admin_v1.ServiceAccount,
+                    mutating=True,
+                ),
+                Method(
+                    "GetServiceAccount",
+                    self.get,
+                    iam_admin_v1.GetServiceAccountRequest,
+                    iam_admin_v1.ServiceAccount,
+                ),
+                Method(
+                    "ListServiceAccounts",
+                    self.list,
+                    iam_admin_v1.ListServiceAccountsRequest,
+                    iam_admin_v1.ListServiceAccountsResponse,
+                ),
+                Method(
+                    "DeleteServiceAccount",
+                    self.delete,
+                    iam_admin_v1.DeleteServiceAccountRequest,
+                    empty_pb2.Empty,
+                    mutating=True,
+                ),
+            ],
+            hub,
+        )

@@ -1,0 +1,144 @@
+"""gRPC plumbing shared by every emulated service.
+
+A service module lists its methods as `Method`s (handler + the client library's own request and
+response classes); `service_handler` turns them into a grpc generic handler that decodes requests,
+records them, injects faults and maps `ApiError` to the status a real API would answer with.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+import proto
+from google.protobuf import json_format
+from google.protobuf.message import Message
+
+from launcher.emulator.faults import Faults
+from launcher.emulator.record import Record
+
+
+class ApiError(Exception):
+    """Raised by handlers; reaches the client as the usual google.api_core exception for `code`."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def not_found(what: str) -> ApiError:
+    return ApiError(grpc.StatusCode.NOT_FOUND, f"{what} was not found.")
+
+
+def already_exists(what: str) -> ApiError:
+    return ApiError(grpc.StatusCode.ALREADY_EXISTS, f"{what} already exists.")
+
+
+def invalid(message: str) -> ApiError:
+    return ApiError(grpc.StatusCode.INVALID_ARGUMENT, message)
+
+
+def failed_precondition(message: str) -> ApiError:
+    return ApiError(grpc.StatusCode.FAILED_PRECONDITION, message)
+
+
+def permission_denied(message: str) -> ApiError:
+    return ApiError(grpc.StatusCode.PERMISSION_DENIED, message)
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    handler: Callable[..., Any]
+    request: type
+    response: type
+    mutating: bool = False
+    # "unary" | "unary_stream" (handler yields responses) | "stream_stream" (handler takes an iterator)
+    kind: str = "unary"
+
+
+def to_dict(message: Any) -> dict[str, Any]:
+    """The JSON form of a proto-plus or protobuf message, field names as in the REST API."""
+    if isinstance(message, proto.Message):
+        return json.loads(type(message).to_json(message))
+    return json_format.MessageToDict(message)
+
+
+def _decoder(cls: type) -> Callable[[bytes], Any]:
+    if issubclass(cls, proto.Message):
+        return cls.deserialize
+    return cls.FromString
+
+
+def _encoder(cls: type) -> Callable[[Any], bytes]:
+    if issubclass(cls, proto.Message):
+        return cls.serialize
+    return Message.SerializeToString
+
+
+class Hub:
+    """What every handler needs besides its request: the record and the faults."""
+
+    def __init__(self, record: Record, faults: Faults) -> None:
+        self.record = record
+        self.faults = faults
+
+
+def service_handler(service: str, methods: list[Method], hub: Hub) -> grpc.GenericRpcHandler:
+    """A generic handler for `service` (e.g. "google.cloud.run.v2.Jobs")."""
+    handlers = {}
+    for method in methods:
+        wrapped = _wrap(service, method, hub)
+        decode, encode = _decoder(method.request), _encoder(method.response)
+        if method.kind == "unary":
+            handlers[method.name] = grpc.unary_unary_rpc_method_handler(wrapped, decode, encode)
+        elif method.kind == "unary_stream":
+            handlers[method.name] = grpc.unary_stream_rpc_method_handler(wrapped, decode, encode)
+        elif method.kind == "stream_stream":
+            handlers[method.name] = grpc.stream_stream_rpc_method_handler(wrapped, decode, encode)
+        else:
+            raise ValueError(f"unknown method kind {method.kind!r}")
+    return grpc.method_handlers_generic_handler(service, handlers)
+
+
+def _wrap(service: str, method: Method, hub: Hub) -> Callable[..., Any]:
+    full_name = f"{service}/{method.name}"
+
+    def refuse_or_record(request: Any, context: grpc.ServicerContext) -> None:
+        refusal = hub.faults.refusal()
+        hub.record.append(service, method.name, request, outcome=refusal.name if refusal else "OK")
+        if refusal:
+            context.abort(refusal, f"Injected fault on {full_name}.")
+
+    def unary(request: Any, context: grpc.ServicerContext) -> Any:
+        refuse_or_record(to_dict(request), context)
+        try:
+            response = method.handler(request, context)
+        except ApiError as error:
+            context.abort(error.code, error.message)
+        if method.mutating and hub.faults.reply_lost():
+            context.abort(grpc.StatusCode.UNAVAILABLE, f"Injected lost reply on {full_name}.")
+        return response
+
+    def unary_stream(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+        refuse_or_record(to_dict(request), context)
+        try:
+            yield from method.handler(request, context)
+        except ApiError as error:
+            context.abort(error.code, error.message)
+
+    def stream_stream(requests: Iterator[Any], context: grpc.ServicerContext) -> Iterator[Any]:
+        first = next(requests, None)
+        if first is None:
+            return
+        refuse_or_record(to_dict(first), context)
+        try:
+            yield from method.handler(first, requests, context)
+        except ApiError as error:
+            context.abort(error.code, error.message)
+
+    return {"unary": unary, "unary_stream": unary_stream, "stream_stream": stream_stream}[method.kind]

@@ -1,0 +1,111 @@
+"""The local cloud: one gRPC server for the emulated Google APIs, plus the storage emulator.
+
+`gemma-launch emulator start` runs `Emulator.serve()`; tests use `Emulator` as a context manager.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+import tempfile
+import threading
+from concurrent import futures
+from pathlib import Path
+from types import FrameType
+
+import grpc
+from gcp_storage_emulator.server import create_server
+
+from launcher.emulator.faults import Faults
+from launcher.emulator.iam import Iam
+from launcher.emulator.operations import Operations
+from launcher.emulator.record import Record
+from launcher.emulator.rpc import Hub
+from launcher.emulator.state import State
+
+
+class Emulator:
+    def __init__(
+        self,
+        *,
+        port: int = 0,
+        storage_port: int = 0,
+        data_dir: Path | None = None,
+        faults: str | None = None,
+        record: Path | None = None,
+        operation_delay_s: float = 0.2,
+    ) -> None:
+        if data_dir is None:
+            data_dir = Path(tempfile.mkdtemp(prefix="gemma-launch-emulator-"))
+        self.data_dir = data_dir.resolve()
+        self.state = State(self.data_dir)
+        self.hub = Hub(Record(record), Faults.parse(faults))
+        self.operations = Operations(self.state, delay_s=operation_delay_s)
+        self.storage_root = self.data_dir / "storage"
+        self._storage_server = create_server(
+            "127.0.0.1", storage_port or _free_port(), in_memory=False, data_dir=str(self.storage_root)
+        )
+        self.storage_port = self._storage_server._api._port
+        self._grpc = grpc.server(futures.ThreadPoolExecutor(max_workers=32))
+        self.port = self._grpc.add_insecure_port(f"127.0.0.1:{port}")
+        self.services = {"iam": Iam(self.state)}
+        handlers = [self.operations.handler(self.hub)]
+        handlers += [service.handler(self.hub) for service in self.services.values()]
+        self._grpc.add_generic_rpc_handlers(handlers)
+
+    @property
+    def host(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def storage_host(self) -> str:
+        return f"http://127.0.0.1:{self.storage_port}"
+
+    def bucket_dir(self, bucket: str) -> Path:
+        """Where the storage emulator keeps a bucket's objects as plain files (the GCS mount's target)."""
+        return self.storage_root / ".cloudstorage" / bucket
+
+    def start(self) -> Emulator:
+        self._storage_server.start()
+        self._grpc.start()
+        return self
+
+    def stop(self) -> None:
+        for service in self.services.values():
+            shutdown = getattr(service, "shutdown", None)
+            if shutdown:
+                shutdown()
+        self._grpc.stop(grace=1).wait()
+        self._storage_server.stop()
+
+    def __enter__(self) -> Emulator:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def serve(self) -> None:
+        """Run in the foreground until SIGINT or SIGTERM, printing the exports first."""
+        stopping = threading.Event()
+
+        def on_signal(signum: int, frame: FrameType | None) -> None:
+            stopping.set()
+
+        signal.signal(signal.SIGINT, on_signal)
+        signal.signal(signal.SIGTERM, on_signal)
+        self.start()
+        print(f"export GEMMA_LAUNCH_EMULATOR_HOST={self.host}", flush=True)
+        print(f"export STORAGE_EMULATOR_HOST={self.storage_host}", flush=True)
+        print(f"# state in {self.data_dir}; Ctrl-C to stop", file=sys.stderr, flush=True)
+        try:
+            stopping.wait()
+        finally:
+            self.stop()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
