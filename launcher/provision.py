@@ -1,0 +1,356 @@
+"""Idempotent provisioning: each ensure_* reads first, changes only what differs, and says what it did.
+
+Nothing here is granted project-wide: the job's service account gets storage.objectAdmin on its one
+bucket and secretAccessor on its one secret. A create that races another `up`, or whose reply was lost,
+meets ALREADY_EXISTS on retry and is then treated as done, since the resource is the one asked for.
+"""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
+from dataclasses import asdict, dataclass
+
+from google.api_core import exceptions
+from google.api_core.retry import Retry, if_exception_type
+from google.cloud import artifactregistry_v1, iam_admin_v1, secretmanager_v1
+from google.iam.v1 import iam_policy_pb2, policy_pb2
+
+from launcher.cloud import RETRY, Clients
+from launcher.errors import UserError
+from launcher.settings import Settings
+
+OBJECT_ADMIN = "roles/storage.objectAdmin"
+SECRET_ACCESSOR = "roles/secretmanager.secretAccessor"
+
+# A new service account takes a few seconds to be visible to other services' IAM (real GCP answers
+# INVALID_ARGUMENT "does not exist" meanwhile); retry just that case, briefly.
+_NEW_MEMBER_RETRY = Retry(
+    predicate=lambda error: (
+        isinstance(error, exceptions.BadRequest | exceptions.InvalidArgument)
+        and "does not exist" in str(error)
+    ),
+    initial=1.0,
+    maximum=8.0,
+    timeout=60.0,
+)
+# A concurrent SetIamPolicy changed the etag: read again and re-apply.
+_POLICY_RACE_RETRY = Retry(predicate=if_exception_type(exceptions.Aborted, exceptions.Conflict), timeout=60.0)
+
+
+@dataclass(frozen=True)
+class Change:
+    kind: str
+    name: str
+    status: str  # created | updated | unchanged | would create | would update
+    command: str = ""
+
+    def as_dict(self) -> dict[str, str]:
+        return asdict(self)
+
+
+# Roles the caller needs for each kind of resource, to turn PERMISSION_DENIED into a useful hint.
+_CALLER_ROLES = {
+    "service account": "roles/iam.serviceAccountAdmin",
+    "bucket": "roles/storage.admin",
+    "bucket IAM": "roles/storage.admin",
+    "repository": "roles/artifactregistry.admin",
+    "secret": "roles/secretmanager.admin",
+    "secret IAM": "roles/secretmanager.admin",
+}
+
+
+@contextmanager
+def _explained(kind: str, name: str, settings: Settings) -> Iterator[None]:
+    try:
+        yield
+    except exceptions.PermissionDenied as error:
+        role = _CALLER_ROLES.get(kind, "roles/owner")
+        raise UserError(
+            f"Permission denied on {kind} {name}: {error.message}",
+            f"Your account needs {role} on project {settings.project_id}: gcloud projects "
+            f"add-iam-policy-binding {settings.project_id} --member=user:YOU --role={role}",
+        ) from error
+    except exceptions.Unauthenticated as error:
+        raise UserError(
+            f"Not authenticated while working on {kind} {name}.",
+            "Run `gcloud auth application-default login`.",
+        ) from error
+    except exceptions.RetryError as error:
+        raise UserError(
+            f"Gave up on {kind} {name} after retrying transient errors for two minutes: {error.cause}",
+            "The service is unavailable right now; run the same command again later: it resumes where "
+            "it stopped.",
+        ) from error
+    except exceptions.GoogleAPICallError as error:
+        raise UserError(
+            f"{kind.capitalize()} {name} failed: {error.message or error}",
+            "Nothing else was changed; fix the cause and run the command again: it resumes where it stopped.",
+        ) from error
+
+
+def ensure_service_account(clients: Clients, settings: Settings, *, dry_run: bool = False) -> Change:
+    email = settings.service_account_email
+    command = (
+        f"gcloud iam service-accounts create {settings.service_account} --project={settings.project_id} "
+        '--display-name="gemma-launch fine-tuning job"'
+    )
+    with _explained("service account", email, settings):
+        try:
+            clients.iam.get_service_account(
+                name=f"projects/{settings.project_id}/serviceAccounts/{email}", retry=RETRY
+            )
+            return Change("service account", email, "unchanged")
+        except exceptions.NotFound:
+            pass
+        if dry_run:
+            return Change("service account", email, "would create", command)
+        with suppress(exceptions.AlreadyExists):
+            clients.iam.create_service_account(
+                request=iam_admin_v1.CreateServiceAccountRequest(
+                    name=f"projects/{settings.project_id}",
+                    account_id=settings.service_account,
+                    service_account=iam_admin_v1.ServiceAccount(
+                        display_name="gemma-launch fine-tuning job",
+                        description="Runs the Gemma 3 fine-tuning Cloud Run job (created by gemma-launch).",
+                    ),
+                ),
+                retry=RETRY,
+            )
+        return Change("service account", email, "created", command)
+
+
+def ensure_bucket(clients: Clients, settings: Settings, *, dry_run: bool = False) -> Change:
+    name = settings.bucket
+    command = (
+        f"gcloud storage buckets create gs://{name} --project={settings.project_id} "
+        f"--location={settings.region} --uniform-bucket-level-access"
+    )
+    with _explained("bucket", name, settings):
+        bucket = clients.storage.lookup_bucket(name, retry=RETRY)
+        if bucket is None:
+            if dry_run:
+                return Change("bucket", name, "would create", command)
+            bucket = clients.storage.bucket(name)
+            bucket.iam_configuration.uniform_bucket_level_access_enabled = True
+            try:
+                clients.storage.create_bucket(bucket, location=settings.region, retry=RETRY)
+                return Change("bucket", name, "created", command)
+            except exceptions.Conflict:
+                bucket = clients.storage.lookup_bucket(name, retry=RETRY)
+                if bucket is None:
+                    raise UserError(
+                        f"Bucket name {name} is taken by another project.",
+                        "Bucket names are global: choose another with --bucket or $BUCKET_NAME.",
+                    ) from None
+        if (bucket.location or "").lower() != settings.region:
+            raise UserError(
+                f"Bucket {name} exists in {bucket.location}, but the job runs in {settings.region}.",
+                "Cloud Run mounts only buckets of the job's region: choose another bucket with --bucket, "
+                f"or set --region {bucket.location.lower()}.",
+            )
+        if not bucket.iam_configuration.uniform_bucket_level_access_enabled:
+            if dry_run:
+                return Change(
+                    "bucket",
+                    name,
+                    "would update",
+                    f"gcloud storage buckets update gs://{name} --uniform-bucket-level-access",
+                )
+            bucket.iam_configuration.uniform_bucket_level_access_enabled = True
+            bucket.patch(retry=RETRY)
+            return Change("bucket", name, "updated")
+        return Change("bucket", name, "unchanged")
+
+
+def ensure_bucket_iam(clients: Clients, settings: Settings, *, dry_run: bool = False) -> Change:
+    member = f"serviceAccount:{settings.service_account_email}"
+    label = f"{OBJECT_ADMIN} on gs://{settings.bucket}"
+    command = (
+        f"gcloud storage buckets add-iam-policy-binding gs://{settings.bucket} --member={member} "
+        f"--role={OBJECT_ADMIN}"
+    )
+    with _explained("bucket IAM", label, settings):
+        if dry_run and clients.storage.lookup_bucket(settings.bucket, retry=RETRY) is None:
+            return Change("bucket IAM", label, "would create", command)
+        bucket = clients.storage.bucket(settings.bucket)
+
+        def grant() -> bool:
+            policy = bucket.get_iam_policy(requested_policy_version=3, retry=RETRY)
+            for binding in policy.bindings:
+                if binding["role"] == OBJECT_ADMIN and member in binding["members"]:
+                    return False
+            if dry_run:
+                return True
+            policy.bindings.append({"role": OBJECT_ADMIN, "members": {member}})
+            bucket.set_iam_policy(policy, retry=RETRY)
+            return True
+
+        changed = _NEW_MEMBER_RETRY(_POLICY_RACE_RETRY(grant))()
+    return _binding_change("bucket IAM", label, changed, dry_run, command)
+
+
+def ensure_repository(clients: Clients, settings: Settings, *, dry_run: bool = False) -> Change:
+    name = settings.repository_name
+    command = (
+        f"gcloud artifacts repositories create {settings.repository} --repository-format=docker "
+        f"--location={settings.region} --project={settings.project_id}"
+    )
+    with _explained("repository", name, settings):
+        try:
+            clients.registry.get_repository(name=name, retry=RETRY)
+            return Change("repository", name, "unchanged")
+        except exceptions.NotFound:
+            pass
+        if dry_run:
+            return Change("repository", name, "would create", command)
+        with suppress(exceptions.AlreadyExists):
+            clients.registry.create_repository(
+                request=artifactregistry_v1.CreateRepositoryRequest(
+                    parent=settings.location,
+                    repository_id=settings.repository,
+                    repository=artifactregistry_v1.Repository(
+                        format_=artifactregistry_v1.Repository.Format.DOCKER,
+                        description="Gemma 3 fine-tuning images (gemma-launch)",
+                    ),
+                ),
+                retry=RETRY,
+            ).result(timeout=300)
+        return Change("repository", name, "created", command)
+
+
+def ensure_secret(clients: Clients, settings: Settings, *, dry_run: bool = False) -> Change:
+    """The secret exists and its latest version holds the token; a new version only when it differs."""
+    name = settings.secret_name
+    command = (
+        f'printf %s "$HF_TOKEN" | gcloud secrets create {settings.secret_id} --data-file=- '
+        f"--replication-policy=automatic --project={settings.project_id}"
+    )
+    with _explained("secret", name, settings):
+        created = False
+        try:
+            clients.secrets.get_secret(name=name, retry=RETRY)
+        except exceptions.NotFound:
+            settings.require_hf_token()
+            if dry_run:
+                return Change("secret", name, "would create", command)
+            with suppress(exceptions.AlreadyExists):
+                clients.secrets.create_secret(
+                    request=secretmanager_v1.CreateSecretRequest(
+                        parent=f"projects/{settings.project_id}",
+                        secret_id=settings.secret_id,
+                        secret=secretmanager_v1.Secret(
+                            replication=secretmanager_v1.Replication(
+                                automatic=secretmanager_v1.Replication.Automatic()
+                            ),
+                            labels={"managed-by": "gemma-launch"},
+                        ),
+                    ),
+                    retry=RETRY,
+                )
+            created = True
+        latest = _latest_payload(clients, name)
+        if settings.hf_token is None:
+            if latest is None:
+                settings.require_hf_token()
+            return Change("secret", name, "created" if created else "unchanged")
+        token = settings.hf_token.get_secret_value().encode()
+        if latest is not None and hmac.compare_digest(latest, token):
+            return Change("secret", name, "created" if created else "unchanged")
+        if dry_run:
+            return Change(
+                "secret",
+                name,
+                "would update",
+                f'printf %s "$HF_TOKEN" | gcloud secrets versions add {settings.secret_id} --data-file=-',
+            )
+        clients.secrets.add_secret_version(
+            request=secretmanager_v1.AddSecretVersionRequest(
+                parent=name, payload=secretmanager_v1.SecretPayload(data=token)
+            ),
+            retry=RETRY,
+        )
+        return Change("secret", name, "created" if created or latest is None else "updated", command)
+
+
+def _latest_payload(clients: Clients, secret: str) -> bytes | None:
+    try:
+        return clients.secrets.access_secret_version(
+            name=f"{secret}/versions/latest", retry=RETRY
+        ).payload.data
+    except (exceptions.NotFound, exceptions.FailedPrecondition):
+        return None
+
+
+def ensure_secret_access(clients: Clients, settings: Settings, *, dry_run: bool = False) -> Change:
+    member = f"serviceAccount:{settings.service_account_email}"
+    label = f"{SECRET_ACCESSOR} on {settings.secret_id}"
+    command = (
+        f"gcloud secrets add-iam-policy-binding {settings.secret_id} --member={member} "
+        f"--role={SECRET_ACCESSOR} --project={settings.project_id}"
+    )
+    with _explained("secret IAM", label, settings):
+        if dry_run and _missing_secret(clients, settings):
+            return Change("secret IAM", label, "would create", command)
+
+        def grant() -> bool:
+            policy = clients.secrets.get_iam_policy(
+                request=iam_policy_pb2.GetIamPolicyRequest(resource=settings.secret_name), retry=RETRY
+            )
+            for binding in policy.bindings:
+                if binding.role == SECRET_ACCESSOR and member in binding.members:
+                    return False
+            if dry_run:
+                return True
+            updated = policy_pb2.Policy()
+            updated.CopyFrom(policy)
+            updated.bindings.add(role=SECRET_ACCESSOR, members=[member])
+            clients.secrets.set_iam_policy(
+                request=iam_policy_pb2.SetIamPolicyRequest(resource=settings.secret_name, policy=updated),
+                retry=RETRY,
+            )
+            return True
+
+        changed = _NEW_MEMBER_RETRY(_POLICY_RACE_RETRY(grant))()
+    return _binding_change("secret IAM", label, changed, dry_run, command)
+
+
+def _missing_secret(clients: Clients, settings: Settings) -> bool:
+    try:
+        clients.secrets.get_secret(name=settings.secret_name, retry=RETRY)
+        return False
+    except exceptions.NotFound:
+        return True
+
+
+def _binding_change(kind: str, label: str, changed: bool, dry_run: bool, command: str) -> Change:
+    if not changed:
+        return Change(kind, label, "unchanged")
+    return Change(kind, label, "would create" if dry_run else "created", command)
+
+
+PROVISION_STEPS: tuple[Callable[..., Change], ...] = (
+    ensure_service_account,
+    ensure_bucket,
+    ensure_bucket_iam,
+    ensure_repository,
+    ensure_secret,
+    ensure_secret_access,
+)
+
+
+def provision(
+    clients: Clients,
+    settings: Settings,
+    *,
+    dry_run: bool = False,
+    on_change: Callable[[Change], None] = lambda change: None,
+) -> list[Change]:
+    """Run every step in order; stop at the first failure (a re-run picks up from there)."""
+    changes = []
+    for step in PROVISION_STEPS:
+        change = step(clients, settings, dry_run=dry_run)
+        changes.append(change)
+        on_change(change)
+    return changes

@@ -1,0 +1,452 @@
+"""One typed Settings model: defaults < gemma-launch.toml < environment variables < command-line flags.
+
+Every check that can be made without calling an API is made here, so a bad value fails before any
+request leaves the machine, with a message that names the value and a hint that says what to do.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from launcher.errors import UserError
+
+CONFIG_FILE = "gemma-launch.toml"
+
+GPU_REGIONS: dict[str, tuple[str, ...]] = {
+    "nvidia-rtx-pro-6000": ("us-central1", "europe-west4", "asia-southeast1"),
+    "nvidia-l4": ("us-central1", "europe-west1", "europe-west4", "asia-southeast1"),
+}
+# Cloud Run refuses a GPU instance below these (CPU count, GiB of memory).
+GPU_MINIMUMS: dict[str, tuple[float, float]] = {
+    "nvidia-rtx-pro-6000": (20, 80),
+    "nvidia-l4": (4, 16),
+}
+# Preview GPUs are only accepted on a job whose launch stage opts into preview features.
+PREVIEW_GPUS = {"nvidia-rtx-pro-6000"}
+
+# Environment variables named as in the Cloud Run GPU fine-tuning tutorial, so its shell set-up works as is.
+ENV_VARS: dict[str, str] = {
+    "PROJECT_ID": "project_id",
+    "REGION": "region",
+    "SERVICE_ACCOUNT": "service_account",
+    "BUCKET_NAME": "bucket",
+    "AR_REPO": "repository",
+    "SECRET_ID": "secret_id",
+    "IMAGE_NAME": "image",
+    "JOB_NAME": "job",
+}
+
+# Trainer flags a user may set in [trainer] or with `run --set KEY=VALUE` (python -m trainer --KEY VALUE).
+TRAINER_KEYS: tuple[str, ...] = (
+    "train-size",
+    "eval-size",
+    "num-epochs",
+    "learning-rate",
+    "batch-size",
+    "gradient-accumulation-steps",
+    "eval-batch-size",
+    "lora-r",
+    "lora-alpha",
+    "lora-dropout",
+    "quantization",
+    "eval-method",
+    "seed",
+    "save-steps",
+    "save-total-limit",
+    "checkpoint-strategy",
+    "merge",
+)
+
+_PROJECT_ID = re.compile(r"^[a-z][a-z0-9-]{4,28}[a-z0-9]$")
+_ACCOUNT_ID = re.compile(r"^[a-z][-a-z0-9]{4,28}[a-z0-9]$")
+_REPOSITORY = re.compile(r"^[a-z]([-a-z0-9]{0,61}[a-z0-9])?$")
+_JOB = re.compile(r"^[a-z]([-a-z0-9]{0,47}[a-z0-9])?$")
+_IMAGE = re.compile(r"^[a-z0-9]+([._-][a-z0-9]+)*(/[a-z0-9]+([._-][a-z0-9]+)*)*$")
+_SECRET_ID = re.compile(r"^[A-Za-z0-9_-]{1,255}$")
+_BUCKET = re.compile(r"^[a-z0-9][a-z0-9._-]{1,61}[a-z0-9]$")
+_IPV4 = re.compile(r"^\d{1,3}(\.\d{1,3}){3}$")
+_MEMORY = re.compile(r"^(?P<number>\d+(\.\d+)?)(?P<unit>Gi|G|Mi|M)$")
+_CPU = re.compile(r"^(?P<number>\d+(\.\d+)?)(?P<milli>m?)$")
+_DURATION = re.compile(r"^(?:(?P<h>\d+)h)?(?:(?P<m>\d+)m)?(?:(?P<s>\d+)s)?$")
+
+MIN_TIMEOUT_S = 10
+MAX_TIMEOUT_S = 168 * 3600
+
+
+def parse_duration(text: str) -> int:
+    """'6h', '90m', '1h30m', '3600s' or '3600' -> seconds."""
+    text = text.strip()
+    if text.isdigit():
+        return int(text)
+    match = _DURATION.match(text)
+    if not text or not match:
+        raise ValueError(f"{text!r} is not a duration like 6h, 90m, 1h30m or 3600s")
+    return int(match["h"] or 0) * 3600 + int(match["m"] or 0) * 60 + int(match["s"] or 0)
+
+
+def memory_gib(text: str) -> float:
+    match = _MEMORY.match(text)
+    if not match:
+        raise ValueError(f"{text!r} is not a memory size like 80Gi, 32G or 16384Mi")
+    factor = {"Gi": 1.0, "G": 1e9 / 2**30, "Mi": 1 / 1024, "M": 1e6 / 2**30}[match["unit"]]
+    return float(match["number"]) * factor
+
+
+def cpu_count(text: str) -> float:
+    match = _CPU.match(text)
+    if not match:
+        raise ValueError(f"{text!r} is not a CPU count like 20 or 4000m")
+    return float(match["number"]) / (1000 if match["milli"] else 1)
+
+
+class Settings(BaseModel):
+    """Everything the tutorial's gcloud commands set, with the tutorial's defaults."""
+
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+    project_id: str = Field(description="Google Cloud project id (PROJECT_ID).")
+    region: str = Field("europe-west4", description="Region of the bucket, repository and job (REGION).")
+    service_account: str = Field(
+        "gemma3-finetuning", description="Service account id the job runs as (SERVICE_ACCOUNT)."
+    )
+    bucket: str = Field("", description="Bucket for weights, data and results (BUCKET_NAME).")
+    repository: str = Field(
+        "gemma3-finetuning-repo", description="Artifact Registry Docker repository (AR_REPO)."
+    )
+    secret_id: str = Field("HF_TOKEN", description="Secret Manager secret holding the HF token (SECRET_ID).")
+    image: str = Field("gemma3-finetune", description="Image name in the repository (IMAGE_NAME).")
+    job: str = Field("gemma3-finetuning-job", description="Cloud Run job name (JOB_NAME).")
+    gpu: Literal["nvidia-rtx-pro-6000", "nvidia-l4"] = Field(
+        "nvidia-rtx-pro-6000", description="GPU type: nvidia-rtx-pro-6000 (96 GB) or nvidia-l4 (24 GB)."
+    )
+    gpu_zonal_redundancy: bool = Field(
+        False, description="Reserve zonal-redundant GPU capacity (needs that quota; off in the tutorial)."
+    )
+    cpu: str = Field("20", description="CPUs per task (at least 20 with an RTX PRO 6000, 4 with an L4).")
+    memory: str = Field(
+        "80Gi", description="Memory per task (at least 80Gi with an RTX PRO 6000, 16Gi with an L4)."
+    )
+    task_timeout: str = Field(
+        "6h", description="Time limit of one task attempt, e.g. 6h or 90m (at most 168h)."
+    )
+    max_retries: int = Field(3, ge=0, le=10, description="Retries of a failed or preempted task (0-10).")
+    network: str = Field("", description="VPC network for Direct VPC egress (empty: none).")
+    subnet: str = Field("", description="Subnet for Direct VPC egress.")
+    vpc_egress: Literal["all-traffic", "private-ranges-only"] = Field(
+        "private-ranges-only", description="Which traffic goes through the VPC when a network is set."
+    )
+    model_id: str = Field("google/gemma-3-27b-it", description="Hugging Face model to fine-tune.")
+    dataset_id: str = Field("timm/oxford-iiit-pet", description="Hugging Face dataset of the pets.")
+    trainer: dict[str, str | int | float | bool] = Field(
+        default_factory=dict, description="Trainer flags passed to the job, e.g. train-size = 1000."
+    )
+    hf_token: SecretStr | None = Field(None, exclude=True, repr=False)
+
+    @field_validator("project_id")
+    @classmethod
+    def _project_id(cls, value: str) -> str:
+        if not _PROJECT_ID.match(value):
+            raise ValueError(
+                f"project id {value!r} is invalid: 6-30 characters, lower-case letters, digits and hyphens, "
+                "starting with a letter"
+            )
+        return value
+
+    @field_validator("service_account")
+    @classmethod
+    def _service_account(cls, value: str) -> str:
+        if not _ACCOUNT_ID.match(value):
+            raise ValueError(
+                f"service account id {value!r} is invalid: 6-30 lower-case letters, digits and hyphens, "
+                "starting with a letter"
+            )
+        return value
+
+    @field_validator("repository")
+    @classmethod
+    def _repository(cls, value: str) -> str:
+        if not _REPOSITORY.match(value):
+            raise ValueError(f"repository {value!r} is invalid: lower-case letters, digits and hyphens")
+        return value
+
+    @field_validator("job")
+    @classmethod
+    def _job(cls, value: str) -> str:
+        if not _JOB.match(value):
+            raise ValueError(
+                f"job name {value!r} is invalid: up to 49 lower-case letters, digits and hyphens, "
+                "starting with a letter"
+            )
+        return value
+
+    @field_validator("image")
+    @classmethod
+    def _image(cls, value: str) -> str:
+        if not _IMAGE.match(value):
+            raise ValueError(f"image name {value!r} is invalid: lower-case letters, digits, '.', '_', '-'")
+        return value
+
+    @field_validator("secret_id")
+    @classmethod
+    def _secret_id(cls, value: str) -> str:
+        if not _SECRET_ID.match(value):
+            raise ValueError(f"secret id {value!r} is invalid: letters, digits, '_' and '-' only")
+        return value
+
+    @field_validator("memory")
+    @classmethod
+    def _memory(cls, value: str) -> str:
+        memory_gib(value)
+        return value
+
+    @field_validator("cpu")
+    @classmethod
+    def _cpu(cls, value: str) -> str:
+        cpu_count(value)
+        return value
+
+    @field_validator("task_timeout")
+    @classmethod
+    def _task_timeout(cls, value: str) -> str:
+        seconds = parse_duration(value)
+        if not MIN_TIMEOUT_S <= seconds <= MAX_TIMEOUT_S:
+            raise ValueError(f"task timeout {value!r} must be between 10s and 168h")
+        return value
+
+    @field_validator("trainer")
+    @classmethod
+    def _trainer(cls, value: dict[str, Any]) -> dict[str, Any]:
+        unknown = sorted(set(value) - set(TRAINER_KEYS))
+        if unknown:
+            raise ValueError(
+                f"unknown trainer setting(s) {', '.join(unknown)}; known: {', '.join(TRAINER_KEYS)}"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _default_bucket(self) -> Settings:
+        if not self.bucket:
+            self.bucket = f"{self.project_id}-gemma3-finetuning"
+        return self
+
+    def check_consistency(self) -> None:
+        """Checks that involve several settings, each with a hint naming the flags to change."""
+        _check_bucket(self.bucket)
+        regions = GPU_REGIONS[self.gpu]
+        if self.region not in regions:
+            raise UserError(
+                f"{self.gpu} GPUs are not offered in {self.region}.",
+                f"Use --region with one of {', '.join(regions)}, or another --gpu.",
+            )
+        min_cpu, min_gib = GPU_MINIMUMS[self.gpu]
+        if cpu_count(self.cpu) < min_cpu:
+            raise UserError(
+                f"Cloud Run needs at least {min_cpu:g} CPUs per task with {self.gpu}; cpu is {self.cpu}.",
+                f"Use --cpu {min_cpu:g} (or more), or set cpu in gemma-launch.toml.",
+            )
+        if memory_gib(self.memory) < min_gib:
+            raise UserError(
+                f"Cloud Run needs at least {min_gib:g}Gi of memory per task with {self.gpu}; memory is "
+                f"{self.memory}.",
+                f"Use --memory {min_gib:g}Gi (or more), or set memory in gemma-launch.toml.",
+            )
+        if self.subnet and not self.network:
+            raise UserError(
+                "A subnet is set without a network.", "Direct VPC egress needs both: add --network NETWORK."
+            )
+
+    @property
+    def task_timeout_s(self) -> int:
+        return parse_duration(self.task_timeout)
+
+    @property
+    def service_account_email(self) -> str:
+        return f"{self.service_account}@{self.project_id}.iam.gserviceaccount.com"
+
+    @property
+    def location(self) -> str:
+        return f"projects/{self.project_id}/locations/{self.region}"
+
+    @property
+    def repository_name(self) -> str:
+        return f"{self.location}/repositories/{self.repository}"
+
+    @property
+    def secret_name(self) -> str:
+        return f"projects/{self.project_id}/secrets/{self.secret_id}"
+
+    @property
+    def job_name(self) -> str:
+        return f"{self.location}/jobs/{self.job}"
+
+    @property
+    def image_repository_uri(self) -> str:
+        return f"{self.region}-docker.pkg.dev/{self.project_id}/{self.repository}/{self.image}"
+
+    @property
+    def launch_stage(self) -> str:
+        return "BETA" if self.gpu in PREVIEW_GPUS else "GA"
+
+    def require_hf_token(self) -> SecretStr:
+        if self.hf_token is None or not self.hf_token.get_secret_value().strip():
+            raise UserError(
+                "No Hugging Face token found.",
+                "export HF_TOKEN=hf_... (a read token of an account that accepted the Gemma licence), "
+                "or log in once with `hf auth login`.",
+            )
+        return self.hf_token
+
+
+def _check_bucket(name: str) -> None:
+    if (
+        not _BUCKET.match(name)
+        or ".." in name
+        or name.startswith("goog")
+        or "google" in name
+        or _IPV4.match(name)
+    ):
+        raise UserError(
+            f"Bucket name {name!r} is invalid: 3-63 lower-case letters, digits, '-', '_' and '.', starting "
+            "and ending with a letter or digit, not starting with 'goog' nor containing 'google'.",
+            "Choose another with --bucket or $BUCKET_NAME (the default is <project>-gemma3-finetuning).",
+        )
+
+
+def find_config(explicit: Path | None) -> Path | None:
+    if explicit is not None:
+        if not explicit.is_file():
+            raise UserError(f"Config file {explicit} does not exist.", "Create one with `gemma-launch init`.")
+        return explicit
+    candidate = Path.cwd() / CONFIG_FILE
+    return candidate if candidate.is_file() else None
+
+
+def _read_config(path: Path) -> dict[str, Any]:
+    try:
+        document = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as error:
+        raise UserError(
+            f"{path} is not valid TOML: {error}.",
+            "Fix the line named, or rewrite it with `gemma-launch init --force`.",
+        ) from error
+    if "hf_token" in document:
+        raise UserError(
+            f"{path} contains hf_token.",
+            "Remove it: the token belongs in the HF_TOKEN environment variable, and from there only in "
+            "Secret Manager.",
+        )
+    return document
+
+
+def _hf_token_from_environment() -> str | None:
+    token = os.environ.get("HF_TOKEN")
+    if token:
+        return token
+    from huggingface_hub import get_token
+
+    return get_token()
+
+
+def load_settings(config: Path | None = None, flags: dict[str, Any] | None = None) -> Settings:
+    """Merge the four sources and validate; any problem becomes a UserError naming its source."""
+    values: dict[str, Any] = {}
+    origin: dict[str, str] = {}
+    path = find_config(config)
+    if path is not None:
+        for key, value in _read_config(path).items():
+            values[key] = value
+            origin[key] = str(path)
+    for env_name, field in ENV_VARS.items():
+        if os.environ.get(env_name):
+            values[field] = os.environ[env_name]
+            origin[field] = f"${env_name}"
+    for field, value in (flags or {}).items():
+        if value is None or value == ():
+            continue
+        if field == "trainer":
+            values["trainer"] = {**values.get("trainer", {}), **value}
+        else:
+            values[field] = value
+        origin[field] = "--" + field.replace("_", "-")
+    values["hf_token"] = _hf_token_from_environment()
+    try:
+        settings = Settings.model_validate(values)
+    except ValidationError as error:
+        raise _explain(error, origin, path) from None
+    settings.check_consistency()
+    return settings
+
+
+def _explain(error: ValidationError, origin: dict[str, str], path: Path | None) -> UserError:
+    problem = error.errors()[0]
+    field = str(problem["loc"][0]) if problem["loc"] else ""
+    message = problem["msg"].removeprefix("Value error, ")
+    env_name = next((env for env, name in ENV_VARS.items() if name == field), None)
+    if problem["type"] == "missing" and field == "project_id":
+        return UserError(
+            "No Google Cloud project set.",
+            "export PROJECT_ID=your-project, pass --project, or set project_id in gemma-launch.toml.",
+        )
+    if problem["type"] == "extra_forbidden":
+        known = ", ".join(name for name in Settings.model_fields if name != "hf_token")
+        return UserError(
+            f"Unknown setting {field!r} in {path or 'the settings'}.", f"Known settings: {known}."
+        )
+    where = origin.get(field)
+    source = f" (from {where})" if where else ""
+    hint = f"Change {field}{source}" if field else "Change the setting named above"
+    if env_name and not where:
+        hint += f"; it can be set with ${env_name} or in gemma-launch.toml"
+    return UserError(f"Invalid {field or 'settings'}{source}: {message}.", hint + ".")
+
+
+def template() -> str:
+    """A commented gemma-launch.toml listing every setting with its default."""
+    lines = [
+        "# gemma-launch settings. Precedence: defaults < this file < environment variables < flags.",
+        "# The Hugging Face token is never read from this file: export HF_TOKEN, `gemma-launch up` puts it",
+        "# in Secret Manager.",
+        "",
+    ]
+    for name, field in Settings.model_fields.items():
+        if name in ("hf_token", "trainer"):
+            continue
+        env_name = next((env for env, target in ENV_VARS.items() if target == name), None)
+        lines.append(f"# {field.description}" + (f" Env: ${env_name}." if env_name else ""))
+        default = field.default
+        if name == "project_id":
+            lines.append('project_id = "my-project"')
+        elif name == "bucket":
+            lines.append('# bucket = "<project_id>-gemma3-finetuning"')
+        else:
+            lines.append(f"# {name} = {_toml_value(default)}")
+        lines.append("")
+    lines.append("# Trainer flags for every run (override one run with `gemma-launch run --set KEY=VALUE`).")
+    lines.append("[trainer]")
+    lines.append("# train-size = 1000")
+    lines.append("# eval-size = 500")
+    lines.append("# learning-rate = 1e-4")
+    lines.append("# num-epochs = 1")
+    return "\n".join(lines) + "\n"
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return str(value)
+    return f'"{value}"'

@@ -1,0 +1,141 @@
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from launcher.cli import main
+from launcher.errors import UserError
+from launcher.settings import load_settings
+
+
+def test_defaults_follow_the_tutorial(monkeypatch):
+    monkeypatch.setenv("PROJECT_ID", "my-project")
+    settings = load_settings()
+    assert settings.region == "europe-west4"
+    assert settings.bucket == "my-project-gemma3-finetuning"
+    assert settings.secret_id == "HF_TOKEN"
+    assert settings.gpu == "nvidia-rtx-pro-6000"
+    assert settings.service_account_email == "gemma3-finetuning@my-project.iam.gserviceaccount.com"
+    assert settings.image_repository_uri == (
+        "europe-west4-docker.pkg.dev/my-project/gemma3-finetuning-repo/gemma3-finetune"
+    )
+    assert settings.task_timeout_s == 6 * 3600
+
+
+def test_precedence_defaults_file_env_flags(monkeypatch, tmp_path):
+    config = tmp_path / "gemma-launch.toml"
+    config.write_text(
+        'project_id = "file-project"\nregion = "us-central1"\njob = "from-file"\n'
+        'image = "file-image"\n[trainer]\ntrain-size = 500\n'
+    )
+    monkeypatch.setenv("REGION", "asia-southeast1")
+    monkeypatch.setenv("JOB_NAME", "from-env")
+    settings = load_settings(config, {"job_id": None, "job": "from-flag", "trainer": {"eval-size": 20}})
+    assert settings.project_id == "file-project"  # file beats default
+    assert settings.image == "file-image"
+    assert settings.region == "asia-southeast1"  # env beats file
+    assert settings.job == "from-flag"  # flag beats env
+    assert settings.trainer == {"train-size": 500, "eval-size": 20}
+
+
+def test_config_in_working_directory_is_found(monkeypatch):
+    Path("gemma-launch.toml").write_text('project_id = "cwd-project"\n')
+    assert load_settings().project_id == "cwd-project"
+
+
+@pytest.mark.parametrize(
+    ("env", "flags", "message", "hint"),
+    [
+        ({}, {}, "No Google Cloud project set", "PROJECT_ID"),
+        ({"PROJECT_ID": "Bad_Project"}, {}, "project id 'Bad_Project' is invalid", "$PROJECT_ID"),
+        (
+            {"PROJECT_ID": "my-project", "BUCKET_NAME": "Upper"},
+            {},
+            "Bucket name 'Upper' is invalid",
+            "--bucket",
+        ),
+        ({"PROJECT_ID": "my-project", "BUCKET_NAME": "goog-bucket"}, {}, "is invalid", "--bucket"),
+        ({"PROJECT_ID": "my-project", "BUCKET_NAME": "192.168.1.1"}, {}, "is invalid", "--bucket"),
+        ({"PROJECT_ID": "my-project"}, {"region": "europe-west1"}, "not offered in europe-west1", "--region"),
+        (
+            {"PROJECT_ID": "my-project"},
+            {"gpu": "nvidia-l4", "region": "us-east4"},
+            "not offered",
+            "us-central1",
+        ),
+        ({"PROJECT_ID": "my-project"}, {"cpu": "8"}, "at least 20 CPUs", "--cpu 20"),
+        ({"PROJECT_ID": "my-project"}, {"memory": "64Gi"}, "at least 80Gi", "--memory 80Gi"),
+        ({"PROJECT_ID": "my-project"}, {"gpu": "nvidia-l4", "cpu": "2"}, "at least 4 CPUs", "--cpu 4"),
+        ({"PROJECT_ID": "my-project"}, {"memory": "80 GB"}, "not a memory size", "--memory"),
+        ({"PROJECT_ID": "my-project"}, {"cpu": "lots"}, "not a CPU count", "--cpu"),
+        ({"PROJECT_ID": "my-project"}, {"task_timeout": "5s"}, "between 10s and 168h", "--task-timeout"),
+        ({"PROJECT_ID": "my-project"}, {"task_timeout": "200h"}, "between 10s and 168h", "--task-timeout"),
+        ({"PROJECT_ID": "my-project"}, {"task_timeout": "soon"}, "not a duration", "--task-timeout"),
+        ({"PROJECT_ID": "my-project"}, {"max_retries": 11}, "less than or equal to 10", "--max-retries"),
+        (
+            {"PROJECT_ID": "my-project", "SERVICE_ACCOUNT": "sa"},
+            {},
+            "service account id 'sa'",
+            "$SERVICE_ACCOUNT",
+        ),
+        ({"PROJECT_ID": "my-project", "JOB_NAME": "Job_1"}, {}, "job name 'Job_1'", "$JOB_NAME"),
+        ({"PROJECT_ID": "my-project", "AR_REPO": "Repo"}, {}, "repository 'Repo'", "$AR_REPO"),
+        ({"PROJECT_ID": "my-project", "SECRET_ID": "hf token"}, {}, "secret id 'hf token'", "$SECRET_ID"),
+        ({"PROJECT_ID": "my-project"}, {"subnet": "sub"}, "subnet is set without a network", "--network"),
+        (
+            {"PROJECT_ID": "my-project"},
+            {"trainer": {"learning_rate": 1}},
+            "unknown trainer setting",
+            "trainer",
+        ),
+    ],
+)
+def test_bad_settings_fail_before_any_request(monkeypatch, env, flags, message, hint):
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(UserError) as raised:
+        load_settings(None, flags)
+    assert message in raised.value.message
+    assert hint in raised.value.hint
+
+
+def test_unknown_key_and_token_in_file_are_refused(tmp_path):
+    config = tmp_path / "gemma-launch.toml"
+    config.write_text('project_id = "my-project"\ngpus = 2\n')
+    with pytest.raises(UserError, match="Unknown setting 'gpus'"):
+        load_settings(config)
+    config.write_text('project_id = "my-project"\nhf_token = "hf_abc"\n')
+    with pytest.raises(UserError, match="contains hf_token"):
+        load_settings(config)
+    config.write_text("project_id = \n")
+    with pytest.raises(UserError, match="not valid TOML"):
+        load_settings(config)
+
+
+def test_missing_config_file_is_an_error():
+    with pytest.raises(UserError, match="does not exist"):
+        load_settings(Path("nowhere.toml"))
+
+
+def test_init_writes_a_template_that_loads(monkeypatch):
+    runner = CliRunner()
+    result = runner.invoke(main, ["init"])
+    assert result.exit_code == 0, result.output
+    text = Path("gemma-launch.toml").read_text()
+    assert '# region = "europe-west4"' in text and "[trainer]" in text
+    assert load_settings().project_id == "my-project"
+    again = runner.invoke(main, ["init"])
+    assert again.exit_code == 2
+    assert "already exists" in again.output and "--force" in again.output
+    assert runner.invoke(main, ["init", "--force"]).exit_code == 0
+
+
+def test_cli_reports_bad_settings_with_error_and_hint_and_exit_2(monkeypatch):
+    monkeypatch.setenv("PROJECT_ID", "my-project")
+    result = CliRunner().invoke(
+        main, ["up", "--gpu", "nvidia-l4", "--region", "europe-west1", "--memory", "8Gi"]
+    )
+    assert result.exit_code == 2
+    assert "Error: Cloud Run needs at least 16Gi" in result.output
+    assert "Hint: Use --memory 16Gi" in result.output
+    assert "Traceback" not in result.output
