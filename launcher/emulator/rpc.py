@@ -15,7 +15,6 @@ from typing import Any
 import grpc
 import proto
 from google.protobuf import json_format
-from google.protobuf.message import Message
 
 from launcher.emulator.faults import Faults
 from launcher.emulator.record import Record
@@ -77,7 +76,8 @@ def _decoder(cls: type) -> Callable[[bytes], Any]:
 def _encoder(cls: type) -> Callable[[Any], bytes]:
     if issubclass(cls, proto.Message):
         return cls.serialize
-    return Message.SerializeToString
+    # Not Message.SerializeToString: that is the abstract base method, which raises for every message.
+    return lambda message: message.SerializeToString()
 
 
 class Hub:
