@@ -16,12 +16,14 @@ from types import FrameType
 import grpc
 from gcp_storage_emulator.server import create_server
 
+from launcher.emulator.artifactregistry import ArtifactRegistry
 from launcher.emulator.faults import Faults
 from launcher.emulator.iam import Iam
 from launcher.emulator.logging import Logging
 from launcher.emulator.operations import Operations
 from launcher.emulator.record import Record
 from launcher.emulator.rpc import Hub
+from launcher.emulator.secretmanager import SecretManager
 from launcher.emulator.state import State
 
 
@@ -49,7 +51,12 @@ class Emulator:
         self.storage_port = self._storage_server._api._port
         self._grpc = grpc.server(futures.ThreadPoolExecutor(max_workers=32))
         self.port = self._grpc.add_insecure_port(f"127.0.0.1:{port}")
-        self.services = {"iam": Iam(self.state), "logging": Logging(self.data_dir)}
+        self.services = {
+            "iam": Iam(self.state),
+            "logging": Logging(self.data_dir),
+            "secrets": SecretManager(self.state),
+            "registry": ArtifactRegistry(self.state, self.operations),
+        }
         handlers = [self.operations.handler(self.hub)]
         handlers += [service.handler(self.hub) for service in self.services.values()]
         self._grpc.add_generic_rpc_handlers(handlers)
