@@ -1,0 +1,174 @@
+"""Oxford-IIIT Pet from a Hub id, a saved datasets directory or a directory in the official layout."""
+
+import io
+import random
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import datasets
+from PIL import Image
+from transformers import ProcessorMixin
+
+from trainer import UserError
+
+PROMPT = "What breed is the pet in this picture? Answer with the breed name only."
+
+
+@dataclass
+class PetData:
+    train: datasets.Dataset  # columns: image (decoded lazily to PIL), label (int)
+    test: datasets.Dataset
+    class_names: list[str]  # readable, indexed by label
+
+
+def readable_name(raw: str) -> str:
+    """'american_pit_bull_terrier' -> 'American Pit Bull Terrier'."""
+    return " ".join(word.capitalize() for word in raw.replace("-", "_").split("_"))
+
+
+def prompt_messages() -> list[dict]:
+    return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": PROMPT}]}]
+
+
+@dataclass
+class ChatFormat:
+    """The conversation as the processor's chat template renders it, cut where the answer starts."""
+
+    prompt: str  # user turn with the image placeholder, then the opening of the model turn
+    answers: list[list[int]]  # per class: the breed name's tokens, then the end-of-turn tokens
+    end_of_turn: list[int]
+
+
+def chat_format(processor: ProcessorMixin, class_names: list[str]) -> ChatFormat:
+    """Render each answer through the template and keep the name and the turn's closing marker.
+
+    Name and marker are tokenized on their own and appended to the prompt's tokens, so training, scoring
+    and generation all see the same tokens for a breed, whatever the tokenizer would merge across them.
+    """
+    prompt = processor.apply_chat_template(prompt_messages(), add_generation_prompt=True, tokenize=False)
+    tokenizer = processor.tokenizer
+    answers, end_of_turn = [], []
+    for name in class_names:
+        answer = {"role": "assistant", "content": [{"type": "text", "text": name}]}
+        full = processor.apply_chat_template([*prompt_messages(), answer], tokenize=False)
+        if not full.startswith(prompt + name):
+            raise ValueError(f"the chat template does not render the answer {name!r} right after the prompt")
+        # What follows the name is the end-of-turn marker and then whitespace that only separates turns.
+        end_of_turn = tokenizer(full[len(prompt + name) :].strip(), add_special_tokens=False)["input_ids"]
+        answers.append(tokenizer(name, add_special_tokens=False)["input_ids"] + end_of_turn)
+    return ChatFormat(prompt, answers, end_of_turn)
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    # The real set has grayscale, RGBA and palette files; the vision tower wants 3 channels.
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def load_pets(dataset: str, train_size: int, eval_size: int, seed: int, token: str | None = None) -> PetData:
+    """Subsets of the official splits (train from trainval, eval from test), stratified per breed."""
+    train, test, raw_names = _load_splits(dataset, token)
+    for split, size, flag in ((train, train_size, "--train-size"), (test, eval_size, "--eval-size")):
+        if size > len(split):
+            raise UserError(f"{flag} {size} is larger than the split it is drawn from ({len(split)} images)")
+    train = train.select(stratified_indices(train["label"], train_size, seed))
+    test = test.select(stratified_indices(test["label"], eval_size, seed))
+    check_images(train)
+    check_images(test)
+    return PetData(train, test, [readable_name(name) for name in raw_names])
+
+
+def stratified_indices(labels: list[int], size: int, seed: int) -> list[int]:
+    """Round-robin over the breeds, each shuffled with the seed, so every breed gets size/37 (+-1) images.
+
+    Written out because sklearn's stratified split refuses sizes below the class count or equal to the
+    whole split, both of which users ask for.
+    """
+    rng = random.Random(seed)
+    by_class: dict[int, list[int]] = defaultdict(list)
+    for index, label in enumerate(labels):
+        by_class[label].append(index)
+    classes = sorted(by_class)
+    rng.shuffle(classes)  # which breeds get the extra image when size is not a multiple of 37
+    for indices in by_class.values():
+        rng.shuffle(indices)
+    longest = max(len(indices) for indices in by_class.values())
+    order = [by_class[c][k] for k in range(longest) for c in classes if k < len(by_class[c])]
+    return sorted(order[:size])
+
+
+def check_images(split: datasets.Dataset) -> None:
+    """Decode every image once, so an unreadable file fails now with its name, not hours into training."""
+    for item in split.cast_column("image", datasets.Image(decode=False))["image"]:
+        source = item["path"] if item.get("bytes") is None else io.BytesIO(item["bytes"])
+        try:
+            with Image.open(source) as image:
+                image.load()
+        except (OSError, ValueError) as error:
+            raise UserError(f"cannot read image {item.get('path') or '<in-memory>'}: {error}") from None
+
+
+def _load_splits(dataset: str, token: str | None) -> tuple[datasets.Dataset, datasets.Dataset, list[str]]:
+    path = Path(dataset).expanduser()
+    if path.is_dir():
+        if (path / "annotations" / "list.txt").is_file():
+            return _load_official_layout(path)
+        if (path / "dataset_dict.json").is_file():
+            return _from_dataset_dict(datasets.load_from_disk(str(path)), dataset)
+        raise UserError(
+            f"dataset directory {dataset} has neither annotations/list.txt (official Oxford-IIIT Pet layout) "
+            "nor dataset_dict.json (datasets.save_to_disk)"
+        )
+    if path.exists() or dataset.startswith(("/", ".", "~")):
+        raise UserError(f"dataset directory {dataset} does not exist")
+    try:
+        return _from_dataset_dict(datasets.load_dataset(dataset, token=token), dataset)
+    except datasets.exceptions.DatasetNotFoundError as error:
+        raise UserError(f"dataset {dataset} not found on the Hugging Face Hub: {error}") from None
+
+
+def _from_dataset_dict(
+    splits: datasets.DatasetDict, name: str
+) -> tuple[datasets.Dataset, datasets.Dataset, list[str]]:
+    """timm/oxford-iiit-pet's shape: splits train (= trainval) and test, columns image and label."""
+    if not {"train", "test"} <= set(splits) or not {"image", "label"} <= set(splits["train"].column_names):
+        raise UserError(f"dataset {name} needs train and test splits with image and label columns")
+    label = splits["train"].features["label"]
+    if not isinstance(label, datasets.ClassLabel):
+        raise UserError(f"dataset {name}: the label column must be a ClassLabel with the breed names")
+    columns = ["image", "label"]
+    return splits["train"].select_columns(columns), splits["test"].select_columns(columns), label.names
+
+
+def _load_official_layout(root: Path) -> tuple[datasets.Dataset, datasets.Dataset, list[str]]:
+    """images/<Breed>_<n>.jpg; annotations/{list,trainval,test}.txt rows: Image CLASS-ID SPECIES BREED-ID."""
+    names: dict[int, str] = {}
+    for image_name, class_id in _read_rows(root / "annotations" / "list.txt"):
+        names[class_id] = image_name.rsplit("_", 1)[0]
+    if sorted(names) != list(range(1, len(names) + 1)):
+        raise UserError(f"{root}/annotations/list.txt: class ids are not 1..{len(names)}")
+    splits = []
+    for split_file in ("trainval.txt", "test.txt"):
+        rows = _read_rows(root / "annotations" / split_file)
+        split = datasets.Dataset.from_dict(
+            {
+                "image": [str(root / "images" / f"{image_name}.jpg") for image_name, _ in rows],
+                "label": [class_id - 1 for _, class_id in rows],
+            }
+        )
+        splits.append(split.cast_column("image", datasets.Image()))
+    return splits[0], splits[1], [names[class_id] for class_id in sorted(names)]
+
+
+def _read_rows(path: Path) -> list[tuple[str, int]]:
+    if not path.is_file():
+        raise UserError(f"{path} is missing (expected the official Oxford-IIIT Pet layout)")
+    rows = []
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip() or line.startswith("#"):
+            continue
+        fields = line.split()
+        if len(fields) < 2 or not fields[1].isdigit():
+            raise UserError(f"{path}:{number}: expected 'Image CLASS-ID SPECIES BREED-ID', got {line!r}")
+        rows.append((fields[0], int(fields[1])))
+    return rows

@@ -1,0 +1,62 @@
+"""Outputs: adapter + processor, optional merged model, results.json, upload to GCS."""
+
+import json
+import logging
+import platform
+from importlib import metadata
+from pathlib import Path
+
+from google.cloud import storage
+from google.cloud.storage import transfer_manager
+from peft import PeftModel
+
+from trainer.modeling import load_base_model, load_processor
+
+log = logging.getLogger(__name__)
+
+VERSIONED = ["torch", "transformers", "trl", "peft", "datasets", "accelerate", "scikit-learn", "bitsandbytes"]
+
+
+def versions() -> dict[str, str]:
+    found = {"python": platform.python_version()}
+    for package in VERSIONED:
+        try:
+            found[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            continue
+    return found
+
+
+def merge(
+    model_id: str, adapter_dir: Path, out_dir: Path, precision: str, device: str, token: str | None
+) -> None:
+    """Fold the adapter into the base weights: a plain Gemma 3 checkpoint that needs no peft.
+
+    A 4-bit base is reloaded in bf16 first: merging into quantized weights would round the update away.
+    """
+    base = load_base_model(model_id, "fp32" if precision == "fp32" else "bf16", device, token)
+    merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
+    merged.save_pretrained(out_dir)
+    load_processor(model_id, token).save_pretrained(out_dir)
+    log.info("merged model written to %s", out_dir)
+
+
+def write_results(path: Path, results: dict) -> None:
+    path.write_text(json.dumps(results, indent=2) + "\n")
+
+
+def upload(root: Path, files: list[Path], gcs_path: str) -> None:
+    """Upload root/<file> to <gcs_path>/<file> in parallel; the client honours STORAGE_EMULATOR_HOST."""
+    bucket_name, _, prefix = gcs_path.removeprefix("gs://").partition("/")
+    prefix = prefix.strip("/")
+    bucket = storage.Client().bucket(bucket_name)
+    names = [str(file) for file in files]
+    transfer_manager.upload_many_from_filenames(
+        bucket,
+        names,
+        source_directory=str(root),
+        blob_name_prefix=f"{prefix}/" if prefix else "",
+        raise_exception=True,
+        worker_type=transfer_manager.THREAD,
+    )
+    log.info("uploaded %d files to %s", len(names), gcs_path)

@@ -1,0 +1,133 @@
+"""Supervised fine-tuning with TRL's SFTTrainer: loss on the answer only, resumable across task retries."""
+
+import logging
+import sys
+import time
+from pathlib import Path
+
+import torch
+from peft import PeftModel
+from transformers import PrinterCallback, ProcessorMixin, TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, TrainOutput
+from trl import SFTConfig, SFTTrainer
+
+from trainer.data import ChatFormat, PetData, to_rgb
+
+log = logging.getLogger(__name__)
+
+
+class AnswerOnlyCollator:
+    """Image + question, then the breed name and the end-of-turn marker; labels on those last tokens only."""
+
+    def __init__(self, processor: ProcessorMixin, chat: ChatFormat) -> None:
+        self.processor = processor
+        self.chat = chat
+
+    def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
+        # The prompt text is the same for every example, so prompts need no padding: answers are
+        # appended after it and right-padded.
+        batch = self.processor(
+            text=[self.chat.prompt] * len(examples),
+            images=[[to_rgb(example["image"])] for example in examples],
+            add_special_tokens=False,  # the template already starts with <bos>
+            return_tensors="pt",
+        )
+        answers = [self.chat.answers[example["label"]] for example in examples]
+        width = max(len(answer) for answer in answers)
+        pad = self.processor.tokenizer.pad_token_id
+        answer_ids = torch.tensor([answer + [pad] * (width - len(answer)) for answer in answers])
+        answer_mask = torch.tensor([[1] * len(answer) + [0] * (width - len(answer)) for answer in answers])
+        prompt_ids = batch["input_ids"]
+        batch["input_ids"] = torch.cat([prompt_ids, answer_ids], dim=1)
+        batch["attention_mask"] = torch.cat([batch["attention_mask"], answer_mask], dim=1)
+        # token_type_ids mark image tokens, which Gemma 3 attends to bidirectionally.
+        batch["token_type_ids"] = torch.cat([batch["token_type_ids"], torch.zeros_like(answer_ids)], dim=1)
+        batch["labels"] = torch.cat(
+            [torch.full_like(prompt_ids, -100), answer_ids.masked_fill(answer_mask == 0, -100)], dim=1
+        )
+        return dict(batch)
+
+
+class LogLine(TrainerCallback):
+    """One plain line per logging step (Cloud Logging shows one entry per line)."""
+
+    def on_train_begin(self, args, state, control, **kwargs) -> None:
+        self.last_time, self.last_step = time.perf_counter(), state.global_step
+
+    def on_log(self, args, state, control, logs=None, **kwargs) -> None:
+        if not logs or "loss" not in logs:
+            return
+        now = time.perf_counter()
+        samples = (
+            (state.global_step - self.last_step) * args.train_batch_size * args.gradient_accumulation_steps
+        )
+        rate = samples * args.world_size / max(now - self.last_time, 1e-9)
+        self.last_time, self.last_step = now, state.global_step
+        log.info(
+            "step %d/%d epoch %.2f loss %.4f lr %.3g samples/s %.1f",
+            state.global_step,
+            state.max_steps,
+            logs.get("epoch", 0.0),
+            logs["loss"],
+            logs.get("learning_rate", 0.0),
+            rate,
+        )
+
+
+def sft_config(args, run_dir: Path, precision: str, device: str) -> SFTConfig:
+    return SFTConfig(
+        output_dir=str(run_dir),
+        num_train_epochs=args.num_epochs,
+        per_device_train_batch_size=args.batch_size,
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        learning_rate=args.learning_rate,
+        logging_steps=args.logging_steps,
+        save_strategy=args.checkpoint_strategy,
+        save_steps=args.save_steps,
+        save_total_limit=args.save_total_limit,
+        seed=args.seed,
+        bf16=precision != "fp32",  # TRL defaults to bf16, which fails on CPU
+        use_cpu=device == "cpu",
+        activation_checkpointing=args.gradient_checkpointing,  # TRL's default is on
+        # Our collator needs the image and label columns, which TRL would otherwise drop.
+        remove_unused_columns=False,
+        dataset_kwargs={"skip_prepare_dataset": True},
+        disable_tqdm=not sys.stdout.isatty(),
+        report_to="none",
+    )
+
+
+def make_trainer(
+    model: PeftModel, processor: ProcessorMixin, data: PetData, chat: ChatFormat, config: SFTConfig
+) -> SFTTrainer:
+    trainer = SFTTrainer(
+        model=model,
+        args=config,
+        train_dataset=data.train,
+        data_collator=AnswerOnlyCollator(processor, chat),
+        processing_class=processor,
+    )
+    # Replaces the dict that Trainer prints when progress bars are off.
+    trainer.remove_callback(PrinterCallback)
+    trainer.add_callback(LogLine())
+    return trainer
+
+
+def last_complete_checkpoint(run_dir: Path) -> Path | None:
+    """The newest checkpoint-N that Trainer finished writing (trainer_state.json is its last file).
+
+    A task killed while saving leaves a partial newest checkpoint, which get_last_checkpoint would pick.
+    """
+    complete = [
+        path for path in run_dir.glob(f"{PREFIX_CHECKPOINT_DIR}-*") if (path / "trainer_state.json").is_file()
+    ]
+    return max(complete, key=lambda path: int(path.name.rsplit("-", 1)[1]), default=None)
+
+
+def train(trainer: SFTTrainer, run_dir: Path, task_attempt: int) -> TrainOutput:
+    """Resume from the last checkpoint in run_dir, if any: a retried Cloud Run task continues its run."""
+    checkpoint = last_complete_checkpoint(run_dir)
+    log.info(
+        "task attempt %d: %s", task_attempt, f"resuming from {checkpoint}" if checkpoint else "starting fresh"
+    )
+    return trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
