@@ -1,0 +1,516 @@
+"""Source archive -> Cloud Storage -> Cloud Build -> Artifact Registry, with the build log streamed.
+
+The image is tagged with a hash of the source archive, so an unchanged tree is never rebuilt: the
+registry is asked first, and only a missing tag uploads the archive and starts a build from
+cloudbuild.yaml (the same file `gcloud builds submit --config cloudbuild.yaml` runs).
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import os
+import stat
+import tarfile
+import tempfile
+import time
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pathspec
+import yaml
+from google.api_core import exceptions
+from google.cloud import artifactregistry_v1
+from google.cloud.devtools import cloudbuild_v1
+from google.cloud.logging_v2.types import ListLogEntriesRequest, LogEntry
+from google.protobuf import json_format
+
+from launcher.cloud import RETRY, Clients
+from launcher.errors import UserError
+from launcher.settings import Settings
+
+CONFIG_FILE = "cloudbuild.yaml"
+SOURCE_PREFIX = "source/"
+TAG_LENGTH = 16
+
+# Left out of every archive whatever the ignore files say (a `!` pattern cannot bring them back):
+# version control, local environments, and the usual shapes of credentials.
+ALWAYS_EXCLUDED = (
+    ".git",
+    ".venv",
+    "__pycache__",
+    ".env",
+    ".env.*",
+    "*.pem",
+    "*.p12",
+    "*credentials*.json",
+    "*-key.json",
+)
+
+FAILED = {
+    cloudbuild_v1.Build.Status.FAILURE,
+    cloudbuild_v1.Build.Status.INTERNAL_ERROR,
+    cloudbuild_v1.Build.Status.TIMEOUT,
+    cloudbuild_v1.Build.Status.CANCELLED,
+    cloudbuild_v1.Build.Status.EXPIRED,
+}
+TAIL_LINES = 20
+# Logging allows 60 read requests a minute per project; the emulator has no such quota.
+REAL_POLL_S = 2.0
+EMULATOR_POLL_S = 1.0
+# Cloud Logging may ingest an entry a little after later ones: each read looks this far behind the
+# newest entry seen, and entries already shown are skipped by insert id.
+LOG_LAG_NS = 10 * 1_000_000_000
+DRAIN_POLLS = 5
+# A build may sit in the queue before its own timeout starts counting.
+QUEUE_ALLOWANCE_S = 3600
+
+
+@dataclass(frozen=True)
+class SourceArchive:
+    path: Path
+    sha256: str
+    files: int
+    bytes: int  # size of the .tar.gz
+
+
+@dataclass(frozen=True)
+class BuiltImage:
+    uri: str  # REGION-docker.pkg.dev/PROJECT/REPO/IMAGE@sha256:... (IMAGE:TAG when not built yet)
+    tag: str
+    status: str  # created | unchanged | would create
+    command: str = ""
+
+
+# ---- the source archive ------------------------------------------------------------------------
+
+
+def _ignore_lines(root: Path) -> list[str]:
+    """.gcloudignore (with its `#!include:FILE` directive), else .dockerignore, else nothing."""
+    gcloudignore = root / ".gcloudignore"
+    if gcloudignore.is_file():
+        lines = []
+        for line in gcloudignore.read_text().splitlines():
+            if line.startswith("#!include:"):
+                included = root / line.removeprefix("#!include:").strip()
+                if not included.is_file():
+                    raise UserError(
+                        f"{gcloudignore} includes {included}, which does not exist.",
+                        "Create it or remove the #!include line.",
+                    )
+                lines += included.read_text().splitlines()
+            else:
+                lines.append(line)
+        return lines
+    dockerignore = root / ".dockerignore"
+    if dockerignore.is_file():
+        return [_anchored(line) for line in dockerignore.read_text().splitlines()]
+    return []
+
+
+def _anchored(line: str) -> str:
+    # .dockerignore patterns are relative to the context root (`*.pyc` is only the top level), while
+    # a gitignore pattern without a slash matches at any depth: anchor them to keep Docker's meaning.
+    text = line.strip()
+    if not text or text.startswith("#"):
+        return text
+    negated = text.startswith("!")
+    body = text.removeprefix("!").lstrip("/")
+    return ("!" if negated else "") + "/" + body
+
+
+def _members(root: Path) -> list[str]:
+    """Relative POSIX paths of the files and symlinks to pack, sorted."""
+    always = pathspec.GitIgnoreSpec.from_lines(ALWAYS_EXCLUDED)
+    user = pathspec.GitIgnoreSpec.from_lines(_ignore_lines(root))
+
+    def excluded(relative: str) -> bool:
+        return always.match_file(relative) or user.match_file(relative)
+
+    found = []
+    for directory, subdirectories, files in os.walk(root):
+        base = Path(directory).relative_to(root).as_posix()
+        prefix = "" if base == "." else f"{base}/"
+        descend = []
+        for name in subdirectories:
+            relative = prefix + name
+            if (Path(directory) / name).is_symlink():
+                files.append(name)
+            elif not excluded(relative + "/"):
+                descend.append(name)
+        subdirectories[:] = descend
+        for name in files:
+            relative = prefix + name
+            mode = (Path(directory) / name).lstat().st_mode
+            if (stat.S_ISREG(mode) or stat.S_ISLNK(mode)) and not excluded(relative):
+                found.append(relative)
+    return sorted(found)
+
+
+def _contains(path: Path, needles: Sequence[bytes]) -> bool:
+    overlap = max(len(needle) for needle in needles) - 1
+    tail = b""
+    with path.open("rb") as file:
+        while chunk := file.read(1 << 20):
+            window = tail + chunk
+            if any(needle in window for needle in needles):
+                return True
+            tail = window[-overlap:] if overlap else b""
+    return False
+
+
+def pack_source(
+    root: Path, destination: Path | None = None, *, forbidden: Sequence[str] = ()
+) -> SourceArchive:
+    """A reproducible .tar.gz of `root`: the same tree gives the same bytes, hence the same sha256.
+
+    Entries are sorted, owners and times zeroed and modes reduced to 644/755, so neither checkout
+    time nor umask changes the hash. A file containing any of the `forbidden` strings (the HF token)
+    stops the packing with a UserError naming the file. Without `destination`, the archive goes to a
+    temporary file that the caller deletes.
+    """
+    root = root.resolve()
+    if not root.is_dir():
+        raise UserError(f"Source directory {root} does not exist.", "Run the command from your project.")
+    needles = [secret.encode() for secret in forbidden if secret]
+    members = _members(root)
+    if destination is None:
+        handle, name = tempfile.mkstemp(prefix="gemma-launch-source-", suffix=".tar.gz")
+        os.close(handle)
+        destination = Path(name)
+    with (
+        destination.open("wb") as raw,
+        gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0) as compressed,
+        tarfile.open(fileobj=compressed, mode="w", format=tarfile.PAX_FORMAT) as tar,
+    ):
+        for relative in members:
+            path = root / relative
+            info = tarfile.TarInfo(relative)
+            info.mtime = 0
+            info.uid = info.gid = 0
+            info.uname = info.gname = ""
+            mode = path.lstat().st_mode
+            if stat.S_ISLNK(mode):
+                info.type = tarfile.SYMTYPE
+                info.linkname = os.readlink(path)
+                info.mode = 0o777
+                tar.addfile(info)
+                continue
+            if needles and _contains(path, needles):
+                raise UserError(
+                    f"{relative} contains your Hugging Face token; it must not be uploaded with the source.",
+                    f"Remove the token from {relative}, or add the file to .gcloudignore.",
+                )
+            info.size = path.stat().st_size
+            info.mode = 0o755 if mode & 0o111 else 0o644
+            with path.open("rb") as file:
+                tar.addfile(info, file)
+    digest = hashlib.sha256()
+    with destination.open("rb") as file:
+        while chunk := file.read(1 << 20):
+            digest.update(chunk)
+    return SourceArchive(destination, digest.hexdigest(), len(members), destination.stat().st_size)
+
+
+# ---- cloudbuild.yaml ---------------------------------------------------------------------------
+
+
+def load_build_config(path: Path) -> cloudbuild_v1.Build:
+    """cloudbuild.yaml as a Build; camelCase and snake_case keys both work, as with gcloud."""
+    if not path.is_file():
+        raise UserError(
+            f"{path} does not exist.",
+            "gemma-launch builds the image with the cloudbuild.yaml of the project directory.",
+        )
+    try:
+        document = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        raise UserError(f"{path} is not valid YAML: {error}", "Fix the line named.") from error
+    if not isinstance(document, dict):
+        raise UserError(f"{path} is not a build config (a mapping with steps).", "Restore cloudbuild.yaml.")
+    try:
+        build = cloudbuild_v1.Build.from_json(json.dumps(document))
+    except json_format.ParseError as error:
+        raise UserError(f"{path} is not a valid build config: {error}", "Fix the field named.") from error
+    if not build.steps:
+        raise UserError(f"{path} has no steps.", "Restore cloudbuild.yaml.")
+    return build
+
+
+# ---- errors ------------------------------------------------------------------------------------
+
+_CALLER_ROLES = {
+    "source archive": "roles/storage.objectAdmin",
+    "image": "roles/artifactregistry.reader",
+    "build": "roles/cloudbuild.builds.editor",
+}
+_APIS = {
+    "source archive": "storage.googleapis.com",
+    "image": "artifactregistry.googleapis.com",
+    "build": "cloudbuild.googleapis.com logging.googleapis.com",
+}
+
+
+@contextmanager
+def _explained(kind: str, name: str, settings: Settings) -> Iterator[None]:
+    try:
+        yield
+    except exceptions.PermissionDenied as error:
+        if "has not been used" in str(error) or "is disabled" in str(error):
+            raise UserError(
+                f"The API for the {kind} {name} is not enabled: {error.message}",
+                f"gcloud services enable {_APIS[kind]} --project={settings.project_id}",
+            ) from error
+        role = _CALLER_ROLES[kind]
+        raise UserError(
+            f"Permission denied on {kind} {name}: {error.message}",
+            f"Your account needs {role} on project {settings.project_id}: gcloud projects "
+            f"add-iam-policy-binding {settings.project_id} --member=user:YOU --role={role}",
+        ) from error
+    except exceptions.Unauthenticated as error:
+        raise UserError(
+            f"Not authenticated while working on {kind} {name}.",
+            "Run `gcloud auth application-default login`.",
+        ) from error
+    except exceptions.RetryError as error:
+        raise UserError(
+            f"Gave up on {kind} {name} after retrying transient errors for two minutes: {error.cause}",
+            "The service is unavailable right now; run the same command again later.",
+        ) from error
+    except exceptions.GoogleAPICallError as error:
+        raise UserError(
+            f"{kind.capitalize()} {name} failed: {error.message or error}",
+            "Fix the cause and run the command again; an image already built is not rebuilt.",
+        ) from error
+
+
+# ---- the build ---------------------------------------------------------------------------------
+
+
+def _tagged_image(clients: Clients, settings: Settings, tag: str) -> artifactregistry_v1.DockerImage | None:
+    """The image of settings.image carrying `tag`, if any (NotFound when there is no repository)."""
+    prefix = settings.image_repository_uri + "@"
+    for image in clients.registry.list_docker_images(
+        request=artifactregistry_v1.ListDockerImagesRequest(parent=settings.repository_name), retry=RETRY
+    ):
+        if image.uri.startswith(prefix) and tag in image.tags:
+            return image
+    return None
+
+
+def _upload(clients: Clients, settings: Settings, archive: SourceArchive) -> tuple[str, int]:
+    """The archive at gs://BUCKET/source/SHA256.tar.gz (uploaded only if missing): (object, generation)."""
+    name = f"{SOURCE_PREFIX}{archive.sha256}.tar.gz"
+    bucket = clients.storage.bucket(settings.bucket)
+    try:
+        blob = bucket.get_blob(name, retry=RETRY)
+    except exceptions.NotFound:
+        raise UserError(
+            f"Bucket gs://{settings.bucket} does not exist.", "Run `gemma-launch up`: it creates it first."
+        ) from None
+    if blob is None or blob.size != archive.bytes:
+        blob = bucket.blob(name)
+        # The name is the content's hash, so a retried upload writes the same bytes again.
+        blob.upload_from_filename(str(archive.path), content_type="application/gzip", retry=RETRY)
+    return name, blob.generation or 0
+
+
+def _timestamp_ns(entry: LogEntry) -> int:
+    moment = entry.timestamp
+    return int(moment.timestamp()) * 1_000_000_000 + moment.nanosecond
+
+
+def _rfc3339(ns: int) -> str:
+    seconds, fraction = divmod(ns, 1_000_000_000)
+    return datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%dT%H:%M:%S") + f".{fraction:09d}Z"
+
+
+def _render(entry: LogEntry) -> str:
+    text = entry.text_payload
+    if not text and entry.json_payload:
+        text = str(entry.json_payload.get("message", ""))
+    text = text.rstrip("\n")
+    # Cloud Build labels each line with its step ("Step #1"); show it unless the text already does.
+    step = entry.labels.get("build_step", "")
+    return f"{step}: {text}" if step and not text.startswith(step) else text
+
+
+class BuildLog:
+    """Reads a build's log entries from Cloud Logging in order, each once, however often polled."""
+
+    def __init__(self, clients: Clients, project: str, build_id: str) -> None:
+        self._clients = clients
+        self._project = project
+        self._base = f'resource.type="build" AND resource.labels.build_id="{build_id}"'
+        self._newest_ns: int | None = None
+        self._seen: set[tuple[int, str]] = set()
+
+    def poll(self) -> list[str]:
+        query = self._base
+        if self._newest_ns is not None:
+            query += f' AND timestamp>="{_rfc3339(self._newest_ns - LOG_LAG_NS)}"'
+        lines = []
+        for entry in self._clients.logging.list_log_entries(
+            request=ListLogEntriesRequest(
+                resource_names=[f"projects/{self._project}"],
+                filter=query,
+                order_by="timestamp asc",
+                page_size=1000,
+            ),
+            retry=RETRY,
+        ):
+            key = (_timestamp_ns(entry), entry.insert_id)
+            if key in self._seen:
+                continue
+            self._seen.add(key)
+            self._newest_ns = max(self._newest_ns or key[0], key[0])
+            lines.append(_render(entry))
+        return lines
+
+
+def _log_url(build: cloudbuild_v1.Build, settings: Settings) -> str:
+    return build.log_url or (
+        f"https://console.cloud.google.com/cloud-build/builds;region={settings.region}/{build.id}"
+        f"?project={settings.project_id}"
+    )
+
+
+def _build_request(
+    settings: Settings, config: Path, source: tuple[str, int], tag: str
+) -> cloudbuild_v1.CreateBuildRequest:
+    build = load_build_config(config)
+    name, generation = source
+    build.source = cloudbuild_v1.Source(
+        storage_source=cloudbuild_v1.StorageSource(
+            bucket=settings.bucket, object_=name, generation=generation
+        )
+    )
+    # Only names go here: substitutions are readable by anyone who can list builds.
+    build.substitutions.update({"_IMAGE": settings.image_repository_uri, "_TAG": tag})
+    # Logs in Cloud Logging only, so neither a logs bucket nor access to one is needed.
+    build.options.logging = cloudbuild_v1.BuildOptions.LoggingMode.CLOUD_LOGGING_ONLY
+    return cloudbuild_v1.CreateBuildRequest(
+        parent=settings.location, project_id=settings.project_id, build=build
+    )
+
+
+def _run_build(
+    clients: Clients,
+    settings: Settings,
+    request: cloudbuild_v1.CreateBuildRequest,
+    on_line: Callable[[str], None],
+) -> cloudbuild_v1.Build:
+    operation = clients.builds.create_build(request=request, retry=RETRY)
+    started = operation.metadata.build
+    on_line(f"Cloud Build {started.id} started; log: {_log_url(started, settings)}")
+    log = BuildLog(clients, settings.project_id, started.id)
+    last: deque[str] = deque(maxlen=TAIL_LINES)
+
+    def show(lines: list[str]) -> bool:
+        for line in lines:
+            last.append(line)
+            on_line(line)
+        return bool(lines)
+
+    interval = EMULATOR_POLL_S if clients.emulator else REAL_POLL_S
+    deadline = time.monotonic() + request.build.timeout.total_seconds() + QUEUE_ALLOWANCE_S
+    while not operation.done(retry=RETRY):
+        show(log.poll())
+        if time.monotonic() > deadline:
+            raise UserError(
+                f"Cloud Build {started.id} is still running after its timeout.",
+                f"Follow it at {_log_url(started, settings)}; run `gemma-launch up` again once it ends.",
+            )
+        time.sleep(interval)
+    # Entries can reach Logging after the build ends: read until a poll brings nothing new.
+    for _ in range(DRAIN_POLLS):
+        if not show(log.poll()):
+            break
+        time.sleep(interval)
+    build = _finished(clients, settings, operation, started.id)
+    if build.status in FAILED:
+        detail = build.failure_info.detail or build.status_detail or "no detail given"
+        tail = "\n".join(f"  {line}" for line in last) or "  (no log lines)"
+        raise UserError(
+            f"Cloud Build {build.id} ended with {build.status.name}: {detail}\nLast log lines:\n{tail}",
+            f"Full log: {_log_url(build, settings)} . Fix the Dockerfile or the source, then run "
+            "`gemma-launch up` again.",
+        )
+    return build
+
+
+def _finished(clients: Clients, settings: Settings, operation, build_id: str) -> cloudbuild_v1.Build:
+    # A failed build ends its operation with an error and no Build; its status is read from GetBuild.
+    if operation.exception() is None:
+        return operation.result()
+    return clients.builds.get_build(
+        request=cloudbuild_v1.GetBuildRequest(
+            name=f"{settings.location}/builds/{build_id}", project_id=settings.project_id, id=build_id
+        ),
+        retry=RETRY,
+    )
+
+
+def _pushed_uri(build: cloudbuild_v1.Build, settings: Settings, tag: str) -> str:
+    wanted = f"{settings.image_repository_uri}:{tag}"
+    for image in build.results.images:
+        if image.name == wanted and image.digest:
+            return f"{settings.image_repository_uri}@{image.digest}"
+    raise UserError(
+        f"Cloud Build {build.id} succeeded but did not push {wanted}.",
+        "cloudbuild.yaml must list ${_IMAGE}:${_TAG} under images.",
+    )
+
+
+def build_image(
+    clients: Clients,
+    settings: Settings,
+    root: Path,
+    *,
+    on_line: Callable[[str], None] = print,
+    dry_run: bool = False,
+    config: Path | None = None,
+) -> BuiltImage:
+    """The image of `root`'s source in the repository, built only when its content tag is missing.
+
+    `on_line` receives the build's log lines as they arrive (the first names the build and its
+    console URL). A failed build raises UserError with its last log lines and the log URL.
+    """
+    root = root.resolve()
+    config = config or root / CONFIG_FILE
+    load_build_config(config)
+    token = settings.hf_token.get_secret_value() if settings.hf_token else ""
+    archive = pack_source(root, forbidden=[token])
+    try:
+        tag = archive.sha256[:TAG_LENGTH]
+        command = (
+            f"gcloud builds submit {root} --config={config} --region={settings.region} "
+            f"--project={settings.project_id} "
+            f"--substitutions=_IMAGE={settings.image_repository_uri},_TAG={tag}"
+        )
+        with _explained("image", settings.image_repository_uri, settings):
+            try:
+                existing = _tagged_image(clients, settings, tag)
+            except exceptions.NotFound:
+                if not dry_run:
+                    raise UserError(
+                        f"Artifact Registry repository {settings.repository_name} does not exist.",
+                        "Run `gemma-launch up`: it creates the repository before building.",
+                    ) from None
+                existing = None
+        if existing is not None:
+            return BuiltImage(existing.uri, tag, "unchanged")
+        if dry_run:
+            return BuiltImage(f"{settings.image_repository_uri}:{tag}", tag, "would create", command)
+        with _explained("source archive", f"gs://{settings.bucket}/{SOURCE_PREFIX}", settings):
+            source = _upload(clients, settings, archive)
+        with _explained("build", settings.image_repository_uri, settings):
+            build = _run_build(clients, settings, _build_request(settings, config, source, tag), on_line)
+        return BuiltImage(_pushed_uri(build, settings, tag), tag, "created", command)
+    finally:
+        archive.path.unlink(missing_ok=True)
