@@ -25,6 +25,7 @@ from launcher.emulator.record import Record
 from launcher.emulator.rpc import Hub
 from launcher.emulator.secretmanager import SecretManager
 from launcher.emulator.state import State
+from launcher.emulator.storage import CloudStorage
 
 
 class Emulator:
@@ -56,6 +57,7 @@ class Emulator:
             "logging": Logging(self.data_dir),
             "secrets": SecretManager(self.state),
             "registry": ArtifactRegistry(self.state, self.operations),
+            "storage": CloudStorage(self._storage_server._storage, self.hub.record, self.storage_host),
         }
         handlers = [self.operations.handler(self.hub)]
         handlers += [service.handler(self.hub) for service in self.services.values()]

@@ -1,0 +1,309 @@
+"""Storage: the gcp-storage-emulator package, made to behave like GCS where the launcher relies on it.
+
+The package is not forked: its route table (`gcp_storage_emulator.server.HANDLERS`, a tuple of
+(regex, {HTTP method: handler}) with mutable dicts) gets our handlers installed in place, once per
+process. Handlers receive the package's `Storage` object, which is how they find the emulator it
+belongs to (creating a `CloudStorage` registers it), so several emulators can share one process.
+
+- buckets.insert validates names and locations like GCS and keeps location, uniform bucket-level
+  access and labels;
+- every JSON API request is appended to the emulator's record as service "storage", method like
+  "objects.insert", request {"path", "query", "params", "resource"}: "query" as parse_qs gives it
+  (values are lists), "params" the bucket and object names decoded, "resource" the JSON metadata sent
+  (a bucket, an object's metadata, a policy) when there is one. Object contents are never recorded;
+- `CloudStorage.import_tree` turns files written straight into a bucket's directory (as the GCS FUSE
+  mount of a Cloud Run job does) into objects.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import ipaddress
+import mimetypes
+import re
+import threading
+import weakref
+from collections.abc import Callable
+from datetime import datetime, timedelta
+from http import HTTPStatus
+from pathlib import Path
+from typing import Any
+
+import google_crc32c
+import grpc
+from gcp_storage_emulator import server as gcs_server
+from gcp_storage_emulator import settings as gcs_settings
+from gcp_storage_emulator.handlers import buckets, objects
+from gcp_storage_emulator.storage import Storage
+
+from launcher.emulator.record import Record
+from launcher.emulator.rpc import Hub, not_found
+
+Handler = Callable[..., Any]
+
+_BUCKET_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]*[a-z0-9]$")
+_MULTI_REGIONS = {"US", "EU", "ASIA"}
+_DUAL_REGIONS = {"NAM4", "EUR4", "ASIA1", "EUR5", "EUR7", "EUR8"}
+_REGION = re.compile(r"^[A-Z]+-[A-Z]+\d+$")
+_LABEL_KEY = re.compile(r"^[a-z][a-z0-9_-]{0,62}$")
+_LABEL_VALUE = re.compile(r"^[a-z0-9_-]{0,63}$")
+# GCS locks uniform bucket-level access in after 90 days; the bucket says when.
+_UBLA_LOCK = timedelta(days=90)
+
+
+_EMULATED: weakref.WeakKeyDictionary[Storage, CloudStorage] = weakref.WeakKeyDictionary()
+
+
+# ---- buckets.insert -------------------------------------------------------------------------------
+
+
+def _error(response: Any, status: HTTPStatus, reason: str, message: str) -> None:
+    response.status = status
+    response.json(
+        {
+            "error": {
+                "code": status.value,
+                "message": message,
+                "errors": [{"message": message, "domain": "global", "reason": reason}],
+            }
+        }
+    )
+
+
+def _bucket_name_ok(name: str) -> bool:
+    """GCS's bucket naming rules (https://cloud.google.com/storage/docs/buckets#naming)."""
+    if not _BUCKET_NAME.match(name):
+        return False
+    if "." in name:
+        parts = name.split(".")
+        if len(name) > 222 or any(not 0 < len(part) <= 63 for part in parts):
+            return False
+    elif not 3 <= len(name) <= 63:
+        return False
+    if name.startswith("goog") or "google" in name or "g00gle" in name:
+        return False
+    try:
+        ipaddress.IPv4Address(name)
+    except ValueError:
+        return True
+    return False
+
+
+def _location_type(location: str) -> str | None:
+    if location in _MULTI_REGIONS:
+        return "multi-region"
+    if location in _DUAL_REGIONS:
+        return "dual-region"
+    if _REGION.match(location):
+        return "region"
+    return None
+
+
+def _insert_bucket(request: Any, response: Any, storage: Storage, *args: Any, **kwargs: Any) -> None:
+    body = request.data if isinstance(request.data, dict) else {}
+    name = str(body.get("name") or "")
+    if not request.query.get("project"):
+        return _error(response, HTTPStatus.BAD_REQUEST, "required", "Required parameter: project")
+    if not _bucket_name_ok(name):
+        return _error(response, HTTPStatus.BAD_REQUEST, "invalid", f"Invalid bucket name: '{name}'")
+    location = str(body.get("location") or "US").upper()
+    location_type = _location_type(location)
+    if location_type is None:
+        return _error(
+            response, HTTPStatus.BAD_REQUEST, "invalid", "The specified location constraint is not valid."
+        )
+    labels = body.get("labels") or {}
+    for key, value in labels.items():
+        if not _LABEL_KEY.match(key) or not _LABEL_VALUE.match(str(value)):
+            return _error(response, HTTPStatus.BAD_REQUEST, "invalid", f"Invalid label: '{key}'")
+    if storage.get_bucket(name):
+        response.status = HTTPStatus.CONFLICT
+        return response.json(buckets.CONFLICT)
+
+    bucket = buckets._make_bucket_resource(name, project_number=storage.project_number)
+    # The package's patch applies every other writable field (storageClass, versioning, acl ...).
+    buckets._patch_bucket(bucket, body)
+    bucket["metageneration"] = "1"
+    bucket["location"] = location
+    bucket["locationType"] = location_type
+    if labels:
+        bucket["labels"] = labels
+    requested = body.get("iamConfiguration") or {}
+    uniform = bool((requested.get("uniformBucketLevelAccess") or {}).get("enabled"))
+    access: dict[str, Any] = {"enabled": uniform}
+    if uniform:
+        locked = datetime.fromisoformat(bucket["timeCreated"].replace("Z", "+00:00")) + _UBLA_LOCK
+        access["lockedTime"] = locked.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    bucket["iamConfiguration"] = {
+        "bucketPolicyOnly": dict(access),
+        "uniformBucketLevelAccess": access,
+        "publicAccessPrevention": requested.get("publicAccessPrevention", "inherited"),
+    }
+    storage.create_bucket(name, bucket)
+    response.json(bucket)
+
+
+# ---- the request record ---------------------------------------------------------------------------
+
+_METHODS: dict[Handler, str] = {
+    buckets.ls: "buckets.list",
+    buckets.insert: "buckets.insert",
+    buckets.get: "buckets.get",
+    buckets.delete: "buckets.delete",
+    buckets.patch: "buckets.patch",
+    buckets.acl_list: "bucketAccessControls.list",
+    buckets.default_object_acl_list: "defaultObjectAccessControls.list",
+    buckets.get_iam_policy: "buckets.getIamPolicy",
+    buckets.set_iam_policy: "buckets.setIamPolicy",
+    buckets.test_iam_permissions: "buckets.testIamPermissions",
+    objects.ls: "objects.list",
+    objects.get: "objects.get",
+    objects.download: "objects.get",
+    objects.insert: "objects.insert",
+    objects.upload_partial: "objects.insert",
+    objects.xml_upload: "objects.insert",
+    objects.delete: "objects.delete",
+    objects.patch: "objects.patch",
+    objects.copy: "objects.copy",
+    objects.rewrite: "objects.rewrite",
+    objects.compose: "objects.compose",
+    objects.restore: "objects.restore",
+    objects.acl_list: "objectAccessControls.list",
+    objects.batch: "batch",
+}
+_REPLACED: dict[Handler, Handler] = {buckets.insert: _insert_bucket}
+_patch_lock = threading.Lock()
+
+
+def _patch_routes() -> None:
+    with _patch_lock:
+        for _regex, handlers in gcs_server.HANDLERS:
+            for http_method, handler in list(handlers.items()):
+                if handler in _METHODS:
+                    handlers[http_method] = _recorded(_REPLACED.get(handler, handler), _METHODS[handler])
+
+
+def _recorded(handler: Handler, method: str) -> Handler:
+    def recorded(request: Any, response: Any, storage: Storage, *args: Any, **kwargs: Any) -> None:
+        emulated = _EMULATED.get(storage)
+        if emulated is None:
+            handler(request, response, storage, *args, **kwargs)
+            return
+        # The storage server answers one request at a time; the lock keeps import_tree out meanwhile.
+        with emulated.lock:
+            try:
+                handler(request, response, storage, *args, **kwargs)
+            except Exception:
+                outcome = "INTERNAL_SERVER_ERROR"
+                raise
+            else:
+                outcome = "OK" if 200 <= response.status < 300 else response.status.name
+            finally:
+                emulated.record.append("storage", method, _describe(request), outcome=outcome)
+
+    return recorded
+
+
+def _describe(request: Any) -> dict[str, Any]:
+    described: dict[str, Any] = {"path": request.path, "query": request.query, "params": request.params}
+    data = request.data
+    content_type = request.get_header("Content-Type") or ""
+    if content_type.startswith("multipart/related") and isinstance(data, dict):
+        described["resource"] = data["meta"]
+    elif (
+        isinstance(data, dict)
+        and content_type.startswith("application/json")
+        and request.query.get("uploadType") != ["media"]
+        and "upload_id" not in request.query
+        and request.path.startswith(("/storage/", "/upload/storage/", "/b"))
+    ):
+        described["resource"] = data
+    return described
+
+
+# ---- files written straight into a bucket -----------------------------------------------------------
+
+
+def _hashes(path: Path) -> tuple[str, str]:
+    md5 = hashlib.md5()
+    crc = google_crc32c.Checksum()
+    with path.open("rb") as stream:
+        while chunk := stream.read(1 << 20):
+            md5.update(chunk)
+            crc.update(chunk)
+    return base64.b64encode(md5.digest()).decode(), base64.b64encode(crc.digest()).decode()
+
+
+def _bucket_dir(storage: Storage, bucket: str) -> Path:
+    return Path(storage.get_storage_base()) / gcs_settings.STORAGE_DIR / bucket
+
+
+class CloudStorage:
+    """services["storage"]: the package's server, hooked into this emulator's record.
+
+    Creating it installs our route handlers (once per process) and ties `storage` (the package's
+    Storage object) to `record`; `base_url` is the storage server's http://host:port.
+    """
+
+    def __init__(self, storage: Storage, record: Record, base_url: str) -> None:
+        self.storage = storage
+        self.record = record
+        self.base_url = base_url
+        self.lock = threading.RLock()
+        # (bucket, object) -> (size, mtime_ns) of the file when import_tree last matched it to its object.
+        self._seen: dict[tuple[str, str], tuple[int, int]] = {}
+        _patch_routes()
+        _EMULATED[storage] = self
+
+    def bucket_dir(self, bucket: str) -> Path:
+        return Path(self.storage.get_storage_base()) / gcs_settings.STORAGE_DIR / bucket
+
+    def import_tree(self, bucket: str) -> list[str]:
+        """Make the files under the bucket's directory its objects, as GCS FUSE writes would have.
+
+        New and changed files become objects with a new generation (size, md5Hash, crc32c,
+        contentType from the extension, as gcsfuse sets it); objects whose file is gone are deleted;
+        objects whose file is unchanged keep their metadata. Returns the names created, updated or
+        deleted. Raises ApiError NOT_FOUND when the bucket does not exist.
+        """
+        storage = self.storage
+        root = self.bucket_dir(bucket)
+        with self.lock:
+            if bucket not in storage.buckets:
+                raise not_found(f"Bucket {bucket}")
+            known = storage.objects.setdefault(bucket, {})
+            changed: list[str] = []
+            present: set[str] = set()
+            for path in sorted(root.rglob("*")):
+                if not path.is_file():
+                    continue
+                name = path.relative_to(root).as_posix()
+                present.add(name)
+                stat = path.stat()
+                signature = (stat.st_size, stat.st_mtime_ns)
+                current = known.get(name)
+                if current is not None and self._seen.get((bucket, name)) == signature:
+                    continue
+                md5, crc = _hashes(path)
+                self._seen[(bucket, name)] = signature
+                if current is not None and (current.get("md5Hash"), current.get("crc32c")) == (md5, crc):
+                    continue
+                content_type = mimetypes.guess_type(name)[0] or "application/octet-stream"
+                obj = objects._make_object_resource(
+                    self.base_url, bucket, name, content_type, str(stat.st_size)
+                )
+                obj.update(md5Hash=md5, crc32c=crc, etag=md5)
+                known[name] = obj
+                changed.append(name)
+            for name in sorted(set(known) - present):
+                del known[name]
+                self._seen.pop((bucket, name), None)
+                changed.append(name)
+            if changed:
+                storage._write_config_to_file()
+            return changed
+
+    def handler(self, hub: Hub) -> grpc.GenericRpcHandler:
+        # Storage is served over HTTP by the package; GCS's gRPC API (google.storage.v2) is not emulated.
+        return grpc.method_handlers_generic_handler("google.storage.v2.Storage", {})

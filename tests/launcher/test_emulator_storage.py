@@ -1,0 +1,160 @@
+import base64
+import hashlib
+import json
+
+import pytest
+from google.api_core import exceptions
+
+from launcher.emulator.rpc import ApiError
+
+ACCOUNT = "serviceAccount:gemma-trainer@demo-project.iam.gserviceaccount.com"
+
+
+def _bucket(client, name: str = "demo-project-gemma3", **properties):
+    bucket = client.bucket(name)
+    bucket.iam_configuration.uniform_bucket_level_access_enabled = properties.pop("uniform", False)
+    bucket.labels = properties.pop("labels", {})
+    return client.create_bucket(bucket, **properties)
+
+
+def test_bucket_keeps_location_uniform_access_and_labels(local):
+    client = local.clients().storage
+    _bucket(client, location="europe-west4", uniform=True, labels={"app": "gemma-launch"})
+    bucket = client.get_bucket("demo-project-gemma3")
+    assert bucket.location == "EUROPE-WEST4"
+    assert bucket.location_type == "region"
+    assert bucket.iam_configuration.uniform_bucket_level_access_enabled
+    assert bucket.iam_configuration.uniform_bucket_level_access_locked_time is not None
+    assert bucket.labels == {"app": "gemma-launch"}
+
+    plain = _bucket(client, "demo-project-plain")
+    assert plain.location == "US"
+    assert plain.location_type == "multi-region"
+    assert not plain.iam_configuration.uniform_bucket_level_access_enabled
+
+
+def test_duplicate_bucket_is_a_conflict(local):
+    client = local.clients().storage
+    _bucket(client)
+    with pytest.raises(exceptions.Conflict):
+        _bucket(client)
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "ab",
+        "x" * 64,
+        "Upper-case",
+        "has space",
+        "goog-prefixed",
+        "my-google-bucket",
+        "192.168.5.4",
+        "double..dot",
+    ],
+)
+def test_bucket_names_gcs_rejects(local, name):
+    with pytest.raises(exceptions.BadRequest) as raised:
+        _bucket(local.clients().storage, name)
+    assert f"Invalid bucket name: '{name}'" in str(raised.value)
+    assert local.record()[-1]["outcome"] == "BAD_REQUEST"
+
+
+@pytest.mark.parametrize("name", ["abc", "a_b-c.d", "x" * 63, "data.example.com"])
+def test_bucket_names_gcs_accepts(local, name):
+    assert _bucket(local.clients().storage, name).name == name
+
+
+def test_unknown_location_is_rejected(local):
+    with pytest.raises(exceptions.BadRequest):
+        _bucket(local.clients().storage, location="moon-base1x")
+
+
+def test_requests_are_recorded_without_object_contents(local):
+    client = local.clients().storage
+    bucket = _bucket(client, location="europe-west4")
+    bucket.blob("runs/config.json").upload_from_string(
+        b"hf_not_in_the_record", content_type="application/json"
+    )
+    assert bucket.blob("runs/config.json").download_as_bytes() == b"hf_not_in_the_record"
+    with pytest.raises(exceptions.NotFound):
+        bucket.blob("missing").download_as_bytes()
+
+    # google-cloud-storage also fetches bucket metadata in a background thread (buckets.get) at times
+    # of its own choosing, so only the calls the test made are compared.
+    storage = [e for e in local.record() if e["service"] == "storage" and e["method"] != "buckets.get"]
+    assert [(e["method"], e["outcome"]) for e in storage] == [
+        ("buckets.insert", "OK"),
+        ("objects.insert", "OK"),
+        ("objects.get", "OK"),
+        ("objects.get", "NOT_FOUND"),
+    ]
+    insert_bucket, insert_object, download, _ = storage
+    assert insert_bucket["request"]["resource"]["location"] == "europe-west4"
+    assert insert_bucket["request"]["query"]["project"] == ["demo-project"]
+    assert insert_object["request"]["resource"]["name"] == "runs/config.json"
+    assert download["request"]["params"] == {"bucket_name": bucket.name, "object_id": "runs/config.json"}
+    assert "hf_not_in_the_record" not in local.record_path.read_text()
+
+
+def test_bucket_iam_policy_round_trips(local):
+    bucket = _bucket(local.clients().storage, uniform=True)
+    policy = bucket.get_iam_policy(requested_policy_version=3)
+    policy.bindings.append({"role": "roles/storage.objectAdmin", "members": {ACCOUNT}})
+    bucket.set_iam_policy(policy)
+    read = local.clients().storage.bucket(bucket.name).get_iam_policy(requested_policy_version=3)
+    assert [(b["role"], set(b["members"])) for b in read.bindings] == [
+        ("roles/storage.objectAdmin", {ACCOUNT})
+    ]
+    iam_calls = [e["method"] for e in local.record() if "IamPolicy" in e["method"]]
+    assert iam_calls == ["buckets.getIamPolicy", "buckets.setIamPolicy", "buckets.getIamPolicy"]
+
+
+def _md5(data: bytes) -> str:
+    return base64.b64encode(hashlib.md5(data).digest()).decode()
+
+
+def test_import_tree_registers_changes_and_deletions_of_mounted_files(local):
+    client = local.clients().storage
+    bucket = _bucket(client, location="europe-west4")
+    bucket.blob("uploaded.txt").upload_from_string(b"via the API")
+    uploaded = bucket.get_blob("uploaded.txt")
+    storage = local.emulator.services["storage"]
+    root = local.emulator.bucket_dir(bucket.name)
+
+    # What a trainer writes through the GCS FUSE mount lands in the bucket's directory.
+    (root / "out" / "checkpoint-1").mkdir(parents=True)
+    (root / "out" / "results.json").write_text(json.dumps({"accuracy": 0.9}))
+    (root / "out" / "checkpoint-1" / "adapter.bin").write_bytes(b"\x00" * 1000)
+    assert storage.import_tree(bucket.name) == ["out/checkpoint-1/adapter.bin", "out/results.json"]
+
+    blobs = {blob.name: blob for blob in client.list_blobs(bucket.name)}
+    assert sorted(blobs) == ["out/checkpoint-1/adapter.bin", "out/results.json", "uploaded.txt"]
+    results = blobs["out/results.json"]
+    assert results.size == len(json.dumps({"accuracy": 0.9}))
+    assert results.content_type == "application/json"
+    assert results.md5_hash == _md5(json.dumps({"accuracy": 0.9}).encode())
+    assert results.crc32c and results.time_created and results.generation
+    assert json.loads(results.download_as_bytes()) == {"accuracy": 0.9}
+    assert blobs["uploaded.txt"].generation == uploaded.generation
+
+    # Nothing changed: nothing is rewritten.
+    assert storage.import_tree(bucket.name) == []
+
+    (root / "out" / "results.json").write_text(json.dumps({"accuracy": 0.95}))
+    (root / "out" / "checkpoint-1" / "adapter.bin").unlink()
+    assert storage.import_tree(bucket.name) == ["out/results.json", "out/checkpoint-1/adapter.bin"]
+    changed = bucket.get_blob("out/results.json")
+    assert changed.generation != results.generation
+    assert json.loads(changed.download_as_bytes()) == {"accuracy": 0.95}
+    assert bucket.get_blob("out/checkpoint-1/adapter.bin") is None
+    assert sorted(blob.name for blob in client.list_blobs(bucket.name)) == [
+        "out/results.json",
+        "uploaded.txt",
+    ]
+
+
+def test_import_tree_of_missing_bucket_is_not_found(local):
+    with pytest.raises(ApiError) as raised:
+        local.emulator.services["storage"].import_tree("no-such-bucket")
+    assert raised.value.code.name == "NOT_FOUND"
