@@ -1,0 +1,541 @@
+"""Cloud Run v2 in the emulator, driven through the real run_v2 clients."""
+
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import grpc
+import pytest
+from google.api_core import exceptions
+from google.api_core.future.polling import DEFAULT_POLLING
+from google.cloud import artifactregistry_v1, run_v2
+from google.cloud.run_v2.services.tasks.transports.grpc import TasksGrpcTransport
+from google.iam.v1 import policy_pb2
+
+PROJECT = "demo-project"
+REGION = "europe-west4"
+PARENT = f"projects/{PROJECT}/locations/{REGION}"
+JOB = f"{PARENT}/jobs/trainer"
+ACCOUNT = f"gemma-trainer@{PROJECT}.iam.gserviceaccount.com"
+BUCKET = f"{PROJECT}-gemma3-finetuning"
+REPO = f"{PARENT}/repositories/gemma"
+IMAGE = f"{REGION}-docker.pkg.dev/{PROJECT}/gemma/trainer:latest"
+DIGEST = "sha256:" + "c" * 64
+SECRET = f"projects/{PROJECT}/secrets/HF_TOKEN"
+TOKEN = "hf_emulated_token"
+Condition = run_v2.Condition
+# The clients' default LRO polling starts at 1 s; the emulator's operations finish in 0.2 s.
+FAST = DEFAULT_POLLING.with_delay(initial=0.05, maximum=0.3).with_timeout(60)
+
+# The fake image's program: what the test needs the task to do, chosen by its first argument.
+TASK_PY = """
+import json, os, pathlib, sys, time
+mode, *rest = sys.argv[1:]
+attempt = int(os.environ["CLOUD_RUN_TASK_ATTEMPT"])
+if mode == "report":
+    out = pathlib.Path(rest[0])
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("written through the mount")
+    print(json.dumps({"argv": rest, "env": dict(os.environ)}))
+elif mode == "fail-first":
+    print(f"attempt {attempt}")
+    sys.exit(1 if attempt == 0 else 0)
+elif mode == "fail":
+    print("failing", file=sys.stderr)
+    sys.exit(3)
+elif mode == "sleep-first":
+    print(f"ready {attempt}", flush=True)
+    if attempt == 0:
+        time.sleep(60)
+elif mode == "lines":
+    for n in range(3):
+        print(f"line {n}")
+"""
+
+
+def wait_until(condition: Callable[[], bool]) -> None:
+    deadline = time.monotonic() + 20
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached"
+        time.sleep(0.02)
+
+
+def container(**changes) -> dict:
+    spec = {
+        "image": IMAGE,
+        "args": ["report", "/mnt/gcs/out/result.txt"],
+        "env": [
+            {"name": "MODEL_DIR", "value": "/mnt/gcs/models/gemma"},
+            {
+                "name": "HF_TOKEN",
+                "value_source": {"secret_key_ref": {"secret": "HF_TOKEN", "version": "latest"}},
+            },
+        ],
+        "resources": {"limits": {"cpu": "4", "memory": "16Gi", "nvidia.com/gpu": "1"}},
+        "volume_mounts": [{"name": "gcs", "mount_path": "/mnt/gcs"}],
+    }
+    return spec | changes
+
+
+def job_spec(container_changes: dict | None = None, **task_changes) -> dict:
+    task = {
+        "containers": [container(**(container_changes or {}))],
+        "volumes": [{"name": "gcs", "gcs": {"bucket": BUCKET}}],
+        "service_account": ACCOUNT,
+        "max_retries": 0,
+        "timeout": {"seconds": 60},
+        "node_selector": {"accelerator": "nvidia-l4"},
+        "gpu_zonal_redundancy_disabled": True,
+    }
+    return {"template": {"template": task | task_changes}}
+
+
+class Cloud:
+    def __init__(self, local) -> None:
+        self.local = local
+        clients = local.clients(PROJECT)
+        self.jobs = clients.jobs
+        self.executions = clients.executions
+        self.logging = clients.logging
+        self.storage = clients.storage
+        self.tasks = run_v2.TasksClient(
+            transport=TasksGrpcTransport(channel=grpc.insecure_channel(local.emulator.host))
+        )
+
+    def create(self, spec: dict | None = None, job_id: str = "trainer", **request) -> run_v2.Job:
+        operation = self.jobs.create_job(
+            request={"parent": PARENT, "job_id": job_id, "job": spec or job_spec(), **request}
+        )
+        return operation.result(polling=FAST)
+
+    def run(self, overrides: dict | None = None) -> run_v2.Execution:
+        """Start an execution and wait until it is done, as `gcloud run jobs execute --wait` does."""
+        operation = self.jobs.run_job(request={"name": JOB, "overrides": overrides or {}})
+        assert operation.metadata.name.startswith(f"{JOB}/executions/trainer-")
+        return operation.result(polling=FAST)
+
+    def start(self, overrides: dict | None = None) -> str:
+        return self.jobs.run_job(request={"name": JOB, "overrides": overrides or {}}).metadata.name
+
+    def log_texts(self, execution: str, stream: str = "stdout") -> list[str]:
+        short = execution.rsplit("/", 1)[-1]
+        entries = self.logging.list_log_entries(
+            request={
+                "resource_names": [f"projects/{PROJECT}"],
+                "filter": (
+                    f'resource.type="cloud_run_job" AND resource.labels.job_name="trainer" AND '
+                    f'labels."run.googleapis.com/execution_name"="{short}" AND '
+                    f'logName="projects/{PROJECT}/logs/run.googleapis.com%2F{stream}"'
+                ),
+            }
+        )
+        return [entry.text_payload for entry in entries]
+
+
+@pytest.fixture
+def cloud(local) -> Cloud:
+    """A project as `gemma-launch up` leaves it: account, bucket, secret with access, image."""
+    clients = local.clients(PROJECT)
+    clients.iam.create_service_account(request={"name": f"projects/{PROJECT}", "account_id": "gemma-trainer"})
+    clients.storage.create_bucket(BUCKET, location=REGION)
+    secret = clients.secrets.create_secret(
+        request={
+            "parent": f"projects/{PROJECT}",
+            "secret_id": "HF_TOKEN",
+            "secret": {"replication": {"automatic": {}}},
+        }
+    )
+    clients.secrets.add_secret_version(request={"parent": secret.name, "payload": {"data": TOKEN.encode()}})
+    policy = policy_pb2.Policy(
+        bindings=[
+            policy_pb2.Binding(
+                role="roles/secretmanager.secretAccessor", members=[f"serviceAccount:{ACCOUNT}"]
+            )
+        ]
+    )
+    clients.secrets.set_iam_policy(request={"resource": secret.name, "policy": policy})
+    clients.registry.create_repository(
+        request={
+            "parent": PARENT,
+            "repository_id": "gemma",
+            "repository": {"format_": artifactregistry_v1.Repository.Format.DOCKER},
+        }
+    ).result(polling=FAST)
+    local.emulator.services["registry"].record_image(REPO, "trainer", DIGEST, ["latest"])
+    return Cloud(local)
+
+
+@pytest.fixture
+def image(local, cloud) -> Path:
+    """The snapshot Cloud Build would have written for the image: a small program and its config."""
+    snapshot = local.emulator.services["builds"].image_dir(DIGEST)
+    snapshot.mkdir(parents=True, exist_ok=True)
+    (snapshot / "task.py").write_text(TASK_PY)
+    config = {
+        "entrypoint": ["python", "/app/task.py"],
+        "cmd": ["lines"],
+        "workdir": "/app",
+        "env": {"FROM_IMAGE": "yes", "PATH": "/opt/in/the/container"},
+    }
+    (snapshot / ".image.json").write_text(json.dumps(config))
+    return snapshot
+
+
+def completed(execution: run_v2.Execution) -> run_v2.Condition:
+    return next(c for c in execution.conditions if c.type_ == "Completed")
+
+
+# ---- Jobs
+
+
+def test_create_get_list_update_delete(cloud):
+    job = cloud.create()
+    assert job.name == JOB
+    assert job.uid and job.etag and job.creator
+    assert job.generation == 1
+    assert job.terminal_condition.state == Condition.State.CONDITION_SUCCEEDED
+    assert not job.reconciling
+    assert job.template.task_count == 1  # defaults filled as Cloud Run fills them
+    assert job.template.template.timeout.total_seconds() == 60
+    assert cloud.jobs.get_job(name=JOB) == job
+    assert [j.name for j in cloud.jobs.list_jobs(parent=PARENT)] == [JOB]
+    with pytest.raises(exceptions.AlreadyExists):
+        cloud.create()
+
+    # The same spec again (output-only fields as the client got them) changes nothing.
+    same = cloud.jobs.update_job(job=job).result(polling=FAST)
+    assert (same.generation, same.etag, same.update_time) == (1, job.etag, job.update_time)
+
+    changed = run_v2.Job(job)
+    changed.template.template.containers[0].args = ["lines"]
+    updated = cloud.jobs.update_job(job=changed).result(polling=FAST)
+    assert updated.generation == 2
+    assert updated.etag != job.etag
+    assert updated.create_time == job.create_time
+    assert cloud.jobs.get_job(name=JOB).template.template.containers[0].args == ["lines"]
+    with pytest.raises(exceptions.Aborted):
+        cloud.jobs.update_job(job=changed)  # the etag of generation 1 is stale now
+
+    cloud.jobs.delete_job(name=JOB).result(polling=FAST)
+    with pytest.raises(exceptions.NotFound):
+        cloud.jobs.get_job(name=JOB)
+
+
+def test_update_with_allow_missing_creates_and_without_is_not_found(cloud):
+    job = run_v2.Job(job_spec(), name=JOB)
+    with pytest.raises(exceptions.NotFound):
+        cloud.jobs.update_job(job=job)
+    created = cloud.jobs.update_job(request={"job": job, "allow_missing": True}).result(polling=FAST)
+    assert created.generation == 1
+    assert cloud.jobs.get_job(name=JOB).uid == created.uid
+
+
+def test_validate_only_checks_and_stores_nothing(cloud):
+    job = cloud.create(validate_only=True)
+    assert job.name == JOB
+    with pytest.raises(exceptions.NotFound):
+        cloud.jobs.get_job(name=JOB)
+    with pytest.raises(exceptions.InvalidArgument):
+        cloud.create(job_spec({"image": ""}), validate_only=True)
+
+
+def _limits(**limits) -> dict:
+    return {"resources": {"limits": limits}}
+
+
+REJECTED = {
+    "no image": (job_spec({"image": ""}), exceptions.InvalidArgument),
+    "two GPUs": (
+        job_spec(_limits(cpu="8", memory="32Gi", **{"nvidia.com/gpu": "2"})),
+        exceptions.InvalidArgument,
+    ),
+    "GPU without accelerator": (job_spec(node_selector={}), exceptions.InvalidArgument),
+    "accelerator without GPU": (job_spec(_limits(cpu="4", memory="16Gi")), exceptions.InvalidArgument),
+    "unknown accelerator": (
+        job_spec(node_selector={"accelerator": "nvidia-a100"}),
+        exceptions.InvalidArgument,
+    ),
+    "L4 with 2 CPU": (
+        job_spec(_limits(cpu="2000m", memory="16Gi", **{"nvidia.com/gpu": "1"})),
+        exceptions.InvalidArgument,
+    ),
+    # 16G is 16 * 10**9 bytes, below the 16 GiB an L4 needs.
+    "L4 with 16G": (
+        job_spec(_limits(cpu="4", memory="16G", **{"nvidia.com/gpu": "1"})),
+        exceptions.InvalidArgument,
+    ),
+    "RTX PRO 6000 with 16 CPU": (
+        job_spec(
+            _limits(cpu="16", memory="80Gi", **{"nvidia.com/gpu": "1"}),
+            node_selector={"accelerator": "nvidia-rtx-pro-6000"},
+        )
+        | {"launch_stage": "BETA"},
+        exceptions.InvalidArgument,
+    ),
+    "RTX PRO 6000 at GA": (
+        job_spec(
+            _limits(cpu="20", memory="80Gi", **{"nvidia.com/gpu": "1"}),
+            node_selector={"accelerator": "nvidia-rtx-pro-6000"},
+        ),
+        exceptions.InvalidArgument,
+    ),
+    "11 retries": (job_spec(max_retries=11), exceptions.InvalidArgument),
+    "timeout over 168 h": (job_spec(timeout={"seconds": 168 * 3600 + 1}), exceptions.InvalidArgument),
+    "env set twice": (
+        job_spec({"env": [{"name": "A", "value": "1"}, {"name": "A", "value": "2"}]}),
+        exceptions.InvalidArgument,
+    ),
+    "reserved env": (
+        job_spec({"env": [{"name": "CLOUD_RUN_TASK_INDEX", "value": "7"}]}),
+        exceptions.InvalidArgument,
+    ),
+    "mount of an undeclared volume": (job_spec(volumes=[]), exceptions.InvalidArgument),
+    "missing bucket": (
+        job_spec(volumes=[{"name": "gcs", "gcs": {"bucket": "no-such-bucket"}}]),
+        exceptions.FailedPrecondition,
+    ),
+    "missing service account": (
+        job_spec(service_account=f"nobody@{PROJECT}.iam.gserviceaccount.com"),
+        exceptions.PermissionDenied,
+    ),
+    "missing secret": (
+        job_spec(
+            {
+                "env": [
+                    {"name": "T", "value_source": {"secret_key_ref": {"secret": "NOPE", "version": "latest"}}}
+                ]
+            }
+        ),
+        exceptions.NotFound,
+    ),
+    "missing image": (
+        job_spec({"image": f"{REGION}-docker.pkg.dev/{PROJECT}/gemma/other:latest"}),
+        exceptions.NotFound,
+    ),
+}
+
+
+def test_rejects_what_cloud_run_rejects(cloud):
+    # One emulator for all the cases: each is a single CreateJob that must fail and store nothing.
+    answers = {}
+    for case, (spec, _) in REJECTED.items():
+        try:
+            cloud.create(spec)
+            answers[case] = None
+        except exceptions.GoogleAPICallError as error:
+            answers[case] = type(error)
+    assert answers == {case: error for case, (_, error) in REJECTED.items()}
+    assert list(cloud.jobs.list_jobs(parent=PARENT)) == []
+
+
+def test_job_id_rules(cloud):
+    for job_id in ["Trainer", "9trainer", "trainer-", "t" * 64, "has_underscore"]:
+        with pytest.raises(exceptions.InvalidArgument):
+            cloud.create(job_id=job_id)
+    assert cloud.create(job_id="t" * 63).name.endswith("/jobs/" + "t" * 63)
+
+
+def test_run_job_checks_override_secrets_and_validate_only_starts_nothing(cloud):
+    cloud.create()
+    missing = {"name": "T", "value_source": {"secret_key_ref": {"secret": "NOPE", "version": "latest"}}}
+    with pytest.raises(exceptions.NotFound):
+        cloud.jobs.run_job(request={"name": JOB, "overrides": {"container_overrides": [{"env": [missing]}]}})
+    with pytest.raises(exceptions.InvalidArgument):
+        cloud.jobs.run_job(request={"name": JOB, "overrides": {"timeout": {"seconds": 200 * 3600}}})
+    planned = cloud.jobs.run_job(request={"name": JOB, "validate_only": True}).result(polling=FAST)
+    assert planned.name.startswith(f"{JOB}/executions/trainer-")
+    assert list(cloud.executions.list_executions(parent=JOB)) == []
+    assert cloud.jobs.get_job(name=JOB).execution_count == 0
+
+
+def test_gpu_minimums_met_are_accepted(cloud):
+    cloud.create(job_spec(_limits(cpu="4000m", memory="16Gi", **{"nvidia.com/gpu": "1"})), job_id="l4")
+    rtx = job_spec(
+        _limits(cpu="20", memory="80Gi", **{"nvidia.com/gpu": "1"}),
+        node_selector={"accelerator": "nvidia-rtx-pro-6000"},
+    )
+    assert cloud.create(rtx | {"launch_stage": "BETA"}, job_id="rtx").generation == 1
+
+
+def test_bucket_in_another_region_is_a_failed_precondition(cloud):
+    cloud.storage.create_bucket("elsewhere", location="us-central1")
+    with pytest.raises(exceptions.FailedPrecondition, match="(?i)us-central1"):
+        cloud.create(job_spec(volumes=[{"name": "gcs", "gcs": {"bucket": "elsewhere"}}]))
+
+
+def test_service_account_without_secret_access_is_denied(cloud):
+    cloud.local.clients(PROJECT).iam.create_service_account(
+        request={"name": f"projects/{PROJECT}", "account_id": "no-access"}
+    )
+    with pytest.raises(exceptions.PermissionDenied, match="secretAccessor"):
+        cloud.create(job_spec(service_account=f"no-access@{PROJECT}.iam.gserviceaccount.com"))
+
+
+# ---- Executions
+
+
+def test_task_sees_overrides_builtin_env_secret_and_mount(cloud, image, local):
+    cloud.create()
+    overrides = {
+        "container_overrides": [
+            {
+                "args": ["report", "/mnt/gcs/out/result.txt", "--model=/mnt/gcs/models/gemma"],
+                "env": [
+                    {"name": "LEARNING_RATE", "value": "1e-4"},
+                    {"name": "MODEL_DIR", "value": "/mnt/gcs/m2"},
+                ],
+            }
+        ],
+        "task_count": 2,
+    }
+    execution = cloud.run(overrides)
+    assert execution.succeeded_count == 2 and execution.failed_count == 0
+    assert completed(execution).state == Condition.State.CONDITION_SUCCEEDED
+    assert execution.completion_time and execution.start_time
+    short = execution.name.rsplit("/", 1)[-1]
+    assert short.startswith("trainer-") and len(short) == len("trainer-") + 5
+
+    reports = sorted(
+        (json.loads(line) for line in cloud.log_texts(execution.name)),
+        key=lambda r: r["env"]["CLOUD_RUN_TASK_INDEX"],
+    )
+    assert [r["env"]["CLOUD_RUN_TASK_INDEX"] for r in reports] == ["0", "1"]
+    bucket_dir = str(local.emulator.bucket_dir(BUCKET))
+    report = reports[0]
+    assert report["argv"] == [f"{bucket_dir}/out/result.txt", f"--model={bucket_dir}/models/gemma"]
+    env = report["env"]
+    assert env["CLOUD_RUN_JOB"] == "trainer"
+    assert env["CLOUD_RUN_EXECUTION"] == short
+    assert env["CLOUD_RUN_TASK_ATTEMPT"] == "0"
+    assert env["CLOUD_RUN_TASK_COUNT"] == "2"
+    assert env["HF_TOKEN"] == TOKEN
+    assert env["LEARNING_RATE"] == "1e-4"
+    assert env["MODEL_DIR"] == f"{bucket_dir}/m2"  # the override replaced the job's value
+    assert env["FROM_IMAGE"] == "yes"
+    assert env["PATH"] != "/opt/in/the/container"
+    assert env["STORAGE_EMULATOR_HOST"] == local.emulator.storage_host
+
+    # What the task wrote through the mount is an object of the bucket.
+    blob = cloud.storage.bucket(BUCKET).blob("out/result.txt")
+    assert blob.download_as_text() == "written through the mount"
+    # The token is not in the request the job was created with: only a reference to the secret.
+    create = next(entry for entry in local.record() if entry["method"] == "CreateJob")
+    assert TOKEN not in json.dumps(create)
+
+    tasks = list(cloud.tasks.list_tasks(parent=execution.name))
+    assert [t.index for t in tasks] == [0, 1]
+    assert tasks[0].name == f"{execution.name}/tasks/{short}-task0"
+    assert tasks[1].last_attempt_result.exit_code == 0
+    assert cloud.tasks.get_task(name=tasks[0].name).completion_time
+
+
+def test_failed_task_is_retried_with_the_next_attempt_number(cloud, image):
+    cloud.create(job_spec({"args": ["fail-first"]}, max_retries=1))
+    execution = cloud.run()
+    assert completed(execution).state == Condition.State.CONDITION_SUCCEEDED
+    assert (execution.succeeded_count, execution.retried_count) == (1, 1)
+    assert cloud.log_texts(execution.name) == ["attempt 0", "attempt 1"]
+    system = cloud.log_texts(execution.name, "varlog%2Fsystem")
+    assert "Container called exit(1)." in system
+    assert any("retrying" in line for line in system)
+    job = cloud.jobs.get_job(name=JOB)
+    assert job.execution_count == 1
+    assert job.latest_created_execution.name == execution.name
+    assert (
+        job.latest_created_execution.completion_status
+        == run_v2.ExecutionReference.CompletionStatus.EXECUTION_SUCCEEDED
+    )
+
+
+def test_task_failing_every_attempt_fails_the_execution(cloud, image):
+    cloud.create(job_spec({"args": ["fail"]}, max_retries=1))
+    execution = cloud.run()
+    condition = completed(execution)
+    assert condition.state == Condition.State.CONDITION_FAILED
+    assert condition.execution_reason == Condition.ExecutionReason.NON_ZERO_EXIT_CODE
+    assert "exit code 3" in condition.message
+    assert (execution.failed_count, execution.retried_count) == (1, 1)
+    assert cloud.log_texts(execution.name, "stderr") == ["failing", "failing"]
+
+
+def test_stdout_lines_reach_logging_with_the_execution_labels(cloud, image):
+    cloud.create(job_spec({"args": []}))  # no args: the image's CMD
+    execution = cloud.run()
+    short = execution.name.rsplit("/", 1)[-1]
+    entries = list(
+        cloud.logging.list_log_entries(
+            request={
+                "resource_names": [f"projects/{PROJECT}"],
+                "filter": f'labels."run.googleapis.com/execution_name"="{short}" AND severity=INFO',
+            }
+        )
+    )
+    stdout = [e for e in entries if e.log_name.endswith("run.googleapis.com%2Fstdout")]
+    assert [e.text_payload for e in stdout] == ["line 0", "line 1", "line 2"]
+    assert stdout[0].resource.type == "cloud_run_job"
+    assert dict(stdout[0].resource.labels) == {
+        "job_name": "trainer",
+        "location": REGION,
+        "project_id": PROJECT,
+    }
+    assert stdout[0].labels["run.googleapis.com/task_index"] == "0"
+    assert stdout[0].labels["run.googleapis.com/task_attempt"] == "0"
+    assert any(e.text_payload == f"Execution {short} has completed successfully." for e in entries)
+
+
+def test_task_over_its_timeout_is_killed_and_fails(cloud, image):
+    cloud.create(job_spec({"args": ["sleep-first"]}))
+    execution = cloud.run({"timeout": {"seconds": 1}})
+    assert execution.template.timeout.total_seconds() == 1
+    condition = completed(execution)
+    assert condition.state == Condition.State.CONDITION_FAILED
+    assert "timeout" in condition.message
+    assert execution.failed_count == 1
+
+
+def test_cancel_execution_stops_its_tasks(cloud, image):
+    cloud.create(job_spec({"args": ["sleep-first"]}))
+    name = cloud.start()
+    wait_until(lambda: cloud.executions.get_execution(name=name).running_count == 1)
+    cloud.executions.cancel_execution(name=name).result(polling=FAST)
+    wait_until(lambda: bool(cloud.executions.get_execution(name=name).completion_time))
+    execution = cloud.executions.get_execution(name=name)
+    assert completed(execution).execution_reason == Condition.ExecutionReason.CANCELLED
+    assert execution.cancelled_count == 1 and execution.failed_count == 0
+    with pytest.raises(exceptions.FailedPrecondition):
+        cloud.executions.cancel_execution(name=name)
+
+
+def test_killed_task_is_retried_and_succeeds(cloud, image, local):
+    cloud.create(job_spec({"args": ["sleep-first"]}, max_retries=2))
+    name = cloud.start()
+    wait_until(lambda: "ready 0" in cloud.log_texts(name))
+    assert local.emulator.services["run"].kill_task(name.rsplit("/", 1)[-1], 0)
+    wait_until(lambda: bool(cloud.executions.get_execution(name=name).completion_time))
+    execution = cloud.executions.get_execution(name=name)
+    assert completed(execution).state == Condition.State.CONDITION_SUCCEEDED
+    assert execution.retried_count == 1
+    assert cloud.log_texts(name) == ["ready 0", "ready 1"]
+    assert not local.emulator.services["run"].kill_task(name, 0)  # nothing runs any more
+
+
+def test_list_executions_newest_first_and_delete(cloud, image):
+    cloud.create(job_spec({"args": []}))
+    first, second = cloud.run(), cloud.run()
+    listed = [e.name for e in cloud.executions.list_executions(parent=JOB)]
+    assert listed == [second.name, first.name]
+    cloud.executions.delete_execution(name=first.name).result(polling=FAST)
+    assert [e.name for e in cloud.executions.list_executions(parent=JOB)] == [second.name]
+    with pytest.raises(exceptions.NotFound):
+        cloud.executions.get_execution(name=first.name)
+
+
+def test_emulator_shutdown_ends_running_tasks(cloud, image, local):
+    cloud.create(job_spec({"args": ["sleep-first"]}))
+    name = cloud.start()
+    wait_until(lambda: cloud.executions.get_execution(name=name).running_count == 1)
+    local.emulator.services["run"].shutdown()
+    execution = cloud.executions.get_execution(name=name)
+    assert execution.completion_time
+    assert execution.cancelled_count == 1
