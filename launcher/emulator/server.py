@@ -23,6 +23,7 @@ from launcher.emulator.logging import Logging
 from launcher.emulator.operations import Operations
 from launcher.emulator.record import Record
 from launcher.emulator.rpc import Hub
+from launcher.emulator.run import RunService
 from launcher.emulator.secretmanager import SecretManager
 from launcher.emulator.state import State
 from launcher.emulator.storage import CloudStorage
@@ -58,6 +59,7 @@ class Emulator:
             "secrets": SecretManager(self.state),
             "registry": ArtifactRegistry(self.state, self.operations),
             "storage": CloudStorage(self._storage_server._storage, self.hub.record, self.storage_host),
+            "run": RunService(self),
         }
         handlers = [self.operations.handler(self.hub)]
         handlers += [service.handler(self.hub) for service in self.services.values()]
