@@ -10,12 +10,19 @@ from pathlib import Path
 from typing import Any
 
 import click
+from google.cloud import run_v2
 from rich.console import Console
+from rich.table import Table
 
-from launcher import provision
+from launcher import build, logs, provision, staging
+from launcher import job as jobs
+from launcher import results as run_results
 from launcher.cloud import Clients
 from launcher.errors import UserError
-from launcher.settings import CONFIG_FILE, Settings, load_settings, template
+from launcher.settings import CONFIG_FILE, TRAINER_KEYS, Settings, load_settings, parse_duration, template
+
+# The directory holding the Dockerfile and the trainer, built into the job's image.
+SOURCE_ROOT = Path(__file__).resolve().parent.parent
 
 console = Console(highlight=False)
 err_console = Console(stderr=True, highlight=False)
@@ -26,6 +33,7 @@ _STATUS_STYLE = {
     "unchanged": "dim",
     "would create": "cyan",
     "would update": "cyan",
+    "skipped": "dim",
 }
 
 
@@ -119,45 +127,287 @@ def init(path: Path, force: bool) -> None:
     console.print(f"Wrote {path}: set project_id, then run `gemma-launch up`.")
 
 
+def _print_change(kind: str, name: str, status: str) -> None:
+    style = _STATUS_STYLE.get(status, "default")
+    console.print(f"[{style}]{status:>12}[/]  {kind:<16} {name}", soft_wrap=True)
+
+
 @main.command()
 @settings_options
 @click.option(
     "--dry-run", is_flag=True, help="Show the plan and the equivalent gcloud commands; change nothing."
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the outcome as JSON.")
+@click.option(
+    "--model-source",
+    help="Hugging Face model id or local model directory to stage (default: the model_id setting).",
+)
+@click.option(
+    "--dataset-source",
+    help="Hugging Face dataset id or local directory in the Oxford-IIIT Pet layout (default: dataset_id).",
+)
+@click.option("--revision", help="Hub revision (branch, tag or commit) of the model to stage.")
+@click.option(
+    "--source",
+    "source_dir",
+    type=click.Path(path_type=Path, file_okay=False, exists=True),
+    default=SOURCE_ROOT,
+    show_default="the gemma-launch project",
+    help="Directory with the Dockerfile to build.",
+)
 @click.option("--skip-stage", is_flag=True, help="Do not stage model weights and data into the bucket.")
-@click.option("--skip-build", is_flag=True, help="Do not build the image.")
-def up(settings: Settings, dry_run: bool, as_json: bool, skip_stage: bool, skip_build: bool) -> None:
-    """Provision everything the fine-tuning job needs; safe to run again.
+@click.option("--skip-build", is_flag=True, help="Do not build the image; the job keeps its current image.")
+def up(
+    settings: Settings,
+    dry_run: bool,
+    as_json: bool,
+    model_source: str | None,
+    dataset_source: str | None,
+    revision: str | None,
+    source_dir: Path,
+    skip_stage: bool,
+    skip_build: bool,
+) -> None:
+    """Provision, stage, build and create the job; safe to run again.
 
-    In order: service account, bucket (uniform access, in the job's region), storage.objectAdmin for
-    the service account on that bucket only, Artifact Registry Docker repository, the HF_TOKEN
-    secret (a new version only when the token changed), and secretAccessor on that secret only.
-    Each line says created, updated or unchanged.
+    \b
+    In order, each step saying created, updated or unchanged:
+      1. service account; bucket (uniform access, in the job's region); storage.objectAdmin for the
+         service account on that bucket only; Artifact Registry Docker repository; the HF_TOKEN
+         secret (a new version only when the token changed); secretAccessor on that secret only
+      2. model weights and dataset into gs://BUCKET/<model-id>/ and gs://BUCKET/datasets/<name>/
+      3. the trainer image, built by Cloud Build (skipped when this source was already built)
+      4. the Cloud Run GPU job, created or updated (untouched when its spec is unchanged)
     """
     clients = Clients(settings.project_id)
-    changes: list[provision.Change] = []
+    report: list[dict[str, str]] = []
 
-    def show(change: provision.Change) -> None:
-        changes.append(change)
+    def record(kind: str, name: str, status: str, command: str = "") -> None:
+        report.append({"kind": kind, "name": name, "status": status, "command": command})
         if not as_json:
-            style = _STATUS_STYLE.get(change.status, "")
-            console.print(f"[{style}]{change.status:>12}[/]  {change.kind:<16} {change.name}")
+            _print_change(kind, name, status)
+
+    def on_change(change: provision.Change) -> None:
+        record(change.kind, change.name, change.status, change.command)
 
     with console.status("Provisioning…", spinner="dots") if not as_json else nullcontext():
-        provision.provision(clients, settings, dry_run=dry_run, on_change=show)
+        provision.provision(clients, settings, dry_run=dry_run, on_change=on_change)
+
+    model_source = model_source or settings.model_id
+    dataset_source = dataset_source or settings.dataset_id
+    if skip_stage:
+        model_prefix, dataset_prefix = (
+            staging.model_prefix(model_source),
+            staging.dataset_prefix(dataset_source),
+        )
+    else:
+        staged = staging.stage(
+            clients,
+            settings,
+            model_source=model_source,
+            dataset_source=dataset_source,
+            revision=revision,
+            dry_run=dry_run,
+            console=err_console if as_json else console,
+        )
+        for item in staged:
+            record(item.kind, f"gs://{settings.bucket}/{item.prefix}/", item.status)
+        model_prefix = next(item.prefix for item in staged if item.kind == "model")
+        dataset_prefix = next(item.prefix for item in staged if item.kind == "dataset")
+
+    spec = None
+    if skip_build:
+        image_uri = jobs.current_image(clients, settings)
+    else:
+        built = build.build_image(
+            clients,
+            settings,
+            source_dir,
+            on_line=lambda line: None if as_json else console.print(f"  {line}", style="dim", markup=False),
+            dry_run=dry_run,
+        )
+        record("image", built.uri, built.status)
+        image_uri = built.uri
+    if image_uri is None:
+        record("job", settings.job_name, "skipped", "")
+        if not as_json:
+            console.print(
+                "  (no image built yet: run `gemma-launch up` without --skip-build to create the job)"
+            )
+    else:
+        spec = jobs.job_spec(settings, image_uri, jobs.trainer_args(settings, model_prefix, dataset_prefix))
+        change = jobs.ensure_job(clients, settings, spec, dry_run=dry_run)
+        record("job", change.name, change.status, change.command if change.status != "unchanged" else "")
+    _summarise_up(report, as_json, dry_run, spec)
+
+
+def _summarise_up(
+    report: list[dict[str, str]], as_json: bool, dry_run: bool, spec: run_v2.Job | None
+) -> None:
     if as_json:
-        click.echo(json.dumps({"dry_run": dry_run, "changes": [c.as_dict() for c in changes]}, indent=2))
+        click.echo(json.dumps({"dry_run": dry_run, "changes": report}, indent=2))
         return
     if dry_run:
-        commands = [change.command for change in changes if change.command]
-        console.print(
-            "\nDry run: nothing was changed." + (" Equivalent gcloud commands:" if commands else "")
-        )
-        for command in commands:
-            click.echo(f"  {command}")
-    elif all(change.status == "unchanged" for change in changes):
+        console.print("\nDry run: nothing was changed.")
+        if spec is not None:
+            console.print("Job spec:")
+            click.echo(json.dumps(run_v2.Job.to_dict(spec, including_default_value_fields=False), indent=2))
+        commands = [entry["command"] for entry in report if entry["command"]]
+        if commands:
+            console.print("Equivalent commands:")
+            for command in commands:
+                click.echo(f"  {command}")
+    elif all(entry["status"] in ("unchanged", "skipped") for entry in report):
         console.print("\nEverything was already in place: nothing changed.")
+    elif spec is not None:
+        console.print("\nReady. Start a fine-tuning run with: gemma-launch run --follow")
+
+
+@main.command("run")
+@settings_options
+@click.option(
+    "--set",
+    "sets",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help=f"Override a trainer flag for this run (repeatable). Keys: {', '.join(TRAINER_KEYS)}.",
+)
+@click.option("--train-size", type=click.IntRange(min=1), help="Shortcut for --set train-size=N.")
+@click.option("--tasks", type=click.IntRange(min=1), help="Number of tasks for this execution.")
+@click.option("--timeout", help="Task timeout for this execution, e.g. 2h or 45m.")
+@click.option(
+    "--follow",
+    "-f",
+    is_flag=True,
+    help="Stream the logs until the execution ends; exit 0 only if it succeeded.",
+)
+def run_command(
+    settings: Settings,
+    sets: tuple[str, ...],
+    train_size: int | None,
+    tasks: int | None,
+    timeout: str | None,
+    follow: bool,
+) -> None:
+    """Execute the job once, optionally overriding trainer flags, and print the execution's name."""
+    overrides = jobs.parse_sets(sets)
+    if train_size is not None:
+        overrides["train-size"] = str(train_size)
+    timeout_s = None
+    if timeout:
+        try:
+            timeout_s = parse_duration(timeout)
+        except ValueError as error:
+            raise UserError(f"Invalid --timeout: {error}.", "Use a duration like 2h, 45m or 3600s.") from None
+    clients = Clients(settings.project_id)
+    execution = jobs.run(clients, settings, sets=overrides, tasks=tasks, timeout_s=timeout_s)
+    console.print(f"Started execution {jobs.short_name(execution.name)}")
+    if follow:
+        _follow(clients, settings, execution.name)
+    else:
+        console.print(f"Follow it with: gemma-launch logs {jobs.short_name(execution.name)} --follow")
+
+
+def _follow(clients: Clients, settings: Settings, execution: str) -> None:
+    try:
+        logs.stream(clients, settings, execution, follow=True, emit=_emit)
+    except KeyboardInterrupt:
+        err_console.print(
+            "\nStopped following; the execution goes on. Resume with: "
+            f"gemma-launch logs {jobs.short_name(execution)} --follow"
+        )
+        raise SystemExit(130) from None
+    final = jobs.get_execution(clients, execution)
+    verdict = jobs.state(final)
+    console.print(
+        f"Execution {jobs.short_name(execution)} {verdict.lower()}: "
+        f"{final.succeeded_count}/{final.task_count} tasks succeeded, {final.retried_count} retried."
+    )
+    if verdict != "Succeeded":
+        raise SystemExit(1)
+
+
+def _emit(line: logs.Line) -> None:
+    click.echo(line.render())
+
+
+@main.command("logs")
+@settings_options
+@click.argument("execution", required=False)
+@click.option(
+    "--follow", "-f", is_flag=True, help="Keep streaming until the execution ends; exit 1 if it failed."
+)
+def logs_command(settings: Settings, execution: str | None, follow: bool) -> None:
+    """Show an execution's logs (default: the newest), with the task index on each line."""
+    clients = Clients(settings.project_id)
+    name = jobs.execution_name(clients, settings, execution)
+    if follow:
+        _follow(clients, settings, name)
+    else:
+        logs.stream(clients, settings, name, follow=False, emit=_emit)
+
+
+@main.command()
+@settings_options
+@click.option(
+    "--limit", type=click.IntRange(min=1), default=10, show_default=True, help="How many executions."
+)
+@click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
+def status(settings: Settings, limit: int, as_json: bool) -> None:
+    """The job's executions, newest first: state, tasks, retries, start and duration."""
+    summaries = [
+        jobs.summary(found) for found in jobs.list_executions(Clients(settings.project_id), settings, limit)
+    ]
+    if as_json:
+        click.echo(json.dumps(summaries, indent=2))
+        return
+    if not summaries:
+        console.print(f"Job {settings.job} has no executions yet. Start one with `gemma-launch run`.")
+        return
+    table = Table(title=f"{settings.job} ({settings.region})")
+    for column in ("execution", "state", "succeeded", "failed", "retried", "started", "duration"):
+        table.add_column(column)
+    for row in summaries:
+        table.add_row(
+            row["execution"],
+            row["state"],
+            f"{row['succeeded']}/{row['tasks']}",
+            str(row["failed"]),
+            str(row["retried"]),
+            row["started"] or "-",
+            row["duration"] or "-",
+        )
+    console.print(table)
+
+
+@main.command()
+@settings_options
+@click.argument("execution", required=False)
+@click.option("--json", "as_json", is_flag=True, help="Print the whole results.json.")
+def results(settings: Settings, execution: str | None, as_json: bool) -> None:
+    """Baseline vs fine-tuned accuracy, macro-F1 and unknown rate of an execution (default: newest)."""
+    clients = Clients(settings.project_id)
+    name = jobs.execution_name(clients, settings, execution)
+    found = run_results.load(clients, settings, name)
+    if found is None:
+        raise UserError(
+            f"Execution {jobs.short_name(name)} has no results yet "
+            f"(gs://{settings.bucket}/{run_results.results_object(name)}).",
+            f"It may still be running or have failed: see `gemma-launch logs {jobs.short_name(name)}`.",
+        )
+    if as_json:
+        click.echo(json.dumps(found, indent=2))
+        return
+    table = Table(title=f"{jobs.short_name(name)}: {found.get('model_id', '')}")
+    for column in ("metric", "baseline", "fine-tuned", "change"):
+        table.add_column(column, justify="left" if column == "metric" else "right")
+    for label, before, after, change in run_results.rows(found):
+        table.add_row(label, f"{before:.1%}", f"{after:.1%}", f"{change:+.1%}")
+    console.print(table)
+    console.print(
+        f"eval method {found.get('eval_method')}, {found.get('eval_size')} test images, "
+        f"{found.get('train_size')} training images"
+    )
 
 
 @main.group()

@@ -1,0 +1,340 @@
+"""The Cloud Run GPU job: Settings -> run_v2.Job, create-or-update, execute with overrides, wait.
+
+The bucket is mounted at MOUNT_PATH, so the trainer reads the staged weights and dataset and writes its
+checkpoints and results there: a retried task resumes from the checkpoints of its own execution.
+"""
+
+from __future__ import annotations
+
+import shlex
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from google.api_core import exceptions
+from google.cloud import run_v2
+from google.protobuf import duration_pb2
+
+from launcher.cloud import RETRY, Clients
+from launcher.errors import UserError
+from launcher.settings import TRAINER_KEYS, Settings
+
+MOUNT_PATH = "/mnt/gcs"
+VOLUME = "gcs"
+CONTAINER = "trainer"
+RUNS_PREFIX = "runs"
+# gcsfuse options that suit large sequential weight reads and checkpoint writes.
+MOUNT_OPTIONS = ["implicit-dirs", "metadata-cache-ttl-secs=-1", "file-cache-max-size-mb=0"]
+
+
+@dataclass(frozen=True)
+class JobChange:
+    name: str
+    status: str  # created | updated | unchanged | would create | would update
+    command: str
+
+
+def trainer_args(settings: Settings, model_prefix: str, dataset_prefix: str) -> list[str]:
+    args = [
+        "--model-id",
+        f"{MOUNT_PATH}/{model_prefix}",
+        "--dataset",
+        f"{MOUNT_PATH}/{dataset_prefix}",
+        "--output-dir",
+        f"{MOUNT_PATH}/{RUNS_PREFIX}",
+    ]
+    return apply_sets(args, settings.trainer)
+
+
+def parse_sets(pairs: tuple[str, ...]) -> dict[str, str]:
+    """`--set KEY=VALUE` pairs -> {KEY: VALUE}, keys checked against the trainer's flags."""
+    sets = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        key = key.strip().removeprefix("--")
+        if not sep or not key:
+            raise UserError(f"--set {pair!r} is not KEY=VALUE.", "Example: --set learning-rate=1e-4")
+        if key not in TRAINER_KEYS:
+            raise UserError(f"Unknown trainer setting {key!r}.", f"Valid keys: {', '.join(TRAINER_KEYS)}.")
+        sets[key] = value
+    return sets
+
+
+def apply_sets(args: list[str], sets: Mapping[str, Any]) -> list[str]:
+    """Replace or append `--key value` in a trainer argv; True adds a bare flag, False removes it."""
+    result = list(args)
+    for key, value in sets.items():
+        flag = f"--{key}"
+        if flag in result:
+            index = result.index(flag)
+            has_value = index + 1 < len(result) and not result[index + 1].startswith("--")
+            del result[index : index + (2 if has_value else 1)]
+        if value is True or str(value).lower() == "true":
+            result.append(flag)
+        elif value is False or str(value).lower() == "false":
+            continue
+        else:
+            result += [flag, str(value)]
+    return result
+
+
+def job_spec(settings: Settings, image_uri: str, args: list[str]) -> run_v2.Job:
+    secret_env = run_v2.EnvVar(
+        name="HF_TOKEN",
+        value_source=run_v2.EnvVarSource(
+            secret_key_ref=run_v2.SecretKeySelector(secret=settings.secret_id, version="latest")
+        ),
+    )
+    container = run_v2.Container(
+        name=CONTAINER,
+        image=image_uri,
+        args=args,
+        env=[secret_env],
+        resources=run_v2.ResourceRequirements(
+            limits={"cpu": settings.cpu, "memory": settings.memory, "nvidia.com/gpu": "1"}
+        ),
+        volume_mounts=[run_v2.VolumeMount(name=VOLUME, mount_path=MOUNT_PATH)],
+    )
+    task = run_v2.TaskTemplate(
+        containers=[container],
+        volumes=[
+            run_v2.Volume(
+                name=VOLUME,
+                gcs=run_v2.GCSVolumeSource(
+                    bucket=settings.bucket, read_only=False, mount_options=MOUNT_OPTIONS
+                ),
+            )
+        ],
+        max_retries=settings.max_retries,
+        timeout=duration_pb2.Duration(seconds=settings.task_timeout_s),
+        service_account=settings.service_account_email,
+        node_selector=run_v2.NodeSelector(accelerator=settings.gpu),
+        gpu_zonal_redundancy_disabled=not settings.gpu_zonal_redundancy,
+    )
+    if settings.network:
+        task.vpc_access = run_v2.VpcAccess(
+            network_interfaces=[
+                run_v2.VpcAccess.NetworkInterface(network=settings.network, subnetwork=settings.subnet)
+            ],
+            egress=(
+                run_v2.VpcAccess.VpcEgress.ALL_TRAFFIC
+                if settings.vpc_egress == "all-traffic"
+                else run_v2.VpcAccess.VpcEgress.PRIVATE_RANGES_ONLY
+            ),
+        )
+    return run_v2.Job(
+        labels={"managed-by": "gemma-launch"},
+        launch_stage=settings.launch_stage,
+        template=run_v2.ExecutionTemplate(task_count=1, parallelism=1, template=task),
+    )
+
+
+def gcloud_command(settings: Settings, job: run_v2.Job, verb: str) -> str:
+    task = job.template.template
+    container = task.containers[0]
+    parts = [
+        "gcloud",
+        "beta",
+        "run",
+        "jobs",
+        verb,
+        settings.job,
+        f"--project={settings.project_id}",
+        f"--region={settings.region}",
+        f"--image={container.image}",
+        f"--cpu={settings.cpu}",
+        f"--memory={settings.memory}",
+        "--gpu=1",
+        f"--gpu-type={settings.gpu}",
+        "--no-gpu-zonal-redundancy" if task.gpu_zonal_redundancy_disabled else "--gpu-zonal-redundancy",
+        f"--max-retries={task.max_retries}",
+        f"--task-timeout={settings.task_timeout_s}s",
+        f"--service-account={settings.service_account_email}",
+        f"--set-secrets=HF_TOKEN={settings.secret_id}:latest",
+        f"--add-volume=name={VOLUME},type=cloud-storage,bucket={settings.bucket}",
+        f"--add-volume-mount=volume={VOLUME},mount-path={MOUNT_PATH}",
+    ]
+    if settings.network:
+        parts += [f"--network={settings.network}", f"--vpc-egress={settings.vpc_egress}"]
+        if settings.subnet:
+            parts.append(f"--subnet={settings.subnet}")
+    parts.append("--args=" + ",".join(container.args))
+    return shlex.join(parts)
+
+
+def _is_subset(wanted: Any, actual: Any) -> bool:
+    """True when every field we set has the same value on the server (which may add defaults)."""
+    if isinstance(wanted, dict):
+        return isinstance(actual, dict) and all(_is_subset(v, actual.get(k)) for k, v in wanted.items())
+    if isinstance(wanted, list):
+        return (
+            isinstance(actual, list)
+            and len(wanted) == len(actual)
+            and all(_is_subset(w, a) for w, a in zip(wanted, actual, strict=True))
+        )
+    return wanted == actual
+
+
+def _managed_fields(job: run_v2.Job) -> dict[str, Any]:
+    as_dict = run_v2.Job.to_dict(job, including_default_value_fields=False)
+    return {key: as_dict.get(key) for key in ("labels", "launch_stage", "template")}
+
+
+def ensure_job(clients: Clients, settings: Settings, job: run_v2.Job, *, dry_run: bool = False) -> JobChange:
+    """Create the job, or update it when a field we manage differs; an unchanged spec is not rewritten."""
+    try:
+        existing = clients.jobs.get_job(name=settings.job_name, retry=RETRY)
+    except exceptions.NotFound:
+        existing = None
+    if existing is None:
+        command = gcloud_command(settings, job, "create")
+        if dry_run:
+            return JobChange(settings.job_name, "would create", command)
+        try:
+            clients.jobs.create_job(
+                parent=settings.location, job=job, job_id=settings.job, retry=RETRY
+            ).result(timeout=300)
+        except exceptions.AlreadyExists:
+            # Another `up`, or our own create whose reply was lost: converge with an update below.
+            return ensure_job(clients, settings, job, dry_run=dry_run)
+        return JobChange(settings.job_name, "created", command)
+    command = gcloud_command(settings, job, "update")
+    wanted, actual = _managed_fields(job), run_v2.Job.to_dict(existing, including_default_value_fields=False)
+    if _is_subset(wanted, {key: actual.get(key) for key in wanted}):
+        return JobChange(settings.job_name, "unchanged", command)
+    if dry_run:
+        return JobChange(settings.job_name, "would update", command)
+    update = run_v2.Job(job)
+    update.name = settings.job_name
+    clients.jobs.update_job(job=update, retry=RETRY).result(timeout=300)
+    return JobChange(settings.job_name, "updated", command)
+
+
+def current_args(clients: Clients, settings: Settings) -> list[str]:
+    try:
+        job = clients.jobs.get_job(name=settings.job_name, retry=RETRY)
+    except exceptions.NotFound:
+        raise UserError(
+            f"Job {settings.job} does not exist in {settings.region}.", "Run `gemma-launch up` first."
+        ) from None
+    return list(job.template.template.containers[0].args)
+
+
+def run(
+    clients: Clients,
+    settings: Settings,
+    *,
+    sets: Mapping[str, str],
+    tasks: int | None = None,
+    timeout_s: int | None = None,
+) -> run_v2.Execution:
+    """Start one execution; `sets` override trainer flags for this execution only."""
+    overrides = run_v2.RunJobRequest.Overrides()
+    if sets:
+        args = apply_sets(current_args(clients, settings), sets)
+        overrides.container_overrides = [
+            run_v2.RunJobRequest.Overrides.ContainerOverride(name=CONTAINER, args=args)
+        ]
+    if tasks:
+        overrides.task_count = tasks
+    if timeout_s:
+        overrides.timeout = duration_pb2.Duration(seconds=timeout_s)
+    try:
+        operation = clients.jobs.run_job(
+            request=run_v2.RunJobRequest(name=settings.job_name, overrides=overrides), retry=RETRY
+        )
+    except exceptions.NotFound:
+        raise UserError(
+            f"Job {settings.job} does not exist in {settings.region}.", "Run `gemma-launch up` first."
+        ) from None
+    except exceptions.FailedPrecondition as error:
+        raise UserError(
+            f"Cloud Run refused to run {settings.job}: {error.message}",
+            "Run `gemma-launch up` to repair the job.",
+        ) from None
+    return operation.metadata
+
+
+def short_name(execution: str) -> str:
+    return execution.rsplit("/", 1)[-1]
+
+
+def execution_name(clients: Clients, settings: Settings, execution: str | None) -> str:
+    """A full execution name from a short id, or the newest execution of the job when None."""
+    if execution:
+        return (
+            execution if execution.startswith("projects/") else f"{settings.job_name}/executions/{execution}"
+        )
+    try:
+        for found in clients.executions.list_executions(parent=settings.job_name, retry=RETRY):
+            return found.name
+    except exceptions.NotFound:
+        pass
+    raise UserError(f"Job {settings.job} has no executions yet.", "Start one with `gemma-launch run`.")
+
+
+def get_execution(clients: Clients, name: str) -> run_v2.Execution:
+    try:
+        return clients.executions.get_execution(name=name, retry=RETRY)
+    except exceptions.NotFound:
+        raise UserError(
+            f"Execution {short_name(name)} was not found.", "List executions with `gemma-launch status`."
+        ) from None
+
+
+def is_done(execution: run_v2.Execution) -> bool:
+    return bool(execution.completion_time)
+
+
+def succeeded(execution: run_v2.Execution) -> bool:
+    return (
+        is_done(execution)
+        and execution.succeeded_count >= execution.task_count
+        and execution.failed_count == 0
+        and execution.cancelled_count == 0
+    )
+
+
+def state(execution: run_v2.Execution) -> str:
+    if not is_done(execution):
+        return "Running" if execution.start_time else "Pending"
+    if execution.cancelled_count:
+        return "Cancelled"
+    return "Succeeded" if succeeded(execution) else "Failed"
+
+
+def current_image(clients: Clients, settings: Settings) -> str | None:
+    try:
+        return clients.jobs.get_job(name=settings.job_name, retry=RETRY).template.template.containers[0].image
+    except exceptions.NotFound:
+        return None
+
+
+def list_executions(clients: Clients, settings: Settings, limit: int) -> list[run_v2.Execution]:
+    try:
+        pages = clients.executions.list_executions(parent=settings.job_name, retry=RETRY)
+        return [execution for _, execution in zip(range(limit), pages, strict=False)]
+    except exceptions.NotFound:
+        raise UserError(
+            f"Job {settings.job} does not exist in {settings.region}.", "Run `gemma-launch up` first."
+        ) from None
+
+
+def summary(execution: run_v2.Execution) -> dict[str, Any]:
+    started = execution.start_time if execution.start_time else None
+    ended = execution.completion_time if execution.completion_time else None
+    duration = None
+    if started:
+        seconds = int(((ended or datetime.now(UTC)) - started).total_seconds())
+        duration = f"{seconds // 3600}h{seconds % 3600 // 60:02d}m{seconds % 60:02d}s"
+    return {
+        "execution": short_name(execution.name),
+        "state": state(execution),
+        "tasks": execution.task_count,
+        "succeeded": execution.succeeded_count,
+        "failed": execution.failed_count,
+        "retried": execution.retried_count,
+        "started": started.strftime("%Y-%m-%d %H:%M:%S") if started else None,
+        "duration": duration,
+    }

@@ -1,0 +1,145 @@
+"""Logs of one execution: history through ListLogEntries, then live through TailLogEntries.
+
+The live tail is opened before the history is read, and entries are de-duplicated by insert id, so
+nothing is missed or shown twice at the switch. When the execution ends, the tail is closed and a last
+ListLogEntries drains whatever the tail's buffer window still held back.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import datetime
+
+import grpc
+from google.api_core import exceptions
+from google.cloud.logging_v2.types import ListLogEntriesRequest, LogEntry, TailLogEntriesRequest
+from google.protobuf import duration_pb2
+
+from launcher import job as jobs
+from launcher.cloud import RETRY, Clients
+from launcher.settings import Settings
+
+EXECUTION_LABEL = "run.googleapis.com/execution_name"
+TASK_LABEL = "run.googleapis.com/task_index"
+
+
+@dataclass(frozen=True)
+class Line:
+    timestamp: datetime | None
+    task: str
+    severity: str
+    text: str
+
+    def render(self) -> str:
+        when = self.timestamp.strftime("%H:%M:%S") if self.timestamp else "--:--:--"
+        task = f"[task {self.task}]" if self.task else "[job]"
+        return f"{when} {task} {self.text}"
+
+
+def execution_filter(settings: Settings, execution: str) -> str:
+    return (
+        f'resource.type="cloud_run_job" AND resource.labels.job_name="{settings.job}" '
+        f'AND labels."{EXECUTION_LABEL}"="{jobs.short_name(execution)}"'
+    )
+
+
+def _line(entry: LogEntry) -> Line:
+    text = entry.text_payload
+    if not text and entry.json_payload:
+        text = str(dict(entry.json_payload).get("message", dict(entry.json_payload)))
+    timestamp = entry.timestamp if entry.timestamp else None
+    return Line(timestamp, entry.labels.get(TASK_LABEL, ""), entry.severity.name, text.rstrip("\n"))
+
+
+def history(clients: Clients, settings: Settings, log_filter: str) -> Iterator[LogEntry]:
+    request = ListLogEntriesRequest(
+        resource_names=[f"projects/{settings.project_id}"],
+        filter=log_filter,
+        order_by="timestamp asc",
+        page_size=1000,
+    )
+    yield from clients.logging.list_log_entries(request=request, retry=RETRY)
+
+
+class _Tail:
+    """A TailLogEntries stream read by a background thread into a queue."""
+
+    def __init__(self, clients: Clients, settings: Settings, log_filter: str) -> None:
+        request = TailLogEntriesRequest(
+            resource_names=[f"projects/{settings.project_id}"],
+            filter=log_filter,
+            buffer_window=duration_pb2.Duration(seconds=1),
+        )
+        self.entries: queue.Queue[LogEntry | None] = queue.Queue()
+        self._stream = clients.logging.tail_log_entries(requests=iter([request]))
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
+
+    def _read(self) -> None:
+        try:
+            for response in self._stream:
+                for entry in response.entries:
+                    self.entries.put(entry)
+        except (exceptions.GoogleAPICallError, grpc.RpcError):
+            pass  # cancelled by close(), or the stream broke: the caller reopens or drains with a list
+        finally:
+            self.entries.put(None)
+
+    def close(self) -> None:
+        self._stream.cancel()
+
+
+def stream(
+    clients: Clients,
+    settings: Settings,
+    execution: str,
+    *,
+    follow: bool,
+    emit: Callable[[Line], None],
+    poll_s: float = 2.0,
+    grace_s: float = 2.0,
+) -> None:
+    """Emit every log line of `execution`; with `follow`, keep going until the execution has ended."""
+    log_filter = execution_filter(settings, execution)
+    seen: set[str] = set()
+
+    def show(entry: LogEntry) -> None:
+        if entry.insert_id in seen:
+            return
+        seen.add(entry.insert_id)
+        emit(_line(entry))
+
+    tail = _Tail(clients, settings, log_filter) if follow else None
+    try:
+        for entry in history(clients, settings, log_filter):
+            show(entry)
+        if tail is None:
+            return
+        next_check = 0.0
+        done_at: float | None = None
+        while True:
+            now = time.monotonic()
+            if done_at is None and now >= next_check:
+                if jobs.is_done(jobs.get_execution(clients, execution)):
+                    # Lines written just before the end may still sit in the tail's buffer window.
+                    done_at = now
+                next_check = now + poll_s
+            if done_at is not None and now - done_at >= grace_s:
+                break
+            try:
+                entry = tail.entries.get(timeout=0.2)
+            except queue.Empty:
+                continue
+            if entry is None:  # the stream ended on the server's side: reopen it
+                tail = _Tail(clients, settings, log_filter)
+                continue
+            show(entry)
+    finally:
+        if tail is not None:
+            tail.close()
+    for entry in history(clients, settings, log_filter):
+        show(entry)

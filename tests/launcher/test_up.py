@@ -1,0 +1,180 @@
+"""`gemma-launch up`, provisioning part: real clients, the emulator, the CLI as a user runs it."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+from google.iam.v1 import iam_policy_pb2
+
+from launcher.cli import main
+
+PROJECT = "demo-project"
+TOKEN = "hf_test_token_0123456789abcdef"
+SA = f"gemma3-finetuning@{PROJECT}.iam.gserviceaccount.com"
+BUCKET = f"{PROJECT}-gemma3-finetuning"
+MUTATING_PREFIXES = (
+    "Create",
+    "Update",
+    "Delete",
+    "Add",
+    "Set",
+    "Run",
+    "Cancel",
+    "Patch",
+    "Destroy",
+    "Disable",
+)
+MUTATING_STORAGE = ("insert", "patch", "update", "delete", "setIamPolicy", "compose", "copy", "rewrite")
+
+
+def is_mutating(entry: dict) -> bool:
+    if entry["service"] == "storage":
+        return any(word in entry["method"] for word in MUTATING_STORAGE)
+    return entry["method"].startswith(MUTATING_PREFIXES)
+
+
+@pytest.fixture
+def env(local, monkeypatch):
+    monkeypatch.setenv("PROJECT_ID", PROJECT)
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    return local
+
+
+def up(*args: str):
+    return CliRunner().invoke(main, ["up", "--skip-stage", "--skip-build", *args])
+
+
+def test_fresh_up_creates_the_six_resources_with_least_privilege(env):
+    result = up()
+    assert result.exit_code == 0, result.output
+    for kind in ("service account", "bucket", "bucket IAM", "repository", "secret", "secret IAM"):
+        assert any(line.split()[0] == "created" and kind in line for line in result.output.splitlines()), kind
+
+    clients = env.clients(PROJECT)
+    assert clients.iam.get_service_account(name=f"projects/{PROJECT}/serviceAccounts/{SA}").email == SA
+    bucket = clients.storage.get_bucket(BUCKET)
+    assert bucket.location.lower() == "europe-west4"
+    assert bucket.iam_configuration.uniform_bucket_level_access_enabled
+    bindings = {
+        b["role"]: set(b["members"]) for b in bucket.get_iam_policy(requested_policy_version=3).bindings
+    }
+    assert f"serviceAccount:{SA}" in bindings["roles/storage.objectAdmin"]
+    assert all(
+        f"serviceAccount:{SA}" not in members
+        for role, members in bindings.items()
+        if role != "roles/storage.objectAdmin"
+    )
+    repository = clients.registry.get_repository(
+        name=f"projects/{PROJECT}/locations/europe-west4/repositories/gemma3-finetuning-repo"
+    )
+    assert repository.format_.name == "DOCKER"
+    secret = f"projects/{PROJECT}/secrets/HF_TOKEN"
+    assert (
+        clients.secrets.access_secret_version(name=f"{secret}/versions/latest").payload.data == TOKEN.encode()
+    )
+    policy = clients.secrets.get_iam_policy(request=iam_policy_pb2.GetIamPolicyRequest(resource=secret))
+    assert [(b.role, list(b.members)) for b in policy.bindings] == [
+        ("roles/secretmanager.secretAccessor", [f"serviceAccount:{SA}"])
+    ]
+    # No project-wide grant was asked for: nothing but these services was called.
+    assert {entry["service"].split(".")[-1] for entry in env.record()} <= {
+        "IAM",
+        "SecretManagerService",
+        "ArtifactRegistry",
+        "Operations",
+        "storage",
+        "Jobs",
+    }
+
+
+def test_second_up_changes_nothing_and_says_so(env):
+    assert up().exit_code == 0
+    before = len(env.record())
+    again = up()
+    assert again.exit_code == 0, again.output
+    assert "Everything was already in place" in again.output
+    assert "created" not in again.output and "updated" not in again.output
+    second = env.record()[before:]
+    assert second, "the second run must still check every resource"
+    assert [entry for entry in second if is_mutating(entry)] == []
+
+
+def test_dry_run_plans_with_gcloud_commands_and_changes_nothing(env):
+    result = up("--dry-run")
+    assert result.exit_code == 0, result.output
+    assert "would create" in result.output
+    assert "gcloud iam service-accounts create gemma3-finetuning" in result.output
+    assert f"gcloud storage buckets create gs://{BUCKET}" in result.output
+    assert "gcloud artifacts repositories create gemma3-finetuning-repo" in result.output
+    assert [entry for entry in env.record() if is_mutating(entry)] == []
+    assert TOKEN not in result.output
+
+
+def test_json_output(env):
+    result = up("--json")
+    assert result.exit_code == 0, result.output
+    document = json.loads(result.output)
+    statuses = {(change["kind"], change["status"]) for change in document["changes"]}
+    assert ("secret", "created") in statuses and ("bucket", "created") in statuses
+
+
+def test_changed_token_adds_exactly_one_version(env, monkeypatch):
+    assert up().exit_code == 0
+    monkeypatch.setenv("HF_TOKEN", TOKEN + "-rotated")
+    result = up()
+    assert result.exit_code == 0, result.output
+    assert any("updated" in line and "secret " in line for line in result.output.splitlines())
+    assert up().exit_code == 0  # the same rotated token again: no new version
+    clients = env.clients(PROJECT)
+    versions = list(clients.secrets.list_secret_versions(parent=f"projects/{PROJECT}/secrets/HF_TOKEN"))
+    assert len(versions) == 2
+    latest = clients.secrets.access_secret_version(
+        name=f"projects/{PROJECT}/secrets/HF_TOKEN/versions/latest"
+    )
+    assert latest.payload.data == (TOKEN + "-rotated").encode()
+
+
+def test_token_only_crosses_the_wire_in_add_secret_version(env):
+    result = up()
+    assert result.exit_code == 0
+    carrying = [
+        entry["method"]
+        for entry in env.record()
+        if TOKEN in json.dumps(entry) or _b64(TOKEN) in json.dumps(entry)
+    ]
+    assert carrying == ["AddSecretVersion"]
+    assert TOKEN not in result.output
+
+
+def _b64(text: str) -> str:
+    import base64
+
+    return base64.b64encode(text.encode()).decode()
+
+
+def test_missing_token_on_first_up_is_a_clear_error(env, monkeypatch):
+    monkeypatch.delenv("HF_TOKEN")
+    result = up()
+    assert result.exit_code == 2
+    assert "Error: No Hugging Face token found." in result.output
+    assert "Hint: export HF_TOKEN" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_bad_settings_fail_before_any_request(env):
+    result = up("--gpu", "nvidia-l4", "--memory", "4Gi")
+    assert result.exit_code == 2
+    assert "Error:" in result.output and "Hint:" in result.output
+    assert env.record() == []
+
+
+def test_bucket_in_another_region_is_refused_with_a_hint(env):
+    clients = env.clients(PROJECT)
+    bucket = clients.storage.bucket(BUCKET)
+    clients.storage.create_bucket(bucket, location="us-central1")
+    result = up()
+    assert result.exit_code == 2
+    assert "exists in US-CENTRAL1" in result.output
+    assert "Hint:" in result.output
