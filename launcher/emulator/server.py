@@ -17,6 +17,7 @@ import grpc
 from gcp_storage_emulator.server import create_server
 
 from launcher.emulator.artifactregistry import ArtifactRegistry
+from launcher.emulator.cloudbuild import CloudBuild
 from launcher.emulator.faults import Faults
 from launcher.emulator.iam import Iam
 from launcher.emulator.logging import Logging
@@ -60,6 +61,7 @@ class Emulator:
             "registry": ArtifactRegistry(self.state, self.operations),
             "storage": CloudStorage(self._storage_server._storage, self.hub.record, self.storage_host),
             "run": RunService(self),
+            "builds": CloudBuild(self),
         }
         handlers = [self.operations.handler(self.hub)]
         handlers += [service.handler(self.hub) for service in self.services.values()]

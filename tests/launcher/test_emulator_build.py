@@ -1,0 +1,299 @@
+import hashlib
+import io
+import json
+import tarfile
+
+import pytest
+from google.api_core import exceptions, retry
+from google.api_core.future.polling import POLLING_PREDICATE
+from google.cloud import artifactregistry_v1
+from google.cloud.devtools import cloudbuild_v1
+
+from launcher.emulator import dockerfile
+
+PROJECT = "demo-project"
+REGION = "europe-west4"
+BUCKET = "demo-project-sources"
+REPOSITORY = f"projects/{PROJECT}/locations/{REGION}/repositories/images"
+IMAGE = f"{REGION}-docker.pkg.dev/{PROJECT}/images/trainer"
+Status = cloudbuild_v1.Build.Status
+FailureType = cloudbuild_v1.Build.FailureInfo.FailureType
+# The client's default polling waits a second or more between polls; the emulated builds take less.
+FAST = retry.Retry(predicate=POLLING_PREDICATE, initial=0.05, maximum=0.2, multiplier=1.5, timeout=30)
+
+GOOD_DOCKERFILE = """\
+# syntax=docker/dockerfile:1
+FROM python:3.11-slim AS base
+ARG APP=/app
+ENV PYTHONUNBUFFERED=1 \\
+    PATH=/app/.venv/bin:$PATH
+WORKDIR $APP
+COPY requirements.txt ./
+RUN pip install -r requirements.txt
+COPY trainer/ ./trainer/
+ENTRYPOINT ["python", "-m", "trainer"]
+CMD ["--help"]
+"""
+
+
+def archive(files: dict[str, str]) -> bytes:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
+        for name, text in files.items():
+            data = text.encode()
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return buffer.getvalue()
+
+
+def source(dockerfile_text: str = GOOD_DOCKERFILE, **extra: str) -> dict[str, str]:
+    return {
+        "Dockerfile": dockerfile_text,
+        "requirements.txt": "torch\n",
+        "trainer/__main__.py": "print('training')\n",
+        **extra,
+    }
+
+
+def upload(local, data: bytes, name: str = "source/abc.tar.gz") -> str:
+    storage = local.clients().storage
+    bucket = storage.lookup_bucket(BUCKET) or storage.create_bucket(BUCKET, location=REGION)
+    bucket.blob(name).upload_from_string(data, content_type="application/gzip")
+    return name
+
+
+def create_repository(local) -> None:
+    local.clients().registry.create_repository(
+        parent=f"projects/{PROJECT}/locations/{REGION}",
+        repository_id="images",
+        repository=artifactregistry_v1.Repository(format_=artifactregistry_v1.Repository.Format.DOCKER),
+    ).result(polling=FAST)
+
+
+def build_spec(obj: str, *, file: str = "Dockerfile", images: list[str] | None = None) -> cloudbuild_v1.Build:
+    return cloudbuild_v1.Build(
+        source={"storage_source": {"bucket": BUCKET, "object_": obj}},
+        steps=[
+            {"id": "pull-cache", "name": "gcr.io/cloud-builders/docker", "entrypoint": "bash",
+             "args": ["-c", "docker pull ${_IMAGE}:latest || true"]},
+            {"id": "build", "name": "gcr.io/cloud-builders/docker",
+             "args": ["build", "--cache-from", "${_IMAGE}:latest", "-t", "${_IMAGE}:${_TAG}",
+                      "-t", "${_IMAGE}:latest", "-f", file, "."]},
+        ],
+        images=["${_IMAGE}:${_TAG}", "${_IMAGE}:latest"] if images is None else images,
+        substitutions={"_IMAGE": IMAGE, "_TAG": "abc123"},
+    )  # fmt: skip
+
+
+def run_build(local, spec: cloudbuild_v1.Build) -> cloudbuild_v1.Build:
+    """Create the build, wait for its operation, and return the build as GetBuild reports it."""
+    builds = local.clients().builds
+    operation = builds.create_build(project_id=PROJECT, build=spec)
+    build_id = operation.metadata.build.id
+    try:
+        operation.result(polling=FAST)
+    except exceptions.GoogleAPICallError as error:
+        assert "Build failed" in error.message or "cancelled" in error.message
+    return builds.get_build(project_id=PROJECT, id=build_id)
+
+
+def build_log(local, build_id: str) -> list[str]:
+    entries = local.clients().logging.list_log_entries(
+        request={
+            "resource_names": [f"projects/{PROJECT}"],
+            "filter": f'resource.type="build" AND resource.labels.build_id="{build_id}"',
+            "page_size": 1000,
+        }
+    )
+    assert all(e.log_name == f"projects/{PROJECT}/logs/cloudbuild" for e in entries)
+    return [e.text_payload for e in entries]
+
+
+def test_good_archive_builds_records_the_image_and_its_snapshot(local):
+    create_repository(local)
+    data = archive(source())
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    builds = local.clients().builds
+    operation = builds.create_build(project_id=PROJECT, build=build_spec(upload(local, data)))
+    assert operation.metadata.build.status in (Status.QUEUED, Status.WORKING)
+    built = operation.result(polling=FAST)
+
+    assert built.status == Status.SUCCESS
+    assert built.start_time and built.finish_time >= built.start_time
+    assert built.log_url and built.logs_bucket.startswith("gs://")
+    assert [(i.name, i.digest) for i in built.results.images] == [
+        (f"{IMAGE}:abc123", digest),
+        (f"{IMAGE}:latest", digest),
+    ]
+    assert list(built.results.build_step_images) == ["", digest]
+    assert [s.status for s in built.steps] == [Status.SUCCESS, Status.SUCCESS]
+    assert builds.get_build(project_id=PROJECT, id=built.id).status == Status.SUCCESS
+
+    image = local.clients().registry.get_docker_image(name=f"{REPOSITORY}/dockerImages/trainer@{digest}")
+    assert sorted(image.tags) == ["abc123", "latest"]
+
+    snapshot = local.emulator.services["builds"].image_dir(digest)
+    assert (snapshot / "trainer" / "__main__.py").read_text() == "print('training')\n"
+    assert json.loads((snapshot / ".image.json").read_text()) == {
+        "entrypoint": ["python", "-m", "trainer"],
+        "cmd": ["--help"],
+        "workdir": "/app",
+        "env": {"PYTHONUNBUFFERED": "1", "PATH": "/app/.venv/bin:$PATH"},
+    }
+
+    log = build_log(local, built.id)
+    assert log[0] == f'starting build "{built.id}"'
+    assert "Step 1/9 : FROM python:3.11-slim AS base" in log
+    assert 'Step 9/9 : CMD ["--help"]' in log
+    assert any(line.startswith("(simulated") for line in log)
+    assert f"Successfully tagged {IMAGE}:abc123" in log
+    assert log[-1] == "DONE"
+
+
+@pytest.mark.parametrize(
+    ("dockerfile_text", "file", "reason"),
+    [
+        ("FROM python:3.11\nRUNN echo hi\n", "Dockerfile", "unknown instruction: RUNN"),
+        ("RUN echo hi\nFROM python:3.11\n", "Dockerfile", "no build stage in current context"),
+        ("# only a comment\n", "Dockerfile", "no FROM instruction"),
+        ("FROM python:3.11\nCOPY missing.txt /app/\n", "Dockerfile", "stat missing.txt: file does not exist"),
+        ('FROM python:3.11\nENTRYPOINT ["python", -m]\n', "Dockerfile", "invalid JSON in the exec form"),
+        (GOOD_DOCKERFILE, "docker/Dockerfile.gpu", "docker/Dockerfile.gpu: no such file"),
+    ],
+)
+def test_broken_dockerfile_fails_the_build_with_its_reason_in_the_log(local, dockerfile_text, file, reason):
+    create_repository(local)
+    obj = upload(local, archive(source(dockerfile_text)))
+    built = run_build(local, build_spec(obj, file=file))
+
+    assert built.status == Status.FAILURE
+    assert built.failure_info.type_ == FailureType.USER_BUILD_STEP
+    assert 'build step 1 "gcr.io/cloud-builders/docker" failed' in built.failure_info.detail
+    assert [s.status for s in built.steps] == [Status.SUCCESS, Status.FAILURE]
+    log = build_log(local, built.id)
+    assert any(reason in line for line in log), log
+    assert log[-1].startswith("ERROR: Build step failure")
+    images = local.clients().registry.list_docker_images(parent=REPOSITORY)
+    assert list(images) == []
+
+
+def test_missing_source_object_fails_to_fetch(local):
+    upload(local, archive(source()), name="other.tar.gz")
+    built = run_build(local, build_spec("source/nothing-here.tar.gz"))
+    assert built.status == Status.FAILURE
+    assert built.failure_info.type_ == FailureType.FETCH_SOURCE_FAILED
+    assert f"gs://{BUCKET}/source/nothing-here.tar.gz was not found" in built.status_detail
+    assert any("was not found" in line for line in build_log(local, built.id))
+
+
+def test_source_that_is_not_a_gzipped_tar_fails_to_fetch(local):
+    built = run_build(local, build_spec(upload(local, b"just some bytes")))
+    assert built.status == Status.FAILURE
+    assert built.failure_info.type_ == FailureType.FETCH_SOURCE_FAILED
+    assert "not a gzipped tar archive" in built.failure_info.detail
+
+
+def test_push_to_a_missing_repository_fails_with_the_registry_message(local):
+    built = run_build(local, build_spec(upload(local, archive(source()))))
+    assert built.status == Status.FAILURE
+    assert built.failure_info.type_ == FailureType.PUSH_FAILED
+    assert REPOSITORY in built.failure_info.detail and "not found" in built.failure_info.detail
+
+
+def test_image_not_built_by_any_step_fails_the_push(local):
+    create_repository(local)
+    spec = build_spec(upload(local, archive(source())), images=[f"{IMAGE}:never-built"])
+    built = run_build(local, spec)
+    assert built.status == Status.FAILURE
+    assert built.failure_info.type_ == FailureType.PUSH_IMAGE_NOT_FOUND
+    assert "never-built" in built.failure_info.detail
+
+
+def test_docker_push_step_records_the_image_without_images_field(local):
+    create_repository(local)
+    spec = build_spec(upload(local, archive(source())), images=[])
+    spec.steps.append({"name": "gcr.io/cloud-builders/docker", "args": ["push", f"{IMAGE}:abc123"]})
+    built = run_build(local, spec)
+    assert built.status == Status.SUCCESS
+    assert list(built.results.images) == []
+    (image,) = local.clients().registry.list_docker_images(parent=REPOSITORY)
+    assert list(image.tags) == ["abc123"]
+
+
+@pytest.mark.parametrize(
+    ("substitutions", "args", "message"),
+    [
+        ({}, ["build", "-t", "${_IMAGE}", "."], 'key in the template "_IMAGE" is not matched'),
+        (
+            {"_IMAGE": "x", "_UNUSED": "y"},
+            ["build", "-t", "$_IMAGE", "."],
+            '"_UNUSED" in the substitution data',
+        ),
+        ({}, ["build", "-t", "$HOME/x", "."], '"HOME" is not a valid built-in substitution'),
+        ({"lower": "x"}, ["build", "."], "does not respect format"),
+    ],
+)
+def test_create_build_validates_substitutions(local, substitutions, args, message):
+    spec = cloudbuild_v1.Build(
+        steps=[{"name": "gcr.io/cloud-builders/docker", "args": args}], substitutions=substitutions
+    )
+    with pytest.raises(exceptions.InvalidArgument) as raised:
+        local.clients().builds.create_build(project_id=PROJECT, build=spec)
+    assert message.replace('"', "'") in raised.value.message
+
+
+def test_create_build_needs_steps(local):
+    with pytest.raises(exceptions.InvalidArgument):
+        local.clients().builds.create_build(project_id=PROJECT, build=cloudbuild_v1.Build())
+
+
+def test_get_list_and_cancel(local, monkeypatch):
+    builds = local.clients().builds
+    obj = upload(local, archive(source()))
+    finished = run_build(local, build_spec(obj, images=[]))
+    assert finished.status == Status.SUCCESS
+    with pytest.raises(exceptions.FailedPrecondition):
+        builds.cancel_build(project_id=PROJECT, id=finished.id)
+    with pytest.raises(exceptions.NotFound):
+        builds.get_build(project_id=PROJECT, id="no-such-build")
+    with pytest.raises(exceptions.NotFound):
+        builds.get_build(project_id="another-project", id=finished.id)
+
+    # Slow the log down so the build is still running when the cancel arrives.
+    monkeypatch.setattr(local.emulator.services["builds"], "line_pause_s", 0.3)
+    operation = builds.create_build(project_id=PROJECT, build=build_spec(obj, images=[]))
+    running = operation.metadata.build
+    assert builds.cancel_build(project_id=PROJECT, id=running.id).status == Status.CANCELLED
+    with pytest.raises(exceptions.GoogleAPICallError):
+        operation.result(polling=FAST)
+    assert builds.get_build(name=running.name).status == Status.CANCELLED
+
+    listed = list(builds.list_builds(project_id=PROJECT))
+    assert [b.id for b in listed] == [running.id, finished.id]
+    assert [b.id for b in builds.list_builds(project_id=PROJECT, filter='status="SUCCESS"')] == [finished.id]
+    paged = builds.list_builds(request={"project_id": PROJECT, "page_size": 1})
+    assert [[b.id for b in page.builds] for page in paged.pages] == [[running.id], [finished.id]]
+    with pytest.raises(exceptions.InvalidArgument):
+        list(builds.list_builds(project_id=PROJECT, filter='create_time>"2025-01-01T00:00:00Z"'))
+
+
+def test_dockerfile_forms_and_stages():
+    parsed = dockerfile.parse(
+        "FROM python:3.11 AS deps\n"
+        "ENV A=1\n"
+        "ENTRYPOINT python serve.py\n"
+        "FROM deps\n"
+        "SHELL [\"/bin/bash\", \"-lc\"]\n"
+        "COPY --from=deps /opt /opt\n"
+        "COPY <<EOF /app/config.txt\nkey=value\nEOF\n"
+        "WORKDIR srv\n"
+        "CMD run --fast\n"
+    )  # fmt: skip
+    assert parsed.config.entrypoint == ["/bin/sh", "-c", "python serve.py"]
+    assert parsed.config.cmd == ["/bin/bash", "-lc", "run --fast"]
+    assert parsed.config.env == {"A": "1"} and parsed.config.workdir == "/srv"
+    assert all(instruction.sources == [] for instruction in parsed.instructions)
+    paths = dockerfile.context_paths(["./src/app.py", "README.md"])
+    assert dockerfile.context_has(paths, "src") and dockerfile.context_has(paths, "./src/*.py")
+    assert not dockerfile.context_has(paths, "docs/")
