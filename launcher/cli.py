@@ -251,7 +251,9 @@ def _summarise_up(
         console.print("\nDry run: nothing was changed.")
         if spec is not None:
             console.print("Job spec:")
-            click.echo(json.dumps(run_v2.Job.to_dict(spec, including_default_value_fields=False), indent=2))
+            click.echo(
+                json.dumps(run_v2.Job.to_dict(spec, always_print_fields_with_no_presence=False), indent=2)
+            )
         commands = [entry["command"] for entry in report if entry["command"]]
         if commands:
             console.print("Equivalent commands:")
@@ -449,3 +451,61 @@ def emulator_start(
             f"Invalid --faults: {error}.", "Example: --faults 'UNAVAILABLE=0.3,lost=0.1,seed=7'."
         ) from None
     Emulator(port=port, storage_port=storage_port, data_dir=data_dir, faults=faults, record=record).serve()
+
+
+@main.command()
+@settings_options
+@click.option(
+    "--model-source",
+    help="Hugging Face model id or local model directory (default: the model_id setting).",
+)
+@click.option(
+    "--dataset-source",
+    help="Hugging Face dataset id or local directory in the Oxford-IIIT Pet layout (default: dataset_id).",
+)
+@click.option("--revision", help="Hub revision (branch, tag or commit) of the model; default main.")
+@click.option(
+    "--stage-in",
+    type=click.Choice(["local", "cloud"]),
+    default="local",
+    show_default=True,
+    help="Where the bytes flow: from this machine, or a Cloud Run job in the region (not available yet).",
+)
+@click.option("--dry-run", is_flag=True, help="Say what would be transferred; change nothing.")
+@click.option("--json", "as_json", is_flag=True, help="Print the outcome as JSON.")
+def stage(
+    settings: Settings,
+    model_source: str | None,
+    dataset_source: str | None,
+    revision: str | None,
+    stage_in: str,
+    dry_run: bool,
+    as_json: bool,
+) -> None:
+    """Copy the model weights and the dataset into the bucket (`up` does this too); safe to run again.
+
+    Hub files stream straight into the bucket (no local copy), several at once, each verified against
+    the Hub's sha256 and the bucket's crc32c; what is already there intact is skipped, and an
+    interrupted run picks up where it stopped.
+    """
+    from dataclasses import asdict
+
+    staged = staging.stage(
+        Clients(settings.project_id),
+        settings,
+        model_source=model_source,
+        dataset_source=dataset_source,
+        revision=revision,
+        stage_in=stage_in,
+        dry_run=dry_run,
+        console=err_console if as_json else console,
+    )
+    if as_json:
+        click.echo(json.dumps({"dry_run": dry_run, "staged": [asdict(item) for item in staged]}, indent=2))
+        return
+    for item in staged:
+        _print_change(
+            item.kind,
+            f"gs://{settings.bucket}/{item.prefix}/ ({item.files} files, {item.bytes:,} bytes)",
+            item.status,
+        )

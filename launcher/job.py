@@ -177,7 +177,7 @@ def _is_subset(wanted: Any, actual: Any) -> bool:
 
 
 def _managed_fields(job: run_v2.Job) -> dict[str, Any]:
-    as_dict = run_v2.Job.to_dict(job, including_default_value_fields=False)
+    as_dict = run_v2.Job.to_dict(job, always_print_fields_with_no_presence=False)
     return {key: as_dict.get(key) for key in ("labels", "launch_stage", "template")}
 
 
@@ -200,7 +200,10 @@ def ensure_job(clients: Clients, settings: Settings, job: run_v2.Job, *, dry_run
             return ensure_job(clients, settings, job, dry_run=dry_run)
         return JobChange(settings.job_name, "created", command)
     command = gcloud_command(settings, job, "update")
-    wanted, actual = _managed_fields(job), run_v2.Job.to_dict(existing, including_default_value_fields=False)
+    wanted, actual = (
+        _managed_fields(job),
+        run_v2.Job.to_dict(existing, always_print_fields_with_no_presence=False),
+    )
     if _is_subset(wanted, {key: actual.get(key) for key in wanted}):
         return JobChange(settings.job_name, "unchanged", command)
     if dry_run:

@@ -31,7 +31,6 @@ TASK_LABEL = "run.googleapis.com/task_index"
 class Line:
     timestamp: datetime | None
     task: str
-    severity: str
     text: str
 
     def render(self) -> str:
@@ -52,7 +51,7 @@ def _line(entry: LogEntry) -> Line:
     if not text and entry.json_payload:
         text = str(dict(entry.json_payload).get("message", dict(entry.json_payload)))
     timestamp = entry.timestamp if entry.timestamp else None
-    return Line(timestamp, entry.labels.get(TASK_LABEL, ""), entry.severity.name, text.rstrip("\n"))
+    return Line(timestamp, entry.labels.get(TASK_LABEL, ""), text.rstrip("\n"))
 
 
 def history(clients: Clients, settings: Settings, log_filter: str) -> Iterator[LogEntry]:

@@ -1,0 +1,217 @@
+"""up (build + job), run, logs, status and results, end to end through the emulator with a fake trainer.
+
+The fake trainer is a real image built by the emulated Cloud Build from a small source tree; the
+emulated Cloud Run runs it as a local process, as the real trainer runs in the demo and the e2e test.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import textwrap
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from google.api import launch_stage_pb2
+from google.cloud import run_v2
+
+from launcher.cli import main
+
+PROJECT = "demo-project"
+TOKEN = "hf_run_test_token_abcdef0123456789"
+REPO = Path(__file__).resolve().parents[2]
+JOB = f"projects/{PROJECT}/locations/europe-west4/jobs/gemma3-finetuning-job"
+
+FAKE_TRAINER = textwrap.dedent(
+    """
+    import json, os, pathlib, sys
+
+    args = sys.argv[1:]
+    flags = dict(zip(args[::2], args[1::2]))
+    attempt = int(os.environ["CLOUD_RUN_TASK_ATTEMPT"])
+    print("argv", json.dumps(args), flush=True)
+    print("attempt", attempt, "execution", os.environ["CLOUD_RUN_EXECUTION"], flush=True)
+    print("token-present", os.environ.get("HF_TOKEN") == os.environ.get("EXPECTED_TOKEN_SHA"), flush=True)
+    strategy = flags.get("--checkpoint-strategy")
+    if strategy == "always-fail" or (strategy == "fail-once" and attempt == 0):
+        print("failing on purpose", file=sys.stderr, flush=True)
+        sys.exit(3)
+    out = pathlib.Path(flags["--output-dir"]) / os.environ["CLOUD_RUN_EXECUTION"]
+    out.mkdir(parents=True, exist_ok=True)
+    lr = float(flags.get("--learning-rate", "0.001"))
+    results = {
+        "model_id": flags["--model-id"], "dataset": flags["--dataset"], "train_size": 10, "eval_size": 5,
+        "eval_method": "score",
+        "baseline": {"accuracy": 0.05, "macro_f1": 0.02, "unknown_rate": 0.0},
+        "final": {"accuracy": 0.8, "macro_f1": 0.75 + lr, "unknown_rate": 0.0},
+    }
+    (out / "results.json").write_text(json.dumps(results))
+    print("done", flush=True)
+    """
+)
+
+
+@pytest.fixture
+def project_dir(tmp_path: Path) -> Path:
+    source = tmp_path / "fake-project"
+    source.mkdir()
+    (source / "fake_trainer.py").write_text(FAKE_TRAINER)
+    (source / "Dockerfile").write_text(
+        'FROM python:3.11-slim\nWORKDIR /app\nCOPY . /app\nENTRYPOINT ["python", "fake_trainer.py"]\n'
+    )
+    shutil.copy(REPO / "cloudbuild.yaml", source / "cloudbuild.yaml")
+    return source
+
+
+@pytest.fixture
+def env(local, monkeypatch, project_dir):
+    monkeypatch.setenv("PROJECT_ID", PROJECT)
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    return local
+
+
+def cli(*args: str):
+    return CliRunner().invoke(main, list(args))
+
+
+def up(project_dir: Path, *args: str):
+    return cli("up", "--skip-stage", "--source", str(project_dir), "--max-retries", "1", *args)
+
+
+def test_up_creates_the_gpu_job_as_cloud_run_receives_it(env, project_dir):
+    result = up(project_dir)
+    assert result.exit_code == 0, result.output
+    assert any(line.split()[:2] == ["created", "job"] for line in result.output.splitlines())
+    job = env.clients(PROJECT).jobs.get_job(name=JOB)
+    task = job.template.template
+    container = task.containers[0]
+    assert container.image.startswith("europe-west4-docker.pkg.dev/demo-project/gemma3-finetuning-repo/")
+    assert "@sha256:" in container.image
+    assert dict(container.resources.limits) == {"cpu": "20", "memory": "80Gi", "nvidia.com/gpu": "1"}
+    assert task.node_selector.accelerator == "nvidia-rtx-pro-6000"
+    assert task.gpu_zonal_redundancy_disabled is True
+    assert task.max_retries == 1
+    assert task.timeout.total_seconds() == 6 * 3600
+    assert task.service_account == f"gemma3-finetuning@{PROJECT}.iam.gserviceaccount.com"
+    assert task.volumes[0].gcs.bucket == f"{PROJECT}-gemma3-finetuning"
+    assert container.volume_mounts[0].mount_path == "/mnt/gcs"
+    (secret_env,) = [env_var for env_var in container.env if env_var.name == "HF_TOKEN"]
+    assert secret_env.value == ""
+    assert secret_env.value_source.secret_key_ref.secret == "HF_TOKEN"
+    assert list(container.args)[:6] == [
+        "--model-id",
+        "/mnt/gcs/google/gemma-3-27b-it",
+        "--dataset",
+        "/mnt/gcs/datasets/oxford-iiit-pet",
+        "--output-dir",
+        "/mnt/gcs/runs",
+    ]
+    assert job.launch_stage == launch_stage_pb2.LaunchStage.BETA
+
+
+def test_second_up_rewrites_nothing_and_a_changed_setting_updates_the_job(env, project_dir):
+    assert up(project_dir).exit_code == 0
+    before = len(env.record())
+    again = up(project_dir)
+    assert again.exit_code == 0, again.output
+    assert "Everything was already in place" in again.output
+    methods = [entry["method"] for entry in env.record()[before:]]
+    assert "CreateBuild" not in methods and "UpdateJob" not in methods and "CreateJob" not in methods
+
+    changed = up(project_dir, "--task-timeout", "2h")
+    assert changed.exit_code == 0, changed.output
+    assert any("updated" in line and "job" in line for line in changed.output.splitlines())
+    job = env.clients(PROJECT).jobs.get_job(name=JOB)
+    assert job.template.template.timeout.total_seconds() == 2 * 3600
+
+
+def test_dry_run_shows_the_job_spec_and_gcloud_command(env, project_dir):
+    result = up(project_dir, "--dry-run")
+    assert result.exit_code == 0, result.output
+    assert "gcloud beta run jobs create gemma3-finetuning-job" in result.output
+    assert "--gpu-type=nvidia-rtx-pro-6000" in result.output
+    assert "--set-secrets=HF_TOKEN=HF_TOKEN:latest" in result.output
+    assert '"nvidia.com/gpu": "1"' in result.output
+    assert not [
+        entry for entry in env.record() if entry["method"].startswith(("Create", "Update", "Add", "Set"))
+    ]
+
+
+def test_run_follow_streams_logs_with_overrides_and_results_prints_the_table(env, project_dir):
+    assert up(project_dir).exit_code == 0
+    result = cli("run", "--set", "learning-rate=0.125", "--train-size", "64", "--follow")
+    assert result.exit_code == 0, result.output
+    assert "Started execution gemma3-finetuning-job-" in result.output
+    argv_line = next(line for line in result.output.splitlines() if " argv " in line)
+    assert "[task 0]" in argv_line
+    argv = json.loads(argv_line.split(" argv ", 1)[1])
+    assert argv[argv.index("--learning-rate") + 1] == "0.125"
+    assert argv[argv.index("--train-size") + 1] == "64"
+    assert argv[argv.index("--output-dir") + 1].endswith("/runs")
+    assert "done" in result.output
+    assert "succeeded: 1/1 tasks succeeded" in result.output
+    # The overrides were for that execution only.
+    job = env.clients(PROJECT).jobs.get_job(name=JOB)
+    assert "--learning-rate" not in job.template.template.containers[0].args
+
+    table = cli("results")
+    assert table.exit_code == 0, table.output
+    assert "Accuracy" in table.output and "5.0%" in table.output and "80.0%" in table.output
+    assert "+75.0%" in table.output
+    as_json = json.loads(cli("results", "--json").output)
+    assert as_json["final"]["macro_f1"] == pytest.approx(0.875)
+
+    logs = cli("logs")
+    assert logs.exit_code == 0
+    assert logs.output.count(" done") == 1  # history shows each line once
+
+    status = cli("status", "--json")
+    (row,) = json.loads(status.output)
+    assert row["state"] == "Succeeded" and row["succeeded"] == 1 and row["retried"] == 0
+
+
+def test_a_failed_attempt_is_retried_and_the_retry_sees_attempt_1(env, project_dir):
+    assert up(project_dir).exit_code == 0
+    result = cli("run", "--set", "checkpoint-strategy=fail-once", "--follow")
+    assert result.exit_code == 0, result.output
+    assert "failing on purpose" in result.output
+    assert "attempt 1 execution" in result.output
+    status = json.loads(cli("status", "--json").output)
+    assert status[0]["retried"] == 1 and status[0]["state"] == "Succeeded"
+
+
+def test_follow_exits_non_zero_when_the_execution_fails(env, project_dir):
+    assert up(project_dir).exit_code == 0
+    result = cli("run", "--set", "checkpoint-strategy=always-fail", "--follow")
+    assert result.exit_code == 1, result.output
+    assert "failed" in result.output
+    missing = cli("results")
+    assert missing.exit_code == 2
+    assert "has no results yet" in missing.output and "gemma-launch logs" in missing.output
+
+
+def test_run_rejects_unknown_keys_with_the_valid_ones(env, project_dir):
+    result = cli("run", "--set", "learning_rate=1")
+    assert result.exit_code == 2
+    assert "Unknown trainer setting 'learning_rate'" in result.output
+    assert "learning-rate" in result.output
+
+
+def test_commands_before_up_say_what_to_do(env):
+    for command in (["run"], ["logs"], ["status"], ["results"]):
+        result = cli(*command)
+        assert result.exit_code == 2, (command, result.output)
+        assert "Hint:" in result.output
+        assert "Traceback" not in result.output
+
+
+def test_the_token_crosses_the_wire_only_in_add_secret_version(env, project_dir):
+    assert up(project_dir).exit_code == 0
+    result = cli("run", "--follow")
+    assert result.exit_code == 0, result.output
+    assert TOKEN not in result.output
+    carrying = {entry["method"] for entry in env.record() if TOKEN in json.dumps(entry)}
+    assert carrying <= {"AddSecretVersion"}
+    job = env.clients(PROJECT).jobs.get_job(name=JOB)
+    assert TOKEN not in run_v2.Job.to_json(job)
