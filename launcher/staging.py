@@ -1,0 +1,539 @@
+"""Model weights and the dataset into the bucket, where the job reads them through its GCS mount.
+
+Layout: a Hub model goes to gs://BUCKET/<model id>/ (the Cloud Run GPU tutorial's layout, so its job
+arguments keep working), a local model directory to models/<dir name>/, a dataset to datasets/<name>/.
+
+A staged prefix is complete only when its marker object (`.gemma-launch-staged.json`, listing every
+file's size and hashes and the Hub revision) exists and agrees with the objects: the marker is checked
+first, deleted before anything under the prefix changes, and written last. Each object carries the
+Hub's hash and the crc32c verified at upload in its metadata, so a re-run skips what is intact,
+re-uploads what is missing or altered, and removes files it staged that the source no longer has.
+
+Storage calls use google-cloud-storage's own DEFAULT_RETRY: unlike launcher.cloud.RETRY it also retries
+dropped connections, which long transfers meet.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import google_crc32c
+import httpx2
+from google.api_core import exceptions
+from google.cloud import storage
+from google.cloud.storage.exceptions import DataCorruption
+from google.cloud.storage.retry import DEFAULT_RETRY
+from huggingface_hub import HfApi, constants
+from huggingface_hub.errors import (
+    GatedRepoError,
+    HfHubHTTPError,
+    HFValidationError,
+    RepositoryNotFoundError,
+    RevisionNotFoundError,
+)
+from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status
+from rich.console import Console
+
+from launcher.cloud import Clients
+from launcher.errors import UserError
+from launcher.settings import Settings
+from launcher.transfer import (
+    CHUNK_SIZE,
+    CRC32C_KEY,
+    PIECE,
+    WORKERS,
+    Item,
+    OnBytes,
+    Reporter,
+    TransferError,
+    crc32c_text,
+    hub_pieces,
+    human_bytes,
+    local_pieces,
+    run_parallel,
+    upload,
+    verified,
+)
+
+MARKER = ".gemma-launch-staged.json"
+MARKER_FORMAT = 1
+# Metadata keys that identify an object this tool staged (and may therefore replace or delete).
+_DIGEST_KEYS = ("hf-sha256", "hf-etag", "sha256")
+# Never worth staging from a local directory: git internals and huggingface_hub's download bookkeeping.
+_SKIP_DIRS = {".git", ".cache", "__pycache__"}
+
+
+@dataclass(frozen=True)
+class Staged:
+    kind: str  # "model" | "dataset"
+    source: str  # Hub id or local dir as given
+    prefix: str  # object prefix in the bucket, no gs://, no trailing slash
+    status: str  # "created" | "updated" | "unchanged" | "would create" | "would update"
+    files: int
+    bytes: int
+
+
+@dataclass(frozen=True)
+class Source:
+    """What to stage: every file with its expected size and hash, resolved before anything moves."""
+
+    kind: str
+    source: str  # as given
+    origin: str  # canonical: the Hub id, or the directory's absolute path
+    prefix: str
+    revision: str | None  # the Hub commit every file is pinned to; None for a local directory
+    items: tuple[Item, ...]
+    headers: dict[str, str]  # Hub request headers (holds the token: never printed)
+    page: str  # where a person looks at the repo (or the directory)
+
+    @property
+    def bytes(self) -> int:
+        return sum(item.size for item in self.items)
+
+
+def _is_local(source: str) -> bool:
+    return Path(source).expanduser().is_dir() or source.startswith(("/", ".", "~"))
+
+
+def _local_name(source: str) -> str:
+    return Path(source).expanduser().resolve().name
+
+
+def model_prefix(source: str) -> str:
+    """Hub id -> the id itself (the tutorial's layout); local directory -> models/<dir name>."""
+    if _is_local(source):
+        return f"models/{_local_name(source)}"
+    return source.strip("/")
+
+
+def dataset_prefix(source: str) -> str:
+    """Hub id or directory -> datasets/<last path part>, e.g. datasets/oxford-iiit-pet."""
+    name = _local_name(source) if _is_local(source) else source.strip("/").rsplit("/", 1)[-1]
+    return f"datasets/{name}"
+
+
+def stage(
+    clients: Clients,
+    settings: Settings,
+    *,
+    model_source: str | None = None,
+    dataset_source: str | None = None,
+    revision: str | None = None,
+    stage_in: str = "local",
+    dry_run: bool = False,
+    console: Console | None = None,
+    workers: int = WORKERS,
+    chunk_size: int = CHUNK_SIZE,
+    on_bytes: OnBytes | None = None,
+) -> list[Staged]:
+    """Stage the model and the dataset into settings.bucket; safe to run again, resumes after a failure.
+
+    `on_bytes(path, count)` is called as bytes of a file arrive (from worker threads).
+    """
+    if stage_in == "cloud":
+        raise UserError(
+            "Staging in the cloud (--stage-in cloud) is not available yet.",
+            "Use --stage-in local (the default): the files stream from this machine to the bucket "
+            "without being stored on disk.",
+        )
+    if stage_in != "local":
+        raise UserError(f"Unknown --stage-in {stage_in!r}.", "Use --stage-in local.")
+    console = console or Console(stderr=True, highlight=False)
+    token = settings.hf_token.get_secret_value() if settings.hf_token is not None else None
+    model = model_source or settings.model_id
+    dataset = dataset_source or settings.dataset_id
+    if revision and _is_local(model):
+        raise UserError(
+            f"--revision {revision} was given, but the model source {model} is a local directory.",
+            "Drop --revision, or pass a Hugging Face model id as --model-source.",
+        )
+    sources = [
+        resolve_source("model", model, revision, token),
+        resolve_source("dataset", dataset, None, token),
+    ]
+    bucket = _bucket(clients.storage, settings.bucket, dry_run)
+    return [
+        stage_source(
+            clients.storage,
+            bucket,
+            source,
+            dry_run=dry_run,
+            console=console,
+            workers=workers,
+            chunk_size=chunk_size,
+            on_bytes=on_bytes,
+        )
+        for source in sources
+    ]
+
+
+def _bucket(client: storage.Client, name: str, dry_run: bool) -> storage.Bucket | None:
+    with _storage_errors(name):
+        bucket = client.lookup_bucket(name, retry=DEFAULT_RETRY)
+    if bucket is None and not dry_run:
+        raise UserError(
+            f"Bucket {name} does not exist.",
+            "Run `gemma-launch up`: it creates the bucket (in the job's region) and then stages into it.",
+        )
+    return bucket
+
+
+# ---------------------------------------------------------------------------------------------- sources
+
+
+def resolve_source(kind: str, source: str, revision: str | None, token: str | None) -> Source:
+    """List what `source` holds: a local directory, or a Hub repo at `revision` (default: main)."""
+    if _is_local(source):
+        return _local_source(kind, source)
+    return _hub_source(kind, source, revision, token)
+
+
+def _local_source(kind: str, source: str) -> Source:
+    root = Path(source).expanduser().resolve()
+    if not root.is_dir():
+        raise UserError(f"{kind.capitalize()} directory {source} does not exist.", "Check the path.")
+    if kind == "model" and not (root / "config.json").is_file():
+        raise UserError(
+            f"{source} has no config.json, so it is not a model directory from_pretrained can load.",
+            "Pass the directory that holds config.json and the weights (save_pretrained's output).",
+        )
+    if kind == "dataset" and not (
+        (root / "annotations" / "list.txt").is_file() or (root / "dataset_dict.json").is_file()
+    ):
+        raise UserError(
+            f"{source} is neither in the Oxford-IIIT Pet layout (annotations/list.txt, images/) nor a "
+            "saved dataset (dataset_dict.json).",
+            "Pass the directory that holds annotations/ and images/, or a Hub dataset id.",
+        )
+    prefix = (model_prefix if kind == "model" else dataset_prefix)(source)
+    items = []
+    for path in _walk(root):
+        relative = path.relative_to(root).as_posix()
+        size, sha256, crc32c = _hash_file(path)
+        items.append(
+            Item(relative, f"{prefix}/{relative}", size, "sha256", sha256, local=path, crc32c=crc32c)
+        )
+    if not items:
+        raise UserError(f"{source} is empty.", "Pass a directory with files in it.")
+    return Source(kind, source, str(root), prefix, None, tuple(items), {}, str(root))
+
+
+def _walk(root: Path) -> Iterator[Path]:
+    for directory, subdirectories, files in os.walk(root):
+        subdirectories[:] = sorted(name for name in subdirectories if name not in _SKIP_DIRS)
+        for name in sorted(files):
+            if name != MARKER:
+                yield Path(directory) / name
+
+
+def _hash_file(path: Path) -> tuple[int, str, str]:
+    sha256 = hashlib.sha256()
+    crc32c = google_crc32c.Checksum()
+    size = 0
+    with path.open("rb") as source:
+        while piece := source.read(PIECE):
+            sha256.update(piece)
+            crc32c.update(piece)
+            size += len(piece)
+    return size, sha256.hexdigest(), crc32c_text(crc32c)
+
+
+def _hub_source(kind: str, repo_id: str, revision: str | None, token: str | None) -> Source:
+    repo_id = repo_id.strip("/")
+    endpoint = constants.ENDPOINT
+    page = f"{endpoint}/{repo_id}" if kind == "model" else f"{endpoint}/datasets/{repo_id}"
+    api = HfApi(endpoint=endpoint, token=token or False, library_name="gemma-launch")
+    headers = build_hf_headers(token=token or False, library_name="gemma-launch")
+    with hub_errors(kind, repo_id, revision, page, token is not None):
+        if kind == "model":
+            info: Any = api.model_info(repo_id, revision=revision, files_metadata=True)
+        else:
+            info = api.dataset_info(repo_id, revision=revision, files_metadata=True)
+        commit = info.sha
+        base = f"{endpoint}/{repo_id}" if kind == "model" else f"{endpoint}/datasets/{repo_id}"
+        prefix = model_prefix(repo_id) if kind == "model" else dataset_prefix(repo_id)
+        items = []
+        for sibling in info.siblings or []:
+            url = f"{base}/resolve/{quote(commit, safe='')}/{quote(sibling.rfilename)}"
+            if sibling.lfs is not None:
+                size, key, digest = sibling.lfs.size, "hf-sha256", sibling.lfs.sha256
+            else:
+                size, key, digest = sibling.size, "hf-etag", sibling.blob_id
+            if size is None or digest is None:
+                raise UserError(
+                    f"The Hub listed {sibling.rfilename} of {repo_id} without its size or hash.",
+                    "Run again; if it persists the Hub's API has changed: report it.",
+                )
+            items.append(Item(sibling.rfilename, f"{prefix}/{sibling.rfilename}", size, key, digest, url))
+        if not items:
+            raise UserError(f"{kind.capitalize()} {repo_id} has no files at {commit}.", f"See {page}.")
+        # Licence and token problems surface on file access, not on the listing: ask once, up front.
+        smallest = min(items, key=lambda item: item.size)
+        response = get_session().head(smallest.url or "", headers=headers, timeout=30.0)
+        hf_raise_for_status(response)
+    return Source(kind, repo_id, repo_id, prefix, commit, tuple(items), headers, page)
+
+
+@contextmanager
+def hub_errors(kind: str, repo_id: str, revision: str | None, page: str, has_token: bool) -> Iterator[None]:
+    """Turn the Hub's answers into messages that say what to do."""
+    endpoint = constants.ENDPOINT
+    what = f"{kind} {repo_id}"
+    try:
+        yield
+    except GatedRepoError as error:
+        if has_token:
+            raise UserError(
+                f"The {what} is gated and the Hugging Face account of HF_TOKEN has not been granted access.",
+                f"Open {page} while logged in to that account, accept the licence (access is usually "
+                "granted at once), then run this again.",
+            ) from error
+        raise UserError(
+            f"The {what} is gated and no Hugging Face token was given.",
+            f"Accept the licence at {page}, then export HF_TOKEN=hf_... (a read token of that account, "
+            f"from {endpoint}/settings/tokens) and run this again.",
+        ) from error
+    except RevisionNotFoundError as error:
+        raise UserError(
+            f"Revision {revision} of the {what} does not exist.",
+            f"Pass --revision with a branch, tag or commit of {page} (or leave it out for main).",
+        ) from error
+    except RepositoryNotFoundError as error:
+        raise UserError(
+            f"The {what} was not found on the Hugging Face Hub ({endpoint}).",
+            "Check the id (owner/name); for a private repo HF_TOKEN must belong to an account that can "
+            "see it.",
+        ) from error
+    except HFValidationError as error:
+        raise UserError(
+            f"{repo_id!r} is not a valid Hugging Face {kind} id: {error}", "Use owner/name."
+        ) from error
+    except HfHubHTTPError as error:
+        status = error.response.status_code if error.response is not None else None
+        if status == 401:
+            raise UserError(
+                "The Hugging Face Hub rejected HF_TOKEN (401 Unauthorized): it is not a valid token.",
+                f"Create a read token at {endpoint}/settings/tokens and export HF_TOKEN=hf_..., "
+                "or run `hf auth login`.",
+            ) from error
+        if status == 403:
+            raise UserError(
+                f"The Hugging Face Hub refused access to the {what} (403 Forbidden).",
+                "A fine-grained token needs 'Read access to contents of all public gated repos you can "
+                f"access'; create one at {endpoint}/settings/tokens.",
+            ) from error
+        raise UserError(
+            f"The Hugging Face Hub answered {status} for the {what}.",
+            "It may be a transient problem: run again, staging resumes where it stopped.",
+        ) from error
+    except httpx2.TransportError as error:
+        raise UserError(
+            f"Cannot reach the Hugging Face Hub at {endpoint}: {error}.",
+            "Check the network (and HF_ENDPOINT if you use a mirror), then run again: staging resumes.",
+        ) from error
+
+
+@contextmanager
+def _storage_errors(bucket: str) -> Iterator[None]:
+    try:
+        yield
+    except exceptions.NotFound as error:
+        raise UserError(
+            f"Bucket {bucket} does not exist: {error.message}", "Run `gemma-launch up` to create it."
+        ) from error
+    except exceptions.Forbidden as error:
+        raise UserError(
+            f"Permission denied on bucket {bucket}: {error.message}",
+            "Your account needs roles/storage.objectAdmin on it (or run `gemma-launch up` as its owner).",
+        ) from error
+    except exceptions.GoogleAPICallError as error:
+        raise UserError(
+            f"Cloud Storage failed on bucket {bucket}: {error.message or error}",
+            "Run again: staging resumes where it stopped.",
+        ) from error
+    except DataCorruption as error:
+        raise UserError(
+            f"An upload to bucket {bucket} arrived corrupted (crc32c mismatch); the object was removed.",
+            "Run again: staging resumes where it stopped.",
+        ) from error
+
+
+# ---------------------------------------------------------------------------------------------- staging
+
+
+def stage_source(
+    client: storage.Client,
+    bucket: storage.Bucket | None,
+    source: Source,
+    *,
+    dry_run: bool = False,
+    console: Console | None = None,
+    workers: int = WORKERS,
+    chunk_size: int = CHUNK_SIZE,
+    on_bytes: OnBytes | None = None,
+) -> Staged:
+    console = console or Console(stderr=True, highlight=False)
+
+    def staged(status: str) -> Staged:
+        return Staged(source.kind, source.source, source.prefix, status, len(source.items), source.bytes)
+
+    if bucket is None:  # dry run before `up` created the bucket
+        return staged("would create")
+    with _storage_errors(bucket.name):
+        existing = {
+            blob.name: blob
+            for blob in client.list_blobs(bucket, prefix=source.prefix + "/", retry=DEFAULT_RETRY)
+        }
+        marker = existing.pop(f"{source.prefix}/{MARKER}", None)
+        ours = {name: blob for name, blob in existing.items() if _staged_by_us(blob)}
+        missing = [item for item in source.items if not _intact(existing.get(item.object_name), item)]
+        wanted = {item.object_name for item in source.items}
+        stale = [blob for name, blob in ours.items() if name not in wanted]
+        complete = marker is not None and _marker_matches(marker, source, existing)
+        if not missing and not stale and complete:
+            return staged("unchanged")
+        if dry_run:
+            return staged("would update" if ours else "would create")
+        if marker is not None:
+            # From here until the new marker is written, the prefix must not read as complete.
+            marker.delete(retry=DEFAULT_RETRY)
+        if missing:
+            _transfer(bucket, source, missing, console, workers, chunk_size, on_bytes)
+        for blob in stale:
+            blob.delete(retry=DEFAULT_RETRY)
+        _write_marker(client, bucket, source)
+    return staged("updated" if ours else "created")
+
+
+def _staged_by_us(blob: storage.Blob) -> bool:
+    metadata = blob.metadata or {}
+    return any(key in metadata for key in _DIGEST_KEYS)
+
+
+def _intact(blob: storage.Blob | None, item: Item) -> bool:
+    """Same size, same source hash, and the crc32c verified at upload is still the object's crc32c."""
+    if blob is None:
+        return False
+    metadata = blob.metadata or {}
+    return (
+        blob.size == item.size
+        and metadata.get(item.digest_key) == item.digest
+        and blob.crc32c is not None
+        and metadata.get(CRC32C_KEY) == blob.crc32c
+        and (item.crc32c is None or item.crc32c == blob.crc32c)
+    )
+
+
+def _transfer(
+    bucket: storage.Bucket,
+    source: Source,
+    items: list[Item],
+    console: Console,
+    workers: int,
+    chunk_size: int,
+    on_bytes: OnBytes | None,
+) -> None:
+    total = sum(item.size for item in items)
+    metadata = {"source": source.origin}
+    if source.revision:
+        metadata["hf-revision"] = source.revision
+    label = f"{source.kind} {source.source} -> gs://{bucket.name}/{source.prefix}/"
+    console.print(f"Staging {label}: {len(items)} files, {human_bytes(total)}", soft_wrap=True)
+    started = time.monotonic()
+    with Reporter(console, source.kind, total) as reporter:
+
+        def advance(path: str, count: int) -> None:
+            reporter.advance(path, count)
+            if on_bytes is not None:
+                on_bytes(path, count)
+
+        def one(item: Item, cancel: threading.Event) -> storage.Blob:
+            reporter.start(item)
+            raw = hub_pieces(item, source.headers, cancel) if item.url else local_pieces(item, cancel)
+            blob = upload(bucket, item, verified(raw, item, advance), metadata, chunk_size=chunk_size)
+            reporter.finish(item)
+            return blob
+
+        has_token = any(name.lower() == "authorization" for name in source.headers)
+        with hub_errors(source.kind, source.source, source.revision, source.page, has_token):
+            try:
+                run_parallel(items, one, workers)
+            except TransferError as error:
+                raise UserError(
+                    f"Staging {source.kind} {source.source} failed: {error}",
+                    "Run again: files already in the bucket are kept and only the rest is transferred.",
+                ) from error
+    seconds = max(time.monotonic() - started, 1e-6)
+    console.print(
+        f"Staged {human_bytes(total)} in {seconds:.1f} s ({human_bytes(total / seconds)}/s)", soft_wrap=True
+    )
+
+
+def _marker_document(source: Source) -> dict[str, Any]:
+    return {
+        "format": MARKER_FORMAT,
+        "kind": source.kind,
+        "source": source.origin,
+        "revision": source.revision,
+        "prefix": source.prefix,
+        "bytes": source.bytes,
+        "files": [
+            {"path": item.path, "size": item.size, item.digest_key: item.digest} for item in source.items
+        ],
+    }
+
+
+def _marker_matches(marker: storage.Blob, source: Source, existing: dict[str, storage.Blob]) -> bool:
+    """The marker describes exactly these files, and each object still has the crc32c it recorded."""
+    try:
+        document = json.loads(marker.download_as_bytes(retry=DEFAULT_RETRY))
+    except (ValueError, exceptions.NotFound):
+        return False
+    expected = _marker_document(source)
+    files = document.get("files", [])
+    crc32cs = [entry.pop("crc32c", None) for entry in files if isinstance(entry, dict)]
+    if {key: document.get(key) for key in expected} != expected:
+        return False
+    return all(
+        (blob := existing.get(item.object_name)) is not None and blob.crc32c == crc32c
+        for item, crc32c in zip(source.items, crc32cs, strict=True)
+    )
+
+
+def _write_marker(client: storage.Client, bucket: storage.Bucket, source: Source) -> None:
+    """Written last: re-read every object so the marker records what the bucket really holds."""
+    objects = {
+        blob.name: blob for blob in client.list_blobs(bucket, prefix=source.prefix + "/", retry=DEFAULT_RETRY)
+    }
+    document = _marker_document(source)
+    for item, entry in zip(source.items, document["files"], strict=True):
+        blob = objects.get(item.object_name)
+        if not _intact(blob, item):
+            raise UserError(
+                f"{item.object_name} changed in the bucket while staging.",
+                "Another process may be writing the same prefix; run again when it is done.",
+            )
+        entry["crc32c"] = blob.crc32c  # type: ignore[union-attr]
+    document["staged_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    bucket.blob(f"{source.prefix}/{MARKER}").upload_from_string(
+        json.dumps(document, indent=1), content_type="application/json", retry=DEFAULT_RETRY
+    )
+
+
+def read_marker(client: storage.Client, bucket: str, prefix: str) -> dict[str, Any] | None:
+    """The completion marker of a staged prefix, or None when that prefix is not completely staged."""
+    blob = client.bucket(bucket).blob(f"{prefix}/{MARKER}")
+    try:
+        return json.loads(blob.download_as_bytes(retry=DEFAULT_RETRY))
+    except (exceptions.NotFound, ValueError):
+        return None
