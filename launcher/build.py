@@ -25,6 +25,7 @@ from pathlib import Path
 import pathspec
 import yaml
 from google.api_core import exceptions
+from google.api_core.operation import Operation
 from google.cloud import artifactregistry_v1
 from google.cloud.devtools import cloudbuild_v1
 from google.cloud.logging_v2.types import ListLogEntriesRequest, LogEntry
@@ -335,9 +336,10 @@ def _render(entry: LogEntry) -> str:
     if not text and entry.json_payload:
         text = str(entry.json_payload.get("message", ""))
     text = text.rstrip("\n")
-    # Cloud Build labels each line with its step ("Step #1"); show it unless the text already does.
-    step = entry.labels.get("build_step", "")
-    return f"{step}: {text}" if step and not text.startswith(step) else text
+    # Cloud Build labels each line with its step ('Step #1 - "build"', or MAIN between steps); show
+    # the step as gcloud does, unless the text already starts with it.
+    step = entry.labels.get("build_step", "MAIN")
+    return f"{step}: {text}" if step != "MAIN" and not text.startswith(step) else text
 
 
 class BuildLog:
@@ -444,7 +446,9 @@ def _run_build(
     return build
 
 
-def _finished(clients: Clients, settings: Settings, operation, build_id: str) -> cloudbuild_v1.Build:
+def _finished(
+    clients: Clients, settings: Settings, operation: Operation, build_id: str
+) -> cloudbuild_v1.Build:
     # A failed build ends its operation with an error and no Build; its status is read from GetBuild.
     if operation.exception() is None:
         return operation.result()

@@ -1,0 +1,292 @@
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tarfile
+from pathlib import Path
+
+import pytest
+from google.cloud.devtools import cloudbuild_v1
+from google.cloud.logging_v2.types import ListLogEntriesRequest
+
+from launcher import provision
+from launcher.build import build_image, load_build_config, pack_source
+from launcher.errors import UserError
+from launcher.settings import Settings
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+FAKE_TOKEN = "hf_FakeTokenForTestsOnly0123456789abcdef"
+SETTINGS = {"project_id": "demo-project", "region": "europe-west4"}
+
+
+def _names(archive: Path) -> list[str]:
+    with tarfile.open(archive) as tar:
+        return tar.getnames()
+
+
+def _write(root: Path, files: dict[str, str]) -> Path:
+    for name, text in files.items():
+        path = root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    return root
+
+
+PROJECT = {
+    "Dockerfile": (
+        'FROM python:3.11-slim\nWORKDIR /app\nCOPY app.py /app/app.py\nENTRYPOINT ["python", "/app/app.py"]\n'
+    ),
+    "app.py": "print('hello from the image')\n",
+}
+
+
+# ---- the source archive --------------------------------------------------------------------------
+
+
+def test_pack_source_is_reproducible(tmp_path: Path) -> None:
+    root = _write(tmp_path / "src", {"a.py": "a = 1\n", "pkg/b.py": "b = 2\n", "run.sh": "#!/bin/sh\n"})
+    (root / "run.sh").chmod(0o775)
+    first = pack_source(root, tmp_path / "first.tar.gz")
+    # Different times, umask and creation order must not change the bytes.
+    os.utime(root / "a.py", (1_000_000, 1_000_000))
+    (root / "pkg/b.py").chmod(0o600)
+    second = pack_source(root, tmp_path / "second.tar.gz")
+    assert first.sha256 == second.sha256
+    assert first.path.read_bytes() == second.path.read_bytes()
+    assert (first.files, first.bytes) == (3, first.path.stat().st_size)
+    with tarfile.open(first.path) as tar:
+        members = {m.name: m for m in tar.getmembers()}
+        assert list(members) == ["a.py", "pkg/b.py", "run.sh"]
+        assert all(m.mtime == 0 and m.uid == 0 and m.gid == 0 for m in members.values())
+        assert (members["run.sh"].mode, members["pkg/b.py"].mode) == (0o755, 0o644)
+    (root / "a.py").write_text("a = 3\n")
+    assert pack_source(root, tmp_path / "third.tar.gz").sha256 != first.sha256
+
+
+def test_pack_source_honours_gcloudignore_over_dockerignore(tmp_path: Path) -> None:
+    root = _write(
+        tmp_path,
+        {
+            ".gcloudignore": "*.log\ndata/\n!data/keep.txt\n#!include:.gitignore\n",
+            ".gitignore": "out/\n",
+            ".dockerignore": "*.py\n",
+            "main.py": "",
+            "debug.log": "",
+            "sub/trace.log": "",
+            "data/big.bin": "",
+            "out/model.bin": "",
+        },
+    )
+    names = _names(pack_source(root, tmp_path / "a.tar.gz").path)
+    # .dockerignore is not read when .gcloudignore exists; a re-included file under an excluded
+    # directory stays out, as in git.
+    assert "main.py" in names
+    assert not {"debug.log", "sub/trace.log", "data/big.bin", "data/keep.txt", "out/model.bin"} & set(names)
+
+
+def test_pack_source_reads_dockerignore_relative_to_root(tmp_path: Path) -> None:
+    root = _write(
+        tmp_path / "src",
+        {".dockerignore": "*.md\n!KEEP.md\ncache\n", "NOTES.md": "", "KEEP.md": "", "docs/guide.md": ""},
+    )
+    _write(root, {"cache/x": "", "pkg/cache/y": ""})
+    names = set(_names(pack_source(root, tmp_path / "a.tar.gz").path))
+    # Docker anchors patterns at the context root: `*.md` leaves docs/guide.md in, `cache` only the top one.
+    assert names == {".dockerignore", "KEEP.md", "docs/guide.md", "pkg/cache/y"}
+
+
+def test_pack_source_always_leaves_secrets_and_environments_out(tmp_path: Path) -> None:
+    root = _write(
+        tmp_path / "src",
+        {
+            ".gcloudignore": "!.env\n!*.pem\n",
+            ".env": f"HF_TOKEN={FAKE_TOKEN}\n",
+            ".env.local": f"HF_TOKEN={FAKE_TOKEN}\n",
+            "deploy/tls.pem": "-----BEGIN PRIVATE KEY-----\n",
+            "application_default_credentials.json": "{}",
+            "sa-key.json": "{}",
+            ".git/config": "",
+            ".venv/bin/python": "",
+            "pkg/__pycache__/m.cpython-311.pyc": "",
+            "pkg/m.py": "",
+            "gemma-launch.toml": 'project_id = "demo-project"\n',
+        },
+    )
+    archive = pack_source(root, tmp_path / "a.tar.gz")
+    assert _names(archive.path) == [".gcloudignore", "gemma-launch.toml", "pkg/m.py"]
+    with tarfile.open(archive.path) as tar:
+        content = b"".join(tar.extractfile(m).read() for m in tar.getmembers() if m.isfile())
+    assert FAKE_TOKEN.encode() not in content
+
+
+def test_pack_source_refuses_a_file_holding_the_token(tmp_path: Path) -> None:
+    root = _write(tmp_path / "src", {"config/settings.py": f"TOKEN = '{FAKE_TOKEN}'\n"})
+    with pytest.raises(UserError) as caught:
+        pack_source(root, tmp_path / "a.tar.gz", forbidden=[FAKE_TOKEN])
+    assert "config/settings.py" in caught.value.message
+    assert FAKE_TOKEN not in caught.value.message + caught.value.hint
+
+
+def test_pack_source_keeps_symlinks_as_links(tmp_path: Path) -> None:
+    outside = _write(tmp_path / "outside", {"secret.txt": "do not follow"})
+    root = _write(tmp_path / "src", {"a.py": ""})
+    (root / "linked").symlink_to(outside)
+    with tarfile.open(pack_source(root, tmp_path / "a.tar.gz").path) as tar:
+        link = tar.getmember("linked")
+        assert link.issym() and link.linkname == str(outside)
+        assert tar.getnames() == ["a.py", "linked"]
+
+
+# ---- cloudbuild.yaml -----------------------------------------------------------------------------
+
+
+def test_cloudbuild_yaml_is_a_well_formed_build() -> None:
+    build = load_build_config(REPO_ROOT / "cloudbuild.yaml")
+    assert isinstance(build, cloudbuild_v1.Build)
+    assert [step.name for step in build.steps] == ["gcr.io/cloud-builders/docker"] * 2
+    pull, docker_build = build.steps
+    assert pull.entrypoint == "bash" and "docker pull ${_IMAGE}:latest || true" in pull.args[-1]
+    args = list(docker_build.args)
+    assert args[0] == "build" and args[-1] == "."
+    assert args[args.index("--cache-from") + 1] == "${_IMAGE}:latest"
+    assert "BUILDKIT_INLINE_CACHE=1" in args
+    assert {args[i + 1] for i, arg in enumerate(args) if arg == "-t"} == {
+        "${_IMAGE}:${_TAG}",
+        "${_IMAGE}:latest",
+    }
+    assert list(build.images) == ["${_IMAGE}:${_TAG}", "${_IMAGE}:latest"]
+    assert build.options.machine_type == cloudbuild_v1.BuildOptions.MachineType.E2_HIGHCPU_8
+    assert build.options.logging == cloudbuild_v1.BuildOptions.LoggingMode.CLOUD_LOGGING_ONLY
+    assert build.timeout.total_seconds() == 3600
+    # Cloud Build rejects a substitution the config does not use, and the launcher sends exactly these.
+    text = json.dumps(cloudbuild_v1.Build.to_dict(build))
+    assert "${_IMAGE}" in text and "${_TAG}" in text
+
+
+def test_cloudbuild_yaml_accepts_snake_case_and_rejects_unknown_fields(tmp_path: Path) -> None:
+    config = tmp_path / "cloudbuild.yaml"
+    config.write_text("steps:\n- name: busybox\n  args: [echo]\noptions:\n  machine_type: E2_HIGHCPU_8\n")
+    assert load_build_config(config).options.machine_type.name == "E2_HIGHCPU_8"
+    config.write_text("steps:\n- name: busybox\n  argz: [echo]\n")
+    with pytest.raises(UserError, match="argz"):
+        load_build_config(config)
+
+
+def test_gcloudignore_of_the_repository_keeps_what_the_image_needs() -> None:
+    archive = pack_source(REPO_ROOT)
+    try:
+        names = set(_names(archive.path))
+    finally:
+        archive.path.unlink()
+    assert {"cloudbuild.yaml", "pyproject.toml", "trainer/__main__.py"} <= names
+    assert not any(name.startswith((".git/", ".venv/", "tests/", ".demo/")) for name in names)
+
+
+# ---- build_image against the emulator ------------------------------------------------------------
+
+
+@pytest.fixture
+def cloud(local, tmp_path: Path):
+    settings = Settings.model_validate({**SETTINGS, "hf_token": FAKE_TOKEN})
+    clients = local.clients()
+    provision.ensure_bucket(clients, settings)
+    provision.ensure_repository(clients, settings)
+    root = _write(
+        tmp_path / "project",
+        {
+            **PROJECT,
+            ".env": f"HF_TOKEN={FAKE_TOKEN}\n",
+            "cloudbuild.yaml": (REPO_ROOT / "cloudbuild.yaml").read_text(),
+        },
+    )
+    return clients, settings, root
+
+
+def _calls(local, method: str) -> list[dict]:
+    return [call for call in local.record() if call["method"] == method]
+
+
+def test_build_image_builds_pushes_and_then_skips_unchanged_source(local, cloud) -> None:
+    clients, settings, root = cloud
+    # Slow the emulated build down enough that polls land while it runs.
+    local.emulator.services["builds"].line_pause_s = 0.1
+    lines: list[str] = []
+    running_when_shown: list[bool] = []
+
+    def on_line(line: str) -> None:
+        lines.append(line)
+        builds = local.emulator.state.table("builds").values()
+        running_when_shown.append(any(b["status"] in ("QUEUED", "WORKING") for b in builds))
+
+    built = build_image(clients, settings, root, on_line=on_line)
+
+    assert built.status == "created"
+    repository_uri = "europe-west4-docker.pkg.dev/demo-project/gemma3-finetuning-repo/gemma3-finetune"
+    assert built.uri.startswith(f"{repository_uri}@sha256:") and len(built.uri.split("@sha256:")[1]) == 64
+    images = list(clients.registry.list_docker_images(parent=settings.repository_name))
+    assert [(image.uri, sorted(image.tags)) for image in images] == [
+        (built.uri, sorted([built.tag, "latest"]))
+    ]
+    # The Dockerfile's instructions came through the streamed log, each line once, in order.
+    steps = [line for line in lines if "Step 1/4 : FROM python:3.11-slim" in line or "ENTRYPOINT" in line]
+    assert len(steps) == 2 and steps[0].endswith("FROM python:3.11-slim")
+    # Every entry Logging holds for the build was shown once, in order, some while the build ran.
+    build_id = lines[0].split()[2]
+    entries = list(
+        clients.logging.list_log_entries(
+            request=ListLogEntriesRequest(
+                resource_names=["projects/demo-project"],
+                filter=f'resource.type="build" AND resource.labels.build_id="{build_id}"',
+                order_by="timestamp asc",
+                page_size=1000,
+            )
+        )
+    )
+    assert len(entries) == len(lines) - 1 and entries[-1].text_payload == "DONE"
+    assert all(line.endswith(entry.text_payload) for line, entry in zip(lines[1:], entries, strict=True))
+    assert any(running_when_shown[1:]) and not running_when_shown[-1]
+
+    (create,) = _calls(local, "CreateBuild")
+    build = create["request"]["build"]
+    assert build["substitutions"] == {"_IMAGE": repository_uri, "_TAG": built.tag}
+    assert build["options"]["logging"] == cloudbuild_v1.BuildOptions.LoggingMode.CLOUD_LOGGING_ONLY
+    source = build["source"]["storageSource"]
+    assert source["bucket"] == settings.bucket and source["object"].startswith("source/")
+    archive = local.emulator.bucket_dir(settings.bucket) / source["object"]
+    assert source["object"] == f"source/{hashlib.sha256(archive.read_bytes()).hexdigest()}.tar.gz"
+    assert ".env" not in _names(archive) and FAKE_TOKEN.encode() not in archive.read_bytes()
+
+    again = build_image(clients, settings, root, on_line=lines.append)
+    assert (again.status, again.uri, again.tag) == ("unchanged", built.uri, built.tag)
+    assert len(_calls(local, "CreateBuild")) == 1
+    assert len(_calls(local, "objects.insert")) == 1
+    assert FAKE_TOKEN not in (local.record_path.read_text())
+
+
+def test_build_image_dry_run_changes_nothing(local, cloud) -> None:
+    clients, settings, root = cloud
+    planned = build_image(clients, settings, root, dry_run=True)
+    assert planned.status == "would create"
+    assert planned.uri == f"{settings.image_repository_uri}:{planned.tag}"
+    assert f"_TAG={planned.tag}" in planned.command and "gcloud builds submit" in planned.command
+    assert not _calls(local, "CreateBuild") and not _calls(local, "objects.insert")
+
+
+def test_a_broken_dockerfile_fails_with_the_build_log(local, cloud) -> None:
+    clients, settings, root = cloud
+    (root / "Dockerfile").write_text("FROM python:3.11-slim\nCOPY missing.py /app/\n")
+    lines: list[str] = []
+    with pytest.raises(UserError) as caught:
+        build_image(clients, settings, root, on_line=lines.append)
+    error = caught.value
+    assert "FAILURE" in error.message and "COPY failed" in error.message
+    assert "Step 2/2 : COPY missing.py /app/" in error.message
+    assert any("COPY failed" in line for line in lines)
+    assert "https://console.cloud.google.com/cloud-build/builds;region=europe-west4/" in error.hint
+    assert not list(clients.registry.list_docker_images(parent=settings.repository_name))
+    # A retry of the same source builds again but reuses the archive already in the bucket.
+    with pytest.raises(UserError):
+        build_image(clients, settings, root, on_line=lines.append)
+    assert (len(_calls(local, "CreateBuild")), len(_calls(local, "objects.insert"))) == (2, 1)
+    assert FAKE_TOKEN not in local.record_path.read_text()
