@@ -223,7 +223,9 @@ def up(
             clients,
             settings,
             source_dir,
-            on_line=lambda line: None if as_json else console.print(f"  {line}", style="dim", markup=False),
+            on_line=lambda line: (
+                None if as_json else console.print(f"  {line}", style="dim", markup=False, soft_wrap=True)
+            ),
             dry_run=dry_run,
         )
         record("image", built.uri, built.status)

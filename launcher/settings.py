@@ -67,6 +67,8 @@ TRAINER_KEYS: tuple[str, ...] = (
     "seed",
     "save-steps",
     "save-total-limit",
+    "logging-steps",
+    "gradient-checkpointing",
     "checkpoint-strategy",
     "merge",
 )
