@@ -13,6 +13,8 @@ from google.cloud import artifactregistry_v1, run_v2
 from google.cloud.run_v2.services.tasks.transports.grpc import TasksGrpcTransport
 from google.iam.v1 import policy_pb2
 
+from launcher.emulator.run import RunService
+
 PROJECT = "demo-project"
 REGION = "europe-west4"
 PARENT = f"projects/{PROJECT}/locations/{REGION}"
@@ -539,3 +541,26 @@ def test_emulator_shutdown_ends_running_tasks(cloud, image, local):
     execution = cloud.executions.get_execution(name=name)
     assert execution.completion_time
     assert execution.cancelled_count == 1
+
+
+def test_parallelism_one_runs_tasks_one_after_the_other(cloud, image):
+    spec = job_spec({"args": []})
+    spec["template"] |= {"task_count": 2, "parallelism": 1}
+    cloud.create(spec)
+    execution = cloud.run()
+    assert (execution.parallelism, execution.succeeded_count) == (1, 2)
+    first, second = cloud.tasks.list_tasks(parent=execution.name)
+    assert second.start_time >= first.completion_time
+
+
+def test_executions_left_running_by_a_stopped_emulator_are_failed(cloud, image, local):
+    cloud.create(job_spec({"args": ["sleep-first"]}))
+    operation = cloud.jobs.run_job(name=JOB)
+    name = operation.metadata.name
+    wait_until(lambda: cloud.executions.get_execution(name=name).running_count == 1)
+    # What a restarted emulator builds over the same --data-dir.
+    RunService(local.emulator)
+    execution = operation.result(polling=FAST)
+    assert execution.completion_time
+    assert completed(execution).state == Condition.State.CONDITION_FAILED
+    assert "stopped" in completed(execution).message
