@@ -65,21 +65,30 @@ def history(clients: Clients, settings: Settings, log_filter: str) -> Iterator[L
 
 
 class _Tail:
-    """A TailLogEntries stream read by a background thread into a queue."""
+    """A TailLogEntries stream read by a background thread into a queue.
+
+    The stream is opened on that thread too: the client library waits for the first response before
+    returning the stream, and an execution that logs nothing more would otherwise block the caller.
+    """
 
     def __init__(self, clients: Clients, settings: Settings, log_filter: str) -> None:
-        request = TailLogEntriesRequest(
+        self._request = TailLogEntriesRequest(
             resource_names=[f"projects/{settings.project_id}"],
             filter=log_filter,
             buffer_window=duration_pb2.Duration(seconds=1),
         )
+        self._clients = clients
+        self._stream = None
+        self._closed = threading.Event()
         self.entries: queue.Queue[LogEntry | None] = queue.Queue()
-        self._stream = clients.logging.tail_log_entries(requests=iter([request]))
         self._thread = threading.Thread(target=self._read, daemon=True)
         self._thread.start()
 
     def _read(self) -> None:
         try:
+            self._stream = self._clients.logging.tail_log_entries(requests=iter([self._request]))
+            if self._closed.is_set():
+                self._stream.cancel()
             for response in self._stream:
                 for entry in response.entries:
                     self.entries.put(entry)
@@ -89,7 +98,9 @@ class _Tail:
             self.entries.put(None)
 
     def close(self) -> None:
-        self._stream.cancel()
+        self._closed.set()
+        if self._stream is not None:
+            self._stream.cancel()
 
 
 def stream(
@@ -133,7 +144,8 @@ def stream(
                 entry = tail.entries.get(timeout=0.2)
             except queue.Empty:
                 continue
-            if entry is None:  # the stream ended on the server's side: reopen it
+            if entry is None:  # the stream ended on the server's side: reopen it, gently
+                time.sleep(poll_s)
                 tail = _Tail(clients, settings, log_filter)
                 continue
             show(entry)
