@@ -12,7 +12,10 @@ belongs to (creating a `CloudStorage` registers it), so several emulators can sh
   (values are lists), "params" the bucket and object names decoded, "resource" the JSON metadata sent
   (a bucket, an object's metadata, a policy) when there is one. Object contents are never recorded;
 - `CloudStorage.import_tree` turns files written straight into a bucket's directory (as the GCS FUSE
-  mount of a Cloud Run job does) into objects.
+  mount of a Cloud Run job does) into objects;
+- the emulator's faults apply here too: a refused request gets the status's HTTP equivalent (503, 504,
+  429 ...) in GCS's error format before anything is done, and a mutating request whose reply is `lost`
+  is carried out, then answered 503. Both are recorded with that status as the outcome.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from gcp_storage_emulator import settings as gcs_settings
 from gcp_storage_emulator.handlers import buckets, objects
 from gcp_storage_emulator.storage import Storage
 
+from launcher.emulator.faults import HTTP_STATUS, Faults
 from launcher.emulator.record import Record
 from launcher.emulator.rpc import Hub, not_found
 
@@ -173,6 +177,21 @@ _METHODS: dict[Handler, str] = {
     objects.batch: "batch",
 }
 _REPLACED: dict[Handler, Handler] = {buckets.insert: _insert_bucket}
+# Requests that change something: a lost reply means the change happened but the caller cannot know.
+_MUTATING = {
+    "buckets.insert",
+    "buckets.delete",
+    "buckets.patch",
+    "buckets.setIamPolicy",
+    "objects.insert",
+    "objects.delete",
+    "objects.patch",
+    "objects.copy",
+    "objects.rewrite",
+    "objects.compose",
+    "objects.restore",
+    "batch",
+}
 _patch_lock = threading.Lock()
 
 
@@ -190,6 +209,12 @@ def _recorded(handler: Handler, method: str) -> Handler:
         if emulated is None:
             handler(request, response, storage, *args, **kwargs)
             return
+        faults = emulated.faults
+        refusal = faults.refusal()
+        if refusal is not None:
+            status = HTTP_STATUS[refusal]
+            emulated.record.append("storage", method, _describe(request), outcome=status.name)
+            return _error(response, status, "backendError", f"Injected fault on storage {method}.")
         # The storage server answers one request at a time; the lock keeps import_tree out meanwhile.
         with emulated.lock:
             try:
@@ -199,6 +224,14 @@ def _recorded(handler: Handler, method: str) -> Handler:
                 raise
             else:
                 outcome = "OK" if 200 <= response.status < 300 else response.status.name
+                if outcome == "OK" and method in _MUTATING and faults.reply_lost():
+                    outcome = "LOST"
+                    _error(
+                        response,
+                        HTTPStatus.SERVICE_UNAVAILABLE,
+                        "backendError",
+                        f"Injected lost reply on storage {method}.",
+                    )
             finally:
                 emulated.record.append("storage", method, _describe(request), outcome=outcome)
 
@@ -251,6 +284,8 @@ class CloudStorage:
         self.record = record
         self.base_url = base_url
         self.lock = threading.RLock()
+        # Replaced by the emulator's own when the server asks for this service's handler.
+        self.faults = Faults()
         # (bucket, object) -> (size, mtime_ns) of the file when import_tree last matched it to its object.
         self._seen: dict[tuple[str, str], tuple[int, int]] = {}
         _patch_routes()
@@ -305,5 +340,6 @@ class CloudStorage:
             return changed
 
     def handler(self, hub: Hub) -> grpc.GenericRpcHandler:
+        self.faults = hub.faults
         # Storage is served over HTTP by the package; GCS's gRPC API (google.storage.v2) is not emulated.
         return grpc.method_handlers_generic_handler("google.storage.v2.Storage", {})
