@@ -10,7 +10,10 @@ from __future__ import annotations
 import os
 from functools import cached_property
 
+import google.auth.exceptions
 import grpc
+import requests
+import urllib3
 from google.api_core import exceptions, retry
 from google.auth.credentials import AnonymousCredentials
 from google.cloud import artifactregistry_v1, iam_admin_v1, run_v2, secretmanager_v1, storage
@@ -27,8 +30,11 @@ from google.cloud.run_v2.services.jobs.transports.grpc import JobsGrpcTransport
 from google.cloud.secretmanager_v1.services.secret_manager_service.transports.grpc import (
     SecretManagerServiceGrpcTransport,
 )
+from google.cloud.storage.exceptions import InvalidResponse
 
 EMULATOR_ENV = "GEMMA_LAUNCH_EMULATOR_HOST"
+
+RETRY_DEADLINE_ENV = "GEMMA_LAUNCH_RETRY_DEADLINE"
 
 TRANSIENT = (
     exceptions.ServiceUnavailable,
@@ -37,16 +43,40 @@ TRANSIENT = (
     exceptions.InternalServerError,
     exceptions.BadGateway,
     exceptions.GatewayTimeout,
+    # Storage speaks HTTP: a reset or dropped connection surfaces as these, not as an API error.
+    ConnectionError,
+    requests.exceptions.ConnectionError,
+    requests.exceptions.ChunkedEncodingError,
+    requests.exceptions.Timeout,
+    urllib3.exceptions.ProtocolError,
+    google.auth.exceptions.TransportError,
 )
+# Storage uploads and downloads report a bad status as InvalidResponse, not as an API error.
+_TRANSIENT_HTTP = {408, 429, 500, 502, 503, 504}
 
-# Transient failures are retried with jittered exponential backoff for up to two minutes, then the
+
+def is_transient(error: BaseException) -> bool:
+    if isinstance(error, InvalidResponse):
+        return error.response.status_code in _TRANSIENT_HTTP
+    return isinstance(error, TRANSIENT)
+
+
+def retry_deadline_s() -> float:
+    """How long transient errors are retried: 120 s, or $GEMMA_LAUNCH_RETRY_DEADLINE seconds."""
+    try:
+        return float(os.environ.get(RETRY_DEADLINE_ENV) or 120.0)
+    except ValueError:
+        return 120.0
+
+
+# Transient failures are retried with jittered exponential backoff until the deadline, then the
 # last error surfaces and the caller turns it into a message that names the resource.
 RETRY = retry.Retry(
-    predicate=retry.if_exception_type(*TRANSIENT),
+    predicate=is_transient,
     initial=0.2,
     maximum=5.0,
     multiplier=2.0,
-    timeout=120.0,
+    timeout=retry_deadline_s(),
 )
 
 
