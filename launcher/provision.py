@@ -265,12 +265,21 @@ def ensure_secret(clients: Clients, settings: Settings, *, dry_run: bool = False
                 "would update",
                 f'printf %s "$HF_TOKEN" | gcloud secrets versions add {settings.secret_id} --data-file=-',
             )
-        clients.secrets.add_secret_version(
-            request=secretmanager_v1.AddSecretVersionRequest(
-                parent=name, payload=secretmanager_v1.SecretPayload(data=token)
-            ),
-            retry=RETRY,
-        )
+
+        def add() -> None:
+            # Retried as a whole, not per call: when a reply was lost the version exists, and a blind
+            # retry would add a second copy of the token.
+            current = _latest_payload(clients, name)
+            if current is not None and hmac.compare_digest(current, token):
+                return
+            clients.secrets.add_secret_version(
+                request=secretmanager_v1.AddSecretVersionRequest(
+                    parent=name, payload=secretmanager_v1.SecretPayload(data=token)
+                ),
+                retry=None,
+            )
+
+        RETRY(add)()
         return Change("secret", name, "created" if created or latest is None else "updated", command)
 
 
