@@ -243,10 +243,19 @@ def run(
         overrides.task_count = tasks
     if timeout_s:
         overrides.timeout = duration_pb2.Duration(seconds=timeout_s)
+    request = run_v2.RunJobRequest(name=settings.job_name, overrides=overrides)
+
+    def start(latest_before: str) -> run_v2.Execution:
+        # Retried as a whole, not per call: when a RunJob reply was lost the execution exists, and a
+        # blind retry would start a second one. A new latest execution is the one we started.
+        latest = clients.jobs.get_job(name=settings.job_name, retry=RETRY).latest_created_execution.name
+        if latest != latest_before:
+            return clients.executions.get_execution(name=latest, retry=RETRY)
+        return clients.jobs.run_job(request=request, retry=None).metadata
+
     try:
-        operation = clients.jobs.run_job(
-            request=run_v2.RunJobRequest(name=settings.job_name, overrides=overrides), retry=RETRY
-        )
+        before = clients.jobs.get_job(name=settings.job_name, retry=RETRY).latest_created_execution.name
+        return RETRY(start)(before)
     except exceptions.NotFound:
         raise UserError(
             f"Job {settings.job} does not exist in {settings.region}.", "Run `gemma-launch up` first."
@@ -256,7 +265,6 @@ def run(
             f"Cloud Run refused to run {settings.job}: {error.message}",
             "Run `gemma-launch up` to repair the job.",
         ) from None
-    return operation.metadata
 
 
 def short_name(execution: str) -> str:
