@@ -25,7 +25,6 @@ from pathlib import Path
 import pathspec
 import yaml
 from google.api_core import exceptions
-from google.api_core.operation import Operation
 from google.cloud import artifactregistry_v1
 from google.cloud.devtools import cloudbuild_v1
 from google.cloud.logging_v2.types import ListLogEntriesRequest, LogEntry
@@ -53,6 +52,13 @@ ALWAYS_EXCLUDED = (
     "*-key.json",
 )
 
+RUNNING = {
+    cloudbuild_v1.Build.Status.PENDING,
+    cloudbuild_v1.Build.Status.QUEUED,
+    cloudbuild_v1.Build.Status.WORKING,
+}
+# Each build carries this tag plus the source's content tag, so a build of the same source can be found.
+SOURCE_TAG_PREFIX = "gemma-launch-source-"
 FAILED = {
     cloudbuild_v1.Build.Status.FAILURE,
     cloudbuild_v1.Build.Status.INTERNAL_ERROR,
@@ -394,6 +400,7 @@ def _build_request(
     )
     # Only names go here: substitutions are readable by anyone who can list builds.
     build.substitutions.update({"_IMAGE": settings.image_repository_uri, "_TAG": tag})
+    build.tags.append(f"{SOURCE_TAG_PREFIX}{tag}")
     # Logs in Cloud Logging only, so neither a logs bucket nor access to one is needed.
     build.options.logging = cloudbuild_v1.BuildOptions.LoggingMode.CLOUD_LOGGING_ONLY
     return cloudbuild_v1.CreateBuildRequest(
@@ -407,8 +414,7 @@ def _run_build(
     request: cloudbuild_v1.CreateBuildRequest,
     on_line: Callable[[str], None],
 ) -> cloudbuild_v1.Build:
-    operation = clients.builds.create_build(request=request, retry=RETRY)
-    started = operation.metadata.build
+    started = _start(clients, settings, request)
     on_line(f"Cloud Build {started.id} started; log: {_log_url(started, settings)}")
     log = BuildLog(clients, settings.project_id, started.id)
     last: deque[str] = deque(maxlen=TAIL_LINES)
@@ -421,7 +427,7 @@ def _run_build(
 
     interval = EMULATOR_POLL_S if clients.emulator else REAL_POLL_S
     deadline = time.monotonic() + request.build.timeout.total_seconds() + QUEUE_ALLOWANCE_S
-    while not operation.done(retry=RETRY):
+    while (build := _get_build(clients, settings, started.id)).status in RUNNING:
         show(log.poll())
         if time.monotonic() > deadline:
             raise UserError(
@@ -434,7 +440,6 @@ def _run_build(
         if not show(log.poll()):
             break
         time.sleep(interval)
-    build = _finished(clients, settings, operation, started.id)
     if build.status in FAILED:
         detail = build.failure_info.detail or build.status_detail or "no detail given"
         tail = "\n".join(f"  {line}" for line in last) or "  (no log lines)"
@@ -446,12 +451,28 @@ def _run_build(
     return build
 
 
-def _finished(
-    clients: Clients, settings: Settings, operation: Operation, build_id: str
+def _start(
+    clients: Clients, settings: Settings, request: cloudbuild_v1.CreateBuildRequest
 ) -> cloudbuild_v1.Build:
-    # A failed build ends its operation with an error and no Build; its status is read from GetBuild.
-    if operation.exception() is None:
-        return operation.result()
+    """A build of this source: one already queued, running or done (our own create whose reply was
+    lost, or another `up`'s) is joined rather than started again, so each source is built once."""
+    (label,) = [tag for tag in request.build.tags if tag.startswith(SOURCE_TAG_PREFIX)]
+
+    def start() -> cloudbuild_v1.Build:
+        for found in clients.builds.list_builds(
+            request=cloudbuild_v1.ListBuildsRequest(
+                parent=settings.location, project_id=settings.project_id, filter=f'tags="{label}"'
+            ),
+            retry=RETRY,
+        ):
+            if found.status in RUNNING or found.status == cloudbuild_v1.Build.Status.SUCCESS:
+                return found
+        return clients.builds.create_build(request=request, retry=None).metadata.build
+
+    return RETRY(start)()
+
+
+def _get_build(clients: Clients, settings: Settings, build_id: str) -> cloudbuild_v1.Build:
     return clients.builds.get_build(
         request=cloudbuild_v1.GetBuildRequest(
             name=f"{settings.location}/builds/{build_id}", project_id=settings.project_id, id=build_id
