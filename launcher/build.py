@@ -30,7 +30,7 @@ from google.cloud.devtools import cloudbuild_v1
 from google.cloud.logging_v2.types import ListLogEntriesRequest, LogEntry
 from google.protobuf import json_format
 
-from launcher.cloud import RETRY, Clients
+from launcher.cloud import RETRY, Clients, retry_deadline_s
 from launcher.errors import UserError
 from launcher.settings import Settings
 
@@ -286,7 +286,8 @@ def _explained(kind: str, name: str, settings: Settings) -> Iterator[None]:
         ) from error
     except exceptions.RetryError as error:
         raise UserError(
-            f"Gave up on {kind} {name} after retrying transient errors for two minutes: {error.cause}",
+            f"Gave up on {kind} {name} after retrying transient errors for {retry_deadline_s():g} s: "
+            f"{error.cause}",
             "The service is unavailable right now; run the same command again later.",
         ) from error
     except exceptions.GoogleAPICallError as error:

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import click
+from google.api_core import exceptions
 from google.cloud import run_v2
 from rich.console import Console
 from rich.table import Table
@@ -17,7 +18,7 @@ from rich.table import Table
 from launcher import build, logs, provision, staging
 from launcher import job as jobs
 from launcher import results as run_results
-from launcher.cloud import Clients
+from launcher.cloud import Clients, gave_up
 from launcher.errors import UserError
 from launcher.settings import CONFIG_FILE, TRAINER_KEYS, Settings, load_settings, parse_duration, template
 
@@ -43,7 +44,8 @@ class Cli(click.Group):
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
-        except UserError as error:
+        except (UserError, exceptions.RetryError) as caught:
+            error = caught if isinstance(caught, UserError) else gave_up(caught)
             err_console.print(f"[bold red]Error:[/] {error.message}", soft_wrap=True)
             if error.hint:
                 err_console.print(f"[bold]Hint:[/] {error.hint}", soft_wrap=True)

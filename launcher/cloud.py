@@ -32,6 +32,8 @@ from google.cloud.secretmanager_v1.services.secret_manager_service.transports.gr
 )
 from google.cloud.storage.exceptions import InvalidResponse
 
+from launcher.errors import UserError
+
 EMULATOR_ENV = "GEMMA_LAUNCH_EMULATOR_HOST"
 
 RETRY_DEADLINE_ENV = "GEMMA_LAUNCH_RETRY_DEADLINE"
@@ -78,6 +80,14 @@ RETRY = retry.Retry(
     multiplier=2.0,
     timeout=retry_deadline_s(),
 )
+
+
+def gave_up(error: exceptions.RetryError) -> UserError:
+    """What a user sees when a call outside provisioning and builds ran out of retries."""
+    return UserError(
+        f"Gave up after retrying transient errors for {retry_deadline_s():g} s: {error.cause}",
+        "The service is unavailable right now; run the same command again later.",
+    )
 
 
 def emulator_host() -> str | None:

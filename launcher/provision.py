@@ -17,7 +17,7 @@ from google.api_core.retry import Retry, if_exception_type
 from google.cloud import artifactregistry_v1, iam_admin_v1, secretmanager_v1
 from google.iam.v1 import iam_policy_pb2, policy_pb2
 
-from launcher.cloud import RETRY, Clients
+from launcher.cloud import RETRY, Clients, retry_deadline_s
 from launcher.errors import UserError
 from launcher.settings import Settings
 
@@ -79,7 +79,8 @@ def _explained(kind: str, name: str, settings: Settings) -> Iterator[None]:
         ) from error
     except exceptions.RetryError as error:
         raise UserError(
-            f"Gave up on {kind} {name} after retrying transient errors for two minutes: {error.cause}",
+            f"Gave up on {kind} {name} after retrying transient errors for {retry_deadline_s():g} s: "
+            f"{error.cause}",
             "The service is unavailable right now; run the same command again later: it resumes where "
             "it stopped.",
         ) from error
