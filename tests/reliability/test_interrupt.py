@@ -1,0 +1,48 @@
+"""Ctrl-C (SIGINT) at any moment of `up` leaves a state that the next `up` completes, with no duplicates.
+
+Each run interrupts a fresh `up` after a different delay, spread over the whole command (provisioning,
+the source upload, the build and the job); GEMMA_LAUNCH_RELIABILITY_RUNS scales how many (the bench
+runs more).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from bench.reliability import cli, duplicates, emulated, make_project, up_args
+
+RUNS = 3 * int(os.environ.get("GEMMA_LAUNCH_RELIABILITY_RUNS", "1"))
+DELAYS = [round(random.Random(run).uniform(2.0, 9.0), 2) for run in range(RUNS)]
+
+
+@pytest.mark.parametrize("delay", DELAYS)
+def test_sigint_during_up_then_up_again_completes(delay, tmp_path, figures):
+    project = make_project(tmp_path / "project")
+    with emulated(tmp_path) as emulator:
+        interrupted = subprocess.Popen(
+            [sys.executable, "-c", "from launcher.cli import main; main()", *up_args(project)],
+            env=dict(os.environ),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        time.sleep(delay)
+        interrupted.send_signal(signal.SIGINT)
+        _, stderr = interrupted.communicate(timeout=120)
+        finished_anyway = interrupted.returncode == 0
+        if not finished_anyway:
+            # click's answer to Ctrl-C: "Aborted!", exit 1, and no traceback.
+            assert interrupted.returncode in (1, 130), stderr[-2000:]
+            assert "Traceback" not in stderr, stderr[-3000:]
+        again = cli(*up_args(project))
+        assert again.exit_code == 0, again.output
+        assert duplicates(emulator) == []
+        assert cli(*up_args(project)).output.count("unchanged") >= 7
+    figures(interrupts=1, interrupted_before_the_end=int(not finished_anyway), interrupt_failures=0)
