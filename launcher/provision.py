@@ -358,6 +358,12 @@ def provision(
     on_change: Callable[[Change], None] = lambda change: None,
 ) -> list[Change]:
     """Run every step in order; stop at the first failure (a re-run picks up from there)."""
+    if settings.hf_token is None:
+        # Checked before anything is created: a first `up` without a token would otherwise stop at the
+        # secret, after making the service account, bucket and repository.
+        with _explained("secret", settings.secret_name, settings):
+            if _missing_secret(clients, settings):
+                settings.require_hf_token()
     changes = []
     for step in PROVISION_STEPS:
         change = step(clients, settings, dry_run=dry_run)
