@@ -8,7 +8,7 @@ command's outcome, that nothing was duplicated (from the emulator's state) and t
 nowhere. Then, unless --campaign-only, it runs the other reliability tests (concurrency, Ctrl-C,
 preemption, bad input, secrets) with GEMMA_LAUNCH_FIGURES set, so they add their own figures.
 
-    .venv/bin/python bench/reliability.py [--seeds 20] [--unavailable 0.3] [--json out.json]
+    .venv/bin/python bench/reliability.py [--seeds 20] [--runs 3] [--unavailable 0.3] [--json out.json]
 """
 
 from __future__ import annotations
@@ -306,12 +306,13 @@ def campaign(seeds: list[int], unavailable: float = 0.3) -> dict[str, Any]:
     }
 
 
-def other_tests(figures: Path) -> dict[str, Any]:
-    """Run the rest of tests/reliability, which append their figures as JSON lines to `figures`."""
+def other_tests(figures: Path, runs: int) -> dict[str, Any]:
+    """Run tests/reliability (`runs` times the interrupt and concurrency cases); they append their
+    figures as JSON lines to `figures`."""
     done = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(REPO / "tests" / "reliability")],
         cwd=REPO,
-        env={**os.environ, FIGURES_ENV: str(figures)},
+        env={**os.environ, FIGURES_ENV: str(figures), "GEMMA_LAUNCH_RELIABILITY_RUNS": str(runs)},
         capture_output=True,
         text=True,
     )
@@ -334,12 +335,13 @@ def main_(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, default=20, help="how many seeds (1..N)")
     parser.add_argument("--unavailable", type=float, default=0.3, help="UNAVAILABLE rate")
     parser.add_argument("--campaign-only", action="store_true", help="skip the other reliability tests")
+    parser.add_argument("--runs", type=int, default=3, help="repeat interrupt/concurrency tests this often")
     parser.add_argument("--json", type=Path, help="write the figures here")
     args = parser.parse_args(argv)
     figures: dict[str, Any] = {"campaign": campaign(list(range(1, args.seeds + 1)), args.unavailable)}
     if not args.campaign_only:
         with tempfile.TemporaryDirectory() as scratch:
-            figures["tests"] = other_tests(Path(scratch) / "figures.jsonl")
+            figures["tests"] = other_tests(Path(scratch) / "figures.jsonl", args.runs)
     text = json.dumps(figures, indent=2)
     print(text)
     if args.json:

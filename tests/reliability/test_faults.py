@@ -35,7 +35,7 @@ from launcher.emulator.faults import Faults
 from launcher.emulator.record import read_record
 from launcher.emulator.server import Emulator
 
-SEEDS = [3, 5, 7]
+SEEDS = [3, 7]
 
 
 @pytest.mark.parametrize("seed", SEEDS)

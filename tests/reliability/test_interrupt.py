@@ -18,7 +18,7 @@ import pytest
 
 from bench.reliability import cli, duplicates, emulated, make_project, up_args
 
-RUNS = 3 * int(os.environ.get("GEMMA_LAUNCH_RELIABILITY_RUNS", "1"))
+RUNS = 2 * int(os.environ.get("GEMMA_LAUNCH_RELIABILITY_RUNS", "1"))
 DELAYS = [round(random.Random(run).uniform(2.0, 9.0), 2) for run in range(RUNS)]
 
 
