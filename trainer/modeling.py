@@ -76,9 +76,14 @@ def load_base_model(model_id: str, precision: str, device: str, token: str | Non
             bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=torch.bfloat16,
         )
-    return AutoModelForImageTextToText.from_pretrained(
-        model_id, device_map={"": device}, token=token, **kwargs
-    )
+    try:
+        return AutoModelForImageTextToText.from_pretrained(
+            model_id, device_map={"": device}, token=token, **kwargs
+        )
+    except OSError as error:  # missing or partial weights, a gated repo without a token
+        raise UserError(
+            f"cannot load the model weights of {model_id}: {str(error).splitlines()[0]}"
+        ) from None
 
 
 def load_model(

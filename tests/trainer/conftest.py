@@ -1,0 +1,144 @@
+"""Session fixtures: one tiny Gemma 3, one synthetic pet set, one full training run shared by the tests."""
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+# pytest puts tests/ on sys.path, where this directory (tests/trainer) would shadow the trainer package as a
+# namespace package; the repository root must come first.
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from gcp_storage_emulator.server import create_server  # noqa: E402
+from google.cloud import storage  # noqa: E402
+
+from trainer.synthetic import write_dataset  # noqa: E402
+from trainer.tiny import build  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[2]
+BUCKET = "gemma-launch-test"
+HF_TOKEN_CANARY = "hf_canaryTokenThatMustNeverBePrinted"
+EXECUTION = "trainer-job-full"
+
+# 740 train / 222 test images, 235 steps: chance (1/37) to > 0.5 in ~15 s of training on 2 cores.
+TRAIN_FLAGS = [
+    "--train-size", "740", "--eval-size", "222", "--num-epochs", "5", "--learning-rate", "2e-2",
+    "--batch-size", "16", "--eval-batch-size", "32", "--save-steps", "50", "--logging-steps", "10",
+    "--eval-method", "both", "--seed", "0", "--device", "cpu",
+]  # fmt: skip
+
+
+@dataclass
+class Run:
+    output_dir: Path
+    run_dir: Path
+    stdout: str
+    stderr: str
+    execution: str = EXECUTION
+    bucket: str = BUCKET
+    token: str = HF_TOKEN_CANARY
+
+
+def run_trainer(args: list[str], env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "trainer", *args],
+        cwd=REPO,
+        env={**os.environ, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+@pytest.fixture(scope="session")
+def trainer_cli() -> Callable[..., subprocess.CompletedProcess]:
+    """Run `python -m trainer ARGS` from the repository root, with extra environment variables."""
+    return run_trainer
+
+
+@pytest.fixture(scope="session")
+def train_flags() -> list[str]:
+    return TRAIN_FLAGS
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("tiny-gemma3")
+    build(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def weightless_model(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny model without its weights file: anything that loads weights from it fails."""
+    path = tmp_path_factory.mktemp("weightless") / "model"
+    shutil.copytree(tiny_model, path, ignore=shutil.ignore_patterns("*.safetensors"))
+    return path
+
+
+@pytest.fixture(scope="session")
+def pets(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("pets")
+    write_dataset(path, per_class=20, test_per_class=6)
+    return path
+
+
+@dataclass
+class StorageEmulator:
+    host: str
+    client: storage.Client
+
+
+@pytest.fixture(scope="session")
+def storage_emulator() -> Iterator[StorageEmulator]:
+    """gcp-storage-emulator in this process, with a bucket; a client bound to it."""
+    port = free_port()
+    server = create_server("127.0.0.1", port, in_memory=True)
+    server.start()
+    host = f"http://127.0.0.1:{port}"
+    # The client reads STORAGE_EMULATOR_HOST when built, as the trainer's does in its own process.
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("STORAGE_EMULATOR_HOST", host)
+        client = storage.Client()
+    client.create_bucket(BUCKET)
+    yield StorageEmulator(host, client)
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def trained_run(
+    tiny_model: Path, pets: Path, storage_emulator: str, tmp_path_factory: pytest.TempPathFactory
+) -> Run:
+    """The uninterrupted reference run, as a Cloud Run task would do it: merge and upload included."""
+    output_dir = tmp_path_factory.mktemp("full")
+    args = [
+        "--model-id",
+        str(tiny_model),
+        "--dataset",
+        str(pets),
+        "--output-dir",
+        str(output_dir),
+        *TRAIN_FLAGS,
+    ]
+    args += ["--merge", "--gcs-output-path", f"gs://{BUCKET}/runs"]
+    env = {
+        "CLOUD_RUN_EXECUTION": EXECUTION,
+        "CLOUD_RUN_TASK_ATTEMPT": "0",
+        "HF_TOKEN": HF_TOKEN_CANARY,
+        "STORAGE_EMULATOR_HOST": storage_emulator.host,
+    }
+    result = run_trainer(args, env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return Run(output_dir, output_dir / EXECUTION, result.stdout, result.stderr)

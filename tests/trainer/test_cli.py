@@ -1,0 +1,138 @@
+"""Flags: bad values end with one `Error:` line and exit 2 before any weights load; --dry-run loads none."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from trainer.__main__ import main
+from trainer.data import load_pets
+from trainer.synthetic import write_dataset
+
+
+@pytest.fixture(scope="session")
+def broken_pets(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small set in the official layout where one test image is not an image."""
+    path = tmp_path_factory.mktemp("broken-pets")
+    write_dataset(path, per_class=1, test_per_class=1)
+    (path / "images" / "pug_2.jpg").write_bytes(b"not a jpeg")
+    return path
+
+
+@pytest.fixture(scope="session")
+def not_a_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("not-a-dataset")
+    (path / "images").mkdir()
+    return path
+
+
+BAD_FLAGS = [
+    (["--train-size", "0"], "argument --train-size: must be a positive integer, got '0'"),
+    (["--eval-size", "-5"], "argument --eval-size: must be a positive integer"),
+    (["--train-size", "many"], "argument --train-size: must be a positive integer, got 'many'"),
+    (["--batch-size", "0"], "argument --batch-size: must be a positive integer"),
+    (["--num-epochs", "0"], "argument --num-epochs: must be a positive number"),
+    (["--learning-rate", "nan"], "argument --learning-rate: must be a positive number"),
+    (["--lora-dropout", "1.5"], "argument --lora-dropout: must be in [0, 1)"),
+    (["--quantization", "8bit"], "argument --quantization: invalid choice: '8bit'"),
+    (["--eval-method", "vote"], "argument --eval-method: invalid choice: 'vote'"),
+    (["--checkpoint-strategy", "hourly"], "argument --checkpoint-strategy: invalid choice"),
+    (["--gcs-output-path", "my-bucket/out"], "argument --gcs-output-path: must look like gs://BUCKET"),
+    (["--seed", "x"], "argument --seed: invalid int value: 'x'"),
+    (["--no-such-flag"], "unrecognized arguments: --no-such-flag"),
+    (["--model-id", "{tmp}/missing-model"], "model directory {tmp}/missing-model does not exist"),
+    (["--dataset", "{tmp}/missing-pets"], "dataset directory {tmp}/missing-pets does not exist"),
+    (["--dataset", "{not_a_dataset}"], "has neither annotations/list.txt"),
+    (["--eval-size", "500"], "--eval-size 500 is larger than the split it is drawn from (222 images)"),
+    (["--train-size", "800"], "--train-size 800 is larger than the split it is drawn from (740 images)"),
+    (["--dataset", "{broken_pets}", "--train-size", "37", "--eval-size", "37"], "cannot read image"),
+    (["--quantization", "4bit"], "--quantization 4bit needs a CUDA GPU"),
+    ([], "cannot load the model weights of {weightless_model}"),
+]
+
+
+@pytest.mark.parametrize(("flags", "message"), BAD_FLAGS, ids=[" ".join(f) for f, _ in BAD_FLAGS])
+def test_bad_flags_exit_2_with_one_error_line(
+    flags: list[str],
+    message: str,
+    weightless_model: Path,
+    pets: Path,
+    broken_pets: Path,
+    not_a_dataset: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    paths = {
+        "tmp": tmp_path,
+        "broken_pets": broken_pets,
+        "not_a_dataset": not_a_dataset,
+        "weightless_model": weightless_model,
+    }
+    flags = [flag.format(**paths) for flag in flags]
+    # The weightless model makes an attempt to load weights fail with its own message (the last case).
+    base = ["--model-id", str(weightless_model), "--dataset", str(pets), "--device", "cpu"]
+    base += ["--train-size", "740", "--eval-size", "100", "--output-dir", str(tmp_path / "out")]
+    try:
+        code = main([*base, *flags])
+    except SystemExit as exit_:
+        code = exit_.code
+    stderr = capsys.readouterr().err
+    assert code == 2
+    assert stderr.count("\n") == 1 and stderr.startswith("Error: "), stderr
+    assert message.format(**paths) in stderr
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without a GPU")
+def test_cuda_requested_without_a_gpu(
+    weightless_model: Path, pets: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["--model-id", str(weightless_model), "--dataset", str(pets), "--device", "cuda"]) == 2
+    assert capsys.readouterr().err == "Error: --device cuda: no CUDA GPU is visible\n"
+
+
+def test_command_line_error_is_one_line_without_traceback(trainer_cli) -> None:
+    result = trainer_cli(["--train-size", "0"])
+    assert result.returncode == 2
+    assert result.stderr == "Error: argument --train-size: must be a positive integer, got '0'\n"
+
+
+def test_dry_run_formats_data_without_loading_weights(
+    trainer_cli, weightless_model: Path, pets: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "out"
+    args = ["--model-id", str(weightless_model), "--dataset", str(pets), "--output-dir", str(out)]
+    result = trainer_cli([*args, "--train-size", "74", "--eval-size", "37", "--dry-run"])
+    assert result.returncode == 0, result.stderr
+    assert "data: 74 train / 37 eval images, 37 breeds" in result.stdout
+    assert "answer (the only labelled tokens): 'Abyssinian<end_of_turn>'" in result.stdout
+    assert "'pixel_values': (1, 3, 32, 32)" in result.stdout
+    assert "dry run: data formatted, no weights loaded" in result.stdout
+    assert not out.exists()
+
+
+def test_module_commands_write_a_loadable_model_and_dataset(trainer_cli, tmp_path: Path) -> None:
+    repo = Path(__file__).resolve().parents[2]
+    for command in (
+        ["trainer.tiny", str(tmp_path / "m")],
+        ["trainer.synthetic", str(tmp_path / "d"), "--per-class", "2", "--test-per-class", "1"],
+    ):
+        subprocess.run([sys.executable, "-m", *command], cwd=repo, check=True, capture_output=True)
+    data = load_pets(str(tmp_path / "d"), 74, 37, seed=0)
+    assert (len(data.train), len(data.test)) == (74, 37)
+    result = trainer_cli(
+        [
+            "--model-id",
+            str(tmp_path / "m"),
+            "--dataset",
+            str(tmp_path / "d"),
+            "--train-size",
+            "74",
+            "--eval-size",
+            "37",
+            "--dry-run",
+        ]
+    )
+    assert result.returncode == 0, result.stderr

@@ -1,0 +1,195 @@
+"""End to end on the tiny model: learning, results.json, logs, upload, merge, resume after a kill."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from peft import PeftModel
+from PIL import Image
+from transformers import AutoModelForImageTextToText
+
+from trainer.data import chat_format, load_pets
+from trainer.evaluate import answer_log_likelihoods, summary_metrics
+from trainer.modeling import load_processor
+
+REPO = Path(__file__).resolve().parents[2]
+METRICS = {"accuracy", "macro_f1", "unknown_rate"}
+
+
+def results_of(run_dir: Path) -> dict:
+    return json.loads((run_dir / "results.json").read_text())
+
+
+def test_fine_tuning_lifts_accuracy_from_chance_by_both_methods(trained_run) -> None:
+    by_method = results_of(trained_run.run_dir)["by_method"]
+    assert set(by_method) == {"score", "generate"}
+    for method, phases in by_method.items():
+        print(f"{method}: baseline {phases['baseline']} final {phases['final']}")
+        assert phases["baseline"]["accuracy"] < 0.1, method
+        assert phases["final"]["accuracy"] > 0.5, method
+        assert phases["final"]["macro_f1"] > 0.4, method
+    # Scoring ranks the 37 names, so it never answers "unknown"; a random model's generation always does.
+    assert by_method["score"]["final"]["unknown_rate"] == 0.0
+    assert by_method["generate"]["baseline"]["unknown_rate"] > 0.5
+
+
+def test_results_json_schema(trained_run, tiny_model: Path, pets: Path) -> None:
+    results = results_of(trained_run.run_dir)
+    assert set(results) == {
+        "model_id", "dataset", "train_size", "eval_size", "eval_method", "baseline", "final", "by_method",
+        "per_class", "train", "versions", "execution", "task_attempt",
+    }  # fmt: skip
+    assert results["model_id"] == str(tiny_model)
+    assert results["dataset"] == str(pets)
+    assert (results["train_size"], results["eval_size"], results["eval_method"]) == (740, 222, "both")
+    assert (results["execution"], results["task_attempt"]) == (trained_run.execution, 0)
+    assert results["baseline"] == results["by_method"]["score"]["baseline"]
+    assert results["final"] == results["by_method"]["score"]["final"]
+    for phases in results["by_method"].values():
+        for metrics in phases.values():
+            assert set(metrics) == METRICS
+            assert all(0.0 <= value <= 1.0 for value in metrics.values())
+    assert len(results["per_class"]) == 37
+    for row in results["per_class"]:
+        assert set(row) == {"name", "precision", "recall", "f1", "support"}
+        assert all(0.0 <= row[key] <= 1.0 for key in ("precision", "recall", "f1"))
+    assert results["per_class"][2]["name"] == "American Pit Bull Terrier"
+    assert sum(row["support"] for row in results["per_class"]) == 222
+    assert results["train"]["steps"] == 235  # ceil(740 / 16) * 5
+    assert results["train"]["runtime_s"] > 0 and results["train"]["samples_per_s"] > 0
+    assert {"python", "torch", "transformers", "trl", "peft"} <= set(results["versions"])
+
+
+def test_output_layout(trained_run) -> None:
+    run_dir = trained_run.run_dir
+    assert (trained_run.output_dir / "LATEST").read_text().strip() == trained_run.execution
+    for name in (
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "processor_config.json",
+        "tokenizer.json",
+    ):
+        assert (run_dir / name).is_file(), name
+    assert (run_dir / "merged" / "config.json").is_file()
+    assert sorted(p.name for p in run_dir.glob("checkpoint-*")) == ["checkpoint-200", "checkpoint-235"]
+    with Image.open(run_dir / "confusion_matrix.png") as image:
+        assert image.format == "PNG" and image.width > 500
+    log_history = json.loads((run_dir / "training_log.json").read_text())
+    assert [entry["step"] for entry in log_history if "loss" in entry] == list(range(10, 235, 10))
+
+
+def test_adapters_only_on_the_language_model(trained_run) -> None:
+    from safetensors import safe_open
+
+    with safe_open(trained_run.run_dir / "adapter_model.safetensors", "pt") as weights:
+        keys = list(weights.keys())
+    assert keys and all("language_model" in key and "lora_" in key for key in keys)
+    projections = {key.split(".lora_")[0].rsplit(".", 1)[1] for key in keys}
+    assert projections == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+
+
+def test_logs_one_line_per_step_and_the_final_table_without_the_token(trained_run) -> None:
+    lines = trained_run.stdout.splitlines()
+    step_lines = [line for line in lines if " loss " in line and " lr " in line and "samples/s" in line]
+    assert len(step_lines) == 23  # logging every 10 of 235 steps
+    assert "step 10/235" in step_lines[0]
+    assert any("task attempt 0: starting fresh" in line for line in lines)
+    table = [line for line in lines if line.split(" INFO ")[-1].startswith(("score ", "generate "))]
+    assert len(table) == 6
+    assert "\r" not in trained_run.stdout + trained_run.stderr  # no progress bars when not a terminal
+    assert trained_run.token not in trained_run.stdout + trained_run.stderr
+
+
+def test_outputs_are_uploaded_to_the_gcs_path(trained_run, storage_emulator) -> None:
+    bucket = storage_emulator.client.bucket(trained_run.bucket)
+    names = {blob.name for blob in bucket.list_blobs(prefix="runs/")}
+    local = {
+        "runs/" + str(path.relative_to(trained_run.output_dir))
+        for path in trained_run.run_dir.rglob("*")
+        if path.is_file()
+    }
+    assert names == local | {"runs/LATEST"}
+    assert f"runs/{trained_run.execution}/merged/model.safetensors" in names
+    uploaded = json.loads(bucket.blob(f"runs/{trained_run.execution}/results.json").download_as_text())
+    assert uploaded == results_of(trained_run.run_dir)
+    assert bucket.blob("runs/LATEST").download_as_text().strip() == trained_run.execution
+
+
+def test_merged_model_reloads_and_scores_the_same(trained_run, tiny_model: Path, pets: Path) -> None:
+    merged_dir = trained_run.run_dir / "merged"
+    merged = AutoModelForImageTextToText.from_pretrained(merged_dir)
+    assert not isinstance(merged, PeftModel)
+    processor = load_processor(str(merged_dir), None)
+    data = load_pets(str(pets), 740, 222, seed=0)
+    chat = chat_format(processor, data.class_names)
+    merged_scores = answer_log_likelihoods(merged, processor, chat, data.test, batch_size=32)
+
+    adapter = PeftModel.from_pretrained(
+        AutoModelForImageTextToText.from_pretrained(tiny_model), trained_run.run_dir
+    )
+    adapter_scores = answer_log_likelihoods(adapter, processor, chat, data.test, batch_size=32)
+    torch.testing.assert_close(merged_scores, adapter_scores, atol=1e-3, rtol=1e-4)
+
+    merged_metrics = summary_metrics(data.test["label"], merged_scores.argmax(-1).tolist())
+    assert merged_metrics == results_of(trained_run.run_dir)["by_method"]["score"]["final"]
+
+
+def test_killed_run_resumes_and_ends_like_an_uninterrupted_one(
+    trained_run, tiny_model: Path, pets: Path, tmp_path: Path, train_flags: list[str], trainer_cli
+) -> None:
+    execution = "trainer-job-killed"
+    args = [
+        "--model-id",
+        str(tiny_model),
+        "--dataset",
+        str(pets),
+        "--output-dir",
+        str(tmp_path),
+        *train_flags,
+    ]
+    env = {**os.environ, "CLOUD_RUN_EXECUTION": execution, "CLOUD_RUN_TASK_ATTEMPT": "0"}
+    run_dir = tmp_path / execution
+    first = subprocess.Popen(
+        [sys.executable, "-m", "trainer", *args],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    checkpoint = run_dir / "checkpoint-50"
+    deadline = time.monotonic() + 240
+    while not (checkpoint / "trainer_state.json").exists():
+        assert first.poll() is None, "the first attempt ended before writing a checkpoint"
+        assert time.monotonic() < deadline, "no checkpoint within 240 s"
+        time.sleep(0.05)
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    assert not (run_dir / "results.json").exists()
+    killed_at = max(
+        int(p.name.split("-")[1]) for p in run_dir.glob("checkpoint-*") if (p / "trainer_state.json").exists()
+    )
+    assert killed_at < 235
+
+    second = trainer_cli(args, {"CLOUD_RUN_EXECUTION": execution, "CLOUD_RUN_TASK_ATTEMPT": "1"})
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert f"task attempt 1: resuming from {run_dir / f'checkpoint-{killed_at}'}" in second.stdout
+    first_logged = [line for line in second.stdout.splitlines() if " loss " in line][0]
+    assert f"step {killed_at + 10}/235" in first_logged
+
+    resumed, reference = results_of(run_dir), results_of(trained_run.run_dir)
+    assert resumed["task_attempt"] == 1
+    assert resumed["by_method"] == reference["by_method"]
+    assert resumed["per_class"] == reference["per_class"]
+    # The loss right after the resume point continues the uninterrupted curve: weights were really restored.
+    losses = {
+        name: {e["step"]: e["loss"] for e in json.loads((d / "training_log.json").read_text()) if "loss" in e}
+        for name, d in (("resumed", run_dir), ("reference", trained_run.run_dir))
+    }
+    for step in range(killed_at + 10, 235, 10):
+        assert losses["resumed"][step] == pytest.approx(losses["reference"][step], rel=1e-4), step
