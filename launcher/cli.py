@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import sys
 from collections.abc import Callable
 from contextlib import nullcontext
 from pathlib import Path
@@ -25,8 +26,10 @@ from launcher.settings import CONFIG_FILE, TRAINER_KEYS, Settings, load_settings
 # The directory holding the Dockerfile and the trainer, built into the job's image.
 SOURCE_ROOT = Path(__file__).resolve().parent.parent
 
-console = Console(highlight=False)
-err_console = Console(stderr=True, highlight=False)
+# Rich assumes 80 columns when output is not a terminal; logs and CI captures read better unwrapped.
+_WIDTH = None if sys.stdout.isatty() else 160
+console = Console(highlight=False, width=_WIDTH)
+err_console = Console(stderr=True, highlight=False, width=_WIDTH)
 
 _STATUS_STYLE = {
     "created": "green",
@@ -404,15 +407,16 @@ def results(settings: Settings, execution: str | None, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(found, indent=2))
         return
-    table = Table(title=f"{jobs.short_name(name)}: {found.get('model_id', '')}")
+    table = Table(title=f"Execution {jobs.short_name(name)}")
     for column in ("metric", "baseline", "fine-tuned", "change"):
         table.add_column(column, justify="left" if column == "metric" else "right")
     for label, before, after, change in run_results.rows(found):
         table.add_row(label, f"{before:.1%}", f"{after:.1%}", f"{change:+.1%}")
     console.print(table)
     console.print(
-        f"eval method {found.get('eval_method')}, {found.get('eval_size')} test images, "
-        f"{found.get('train_size')} training images"
+        f"model {found.get('model_id')}; eval method {found.get('eval_method')}, {found.get('eval_size')} "
+        f"test images, {found.get('train_size')} training images",
+        soft_wrap=True,
     )
 
 
