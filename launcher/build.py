@@ -459,16 +459,32 @@ def _start(
     lost, or another `up`'s) is joined rather than started again, so each source is built once."""
     (label,) = [tag for tag in request.build.tags if tag.startswith(SOURCE_TAG_PREFIX)]
 
-    def start() -> cloudbuild_v1.Build:
-        for found in clients.builds.list_builds(
+    def live() -> list[cloudbuild_v1.Build]:
+        """Builds of this source that are queued, running or done, oldest first."""
+        found = clients.builds.list_builds(
             request=cloudbuild_v1.ListBuildsRequest(
                 parent=settings.location, project_id=settings.project_id, filter=f'tags="{label}"'
             ),
             retry=RETRY,
-        ):
-            if found.status in RUNNING or found.status == cloudbuild_v1.Build.Status.SUCCESS:
-                return found
-        return clients.builds.create_build(request=request, retry=None).metadata.build
+        )
+        alive = [b for b in found if b.status in RUNNING or b.status == cloudbuild_v1.Build.Status.SUCCESS]
+        return sorted(alive, key=lambda build: (build.create_time, build.id))
+
+    def start() -> cloudbuild_v1.Build:
+        running = live()
+        if running:
+            return running[0]
+        ours = clients.builds.create_build(request=request, retry=None).metadata.build
+        # Two `up`s can both find none and both create: the younger build gives way to the older.
+        oldest = live()[0]
+        if oldest.id != ours.id:
+            clients.builds.cancel_build(
+                request=cloudbuild_v1.CancelBuildRequest(
+                    name=f"{settings.location}/builds/{ours.id}", project_id=settings.project_id, id=ours.id
+                ),
+                retry=RETRY,
+            )
+        return oldest
 
     return RETRY(start)()
 
