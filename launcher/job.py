@@ -194,7 +194,7 @@ def ensure_job(clients: Clients, settings: Settings, job: run_v2.Job, *, dry_run
         try:
             clients.jobs.create_job(
                 parent=settings.location, job=job, job_id=settings.job, retry=RETRY
-            ).result(timeout=300)
+            ).result(timeout=300, retry=RETRY)
         except exceptions.AlreadyExists:
             # Another `up`, or our own create whose reply was lost: converge with an update below.
             return ensure_job(clients, settings, job, dry_run=dry_run)
@@ -210,7 +210,7 @@ def ensure_job(clients: Clients, settings: Settings, job: run_v2.Job, *, dry_run
         return JobChange(settings.job_name, "would update", command)
     update = run_v2.Job(job)
     update.name = settings.job_name
-    clients.jobs.update_job(job=update, retry=RETRY).result(timeout=300)
+    clients.jobs.update_job(job=update, retry=RETRY).result(timeout=300, retry=RETRY)
     return JobChange(settings.job_name, "updated", command)
 
 

@@ -217,7 +217,7 @@ def ensure_repository(clients: Clients, settings: Settings, *, dry_run: bool = F
                     ),
                 ),
                 retry=RETRY,
-            ).result(timeout=300)
+            ).result(timeout=300, retry=RETRY)
         return Change("repository", name, "created", command)
 
 
@@ -270,18 +270,51 @@ def ensure_secret(clients: Clients, settings: Settings, *, dry_run: bool = False
         def add() -> None:
             # Retried as a whole, not per call: when a reply was lost the version exists, and a blind
             # retry would add a second copy of the token.
-            current = _latest_payload(clients, name)
-            if current is not None and hmac.compare_digest(current, token):
+            before = _latest_version(clients, name)
+            if before is not None and hmac.compare_digest(before.payload.data, token):
                 return
-            clients.secrets.add_secret_version(
+            added = clients.secrets.add_secret_version(
                 request=secretmanager_v1.AddSecretVersionRequest(
                     parent=name, payload=secretmanager_v1.SecretPayload(data=token)
                 ),
                 retry=None,
             )
+            _destroy_raced_copies(clients, name, before, added.name, token)
 
         RETRY(add)()
         return Change("secret", name, "created" if created or latest is None else "updated", command)
+
+
+def _version_number(name: str) -> int:
+    return int(name.rsplit("/", 1)[1])
+
+
+def _latest_version(clients: Clients, secret: str) -> secretmanager_v1.AccessSecretVersionResponse | None:
+    try:
+        return clients.secrets.access_secret_version(name=f"{secret}/versions/latest", retry=RETRY)
+    except (exceptions.NotFound, exceptions.FailedPrecondition):
+        return None
+
+
+def _destroy_raced_copies(
+    clients: Clients,
+    secret: str,
+    before: secretmanager_v1.AccessSecretVersionResponse | None,
+    added: str,
+    token: bytes,
+) -> None:
+    """Another `up` may have added the same token between our check and our add. The versions in
+    between that hold it are destroyed, keeping ours, the newest, which is what `latest` resolves to."""
+    first = _version_number(before.name) + 1 if before is not None else 1
+    for number in range(first, _version_number(added)):
+        version = f"{secret}/versions/{number}"
+        try:
+            payload = clients.secrets.access_secret_version(name=version, retry=RETRY).payload.data
+        except (exceptions.NotFound, exceptions.FailedPrecondition):
+            continue
+        if hmac.compare_digest(payload, token):
+            with suppress(exceptions.FailedPrecondition, exceptions.NotFound):
+                clients.secrets.destroy_secret_version(name=version, retry=RETRY)
 
 
 def _latest_payload(clients: Clients, secret: str) -> bytes | None:
