@@ -476,7 +476,7 @@ def _start(
             return running[0]
         ours = clients.builds.create_build(request=request, retry=None).metadata.build
         # Two `up`s can both find none and both create: the younger build gives way to the older.
-        oldest = live()[0]
+        oldest = (live() or [ours])[0]
         if oldest.id != ours.id:
             clients.builds.cancel_build(
                 request=cloudbuild_v1.CancelBuildRequest(
