@@ -4,21 +4,18 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import datasets
-import matplotlib
-
-matplotlib.use("Agg")  # no display in a container
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from sklearn.metrics import (  # noqa: E402
+import numpy as np
+import torch
+from matplotlib.figure import Figure
+from sklearn.metrics import (
     ConfusionMatrixDisplay,
     accuracy_score,
     f1_score,
     precision_recall_fscore_support,
 )
-from transformers import BatchFeature, PreTrainedModel, ProcessorMixin  # noqa: E402
+from transformers import BatchFeature, PreTrainedModel, ProcessorMixin
 
-from trainer.data import ChatFormat, to_rgb  # noqa: E402
+from trainer.data import ChatFormat, to_rgb
 
 UNKNOWN = -1  # a generated answer that names no breed
 
@@ -167,7 +164,9 @@ def per_class_metrics(labels: list[int], predictions: list[int], class_names: li
 def save_confusion_matrix(
     labels: list[int], predictions: list[int], class_names: list[str], path: Path
 ) -> None:
-    figure, axes = plt.subplots(figsize=(14, 14))
+    # A bare Figure draws with Agg: no pyplot state and no display needed in the container.
+    figure = Figure(figsize=(14, 14))
+    axes = figure.subplots()
     ConfusionMatrixDisplay.from_predictions(
         labels,
         predictions,
@@ -181,4 +180,3 @@ def save_confusion_matrix(
     axes.set_title("Oxford-IIIT Pet: true vs predicted breed (fine-tuned)")
     figure.tight_layout()
     figure.savefig(path, dpi=80)
-    plt.close(figure)

@@ -34,6 +34,11 @@ TRAIN_FLAGS = [
 ]  # fmt: skip
 
 
+# The tiny model gains nothing from a second thread, and OpenMP threads spinning against other processes
+# on a shared 2-core machine made single runs several times slower.
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}
+
+
 @dataclass
 class Run:
     output_dir: Path
@@ -49,10 +54,10 @@ def run_trainer(args: list[str], env: dict[str, str] | None = None) -> subproces
     return subprocess.run(
         [sys.executable, "-m", "trainer", *args],
         cwd=REPO,
-        env={**os.environ, **(env or {})},
+        env={**os.environ, **ONE_THREAD, **(env or {})},
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=540,  # a loaded 2-core machine can slow training several-fold
     )
 
 

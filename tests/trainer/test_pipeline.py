@@ -153,7 +153,12 @@ def test_killed_run_resumes_and_ends_like_an_uninterrupted_one(
         str(tmp_path),
         *train_flags,
     ]
-    env = {**os.environ, "CLOUD_RUN_EXECUTION": execution, "CLOUD_RUN_TASK_ATTEMPT": "0"}
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "CLOUD_RUN_EXECUTION": execution,
+        "CLOUD_RUN_TASK_ATTEMPT": "0",
+    }
     run_dir = tmp_path / execution
     first = subprocess.Popen(
         [sys.executable, "-m", "trainer", *args],
