@@ -48,7 +48,6 @@ from launcher.cloud import Clients
 from launcher.errors import UserError
 from launcher.settings import Settings
 from launcher.transfer import (
-    CHUNK_SIZE,
     CRC32C_KEY,
     PIECE,
     WORKERS,
@@ -62,7 +61,6 @@ from launcher.transfer import (
     local_pieces,
     run_parallel,
     upload,
-    verified,
 )
 
 MARKER = ".gemma-launch-staged.json"
@@ -133,7 +131,6 @@ def stage(
     dry_run: bool = False,
     console: Console | None = None,
     workers: int = WORKERS,
-    chunk_size: int = CHUNK_SIZE,
     on_bytes: OnBytes | None = None,
 ) -> list[Staged]:
     """Stage the model and the dataset into settings.bucket; safe to run again, resumes after a failure.
@@ -170,7 +167,6 @@ def stage(
             dry_run=dry_run,
             console=console,
             workers=workers,
-            chunk_size=chunk_size,
             on_bytes=on_bytes,
         )
         for source in sources
@@ -379,7 +375,6 @@ def stage_source(
     dry_run: bool = False,
     console: Console | None = None,
     workers: int = WORKERS,
-    chunk_size: int = CHUNK_SIZE,
     on_bytes: OnBytes | None = None,
 ) -> Staged:
     console = console or Console(stderr=True, highlight=False)
@@ -408,7 +403,7 @@ def stage_source(
             # From here until the new marker is written, the prefix must not read as complete.
             marker.delete(retry=DEFAULT_RETRY)
         if missing:
-            _transfer(bucket, source, missing, console, workers, chunk_size, on_bytes)
+            _transfer(bucket, source, missing, console, workers, on_bytes)
         for blob in stale:
             blob.delete(retry=DEFAULT_RETRY)
         _write_marker(client, bucket, source)
@@ -440,7 +435,6 @@ def _transfer(
     items: list[Item],
     console: Console,
     workers: int,
-    chunk_size: int,
     on_bytes: OnBytes | None,
 ) -> None:
     total = sum(item.size for item in items)
@@ -458,9 +452,13 @@ def _transfer(
                 on_bytes(path, count)
 
         def one(item: Item, cancel: threading.Event) -> storage.Blob:
+            def open_at(start: int) -> Iterator[bytes]:
+                if item.url:
+                    return hub_pieces(item, source.headers, cancel, start)
+                return local_pieces(item, cancel, start)
+
             reporter.start(item)
-            raw = hub_pieces(item, source.headers, cancel) if item.url else local_pieces(item, cancel)
-            blob = upload(bucket, item, verified(raw, item, advance), metadata, chunk_size=chunk_size)
+            blob = upload(bucket, item, open_at, metadata, cancel=cancel, on_bytes=advance)
             reporter.finish(item)
             return blob
 

@@ -17,6 +17,7 @@ import json
 import re
 import threading
 from dataclasses import dataclass, field
+from functools import cached_property
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, unquote, urlparse
@@ -36,11 +37,11 @@ class HubFile:
     lfs: bool
     served: bytes | None = None  # what resolve sends instead of `content`, to test hash verification
 
-    @property
+    @cached_property
     def blob_id(self) -> str:
         return hashlib.sha1(b"blob %d\0" % len(self.content) + self.content).hexdigest()
 
-    @property
+    @cached_property
     def sha256(self) -> str:
         return hashlib.sha256(self.content).hexdigest()
 

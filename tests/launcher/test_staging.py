@@ -3,8 +3,11 @@ emulator; assertions on the bucket's bytes, the emulator's request record and wh
 
 from __future__ import annotations
 
+import contextlib
 import io
 import random
+import socket
+import threading
 from collections.abc import Iterator
 from functools import cache
 from pathlib import Path
@@ -16,7 +19,7 @@ from huggingface_hub import constants
 from pydantic import SecretStr
 from rich.console import Console
 
-from launcher import staging
+from launcher import staging, transfer
 from launcher.cli import main
 from launcher.errors import UserError
 from launcher.settings import Settings
@@ -36,13 +39,13 @@ def random_bytes(size: int, seed: int) -> bytes:
     return random.Random(seed).randbytes(size)
 
 
-def model_files(big: int = 3 * MiB + 5) -> dict[str, bytes]:
+def model_files(big: int = 12 * MiB + 5) -> dict[str, bytes]:
     """A sharded checkpoint's shape: small JSON files in git, the rest in LFS."""
     return {
         "config.json": b'{"model_type": "gemma3", "hidden_size": 64}',
         "tokenizer.json": random_bytes(40_000, 1),
         "model-00001-of-00002.safetensors": random_bytes(big, 2),
-        "model-00002-of-00002.safetensors": random_bytes(2 * MiB + 77, 3),
+        "model-00002-of-00002.safetensors": random_bytes(9 * MiB + 77, 3),
         "model.safetensors.index.json": b'{"weight_map": {}}',
     }
 
@@ -103,7 +106,8 @@ def marker(local, prefix: str) -> dict | None:
 
 
 def uploads(local) -> list[str]:
-    """Objects an upload request was made for (a resumable upload counts once per chunk)."""
+    """Every upload request: the object named for multipart uploads and session starts, '?' for the PUTs
+    into a session and the status queries (their URL names only the session)."""
     return [
         entry["request"]["params"]["bucket_name"] + ":" + _object_of(entry)
         for entry in local.record()
@@ -165,12 +169,12 @@ def test_interrupted_staging_resumes_with_only_what_is_missing(local, hub, bucke
 
     def kill_midway(path: str, count: int) -> None:
         seen[path] = seen.get(path, 0) + count
-        if path == "model-00002-of-00002.safetensors" and seen[path] >= MiB:
+        if path == "model-00002-of-00002.safetensors" and seen[path] >= 4 * MiB:
             raise Killed
 
     # One worker, largest file first: the first shard completes, the second dies halfway through.
     with pytest.raises(Killed):
-        run(local, workers=1, chunk_size=MiB // 2, on_bytes=kill_midway)
+        run(local, workers=1, on_bytes=kill_midway)
 
     kept = bucket_files(local, MODEL)
     assert kept == {"model-00001-of-00002.safetensors": files["model-00001-of-00002.safetensors"]}
@@ -178,7 +182,7 @@ def test_interrupted_staging_resumes_with_only_what_is_missing(local, hub, bucke
     before = len(uploads(local))
     served_before = len(hub.downloads())
 
-    staged, _ = run(local, chunk_size=MiB // 2)
+    staged, _ = run(local)
 
     assert staged[0].status == "updated"
     assert bucket_files(local, MODEL) == files
@@ -209,7 +213,7 @@ def test_an_object_replaced_with_wrong_bytes_is_detected_and_uploaded_again(loca
 def test_a_dropped_download_resumes_with_a_range_request(local, hub, bucket):
     hub.cut_next_download("model-00001-of-00002.safetensors", MiB + 12345)
 
-    staged, _ = run(local, chunk_size=MiB)
+    staged, _ = run(local)
 
     assert staged[0].status == "created"
     assert (
@@ -221,13 +225,84 @@ def test_a_dropped_download_resumes_with_a_range_request(local, hub, bucket):
     assert int(ranges[1].removeprefix("bytes=").rstrip("-")) > 0
 
 
+class CuttingRelay:
+    """A TCP relay to the storage emulator that breaks the first upload request carrying more than
+    `cut_after` bytes, as a flaky network would: the uploader must ask what Cloud Storage kept."""
+
+    def __init__(self, target: str, cut_after: int) -> None:
+        self._target = target.removeprefix("http://").split(":")
+        self._cut_after = cut_after
+        self.cuts = 0
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    @property
+    def address(self) -> str:
+        return f"http://127.0.0.1:{self._listener.getsockname()[1]}"
+
+    def _accept(self) -> None:
+        while True:
+            client, _ = self._listener.accept()
+            upstream = socket.create_connection((self._target[0], int(self._target[1])))
+            threading.Thread(target=self._pump, args=(client, upstream, True), daemon=True).start()
+            threading.Thread(target=self._pump, args=(upstream, client, False), daemon=True).start()
+
+    def _pump(self, source: socket.socket, sink: socket.socket, upload: bool) -> None:
+        sent = 0
+        first = b""
+        try:
+            while data := source.recv(1 << 16):
+                first = first or data[:200]
+                sent += len(data)
+                if upload and not self.cuts and first.startswith(b"PUT") and sent > self._cut_after:
+                    self.cuts += 1
+                    sink.sendall(data[: len(data) // 2])
+                    break
+                sink.sendall(data)
+        except OSError:
+            pass
+        for end in (source, sink):
+            # shutdown, not just close: the other direction's thread is still blocked reading this socket.
+            with contextlib.suppress(OSError):
+                end.shutdown(socket.SHUT_RDWR)
+            end.close()
+
+    def close(self) -> None:
+        self._listener.close()
+
+
+def test_an_upload_broken_midway_resumes_from_what_cloud_storage_kept(local, hub, bucket, monkeypatch):
+    monkeypatch.setattr(transfer, "CHECKPOINT", MiB)
+    relay = CuttingRelay(local.emulator.storage_host, cut_after=5 * MiB)
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", relay.address)
+    try:
+        staged, _ = run(local, workers=1)
+    finally:
+        relay.close()
+
+    assert relay.cuts == 1
+    assert staged[0].status == "created"
+    assert bucket_files(local, MODEL) == model_files()
+    session_requests = [
+        entry["outcome"]
+        for entry in local.record()
+        if entry["method"] == "objects.insert" and "upload_id" in entry["request"]["query"]
+    ]
+    # The broken PUT (the server kept what arrived), the status query, the PUT that resumed; then the
+    # second shard's single PUT.
+    assert session_requests == ["RESUME_INCOMPLETE", "RESUME_INCOMPLETE", "OK", "OK"]
+    shard = "model-00001-of-00002.safetensors"
+    resumed = [r.range for r in hub.downloads() if r.path.endswith(shard)][1]
+    assert resumed is not None and int(resumed.removeprefix("bytes=").rstrip("-")) >= MiB
+
+
 def test_bytes_that_do_not_match_the_published_hash_never_become_an_object(local, hub, bucket):
     hub.repos[("model", MODEL)].files["model-00002-of-00002.safetensors"].served = random_bytes(
-        2 * MiB + 77, 99
+        9 * MiB + 77, 99
     )
 
     with pytest.raises(UserError, match="does not match its published hash"):
-        run(local, chunk_size=MiB // 2)
+        run(local)
 
     assert "model-00002-of-00002.safetensors" not in bucket_files(local, MODEL)
     assert marker(local, MODEL) is None
@@ -309,7 +384,7 @@ def test_local_directories_stage_to_models_and_datasets(local, hub, bucket, tmp_
         (pets / name).parent.mkdir(parents=True, exist_ok=True)
         (pets / name).write_bytes(content)
 
-    staged, _ = run(local, model_source=str(model_dir), dataset_source=f"{pets}/", chunk_size=4 * MiB)
+    staged, _ = run(local, model_source=str(model_dir), dataset_source=f"{pets}/")
 
     assert [(s.prefix, s.status, s.files) for s in staged] == [
         ("models/tiny-gemma", "created", 3),
