@@ -115,9 +115,12 @@ def _load_splits(dataset: str, token: str | None) -> tuple[datasets.Dataset, dat
             return _load_official_layout(path)
         if (path / "dataset_dict.json").is_file():
             return _from_dataset_dict(datasets.load_from_disk(str(path)), dataset)
+        # A Hub dataset repository copied as is (gemma-launch stages timm/oxford-iiit-pet so): parquet shards.
+        if any(path.glob("data/*.parquet")) or any(path.glob("*/*.parquet")):
+            return _from_dataset_dict(datasets.load_dataset(str(path)), dataset)
         raise UserError(
-            f"dataset directory {dataset} has neither annotations/list.txt (official Oxford-IIIT Pet layout) "
-            "nor dataset_dict.json (datasets.save_to_disk)"
+            f"dataset directory {dataset} has neither annotations/list.txt (official Oxford-IIIT Pet "
+            "layout), dataset_dict.json (datasets.save_to_disk) nor parquet shards (a Hub dataset repository)"
         )
     if path.exists() or dataset.startswith(("/", ".", "~")):
         raise UserError(f"dataset directory {dataset} does not exist")
