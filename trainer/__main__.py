@@ -9,15 +9,18 @@ import json
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 
 import datasets
 import huggingface_hub
 import transformers
-from transformers import set_seed
+from peft import PeftModel
+from transformers import ProcessorMixin, set_seed
+from trl import SFTTrainer
 
 from trainer import UserError
-from trainer.data import chat_format, load_pets
+from trainer.data import ChatFormat, PetData, chat_format, load_pets
 from trainer.evaluate import per_class_metrics, predict, save_confusion_matrix, summary_metrics
 from trainer.export import merge, upload, versions, write_results
 from trainer.modeling import (
@@ -27,9 +30,30 @@ from trainer.modeling import (
     load_processor,
     resolve_device,
 )
-from trainer.train import AnswerOnlyCollator, make_trainer, sft_config, train
+from trainer.speed import (
+    GIB,
+    ImageFeatures,
+    Plan,
+    apply_memory_budget,
+    compile_layers,
+    decoder_layers,
+    loader_workers,
+    plan_memory,
+    set_checkpointed_layers,
+)
+from trainer.train import (
+    AnswerOnlyCollator,
+    make_trainer,
+    probe_step,
+    set_batch_size,
+    sft_config,
+    train,
+)
 
 log = logging.getLogger("trainer")
+
+# --batch-size auto without a GPU to measure: the batch the tiny model's CPU runs were tuned with.
+CPU_BATCH_SIZE = 8
 
 
 class Parser(argparse.ArgumentParser):
@@ -69,6 +93,11 @@ def dropout(text: str) -> float:
     return value
 
 
+def batch_size(text: str) -> int | None:
+    """None for auto."""
+    return None if text == "auto" else positive_int(text)
+
+
 def gcs_path(text: str) -> str:
     if not text.startswith("gs://") or not text.removeprefix("gs://").split("/")[0]:
         raise argparse.ArgumentTypeError(f"must look like gs://BUCKET[/PREFIX], got {text!r}")
@@ -87,9 +116,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--eval-size", type=positive_int, default=1000, help="images drawn from test")
     p.add_argument("--num-epochs", type=positive_float, default=1.0)
     p.add_argument("--learning-rate", type=positive_float, default=2e-4)
-    p.add_argument("--batch-size", type=positive_int, default=8, help="per-device training batch")
+    p.add_argument(
+        "--batch-size",
+        type=batch_size,
+        default="auto",
+        help="per-device training batch; auto (GPU): the fastest that fits --max-memory-gib, measured with "
+        "probe steps (at most 32); auto on CPU: 8",
+    )
     p.add_argument("--gradient-accumulation-steps", type=positive_int, default=1)
-    p.add_argument("--eval-batch-size", type=positive_int, default=8)
+    p.add_argument(
+        "--eval-batch-size",
+        type=positive_int,
+        default=16,
+        help="images per evaluation batch; scoring runs the 37 answers of each image in the same sequence",
+    )
     p.add_argument("--lora-r", type=positive_int, default=16)
     p.add_argument("--lora-alpha", type=positive_int, default=32)
     p.add_argument("--lora-dropout", type=dropout, default=0.05)
@@ -109,7 +149,41 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="auto: bf16 when the weights fit the GPU comfortably, else 4-bit NF4; CPU runs fp32",
     )
     p.add_argument("--eval-method", choices=["score", "generate", "both"], default="score")
-    p.add_argument("--gradient-checkpointing", action="store_true", help="trade speed for memory")
+    speed = p.add_argument_group(
+        "GPU speed levers",
+        "Defaults are the fastest configuration measured on real-size Gemma 3 (docs/benchmarks.md); none of "
+        "them changes what is computed. On CPU, compile and the memory plan are off.",
+    )
+    speed.add_argument(
+        "--max-memory-gib",
+        type=positive_float,
+        default=85.0,
+        help="GPU memory budget: the process is capped at it (or the GPU's size) and the batch / gradient "
+        "checkpointing plan fits it; 85 fits a 96 GB RTX PRO 6000 with room to spare",
+    )
+    speed.add_argument(
+        "--gradient-checkpointing",
+        nargs="?",
+        const="on",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="auto: recompute only as many decoder layers as the memory budget demands (a checkpointed layer "
+        "runs its forward twice); on (or the bare flag): every layer; off: none",
+    )
+    speed.add_argument(
+        "--compile",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="torch.compile each decoder layer (fused norms, GeGLU, LoRA; ~1 min of compiling at the "
+        "start); auto: on for CUDA",
+    )
+    speed.add_argument(
+        "--cache-image-features",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="run the frozen vision tower once per image before training and reuse its output in every "
+        "epoch and both evaluations (host memory: 256 x hidden bf16 values per image, 2.6 MiB at 27B)",
+    )
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--dry-run", action="store_true", help="load and format the data, then exit")
     return p.parse_args(argv)
@@ -124,6 +198,64 @@ def setup_logging() -> None:
         huggingface_hub.utils.disable_progress_bars()
 
 
+def speed_up(
+    args: argparse.Namespace, model: PeftModel, processor: ProcessorMixin, data: PetData, device: str
+) -> ImageFeatures | None:
+    """The levers that come before training: memory cap, image features of both splits, compiled layers."""
+    if device == "cuda":
+        budget = apply_memory_budget(args.max_memory_gib, device)
+        log.info("GPU memory capped at %.1f GiB", budget / GIB)
+    features = None
+    if args.cache_image_features:
+        features = ImageFeatures()
+        features.install(model)
+        start = time.perf_counter()
+        count = sum(
+            features.fill(model, processor, split, args.eval_batch_size, loader_workers(device))
+            for split in (data.train, data.test)
+        )
+        log.info("image features of %d images in %.1f s", count, time.perf_counter() - start)
+    if args.compile == "on" or (args.compile == "auto" and device == "cuda"):
+        compile_layers(model)
+    return features
+
+
+def build_trainer(
+    args: argparse.Namespace,
+    model: PeftModel,
+    processor: ProcessorMixin,
+    data: PetData,
+    chat: ChatFormat,
+    precision: str,
+    device: str,
+    run_dir: Path,
+    features: ImageFeatures | None,
+) -> tuple[SFTTrainer, Plan | None]:
+    """SFTTrainer with the batch and gradient checkpointing of the memory plan (measured on GPU)."""
+    train = data.train
+    workers = loader_workers(device)
+    if features is not None and features.has_all(train["image_key"]):
+        # Batches carry image keys: decoding the images would be wasted work.
+        train, workers = train.remove_columns("image"), 0
+    first_batch = args.batch_size or (1 if device == "cuda" else CPU_BATCH_SIZE)
+    config = sft_config(args, run_dir, precision, device, first_batch, workers)
+    trainer = make_trainer(
+        model, processor, PetData(train, data.test, data.class_names), chat, config, features
+    )
+    plan = None
+    layers = len(decoder_layers(model))
+    if device == "cuda" and not (args.batch_size and args.gradient_checkpointing != "auto"):
+        examples = [data.train[index] for index in range(min(2, len(data.train)))]
+        budget = int(args.max_memory_gib * GIB)
+        plan = plan_memory(
+            model, probe_step(trainer), examples, budget, args.batch_size, args.gradient_checkpointing
+        )
+        set_batch_size(trainer, plan.batch_size)
+    else:
+        set_checkpointed_layers(model, layers if args.gradient_checkpointing == "on" else 0)
+    return trainer, plan
+
+
 def run(args: argparse.Namespace) -> None:
     token = args.hf_token or os.environ.get("HF_TOKEN") or None
     execution = os.environ.get("CLOUD_RUN_EXECUTION")
@@ -135,7 +267,7 @@ def run(args: argparse.Namespace) -> None:
     # The adapter records the base model's path: keep it valid from any working directory.
     model_id = str(Path(args.model_id).resolve()) if Path(args.model_id).is_dir() else args.model_id
     device = resolve_device(args.device)
-    precision = choose_precision(args.quantization, device, model_id, token)
+    precision = choose_precision(args.quantization, device, model_id, token, args.max_memory_gib)
     data = load_pets(args.dataset, args.train_size, args.eval_size, args.seed, token)
     log.info(
         "data: %d train / %d eval images, %d breeds", len(data.train), len(data.test), len(data.class_names)
@@ -153,27 +285,30 @@ def run(args: argparse.Namespace) -> None:
         return
 
     set_seed(args.seed)
-    model = load_model(
-        model_id,
-        precision,
-        device,
-        token,
-        args.lora_r,
-        args.lora_alpha,
-        args.lora_dropout,
-        args.gradient_checkpointing,
-    )
+    model = load_model(model_id, precision, device, token, args.lora_r, args.lora_alpha, args.lora_dropout)
+    features = speed_up(args, model, processor, data, device)
     methods = ["score", "generate"] if args.eval_method == "both" else [args.eval_method]
     labels = data.test["label"]
+    workers = loader_workers(device)
 
     def evaluate_all() -> dict[str, list[int]]:
         return {
-            method: predict(method, model, processor, chat, data.test, data.class_names, args.eval_batch_size)
+            method: predict(
+                method,
+                model,
+                processor,
+                chat,
+                data.test,
+                data.class_names,
+                args.eval_batch_size,
+                features,
+                workers,
+            )
             for method in methods
         }
 
     baseline = evaluate_all()
-    trainer = make_trainer(model, processor, data, chat, sft_config(args, run_dir, precision, device))
+    trainer, _ = build_trainer(args, model, processor, data, chat, precision, device, run_dir, features)
     output = train(trainer, run_dir, attempt)
     final = evaluate_all()
 

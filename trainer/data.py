@@ -3,10 +3,12 @@
 import io
 import random
 from collections import defaultdict
+from collections.abc import Container
 from dataclasses import dataclass
 from pathlib import Path
 
 import datasets
+import torch
 from PIL import Image
 from transformers import ProcessorMixin
 
@@ -17,8 +19,8 @@ PROMPT = "What breed is the pet in this picture? Answer with the breed name only
 
 @dataclass
 class PetData:
-    train: datasets.Dataset  # columns: image (decoded lazily to PIL), label (int)
-    test: datasets.Dataset
+    train: datasets.Dataset  # columns: image (decoded lazily to PIL), label (int), image_key (int)
+    test: datasets.Dataset  # image_key is unique across both splits
     class_names: list[str]  # readable, indexed by label
 
 
@@ -65,6 +67,40 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image if image.mode == "RGB" else image.convert("RGB")
 
 
+class PromptEncoder:
+    """The prompt with its image as model inputs, for a batch of examples.
+
+    With `features` (the keys whose image features are stored, trainer.speed.ImageFeatures), a batch whose
+    images are all stored carries image_keys instead of pixel values and skips image decoding and resizing:
+    the prompt's tokens do not depend on the image, so they are rendered once.
+    """
+
+    def __init__(self, processor: ProcessorMixin, chat: ChatFormat, features: Container[int] | None = None):
+        self.processor = processor
+        self.chat = chat
+        self.features = features
+        self._prompt: dict[str, torch.Tensor] | None = None
+
+    def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
+        if self.features is not None and all(example["image_key"] in self.features for example in examples):
+            if self._prompt is None:
+                self._prompt = self._encode([Image.new("RGB", (32, 32))])
+                del self._prompt["pixel_values"]
+            batch = {name: tensor.repeat(len(examples), 1) for name, tensor in self._prompt.items()}
+            batch["image_keys"] = torch.tensor([example["image_key"] for example in examples])
+            return batch
+        return self._encode([to_rgb(example["image"]) for example in examples])
+
+    def _encode(self, images: list[Image.Image]) -> dict[str, torch.Tensor]:
+        batch = self.processor(
+            text=[self.chat.prompt] * len(images),
+            images=[[image] for image in images],
+            add_special_tokens=False,  # the template already starts with <bos>
+            return_tensors="pt",
+        )
+        return dict(batch)
+
+
 def load_pets(dataset: str, train_size: int, eval_size: int, seed: int, token: str | None = None) -> PetData:
     """Subsets of the official splits (train from trainval, eval from test), stratified per breed."""
     train, test, raw_names = _load_splits(dataset, token)
@@ -75,6 +111,8 @@ def load_pets(dataset: str, train_size: int, eval_size: int, seed: int, token: s
     test = test.select(stratified_indices(test["label"], eval_size, seed))
     check_images(train)
     check_images(test)
+    train = train.add_column("image_key", list(range(len(train))))
+    test = test.add_column("image_key", list(range(len(train), len(train) + len(test))))
     return PetData(train, test, [readable_name(name) for name in raw_names])
 
 

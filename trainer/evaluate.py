@@ -1,6 +1,7 @@
 """Evaluation: class scoring by log-likelihood (default) or generation + name matching; sklearn metrics."""
 
-from collections.abc import Iterator
+from collections.abc import Container, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import datasets
@@ -13,9 +14,11 @@ from sklearn.metrics import (
     f1_score,
     precision_recall_fscore_support,
 )
-from transformers import BatchFeature, PreTrainedModel, ProcessorMixin
+from torch.utils.data import DataLoader
+from transformers import PreTrainedModel, ProcessorMixin
 
-from trainer.data import ChatFormat, to_rgb
+from trainer.data import ChatFormat, PromptEncoder
+from trainer.speed import single_thread
 
 UNKNOWN = -1  # a generated answer that names no breed
 
@@ -26,16 +29,80 @@ def prompt_batches(
     chat: ChatFormat,
     split: datasets.Dataset,
     batch_size: int,
-) -> Iterator[BatchFeature]:
-    for start in range(0, len(split), batch_size):
-        images = split[start : start + batch_size]["image"]
-        inputs = processor(
-            text=[chat.prompt] * len(images),
-            images=[[to_rgb(image)] for image in images],
-            add_special_tokens=False,  # the template already starts with <bos>
-            return_tensors="pt",
-        )
-        yield inputs.to(model.device, dtype=model.dtype)
+    features: Container[int] | None = None,
+    num_workers: int = 0,
+) -> Iterator[dict[str, torch.Tensor]]:
+    """Prompt inputs on the model's device; image decoding and resizing in `num_workers` processes."""
+    if features is not None and all(key in features for key in split["image_key"]):
+        split = split.remove_columns("image")  # batches carry image keys: decoding would be wasted
+    loader = DataLoader(
+        split,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        collate_fn=PromptEncoder(processor, chat, features),
+        worker_init_fn=single_thread,
+    )
+    for inputs in loader:
+        yield {
+            name: tensor.to(model.device, dtype=model.dtype if tensor.is_floating_point() else None)
+            for name, tensor in inputs.items()
+        }
+
+
+@dataclass
+class AnswerPack:
+    """All answers laid one after another behind the prompt, in one sequence per image.
+
+    Each answer token sees the whole prompt and the earlier tokens of its own answer only, at the positions
+    it would have right after the prompt: one forward pass scores every answer, with no copy of the prompt's
+    KV cache per answer (37 copies of a 27B model's cache for a batch of 4 took 87 GiB).
+    """
+
+    ids: torch.Tensor  # (answer tokens,) all answers concatenated
+    positions: torch.Tensor  # (prompt + answer tokens,)
+    segments: torch.Tensor  # 0 for the prompt, i + 1 for answer i
+    keep: torch.Tensor  # sequence indices whose logits predict an answer token
+    targets: torch.Tensor  # the answer token each kept position predicts
+    owner: torch.Tensor  # the answer each target belongs to
+
+    @classmethod
+    def build(cls, answers: list[list[int]], prompt_length: int) -> "AnswerPack":
+        ids, positions, segments = [], list(range(prompt_length)), [0] * prompt_length
+        keep, targets, owner = [], [], []
+        for index, answer in enumerate(answers):
+            start = prompt_length + len(ids)
+            for k, token in enumerate(answer):
+                # Token k is predicted by the token before it: the prompt's last one for k = 0.
+                keep.append(prompt_length - 1 if k == 0 else start + k - 1)
+                targets.append(token)
+                owner.append(index)
+            ids += answer
+            positions += range(prompt_length, prompt_length + len(answer))
+            segments += [index + 1] * len(answer)
+        return cls(*(torch.tensor(values) for values in (ids, positions, segments, keep, targets, owner)))
+
+    def masks(self, token_type_ids: torch.Tensor, config, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        """Gemma 3's full and sliding attention masks for the packed sequence, (1, 1, length, length).
+
+        The model's own rules for each prompt + answer sequence: causal, bidirectional inside
+        the image, sliding layers limited to the window, all measured in positions.
+        """
+        pos, seg = self.positions, self.segments
+        image = torch.cat([token_type_ids.cpu() == 1, torch.zeros(len(self.ids), dtype=torch.bool)])
+        same_branch = (seg[None, :] == 0) | (seg[None, :] == seg[:, None])
+        allowed = (pos[None, :] <= pos[:, None]) & same_branch
+        # One image per prompt here, so "the same image block" is "both are image tokens".
+        allowed |= image[:, None] & image[None, :]
+        sliding = allowed & (pos[None, :] > pos[:, None] - config.sliding_window)
+        implementation = config._attn_implementation
+        if implementation not in ("sdpa", "eager"):
+            raise ValueError(f"class scoring supports sdpa and eager attention, not {implementation}")
+        masks = {"full_attention": allowed, "sliding_attention": sliding}
+        for name, mask in masks.items():
+            if implementation == "eager":  # additive masks
+                mask = torch.zeros(mask.shape, dtype=dtype).masked_fill(~mask, torch.finfo(dtype).min)
+            masks[name] = mask[None, None]
+        return masks
 
 
 @torch.no_grad()
@@ -45,38 +112,45 @@ def answer_log_likelihoods(
     chat: ChatFormat,
     split: datasets.Dataset,
     batch_size: int,
+    features: Container[int] | None = None,
+    num_workers: int = 0,
 ) -> torch.Tensor:
-    """(images, classes) log-likelihood of each breed's answer (name + end-of-turn) after the prompt.
-
-    The prompt with its image runs once; its KV cache is repeated for the 37 answers, which run together
-    as one batch of short right-padded sequences.
-    """
+    """(images, classes) log-likelihood of each breed's answer (name + end-of-turn) after the prompt."""
     model.eval()
-    num_classes = len(chat.answers)
-    width = max(len(answer) for answer in chat.answers)
-    answer_ids = torch.tensor([a + [0] * (width - len(a)) for a in chat.answers], device=model.device)
-    answer_mask = torch.tensor(
-        [[1] * len(a) + [0] * (width - len(a)) for a in chat.answers], device=model.device
-    )
+    text_config = model.config.get_text_config()
+    pack: AnswerPack | None = None
     scores = []
-    for inputs in prompt_batches(model, processor, chat, split, batch_size):
-        rows = len(inputs["input_ids"])
-        prompt = model(**inputs, use_cache=True, logits_to_keep=1)
-        cache = prompt.cache
-        cache.batch_repeat_interleave(num_classes)
-        answers = model(
-            input_ids=answer_ids.repeat(rows, 1),
-            attention_mask=torch.cat(
-                [inputs["attention_mask"].repeat_interleave(num_classes, 0), answer_mask.repeat(rows, 1)],
-                dim=1,
-            ),
-            cache=cache,
-            use_cache=True,
+    for inputs in prompt_batches(model, processor, chat, split, batch_size, features, num_workers):
+        rows, prompt_length = inputs["input_ids"].shape
+        if not bool(inputs.pop("attention_mask").all()):
+            raise ValueError("class scoring expects unpadded prompts (the same text for every image)")
+        if pack is None:
+            pack = AnswerPack.build(chat.answers, prompt_length)
+            masks = {
+                name: mask.to(model.device)
+                for name, mask in pack.masks(inputs["token_type_ids"][0], text_config, model.dtype).items()
+            }
+            device_pack = {
+                name: getattr(pack, name).to(model.device) for name in ("ids", "positions", "keep")
+            }
+        del inputs["token_type_ids"]  # only used for the masks, which are given
+        prompt_ids = inputs.pop("input_ids")
+        outputs = model(
+            **inputs,
+            input_ids=torch.cat([prompt_ids, device_pack["ids"].expand(rows, -1)], dim=1),
+            position_ids=device_pack["positions"].expand(rows, -1),
+            attention_mask=masks,
+            logits_to_keep=device_pack["keep"],
+            use_cache=False,
         )
-        # Token k of an answer is predicted by the position before it: the prompt's last for k = 0.
-        logits = torch.cat([prompt.logits.repeat_interleave(num_classes, 0), answers.logits[:, :-1]], dim=1)
-        token_logp = logits.float().log_softmax(-1).gather(-1, answer_ids.repeat(rows, 1)[..., None])[..., 0]
-        scores.append((token_logp * answer_mask.repeat(rows, 1)).sum(-1).view(rows, num_classes).cpu())
+        token_logp = torch.stack(
+            [
+                row.float().log_softmax(-1).gather(-1, pack.targets.to(row.device)[:, None])[:, 0]
+                for row in outputs.logits
+            ]
+        ).cpu()
+        per_answer = torch.zeros(rows, len(chat.answers)).index_add_(1, pack.owner, token_logp)
+        scores.append(per_answer)
     return torch.cat(scores)
 
 
@@ -86,9 +160,12 @@ def score_classes(
     chat: ChatFormat,
     split: datasets.Dataset,
     batch_size: int,
+    features: Container[int] | None = None,
+    num_workers: int = 0,
 ) -> list[int]:
     """The most likely breed: never UNKNOWN."""
-    return answer_log_likelihoods(model, processor, chat, split, batch_size).argmax(-1).tolist()
+    scores = answer_log_likelihoods(model, processor, chat, split, batch_size, features, num_workers)
+    return scores.argmax(-1).tolist()
 
 
 def match_name(text: str, class_names: list[str]) -> int:
@@ -106,14 +183,18 @@ def generate_classes(
     split: datasets.Dataset,
     class_names: list[str],
     batch_size: int,
+    num_workers: int = 0,
 ) -> list[int]:
-    """Greedy generation, stopped at the end of the turn, then name matching; UNKNOWN when none matches."""
+    """Greedy generation, stopped at the end of the turn, then name matching; UNKNOWN when none matches.
+
+    Always from the pixels: stored image features would be looked up again at every generated token.
+    """
     model.eval()
     stop = list(
         dict.fromkeys([*np.atleast_1d(model.generation_config.eos_token_id or []), *chat.end_of_turn])
     )
     predictions: list[int] = []
-    for inputs in prompt_batches(model, processor, chat, split, batch_size):
+    for inputs in prompt_batches(model, processor, chat, split, batch_size, num_workers=num_workers):
         output = model.generate(
             **inputs,
             do_sample=False,
@@ -134,10 +215,12 @@ def predict(
     split: datasets.Dataset,
     class_names: list[str],
     batch_size: int,
+    features: Container[int] | None = None,
+    num_workers: int = 0,
 ) -> list[int]:
     if method == "score":
-        return score_classes(model, processor, chat, split, batch_size)
-    return generate_classes(model, processor, chat, split, class_names, batch_size)
+        return score_classes(model, processor, chat, split, batch_size, features, num_workers)
+    return generate_classes(model, processor, chat, split, class_names, batch_size, num_workers)
 
 
 def summary_metrics(labels: list[int], predictions: list[int]) -> dict[str, float]:

@@ -6,8 +6,6 @@ import platform
 from importlib import metadata
 from pathlib import Path
 
-from google.cloud import storage
-from google.cloud.storage import transfer_manager
 from peft import PeftModel
 
 from trainer.modeling import load_base_model, load_processor
@@ -47,6 +45,10 @@ def write_results(path: Path, results: dict) -> None:
 
 def upload(root: Path, files: list[Path], gcs_path: str) -> None:
     """Upload root/<file> to <gcs_path>/<file> in parallel; the client honours STORAGE_EMULATOR_HOST."""
+    # Imported here: only runs that upload need the client (the GPU benchmarks' machine has none).
+    from google.cloud import storage
+    from google.cloud.storage import transfer_manager
+
     bucket_name, _, prefix = gcs_path.removeprefix("gs://").partition("/")
     prefix = prefix.strip("/")
     bucket = storage.Client().bucket(bucket_name)

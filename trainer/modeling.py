@@ -22,9 +22,9 @@ log = logging.getLogger(__name__)
 # (docs/benchmarks) for no gain in the Gemma 3 recipes.
 LANGUAGE_MODEL_LINEAR = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 
-# bf16 weights may take this share of GPU memory; the rest is for activations, LoRA states and the cache
-# that scoring repeats for the 37 names.
-BF16_MEMORY_SHARE = 0.6
+# bf16 weights may take this share of the GPU memory budget; the rest is for LoRA states and activations,
+# which the memory plan fits by checkpointing layers (27B: 51 GiB of weights in an 85 GiB budget).
+BF16_MEMORY_SHARE = 0.7
 
 
 def check_model_id(model_id: str) -> None:
@@ -43,7 +43,9 @@ def resolve_device(device: str) -> str:
     return device
 
 
-def choose_precision(quantization: str, device: str, model_id: str, token: str | None) -> str:
+def choose_precision(
+    quantization: str, device: str, model_id: str, token: str | None, max_memory_gib: float = float("inf")
+) -> str:
     """'bf16', '4bit' or 'fp32' (CPU). 'auto' quantizes only when bf16 weights would not leave room."""
     if device == "cpu":
         if quantization == "4bit":
@@ -55,8 +57,9 @@ def choose_precision(quantization: str, device: str, model_id: str, token: str |
         shell = AutoModelForImageTextToText.from_config(AutoConfig.from_pretrained(model_id, token=token))
     weights = 2 * sum(p.numel() for p in shell.parameters())
     total = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
-    precision = "bf16" if weights <= BF16_MEMORY_SHARE * total else "4bit"
-    log.info("bf16 weights %.1f GiB, GPU %.1f GiB: %s", weights / 2**30, total / 2**30, precision)
+    budget = min(total, max_memory_gib * 2**30)
+    precision = "bf16" if weights <= BF16_MEMORY_SHARE * budget else "4bit"
+    log.info("bf16 weights %.1f GiB, memory budget %.1f GiB: %s", weights / 2**30, budget / 2**30, precision)
     return precision
 
 
@@ -94,27 +97,34 @@ def load_model(
     lora_r: int,
     lora_alpha: int,
     lora_dropout: float,
-    gradient_checkpointing: bool,
 ) -> PeftModel:
     """The base model with fresh LoRA adapters on the language model's linear layers; all else frozen."""
     model = load_base_model(model_id, precision, device, token)
+    return add_adapters(model, precision, lora_r, lora_alpha, lora_dropout, name=model_id)
+
+
+def add_adapters(
+    model: PreTrainedModel,
+    precision: str,
+    lora_r: int,
+    lora_alpha: int,
+    lora_dropout: float,
+    target_modules: str = LANGUAGE_MODEL_LINEAR,
+    name: str = "",
+) -> PeftModel:
     if precision == "4bit":
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+        # Gradient checkpointing is planned later (trainer.speed), on the layers that need it.
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     lora = LoraConfig(
         r=lora_r,
         lora_alpha=lora_alpha,
         lora_dropout=lora_dropout,
-        target_modules=LANGUAGE_MODEL_LINEAR,
+        target_modules=target_modules,
         task_type="CAUSAL_LM",
     )
     model = get_peft_model(model, lora)
     trainable, total = model.get_nb_trainable_parameters()
     log.info(
-        "model %s (%s): %d of %d parameters trainable (LoRA r=%d)",
-        model_id,
-        precision,
-        trainable,
-        total,
-        lora_r,
+        "model %s (%s): %d of %d parameters trainable (LoRA r=%d)", name, precision, trainable, total, lora_r
     )
     return model

@@ -3,6 +3,7 @@
 import logging
 import sys
 import time
+from collections.abc import Callable, Container
 from pathlib import Path
 
 import torch
@@ -11,7 +12,7 @@ from transformers import PrinterCallback, ProcessorMixin, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, TrainOutput
 from trl import SFTConfig, SFTTrainer
 
-from trainer.data import ChatFormat, PetData, to_rgb
+from trainer.data import ChatFormat, PetData, PromptEncoder
 
 log = logging.getLogger(__name__)
 
@@ -19,19 +20,15 @@ log = logging.getLogger(__name__)
 class AnswerOnlyCollator:
     """Image + question, then the breed name and the end-of-turn marker; labels on those last tokens only."""
 
-    def __init__(self, processor: ProcessorMixin, chat: ChatFormat) -> None:
+    def __init__(self, processor: ProcessorMixin, chat: ChatFormat, features: Container[int] | None = None):
         self.processor = processor
         self.chat = chat
+        self.prompts = PromptEncoder(processor, chat, features)
 
     def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
         # The prompt text is the same for every example, so prompts need no padding: answers are
         # appended after it and right-padded.
-        batch = self.processor(
-            text=[self.chat.prompt] * len(examples),
-            images=[[to_rgb(example["image"])] for example in examples],
-            add_special_tokens=False,  # the template already starts with <bos>
-            return_tensors="pt",
-        )
+        batch = self.prompts(examples)
         answers = [self.chat.answers[example["label"]] for example in examples]
         width = max(len(answer) for answer in answers)
         pad = self.processor.tokenizer.pad_token_id
@@ -45,7 +42,7 @@ class AnswerOnlyCollator:
         batch["labels"] = torch.cat(
             [torch.full_like(prompt_ids, -100), answer_ids.masked_fill(answer_mask == 0, -100)], dim=1
         )
-        return dict(batch)
+        return batch
 
 
 class LogLine(TrainerCallback):
@@ -74,11 +71,13 @@ class LogLine(TrainerCallback):
         )
 
 
-def sft_config(args, run_dir: Path, precision: str, device: str) -> SFTConfig:
+def sft_config(
+    args, run_dir: Path, precision: str, device: str, batch_size: int, num_workers: int = 0
+) -> SFTConfig:
     return SFTConfig(
         output_dir=str(run_dir),
         num_train_epochs=args.num_epochs,
-        per_device_train_batch_size=args.batch_size,
+        per_device_train_batch_size=batch_size,
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         learning_rate=args.learning_rate,
         logging_steps=args.logging_steps,
@@ -88,7 +87,9 @@ def sft_config(args, run_dir: Path, precision: str, device: str) -> SFTConfig:
         seed=args.seed,
         bf16=precision != "fp32",  # TRL defaults to bf16, which fails on CPU
         use_cpu=device == "cpu",
-        activation_checkpointing=args.gradient_checkpointing,  # TRL's default is on
+        # TRL's default is on, for every layer; trainer.speed checkpoints only the layers memory demands.
+        gradient_checkpointing=False,
+        dataloader_num_workers=num_workers,
         # Our collator needs the image and label columns, which TRL would otherwise drop.
         remove_unused_columns=False,
         dataset_kwargs={"skip_prepare_dataset": True},
@@ -98,19 +99,47 @@ def sft_config(args, run_dir: Path, precision: str, device: str) -> SFTConfig:
 
 
 def make_trainer(
-    model: PeftModel, processor: ProcessorMixin, data: PetData, chat: ChatFormat, config: SFTConfig
+    model: PeftModel,
+    processor: ProcessorMixin,
+    data: PetData,
+    chat: ChatFormat,
+    config: SFTConfig,
+    features: Container[int] | None = None,
 ) -> SFTTrainer:
     trainer = SFTTrainer(
         model=model,
         args=config,
         train_dataset=data.train,
-        data_collator=AnswerOnlyCollator(processor, chat),
+        data_collator=AnswerOnlyCollator(processor, chat, features),
         processing_class=processor,
     )
     # Replaces the dict that Trainer prints when progress bars are off.
     trainer.remove_callback(PrinterCallback)
     trainer.add_callback(LogLine())
     return trainer
+
+
+def probe_step(trainer: SFTTrainer) -> Callable[[list[dict]], None]:
+    """One forward + backward of the trainer's own training step, gradients dropped: for memory probes."""
+
+    # Set by Trainer's loop, read by training_step: the probes run before the loop.
+    trainer.current_gradient_accumulation_steps = 1
+
+    def step(examples: list[dict]) -> None:
+        inputs = trainer._prepare_inputs(trainer.data_collator(examples))
+        trainer.training_step(trainer.model, inputs)
+        trainer.model.zero_grad(set_to_none=True)
+
+    return step
+
+
+def set_batch_size(trainer: SFTTrainer, batch_size: int) -> None:
+    """Change the batch after the trainer was built (the memory plan needs the trainer's step to measure)."""
+    trainer.args.per_device_train_batch_size = batch_size
+    trainer._train_batch_size = trainer.args.train_batch_size
+    # The probes' steps must not show in the first logged metrics.
+    trainer._metrics["train"].clear()
+    trainer._total_train_tokens = 0
 
 
 def last_complete_checkpoint(run_dir: Path) -> Path | None:

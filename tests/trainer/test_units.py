@@ -118,7 +118,7 @@ def test_generated_text_is_matched_to_the_longest_breed_name() -> None:
 
 
 def test_lora_goes_on_the_language_model_only(tiny_model: Path) -> None:
-    model = load_model(str(tiny_model), "fp32", "cpu", None, 4, 8, 0.0, gradient_checkpointing=False)
+    model = load_model(str(tiny_model), "fp32", "cpu", None, 4, 8, 0.0)
     trainable = [name for name, param in model.named_parameters() if param.requires_grad]
     assert trainable and all("language_model" in name and "lora_" in name for name in trainable)
     assert not any(param.requires_grad for name, param in model.named_parameters() if "vision_tower" in name)

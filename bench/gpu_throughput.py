@@ -1,0 +1,614 @@
+"""GPU training and evaluation throughput of the trainer on real-size, random-init Gemma 3.
+
+    python bench/gpu_throughput.py --arch 4b --configs reference,ours --out bench/results
+    python bench/gpu_throughput.py --arch 27b --configs reference,ours --max-memory-gib 85
+    python bench/gpu_throughput.py --smoke          # CPU, tiny config, every code path end to end
+    python bench/gpu_throughput.py --quality        # tiny model trained with and without the levers
+
+Everything runs through the trainer's own code: its flags (trainer.__main__.parse_args), model setup
+(trainer.modeling.add_adapters), levers (trainer.__main__.speed_up / build_trainer: memory cap, image
+features, compiled layers, batch and checkpointing plan), TRL SFTTrainer with the answer-only collator, and
+the evaluation functions (trainer.evaluate.predict). Only the weights are random (their values do not change
+speed) and the data is synthetic: 896x896 JPEGs, and the prompt padded to the real sample length (470 tokens:
+256 image tokens, 208 prompt and template tokens, answer + end of turn, docs/benchmarks.md).
+
+Each configuration builds a fresh model; one JSON line per measured (configuration, phase) goes to
+OUT/gpu.jsonl, with the FLOP count behind the MFU column.
+"""
+
+import argparse
+import datetime
+import gc
+import json
+import logging
+import math
+import os
+import random
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import trainer.data  # noqa: E402
+from trainer.__main__ import build_trainer, parse_args, speed_up  # noqa: E402
+from trainer.data import PetData, chat_format, load_pets, readable_name  # noqa: E402
+from trainer.evaluate import predict  # noqa: E402
+from trainer.export import versions  # noqa: E402
+from trainer.modeling import LANGUAGE_MODEL_LINEAR, add_adapters  # noqa: E402
+from trainer.synthetic import BREEDS, LIST_HEADER  # noqa: E402
+from trainer.tiny import CHAT_TEMPLATE, build_tokenizer  # noqa: E402
+
+log = logging.getLogger("bench")
+
+CONFIGS = Path(__file__).resolve().parent / "configs"
+# bf16 dense matmul rate of one H200 measured here (8192^3, random data): the MFU denominator.
+PEAK_FLOPS = 790e12
+# The reference sample: 256 image tokens + 208 prompt and template tokens + answer and end of turn.
+PROMPT_TOKENS = 464
+# The reference script's LoRA targets: these names also match SigLIP's q/k/v projections.
+REFERENCE_TARGETS = r".*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+
+# name -> (trainer flags, LoRA target regex, evaluation method).
+VARIANTS: dict[str, tuple[list[str], str, str]] = {
+    "reference": (
+        [
+            "--quantization", "4bit", "--batch-size", "1", "--gradient-checkpointing", "off",
+            "--compile", "off", "--no-cache-image-features", "--eval-batch-size", "8",
+        ],
+        REFERENCE_TARGETS,
+        "generate",
+    ),
+    "reference-bf16": (
+        [
+            "--quantization", "none", "--batch-size", "1", "--gradient-checkpointing", "off",
+            "--compile", "off", "--no-cache-image-features", "--eval-batch-size", "8",
+        ],
+        REFERENCE_TARGETS,
+        "generate",
+    ),
+    "ours": ([], LANGUAGE_MODEL_LINEAR, "score"),
+    "ours-no-compile": (["--compile", "off"], LANGUAGE_MODEL_LINEAR, "score"),
+    "ours-no-feature-cache": (["--no-cache-image-features"], LANGUAGE_MODEL_LINEAR, "score"),
+    "ours-b8": (["--batch-size", "8"], LANGUAGE_MODEL_LINEAR, "score"),
+    "ours-b16": (["--batch-size", "16"], LANGUAGE_MODEL_LINEAR, "score"),
+    "ours-no-dropout": (["--lora-dropout", "0"], LANGUAGE_MODEL_LINEAR, "score"),
+}  # fmt: skip
+
+
+def write_images(root: Path, per_class: int, test_per_class: int, size: int, seed: int = 0) -> None:
+    """896x896 JPEGs (noise over the breed's colour blocks, so they cost a real decode) in the official
+    Oxford-IIIT Pet layout that trainer.data.load_pets reads."""
+    rng = np.random.default_rng(seed)
+    (root / "images").mkdir(parents=True)
+    (root / "annotations").mkdir()
+    rows, trainval, test = [], [], []
+    for index, breed in enumerate(BREEDS):
+        for number in range(1, per_class + test_per_class + 1):
+            pixels = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
+            image = Image.fromarray(pixels)
+            draw = ImageDraw.Draw(image)
+            half = size // 2
+            for quadrant in range(4):
+                x, y = quadrant % 2 * half, quadrant // 2 * half
+                colour = (
+                    tuple(int(c) for c in rng.integers(0, 256, 3)) if (index >> quadrant) & 1 else (0, 0, 0)
+                )
+                draw.rectangle((x + 8, y + 8, x + half - 8, y + half - 8), outline=colour, width=12)
+            name = f"{breed}_{number}"
+            image.save(root / "images" / f"{name}.jpg", quality=90)
+            row = f"{name} {index + 1} 1 1\n"
+            rows.append(row)
+            (trainval if number <= per_class else test).append(row)
+    (root / "annotations" / "list.txt").write_text(LIST_HEADER + "".join(rows))
+    (root / "annotations" / "trainval.txt").write_text("".join(trainval))
+    (root / "annotations" / "test.txt").write_text("".join(test))
+
+
+def build_processor(image_size: int, tokens_per_image: int):
+    from transformers import Gemma3Processor
+
+    try:  # the torchvision-backed processor, as on the GPU image; the PIL one elsewhere
+        import torchvision  # noqa: F401
+        from transformers import Gemma3ImageProcessor as ImageProcessor
+    except ImportError:
+        from transformers import Gemma3ImageProcessorPil as ImageProcessor
+    return Gemma3Processor(
+        image_processor=ImageProcessor(size={"height": image_size, "width": image_size}),
+        tokenizer=build_tokenizer(),
+        chat_template=CHAT_TEMPLATE,
+        image_seq_length=tokens_per_image,
+    )
+
+
+def pad_prompt(processor, class_names: list[str], target: int) -> int:
+    """Make trainer.data.PROMPT, as the chat template renders it with its image, exactly `target` tokens:
+    the question, the breeds to choose from (as the reference script lists them), then filler words."""
+    question = trainer.data.PROMPT
+    choices = " Choose one of: " + ", ".join(class_names) + "."
+    words = (question + choices).split(" ")
+
+    def length(prompt: str) -> int:
+        trainer.data.PROMPT = prompt
+        chat = chat_format(processor, class_names)
+        image = Image.new("RGB", (32, 32))
+        encoded = processor(
+            text=[chat.prompt], images=[[image]], add_special_tokens=False, return_tensors="pt"
+        )
+        return encoded["input_ids"].shape[1]
+
+    while len(words) > 1 and length(" ".join(words)) > target:
+        words.pop()
+    prompt = " ".join(words)
+    while (current := length(prompt)) < target:
+        prompt += " ." * max(1, (target - current) // 2)
+    if current != target:
+        raise RuntimeError(f"prompt of {current} tokens, wanted {target}")
+    return current
+
+
+def build_model(arch: str, processor, device: str):
+    """Random-init Gemma 3 from the published config, its special token ids set to the bench tokenizer's."""
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration
+
+    raw = json.loads((CONFIGS / f"gemma-3-{arch}-it.json").read_text())
+    tokenizer = processor.tokenizer
+    ids = tokenizer.convert_tokens_to_ids
+    raw.update(
+        image_token_index=ids("<image_soft_token>"),
+        boi_token_index=ids("<start_of_image>"),
+        eoi_token_index=ids("<end_of_image>"),
+        eos_token_id=[tokenizer.eos_token_id, ids("<end_of_turn>")],
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+    )
+    raw["text_config"].update(pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id)
+    config = Gemma3Config(**raw)
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = Gemma3ForConditionalGeneration(config)
+    finally:
+        torch.set_default_dtype(previous)
+    with torch.no_grad():  # _init_weights zeroes the projector; a trained one is not zero
+        projection = model.model.multi_modal_projector.mm_input_projection_weight
+        projection.normal_(0.0, projection.shape[0] ** -0.5)
+    model.generation_config.eos_token_id = raw["eos_token_id"]
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model.requires_grad_(False)
+
+
+def tiny_config(processor) -> dict:
+    """trainer.tiny's shapes, for --smoke."""
+    return {
+        "text_config": {
+            "vocab_size": len(processor.tokenizer),
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "num_hidden_layers": 2,
+            "layer_types": ["sliding_attention", "full_attention"],
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "head_dim": 16,
+            "query_pre_attn_scalar": 16,
+            "sliding_window": 64,
+            "max_position_embeddings": 1024,
+        },
+        "vision_config": {
+            "model_type": "siglip_vision_model",
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "image_size": 32,
+            "patch_size": 8,
+            "vision_use_head": False,
+        },
+        "mm_tokens_per_image": 4,
+    }
+
+
+def quantize_nf4(model, skip: tuple[str, ...] = ("lm_head", "multi_modal_projector")) -> None:
+    """What from_pretrained(quantization_config=BitsAndBytesConfig(nf4, double quant, bf16 compute)) does to
+    the weights, done in place on a random-init model (there is no checkpoint to load)."""
+    import bitsandbytes as bnb
+
+    for parent_name, parent in list(model.named_modules()):
+        for name, child in list(parent.named_children()):
+            full = f"{parent_name}.{name}" if parent_name else name
+            if type(child) is not torch.nn.Linear or any(part in full for part in skip):
+                continue
+            quantized = bnb.nn.Linear4bit(
+                child.in_features,
+                child.out_features,
+                bias=child.bias is not None,
+                compute_dtype=torch.bfloat16,
+                compress_statistics=True,
+                quant_type="nf4",
+                device="meta",
+            )
+            weight = bnb.nn.Params4bit(
+                child.weight.data, requires_grad=False, compress_statistics=True, quant_type="nf4"
+            )
+            quantized.weight = weight.to(child.weight.device)
+            if child.bias is not None:
+                quantized.bias = torch.nn.Parameter(child.bias.data, requires_grad=False)
+            setattr(parent, name, quantized)
+            del child
+    model.is_loaded_in_4bit = True
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+@dataclass
+class Flops:
+    """Matmul FLOPs per sample, executed work only (recomputation by gradient checkpointing not counted)."""
+
+    train: float
+    eval_score: float
+    vision: float  # one image through SigLIP + projector, forward
+    tokens: int
+
+
+def count_flops(model, prompt_tokens: int, answers: list[list[int]], vision_lora: bool) -> Flops:
+    """2 x multiply-adds. Frozen linear: forward 1x, backward 1x (input gradient only); LoRA: 3x;
+    attention (QK^T and AV; causal half for text, full for SigLIP): forward 1x, backward 2x; lm_head on the
+    answer positions only (TRL's fused head): forward + input gradient."""
+    text, vision = model.config.text_config, model.config.vision_config
+    linear = {"language_model": 0.0, "vision_tower": 0.0}
+    lora = {"language_model": 0.0, "vision_tower": 0.0}
+    for name, module in model.named_modules():
+        part = next((key for key in linear if key in name), None)
+        if part is None or "lora_" in name:
+            continue
+        if isinstance(module, torch.nn.Linear):
+            linear[part] += module.in_features * module.out_features
+        elif hasattr(module, "lora_A") and "default" in getattr(module, "lora_A", {}):
+            adapter = module.lora_A["default"]
+            lora[part] += adapter.out_features * (adapter.in_features + module.lora_B["default"].out_features)
+    answer = sum(len(a) for a in answers) / len(answers)
+    seq = prompt_tokens + answer
+    patches = (vision.image_size // vision.patch_size) ** 2
+    width = text.num_attention_heads * text.head_dim
+    text_attention = 2 * seq * seq * width * text.num_hidden_layers
+    vision_attention = 4 * patches * patches * vision.hidden_size * vision.num_hidden_layers
+    vision_forward = 2 * linear["vision_tower"] * patches + vision_attention
+    head = 2 * text.hidden_size * text.vocab_size * answer
+    train = (
+        2 * (2 * linear["language_model"] * seq)
+        + 3 * text_attention
+        + 3 * 2 * lora["language_model"] * seq
+        + 2 * head
+    )
+    if vision_lora:  # backward through the vision tower (input gradients) and SigLIP's LoRA
+        train += vision_forward + vision_attention + 3 * 2 * lora["vision_tower"] * patches
+    # Scoring: the prompt once and all answers packed in one sequence; logits at the answer positions.
+    answer_tokens = sum(len(a) for a in answers)
+    packed = prompt_tokens + answer_tokens
+    eval_score = (
+        2 * linear["language_model"] * packed
+        + 2 * packed * packed * width * text.num_hidden_layers
+        + 2 * text.hidden_size * text.vocab_size * answer_tokens
+    )
+    return Flops(train, eval_score, vision_forward, round(seq))
+
+
+class StepTimer:
+    """Synchronized wall time from the end of the warm-up steps to the end of training."""
+
+    def __init__(self, warmup: int, device: str) -> None:
+        from transformers import TrainerCallback
+
+        timer = self
+
+        class Callback(TrainerCallback):
+            def on_step_end(self, args, state, control, **kwargs):
+                if state.global_step == warmup:
+                    timer.sync()
+                    timer.start = time.perf_counter()
+                    timer.reset_peak()
+
+            def on_train_end(self, args, state, control, **kwargs):
+                timer.sync()
+                timer.end = time.perf_counter()
+
+        self.device = device
+        self.callback = Callback()
+        self.start = self.end = 0.0
+
+    def sync(self) -> None:
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+
+    def reset_peak(self) -> None:
+        if self.device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+
+
+def peak_gib(device: str) -> tuple[float, float]:
+    if device != "cuda":
+        return 0.0, 0.0
+    return torch.cuda.max_memory_reserved() / 2**30, torch.cuda.max_memory_allocated() / 2**30
+
+
+def gpu_name(device: str) -> str:
+    return torch.cuda.get_device_name() if device == "cuda" else "cpu"
+
+
+def record(out: Path, row: dict) -> None:
+    line = json.dumps(row)
+    print("RESULT " + line, flush=True)
+    with (out / "gpu.jsonl").open("a") as file:
+        file.write(line + "\n")
+
+
+def measure(
+    name: str,
+    arch: str,
+    phases: list[str],
+    bench: argparse.Namespace,
+    dataset: Path,
+    data: PetData,
+    processor,
+    out: Path,
+) -> None:
+    """One configuration: fresh model, the trainer's setup, timed training steps, timed evaluation."""
+    flags, targets, eval_method = VARIANTS[name]
+    device = "cuda" if torch.cuda.is_available() and not bench.smoke else "cpu"
+    args = parse_args(
+        [
+            "--model-id", "random-init", "--dataset", str(dataset), "--device", device,
+            "--max-memory-gib", str(bench.max_memory_gib), "--checkpoint-strategy", "no",
+            "--logging-steps", "1000", "--train-size", str(bench.train_size),
+            "--eval-size", str(bench.eval_size), *flags,
+        ]
+    )  # fmt: skip
+    precision = "fp32" if device == "cpu" else ("4bit" if args.quantization == "4bit" else "bf16")
+    chat = chat_format(processor, data.class_names)
+    torch.manual_seed(args.seed)
+    start = time.perf_counter()
+    model = build_tiny(processor) if bench.smoke else build_model(arch, processor, device)
+    if precision == "4bit":
+        quantize_nf4(model)
+    model = add_adapters(model, precision, args.lora_r, args.lora_alpha, args.lora_dropout, targets, name)
+    log.info("%s: model ready in %.1f s", name, time.perf_counter() - start)
+    flops = count_flops(model, PROMPT_TOKENS, chat.answers, targets == REFERENCE_TARGETS)
+    common = {
+        "arch": "tiny" if bench.smoke else arch,
+        "config": name,
+        "gpu": gpu_name(device),
+        "date": datetime.date.today().isoformat(),
+        "precision": precision,
+        "max_memory_gib": args.max_memory_gib,
+    }
+
+    start = time.perf_counter()
+    features = speed_up(args, model, processor, data, device)
+    setup_s = time.perf_counter() - start
+    feature_rate = None
+    if features is not None and features.filled:
+        feature_rate = features.filled / features.fill_seconds
+        log.info("%s: image features %.1f images/s", name, feature_rate)
+
+    if "eval" in phases:
+        # generate runs at ~1 sample/s at 27B: two batches are enough to time it.
+        samples = bench.eval_samples if eval_method == "score" else 2 * args.eval_batch_size
+        split = data.test.select(range(min(samples, len(data.test))))
+        workers = 0 if device == "cpu" else 4
+        # Warm-up on one batch (kernels, compiled graphs), then the timed pass.
+        warmup = split.select(range(min(args.eval_batch_size, len(split))))
+        predict(eval_method, model, processor, chat, warmup, data.class_names, args.eval_batch_size,
+                features, workers)  # fmt: skip
+        timer = StepTimer(0, device)
+        timer.reset_peak()
+        timer.sync()
+        start = time.perf_counter()
+        predict(eval_method, model, processor, chat, split, data.class_names, args.eval_batch_size,
+                features, workers)  # fmt: skip
+        timer.sync()
+        seconds = time.perf_counter() - start
+        rate = len(split) / seconds
+        reserved, allocated = peak_gib(device)
+        if eval_method == "score":
+            per_sample = flops.eval_score
+            tokens = PROMPT_TOKENS + sum(len(a) for a in chat.answers)
+        else:  # generate: prompt forward + up to max_new_tokens decode steps (random weights never stop)
+            new_tokens = max(len(a) for a in chat.answers) + 8
+            per_sample = (
+                flops.eval_score
+                * (PROMPT_TOKENS + new_tokens)
+                / (PROMPT_TOKENS + sum(len(a) for a in chat.answers))
+            )
+            tokens = PROMPT_TOKENS + new_tokens
+        row = {
+            **common,
+            "phase": "eval",
+            "method": eval_method,
+            "batch_size": args.eval_batch_size,
+            "samples_per_s": round(rate, 3),
+            "tokens_per_s": round(rate * tokens, 1),
+            "peak_gib": round(reserved, 2),
+            "peak_allocated_gib": round(allocated, 2),
+            "mfu": round(rate * per_sample / PEAK_FLOPS, 4),
+            "flops_per_sample": per_sample,
+            "samples": len(split),
+        }
+        if feature_rate:
+            # The first evaluation also pays for its images' features; later ones reuse them.
+            row["samples_per_s_with_feature_pass"] = round(1 / (1 / rate + 1 / feature_rate), 3)
+            row["feature_images_per_s"] = round(feature_rate, 2)
+        record(out, row)
+
+    if "train" in phases:
+        run_dir = Path(tempfile.mkdtemp(prefix=f"bench-{name}-"))
+        start = time.perf_counter()
+        trainer, plan = build_trainer(
+            args, model, processor, data, chat, precision, device, run_dir, features
+        )
+        plan_s = time.perf_counter() - start
+        batch = trainer.args.per_device_train_batch_size
+        timer = StepTimer(bench.warmup, device)
+        trainer.add_callback(timer.callback)
+        trainer.args.max_steps = bench.warmup + bench.steps
+        start = time.perf_counter()
+        trainer.train()
+        total_s = time.perf_counter() - start
+        seconds = timer.end - timer.start
+        rate = bench.steps * batch / seconds
+        reserved, allocated = peak_gib(device)
+        per_sample = flops.train + (0 if features is not None else flops.vision)
+        record(
+            out,
+            {
+                **common,
+                "phase": "train",
+                "batch_size": batch,
+                "checkpointed_layers": plan.checkpointed_layers if plan else 0,
+                "samples_per_s": round(rate, 3),
+                "tokens_per_s": round(rate * flops.tokens, 1),
+                "peak_gib": round(reserved, 2),
+                "peak_allocated_gib": round(allocated, 2),
+                "mfu": round(rate * per_sample / PEAK_FLOPS, 4),
+                "flops_per_sample": per_sample,
+                "steps": bench.steps,
+                "warmup_steps": bench.warmup,
+                "setup_s": round(setup_s, 1),
+                "plan_s": round(plan_s, 1),
+                "train_call_s": round(total_s, 1),
+                "plan": plan.describe() if plan else None,
+                **({"feature_images_per_s": round(feature_rate, 2)} if feature_rate else {}),
+            },
+        )
+    del model, features
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+        torch._dynamo.reset()
+
+
+def build_tiny(processor):
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration
+
+    tokenizer = processor.tokenizer
+    ids = tokenizer.convert_tokens_to_ids
+    config = Gemma3Config(
+        **tiny_config(processor),
+        image_token_index=ids("<image_soft_token>"),
+        boi_token_index=ids("<start_of_image>"),
+        eoi_token_index=ids("<end_of_image>"),
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=[tokenizer.eos_token_id, ids("<end_of_turn>")],
+        bos_token_id=tokenizer.bos_token_id,
+    )
+    model = Gemma3ForConditionalGeneration(config)
+    model.generation_config.eos_token_id = [tokenizer.eos_token_id, ids("<end_of_turn>")]
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model.requires_grad_(False)
+
+
+def quality(out: Path, extra: list[str], configs: list[str]) -> None:
+    """The tiny model on synthetic pets, trained with every lever on and with all of them off: accuracies."""
+    from trainer.synthetic import write_dataset
+    from trainer.tiny import build
+
+    root = Path(tempfile.mkdtemp(prefix="bench-quality-"))
+    build(root / "model")
+    write_dataset(root / "pets", per_class=20, test_per_class=6)
+    base = [
+        sys.executable, "-m", "trainer", "--model-id", str(root / "model"), "--dataset", str(root / "pets"),
+        "--train-size", "740", "--eval-size", "222", "--num-epochs", "5", "--learning-rate", "2e-2",
+        "--batch-size", "16", "--eval-batch-size", "32", "--checkpoint-strategy", "no",
+        "--logging-steps", "50", "--eval-method", "both", "--seed", "0", *extra,
+    ]  # fmt: skip
+    off = ["--compile", "off", "--no-cache-image-features", "--gradient-checkpointing", "off"]
+    for name, flags in (("levers-on", []), ("levers-off", off)):
+        if name not in configs:
+            continue
+        run_dir = root / name
+        start = time.perf_counter()
+        result = subprocess.run(
+            [*base, "--output-dir", str(run_dir), *flags],
+            cwd=Path(__file__).resolve().parents[1],
+            capture_output=True,
+            text=True,
+        )
+        (out / f"quality-{name}.log").write_text(result.stdout + result.stderr)
+        if result.returncode != 0:
+            print(f"QUALITY {name} failed:\n{result.stderr[-3000:]}", flush=True)
+            continue
+        results = json.loads((run_dir / "results.json").read_text())
+        row = {
+            "config": name,
+            "seconds": round(time.perf_counter() - start, 1),
+            "by_method": results["by_method"],
+            "train_samples_per_s": results["train"]["samples_per_s"],
+        }
+        print("QUALITY " + json.dumps(row), flush=True)
+        with (out / "quality.jsonl").open("a") as file:
+            file.write(json.dumps(row) + "\n")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", choices=["4b", "27b"], default="4b")
+    parser.add_argument("--configs", default="reference,ours", help=f"comma-separated: {', '.join(VARIANTS)}")
+    parser.add_argument("--phases", default="train,eval")
+    parser.add_argument("--max-memory-gib", type=float, default=85.0)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--eval-samples", type=int, default=64)
+    parser.add_argument("--train-per-class", type=int, default=20)
+    parser.add_argument("--out", type=Path, default=Path("bench/results"))
+    parser.add_argument("--smoke", action="store_true", help="CPU, tiny config, 2 steps: the code paths only")
+    parser.add_argument("--quality", action="store_true", help="tiny model, levers on vs off: accuracy")
+    parser.add_argument("--quality-flags", default="", help="extra trainer flags for --quality")
+    parser.add_argument("--quality-configs", default="levers-on,levers-off")
+    bench = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="%(asctime)s %(levelname)s %(message)s")
+    bench.out.mkdir(parents=True, exist_ok=True)
+    device = "cuda" if torch.cuda.is_available() and not bench.smoke else "cpu"
+    print("VERSIONS " + json.dumps({**versions(), "gpu": gpu_name(device)}), flush=True)
+    if bench.quality:
+        quality(bench.out, bench.quality_flags.split(), bench.quality_configs.split(","))
+        return
+    if bench.smoke:
+        bench.warmup, bench.steps, bench.eval_samples, bench.train_per_class = 1, 2, 4, 1
+    test_per_class = max(1, math.ceil(bench.eval_samples / len(BREEDS)))
+    bench.train_size = len(BREEDS) * bench.train_per_class
+    bench.eval_size = len(BREEDS) * test_per_class
+    image_size, tokens = (32, 4) if bench.smoke else (896, 256)
+    processor = build_processor(image_size, tokens)
+    dataset = Path(tempfile.mkdtemp(prefix="bench-pets-"))
+    start = time.perf_counter()
+    write_images(dataset, bench.train_per_class, test_per_class, 96 if bench.smoke else 896)
+    log.info("images written in %.1f s", time.perf_counter() - start)
+    global PROMPT_TOKENS
+    if bench.smoke:
+        PROMPT_TOKENS = 60
+    names = [readable_name(breed) for breed in BREEDS]
+    log.info("prompt: %d tokens", pad_prompt(processor, names, PROMPT_TOKENS))
+    data = load_pets(str(dataset), bench.train_size, bench.eval_size, seed=42)
+    random.seed(0)
+    for name in bench.configs.split(","):
+        try:
+            measure(name, bench.arch, bench.phases.split(","), bench, dataset, data, processor, bench.out)
+        except Exception:  # one configuration's failure must not cost the others' numbers
+            print(f"FAILED {name}:\n{traceback.format_exc()}", flush=True)
+            gc.collect()
+            if device == "cuda":
+                torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    main()

@@ -1,0 +1,307 @@
+"""GPU speed levers: a memory budget, a batch size and gradient-checkpointing plan measured against it,
+per-layer torch.compile, and the frozen image features computed once per image.
+
+docs/benchmarks.md ("GPU training and evaluation") has the numbers behind each default.
+"""
+
+import logging
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import datasets
+import torch
+from peft import PeftModel
+from torch import nn
+from torch.utils.data import DataLoader
+from transformers import PreTrainedModel, ProcessorMixin
+
+from trainer.data import to_rgb
+
+log = logging.getLogger(__name__)
+
+GIB = 2**30
+
+# Share of the budget the plan leaves unused: the allocator's fragmentation and the kernels' workspaces.
+MEMORY_MARGIN = 0.07
+# Largest batch the plan picks: more only shortens the run's step count, at a throughput already flat.
+MAX_AUTO_BATCH = 32
+# Per-step cost that does not grow with the batch (optimizer step, launches), in units of one sample's
+# forward + backward: the plan prefers fewer, larger steps by this much.
+STEP_OVERHEAD_SAMPLES = 1.0
+
+
+def gemma_backbone(model: nn.Module) -> nn.Module:
+    """The Gemma3Model inside a Gemma3ForConditionalGeneration, with or without PEFT around it."""
+    base = model.get_base_model() if isinstance(model, PeftModel) else model
+    return base.model
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    return gemma_backbone(model).language_model.layers
+
+
+def apply_memory_budget(max_memory_gib: float, device: str) -> int:
+    """Cap this process's GPU memory at the budget (or the GPU's size) and return the cap in bytes.
+
+    The cap makes a larger GPU fail like the smaller target GPU would, instead of quietly using more.
+    """
+    index = torch.device(device).index
+    index = torch.cuda.current_device() if index is None else index
+    total = torch.cuda.get_device_properties(index).total_memory
+    budget = min(total, int(max_memory_gib * GIB))
+    torch.cuda.set_per_process_memory_fraction(budget / total, index)
+    return budget
+
+
+def compile_layers(model: nn.Module) -> None:
+    """torch.compile each decoder layer on its own: one graph per layer kind, reused by all layers.
+
+    Compiling the whole model would trace PEFT's and Trainer's Python around the layers and break the graph
+    at each of them; one layer is a clean graph (attention, norms, GeGLU and LoRA fused). dynamic=True:
+    batch and sequence length change (answer widths, probes, scoring) without recompiling.
+    """
+    # Sliding and full attention layers, training and no-grad graphs: a few entries per layer code object.
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 32)
+    for layer in decoder_layers(model):
+        layer.compile(dynamic=True)
+
+
+def set_checkpointed_layers(model: PreTrainedModel, count: int) -> None:
+    """Gradient checkpointing on `count` decoder layers spread evenly, none on the others.
+
+    Checkpointing a layer keeps only its input and runs its forward again in the backward pass: a third more
+    work for that layer, so the plan checkpoints only as many layers as the memory budget demands.
+    """
+    layers = decoder_layers(model)
+    if count > 0:
+        base = model.get_base_model() if isinstance(model, PeftModel) else model
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # The embeddings are frozen: without this, checkpointed layers would get inputs that need no
+        # gradient and LoRA would receive none.
+        base.enable_input_require_grads()
+    chosen = {i * len(layers) // count for i in range(count)} if count else set()
+    for index, layer in enumerate(layers):
+        layer.gradient_checkpointing = index in chosen
+
+
+@dataclass
+class Plan:
+    batch_size: int
+    checkpointed_layers: int
+    # Measured: bytes per sample with no layer checkpointed, bytes a checkpointed layer saves per sample,
+    # bytes that do not grow with the batch; the budget left after the weights.
+    per_sample: int = 0
+    per_layer_saving: int = 0
+    fixed: int = 0
+    available: int = 0
+
+    def describe(self) -> str:
+        return (
+            f"batch {self.batch_size}, gradient checkpointing on {self.checkpointed_layers} layers "
+            f"(per sample {self.per_sample / GIB:.2f} GiB, a checkpointed layer saves "
+            f"{self.per_layer_saving / GIB:.3f} GiB per sample, {self.available / GIB:.1f} GiB available)"
+        )
+
+
+def choose_plan(
+    num_layers: int,
+    per_sample: int,
+    per_layer_saving: int,
+    fixed: int,
+    available: int,
+    batch_size: int | None,
+    checkpointing: str,
+) -> Plan:
+    """The batch and checkpointed-layer count with the best estimated throughput that fit `available`.
+
+    Cost per sample: forward + backward = 2 units, +1 per checkpointed layer's share of the model (its forward
+    runs twice), + STEP_OVERHEAD_SAMPLES spread over the batch.
+    """
+    batches = [batch_size] if batch_size else range(1, MAX_AUTO_BATCH + 1)
+    best: tuple[float, Plan] | None = None
+    for batch in batches:
+        if checkpointing == "off":
+            counts = [0]
+        elif checkpointing == "on":
+            counts = [num_layers]
+        else:
+            excess = fixed + batch * per_sample - available
+            needed = 0 if excess <= 0 else math.ceil(excess / max(batch * per_layer_saving, 1))
+            counts = [needed] if needed <= num_layers else []
+        for count in counts:
+            fits = fixed + batch * (per_sample - count * per_layer_saving) <= available
+            if not fits and not (batch_size and checkpointing != "auto"):
+                continue
+            cost = 2 + count / num_layers + STEP_OVERHEAD_SAMPLES / batch
+            plan = Plan(batch, count, per_sample, per_layer_saving, fixed, available)
+            if best is None or cost < best[0]:
+                best = (cost, plan)
+    if best is None:
+        raise MemoryError(
+            f"no batch fits: {fixed / GIB:.1f} GiB fixed + {per_sample / GIB:.2f} GiB per sample "
+            f"(all layers checkpointed: {(per_sample - num_layers * per_layer_saving) / GIB:.2f}) "
+            f"> {available / GIB:.1f} GiB available"
+        )
+    return best[1]
+
+
+def measure_step(step: Callable[[list[dict]], None], examples: list[dict]) -> int:
+    """Peak bytes a training step on these examples adds to what is allocated now; a huge number on OOM."""
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    try:
+        step(examples)
+        fitted = True
+    except torch.OutOfMemoryError:
+        fitted = False
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - before
+    torch.cuda.empty_cache()
+    return peak if fitted else 1 << 50
+
+
+def plan_memory(
+    model: PreTrainedModel,
+    step: Callable[[list[dict]], None],
+    examples: list[dict],
+    budget: int,
+    batch_size: int | None,
+    checkpointing: str,
+) -> Plan:
+    """Measure training steps of 1 and 2 samples (2 also with every layer checkpointed), fit memory as
+    fixed + batch x (per sample - checkpointed layers x saving), and choose the plan for the budget.
+
+    The probes run the real step (same collator, loss, compiled layers), so the fit holds for this model,
+    these inputs and this PyTorch; the optimizer's two fp32 moments per trainable weight are added.
+    """
+    layers = len(decoder_layers(model))
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    optimizer_states = 8 * trainable
+    # The probes draw dropout masks: restore the generators, so training sees the same randomness as
+    # without a plan.
+    with torch.random.fork_rng(devices=[torch.cuda.current_device()]):
+        set_checkpointed_layers(model, 0)
+        one = measure_step(step, examples[:1])
+        two = measure_step(step, examples[:2])
+        set_checkpointed_layers(model, layers)
+        two_checkpointed = measure_step(step, examples[:2])
+    per_sample = max(two - one, 1)
+    fixed = max(one - per_sample, 0) + optimizer_states
+    per_layer_saving = max((two - two_checkpointed) // (2 * layers), 0)
+    available = int(budget * (1 - MEMORY_MARGIN)) - torch.cuda.memory_allocated()
+    plan = choose_plan(layers, per_sample, per_layer_saving, fixed, available, batch_size, checkpointing)
+    set_checkpointed_layers(model, plan.checkpointed_layers)
+    log.info("memory plan for %.1f GiB: %s", budget / GIB, plan.describe())
+    return plan
+
+
+class ImageFeatures:
+    """The frozen vision tower's and projector's output for each image, computed once and reused.
+
+    Keys are the data's image_key column. Installed on the model, it lets batches carry `image_keys` instead
+    of pixel values: a forward pre-hook on the Gemma 3 backbone turns them into input embeddings with the
+    stored features in the image tokens' places, exactly what the backbone would compute from the pixels.
+    Only valid while the vision tower and projector are frozen.
+    """
+
+    def __init__(self) -> None:
+        self.features: dict[int, torch.Tensor] = {}
+        self.filled = 0  # images computed, and the seconds it took
+        self.fill_seconds = 0.0
+
+    def __contains__(self, key: int) -> bool:
+        return key in self.features
+
+    def has_all(self, keys: list[int]) -> bool:
+        return all(key in self.features for key in keys)
+
+    @torch.no_grad()
+    def fill(
+        self,
+        model: PreTrainedModel,
+        processor: ProcessorMixin,
+        split: datasets.Dataset,
+        batch_size: int,
+        num_workers: int = 0,
+    ) -> int:
+        """Compute the features of the split's images not stored yet; returns how many were computed."""
+        backbone = gemma_backbone(model)
+        frozen = all(
+            not p.requires_grad
+            for module in (backbone.vision_tower, backbone.multi_modal_projector)
+            for p in module.parameters()
+        )
+        if not frozen:
+            raise ValueError(
+                "image features are reusable only while the vision tower and projector are frozen"
+            )
+        todo = [index for index, key in enumerate(split["image_key"]) if key not in self.features]
+        if not todo:
+            return 0
+        start = time.perf_counter()
+        parameter = next(backbone.vision_tower.parameters())
+        loader = DataLoader(
+            split.select(todo),
+            batch_size=batch_size,
+            num_workers=num_workers,
+            collate_fn=PixelCollator(processor),
+            worker_init_fn=single_thread,
+        )
+        for keys, pixels in loader:
+            features = backbone.get_image_features(
+                pixels.to(parameter.device, parameter.dtype), return_dict=True
+            ).pooler_output
+            for key, feature in zip(keys, features.to("cpu"), strict=True):
+                self.features[key] = feature.clone()
+        self.filled += len(todo)
+        self.fill_seconds += time.perf_counter() - start
+        return len(todo)
+
+    def install(self, model: PreTrainedModel) -> None:
+        gemma_backbone(model).register_forward_pre_hook(self._pre_forward, with_kwargs=True)
+
+    def _pre_forward(self, backbone: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        keys = kwargs.pop("image_keys", None)
+        if keys is None:
+            return args, kwargs
+        input_ids = kwargs["input_ids"]
+        embeddings = backbone.get_input_embeddings()
+        image_token = backbone.config.image_token_id
+        is_image = input_ids == image_token
+        # The backbone maps an out-of-vocabulary image token id to 0 before the lookup; so do we.
+        lookup = input_ids.masked_fill(is_image, 0) if image_token >= embeddings.num_embeddings else input_ids
+        inputs_embeds = embeddings(lookup)
+        features = torch.stack([self.features[key] for key in keys.tolist()])
+        features = features.to(inputs_embeds.device, inputs_embeds.dtype, non_blocking=True)
+        kwargs["inputs_embeds"] = inputs_embeds.masked_scatter(is_image[..., None], features)
+        kwargs["input_ids"] = None
+        return args, kwargs
+
+
+class PixelCollator:
+    """(image keys, pixel values) of a batch, as the processor prepares images for the vision tower."""
+
+    def __init__(self, processor: ProcessorMixin) -> None:
+        self.image_processor = processor.image_processor
+
+    def __call__(self, examples: list[dict]) -> tuple[list[int], torch.Tensor]:
+        images = [to_rgb(example["image"]) for example in examples]
+        pixels = self.image_processor(images=images, return_tensors="pt")["pixel_values"]
+        return [example["image_key"] for example in examples], pixels
+
+
+def single_thread(_: int) -> None:
+    """Dataloader workers each resize one batch: PyTorch's threads per worker would only compete."""
+    torch.set_num_threads(1)
+
+
+def loader_workers(device: str) -> int:
+    """Dataloader workers that decode and resize images next to the GPU's work; none on CPU."""
+    if device == "cpu":
+        return 0
+    return max(1, min(8, (os.cpu_count() or 2) - 2))
