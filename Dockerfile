@@ -1,4 +1,5 @@
-# The Cloud Run GPU job's image: python -m trainer [flags] (docs/trainer.md).
+# The project's image. The Cloud Run GPU job runs python -m trainer [flags] (docs/trainer.md); the
+# staging job runs python -m launcher.stage_worker from the same image (launcher/staging.py).
 FROM ghcr.io/astral-sh/uv:0.13.9 AS uv
 
 # CUDA 12.8: the first release with Blackwell (RTX PRO 6000) kernels in the torch cu128 wheels.
@@ -23,11 +24,12 @@ RUN uv venv --python 3.12 /opt/venv \
 
 WORKDIR /app
 
-# Dependencies before code, so a code change rebuilds only the last two layers.
+# Dependencies before code, so a code change rebuilds only the last layers.
 COPY pyproject.toml ./
 RUN uv pip install --torch-backend cu128 -r pyproject.toml --extra train "bitsandbytes==0.50.2"
 
 COPY README.md ./
+COPY launcher/ launcher/
 COPY trainer/ trainer/
 RUN uv pip install --no-deps .
 

@@ -162,6 +162,14 @@ def _print_change(kind: str, name: str, status: str) -> None:
 )
 @click.option("--skip-stage", is_flag=True, help="Do not stage model weights and data into the bucket.")
 @click.option("--skip-build", is_flag=True, help="Do not build the image; the job keeps its current image.")
+@click.option(
+    "--stage-in",
+    type=click.Choice(staging.STAGE_IN),
+    default="auto",
+    show_default=True,
+    help="Where staged bytes flow: auto = Hub sources by a Cloud Run job in the region (with the image "
+    "this `up` builds), local directories from this machine; local = all from this machine; cloud = the job.",
+)
 def up(
     settings: Settings,
     dry_run: bool,
@@ -172,16 +180,19 @@ def up(
     source_dir: Path,
     skip_stage: bool,
     skip_build: bool,
+    stage_in: str,
 ) -> None:
-    """Provision, stage, build and create the job; safe to run again.
+    """Provision, build, stage and create the job; safe to run again.
 
     \b
     In order, each step saying created, updated or unchanged:
       1. service account; bucket (uniform access, in the job's region); storage.objectAdmin for the
          service account on that bucket only; Artifact Registry Docker repository; the HF_TOKEN
          secret (a new version only when the token changed); secretAccessor on that secret only
-      2. model weights and dataset into gs://BUCKET/<model-id>/ and gs://BUCKET/datasets/<name>/
-      3. the trainer image, built by Cloud Build (skipped when this source was already built)
+      2. the image, built by Cloud Build (skipped when this source was already built)
+      3. model weights and dataset into gs://BUCKET/<model-id>/ and gs://BUCKET/datasets/<name>/:
+         Hub repos by a short CPU job (<job>-stage) running that image in the region, local
+         directories from this machine; nothing moves when the staged copy is complete
       4. the Cloud Run GPU job, created or updated (untouched when its spec is unchanged)
     """
     clients = Clients(settings.project_id)
@@ -198,28 +209,6 @@ def up(
     with console.status("Provisioning…", spinner="dots") if not as_json else nullcontext():
         provision.provision(clients, settings, dry_run=dry_run, on_change=on_change)
 
-    model_source = model_source or settings.model_id
-    dataset_source = dataset_source or settings.dataset_id
-    if skip_stage:
-        model_prefix, dataset_prefix = (
-            staging.model_prefix(model_source),
-            staging.dataset_prefix(dataset_source),
-        )
-    else:
-        staged = staging.stage(
-            clients,
-            settings,
-            model_source=model_source,
-            dataset_source=dataset_source,
-            revision=revision,
-            dry_run=dry_run,
-            console=err_console if as_json else console,
-        )
-        for item in staged:
-            record(item.kind, f"gs://{settings.bucket}/{item.prefix}/", item.status)
-        model_prefix = next(item.prefix for item in staged if item.kind == "model")
-        dataset_prefix = next(item.prefix for item in staged if item.kind == "dataset")
-
     spec = None
     if skip_build:
         image_uri = jobs.current_image(clients, settings)
@@ -235,6 +224,38 @@ def up(
         )
         record("image", built.uri, built.status)
         image_uri = built.uri
+
+    model_source = model_source or settings.model_id
+    dataset_source = dataset_source or settings.dataset_id
+    if skip_stage:
+        model_prefix, dataset_prefix = (
+            staging.model_prefix(model_source),
+            staging.dataset_prefix(dataset_source),
+        )
+    else:
+        staged = staging.stage(
+            clients,
+            settings,
+            model_source=model_source,
+            dataset_source=dataset_source,
+            revision=revision,
+            stage_in=stage_in,
+            # With --skip-build the job's image, else the last one built, can still stage.
+            image=image_uri or (jobs.latest_image(clients, settings) if stage_in != "local" else None),
+            dry_run=dry_run,
+            console=err_console if as_json else console,
+            on_job=lambda change: record(
+                "staging job",
+                change.name,
+                change.status,
+                "" if change.status == "unchanged" else change.command,
+            ),
+        )
+        for item in staged:
+            record(item.kind, f"gs://{settings.bucket}/{item.prefix}/", item.status, item.command)
+        model_prefix = next(item.prefix for item in staged if item.kind == "model")
+        dataset_prefix = next(item.prefix for item in staged if item.kind == "dataset")
+
     if image_uri is None:
         record("job", settings.job_name, "skipped", "")
         if not as_json:
@@ -474,10 +495,11 @@ def emulator_start(
 @click.option("--revision", help="Hub revision (branch, tag or commit) of the model; default main.")
 @click.option(
     "--stage-in",
-    type=click.Choice(["local", "cloud"]),
-    default="local",
+    type=click.Choice(staging.STAGE_IN),
+    default="auto",
     show_default=True,
-    help="Where the bytes flow: from this machine, or a Cloud Run job in the region (not available yet).",
+    help="Where the bytes flow: auto = Hub sources by a Cloud Run job in the region when the project's "
+    "image exists, else from this machine; local = from this machine; cloud = the job.",
 )
 @click.option("--dry-run", is_flag=True, help="Say what would be transferred; change nothing.")
 @click.option("--json", "as_json", is_flag=True, help="Print the outcome as JSON.")
@@ -494,19 +516,27 @@ def stage(
 
     Hub files stream straight into the bucket (no local copy), several at once, each verified against
     the Hub's sha256 and the bucket's crc32c; what is already there intact is skipped, and an
-    interrupted run picks up where it stopped.
+    interrupted run picks up where it stopped. With the project's image built (by `up`), Hub repos are
+    staged by a short CPU job in the region, <job>-stage, whose progress is shown here.
     """
     from dataclasses import asdict
 
+    clients = Clients(settings.project_id)
+    out = err_console if as_json else console
+    image = None
+    if stage_in != "local":
+        image = jobs.current_image(clients, settings) or jobs.latest_image(clients, settings)
     staged = staging.stage(
-        Clients(settings.project_id),
+        clients,
         settings,
         model_source=model_source,
         dataset_source=dataset_source,
         revision=revision,
         stage_in=stage_in,
+        image=image,
         dry_run=dry_run,
-        console=err_console if as_json else console,
+        console=out,
+        on_job=lambda change: None if as_json else _print_change("staging job", change.name, change.status),
     )
     if as_json:
         click.echo(json.dumps({"dry_run": dry_run, "staged": [asdict(item) for item in staged]}, indent=2))
@@ -517,3 +547,7 @@ def stage(
             f"gs://{settings.bucket}/{item.prefix}/ ({item.files} files, {item.bytes:,} bytes)",
             item.status,
         )
+    if dry_run:
+        commands = sorted({item.command for item in staged if item.command})
+        for command in commands:
+            console.print(f"Would run: {command}", markup=False, soft_wrap=True)

@@ -7,13 +7,13 @@ checkpoints and results there: a retried task resumes from the checkpoints of it
 from __future__ import annotations
 
 import shlex
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 from google.api_core import exceptions
-from google.cloud import run_v2
+from google.cloud import artifactregistry_v1, run_v2
 from google.protobuf import duration_pb2
 
 from launcher.cloud import RETRY, Clients
@@ -26,6 +26,16 @@ CONTAINER = "trainer"
 RUNS_PREFIX = "runs"
 # gcsfuse options that suit large sequential weight reads and checkpoint writes.
 MOUNT_OPTIONS = ["implicit-dirs", "metadata-cache-ttl-secs=-1", "file-cache-max-size-mb=0"]
+
+# The staging job: a short CPU job in the region that runs launcher.stage_worker from the same image,
+# so Hub weights flow Hub -> region -> bucket instead of through the user's machine.
+STAGE_SUFFIX = "-stage"
+STAGE_CONTAINER = "stage"
+STAGE_COMMAND = ["python", "-m", "launcher.stage_worker"]
+STAGE_CPU = "4"
+STAGE_MEMORY = "16Gi"
+STAGE_RETRIES = 3
+STAGE_TIMEOUT_S = 2 * 3600
 
 
 @dataclass(frozen=True)
@@ -79,18 +89,22 @@ def apply_sets(args: list[str], sets: Mapping[str, Any]) -> list[str]:
     return result
 
 
-def job_spec(settings: Settings, image_uri: str, args: list[str]) -> run_v2.Job:
-    secret_env = run_v2.EnvVar(
+def _token_env(settings: Settings) -> run_v2.EnvVar:
+    """HF_TOKEN from Secret Manager: the only way the token reaches a task."""
+    return run_v2.EnvVar(
         name="HF_TOKEN",
         value_source=run_v2.EnvVarSource(
             secret_key_ref=run_v2.SecretKeySelector(secret=settings.secret_id, version="latest")
         ),
     )
+
+
+def job_spec(settings: Settings, image_uri: str, args: list[str]) -> run_v2.Job:
     container = run_v2.Container(
         name=CONTAINER,
         image=image_uri,
         args=args,
-        env=[secret_env],
+        env=[_token_env(settings)],
         resources=run_v2.ResourceRequirements(
             limits={"cpu": settings.cpu, "memory": settings.memory, "nvidia.com/gpu": "1"}
         ),
@@ -163,6 +177,62 @@ def gcloud_command(settings: Settings, job: run_v2.Job, verb: str) -> str:
     return shlex.join(parts)
 
 
+def stage_settings(settings: Settings) -> Settings:
+    """The same settings, naming the staging job (`<job>-stage`) instead of the GPU job."""
+    return settings.model_copy(update={"job": settings.job + STAGE_SUFFIX})
+
+
+def stage_job_spec(settings: Settings, image_uri: str, env: Mapping[str, str]) -> run_v2.Job:
+    """The staging job: no GPU, no volume (it writes through the Storage API), no VPC (it needs the Hub).
+
+    `env` holds plain variables only (e.g. HF_ENDPOINT for a Hub mirror); the token comes from the secret.
+    """
+    container = run_v2.Container(
+        name=STAGE_CONTAINER,
+        image=image_uri,
+        command=STAGE_COMMAND,
+        env=[_token_env(settings)] + [run_v2.EnvVar(name=name, value=value) for name, value in env.items()],
+        resources=run_v2.ResourceRequirements(limits={"cpu": STAGE_CPU, "memory": STAGE_MEMORY}),
+    )
+    task = run_v2.TaskTemplate(
+        containers=[container],
+        max_retries=STAGE_RETRIES,
+        timeout=duration_pb2.Duration(seconds=STAGE_TIMEOUT_S),
+        service_account=settings.service_account_email,
+    )
+    return run_v2.Job(
+        labels={"managed-by": "gemma-launch"},
+        launch_stage="GA",
+        template=run_v2.ExecutionTemplate(task_count=1, parallelism=1, template=task),
+    )
+
+
+def stage_gcloud_command(settings: Settings, job: run_v2.Job, verb: str) -> str:
+    """`settings` as stage_settings() returns them."""
+    container = job.template.template.containers[0]
+    parts = [
+        "gcloud",
+        "run",
+        "jobs",
+        verb,
+        settings.job,
+        f"--project={settings.project_id}",
+        f"--region={settings.region}",
+        f"--image={container.image}",
+        "--command=" + ",".join(container.command),
+        f"--cpu={STAGE_CPU}",
+        f"--memory={STAGE_MEMORY}",
+        f"--max-retries={STAGE_RETRIES}",
+        f"--task-timeout={STAGE_TIMEOUT_S}s",
+        f"--service-account={settings.service_account_email}",
+        f"--set-secrets=HF_TOKEN={settings.secret_id}:latest",
+    ]
+    plain = [f"{var.name}={var.value}" for var in container.env if var.value]
+    if plain:
+        parts.append("--set-env-vars=" + ",".join(plain))
+    return shlex.join(parts)
+
+
 def _is_subset(wanted: Any, actual: Any) -> bool:
     """True when every field we set has the same value on the server (which may add defaults)."""
     if isinstance(wanted, dict):
@@ -181,14 +251,24 @@ def _managed_fields(job: run_v2.Job) -> dict[str, Any]:
     return {key: as_dict.get(key) for key in ("labels", "launch_stage", "template")}
 
 
-def ensure_job(clients: Clients, settings: Settings, job: run_v2.Job, *, dry_run: bool = False) -> JobChange:
-    """Create the job, or update it when a field we manage differs; an unchanged spec is not rewritten."""
+def ensure_job(
+    clients: Clients,
+    settings: Settings,
+    job: run_v2.Job,
+    *,
+    dry_run: bool = False,
+    describe: Callable[[Settings, run_v2.Job, str], str] = gcloud_command,
+) -> JobChange:
+    """Create the job, or update it when a field we manage differs; an unchanged spec is not rewritten.
+
+    `describe(settings, job, verb)` gives the equivalent gcloud command shown to the user.
+    """
     try:
         existing = clients.jobs.get_job(name=settings.job_name, retry=RETRY)
     except exceptions.NotFound:
         existing = None
     if existing is None:
-        command = gcloud_command(settings, job, "create")
+        command = describe(settings, job, "create")
         if dry_run:
             return JobChange(settings.job_name, "would create", command)
         try:
@@ -197,9 +277,9 @@ def ensure_job(clients: Clients, settings: Settings, job: run_v2.Job, *, dry_run
             ).result(timeout=300, retry=RETRY)
         except exceptions.AlreadyExists:
             # Another `up`, or our own create whose reply was lost: converge with an update below.
-            return ensure_job(clients, settings, job, dry_run=dry_run)
+            return ensure_job(clients, settings, job, dry_run=dry_run, describe=describe)
         return JobChange(settings.job_name, "created", command)
-    command = gcloud_command(settings, job, "update")
+    command = describe(settings, job, "update")
     wanted, actual = (
         _managed_fields(job),
         run_v2.Job.to_dict(existing, always_print_fields_with_no_presence=False),
@@ -231,13 +311,19 @@ def run(
     sets: Mapping[str, str],
     tasks: int | None = None,
     timeout_s: int | None = None,
+    args: Sequence[str] | None = None,
+    container: str = CONTAINER,
 ) -> run_v2.Execution:
-    """Start one execution; `sets` override trainer flags for this execution only."""
+    """Start one execution; `sets` override trainer flags for this execution only.
+
+    `args`, instead, replaces the arguments of `container` for this execution (the staging job's).
+    """
     overrides = run_v2.RunJobRequest.Overrides()
     if sets:
         args = apply_sets(current_args(clients, settings), sets)
+    if args:
         overrides.container_overrides = [
-            run_v2.RunJobRequest.Overrides.ContainerOverride(name=CONTAINER, args=args)
+            run_v2.RunJobRequest.Overrides.ContainerOverride(name=container, args=list(args))
         ]
     if tasks:
         overrides.task_count = tasks
@@ -320,6 +406,20 @@ def current_image(clients: Clients, settings: Settings) -> str | None:
         return clients.jobs.get_job(name=settings.job_name, retry=RETRY).template.template.containers[0].image
     except exceptions.NotFound:
         return None
+
+
+def latest_image(clients: Clients, settings: Settings) -> str | None:
+    """The image tagged latest in the repository (by digest), the last one `up` built; None when none."""
+    prefix = settings.image_repository_uri + "@"
+    try:
+        for image in clients.registry.list_docker_images(
+            request=artifactregistry_v1.ListDockerImagesRequest(parent=settings.repository_name), retry=RETRY
+        ):
+            if image.uri.startswith(prefix) and "latest" in image.tags:
+                return image.uri
+    except exceptions.NotFound:
+        pass
+    return None
 
 
 def list_executions(clients: Clients, settings: Settings, limit: int) -> list[run_v2.Execution]:

@@ -18,9 +18,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shlex
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,6 +45,8 @@ from huggingface_hub.errors import (
 from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status
 from rich.console import Console
 
+from launcher import job as jobs
+from launcher import logs
 from launcher.cloud import Clients
 from launcher.errors import UserError
 from launcher.settings import Settings
@@ -63,6 +66,7 @@ from launcher.transfer import (
     upload,
 )
 
+STAGE_IN = ("auto", "local", "cloud")
 MARKER = ".gemma-launch-staged.json"
 MARKER_FORMAT = 1
 # Metadata keys that identify an object this tool staged (and may therefore replace or delete).
@@ -79,6 +83,8 @@ class Staged:
     status: str  # "created" | "updated" | "unchanged" | "would create" | "would update"
     files: int
     bytes: int
+    staged_in: str = "local"  # "local" | "cloud": where the bytes flow (or would)
+    command: str = ""  # for the cloud: the equivalent `gcloud run jobs execute` command
 
 
 @dataclass(frozen=True)
@@ -127,24 +133,24 @@ def stage(
     model_source: str | None = None,
     dataset_source: str | None = None,
     revision: str | None = None,
-    stage_in: str = "local",
+    stage_in: str = "auto",
+    image: str | None = None,
     dry_run: bool = False,
     console: Console | None = None,
     workers: int = WORKERS,
     on_bytes: OnBytes | None = None,
+    on_job: Callable[[jobs.JobChange], None] | None = None,
 ) -> list[Staged]:
     """Stage the model and the dataset into settings.bucket; safe to run again, resumes after a failure.
 
-    `on_bytes(path, count)` is called as bytes of a file arrive (from worker threads).
+    `stage_in`: "local" streams every file through this machine; "cloud" runs the staging job in the
+    region with `image` (the project's image) for Hub sources; "auto" is cloud for Hub sources when there
+    is an image, local otherwise (a job cannot read this machine's directories). `on_job` hears how the
+    staging job was created or updated, when one is needed. `on_bytes(path, count)` is called as bytes
+    of a file arrive locally (from worker threads).
     """
-    if stage_in == "cloud":
-        raise UserError(
-            "Staging in the cloud (--stage-in cloud) is not available yet.",
-            "Use --stage-in local (the default): the files stream from this machine to the bucket "
-            "without being stored on disk.",
-        )
-    if stage_in != "local":
-        raise UserError(f"Unknown --stage-in {stage_in!r}.", "Use --stage-in local.")
+    if stage_in not in STAGE_IN:
+        raise UserError(f"Unknown --stage-in {stage_in!r}.", f"Use one of {', '.join(STAGE_IN)}.")
     console = console or Console(stderr=True, highlight=False)
     token = settings.hf_token.get_secret_value() if settings.hf_token is not None else None
     model = model_source or settings.model_id
@@ -154,13 +160,25 @@ def stage(
             f"--revision {revision} was given, but the model source {model} is a local directory.",
             "Drop --revision, or pass a Hugging Face model id as --model-source.",
         )
-    sources = [
-        resolve_source("model", model, revision, token),
-        resolve_source("dataset", dataset, None, token),
-    ]
-    bucket = _bucket(clients.storage, settings.bucket, dry_run)
+    wanted = [("model", model, revision), ("dataset", dataset, None)]
+    places = [_place(kind, source, stage_in, image) for kind, source, _ in wanted]
+    if stage_in == "auto" and image is None and not all(_is_local(source) for _, source, _ in wanted):
+        console.print(
+            "No image of this project yet, so Hub files stream through this machine "
+            "(once `gemma-launch up` has built one, they are staged by a job in the region).",
+            soft_wrap=True,
+        )
+    sources = [resolve_source(kind, source, rev, token) for kind, source, rev in wanted]
+    bucket = lookup_bucket(clients.storage, settings.bucket, dry_run)
+    in_cloud = [source for source, place in zip(sources, places, strict=True) if place == "cloud"]
+    done: dict[str, Staged] = {}
+    if in_cloud:
+        assert image is not None
+        staged = _stage_in_cloud(clients, settings, bucket, in_cloud, image, dry_run, console, on_job)
+        done = {item.kind: item for item in staged}
     return [
-        stage_source(
+        done.get(source.kind)
+        or stage_source(
             clients.storage,
             bucket,
             source,
@@ -173,7 +191,32 @@ def stage(
     ]
 
 
-def _bucket(client: storage.Client, name: str, dry_run: bool) -> storage.Bucket | None:
+def _place(kind: str, source: str, stage_in: str, image: str | None) -> str:
+    """Where `source`'s bytes flow from: "local" (this machine) or "cloud" (the staging job)."""
+    if _is_local(source):
+        if stage_in == "cloud":
+            raise UserError(
+                f"--stage-in cloud cannot stage the {kind} directory {source}: a Cloud Run job cannot "
+                "read this machine's files.",
+                "Use --stage-in auto (the default) or local for a local directory, or pass a Hugging Face "
+                "id.",
+            )
+        return "local"
+    if stage_in == "local":
+        return "local"
+    if image is None:
+        if stage_in == "cloud":
+            raise UserError(
+                "--stage-in cloud runs the staging job with the project's image, and none is built yet.",
+                "Run `gemma-launch up`: it builds the image, then stages in the cloud. Or use "
+                "--stage-in local.",
+            )
+        return "local"
+    return "cloud"
+
+
+def lookup_bucket(client: storage.Client, name: str, dry_run: bool = False) -> storage.Bucket | None:
+    """The bucket; None only in a dry run before it exists (otherwise a UserError that says run `up`)."""
     with _storage_errors(name):
         bucket = client.lookup_bucket(name, retry=DEFAULT_RETRY)
     if bucket is None and not dry_run:
@@ -191,7 +234,7 @@ def resolve_source(kind: str, source: str, revision: str | None, token: str | No
     """List what `source` holds: a local directory, or a Hub repo at `revision` (default: main)."""
     if _is_local(source):
         return _local_source(kind, source)
-    return _hub_source(kind, source, revision, token)
+    return hub_source(kind, source, revision, token)
 
 
 def _local_source(kind: str, source: str) -> Source:
@@ -244,7 +287,10 @@ def _hash_file(path: Path) -> tuple[int, str, str]:
     return size, sha256.hexdigest(), crc32c_text(crc32c)
 
 
-def _hub_source(kind: str, repo_id: str, revision: str | None, token: str | None) -> Source:
+def hub_source(
+    kind: str, repo_id: str, revision: str | None, token: str | None, prefix: str | None = None
+) -> Source:
+    """A Hub repo at `revision` (default: main), to go under `prefix` (default: the layout's)."""
     repo_id = repo_id.strip("/")
     endpoint = constants.ENDPOINT
     page = f"{endpoint}/{repo_id}" if kind == "model" else f"{endpoint}/datasets/{repo_id}"
@@ -257,7 +303,7 @@ def _hub_source(kind: str, repo_id: str, revision: str | None, token: str | None
             info = api.dataset_info(repo_id, revision=revision, files_metadata=True)
         commit = info.sha
         base = f"{endpoint}/{repo_id}" if kind == "model" else f"{endpoint}/datasets/{repo_id}"
-        prefix = model_prefix(repo_id) if kind == "model" else dataset_prefix(repo_id)
+        prefix = prefix or (model_prefix(repo_id) if kind == "model" else dataset_prefix(repo_id))
         items = []
         for sibling in info.siblings or []:
             url = f"{base}/resolve/{quote(commit, safe='')}/{quote(sibling.rfilename)}"
@@ -380,34 +426,180 @@ def stage_source(
     console = console or Console(stderr=True, highlight=False)
 
     def staged(status: str) -> Staged:
-        return Staged(source.kind, source.source, source.prefix, status, len(source.items), source.bytes)
+        return _staged(source, status, "local")
 
     if bucket is None:  # dry run before `up` created the bucket
         return staged("would create")
     with _storage_errors(bucket.name):
-        existing = {
-            blob.name: blob
-            for blob in client.list_blobs(bucket, prefix=source.prefix + "/", retry=DEFAULT_RETRY)
-        }
-        marker = existing.pop(f"{source.prefix}/{MARKER}", None)
-        ours = {name: blob for name, blob in existing.items() if _staged_by_us(blob)}
-        missing = [item for item in source.items if not _intact(existing.get(item.object_name), item)]
-        wanted = {item.object_name for item in source.items}
-        stale = [blob for name, blob in ours.items() if name not in wanted]
-        complete = marker is not None and _marker_matches(marker, source, existing)
-        if not missing and not stale and complete:
+        plan = _plan(client, bucket, source)
+        if plan.unchanged:
             return staged("unchanged")
         if dry_run:
-            return staged("would update" if ours else "would create")
-        if marker is not None:
+            return staged("would update" if plan.ours else "would create")
+        if plan.marker is not None:
             # From here until the new marker is written, the prefix must not read as complete.
-            marker.delete(retry=DEFAULT_RETRY)
-        if missing:
-            _transfer(bucket, source, missing, console, workers, on_bytes)
-        for blob in stale:
+            plan.marker.delete(retry=DEFAULT_RETRY)
+        if plan.missing:
+            _transfer(bucket, source, plan.missing, console, workers, on_bytes)
+        for blob in plan.stale:
             blob.delete(retry=DEFAULT_RETRY)
         _write_marker(client, bucket, source)
-    return staged("updated" if ours else "created")
+    return staged("updated" if plan.ours else "created")
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """What the bucket holds under a source's prefix, compared with the source."""
+
+    marker: storage.Blob | None
+    ours: bool  # some object there was staged by this tool (so staging now updates)
+    missing: list[Item]  # absent, or not intact
+    stale: list[storage.Blob]  # staged by us, no longer in the source
+    complete: bool  # the marker describes exactly these files and objects
+
+    @property
+    def unchanged(self) -> bool:
+        return not self.missing and not self.stale and self.complete
+
+
+def _plan(client: storage.Client, bucket: storage.Bucket, source: Source) -> _Plan:
+    existing = {
+        blob.name: blob for blob in client.list_blobs(bucket, prefix=source.prefix + "/", retry=DEFAULT_RETRY)
+    }
+    marker = existing.pop(f"{source.prefix}/{MARKER}", None)
+    ours = {name: blob for name, blob in existing.items() if _staged_by_us(blob)}
+    wanted = {item.object_name for item in source.items}
+    return _Plan(
+        marker=marker,
+        ours=bool(ours),
+        missing=[item for item in source.items if not _intact(existing.get(item.object_name), item)],
+        stale=[blob for name, blob in ours.items() if name not in wanted],
+        complete=marker is not None and _marker_matches(marker, source, existing),
+    )
+
+
+# ---------------------------------------------------------------------------------------------- in the cloud
+
+
+def worker_args(settings: Settings, sources: list[Source]) -> list[str]:
+    """The staging job's arguments for these Hub sources, each pinned to the commit resolved here."""
+    args = ["--project", settings.project_id, "--bucket", settings.bucket]
+    for source in sources:
+        assert source.revision is not None
+        args += ["--kind", source.kind, "--source", source.origin, "--revision", source.revision]
+        args += ["--prefix", source.prefix]
+    return args
+
+
+def _stage_in_cloud(
+    clients: Clients,
+    settings: Settings,
+    bucket: storage.Bucket | None,
+    sources: list[Source],
+    image: str,
+    dry_run: bool,
+    console: Console,
+    on_job: Callable[[jobs.JobChange], None] | None,
+) -> list[Staged]:
+    """Stage Hub sources with one execution of the staging job; what is already complete runs nothing."""
+    stage_settings = jobs.stage_settings(settings)
+    results: dict[str, Staged] = {}
+    pending: dict[str, str] = {}  # kind -> the status once staged
+    for source in sources:
+        plan = None
+        if bucket is not None:
+            with _storage_errors(bucket.name):
+                plan = _plan(clients.storage, bucket, source)
+        if plan is not None and plan.unchanged:
+            results[source.kind] = _staged(source, "unchanged", "cloud")
+        else:
+            pending[source.kind] = "updated" if plan is not None and plan.ours else "created"
+    if not pending:
+        return [results[source.kind] for source in sources]
+    todo = [source for source in sources if source.kind in pending]
+    args = worker_args(settings, todo)
+    command = shlex.join(
+        ["gcloud", "run", "jobs", "execute", stage_settings.job, f"--region={settings.region}"]
+        + [f"--project={settings.project_id}", "--args=" + ",".join(args), "--wait"]
+    )
+    # A Hub mirror is not a secret: the job reaches the same Hub as this machine.
+    env = {"HF_ENDPOINT": os.environ["HF_ENDPOINT"]} if os.environ.get("HF_ENDPOINT") else {}
+    spec = jobs.stage_job_spec(stage_settings, image, env)
+    change = jobs.ensure_job(
+        clients, stage_settings, spec, dry_run=dry_run, describe=jobs.stage_gcloud_command
+    )
+    if on_job is not None:
+        on_job(change)
+    if dry_run:
+        for source in todo:
+            status = "would update" if pending[source.kind] == "updated" else "would create"
+            results[source.kind] = _staged(source, status, "cloud", command)
+        return [results[source.kind] for source in sources]
+    _run_staging_job(clients, stage_settings, args, todo, console)
+    assert bucket is not None
+    for source in todo:
+        with _storage_errors(bucket.name):
+            plan = _plan(clients.storage, bucket, source)
+        if not plan.unchanged:
+            raise UserError(
+                f"The staging job ended well, but gs://{bucket.name}/{source.prefix}/ is not completely "
+                "staged (its completion marker is missing or does not match the objects).",
+                "Run again. If it persists, the job's image may be older than this launcher: run "
+                "`gemma-launch up` to build the current one.",
+            )
+        results[source.kind] = _staged(source, pending[source.kind], "cloud", command)
+    return [results[source.kind] for source in sources]
+
+
+def _run_staging_job(
+    clients: Clients, stage_settings: Settings, args: list[str], sources: list[Source], console: Console
+) -> None:
+    execution = jobs.run(clients, stage_settings, sets={}, args=args, container=jobs.STAGE_CONTAINER)
+    short = jobs.short_name(execution.name)
+    logs_command = f"gemma-launch logs {short} --job {stage_settings.job}"
+    what = " and ".join(f"{source.kind} {source.source}" for source in sources)
+    console.print(
+        f"Staging {what} in {stage_settings.region}: job {stage_settings.job}, execution {short}",
+        soft_wrap=True,
+    )
+    said: dict[str, str] = {}
+
+    def emit(line: logs.Line) -> None:
+        for prefix in ("Error:", "Hint:"):
+            if line.text.startswith(prefix):
+                said[prefix] = line.text.removeprefix(prefix).strip()
+        console.print(f"  {line.render()}", markup=False, highlight=False, soft_wrap=True)
+
+    try:
+        logs.stream(clients, stage_settings, execution.name, follow=True, emit=emit)
+    except KeyboardInterrupt:
+        console.print(
+            f"\nStopped following; the staging job goes on in the cloud. Follow it with: {logs_command} "
+            "--follow",
+            soft_wrap=True,
+        )
+        raise
+    final = jobs.get_execution(clients, execution.name)
+    if jobs.succeeded(final):
+        return
+    verdict = jobs.state(final).lower()
+    error = said.get("Error:", "")
+    hint = said.get("Hint:", "")
+    if any(word in error.lower() for word in ("token", "gated", "refused access")):
+        hint += (
+            f" The job reads HF_TOKEN from the secret {stage_settings.secret_id}: `gemma-launch up` with "
+            "the right HF_TOKEN exported updates it."
+        )
+    raise UserError(
+        f"Staging execution {short} of job {stage_settings.job} {verdict}" + (f": {error}" if error else "."),
+        f"{hint} Its logs: `{logs_command}`. Run again once fixed: what was staged is kept.".strip(),
+    )
+
+
+def _staged(source: Source, status: str, where: str, command: str = "") -> Staged:
+    return Staged(
+        source.kind, source.source, source.prefix, status, len(source.items), source.bytes, where, command
+    )
 
 
 def _staged_by_us(blob: storage.Blob) -> bool:

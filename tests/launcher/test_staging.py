@@ -428,9 +428,22 @@ def test_missing_bucket_says_run_up_and_dry_run_changes_nothing(local, hub):
     assert hub.downloads() == []
 
 
-def test_cloud_staging_is_refused_clearly(local, hub, bucket):
-    with pytest.raises(UserError, match="not available yet"):
+def test_cloud_staging_needs_an_image_and_a_hub_source(local, hub, bucket, tmp_path):
+    with pytest.raises(UserError) as raised:
         run(local, stage_in="cloud")
+    assert "none is built yet" in raised.value.message and "gemma-launch up" in raised.value.hint
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text("{}")
+    with pytest.raises(UserError, match="cannot read this machine's files"):
+        run(
+            local,
+            stage_in="cloud",
+            image="europe-west4-docker.pkg.dev/p/r/i:t",
+            model_source=str(tmp_path / "m"),
+        )
+    with pytest.raises(UserError, match="Unknown --stage-in"):
+        run(local, stage_in="region")
+    assert uploads(local) == [] and hub.downloads() == []
 
 
 def test_prefixes(tmp_path):

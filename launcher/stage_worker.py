@@ -1,0 +1,70 @@
+"""The staging job's program: `python -m launcher.stage_worker --project P --bucket B --kind model
+--source ID --revision COMMIT --prefix PREFIX [--kind dataset --source ...]`.
+
+It runs in the project's image as a short CPU Cloud Run job in the bucket's region (launcher/staging.py
+starts it), and moves each Hub repository into the bucket with the same code as local staging:
+`hub_source` lists the repo at the commit the launcher resolved, `stage_source` transfers, verifies and
+writes the completion marker. The Hub token comes only from HF_TOKEN, which Cloud Run sets from the
+secret; it is never an argument. Output is one line per file, read back by the launcher through Logging.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from rich.console import Console
+
+from launcher import staging
+from launcher.cloud import Clients
+from launcher.errors import UserError
+
+KINDS = ("model", "dataset")
+
+
+def parse(argv: list[str]) -> tuple[argparse.Namespace, list[argparse.Namespace]]:
+    """The common flags, then one group per `--kind` (each group starts at its --kind)."""
+    common = argparse.ArgumentParser(prog="python -m launcher.stage_worker")
+    common.add_argument("--project", required=True)
+    common.add_argument("--bucket", required=True)
+    group = argparse.ArgumentParser(prog="python -m launcher.stage_worker ... --kind")
+    group.add_argument("--kind", required=True, choices=KINDS)
+    group.add_argument("--source", required=True, help="Hub repo id")
+    group.add_argument("--revision", required=True, help="commit to stage")
+    group.add_argument("--prefix", required=True, help="object prefix in the bucket")
+    starts = [index for index, arg in enumerate(argv) if arg == "--kind"]
+    if not starts:
+        common.error("at least one --kind ... group is required")
+    options = common.parse_args(argv[: starts[0]])
+    ends = starts[1:] + [len(argv)]
+    groups = [group.parse_args(argv[start:end]) for start, end in zip(starts, ends, strict=True)]
+    return options, groups
+
+
+def main(argv: list[str] | None = None) -> int:
+    options, groups = parse(sys.argv[1:] if argv is None else argv)
+    token = os.environ.get("HF_TOKEN", "").strip() or None
+    # Cloud Run's output is not a terminal, so staging prints one line per file instead of live bars.
+    console = Console(file=sys.stdout, highlight=False, markup=False, no_color=True, force_terminal=False)
+    client = Clients(options.project).storage
+    try:
+        bucket = staging.lookup_bucket(client, options.bucket)
+        for group in groups:
+            source = staging.hub_source(group.kind, group.source, group.revision, token, group.prefix)
+            staged = staging.stage_source(client, bucket, source, console=console)
+            console.print(
+                f"{staged.status}: {staged.kind} {staged.source} -> gs://{options.bucket}/{staged.prefix}/ "
+                f"({staged.files} files, {staged.bytes:,} bytes)",
+                soft_wrap=True,
+            )
+    except UserError as error:
+        print(f"Error: {error.message}", file=sys.stderr, flush=True)
+        if error.hint:
+            print(f"Hint: {error.hint}", file=sys.stderr, flush=True)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

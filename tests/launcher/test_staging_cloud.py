@@ -1,0 +1,233 @@
+"""Staging in the cloud: `up` builds the repository's real image, the emulated Cloud Run runs
+launcher.stage_worker from that image against the Hub stand-in, and the launcher follows it through
+Logging. Assertions on the bucket, the request record, the job and execution resources, and the output."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import re
+
+import pytest
+from click.testing import CliRunner
+from google.cloud import run_v2
+from hub_standin import HubStandin
+from huggingface_hub import constants
+from pydantic import SecretStr
+from rich.console import Console
+
+from launcher import staging
+from launcher.cli import main
+from launcher.settings import Settings
+
+TOKEN = "hf_CloudStageToken0123456789abcdefXYZ"
+UNGRANTED = "hf_NotGrantedToken0123456789abcdefXY"
+PROJECT = "demo-project"
+BUCKET = f"{PROJECT}-gemma3-finetuning"
+MODEL = "acme/gemma-3-tiny-it"
+DATASET = "acme/oxford-iiit-pet"
+STAGE_JOB = f"projects/{PROJECT}/locations/europe-west4/jobs/gemma3-finetuning-job-stage"
+MiB = 1 << 20
+
+MODEL_FILES = {
+    "config.json": b'{"model_type": "gemma3", "hidden_size": 64}',
+    "tokenizer.json": bytes(range(256)) * 200,
+    # Above transfer.SMALL_FILE, so it goes through a resumable session, as real shards do.
+    "model.safetensors": bytes(reversed(range(256))) * (12 * MiB // 256) + b"tail",
+}
+DATASET_FILES = {
+    "README.md": b"---\nlicense: cc-by-sa-4.0\n---\n",
+    "data/train-00000-of-00001.parquet": b"PAR1" + bytes(range(200)) * 1000,
+}
+
+
+@pytest.fixture
+def hub(monkeypatch: pytest.MonkeyPatch):
+    with HubStandin(tokens={TOKEN, UNGRANTED}) as standin:
+        # huggingface_hub reads HF_ENDPOINT at import: this process needs its constant patched, the
+        # staging job gets HF_ENDPOINT from the launcher's environment.
+        monkeypatch.setattr(constants, "ENDPOINT", standin.endpoint)
+        monkeypatch.setenv("HF_ENDPOINT", standin.endpoint)
+        standin.add_repo(MODEL, MODEL_FILES)
+        standin.add_repo(DATASET, DATASET_FILES, repo_type="dataset")
+        yield standin
+
+
+@pytest.fixture
+def env(local, hub, monkeypatch):
+    monkeypatch.setenv("PROJECT_ID", PROJECT)
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    return local
+
+
+def cli(*args: str):
+    return CliRunner().invoke(main, list(args))
+
+
+def stage_runs(local) -> list[dict]:
+    return [
+        entry
+        for entry in local.record()
+        if entry["method"] == "RunJob" and entry["request"]["name"] == STAGE_JOB
+    ]
+
+
+def objects(local, bucket: str, prefix: str) -> dict[str, tuple]:
+    """Each object under prefix (by relative path): size, crc32c and metadata, as Cloud Storage has them."""
+    return {
+        blob.name.removeprefix(prefix + "/"): (blob.size, blob.crc32c, blob.metadata)
+        for blob in local.clients(PROJECT).storage.list_blobs(bucket, prefix=prefix + "/")
+        if not blob.name.endswith(staging.MARKER)
+    }
+
+
+def marker(local, bucket: str, prefix: str) -> dict:
+    document = staging.read_marker(local.clients(PROJECT).storage, bucket, prefix)
+    assert document is not None, f"gs://{bucket}/{prefix}/ is not completely staged"
+    document.pop("staged_at")
+    return document
+
+
+def files(local, prefix: str) -> dict[str, bytes]:
+    root = local.emulator.bucket_dir(BUCKET) / prefix
+    return {
+        path.relative_to(root).as_posix(): path.read_bytes()
+        for path in root.rglob("*")
+        if path.is_file() and path.name != staging.MARKER
+    }
+
+
+def test_up_stages_hub_repos_in_the_cloud_like_local_staging_and_then_runs_nothing(env, hub, tmp_path):
+    result = cli("up", "--model-source", MODEL, "--dataset-source", DATASET)
+
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    kinds = [line.split()[1] for line in lines if line.split()[:1] == ["created"]]
+    # provision -> build -> stage -> job: the staging job runs the image this `up` built.
+    assert kinds.index("image") < kinds.index("staging") < kinds.index("model") < kinds.index("job")
+    assert any(re.search(r"\[task 0\]\s+uploaded model.safetensors", line) for line in lines)
+    assert files(env, MODEL) == MODEL_FILES
+    assert files(env, "datasets/oxford-iiit-pet") == DATASET_FILES
+    commit = hub.repos[("model", MODEL)].branches["main"]
+    assert marker(env, BUCKET, MODEL)["revision"] == commit
+
+    clients = env.clients(PROJECT)
+    job = clients.jobs.get_job(name=STAGE_JOB)
+    container = job.template.template.containers[0]
+    image = clients.jobs.get_job(name=STAGE_JOB.removesuffix("-stage")).template.template.containers[0].image
+    assert container.image == image and "@sha256:" in image
+    assert list(container.command) == ["python", "-m", "launcher.stage_worker"]
+    assert dict(container.resources.limits) == {"cpu": "4", "memory": "16Gi"}
+    task = job.template.template
+    assert (task.max_retries, task.timeout.total_seconds()) == (3, 2 * 3600)
+    assert task.service_account == f"gemma3-finetuning@{PROJECT}.iam.gserviceaccount.com"
+    assert not task.node_selector.accelerator and not task.volumes
+    env_vars = {var.name: var for var in container.env}
+    assert env_vars["HF_TOKEN"].value == "" and env_vars["HF_TOKEN"].value_source.secret_key_ref.secret
+    assert env_vars["HF_ENDPOINT"].value == hub.endpoint
+
+    # The same verified objects and marker as staging from this machine into another bucket.
+    copy = f"{PROJECT}-local-copy"
+    clients.storage.create_bucket(copy, location="europe-west4")
+    settings = Settings(
+        project_id=PROJECT, bucket=copy, model_id=MODEL, dataset_id=DATASET, hf_token=SecretStr(TOKEN)
+    )
+    local_staged = staging.stage(clients, settings, stage_in="local", console=Console(file=io.StringIO()))
+    assert [item.status for item in local_staged] == ["created", "created"]
+    for prefix in (MODEL, "datasets/oxford-iiit-pet"):
+        assert objects(env, BUCKET, prefix) == objects(env, copy, prefix)
+        assert marker(env, BUCKET, prefix) == marker(env, copy, prefix)
+
+    # The token went to Secret Manager and nowhere else: not the record, the task's argv, the output.
+    carrying = [
+        entry["method"]
+        for entry in env.record()
+        if TOKEN in json.dumps(entry) or base64.b64encode(TOKEN.encode()).decode() in json.dumps(entry)
+    ]
+    assert carrying == ["AddSecretVersion"]
+    (execution,) = clients.executions.list_executions(parent=STAGE_JOB)
+    spec = run_v2.Execution.to_json(execution) + run_v2.Job.to_json(job)
+    assert TOKEN not in spec
+    assert f"--revision\n{commit}" in "\n".join(execution.template.containers[0].args)
+    assert TOKEN not in result.output
+    assert TOKEN not in (env.emulator.data_dir / "logging.jsonl").read_text()
+
+    # A second `up`: the markers say complete for the resolved revision, so no staging job runs.
+    runs = len(stage_runs(env))
+    again = cli("up", "--model-source", MODEL, "--dataset-source", DATASET)
+
+    assert again.exit_code == 0, again.output
+    assert "Everything was already in place" in again.output
+    assert len(stage_runs(env)) == runs == 1
+    assert re.search(r"unchanged\s+model\s+gs://", again.output)
+
+
+def test_a_failing_staging_job_ends_with_error_and_hint(env, hub, monkeypatch):
+    # The secret holds a token whose account never accepted the licence; this machine's token did.
+    monkeypatch.setenv("HF_TOKEN", UNGRANTED)
+    assert cli("up", "--skip-stage").exit_code == 0
+    hub.add_repo(MODEL, MODEL_FILES, gated=True, granted={TOKEN})
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+
+    result = cli("stage", "--stage-in", "cloud", "--model-source", MODEL, "--dataset-source", DATASET)
+
+    assert result.exit_code == 2, result.output
+    execution = re.search(r"execution (gemma3-finetuning-job-stage-\w+)", result.output)[1]
+    error = result.output[result.output.index("Error:") :]
+    assert f"Staging execution {execution}" in error and "gated" in error
+    assert f"gemma-launch logs {execution} --job gemma3-finetuning-job-stage" in error
+    assert "secret HF_TOKEN" in error
+    shown = cli("logs", execution, "--job", "gemma3-finetuning-job-stage")
+    assert shown.exit_code == 0 and "is gated" in shown.output
+    assert "Traceback" not in result.output
+    assert staging.read_marker(env.clients(PROJECT).storage, BUCKET, MODEL) is None
+    assert TOKEN not in result.output and UNGRANTED not in result.output
+
+
+def test_local_directories_stage_from_this_machine_and_cloud_refuses_them(env, hub, tmp_path):
+    model_dir = tmp_path / "tiny-gemma"
+    model_dir.mkdir()
+    (model_dir / "config.json").write_bytes(b"{}")
+    (model_dir / "model.safetensors").write_bytes(b"\1" * 5000)
+    assert cli("up", "--skip-stage").exit_code == 0
+
+    refused = cli("stage", "--stage-in", "cloud", "--model-source", str(model_dir))
+    assert refused.exit_code == 2
+    assert "cannot read this machine's files" in refused.output and "Hint:" in refused.output
+
+    result = cli("stage", "--model-source", str(model_dir), "--dataset-source", DATASET)
+
+    assert result.exit_code == 0, result.output
+    assert files(env, "models/tiny-gemma") == {"config.json": b"{}", "model.safetensors": b"\1" * 5000}
+    # The Hub dataset went through the staging job, the directory did not.
+    (run,) = stage_runs(env)
+    args = run["request"]["overrides"]["containerOverrides"][0]["args"]
+    assert args[args.index("--kind") :].count("--kind") == 1 and "dataset" in args
+    assert str(model_dir) not in json.dumps(run)
+
+
+def test_without_an_image_auto_stages_locally_and_cloud_says_run_up(env, hub):
+    env.clients(PROJECT).storage.create_bucket(BUCKET, location="europe-west4")
+
+    result = cli("stage", "--model-source", MODEL, "--dataset-source", DATASET)
+    assert result.exit_code == 0, result.output
+    assert "No image of this project yet" in result.output
+    assert files(env, MODEL) == MODEL_FILES
+    assert stage_runs(env) == []
+
+    refused = cli("stage", "--stage-in", "cloud")
+    assert refused.exit_code == 2
+    assert "gemma-launch up" in refused.output
+
+
+def test_dry_run_shows_the_staging_job_and_changes_nothing(env, hub):
+    result = cli("up", "--dry-run", "--model-source", MODEL, "--dataset-source", DATASET)
+
+    assert result.exit_code == 0, result.output
+    assert re.search(r"would create\s+staging job", result.output)
+    assert "gcloud run jobs create gemma3-finetuning-job-stage" in result.output
+    assert "gcloud run jobs execute gemma3-finetuning-job-stage" in result.output
+    assert not [e for e in env.record() if e["method"].startswith(("Create", "Run", "Update", "Add"))]
+    assert not [e for e in env.record() if e["service"] == "storage" and e["method"] != "buckets.get"]
+    assert hub.downloads() == []
