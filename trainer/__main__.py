@@ -151,8 +151,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--eval-method", choices=["score", "generate", "both"], default="score")
     speed = p.add_argument_group(
         "GPU speed levers",
-        "Defaults are the fastest configuration measured on real-size Gemma 3 (docs/benchmarks.md); none of "
-        "them changes what is computed. On CPU, compile and the memory plan are off.",
+        "Defaults are the fastest configuration measured on real-size Gemma 3 (docs/benchmarks.md). They "
+        "change no result beyond rounding, except that --batch-size auto picks the batch. On CPU, compile "
+        "and the memory plan are off.",
     )
     speed.add_argument(
         "--max-memory-gib",
@@ -174,8 +175,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--compile",
         choices=["auto", "on", "off"],
         default="auto",
-        help="torch.compile each decoder layer (fused norms, GeGLU, LoRA; ~1 min of compiling at the "
-        "start); auto: on for CUDA",
+        help="torch.compile each decoder layer (fused norms, GeGLU, RoPE, LoRA); compiling and the memory "
+        "probes take ~2 min at the start on an H200; auto: on for CUDA",
     )
     speed.add_argument(
         "--cache-image-features",
