@@ -16,8 +16,7 @@ import tarfile
 import tempfile
 import time
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -30,7 +29,8 @@ from google.cloud.devtools import cloudbuild_v1
 from google.cloud.logging_v2.types import ListLogEntriesRequest, LogEntry
 from google.protobuf import json_format
 
-from launcher.cloud import RETRY, Clients, retry_deadline_s
+from launcher.api_errors import explained
+from launcher.cloud import RETRY, Clients
 from launcher.errors import UserError
 from launcher.settings import Settings
 
@@ -247,54 +247,6 @@ def load_build_config(path: Path) -> cloudbuild_v1.Build:
     if not build.steps:
         raise UserError(f"{path} has no steps.", "Restore cloudbuild.yaml.")
     return build
-
-
-# ---- errors ------------------------------------------------------------------------------------
-
-_CALLER_ROLES = {
-    "source archive": "roles/storage.objectAdmin",
-    "image": "roles/artifactregistry.reader",
-    "build": "roles/cloudbuild.builds.editor",
-}
-_APIS = {
-    "source archive": "storage.googleapis.com",
-    "image": "artifactregistry.googleapis.com",
-    "build": "cloudbuild.googleapis.com logging.googleapis.com",
-}
-
-
-@contextmanager
-def _explained(kind: str, name: str, settings: Settings) -> Iterator[None]:
-    try:
-        yield
-    except exceptions.PermissionDenied as error:
-        if "has not been used" in str(error) or "is disabled" in str(error):
-            raise UserError(
-                f"The API for the {kind} {name} is not enabled: {error.message}",
-                f"gcloud services enable {_APIS[kind]} --project={settings.project_id}",
-            ) from error
-        role = _CALLER_ROLES[kind]
-        raise UserError(
-            f"Permission denied on {kind} {name}: {error.message}",
-            f"Your account needs {role} on project {settings.project_id}: gcloud projects "
-            f"add-iam-policy-binding {settings.project_id} --member=user:YOU --role={role}",
-        ) from error
-    except exceptions.Unauthenticated as error:
-        raise UserError(
-            f"Not authenticated while working on {kind} {name}.",
-            "Run `gcloud auth application-default login`.",
-        ) from error
-    except exceptions.RetryError as error:
-        raise UserError(
-            f"Gave up on {kind} {name} after retrying transient errors for {retry_deadline_s():g} s: "
-            f"{error.cause}",
-            "The service is unavailable right now; run the same command again later.",
-        ) from error
-    except exceptions.GoogleAPICallError as error:
-        raise UserError(
-            f"{kind.capitalize()} {name} failed: {error.message or error}",
-            "Fix the cause and run the command again; an image already built is not rebuilt.",
-        ) from error
 
 
 # ---- the build ---------------------------------------------------------------------------------
@@ -535,7 +487,7 @@ def build_image(
             f"--project={settings.project_id} "
             f"--substitutions=_IMAGE={settings.image_repository_uri},_TAG={tag}"
         )
-        with _explained("image", settings.image_repository_uri, settings):
+        with explained("image", settings.image_repository_uri, settings):
             try:
                 existing = _tagged_image(clients, settings, tag)
             except exceptions.NotFound:
@@ -549,9 +501,9 @@ def build_image(
             return BuiltImage(existing.uri, tag, "unchanged")
         if dry_run:
             return BuiltImage(f"{settings.image_repository_uri}:{tag}", tag, "would create", command)
-        with _explained("source archive", f"gs://{settings.bucket}/{SOURCE_PREFIX}", settings):
+        with explained("source archive", f"gs://{settings.bucket}/{SOURCE_PREFIX}", settings):
             source = _upload(clients, settings, archive)
-        with _explained("build", settings.image_repository_uri, settings):
+        with explained("build", settings.image_repository_uri, settings):
             build = _run_build(clients, settings, _build_request(settings, config, source, tag), on_line)
         return BuiltImage(_pushed_uri(build, settings, tag), tag, "created", command)
     finally:

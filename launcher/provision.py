@@ -8,8 +8,8 @@ meets ALREADY_EXISTS on retry and is then treated as done, since the resource is
 from __future__ import annotations
 
 import hmac
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager, suppress
+from collections.abc import Callable
+from contextlib import suppress
 from dataclasses import asdict, dataclass
 
 from google.api_core import exceptions
@@ -17,7 +17,8 @@ from google.api_core.retry import Retry, if_exception_type
 from google.cloud import artifactregistry_v1, iam_admin_v1, secretmanager_v1
 from google.iam.v1 import iam_policy_pb2, policy_pb2
 
-from launcher.cloud import RETRY, Clients, retry_deadline_s
+from launcher.api_errors import explained
+from launcher.cloud import RETRY, Clients
 from launcher.errors import UserError
 from launcher.settings import Settings
 
@@ -50,54 +51,13 @@ class Change:
         return asdict(self)
 
 
-# Roles the caller needs for each kind of resource, to turn PERMISSION_DENIED into a useful hint.
-_CALLER_ROLES = {
-    "service account": "roles/iam.serviceAccountAdmin",
-    "bucket": "roles/storage.admin",
-    "bucket IAM": "roles/storage.admin",
-    "repository": "roles/artifactregistry.admin",
-    "secret": "roles/secretmanager.admin",
-    "secret IAM": "roles/secretmanager.admin",
-}
-
-
-@contextmanager
-def _explained(kind: str, name: str, settings: Settings) -> Iterator[None]:
-    try:
-        yield
-    except exceptions.PermissionDenied as error:
-        role = _CALLER_ROLES.get(kind, "roles/owner")
-        raise UserError(
-            f"Permission denied on {kind} {name}: {error.message}",
-            f"Your account needs {role} on project {settings.project_id}: gcloud projects "
-            f"add-iam-policy-binding {settings.project_id} --member=user:YOU --role={role}",
-        ) from error
-    except exceptions.Unauthenticated as error:
-        raise UserError(
-            f"Not authenticated while working on {kind} {name}.",
-            "Run `gcloud auth application-default login`.",
-        ) from error
-    except exceptions.RetryError as error:
-        raise UserError(
-            f"Gave up on {kind} {name} after retrying transient errors for {retry_deadline_s():g} s: "
-            f"{error.cause}",
-            "The service is unavailable right now; run the same command again later: it resumes where "
-            "it stopped.",
-        ) from error
-    except exceptions.GoogleAPICallError as error:
-        raise UserError(
-            f"{kind.capitalize()} {name} failed: {error.message or error}",
-            "Nothing else was changed; fix the cause and run the command again: it resumes where it stopped.",
-        ) from error
-
-
 def ensure_service_account(clients: Clients, settings: Settings, *, dry_run: bool = False) -> Change:
     email = settings.service_account_email
     command = (
         f"gcloud iam service-accounts create {settings.service_account} --project={settings.project_id} "
         '--display-name="gemma-launch fine-tuning job"'
     )
-    with _explained("service account", email, settings):
+    with explained("service account", email, settings):
         try:
             clients.iam.get_service_account(
                 name=f"projects/{settings.project_id}/serviceAccounts/{email}", retry=RETRY
@@ -128,7 +88,7 @@ def ensure_bucket(clients: Clients, settings: Settings, *, dry_run: bool = False
         f"gcloud storage buckets create gs://{name} --project={settings.project_id} "
         f"--location={settings.region} --uniform-bucket-level-access"
     )
-    with _explained("bucket", name, settings):
+    with explained("bucket", name, settings):
         bucket = clients.storage.lookup_bucket(name, retry=RETRY)
         if bucket is None:
             if dry_run:
@@ -172,7 +132,7 @@ def ensure_bucket_iam(clients: Clients, settings: Settings, *, dry_run: bool = F
         f"gcloud storage buckets add-iam-policy-binding gs://{settings.bucket} --member={member} "
         f"--role={OBJECT_ADMIN}"
     )
-    with _explained("bucket IAM", label, settings):
+    with explained("bucket IAM", label, settings):
         if dry_run and clients.storage.lookup_bucket(settings.bucket, retry=RETRY) is None:
             return Change("bucket IAM", label, "would create", command)
         bucket = clients.storage.bucket(settings.bucket)
@@ -198,7 +158,7 @@ def ensure_repository(clients: Clients, settings: Settings, *, dry_run: bool = F
         f"gcloud artifacts repositories create {settings.repository} --repository-format=docker "
         f"--location={settings.region} --project={settings.project_id}"
     )
-    with _explained("repository", name, settings):
+    with explained("repository", name, settings):
         try:
             clients.registry.get_repository(name=name, retry=RETRY)
             return Change("repository", name, "unchanged")
@@ -228,7 +188,7 @@ def ensure_secret(clients: Clients, settings: Settings, *, dry_run: bool = False
         f'printf %s "$HF_TOKEN" | gcloud secrets create {settings.secret_id} --data-file=- '
         f"--replication-policy=automatic --project={settings.project_id}"
     )
-    with _explained("secret", name, settings):
+    with explained("secret", name, settings):
         created = False
         try:
             clients.secrets.get_secret(name=name, retry=RETRY)
@@ -333,7 +293,7 @@ def ensure_secret_access(clients: Clients, settings: Settings, *, dry_run: bool 
         f"gcloud secrets add-iam-policy-binding {settings.secret_id} --member={member} "
         f"--role={SECRET_ACCESSOR} --project={settings.project_id}"
     )
-    with _explained("secret IAM", label, settings):
+    with explained("secret IAM", label, settings):
         if dry_run and _missing_secret(clients, settings):
             return Change("secret IAM", label, "would create", command)
 
@@ -394,7 +354,7 @@ def provision(
     if settings.hf_token is None:
         # Checked before anything is created: a first `up` without a token would otherwise stop at the
         # secret, after making the service account, bucket and repository.
-        with _explained("secret", settings.secret_name, settings):
+        with explained("secret", settings.secret_name, settings):
             if _missing_secret(clients, settings):
                 settings.require_hf_token()
     changes = []
