@@ -252,7 +252,9 @@ def up(
             ),
         )
         for item in staged:
-            record(item.kind, f"gs://{settings.bucket}/{item.prefix}/", item.status, item.command)
+            # One staging execution covers every Hub source: list its command once.
+            command = "" if any(entry["command"] == item.command for entry in report) else item.command
+            record(item.kind, f"gs://{settings.bucket}/{item.prefix}/", item.status, command)
         model_prefix = next(item.prefix for item in staged if item.kind == "model")
         dataset_prefix = next(item.prefix for item in staged if item.kind == "dataset")
 

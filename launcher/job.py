@@ -2,6 +2,9 @@
 
 The bucket is mounted at MOUNT_PATH, so the trainer reads the staged weights and dataset and writes its
 checkpoints and results there: a retried task resumes from the checkpoints of its own execution.
+
+The staging job (`<job>-stage`, stage_job_spec) is its CPU-only sibling: the same image and service
+account, running launcher.stage_worker with arguments given per execution (launcher/staging.py).
 """
 
 from __future__ import annotations

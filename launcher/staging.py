@@ -9,6 +9,13 @@ first, deleted before anything under the prefix changes, and written last. Each 
 Hub's hash and the crc32c verified at upload in its metadata, so a re-run skips what is intact,
 re-uploads what is missing or altered, and removes files it staged that the source no longer has.
 
+Where the bytes flow (`stage_in`): Hub repos are best staged in the region by the staging job
+(job.stage_job_spec: `<job>-stage`, CPU only, the project's image running launcher.stage_worker, the
+token from the secret), which calls the same `hub_source` and `stage_source` as local staging, pinned
+to the commit resolved here; the launcher follows its logs and checks the marker afterwards. Local
+directories, and Hub repos before any image exists, stream through this machine. Either way the marker
+is checked here first, so a complete copy costs a listing and starts nothing.
+
 Storage calls use google-cloud-storage's own DEFAULT_RETRY: unlike launcher.cloud.RETRY it also retries
 dropped connections, which long transfers meet.
 """

@@ -162,6 +162,18 @@ def test_up_stages_hub_repos_in_the_cloud_like_local_staging_and_then_runs_nothi
     assert len(stage_runs(env)) == runs == 1
     assert re.search(r"unchanged\s+model\s+gs://", again.output)
 
+    # A new commit on the Hub: the staging job (unchanged) runs again, for the model only.
+    changed = {**MODEL_FILES, "config.json": b'{"model_type": "gemma3", "hidden_size": 32}'}
+    hub.add_repo(MODEL, changed)
+    third = cli("up", "--model-source", MODEL, "--dataset-source", DATASET)
+
+    assert third.exit_code == 0, third.output
+    assert re.search(r"unchanged\s+staging job", third.output)
+    assert re.search(r"updated\s+model\s+gs://", third.output)
+    assert re.search(r"unchanged\s+dataset\s+gs://", third.output)
+    assert files(env, MODEL) == changed
+    assert len(stage_runs(env)) == 2
+
 
 def test_a_failing_staging_job_ends_with_error_and_hint(env, hub, monkeypatch):
     # The secret holds a token whose account never accepted the licence; this machine's token did.
