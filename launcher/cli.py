@@ -100,6 +100,37 @@ def settings_options(command: Callable[..., Any]) -> Callable[..., Any]:
     )(wrapper)
 
 
+def source_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """The staging flags `up` and `stage` share."""
+    for option in reversed(
+        (
+            click.option(
+                "--model-source",
+                help="Hugging Face model id or local model directory to stage (default: model_id).",
+            ),
+            click.option(
+                "--dataset-source",
+                help="Hugging Face dataset id or local directory in the Oxford-IIIT Pet layout "
+                "(default: dataset_id).",
+            ),
+            click.option(
+                "--revision", help="Hub revision (branch, tag or commit) of the model; default main."
+            ),
+            click.option(
+                "--stage-in",
+                type=click.Choice(staging.STAGE_IN),
+                default="auto",
+                show_default=True,
+                help="Where staged bytes flow: auto = Hub sources by a CPU Cloud Run job in the region when "
+                "the project's image exists, local directories from this machine; local = all from this "
+                "machine; cloud = the job.",
+            ),
+        )
+    ):
+        command = option(command)
+    return command
+
+
 @click.group(cls=Cli, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="gemma-launch")
 def main() -> None:
@@ -109,7 +140,7 @@ def main() -> None:
     Typical session:
       export PROJECT_ID=my-project HF_TOKEN=hf_...
       gemma-launch init          # optional: write gemma-launch.toml
-      gemma-launch up            # provision, stage weights, build, create the job
+      gemma-launch up            # provision, build the image, stage weights, create the job
       gemma-launch run --follow  # fine-tune, streaming the logs
 
     Settings come from defaults < gemma-launch.toml < environment variables (PROJECT_ID, REGION,
@@ -143,15 +174,7 @@ def _print_change(kind: str, name: str, status: str) -> None:
     "--dry-run", is_flag=True, help="Show the plan and the equivalent gcloud commands; change nothing."
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the outcome as JSON.")
-@click.option(
-    "--model-source",
-    help="Hugging Face model id or local model directory to stage (default: the model_id setting).",
-)
-@click.option(
-    "--dataset-source",
-    help="Hugging Face dataset id or local directory in the Oxford-IIIT Pet layout (default: dataset_id).",
-)
-@click.option("--revision", help="Hub revision (branch, tag or commit) of the model to stage.")
+@source_options
 @click.option(
     "--source",
     "source_dir",
@@ -162,14 +185,6 @@ def _print_change(kind: str, name: str, status: str) -> None:
 )
 @click.option("--skip-stage", is_flag=True, help="Do not stage model weights and data into the bucket.")
 @click.option("--skip-build", is_flag=True, help="Do not build the image; the job keeps its current image.")
-@click.option(
-    "--stage-in",
-    type=click.Choice(staging.STAGE_IN),
-    default="auto",
-    show_default=True,
-    help="Where staged bytes flow: auto = Hub sources by a Cloud Run job in the region (with the image "
-    "this `up` builds), local directories from this machine; local = all from this machine; cloud = the job.",
-)
 def up(
     settings: Settings,
     dry_run: bool,
@@ -486,23 +501,7 @@ def emulator_start(
 
 @main.command()
 @settings_options
-@click.option(
-    "--model-source",
-    help="Hugging Face model id or local model directory (default: the model_id setting).",
-)
-@click.option(
-    "--dataset-source",
-    help="Hugging Face dataset id or local directory in the Oxford-IIIT Pet layout (default: dataset_id).",
-)
-@click.option("--revision", help="Hub revision (branch, tag or commit) of the model; default main.")
-@click.option(
-    "--stage-in",
-    type=click.Choice(staging.STAGE_IN),
-    default="auto",
-    show_default=True,
-    help="Where the bytes flow: auto = Hub sources by a Cloud Run job in the region when the project's "
-    "image exists, else from this machine; local = from this machine; cloud = the job.",
-)
+@source_options
 @click.option("--dry-run", is_flag=True, help="Say what would be transferred; change nothing.")
 @click.option("--json", "as_json", is_flag=True, help="Print the outcome as JSON.")
 def stage(
