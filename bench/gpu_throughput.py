@@ -45,7 +45,7 @@ from trainer.evaluate import predict  # noqa: E402
 from trainer.export import versions  # noqa: E402
 from trainer.modeling import LANGUAGE_MODEL_LINEAR, add_adapters  # noqa: E402
 from trainer.synthetic import BREEDS, LIST_HEADER  # noqa: E402
-from trainer.tiny import CHAT_TEMPLATE, build_tokenizer  # noqa: E402
+from trainer.tiny import CHAT_TEMPLATE, build_tokenizer, tiny_shapes  # noqa: E402
 
 log = logging.getLogger("bench")
 
@@ -189,33 +189,8 @@ def build_model(arch: str, processor, device: str):
 
 
 def tiny_config(processor) -> dict:
-    """trainer.tiny's shapes, for --smoke."""
-    return {
-        "text_config": {
-            "vocab_size": len(processor.tokenizer),
-            "hidden_size": 64,
-            "intermediate_size": 128,
-            "num_hidden_layers": 2,
-            "layer_types": ["sliding_attention", "full_attention"],
-            "num_attention_heads": 4,
-            "num_key_value_heads": 2,
-            "head_dim": 16,
-            "query_pre_attn_scalar": 16,
-            "sliding_window": 64,
-            "max_position_embeddings": 1024,
-        },
-        "vision_config": {
-            "model_type": "siglip_vision_model",
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 2,
-            "image_size": 32,
-            "patch_size": 8,
-            "vision_use_head": False,
-        },
-        "mm_tokens_per_image": 4,
-    }
+    """trainer.tiny's shapes, for --smoke (longer positions: the smoke run packs the 37 answers)."""
+    return tiny_shapes(len(processor.tokenizer), max_positions=1024)
 
 
 def quantize_nf4(model, skip: tuple[str, ...] = ("lm_head", "multi_modal_projector")) -> None:

@@ -104,6 +104,36 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
     )
 
 
+def tiny_shapes(vocab_size: int, max_positions: int = 256) -> dict:
+    """The tiny model's shapes (text, vision, projector), shared with the GPU benchmark's --smoke run."""
+    return {
+        "text_config": {
+            "vocab_size": vocab_size,
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "num_hidden_layers": 2,
+            "layer_types": ["sliding_attention", "full_attention"],
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "head_dim": 16,
+            "query_pre_attn_scalar": 16,
+            "sliding_window": 64,
+            "max_position_embeddings": max_positions,
+        },
+        "vision_config": {
+            "model_type": "siglip_vision_model",
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "image_size": IMAGE_SIZE,
+            "patch_size": PATCH_SIZE,
+            "vision_use_head": False,
+        },
+        "mm_tokens_per_image": TOKENS_PER_IMAGE,
+    }
+
+
 def build(out_dir: Path, seed: int = 0) -> None:
     set_seed(seed)
     tokenizer = build_tokenizer()
@@ -117,36 +147,18 @@ def build(out_dir: Path, seed: int = 0) -> None:
         image_seq_length=TOKENS_PER_IMAGE,
     )
     ids = tokenizer.convert_tokens_to_ids
+    shapes = tiny_shapes(len(tokenizer))
     config = Gemma3Config(
         text_config={
-            "vocab_size": len(tokenizer),
-            "hidden_size": 64,
-            "intermediate_size": 128,
-            "num_hidden_layers": 2,
-            "layer_types": ["sliding_attention", "full_attention"],
-            "num_attention_heads": 4,
-            "num_key_value_heads": 2,
-            "head_dim": 16,
-            "query_pre_attn_scalar": 16,
-            "sliding_window": 64,
-            "max_position_embeddings": 256,
+            **shapes["text_config"],
             # At 0.02 LoRA cannot sharpen the output enough and summed log-likelihood prefers short names.
             "initializer_range": 0.2,
             "pad_token_id": tokenizer.pad_token_id,
             "eos_token_id": tokenizer.eos_token_id,
             "bos_token_id": tokenizer.bos_token_id,
         },
-        vision_config={
-            "model_type": "siglip_vision_model",
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 2,
-            "image_size": IMAGE_SIZE,
-            "patch_size": PATCH_SIZE,
-            "vision_use_head": False,
-        },
-        mm_tokens_per_image=TOKENS_PER_IMAGE,
+        vision_config=shapes["vision_config"],
+        mm_tokens_per_image=shapes["mm_tokens_per_image"],
         boi_token_index=ids("<start_of_image>"),
         eoi_token_index=ids("<end_of_image>"),
         image_token_index=ids("<image_soft_token>"),
