@@ -543,13 +543,19 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--eval-samples", type=int, default=64)
     parser.add_argument("--train-per-class", type=int, default=20)
-    parser.add_argument("--out", type=Path, default=Path("bench/results"))
+    parser.add_argument(
+        "--out", type=Path, help="where gpu.jsonl is appended (default: bench/results; --smoke: a temp dir)"
+    )
     parser.add_argument("--smoke", action="store_true", help="CPU, tiny config, 2 steps: the code paths only")
     parser.add_argument("--quality", action="store_true", help="tiny model, levers on vs off: accuracy")
     parser.add_argument("--quality-flags", default="", help="extra trainer flags for --quality")
     parser.add_argument("--quality-configs", default="levers-on,levers-off")
     bench = parser.parse_args()
     logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="%(asctime)s %(levelname)s %(message)s")
+    # A CPU smoke run must never add rows to the measured GPU results.
+    bench.out = bench.out or (
+        Path(tempfile.mkdtemp(prefix="gpu-smoke-")) if bench.smoke else Path("bench/results")
+    )
     bench.out.mkdir(parents=True, exist_ok=True)
     device = "cuda" if torch.cuda.is_available() and not bench.smoke else "cpu"
     print("VERSIONS " + json.dumps({**versions(), "gpu": gpu_name(device)}), flush=True)
