@@ -55,7 +55,7 @@ class Cli(click.Group):
             ctx.exit(2)
 
 
-# (flag, settings field, click type, help); the help text comes from the Settings model where empty.
+# (flag, settings field, click type); each flag's help is the field's description in the Settings model.
 _SETTING_FLAGS: tuple[tuple[str, str, Any], ...] = (
     ("--project", "project_id", str),
     ("--region", "region", str),
