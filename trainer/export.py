@@ -25,14 +25,12 @@ def versions() -> dict[str, str]:
     return found
 
 
-def merge(
-    model_id: str, adapter_dir: Path, out_dir: Path, precision: str, device: str, token: str | None
-) -> None:
+def merge(model_id: str, adapter_dir: Path, out_dir: Path, device: str, token: str | None) -> None:
     """Fold the adapter into the base weights: a plain Gemma 3 checkpoint that needs no peft.
 
-    A 4-bit base is reloaded in bf16 first: merging into quantized weights would round the update away.
+    A quantized (4-bit, int8) base is reloaded in bf16 first: merging into it would round the update away.
     """
-    base = load_base_model(model_id, "fp32" if precision == "fp32" else "bf16", device, token)
+    base = load_base_model(model_id, "fp32" if device == "cpu" else "bf16", device, token)
     merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
     merged.save_pretrained(out_dir)
     load_processor(model_id, token).save_pretrained(out_dir)

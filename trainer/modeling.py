@@ -1,4 +1,4 @@
-"""Processor and model: Gemma 3 with LoRA on the language model, bf16 when it fits, else 4-bit NF4."""
+"""Processor and model: Gemma 3 with LoRA on the language model; bf16, int8 or 4-bit NF4 base weights."""
 
 import logging
 from pathlib import Path
@@ -15,6 +15,7 @@ from transformers import (
 )
 
 from trainer import UserError
+from trainer.int8_weights import int8_weight_bytes, quantize_linear_layers
 
 log = logging.getLogger(__name__)
 
@@ -22,9 +23,12 @@ log = logging.getLogger(__name__)
 # (docs/benchmarks) for no gain in the Gemma 3 recipes.
 LANGUAGE_MODEL_LINEAR = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 
-# bf16 weights may take this share of the GPU memory budget; the rest is for LoRA states and activations,
-# which the memory plan fits by checkpointing layers (27B: 51 GiB of weights in an 85 GiB budget).
-BF16_MEMORY_SHARE = 0.7
+# Weights may take this share of the GPU memory budget; the rest is for activations, whose room sets the
+# batch. bf16 weights above it (27B: 51 of 85 GiB) would leave room for batch 2 only: int8 storage is faster
+# there (docs/benchmarks.md), and 4-bit when even int8 weights do not leave it.
+WEIGHT_MEMORY_SHARE = 0.5
+# int8 weights are made from bf16 ones on the GPU: the bf16 model must fit the GPU while it loads.
+LOAD_MEMORY_SHARE = 0.9
 
 
 def check_model_id(model_id: str) -> None:
@@ -46,7 +50,12 @@ def resolve_device(device: str) -> str:
 def choose_precision(
     quantization: str, device: str, model_id: str, token: str | None, max_memory_gib: float = float("inf")
 ) -> str:
-    """'bf16', '4bit' or 'fp32' (CPU). 'auto' quantizes only when bf16 weights would not leave room."""
+    """'bf16', 'int8', '4bit' or 'fp32' (CPU; 'int8' also runs there, in fp32).
+
+    'auto' takes the most precise weights that leave half of the memory budget for activations.
+    """
+    if quantization == "int8":
+        return "int8"
     if device == "cpu":
         if quantization == "4bit":
             raise UserError("--quantization 4bit needs a CUDA GPU (bitsandbytes); use auto or none on CPU")
@@ -55,12 +64,29 @@ def choose_precision(
         return "4bit" if quantization == "4bit" else "bf16"
     with torch.device("meta"):
         shell = AutoModelForImageTextToText.from_config(AutoConfig.from_pretrained(model_id, token=token))
-    weights = 2 * sum(p.numel() for p in shell.parameters())
+    bf16 = 2 * sum(p.numel() for p in shell.parameters())
+    int8 = int8_weight_bytes(shell, LANGUAGE_MODEL_LINEAR)
     total = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
     budget = min(total, max_memory_gib * 2**30)
-    precision = "bf16" if weights <= BF16_MEMORY_SHARE * budget else "4bit"
-    log.info("bf16 weights %.1f GiB, memory budget %.1f GiB: %s", weights / 2**30, budget / 2**30, precision)
+    precision = precision_for(bf16, int8, budget, total)
+    log.info(
+        "weights: %.1f GiB in bf16, %.1f GiB in int8; memory budget %.1f GiB: %s",
+        bf16 / 2**30,
+        int8 / 2**30,
+        budget / 2**30,
+        precision,
+    )
     return precision
+
+
+def precision_for(bf16_bytes: float, int8_bytes: float, budget: float, gpu_bytes: float) -> str:
+    """The most precise weights that take at most WEIGHT_MEMORY_SHARE of the budget (and, for int8, whose
+    bf16 form fits the GPU while it loads); 4-bit otherwise."""
+    if bf16_bytes <= WEIGHT_MEMORY_SHARE * budget:
+        return "bf16"
+    if int8_bytes <= WEIGHT_MEMORY_SHARE * budget and bf16_bytes <= LOAD_MEMORY_SHARE * gpu_bytes:
+        return "int8"
+    return "4bit"
 
 
 def load_processor(model_id: str, token: str | None) -> ProcessorMixin:
@@ -71,7 +97,7 @@ def load_processor(model_id: str, token: str | None) -> ProcessorMixin:
 
 
 def load_base_model(model_id: str, precision: str, device: str, token: str | None) -> PreTrainedModel:
-    kwargs: dict = {"dtype": torch.float32 if precision == "fp32" else torch.bfloat16}
+    kwargs: dict = {"dtype": torch.float32 if precision == "fp32" or device == "cpu" else torch.bfloat16}
     if precision == "4bit":
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True,
@@ -80,13 +106,17 @@ def load_base_model(model_id: str, precision: str, device: str, token: str | Non
             bnb_4bit_compute_dtype=torch.bfloat16,
         )
     try:
-        return AutoModelForImageTextToText.from_pretrained(
+        model = AutoModelForImageTextToText.from_pretrained(
             model_id, device_map={"": device}, token=token, **kwargs
         )
     except OSError as error:  # missing or partial weights, a gated repo without a token
         raise UserError(
             f"cannot load the model weights of {model_id}: {str(error).splitlines()[0]}"
         ) from None
+    if precision == "int8":
+        count = quantize_linear_layers(model, LANGUAGE_MODEL_LINEAR)
+        log.info("%d linear layers of the language model stored in int8", count)
+    return model
 
 
 def load_model(

@@ -60,13 +60,14 @@ def compile_layers(model: nn.Module) -> None:
     """torch.compile each decoder layer on its own: one graph per layer kind, reused by all layers.
 
     Compiling the whole model would trace PEFT's and Trainer's Python around the layers and break the graph
-    at each of them; one layer is a clean graph (attention, norms, GeGLU and LoRA fused). dynamic=True:
-    batch and sequence length change (answer widths, probes, scoring) without recompiling.
+    at each of them; one layer is a clean graph (attention, norms, GeGLU and LoRA fused). Shapes start
+    static (kernels specialised to the model's widths) and a dimension that changes, like the batch between
+    the memory probes and training, becomes dynamic after one recompile.
     """
     # Sliding and full attention layers, training and no-grad graphs: a few entries per layer code object.
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 32)
     for layer in decoder_layers(model):
-        layer.compile(dynamic=True)
+        layer.compile()
 
 
 def set_checkpointed_layers(model: PreTrainedModel, count: int) -> None:

@@ -27,10 +27,11 @@ class AnswerOnlyCollator:
 
     def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
         # The prompt text is the same for every example, so prompts need no padding: answers are
-        # appended after it and right-padded.
+        # appended after it and right-padded to the longest of all answers, so every batch has one
+        # sequence length (compiled layers then need no graph per length; at most 5 padded tokens in 470).
         batch = self.prompts(examples)
         answers = [self.chat.answers[example["label"]] for example in examples]
-        width = max(len(answer) for answer in answers)
+        width = max(len(answer) for answer in self.chat.answers)
         pad = self.processor.tokenizer.pad_token_id
         answer_ids = torch.tensor([answer + [pad] * (width - len(answer)) for answer in answers])
         answer_mask = torch.tensor([[1] * len(answer) + [0] * (width - len(answer)) for answer in answers])
@@ -71,9 +72,7 @@ class LogLine(TrainerCallback):
         )
 
 
-def sft_config(
-    args, run_dir: Path, precision: str, device: str, batch_size: int, num_workers: int = 0
-) -> SFTConfig:
+def sft_config(args, run_dir: Path, device: str, batch_size: int, num_workers: int = 0) -> SFTConfig:
     return SFTConfig(
         output_dir=str(run_dir),
         num_train_epochs=args.num_epochs,
@@ -85,7 +84,7 @@ def sft_config(
         save_steps=args.save_steps,
         save_total_limit=args.save_total_limit,
         seed=args.seed,
-        bf16=precision != "fp32",  # TRL defaults to bf16, which fails on CPU
+        bf16=device != "cpu",  # TRL defaults to bf16, which fails on CPU
         use_cpu=device == "cpu",
         # TRL's default is on, for every layer; trainer.speed checkpoints only the layers memory demands.
         gradient_checkpointing=False,
