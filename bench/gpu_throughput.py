@@ -43,7 +43,8 @@ from trainer.__main__ import build_trainer, parse_args, speed_up  # noqa: E402
 from trainer.data import PetData, chat_format, load_pets, readable_name  # noqa: E402
 from trainer.evaluate import predict  # noqa: E402
 from trainer.export import versions  # noqa: E402
-from trainer.modeling import LANGUAGE_MODEL_LINEAR, add_adapters  # noqa: E402
+from trainer.int8_weights import quantize_linear_layers  # noqa: E402
+from trainer.modeling import LANGUAGE_MODEL_LINEAR, add_adapters, choose_precision  # noqa: E402
 from trainer.synthetic import BREEDS, LIST_HEADER  # noqa: E402
 from trainer.tiny import CHAT_TEMPLATE, build_tokenizer, tiny_shapes  # noqa: E402
 
@@ -76,6 +77,9 @@ VARIANTS: dict[str, tuple[list[str], str, str]] = {
         "generate",
     ),
     "ours": ([], LANGUAGE_MODEL_LINEAR, "score"),
+    "ours-bf16": (["--quantization", "none"], LANGUAGE_MODEL_LINEAR, "score"),
+    "ours-bf16-b8": (["--quantization", "none", "--batch-size", "8"], LANGUAGE_MODEL_LINEAR, "score"),
+    "ours-int8": (["--quantization", "int8"], LANGUAGE_MODEL_LINEAR, "score"),
     "ours-no-compile": (["--compile", "off"], LANGUAGE_MODEL_LINEAR, "score"),
     "ours-no-feature-cache": (["--no-cache-image-features"], LANGUAGE_MODEL_LINEAR, "score"),
     "ours-b8": (["--batch-size", "8"], LANGUAGE_MODEL_LINEAR, "score"),
@@ -348,13 +352,18 @@ def measure(
             "--eval-size", str(bench.eval_size), *flags,
         ]
     )  # fmt: skip
-    precision = "fp32" if device == "cpu" else ("4bit" if args.quantization == "4bit" else "bf16")
     chat = chat_format(processor, data.class_names)
     torch.manual_seed(args.seed)
     start = time.perf_counter()
     model = build_tiny(processor) if bench.smoke else build_model(arch, processor, device)
+    # The trainer's own choice of weights for this config and budget, as it makes it from a model directory.
+    with tempfile.TemporaryDirectory() as config_dir:
+        model.config.save_pretrained(config_dir)
+        precision = choose_precision(args.quantization, device, config_dir, None, args.max_memory_gib)
     if precision == "4bit":
         quantize_nf4(model)
+    elif precision == "int8":
+        quantize_linear_layers(model, LANGUAGE_MODEL_LINEAR)
     model = add_adapters(model, precision, args.lora_r, args.lora_alpha, args.lora_dropout, targets, name)
     log.info("%s: model ready in %.1f s", name, time.perf_counter() - start)
     flops = count_flops(model, PROMPT_TOKENS, chat.answers, targets == REFERENCE_TARGETS)
@@ -427,9 +436,7 @@ def measure(
     if "train" in phases:
         run_dir = Path(tempfile.mkdtemp(prefix=f"bench-{name}-"))
         start = time.perf_counter()
-        trainer, plan = build_trainer(
-            args, model, processor, data, chat, precision, device, run_dir, features
-        )
+        trainer, plan = build_trainer(args, model, processor, data, chat, device, run_dir, features)
         plan_s = time.perf_counter() - start
         batch = trainer.args.per_device_train_batch_size
         timer = StepTimer(bench.warmup, device)
@@ -492,7 +499,8 @@ def build_tiny(processor):
 
 
 def quality(out: Path, extra: list[str], configs: list[str]) -> None:
-    """The tiny model on synthetic pets, trained with every lever on and with all of them off: accuracies."""
+    """The tiny model on synthetic pets, trained with every lever on, with int8 weights, and with all levers
+    off: accuracies."""
     from trainer.synthetic import write_dataset
     from trainer.tiny import build
 
@@ -506,7 +514,7 @@ def quality(out: Path, extra: list[str], configs: list[str]) -> None:
         "--logging-steps", "50", "--eval-method", "both", "--seed", "0", *extra,
     ]  # fmt: skip
     off = ["--compile", "off", "--no-cache-image-features", "--gradient-checkpointing", "off"]
-    for name, flags in (("levers-on", []), ("levers-off", off)):
+    for name, flags in (("levers-on", []), ("int8", ["--quantization", "int8"]), ("levers-off", off)):
         if name not in configs:
             continue
         run_dir = root / name
@@ -549,7 +557,7 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="CPU, tiny config, 2 steps: the code paths only")
     parser.add_argument("--quality", action="store_true", help="tiny model, levers on vs off: accuracy")
     parser.add_argument("--quality-flags", default="", help="extra trainer flags for --quality")
-    parser.add_argument("--quality-configs", default="levers-on,levers-off")
+    parser.add_argument("--quality-configs", default="levers-on,int8,levers-off")
     bench = parser.parse_args()
     logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="%(asctime)s %(levelname)s %(message)s")
     # A CPU smoke run must never add rows to the measured GPU results.
