@@ -283,9 +283,9 @@ def count_flops(model, prompt_tokens: int, answers: list[list[int]], vision_lora
 
 
 class StepTimer:
-    """Synchronized wall time from the end of the warm-up steps to the end of training."""
+    """Synchronized wall time from the end of the warm-up steps to the end of the timed steps."""
 
-    def __init__(self, warmup: int, device: str) -> None:
+    def __init__(self, warmup: int, steps: int, device: str) -> None:
         from transformers import TrainerCallback
 
         timer = self
@@ -296,10 +296,9 @@ class StepTimer:
                     timer.sync()
                     timer.start = time.perf_counter()
                     timer.reset_peak()
-
-            def on_train_end(self, args, state, control, **kwargs):
-                timer.sync()
-                timer.end = time.perf_counter()
+                if state.global_step == warmup + steps:
+                    timer.sync()
+                    timer.end = time.perf_counter()
 
         self.device = device
         self.callback = Callback()
@@ -439,11 +438,14 @@ def measure(
         trainer, plan = build_trainer(args, model, processor, data, chat, device, run_dir, features)
         plan_s = time.perf_counter() - start
         batch = trainer.args.per_device_train_batch_size
-        timer = StepTimer(bench.warmup, device)
+        timer = StepTimer(bench.warmup, bench.steps, device)
         trainer.add_callback(timer.callback)
         trainer.args.max_steps = bench.warmup + bench.steps
         start = time.perf_counter()
-        trainer.train()
+        if bench.profile:
+            profile_steps(trainer, bench, device, out / f"profile-{common['arch']}-{name}.txt")
+        else:
+            trainer.train()
         total_s = time.perf_counter() - start
         seconds = timer.end - timer.start
         rate = bench.steps * batch / seconds
@@ -476,6 +478,37 @@ def measure(
     if device == "cuda":
         torch.cuda.empty_cache()
         torch._dynamo.reset()
+
+
+def profile_steps(trainer, bench: argparse.Namespace, device: str, path: Path) -> None:
+    """Train through the timed steps, then profile `bench.profile` more steps (after one untimed step that
+    starts the tracer) and write where their time went: per step, wall time against the time the GPU was
+    busy (the gap is the host's: launches, Python, synchronizations), and the operators by GPU time."""
+    from transformers import TrainerCallback
+
+    timed = bench.warmup + bench.steps
+    trainer.args.max_steps = timed + 1 + bench.profile
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    schedule = torch.profiler.schedule(wait=timed, warmup=1, active=bench.profile, repeat=1)
+
+    class Step(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            profiler.step()
+
+    with torch.profiler.profile(activities=activities, schedule=schedule) as profiler:
+        trainer.add_callback(Step())
+        trainer.train()
+    events = profiler.key_averages()
+    steps = [event for event in events if event.key.startswith("ProfilerStep")]
+    wall_ms = sum(event.cpu_time_total for event in steps) / 1000 / bench.profile
+    busy_ms = sum(event.self_device_time_total for event in events) / 1000 / bench.profile
+    summary = f"per step: {wall_ms:.1f} ms wall, GPU busy {busy_ms:.1f} ms ({busy_ms / wall_ms:.0%})"
+    table = events.table(sort_by="self_device_time_total" if device == "cuda" else "self_cpu_time_total",
+                         row_limit=40, max_name_column_width=60)  # fmt: skip
+    path.write_text(summary + "\n\n" + table + "\n")
+    print(f"PROFILE {path.name}: {summary}", flush=True)
 
 
 def build_tiny(processor):
@@ -553,6 +586,13 @@ def main() -> None:
     parser.add_argument("--train-per-class", type=int, default=20)
     parser.add_argument(
         "--out", type=Path, help="where gpu.jsonl is appended (default: bench/results; --smoke: a temp dir)"
+    )
+    parser.add_argument(
+        "--profile",
+        type=int,
+        default=0,
+        metavar="STEPS",
+        help="after the timed training steps, profile this many more: OUT/profile-ARCH-CONFIG.txt",
     )
     parser.add_argument("--smoke", action="store_true", help="CPU, tiny config, 2 steps: the code paths only")
     parser.add_argument("--quality", action="store_true", help="tiny model, levers on vs off: accuracy")
