@@ -72,9 +72,6 @@ class Int8Linear(nn.Linear):
         out = int8_linear(x, self.weight, self.scale)
         return out if self.bias is None else out + self.bias
 
-    def dequantized(self) -> torch.Tensor:
-        return expand(self.weight, self.scale)
-
 
 def quantize_linear_layers(model: nn.Module, pattern: str) -> int:
     """Replace each nn.Linear whose full name matches `pattern` by an Int8Linear, in place, one at a time

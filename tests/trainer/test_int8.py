@@ -21,7 +21,7 @@ def test_int8_layer_matches_the_float_layer_and_its_input_gradient() -> None:
     assert layer.weight.dtype == torch.int8 and layer.scale.shape == (96, 1)
     # One part in 254 of each row's largest weight: the weights and outputs move by at most that much.
     step = linear.weight.abs().amax(dim=1, keepdim=True) / 127
-    assert ((layer.dequantized() - linear.weight).abs() <= step / 2 + 1e-7).all()
+    assert ((expand(layer.weight, layer.scale) - linear.weight).abs() <= step / 2 + 1e-7).all()
     # The one-kernel expansion gives exactly the values of converting the int8 weights first.
     q, scale = layer.weight, layer.scale.to(torch.bfloat16)
     assert torch.equal(expand(q, scale), q.to(torch.bfloat16) * scale)
@@ -32,7 +32,8 @@ def test_int8_layer_matches_the_float_layer_and_its_input_gradient() -> None:
     # The input gradient is exactly that of a float layer holding the rounded weights.
     grad = torch.randn_like(out)
     (got,) = torch.autograd.grad(out, x, grad)
-    (want,) = torch.autograd.grad(nn.functional.linear(x, layer.dequantized(), linear.bias), x, grad)
+    rounded = expand(layer.weight, layer.scale)
+    (want,) = torch.autograd.grad(nn.functional.linear(x, rounded, linear.bias), x, grad)
     torch.testing.assert_close(got, want)
 
 
