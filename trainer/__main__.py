@@ -183,8 +183,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--compile",
         choices=["auto", "on", "off"],
         default="auto",
-        help="torch.compile each decoder layer (fused norms, GeGLU, RoPE, LoRA); compiling and the memory "
-        "probes take ~2 min at the start on an H200; auto: on for CUDA",
+        help="torch.compile each decoder layer (fused norms, GeGLU, RoPE, LoRA), static shapes; compiling "
+        "and the memory probes take about a minute at the start (27B on an H200); auto: on for CUDA",
     )
     speed.add_argument(
         "--cache-image-features",
