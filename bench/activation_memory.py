@@ -22,6 +22,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import torch_settings  # noqa: E402
+
 from trainer.int8_weights import quantize_linear_layers  # noqa: E402
 from trainer.modeling import LANGUAGE_MODEL_LINEAR, add_adapters  # noqa: E402
 from trainer.speed import compile_layers, gemma_backbone  # noqa: E402
@@ -89,12 +91,17 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="torch.compile each layer, as the trainer")
     parser.add_argument("--layers", type=int, default=2, help="layers between the two models compared")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="MODULE.NAME=VALUE", help="bench/torch_settings.py"
+    )
     args = parser.parse_args()
+    torch_settings.apply(args.set)
     torch.manual_seed(0)
     small_total, small_kinds = saved_bytes(build(args.arch, 1, args), args)
     large_total, large_kinds = saved_bytes(build(args.arch, 1 + args.layers, args), args)
     per_layer = (large_total - small_total) / args.layers
     setting = f"{args.arch}, dropout {args.lora_dropout}, {args.quantization}, compile {args.compile}"
+    setting += "".join(f", {item}" for item in args.set)
     print(f"{setting}: {per_layer / MIB:.1f} MiB per layer per sample of {args.tokens} tokens")
     large_kinds.subtract(small_kinds)
     for (shape, dtype), size in large_kinds.most_common():

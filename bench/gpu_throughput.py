@@ -38,6 +38,8 @@ from PIL import Image, ImageDraw
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import torch_settings  # noqa: E402
+
 import trainer.data  # noqa: E402
 from trainer.__main__ import build_trainer, parse_args, speed_up  # noqa: E402
 from trainer.data import PetData, chat_format, load_pets, readable_name  # noqa: E402
@@ -293,24 +295,25 @@ class StepTimer:
         class Callback(TrainerCallback):
             def on_step_end(self, args, state, control, **kwargs):
                 if state.global_step == warmup:
-                    timer.sync()
+                    sync(device)
                     timer.start = time.perf_counter()
-                    timer.reset_peak()
+                    reset_peak(device)
                 if state.global_step == warmup + steps:
-                    timer.sync()
+                    sync(device)
                     timer.end = time.perf_counter()
 
-        self.device = device
         self.callback = Callback()
         self.start = self.end = 0.0
 
-    def sync(self) -> None:
-        if self.device == "cuda":
-            torch.cuda.synchronize()
 
-    def reset_peak(self) -> None:
-        if self.device == "cuda":
-            torch.cuda.reset_peak_memory_stats()
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def reset_peak(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
 
 
 def peak_gib(device: str) -> tuple[float, float]:
@@ -373,6 +376,7 @@ def measure(
         "date": datetime.date.today().isoformat(),
         "precision": precision,
         "max_memory_gib": args.max_memory_gib,
+        **({"torch_settings": bench.set} if bench.set else {}),
     }
 
     start = time.perf_counter()
@@ -392,13 +396,12 @@ def measure(
         warmup = split.select(range(min(args.eval_batch_size, len(split))))
         predict(eval_method, model, processor, chat, warmup, data.class_names, args.eval_batch_size,
                 features, workers)  # fmt: skip
-        timer = StepTimer(0, device)
-        timer.reset_peak()
-        timer.sync()
+        reset_peak(device)
+        sync(device)
         start = time.perf_counter()
         predict(eval_method, model, processor, chat, split, data.class_names, args.eval_batch_size,
                 features, workers)  # fmt: skip
-        timer.sync()
+        sync(device)
         seconds = time.perf_counter() - start
         rate = len(split) / seconds
         reserved, allocated = peak_gib(device)
@@ -503,12 +506,37 @@ def profile_steps(trainer, bench: argparse.Namespace, device: str, path: Path) -
     events = profiler.key_averages()
     steps = [event for event in events if event.key.startswith("ProfilerStep")]
     wall_ms = sum(event.cpu_time_total for event in steps) / 1000 / bench.profile
-    busy_ms = sum(event.self_device_time_total for event in events) / 1000 / bench.profile
+    busy_ms, gaps = gpu_idle(profiler.events())
+    busy_ms /= bench.profile
     summary = f"per step: {wall_ms:.1f} ms wall, GPU busy {busy_ms:.1f} ms ({busy_ms / wall_ms:.0%})"
+    idle = "\n".join(f"{gap:8.2f} ms after {before[:60]}, before {after[:60]}" for gap, before, after in gaps)
     table = events.table(sort_by="self_device_time_total" if device == "cuda" else "self_cpu_time_total",
                          row_limit=40, max_name_column_width=60)  # fmt: skip
-    path.write_text(summary + "\n\n" + table + "\n")
+    path.write_text(f"{summary}\n\nlongest GPU idle gaps:\n{idle}\n\n{table}\n")
     print(f"PROFILE {path.name}: {summary}", flush=True)
+
+
+def gpu_idle(events) -> tuple[float, list[tuple[float, str, str]]]:
+    """Milliseconds the GPU ran kernels (overlaps merged) over the profiled steps, and the 15 longest gaps
+    between kernels, with the kernels on either side: where the GPU waited for the host."""
+    kernels = sorted(
+        (event.time_range.start, event.time_range.end, event.name)
+        for event in events
+        if event.device_type == torch.autograd.DeviceType.CUDA
+    )
+    if not kernels:
+        return 0.0, []
+    busy_us, gaps = 0.0, []
+    start, end, name = kernels[0]
+    for next_start, next_end, next_name in kernels[1:]:
+        if next_start > end:
+            busy_us += end - start
+            gaps.append(((next_start - end) / 1000, name, next_name))
+            start = next_start
+        if next_end >= end:
+            end, name = next_end, next_name
+    busy_us += end - start
+    return busy_us / 1000, sorted(gaps, reverse=True)[:15]
 
 
 def build_tiny(processor):
@@ -594,6 +622,13 @@ def main() -> None:
         metavar="STEPS",
         help="after the timed training steps, profile this many more: OUT/profile-ARCH-CONFIG.txt",
     )
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="MODULE.NAME=VALUE",
+        help="a torch.compile setting to try (bench/torch_settings.py), recorded in each row",
+    )
     parser.add_argument("--smoke", action="store_true", help="CPU, tiny config, 2 steps: the code paths only")
     parser.add_argument("--quality", action="store_true", help="tiny model, levers on vs off: accuracy")
     parser.add_argument("--quality-flags", default="", help="extra trainer flags for --quality")
@@ -605,6 +640,7 @@ def main() -> None:
         Path(tempfile.mkdtemp(prefix="gpu-smoke-")) if bench.smoke else Path("bench/results")
     )
     bench.out.mkdir(parents=True, exist_ok=True)
+    torch_settings.apply(bench.set)
     device = "cuda" if torch.cuda.is_available() and not bench.smoke else "cpu"
     print("VERSIONS " + json.dumps({**versions(), "gpu": gpu_name(device)}), flush=True)
     if bench.quality:

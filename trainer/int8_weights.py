@@ -18,9 +18,23 @@ INT8_MAX = 127
 
 
 def expand(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """The weight in the scale's dtype. One kernel: int8 x bf16 promotes to bf16 (reads 1 byte, writes 2 per
+    """The weight in the scale's dtype. One pass: int8 x bf16 promotes to bf16 (reads 1 byte, writes 2 per
     weight), with the same values as converting q first, which would take a second pass over the weight."""
     return q * scale
+
+
+# Inside the custom op nothing is compiled, and on the GPU eager int8 x bf16 runs through a generic casting
+# kernel at a third of the memory bandwidth (233 us for a 27B MLP weight on the H200, 16 % of a training
+# step); the compiled kernel streams it.
+_compiled_expand = torch.compile(expand, dynamic=False)
+
+
+def _expand_on_device(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    if not q.is_cuda:
+        return expand(q, scale)
+    # One compiled kernel per weight shape, whether called while training or evaluating.
+    with torch.no_grad():
+        return _compiled_expand(q, scale)
 
 
 # A custom op, opaque to torch.compile: traced as plain ops, the compiler would keep each expanded bf16
@@ -28,7 +42,7 @@ def expand(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 @torch.library.custom_op("gemma_launch::int8_linear", mutates_args=())
 def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """x @ (q * scale).T in the scale's dtype; the expanded weight lives only during the matmul."""
-    return functional.linear(x.to(scale.dtype), expand(q, scale))
+    return functional.linear(x.to(scale.dtype), _expand_on_device(q, scale))
 
 
 @int8_linear.register_fake
@@ -45,6 +59,8 @@ def _save_weights(ctx, inputs: tuple, output: torch.Tensor) -> None:
 def _grad_input(ctx, grad: torch.Tensor) -> tuple:
     q, scale = ctx.saved_tensors
     # The weights are frozen: only the input gets a gradient, from a weight expanded again.
+    # Traced into the compiled backward graph, where the compiler fuses the expansion itself (and cannot
+    # trace a compiled function).
     grad_input = grad.to(scale.dtype) @ expand(q, scale)
     return grad_input.to(ctx.input_dtype), None, None
 

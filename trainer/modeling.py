@@ -16,6 +16,7 @@ from transformers import (
 
 from trainer import UserError
 from trainer.int8_weights import int8_weight_bytes, quantize_linear_layers
+from trainer.lora_dropout import fuse_lora_dropout
 
 log = logging.getLogger(__name__)
 
@@ -153,6 +154,7 @@ def add_adapters(
         task_type="CAUSAL_LM",
     )
     model = get_peft_model(model, lora)
+    fuse_lora_dropout(model)
     trainable, total = model.get_nb_trainable_parameters()
     log.info(
         "model %s (%s): %d of %d parameters trainable (LoRA r=%d)", name, precision, trainable, total, lora_r
