@@ -523,6 +523,9 @@ def gpu_idle(events) -> tuple[float, list[tuple[float, str, str]]]:
         (event.time_range.start, event.time_range.end, event.name)
         for event in events
         if event.device_type == torch.autograd.DeviceType.CUDA
+        # Spans such as ProfilerStep#N are annotations covering whole steps, not kernels.
+        and not getattr(event, "is_user_annotation", False)
+        and not event.name.startswith("ProfilerStep")
     )
     if not kernels:
         return 0.0, []

@@ -28,9 +28,13 @@ GIB = 2**30
 MEMORY_MARGIN = 0.07
 # Largest batch the plan picks: more only shortens the run's step count, at a throughput already flat.
 MAX_AUTO_BATCH = 32
-# Per-step cost that does not grow with the batch (optimizer step, launches), in units of one sample's
-# forward + backward: the plan prefers fewer, larger steps by this much.
-STEP_OVERHEAD_SAMPLES = 1.0
+# The host's time per training step (running each layer's Python, launching its kernels and the adapters'
+# ops), in units of one sample's forward + backward on the GPU. The GPU runs ahead of the host only up to
+# the host's pace, so a step takes the longer of the two. Fitted to 27B on the H200, where the host sets
+# the pace of small batches: batch 5 with no layer checkpointed ran at 6.05 samples/s, batch 8 with 21 of
+# 62 checkpointed at 7.16 and batch 16 with 43 at 6.75 (docs/benchmarks.md). At 4B the GPU's work is the
+# longer at any batch that fits, so the value does not change its plan.
+HOST_STEP_SAMPLES = 15.0
 
 
 def gemma_backbone(model: nn.Module) -> nn.Module:
@@ -118,11 +122,13 @@ def choose_plan(
 ) -> Plan:
     """The batch and checkpointed-layer count with the best estimated throughput that fit `available`.
 
-    Cost per sample: forward + backward = 2 units, +1 per checkpointed layer's share of the model (its forward
-    runs twice), + STEP_OVERHEAD_SAMPLES spread over the batch.
+    Time per step, in units of one sample's forward or backward pass: the GPU's, 2 per sample plus 1 per
+    sample for each checkpointed layer's share of the model (its forward runs twice), or the host's,
+    HOST_STEP_SAMPLES plus half again for each checkpointed layer's share, whichever is longer. The cost is
+    that time per sample.
     """
     batches = [batch_size] if batch_size else range(1, MAX_AUTO_BATCH + 1)
-    best: tuple[float, Plan] | None = None
+    best: tuple[tuple[float, int], Plan] | None = None
     for batch in batches:
         if checkpointing == "off":
             counts = [0]
@@ -136,7 +142,10 @@ def choose_plan(
             fits = fixed + batch * (per_sample - count * per_layer_saving) <= available
             if not fits and not (batch_size and checkpointing != "auto"):
                 continue
-            cost = 2 + count / num_layers + STEP_OVERHEAD_SAMPLES / batch
+            gpu = batch * (2 + count / num_layers)
+            host = HOST_STEP_SAMPLES * (1 + count / (2 * num_layers))
+            # At equal cost the larger batch: fewer steps, so fewer optimizer steps and synchronizations.
+            cost = (max(gpu, host) / batch, -batch)
             plan = Plan(batch, count, per_sample, per_layer_saving, fixed, available)
             if best is None or cost < best[0]:
                 best = (cost, plan)
