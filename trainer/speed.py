@@ -29,12 +29,13 @@ MEMORY_MARGIN = 0.07
 # Largest batch the plan picks: more only shortens the run's step count, at a throughput already flat.
 MAX_AUTO_BATCH = 32
 # The host's time per training step (running each layer's Python, launching its kernels and the adapters'
-# ops), in units of one sample's forward + backward on the GPU. The GPU runs ahead of the host only up to
-# the host's pace, so a step takes the longer of the two. Fitted to 27B on the H200, where the host sets
-# the pace of small batches: batch 5 with no layer checkpointed ran at 6.05 samples/s, batch 8 with 21 of
-# 62 checkpointed at 7.16 and batch 16 with 43 at 6.75 (docs/benchmarks.md). At 4B the GPU's work is the
-# longer at any batch that fits, so the value does not change its plan.
-HOST_STEP_SAMPLES = 15.0
+# ops), in units of one sample's forward pass on the GPU (its backward costs as much). The GPU runs ahead
+# of the host only up to the host's pace, so a step takes the longer of the two. Fitted to 27B on the
+# H200, where the host sets the pace of small batches: batch 5 with no layer checkpointed ran at 6.05
+# samples/s, batch 8 with 21 of 62 checkpointed at 7.16 and batch 16 with 43 at 6.75
+# (docs/benchmarks.md). At 4B the GPU's work is the longer at any batch that fits, so the value does not
+# change its plan.
+HOST_STEP_PASSES = 15.0
 
 
 def gemma_backbone(model: nn.Module) -> nn.Module:
@@ -124,7 +125,7 @@ def choose_plan(
 
     Time per step, in units of one sample's forward or backward pass: the GPU's, 2 per sample plus 1 per
     sample for each checkpointed layer's share of the model (its forward runs twice), or the host's,
-    HOST_STEP_SAMPLES plus half again for each checkpointed layer's share, whichever is longer. The cost is
+    HOST_STEP_PASSES plus half again for each checkpointed layer's share, whichever is longer. The cost is
     that time per sample.
     """
     batches = [batch_size] if batch_size else range(1, MAX_AUTO_BATCH + 1)
@@ -143,7 +144,7 @@ def choose_plan(
             if not fits and not (batch_size and checkpointing != "auto"):
                 continue
             gpu = batch * (2 + count / num_layers)
-            host = HOST_STEP_SAMPLES * (1 + count / (2 * num_layers))
+            host = HOST_STEP_PASSES * (1 + count / (2 * num_layers))
             # At equal cost the larger batch: fewer steps, so fewer optimizer steps and synchronizations.
             cost = (max(gpu, host) / batch, -batch)
             plan = Plan(batch, count, per_sample, per_layer_saving, fixed, available)
