@@ -80,7 +80,7 @@ class DropoutLinear(nn.Linear):
         self.p = p
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training or self.p == 0:
+        if not self.training:
             return functional.linear(x, self.weight)
         # Under mixed precision the adapter's float32 weight and input meet in the autocast dtype, as they
         # would in nn.Linear; the op itself computes in one dtype.
@@ -93,9 +93,8 @@ class DropoutLinear(nn.Linear):
         return f"{super().extra_repr()}, p={self.p}"
 
 
-def fuse_lora_dropout(model: nn.Module) -> int:
-    """Move each LoRA layer's dropout into its lora_A (DropoutLinear), in place. Returns how many moved."""
-    fused = 0
+def fuse_lora_dropout(model: nn.Module) -> None:
+    """Move each LoRA layer's dropout into its lora_A (DropoutLinear), in place."""
     for layer in model.modules():
         if not isinstance(layer, LoraLayer):
             continue
@@ -103,5 +102,3 @@ def fuse_lora_dropout(model: nn.Module) -> int:
             if isinstance(dropout, nn.Dropout) and dropout.p > 0 and name in layer.lora_A:
                 layer.lora_A[name] = DropoutLinear(layer.lora_A[name], dropout.p)
                 layer.lora_dropout[name] = nn.Identity()
-                fused += 1
-    return fused

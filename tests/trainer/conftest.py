@@ -79,6 +79,25 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="session")
+def forward_saving() -> Callable:
+    """forward_saving(run) -> (run()'s output, every tensor autograd kept from it for the backward pass)."""
+    import torch
+
+    def run_saving(run: Callable):
+        saved: list = []
+
+        def keep(tensor):
+            saved.append(tensor)
+            return tensor
+
+        with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor):
+            out = run()
+        return out, saved
+
+    return run_saving
+
+
+@pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("tiny-gemma3")
     build(path)

@@ -38,21 +38,14 @@ def test_int8_layer_matches_the_float_layer_and_its_input_gradient() -> None:
 
 
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
-def test_backward_keeps_the_int8_weight_not_an_expanded_copy(compiled: bool) -> None:
+def test_backward_keeps_the_int8_weight_not_an_expanded_copy(compiled: bool, forward_saving) -> None:
     """The memory saving holds only if no float copy of the weight waits for the backward pass; compiled,
     a traced expansion would be kept (seen on CPU before the layer became a custom op)."""
     torch.manual_seed(0)
     block = nn.Sequential(Int8Linear(nn.Linear(128, 512)), nn.GELU(), Int8Linear(nn.Linear(512, 128)))
     block = torch.compile(block, dynamic=False) if compiled else block
-    saved: list[torch.Tensor] = []
-
-    def keep(tensor: torch.Tensor) -> torch.Tensor:
-        saved.append(tensor)
-        return tensor
-
     x = torch.randn(2, 8, 128, requires_grad=True)
-    with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor):
-        out = block(x)
+    out, saved = forward_saving(lambda: block(x))
     out.sum().backward()
     assert x.grad is not None and x.grad.abs().sum() > 0
     weight_sized = [t for t in saved if t.numel() >= 128 * 512 and t.is_floating_point()]

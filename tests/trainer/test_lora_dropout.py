@@ -49,20 +49,13 @@ class SharedInput(nn.Module):
 
 
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
-def test_backward_keeps_the_input_once_and_no_mask(compiled: bool) -> None:
+def test_backward_keeps_the_input_once_and_no_mask(compiled: bool, forward_saving) -> None:
     torch.manual_seed(0)
     block = SharedInput()
     # fullgraph: an op the compiler cannot trace would otherwise quietly run the block eagerly.
     block = torch.compile(block, dynamic=False, fullgraph=True) if compiled else block
-    saved: list[torch.Tensor] = []
-
-    def keep(tensor: torch.Tensor) -> torch.Tensor:
-        saved.append(tensor)
-        return tensor
-
     x = torch.randn(2, 64, 256, requires_grad=True)
-    with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor):
-        out = block(x)
+    out, saved = forward_saving(lambda: block(x))
     out.sum().backward()
     assert x.grad is not None and block.a.weight.grad.abs().sum() > 0
     input_sized = {t.untyped_storage().data_ptr() for t in saved if t.numel() == x.numel()}
