@@ -136,9 +136,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--lora-dropout",
         type=dropout,
         default=0.05,
-        help="dropout on the adapters' inputs, applied inside each adapter from a seed it keeps for the "
-        "backward pass, so no masks or dropped copies are kept (a quarter of 27B's activation memory, "
-        "docs/benchmarks.md); 0: none",
+        help="dropout on the adapters' inputs, applied inside each adapter with a mask hashed from a seed, "
+        "which the backward pass computes again: no masks or dropped copies are kept (a quarter of 27B's "
+        "activation memory, docs/benchmarks.md); 0: none",
     )
     p.add_argument("--output-dir", default="output")
     p.add_argument("--gcs-output-path", type=gcs_path, help="gs://BUCKET/PREFIX to upload the outputs to")

@@ -8,9 +8,10 @@ import pytest
 import torch
 from torch import nn
 from torch.nn import functional
+from torch.utils.checkpoint import checkpoint
 
 from trainer.data import chat_format, load_pets
-from trainer.lora_dropout import DropoutLinear, dropout_linear, keep_mask
+from trainer.lora_dropout import DropoutLinear, draw_seed, dropout_linear, keep_mask
 from trainer.modeling import load_model, load_processor
 from trainer.speed import decoder_layers, set_checkpointed_layers
 from trainer.train import AnswerOnlyCollator
@@ -20,10 +21,10 @@ def test_output_and_gradients_are_those_of_dropout_with_the_drawn_mask() -> None
     torch.manual_seed(0)
     x = torch.randn(3, 40, 64, requires_grad=True)
     weight = torch.randn(8, 64, requires_grad=True)
-    out, seed = dropout_linear(x, weight, 0.3)
+    seed = draw_seed(x.device)
+    out = dropout_linear(x, weight, 0.3, seed)
     keep = keep_mask(x, 0.3, seed)
-    assert set(keep.unique().tolist()) == {0.0, 1.0}
-    assert 0.65 < keep.mean().item() < 0.75  # 7,680 draws of p(keep) = 0.7
+    assert keep.dtype == torch.bool and 0.65 < keep.float().mean().item() < 0.75  # 7,680 draws of p = 0.7
     expected = functional.linear(x * keep / 0.7, weight)
     torch.testing.assert_close(out, expected)
     grad = torch.randn_like(out)
@@ -31,9 +32,29 @@ def test_output_and_gradients_are_those_of_dropout_with_the_drawn_mask() -> None
     want = torch.autograd.grad(expected, (x, weight), grad)
     for a, b in zip(got, want, strict=True):
         torch.testing.assert_close(a, b)
-    # Each call draws a new mask; the same seed gives the same one.
-    assert not torch.equal(dropout_linear(x, weight, 0.3)[0], out)
+    # Each call draws a new seed; the same seed gives the same mask.
+    assert not torch.equal(dropout_linear(x, weight, 0.3, draw_seed(x.device)), out)
     assert torch.equal(keep_mask(x, 0.3, seed), keep)
+
+
+def test_masks_look_like_independent_draws() -> None:
+    """A hash is not a random generator: its masks must still keep 1 - p of the values, with no pattern
+    along rows or columns, and masks of different seeds must be unrelated."""
+    x = torch.empty(64, 512, 384)  # 12.6 M values, beyond 2**24 positions
+    p = 0.05
+    masks = [keep_mask(x, p, torch.tensor(seed)).float() for seed in (0, 1, 2**30)]
+    for keep in masks:
+        assert abs(keep.mean().item() - (1 - p)) < 0.001
+        dropped = 1 - keep
+        # Neighbours along each axis are dropped together as often as independent draws would be (p**2).
+        for dim in range(3):
+            together = dropped.narrow(dim, 0, x.shape[dim] - 1) * dropped.narrow(dim, 1, x.shape[dim] - 1)
+            assert abs(together.mean().item() - p**2) < 0.0005
+        # Every position along the last axis keeps about the same share (no striped columns).
+        assert keep.mean(dim=(0, 1)).sub(1 - p).abs().max().item() < 0.01
+    for first, second in [(0, 1), (0, 2), (1, 2)]:
+        both_dropped = ((1 - masks[first]) * (1 - masks[second])).mean().item()
+        assert abs(both_dropped - p**2) < 0.0005
 
 
 class SharedInput(nn.Module):
@@ -62,6 +83,27 @@ def test_backward_keeps_the_input_once_and_no_mask(compiled: bool, forward_savin
     # PEFT's dropout would keep 2 masks and 2 dropped copies here.
     assert len(input_sized) == 1
     assert not any(t.dtype == torch.bool for t in saved)
+
+
+def test_a_compiled_block_draws_the_same_masks_when_checkpointing_recomputes_it() -> None:
+    """On the GPU each decoder layer is compiled and the seeds are drawn inside its graph; recomputing a
+    checkpointed layer must draw them again from the restored generator (the whole model compiled on CPU
+    takes minutes, so one compiled block stands in for a layer)."""
+    torch.manual_seed(0)
+    block = SharedInput()
+    block.compile(dynamic=False, fullgraph=True)
+    x = torch.randn(2, 64, 256, requires_grad=True)
+
+    def gradients(checkpointed: bool, seed: int) -> list[torch.Tensor]:
+        block.zero_grad(set_to_none=True)
+        torch.manual_seed(seed)
+        out = checkpoint(block, x, use_reentrant=False) if checkpointed else block(x)
+        (out**2).sum().backward()
+        return [block.a.weight.grad.clone(), block.b.weight.grad.clone()]
+
+    plain = gradients(False, seed=5)
+    assert all(torch.equal(a, b) for a, b in zip(gradients(True, seed=5), plain, strict=True))
+    assert not torch.equal(gradients(False, seed=6)[0], plain[0])
 
 
 def test_eval_mode_is_the_plain_projection() -> None:
