@@ -81,13 +81,15 @@ class PromptEncoder:
         self.features = features
         self._prompt: dict[str, torch.Tensor] | None = None
 
-    def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
+    def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor | list[int]]:
         if self.features is not None and all(example["image_key"] in self.features for example in examples):
             if self._prompt is None:
                 self._prompt = self._encode([Image.new("RGB", (32, 32))])
                 del self._prompt["pixel_values"]
             batch = {name: tensor.repeat(len(examples), 1) for name, tensor in self._prompt.items()}
-            batch["image_keys"] = torch.tensor([example["image_key"] for example in examples])
+            # A list, not a tensor: the trainer moves tensors to the GPU, and reading keys back from there
+            # would make each step wait for the previous one to finish.
+            batch["image_keys"] = [example["image_key"] for example in examples]
             return batch
         return self._encode([to_rgb(example["image"]) for example in examples])
 

@@ -45,6 +45,8 @@ def prompt_batches(
     for inputs in loader:
         yield {
             name: tensor.to(model.device, dtype=model.dtype if tensor.is_floating_point() else None)
+            if isinstance(tensor, torch.Tensor)
+            else tensor
             for name, tensor in inputs.items()
         }
 

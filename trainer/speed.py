@@ -31,10 +31,12 @@ MAX_AUTO_BATCH = 32
 # The host's time per training step (running each layer's Python, launching its kernels and the adapters'
 # ops), in units of one sample's forward pass on the GPU (its backward costs as much). The GPU runs ahead
 # of the host only up to the host's pace, so a step takes the longer of the two. Fitted to 27B on the
-# H200, where the host sets the pace of small batches: batch 5 with no layer checkpointed ran at 6.05
-# samples/s, batch 8 with 21 of 62 checkpointed at 7.16 and batch 16 with 43 at 6.75
-# (docs/benchmarks.md). At 4B the GPU's work is the longer at any batch that fits, so the value does not
-# change its plan.
+# H200 when LoRA dropout was still a custom op per adapter and 9.06 GiB per sample left room for batch 5
+# only: batch 5 with no layer checkpointed ran at 6.05 samples/s, batch 8 with 21 of 62 checkpointed at
+# 7.16 and batch 16 with 43 at 6.75 (docs/benchmarks.md). With the dropout traced into the compiled layers
+# (5.44 GiB per sample) the GPU's work is the longer at batch 9, which fits without checkpointing and ran
+# at 8.93; at 4B the GPU's work is the longer at any batch that fits. The host's share has shrunk since
+# and was not fitted again: the value now only keeps the plan from small batches with heavy checkpointing.
 HOST_STEP_PASSES = 15.0
 
 
@@ -287,7 +289,7 @@ class ImageFeatures:
         # The backbone maps an out-of-vocabulary image token id to 0 before the lookup; so do we.
         lookup = input_ids.masked_fill(is_image, 0) if image_token >= embeddings.num_embeddings else input_ids
         inputs_embeds = embeddings(lookup)
-        features = torch.stack([self.features[key] for key in keys.tolist()])
+        features = torch.stack([self.features[key] for key in keys])
         features = features.to(inputs_embeds.device, inputs_embeds.dtype, non_blocking=True)
         kwargs["inputs_embeds"] = inputs_embeds.masked_scatter(is_image[..., None], features)
         kwargs["input_ids"] = None

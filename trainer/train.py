@@ -89,6 +89,9 @@ def sft_config(args, run_dir: Path, device: str, batch_size: int, num_workers: i
         # TRL's default is on, for every layer; trainer.speed checkpoints only the layers memory demands.
         gradient_checkpointing=False,
         dataloader_num_workers=num_workers,
+        # Pinned batches copied without waiting: a blocking copy makes each step start only once the GPU
+        # has finished the previous one, and the GPU then idles while the host prepares the step.
+        accelerator_config={"non_blocking": True},
         # Our collator needs the image and label columns, which TRL would otherwise drop.
         remove_unused_columns=False,
         dataset_kwargs={"skip_prepare_dataset": True},
