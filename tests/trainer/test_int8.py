@@ -108,7 +108,9 @@ def test_training_with_int8_weights_learns_like_fp32(
     fp32 = json.loads((trained_run.run_dir / "results.json").read_text())["by_method"]["score"]
     print(f"score accuracy: fp32 {fp32['final']['accuracy']}, int8 {int8['final']['accuracy']}")
     assert int8["baseline"]["accuracy"] < 0.1
-    assert int8["final"]["accuracy"] > 0.5
-    # Seeds 0, 1, 2 give fp32 0.74 / 0.70 / 0.62 and int8 0.64 / 0.66 / 0.80 here: one run's gap is seed
-    # noise, bounded by that spread.
-    assert abs(int8["final"]["accuracy"] - fp32["final"]["accuracy"]) <= 0.15
+    # Chance is 1/37. At this learning rate one run moves a lot with the seed: seeds 0-5 give int8 0.41 /
+    # 0.77 / 0.48 / 0.61 / 0.60 / 0.84 and fp32 (0-3) 0.59 / 0.70 / 0.66 / 0.75 here (the earlier dropout's
+    # random draws: int8 0.67 / 0.66 / 0.80 / 0.50 / 0.59 / 0.93). Broken int8 layers stay near chance.
+    assert int8["final"]["accuracy"] > 0.3
+    # One seed's gap is noise, bounded by that spread (largest seen: 0.19).
+    assert abs(int8["final"]["accuracy"] - fp32["final"]["accuracy"]) <= 0.25
