@@ -44,8 +44,7 @@ def keep_mask(x: torch.Tensor, p: float, seed: torch.Tensor) -> torch.Tensor:
     seed = seed.to(torch.int32)
     row_starts = _mix32(_mix32(rows ^ seed) ^ seed)
     counters = row_starts[:, None] + torch.arange(width, device=x.device, dtype=torch.int32)
-    # int32 arithmetic: int64 multiplications cost a GPU several instructions each, and hashing was an
-    # eighth of a 27B training step in int64. The hash values are uniform over the int32 range.
+    # int32 arithmetic wraps as the unsigned 32-bit hash needs; its values are uniform over the int32 range.
     threshold = round((1 - p) * 2**32) - 2**31
     return (_mix32(counters) < threshold).view(x.shape)
 
