@@ -92,12 +92,50 @@ def sft_config(args, run_dir: Path, device: str, batch_size: int, num_workers: i
         # Pinned batches copied without waiting: a blocking copy makes each step start only once the GPU
         # has finished the previous one, and the GPU then idles while the host prepares the step.
         accelerator_config={"non_blocking": True},
+        # Trainer's NaN check reads every step's loss back from the GPU, the same wait; a NaN loss is
+        # logged as NaN instead of being replaced by the previous average.
+        logging_nan_inf_filter=False,
         # Our collator needs the image and label columns, which TRL would otherwise drop.
         remove_unused_columns=False,
         dataset_kwargs={"skip_prepare_dataset": True},
         disable_tqdm=not sys.stdout.isatty(),
         report_to="none",
     )
+
+
+class AnswerTrainer(SFTTrainer):
+    """TRL's SFTTrainer with its token metrics read from the GPU once per logging step, not every step.
+
+    TRL's compute_loss reads entropy, token accuracy and the token count with .item() between the forward
+    and the backward pass: the host waits there for the GPU to finish the forward pass, and the GPU then
+    idles until the host has launched the backward pass. Here they add up on the GPU, and log() reads the
+    sums once. The loss is TRL's: the negative log-likelihood of the answer tokens from its fused head.
+    """
+
+    # Entropy, correct top-1 tokens, labelled tokens, attention tokens: summed since the last log().
+    metric_sums: torch.Tensor | None = None
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        outputs = model(**inputs, use_cache=False, fused_lm_head=True)
+        # Trainer passes the token count of the whole accumulated batch, which keeps accumulation exact.
+        tokens = outputs.label_mask.sum() if num_items_in_batch is None else num_items_in_batch
+        loss = -outputs.log_probs.sum() / torch.as_tensor(tokens).clamp(min=1)
+        with torch.no_grad():
+            counts = [outputs.entropy, outputs.is_top1, outputs.label_mask, inputs["attention_mask"]]
+            sums = torch.stack([count.sum(dtype=torch.float64) for count in counts])
+        self.metric_sums = sums if self.metric_sums is None else self.metric_sums + sums
+        return (loss, outputs) if return_outputs else loss
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if self.metric_sums is not None:
+            entropy, correct, labelled, tokens = self.metric_sums.tolist()
+            self.metric_sums = None
+            self._total_train_tokens += int(tokens)
+            metrics = self._metrics["train"]
+            metrics["entropy"] = [entropy / labelled if labelled else 0.0]
+            metrics["mean_token_accuracy"] = [correct / labelled if labelled else 0.0]
+            metrics["num_tokens"] = [self._total_train_tokens]
+        super().log(logs, start_time)
 
 
 def make_trainer(
@@ -108,7 +146,7 @@ def make_trainer(
     config: SFTConfig,
     features: Container[int] | None = None,
 ) -> SFTTrainer:
-    trainer = SFTTrainer(
+    trainer = AnswerTrainer(
         model=model,
         args=config,
         train_dataset=data.train,
@@ -142,6 +180,7 @@ def set_batch_size(trainer: SFTTrainer, batch_size: int) -> None:
     # The probes' steps must not show in the first logged metrics.
     trainer._metrics["train"].clear()
     trainer._total_train_tokens = 0
+    trainer.metric_sums = None
 
 
 def last_complete_checkpoint(run_dir: Path) -> Path | None:
