@@ -17,6 +17,7 @@ OUT/gpu.jsonl, with the FLOP count behind the MFU column.
 """
 
 import argparse
+import collections
 import datetime
 import gc
 import json
@@ -29,6 +30,7 @@ import sys
 import tempfile
 import time
 import traceback
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -445,8 +447,9 @@ def measure(
         trainer.add_callback(timer.callback)
         trainer.args.max_steps = bench.warmup + bench.steps
         start = time.perf_counter()
+        profiled = None
         if bench.profile:
-            profile_steps(trainer, bench, device, out / f"profile-{common['arch']}-{name}.txt")
+            profiled = profile_steps(trainer, bench, device)
         else:
             trainer.train()
         total_s = time.perf_counter() - start
@@ -476,6 +479,9 @@ def measure(
                 **({"feature_images_per_s": round(feature_rate, 2)} if feature_rate else {}),
             },
         )
+        if profiled:
+            # After the row: the timed steps' number must not depend on the profile's analysis.
+            write_profile(*profiled, bench, device, out / f"profile-{common['arch']}-{name}.txt")
     del model, features
     gc.collect()
     if device == "cuda":
@@ -483,10 +489,9 @@ def measure(
         torch._dynamo.reset()
 
 
-def profile_steps(trainer, bench: argparse.Namespace, device: str, path: Path) -> None:
+def profile_steps(trainer, bench: argparse.Namespace, device: str):
     """Train through the timed steps, then profile `bench.profile` more steps (after one untimed step that
-    starts the tracer) and write where their time went: per step, wall time against the time the GPU was
-    busy (the gap is the host's: launches, Python, synchronizations), and the operators by GPU time."""
+    starts the tracer, and in which the calls that wait for the GPU are recorded)."""
     from transformers import TrainerCallback
 
     timed = bench.warmup + bench.steps
@@ -495,14 +500,27 @@ def profile_steps(trainer, bench: argparse.Namespace, device: str, path: Path) -
     if device == "cuda":
         activities.append(torch.profiler.ProfilerActivity.CUDA)
     schedule = torch.profiler.schedule(wait=timed, warmup=1, active=bench.profile, repeat=1)
+    waits = SynchronizingCalls()
 
     class Step(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            if state.global_step == timed and device == "cuda":
+                waits.start()
+
         def on_step_end(self, args, state, control, **kwargs):
+            waits.stop()
             profiler.step()
 
     with torch.profiler.profile(activities=activities, schedule=schedule) as profiler:
         trainer.add_callback(Step())
         trainer.train()
+    return profiler, waits
+
+
+def write_profile(profiler, waits, bench: argparse.Namespace, device: str, path: Path) -> None:
+    """Where the profiled steps' time went: per step, wall time against the time the GPU was busy (the gap
+    is the host's: launches, Python, synchronizations), the longest gaps, the calls that made the untimed
+    step wait for the GPU, and the operators by GPU time."""
     events = profiler.key_averages()
     steps = [event for event in events if event.key.startswith("ProfilerStep")]
     wall_ms = sum(event.cpu_time_total for event in steps) / 1000 / bench.profile
@@ -512,8 +530,50 @@ def profile_steps(trainer, bench: argparse.Namespace, device: str, path: Path) -
     idle = "\n".join(f"{gap:8.2f} ms after {before[:60]}, before {after[:60]}" for gap, before, after in gaps)
     table = events.table(sort_by="self_device_time_total" if device == "cuda" else "self_cpu_time_total",
                          row_limit=40, max_name_column_width=60)  # fmt: skip
-    path.write_text(f"{summary}\n\nlongest GPU idle gaps:\n{idle}\n\n{table}\n")
+    path.write_text(
+        f"{summary}\n\nlongest GPU idle gaps:\n{idle}\n\n"
+        "calls that waited for the GPU in one untimed step (torch.cuda.set_sync_debug_mode), innermost\n"
+        "frame first:\n"
+        f"{waits.report()}\n\n{table}\n"
+    )
     print(f"PROFILE {path.name}: {summary}", flush=True)
+
+
+class SynchronizingCalls:
+    """The Python call sites of everything that waits for the GPU, recorded by CUDA's sync debug mode."""
+
+    def __init__(self) -> None:
+        self.sites: collections.Counter[str] = collections.Counter()
+        self.context: warnings.catch_warnings | None = None
+
+    def start(self) -> None:
+        self.context = warnings.catch_warnings()
+        self.context.__enter__()
+        warnings.simplefilter("always")
+        warnings.showwarning = self.record
+        torch.cuda.set_sync_debug_mode("warn")
+
+    def record(self, message, category, filename, lineno, file=None, line=None) -> None:
+        if not str(message).startswith("called a synchronizing"):  # not the mode's prototype notice
+            return
+        frames = [
+            frame
+            for frame in traceback.extract_stack()[:-1]
+            if "/torch/" not in frame.filename and "/warnings.py" not in frame.filename
+        ]
+        where = " <- ".join(
+            f"{Path(frame.filename).name}:{frame.lineno} {frame.name}" for frame in frames[-5:][::-1]
+        )
+        self.sites[where] += 1
+
+    def stop(self) -> None:
+        if self.context is not None:
+            torch.cuda.set_sync_debug_mode("default")
+            self.context.__exit__(None, None, None)
+            self.context = None
+
+    def report(self) -> str:
+        return "\n".join(f"{count:4d} x {site}" for site, count in self.sites.most_common()) or "   none"
 
 
 def gpu_idle(events) -> tuple[float, list[tuple[float, str, str]]]:
