@@ -35,8 +35,9 @@ MAX_AUTO_BATCH = 32
 # only: batch 5 with no layer checkpointed ran at 6.05 samples/s, batch 8 with 21 of 62 checkpointed at
 # 7.16 and batch 16 with 43 at 6.75 (docs/benchmarks.md). With the dropout traced into the compiled layers
 # (5.44 GiB per sample) the GPU's work is the longer at batch 9, which fits without checkpointing and ran
-# at 8.55-8.93; at 4B the GPU's work is the longer at any batch that fits. The host's share has shrunk since
-# and was not fitted again: the value now only keeps the plan from small batches with heavy checkpointing.
+# at 8.55-8.93, then 9.02-9.61 once no step waited for the GPU; at 4B the GPU's work is the longer at any
+# batch that fits. The host's share has shrunk since and was not fitted again: the value now only keeps
+# the plan from small batches with heavy checkpointing.
 HOST_STEP_PASSES = 15.0
 
 
