@@ -14,6 +14,7 @@ from pathlib import Path
 
 import datasets
 import huggingface_hub
+import torch
 import transformers
 from peft import PeftModel
 from transformers import ProcessorMixin, set_seed
@@ -370,6 +371,19 @@ def run(args: argparse.Namespace) -> None:
     log.info("done: outputs in %s", run_dir)
 
 
+def out_of_memory(args: argparse.Namespace, error: torch.OutOfMemoryError) -> str:
+    """The flags that decide how much GPU memory a run needs, with this run's values."""
+    # PyTorch's first two sentences ("CUDA out of memory. Tried to allocate 2.00 GiB"), not its statistics.
+    cause = ". ".join(str(error).split(". ")[:2])
+    batch = args.batch_size or "auto"
+    return (
+        f"the GPU ran out of memory ({cause}) within --max-memory-gib {args.max_memory_gib:g}. It needs less "
+        f"with a smaller --batch-size (now {batch}), --gradient-checkpointing on (now "
+        f"{args.gradient_checkpointing}), a smaller --eval-batch-size (now {args.eval_batch_size}), or "
+        f"--quantization int8 or 4bit (now {args.quantization})"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     setup_logging()
@@ -377,6 +391,9 @@ def main(argv: list[str] | None = None) -> int:
         run(args)
     except UserError as error:
         print(f"Error: {error}", file=sys.stderr, flush=True)
+        return 2
+    except torch.OutOfMemoryError as error:
+        print(f"Error: {out_of_memory(args, error)}", file=sys.stderr, flush=True)
         return 2
     return 0
 
