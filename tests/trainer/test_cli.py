@@ -144,8 +144,8 @@ def test_running_out_of_gpu_memory_names_the_flags_that_need_less(
     # This machine has no GPU to fill: the model load raises what PyTorch raises when one is full.
     def load_model_on_a_full_gpu(*args, **kwargs):
         raise torch.OutOfMemoryError(
-            "CUDA out of memory. Tried to allocate 20.00 GiB. GPU 0 has a total capacity of 79.11 GiB of which "
-            "3.21 GiB is free. Of the allocated memory 70.1 GiB is allocated by PyTorch"
+            "CUDA out of memory. Tried to allocate 20.00 GiB. GPU 0 has a total capacity of 79.11 GiB of "
+            "which 3.21 GiB is free. Of the allocated memory 70.1 GiB is allocated by PyTorch"
         )
 
     monkeypatch.setattr("trainer.__main__.load_model", load_model_on_a_full_gpu)
@@ -155,6 +155,6 @@ def test_running_out_of_gpu_memory_names_the_flags_that_need_less(
     assert main(flags) == 2
     assert capsys.readouterr().err == (
         "Error: the GPU ran out of memory (CUDA out of memory. Tried to allocate 20.00 GiB) within "
-        "--max-memory-gib 40. It needs less with a smaller --batch-size (now 24), --gradient-checkpointing on "
-        "(now auto), a smaller --eval-batch-size (now 16), or --quantization int8 or 4bit (now auto)\n"
+        "--max-memory-gib 40. It needs less with a smaller --batch-size (now 24), --gradient-checkpointing "
+        "on (now auto), a smaller --eval-batch-size (now 16), or --quantization int8 or 4bit (now auto)\n"
     )
