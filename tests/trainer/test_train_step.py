@@ -47,12 +47,17 @@ class ReadsBackPerStep(TrainerCallback):
 ARGS = ["--num-epochs", "1", "--logging-steps", "1", "--learning-rate", "1e-3", "--batch-size", "8"]
 
 
+def adapted_model(tiny_model: Path):
+    """The tiny model with fresh adapters, the same for every call."""
+    torch.manual_seed(0)
+    model = AutoModelForImageTextToText.from_pretrained(tiny_model)
+    return add_adapters(model, "fp32", lora_r=8, lora_alpha=16, lora_dropout=0.0)
+
+
 @pytest.fixture
 def tiny_setup(tiny_model: Path, pets: Path):
     """Tiny model with fresh adapters, 48 training images: 6 steps of 8 samples."""
-    torch.manual_seed(0)
-    model = AutoModelForImageTextToText.from_pretrained(tiny_model)
-    model = add_adapters(model, "fp32", lora_r=8, lora_alpha=16, lora_dropout=0.0)
+    model = adapted_model(tiny_model)
     processor = load_processor(str(tiny_model), None)
     data = load_pets(str(pets), 48, 37, seed=0)
     return model, processor, data, chat_format(processor, data.class_names)
@@ -72,19 +77,14 @@ def test_training_steps_read_nothing_back_from_the_device(tiny_setup, tmp_path: 
     assert [entry["step"] for entry in logged] == [3, 6]
 
 
-def test_logged_loss_and_token_metrics_equal_trl(
-    tiny_setup, tiny_model: Path, pets: Path, tmp_path: Path
-) -> None:
+def test_logged_loss_and_token_metrics_equal_trl(tiny_setup, tiny_model: Path, tmp_path: Path) -> None:
     model, processor, data, chat = tiny_setup
     config = sft_config(parse_args(ARGS), tmp_path / "ours", "cpu", batch_size=8)
     ours = make_trainer(model, processor, data, chat, config)
     ours.train()
 
-    torch.manual_seed(0)
-    model = AutoModelForImageTextToText.from_pretrained(tiny_model)
-    model = add_adapters(model, "fp32", lora_r=8, lora_alpha=16, lora_dropout=0.0)
     trl = SFTTrainer(
-        model=model,
+        model=adapted_model(tiny_model),
         args=sft_config(parse_args(ARGS), tmp_path / "trl", "cpu", batch_size=8),
         train_dataset=data.train,
         data_collator=AnswerOnlyCollator(processor, chat),
