@@ -354,7 +354,13 @@ def _build_request(
     # Only names go here: substitutions are readable by anyone who can list builds.
     build.substitutions.update({"_IMAGE": settings.image_repository_uri, "_TAG": tag})
     build.tags.append(f"{SOURCE_TAG_PREFIX}{tag}")
-    # Logs in Cloud Logging only, so neither a logs bucket nor access to one is needed.
+    # The build runs as the account `up` made for it (read the source, push to the repository, write
+    # logs), not the Compute Engine default account, which new organisations leave without roles.
+    build.service_account = (
+        f"projects/{settings.project_id}/serviceAccounts/{settings.build_service_account_email}"
+    )
+    # A build with its own account must keep its logs in Cloud Logging only (or in a logs bucket):
+    # https://cloud.google.com/build/docs/securing-builds/configure-user-specified-service-accounts
     build.options.logging = cloudbuild_v1.BuildOptions.LoggingMode.CLOUD_LOGGING_ONLY
     return cloudbuild_v1.CreateBuildRequest(
         parent=settings.location, project_id=settings.project_id, build=build
@@ -398,10 +404,26 @@ def _run_build(
         tail = "\n".join(f"  {line}" for line in last) or "  (no log lines)"
         raise UserError(
             f"Cloud Build {build.id} ended with {build.status.name}: {detail}\nLast log lines:\n{tail}",
-            f"Full log: {_log_url(build, settings)} . Fix the Dockerfile or the source, then run "
-            "`gemma-launch up` again.",
+            f"Full log: {_log_url(build, settings)} . {_failure_hint(build, settings)}",
         )
     return build
+
+
+def _failure_hint(build: cloudbuild_v1.Build, settings: Settings) -> str:
+    """Source fetch and push failures are about the build's account, not the Dockerfile."""
+    kind = build.failure_info.type_
+    account = settings.build_service_account_email
+    if kind == cloudbuild_v1.Build.FailureInfo.FailureType.FETCH_SOURCE_FAILED:
+        return (
+            f"The build's account {account} could not read the source archive: run `gemma-launch up`, "
+            f"which grants it roles/storage.objectViewer on gs://{settings.bucket}."
+        )
+    if kind == cloudbuild_v1.Build.FailureInfo.FailureType.PUSH_FAILED:
+        return (
+            f"The build's account {account} could not push the image: run `gemma-launch up`, which grants "
+            f"it roles/artifactregistry.writer on {settings.repository}."
+        )
+    return "Fix the Dockerfile or the source, then run `gemma-launch up` again."
 
 
 def _start(

@@ -19,7 +19,9 @@ from rich.table import Table
 from launcher import build, logs, provision, staging
 from launcher import job as jobs
 from launcher import results as run_results
-from launcher.cloud import Clients, gave_up
+from launcher.api_errors import translate
+from launcher.changes import Change
+from launcher.cloud import Clients
 from launcher.errors import UserError
 from launcher.settings import CONFIG_FILE, TRAINER_KEYS, Settings, load_settings, parse_duration, template
 
@@ -33,6 +35,8 @@ err_console = Console(stderr=True, highlight=False, width=_WIDTH)
 
 _STATUS_STYLE = {
     "created": "green",
+    "enabled": "green",
+    "would enable": "cyan",
     "updated": "yellow",
     "unchanged": "dim",
     "would create": "cyan",
@@ -41,14 +45,20 @@ _STATUS_STYLE = {
 }
 
 
+_SETTINGS_KEY = "gemma_launch.settings"
+
+
 class Cli(click.Group):
-    """Turns a UserError into `Error:` / `Hint:` lines and exit status 2, with no traceback."""
+    """Turns a UserError, or any Google API error no step explained, into `Error:` / `Hint:` lines and
+    exit status 2, with no traceback."""
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
-        except (UserError, exceptions.RetryError) as caught:
-            error = caught if isinstance(caught, UserError) else gave_up(caught)
+        except (UserError, exceptions.GoogleAPICallError, exceptions.RetryError) as caught:
+            error = (
+                caught if isinstance(caught, UserError) else translate(caught, ctx.meta.get(_SETTINGS_KEY))
+            )
             err_console.print(f"[bold red]Error:[/] {error.message}", soft_wrap=True)
             if error.hint:
                 err_console.print(f"[bold]Hint:[/] {error.hint}", soft_wrap=True)
@@ -60,6 +70,7 @@ _SETTING_FLAGS: tuple[tuple[str, str, Any], ...] = (
     ("--project", "project_id", str),
     ("--region", "region", str),
     ("--service-account", "service_account", str),
+    ("--build-service-account", "build_service_account", str),
     ("--bucket", "bucket", str),
     ("--repository", "repository", str),
     ("--secret-id", "secret_id", str),
@@ -84,7 +95,9 @@ def settings_options(command: Callable[..., Any]) -> Callable[..., Any]:
     def wrapper(*args: Any, config: Path | None, zonal_redundancy: bool | None, **kwargs: Any) -> Any:
         flags = {field: kwargs.pop(field) for _, field, _ in _SETTING_FLAGS}
         flags["gpu_zonal_redundancy"] = zonal_redundancy
-        return command(*args, settings=load_settings(config, flags), **kwargs)
+        settings = load_settings(config, flags)
+        click.get_current_context().meta[_SETTINGS_KEY] = settings
+        return command(*args, settings=settings, **kwargs)
 
     for flag, field, kind in reversed(_SETTING_FLAGS):
         wrapper = click.option(flag, field, type=kind, help=Settings.model_fields[field].description)(wrapper)
@@ -218,11 +231,19 @@ def up(
         if not as_json:
             _print_change(kind, name, status)
 
-    def on_change(change: provision.Change) -> None:
+    def on_change(change: Change) -> None:
         record(change.kind, change.name, change.status, change.command)
 
     with console.status("Provisioning…", spinner="dots") if not as_json else nullcontext():
-        provision.provision(clients, settings, dry_run=dry_run, on_change=on_change)
+        changes = provision.provision(clients, settings, dry_run=dry_run, on_change=on_change)
+    if provision.apis_pending(changes):
+        _summarise_up(report, as_json, dry_run, None)
+        if not as_json:
+            console.print(
+                "The rest of the plan needs these APIs on: nothing behind them can be read yet. "
+                "`gemma-launch up` enables them first; `gemma-launch up --dry-run` after that shows the rest."
+            )
+        return
 
     spec = None
     if skip_build:

@@ -1,8 +1,11 @@
 """The only place that builds Google Cloud clients.
 
-Normally they use Application Default Credentials. When GEMMA_LAUNCH_EMULATOR_HOST is set, every gRPC
-client talks to the local emulator over one insecure channel with anonymous credentials, and storage
-follows google-cloud-storage's own STORAGE_EMULATOR_HOST convention. Callers pass `RETRY` on each call.
+Normally they use Application Default Credentials; none found is a UserError saying how to log in.
+When GEMMA_LAUNCH_EMULATOR_HOST is set (the CLI rehearsing locally), every gRPC client talks to the
+local emulator over one insecure channel without credentials, which the emulator takes as its project
+owner, and storage follows google-cloud-storage's own STORAGE_EMULATOR_HOST convention. Inside an
+emulated task only STORAGE_EMULATOR_HOST is set: ADC finds the job's service account through the
+emulated metadata server, as on Cloud Run. Callers pass `RETRY` on each call.
 """
 
 from __future__ import annotations
@@ -10,26 +13,39 @@ from __future__ import annotations
 import os
 from functools import cached_property
 
+import google.auth
 import google.auth.exceptions
 import grpc
 import requests
 import urllib3
 from google.api_core import exceptions, retry
-from google.auth.credentials import AnonymousCredentials
-from google.cloud import artifactregistry_v1, iam_admin_v1, run_v2, secretmanager_v1, storage
+from google.auth.credentials import AnonymousCredentials, Credentials
+from google.cloud import (
+    artifactregistry_v1,
+    billing_v1,
+    iam_admin_v1,
+    resourcemanager_v3,
+    run_v2,
+    secretmanager_v1,
+    service_usage_v1,
+    storage,
+)
 from google.cloud.artifactregistry_v1.services.artifact_registry.transports.grpc import (
     ArtifactRegistryGrpcTransport,
 )
+from google.cloud.billing_v1.services.cloud_billing.transports.grpc import CloudBillingGrpcTransport
 from google.cloud.devtools import cloudbuild_v1
 from google.cloud.devtools.cloudbuild_v1.services.cloud_build.transports.grpc import CloudBuildGrpcTransport
 from google.cloud.iam_admin_v1.services.iam.transports.grpc import IAMGrpcTransport
 from google.cloud.logging_v2.services.logging_service_v2 import LoggingServiceV2Client
 from google.cloud.logging_v2.services.logging_service_v2.transports.grpc import LoggingServiceV2GrpcTransport
+from google.cloud.resourcemanager_v3.services.projects.transports.grpc import ProjectsGrpcTransport
 from google.cloud.run_v2.services.executions.transports.grpc import ExecutionsGrpcTransport
 from google.cloud.run_v2.services.jobs.transports.grpc import JobsGrpcTransport
 from google.cloud.secretmanager_v1.services.secret_manager_service.transports.grpc import (
     SecretManagerServiceGrpcTransport,
 )
+from google.cloud.service_usage_v1.services.service_usage.transports.grpc import ServiceUsageGrpcTransport
 from google.cloud.storage.exceptions import InvalidResponse
 
 from launcher.errors import UserError
@@ -82,14 +98,6 @@ RETRY = retry.Retry(
 )
 
 
-def gave_up(error: exceptions.RetryError) -> UserError:
-    """What a user sees when a call outside provisioning and builds ran out of retries."""
-    return UserError(
-        f"Gave up after retrying transient errors for {retry_deadline_s():g} s: {error.cause}",
-        "The service is unavailable right now; run the same command again later.",
-    )
-
-
 def emulator_host() -> str | None:
     return os.environ.get(EMULATOR_ENV) or None
 
@@ -106,10 +114,37 @@ class Clients:
         assert self.emulator
         return grpc.insecure_channel(self.emulator)
 
+    @cached_property
+    def credentials(self) -> Credentials | None:
+        """Application Default Credentials; None against the emulator, whose callers carry none."""
+        if self.emulator:
+            return None
+        try:
+            credentials, _ = google.auth.default()
+        except google.auth.exceptions.DefaultCredentialsError:
+            raise UserError(
+                "No Google Cloud credentials found (Application Default Credentials).",
+                "Run `gcloud auth application-default login` (or set GOOGLE_APPLICATION_CREDENTIALS to a "
+                "service account key file), then run the command again.",
+            ) from None
+        return credentials
+
     def _build(self, client_cls, transport_cls):
         if self.emulator:
             return client_cls(transport=transport_cls(channel=self._channel))
-        return client_cls()
+        return client_cls(credentials=self.credentials)
+
+    @cached_property
+    def service_usage(self) -> service_usage_v1.ServiceUsageClient:
+        return self._build(service_usage_v1.ServiceUsageClient, ServiceUsageGrpcTransport)
+
+    @cached_property
+    def projects(self) -> resourcemanager_v3.ProjectsClient:
+        return self._build(resourcemanager_v3.ProjectsClient, ProjectsGrpcTransport)
+
+    @cached_property
+    def billing(self) -> billing_v1.CloudBillingClient:
+        return self._build(billing_v1.CloudBillingClient, CloudBillingGrpcTransport)
 
     @cached_property
     def iam(self) -> iam_admin_v1.IAMClient:
@@ -141,6 +176,6 @@ class Clients:
 
     @cached_property
     def storage(self) -> storage.Client:
-        if self.emulator or os.environ.get("STORAGE_EMULATOR_HOST"):
+        if self.emulator:
             return storage.Client(project=self.project, credentials=AnonymousCredentials())
-        return storage.Client(project=self.project)
+        return storage.Client(project=self.project, credentials=self.credentials)

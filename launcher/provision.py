@@ -1,8 +1,13 @@
 """Idempotent provisioning: each ensure_* reads first, changes only what differs, and says what it did.
 
-Nothing here is granted project-wide: the job's service account gets storage.objectAdmin on its one
-bucket and secretAccessor on its one secret. A create that races another `up`, or whose reply was lost,
-meets ALREADY_EXISTS on retry and is then treated as done, since the resource is the one asked for.
+Two service accounts, each granted only what it needs, scoped as narrowly as Google allows:
+- the job's: storage.objectAdmin on its one bucket, secretAccessor on its one secret;
+- the build's: storage.objectViewer on the bucket (the source archive), artifactregistry.writer on the
+  one repository, and logging.logWriter on the project, the narrowest scope that role has. New
+  projects run builds as the Compute Engine default account, which organisations created after May
+  2024 leave without roles (https://cloud.google.com/build/docs/cloud-build-service-account-updates).
+A create that races another `up`, or whose reply was lost, meets ALREADY_EXISTS on retry and is then
+treated as done, since the resource is the one asked for.
 """
 
 from __future__ import annotations
@@ -10,7 +15,6 @@ from __future__ import annotations
 import hmac
 from collections.abc import Callable
 from contextlib import suppress
-from dataclasses import asdict, dataclass
 
 from google.api_core import exceptions
 from google.api_core.retry import Retry, if_exception_type
@@ -18,15 +22,22 @@ from google.cloud import artifactregistry_v1, iam_admin_v1, secretmanager_v1
 from google.iam.v1 import iam_policy_pb2, policy_pb2
 
 from launcher.api_errors import explained
-from launcher.cloud import RETRY, Clients
+from launcher.apis import ensure_apis
+from launcher.changes import Change
+from launcher.cloud import RETRY, Clients, retry_deadline_s
 from launcher.errors import UserError
 from launcher.settings import Settings
 
 OBJECT_ADMIN = "roles/storage.objectAdmin"
+OBJECT_VIEWER = "roles/storage.objectViewer"
 SECRET_ACCESSOR = "roles/secretmanager.secretAccessor"
+REGISTRY_WRITER = "roles/artifactregistry.writer"
+LOG_WRITER = "roles/logging.logWriter"
 
-# A new service account takes a few seconds to be visible to other services' IAM (real GCP answers
-# INVALID_ARGUMENT "does not exist" meanwhile); retry just that case, briefly.
+# A new service account takes a while to be visible to other services' IAM: Cloud Storage answers 400
+# and Secret Manager INVALID_ARGUMENT "does not exist" meanwhile
+# (https://cloud.google.com/iam/docs/service-accounts-create#creating). Retry just that case, for as
+# long as transient errors are retried, so a give-up message names the right duration.
 _NEW_MEMBER_RETRY = Retry(
     predicate=lambda error: (
         isinstance(error, exceptions.BadRequest | exceptions.InvalidArgument)
@@ -34,28 +45,24 @@ _NEW_MEMBER_RETRY = Retry(
     ),
     initial=1.0,
     maximum=8.0,
-    timeout=60.0,
+    timeout=retry_deadline_s(),
 )
-# A concurrent SetIamPolicy changed the etag: read again and re-apply.
-_POLICY_RACE_RETRY = Retry(predicate=if_exception_type(exceptions.Aborted, exceptions.Conflict), timeout=60.0)
+# A concurrent SetIamPolicy changed the etag: read again and re-apply. gRPC APIs answer ABORTED, Cloud
+# Storage 412 (https://cloud.google.com/storage/docs/json_api/v1/buckets/setIamPolicy).
+_POLICY_RACE_RETRY = Retry(
+    predicate=if_exception_type(exceptions.Aborted, exceptions.Conflict, exceptions.PreconditionFailed),
+    timeout=retry_deadline_s(),
+)
 
 
-@dataclass(frozen=True)
-class Change:
-    kind: str
-    name: str
-    status: str  # created | updated | unchanged | would create | would update
-    command: str = ""
-
-    def as_dict(self) -> dict[str, str]:
-        return asdict(self)
-
-
-def ensure_service_account(clients: Clients, settings: Settings, *, dry_run: bool = False) -> Change:
-    email = settings.service_account_email
+def _ensure_account(
+    clients: Clients, settings: Settings, account_id: str, purpose: str, *, dry_run: bool
+) -> Change:
+    email = f"{account_id}@{settings.project_id}.iam.gserviceaccount.com"
+    display = f"gemma-launch {purpose}"
     command = (
-        f"gcloud iam service-accounts create {settings.service_account} --project={settings.project_id} "
-        '--display-name="gemma-launch fine-tuning job"'
+        f"gcloud iam service-accounts create {account_id} --project={settings.project_id} "
+        f'--display-name="{display}"'
     )
     with explained("service account", email, settings):
         try:
@@ -71,15 +78,23 @@ def ensure_service_account(clients: Clients, settings: Settings, *, dry_run: boo
             clients.iam.create_service_account(
                 request=iam_admin_v1.CreateServiceAccountRequest(
                     name=f"projects/{settings.project_id}",
-                    account_id=settings.service_account,
+                    account_id=account_id,
                     service_account=iam_admin_v1.ServiceAccount(
-                        display_name="gemma-launch fine-tuning job",
-                        description="Runs the Gemma 3 fine-tuning Cloud Run job (created by gemma-launch).",
+                        display_name=display,
+                        description=f"Runs the Gemma 3 {purpose} (created by gemma-launch).",
                     ),
                 ),
                 retry=RETRY,
             )
         return Change("service account", email, "created", command)
+
+
+def ensure_service_account(clients: Clients, settings: Settings, *, dry_run: bool = False) -> Change:
+    return _ensure_account(clients, settings, settings.service_account, "fine-tuning job", dry_run=dry_run)
+
+
+def ensure_build_account(clients: Clients, settings: Settings, *, dry_run: bool = False) -> Change:
+    return _ensure_account(clients, settings, settings.build_service_account, "image build", dry_run=dry_run)
 
 
 def ensure_bucket(clients: Clients, settings: Settings, *, dry_run: bool = False) -> Change:
@@ -125,12 +140,14 @@ def ensure_bucket(clients: Clients, settings: Settings, *, dry_run: bool = False
         return Change("bucket", name, "unchanged")
 
 
-def ensure_bucket_iam(clients: Clients, settings: Settings, *, dry_run: bool = False) -> Change:
-    member = f"serviceAccount:{settings.service_account_email}"
-    label = f"{OBJECT_ADMIN} on gs://{settings.bucket}"
+def _ensure_bucket_role(
+    clients: Clients, settings: Settings, email: str, role: str, *, dry_run: bool
+) -> Change:
+    member = f"serviceAccount:{email}"
+    label = f"{role} on gs://{settings.bucket}"
     command = (
-        f"gcloud storage buckets add-iam-policy-binding gs://{settings.bucket} --member={member} "
-        f"--role={OBJECT_ADMIN}"
+        f"gcloud storage buckets add-iam-policy-binding gs://{settings.bucket} "
+        f"--member={member} --role={role}"
     )
     with explained("bucket IAM", label, settings):
         if dry_run and clients.storage.lookup_bucket(settings.bucket, retry=RETRY) is None:
@@ -140,16 +157,120 @@ def ensure_bucket_iam(clients: Clients, settings: Settings, *, dry_run: bool = F
         def grant() -> bool:
             policy = bucket.get_iam_policy(requested_policy_version=3, retry=RETRY)
             for binding in policy.bindings:
-                if binding["role"] == OBJECT_ADMIN and member in binding["members"]:
+                if binding["role"] == role and member in binding["members"]:
                     return False
             if dry_run:
                 return True
-            policy.bindings.append({"role": OBJECT_ADMIN, "members": {member}})
+            policy.bindings.append({"role": role, "members": {member}})
             bucket.set_iam_policy(policy, retry=RETRY)
             return True
 
         changed = _NEW_MEMBER_RETRY(_POLICY_RACE_RETRY(grant))()
     return _binding_change("bucket IAM", label, changed, dry_run, command)
+
+
+def ensure_bucket_iam(clients: Clients, settings: Settings, *, dry_run: bool = False) -> Change:
+    """The job reads weights and data and writes checkpoints and results through the bucket mount."""
+    return _ensure_bucket_role(
+        clients, settings, settings.service_account_email, OBJECT_ADMIN, dry_run=dry_run
+    )
+
+
+def ensure_build_source_access(clients: Clients, settings: Settings, *, dry_run: bool = False) -> Change:
+    """The build fetches its source archive from the bucket; nothing else there concerns it."""
+    return _ensure_bucket_role(
+        clients, settings, settings.build_service_account_email, OBJECT_VIEWER, dry_run=dry_run
+    )
+
+
+def _ensure_policy_binding(
+    read: Callable[[], policy_pb2.Policy],
+    write: Callable[[policy_pb2.Policy], object],
+    role: str,
+    member: str,
+    *,
+    dry_run: bool,
+) -> bool:
+    """Add `member` to `role` in a gRPC IAM policy (read-modify-write with its etag); True if it was added."""
+
+    def grant() -> bool:
+        policy = read()
+        for binding in policy.bindings:
+            if binding.role == role and member in binding.members:
+                return False
+        if dry_run:
+            return True
+        updated = policy_pb2.Policy()
+        updated.CopyFrom(policy)
+        for binding in updated.bindings:
+            if binding.role == role and not binding.HasField("condition"):
+                binding.members.append(member)
+                break
+        else:
+            updated.bindings.add(role=role, members=[member])
+        write(updated)
+        return True
+
+    return _NEW_MEMBER_RETRY(_POLICY_RACE_RETRY(grant))()
+
+
+def ensure_repository_access(clients: Clients, settings: Settings, *, dry_run: bool = False) -> Change:
+    """The build pushes the image into the one repository (https://cloud.google.com/artifact-registry/docs/access-control)."""
+    member = f"serviceAccount:{settings.build_service_account_email}"
+    label = f"{REGISTRY_WRITER} on {settings.repository}"
+    command = (
+        f"gcloud artifacts repositories add-iam-policy-binding {settings.repository} "
+        f"--location={settings.region} --project={settings.project_id} --member={member} "
+        f"--role={REGISTRY_WRITER}"
+    )
+    with explained("repository IAM", label, settings):
+        if dry_run and _missing_repository(clients, settings):
+            return Change("repository IAM", label, "would create", command)
+        changed = _ensure_policy_binding(
+            lambda: clients.registry.get_iam_policy(
+                request=iam_policy_pb2.GetIamPolicyRequest(resource=settings.repository_name), retry=RETRY
+            ),
+            lambda policy: clients.registry.set_iam_policy(
+                request=iam_policy_pb2.SetIamPolicyRequest(resource=settings.repository_name, policy=policy),
+                retry=RETRY,
+            ),
+            REGISTRY_WRITER,
+            member,
+            dry_run=dry_run,
+        )
+    return _binding_change("repository IAM", label, changed, dry_run, command)
+
+
+def ensure_build_log_writer(clients: Clients, settings: Settings, *, dry_run: bool = False) -> Change:
+    """A build's logs are written as its service account; logWriter exists only at project level."""
+    member = f"serviceAccount:{settings.build_service_account_email}"
+    resource = f"projects/{settings.project_id}"
+    label = f"{LOG_WRITER} on project {settings.project_id}"
+    command = (
+        f"gcloud projects add-iam-policy-binding {settings.project_id} --member={member} --role={LOG_WRITER} "
+        "--condition=None"
+    )
+    with explained("project IAM", label, settings):
+        changed = _ensure_policy_binding(
+            lambda: clients.projects.get_iam_policy(
+                request=iam_policy_pb2.GetIamPolicyRequest(resource=resource), retry=RETRY
+            ),
+            lambda policy: clients.projects.set_iam_policy(
+                request=iam_policy_pb2.SetIamPolicyRequest(resource=resource, policy=policy), retry=RETRY
+            ),
+            LOG_WRITER,
+            member,
+            dry_run=dry_run,
+        )
+    return _binding_change("project IAM", label, changed, dry_run, command)
+
+
+def _missing_repository(clients: Clients, settings: Settings) -> bool:
+    try:
+        clients.registry.get_repository(name=settings.repository_name, retry=RETRY)
+        return False
+    except exceptions.NotFound:
+        return True
 
 
 def ensure_repository(clients: Clients, settings: Settings, *, dry_run: bool = False) -> Change:
@@ -296,26 +417,18 @@ def ensure_secret_access(clients: Clients, settings: Settings, *, dry_run: bool 
     with explained("secret IAM", label, settings):
         if dry_run and _missing_secret(clients, settings):
             return Change("secret IAM", label, "would create", command)
-
-        def grant() -> bool:
-            policy = clients.secrets.get_iam_policy(
+        changed = _ensure_policy_binding(
+            lambda: clients.secrets.get_iam_policy(
                 request=iam_policy_pb2.GetIamPolicyRequest(resource=settings.secret_name), retry=RETRY
-            )
-            for binding in policy.bindings:
-                if binding.role == SECRET_ACCESSOR and member in binding.members:
-                    return False
-            if dry_run:
-                return True
-            updated = policy_pb2.Policy()
-            updated.CopyFrom(policy)
-            updated.bindings.add(role=SECRET_ACCESSOR, members=[member])
-            clients.secrets.set_iam_policy(
-                request=iam_policy_pb2.SetIamPolicyRequest(resource=settings.secret_name, policy=updated),
+            ),
+            lambda policy: clients.secrets.set_iam_policy(
+                request=iam_policy_pb2.SetIamPolicyRequest(resource=settings.secret_name, policy=policy),
                 retry=RETRY,
-            )
-            return True
-
-        changed = _NEW_MEMBER_RETRY(_POLICY_RACE_RETRY(grant))()
+            ),
+            SECRET_ACCESSOR,
+            member,
+            dry_run=dry_run,
+        )
     return _binding_change("secret IAM", label, changed, dry_run, command)
 
 
@@ -333,11 +446,20 @@ def _binding_change(kind: str, label: str, changed: bool, dry_run: bool, command
     return Change(kind, label, "would create" if dry_run else "created", command)
 
 
+def apis_pending(changes: list[Change]) -> bool:
+    """True when a dry run found APIs to enable, so the steps after them were not planned."""
+    return any(change.kind == "API" and change.status == "would enable" for change in changes)
+
+
 PROVISION_STEPS: tuple[Callable[..., Change], ...] = (
     ensure_service_account,
+    ensure_build_account,
     ensure_bucket,
     ensure_bucket_iam,
+    ensure_build_source_access,
     ensure_repository,
+    ensure_repository_access,
+    ensure_build_log_writer,
     ensure_secret,
     ensure_secret_access,
 )
@@ -350,14 +472,20 @@ def provision(
     dry_run: bool = False,
     on_change: Callable[[Change], None] = lambda change: None,
 ) -> list[Change]:
-    """Run every step in order; stop at the first failure (a re-run picks up from there)."""
+    """Enable the APIs, then run every step in order; stop at the first failure (a re-run picks up from
+    there). A dry run on a project whose APIs are still off stops after listing them: nothing behind a
+    disabled API can be read, so the rest cannot be planned honestly."""
+    changes = ensure_apis(clients, settings, dry_run=dry_run)
+    for change in changes:
+        on_change(change)
+    if apis_pending(changes):
+        return changes
     if settings.hf_token is None:
         # Checked before anything is created: a first `up` without a token would otherwise stop at the
         # secret, after making the service account, bucket and repository.
         with explained("secret", settings.secret_name, settings):
             if _missing_secret(clients, settings):
                 settings.require_hf_token()
-    changes = []
     for step in PROVISION_STEPS:
         change = step(clients, settings, dry_run=dry_run)
         changes.append(change)

@@ -43,6 +43,7 @@ ENV_VARS: dict[str, str] = {
     "PROJECT_ID": "project_id",
     "REGION": "region",
     "SERVICE_ACCOUNT": "service_account",
+    "BUILD_SERVICE_ACCOUNT": "build_service_account",
     "BUCKET_NAME": "bucket",
     "AR_REPO": "repository",
     "SECRET_ID": "secret_id",
@@ -125,6 +126,11 @@ class Settings(BaseModel):
     service_account: str = Field(
         "gemma3-finetuning", description="Service account id the job runs as (SERVICE_ACCOUNT)."
     )
+    build_service_account: str = Field(
+        "gemma3-finetuning-build",
+        description="Service account id Cloud Build runs as; `up` grants it only what a build needs "
+        "(BUILD_SERVICE_ACCOUNT).",
+    )
     bucket: str = Field("", description="Bucket for weights, data and results (BUCKET_NAME).")
     repository: str = Field(
         "gemma3-finetuning-repo", description="Artifact Registry Docker repository (AR_REPO)."
@@ -168,7 +174,7 @@ class Settings(BaseModel):
             )
         return value
 
-    @field_validator("service_account")
+    @field_validator("service_account", "build_service_account")
     @classmethod
     def _service_account(cls, value: str) -> str:
         if not _ACCOUNT_ID.match(value):
@@ -278,6 +284,10 @@ class Settings(BaseModel):
     @property
     def service_account_email(self) -> str:
         return f"{self.service_account}@{self.project_id}.iam.gserviceaccount.com"
+
+    @property
+    def build_service_account_email(self) -> str:
+        return f"{self.build_service_account}@{self.project_id}.iam.gserviceaccount.com"
 
     @property
     def location(self) -> str:

@@ -49,7 +49,9 @@ def main(argv: list[str] | None = None) -> int:
     console = Console(file=sys.stdout, highlight=False, markup=False, no_color=True, force_terminal=False)
     client = Clients(options.project).storage
     try:
-        bucket = staging.lookup_bucket(client, options.bucket)
+        # No GET of the bucket: the job's account holds roles/storage.objectAdmin on it, which has
+        # storage.objects.* but not storage.buckets.get; objects calls are all staging makes.
+        bucket = client.bucket(options.bucket)
         for group in groups:
             source = staging.hub_source(group.kind, group.source, group.revision, token, group.prefix)
             staged = staging.stage_source(client, bucket, source, console=console)

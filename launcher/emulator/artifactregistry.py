@@ -14,10 +14,13 @@ from urllib.parse import quote
 
 import grpc
 from google.cloud import artifactregistry_v1
+from google.iam.v1 import iam_policy_pb2, policy_pb2
 from google.longrunning import operations_pb2
 from google.protobuf import empty_pb2
 
+from launcher.emulator.access import Access
 from launcher.emulator.operations import Operations
+from launcher.emulator.resourcemanager import policy_from, replaced_policy, validate_policy
 from launcher.emulator.rpc import (
     Hub,
     Method,
@@ -47,6 +50,10 @@ _TAG = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
 _URI = re.compile(
     r"^(?P<location>[a-z0-9-]+)-docker\.pkg\.dev/(?P<project>[^/]+)/(?P<repo>[^/]+)/(?P<reference>.+)$"
 )
+# What GetIamPolicy answers for a repository nobody granted anything on.
+_EMPTY_POLICY = {"version": 1, "etag": "ACAB"}
+# Roles grantable on a repository: Artifact Registry's own and the basic ones.
+_REPOSITORY_ROLE = re.compile(r"^roles/(?:owner|editor|viewer|artifactregistry\.[a-zA-Z]+)$")
 _ORDER_FIELDS = {"name", "update_time", "upload_time", "build_time"}
 
 Format = artifactregistry_v1.Repository.Format
@@ -70,9 +77,15 @@ def _image_name(repository: str, image: str, digest: str) -> str:
 
 
 class ArtifactRegistry:
-    def __init__(self, state: State, operations: Operations) -> None:
+    def __init__(self, state: State, operations: Operations, access: Access) -> None:
         self.state = state
         self.operations = operations
+        self.access = access
+        access.add_policy_source(r"^projects/[^/]+/locations/[^/]+/repositories/[^/]+", self._policies_of)
+
+    def _policies_of(self, name: str) -> list[dict[str, Any]]:
+        policy = self.state.table("repository_policies").get(name)
+        return [policy] if policy else []
 
     def _repository(self, name: str) -> artifactregistry_v1.Repository:
         if not _REPOSITORY.match(name):
@@ -155,6 +168,23 @@ class ArtifactRegistry:
         return self.operations.start(
             parent["parent"], empty_pb2.Empty(), artifactregistry_v1.OperationMetadata()
         )
+
+    # ---- repository IAM (https://cloud.google.com/artifact-registry/docs/access-control#grant-repo) --
+
+    def get_iam_policy(self, request: iam_policy_pb2.GetIamPolicyRequest, context: grpc.ServicerContext):
+        self._repository(request.resource)
+        stored = self.state.table("repository_policies").get(request.resource)
+        return policy_from(stored) if stored else policy_from(_EMPTY_POLICY)
+
+    def set_iam_policy(self, request: iam_policy_pb2.SetIamPolicyRequest, context: grpc.ServicerContext):
+        self._repository(request.resource)
+        validate_policy(request.policy, self.access, _REPOSITORY_ROLE)
+        with self.state.transaction() as tables:
+            current = tables["repository_policies"].get(request.resource) or _EMPTY_POLICY
+            tables["repository_policies"][request.resource] = replaced_policy(
+                current, request.policy, request.resource
+            )
+            return policy_from(tables["repository_policies"][request.resource])
 
     # ---- Docker images --------------------------------------------------------------------------
 
@@ -261,6 +291,18 @@ class ArtifactRegistry:
         return None
 
     def handler(self, hub: Hub) -> grpc.GenericRpcHandler:
+        iam_methods = [
+            Method(
+                "GetIamPolicy", self.get_iam_policy, iam_policy_pb2.GetIamPolicyRequest, policy_pb2.Policy
+            ),
+            Method(
+                "SetIamPolicy",
+                self.set_iam_policy,
+                iam_policy_pb2.SetIamPolicyRequest,
+                policy_pb2.Policy,
+                mutating=True,
+            ),
+        ]
         ar = artifactregistry_v1
         return service_handler(
             "google.devtools.artifactregistry.v1.ArtifactRegistry",
@@ -293,6 +335,7 @@ class ArtifactRegistry:
                     ar.ListDockerImagesResponse,
                 ),
                 Method("GetDockerImage", self.get_docker_image, ar.GetDockerImageRequest, ar.DockerImage),
+                *iam_methods,
             ],
             hub,
         )

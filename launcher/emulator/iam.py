@@ -9,6 +9,7 @@ import grpc
 from google.cloud import iam_admin_v1
 from google.protobuf import empty_pb2
 
+from launcher.emulator.access import Access
 from launcher.emulator.rpc import Hub, Method, already_exists, invalid, not_found, service_handler
 from launcher.emulator.state import State
 
@@ -21,8 +22,9 @@ def email_for(project: str, account_id: str) -> str:
 
 
 class Iam:
-    def __init__(self, state: State) -> None:
+    def __init__(self, state: State, access: Access) -> None:
         self.state = state
+        self.access = access
 
     def _accounts(self) -> dict:
         return self.state.table("service_accounts")
@@ -50,6 +52,7 @@ class Iam:
             if email in tables["service_accounts"]:
                 raise already_exists(f"Service account {email}")
             tables["service_accounts"][email] = iam_admin_v1.ServiceAccount.to_dict(account)
+        self.access.service_account_created(email)
         return account
 
     def _lookup(self, name: str) -> iam_admin_v1.ServiceAccount:

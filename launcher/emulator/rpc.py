@@ -14,19 +14,37 @@ from typing import Any
 
 import grpc
 import proto
-from google.protobuf import json_format
+from google.protobuf import any_pb2, json_format
+from google.rpc import status_pb2
+from grpc_status import rpc_status
 
 from launcher.emulator.faults import Faults
 from launcher.emulator.record import Record
 
 
 class ApiError(Exception):
-    """Raised by handlers; reaches the client as the usual google.api_core exception for `code`."""
+    """Raised by handlers; reaches the client as the usual google.api_core exception for `code`.
 
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+    `details` (e.g. an ErrorInfo) travel as Google's rich error details, which google-api-core exposes
+    as the exception's `details`, `reason` and `metadata`.
+    """
+
+    def __init__(self, code: grpc.StatusCode, message: str, details: list[Any] | None = None) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
+        self.details = details or []
+
+    def abort(self, context: grpc.ServicerContext) -> None:
+        if not self.details:
+            context.abort(self.code, self.message)
+        packed = []
+        for detail in self.details:
+            item = any_pb2.Any()
+            item.Pack(detail)
+            packed.append(item)
+        status = status_pb2.Status(code=self.code.value[0], message=self.message, details=packed)
+        context.abort_with_status(rpc_status.to_status(status))
 
 
 def not_found(what: str) -> ApiError:
@@ -81,11 +99,18 @@ def _encoder(cls: type) -> Callable[[Any], bytes]:
 
 
 class Hub:
-    """What every handler needs besides its request: the record and the faults."""
+    """What every handler needs besides its request: the record, the faults and the access checks.
 
-    def __init__(self, record: Record, faults: Faults) -> None:
+    `gate(method, request_dict, authorization)` raises ApiError when the caller may not make the call
+    (launcher/emulator/access.py); without one every call is allowed.
+    """
+
+    def __init__(
+        self, record: Record, faults: Faults, gate: Callable[[str, dict, str | None], None] | None = None
+    ) -> None:
         self.record = record
         self.faults = faults
+        self.gate = gate
 
 
 def service_handler(service: str, methods: list[Method], hub: Hub) -> grpc.GenericRpcHandler:
@@ -110,16 +135,25 @@ def _wrap(service: str, method: Method, hub: Hub) -> Callable[..., Any]:
 
     def refuse_or_record(request: Any, context: grpc.ServicerContext) -> None:
         refusal = hub.faults.refusal()
-        hub.record.append(service, method.name, request, outcome=refusal.name if refusal else "OK")
+        denial = None
+        if refusal is None and hub.gate is not None:
+            try:
+                hub.gate(full_name, request, dict(context.invocation_metadata()).get("authorization"))
+            except ApiError as error:
+                denial = error
+        outcome = refusal.name if refusal else denial.code.name if denial else "OK"
+        hub.record.append(service, method.name, request, outcome=outcome)
         if refusal:
             context.abort(refusal, f"Injected fault on {full_name}.")
+        if denial:
+            denial.abort(context)
 
     def unary(request: Any, context: grpc.ServicerContext) -> Any:
         refuse_or_record(to_dict(request), context)
         try:
             response = method.handler(request, context)
         except ApiError as error:
-            context.abort(error.code, error.message)
+            error.abort(context)
         if method.mutating and hub.faults.reply_lost():
             context.abort(grpc.StatusCode.UNAVAILABLE, f"Injected lost reply on {full_name}.")
         return response
@@ -129,7 +163,7 @@ def _wrap(service: str, method: Method, hub: Hub) -> Callable[..., Any]:
         try:
             yield from method.handler(request, context)
         except ApiError as error:
-            context.abort(error.code, error.message)
+            error.abort(context)
 
     def stream_stream(requests: Iterator[Any], context: grpc.ServicerContext) -> Iterator[Any]:
         first = next(requests, None)
@@ -139,6 +173,6 @@ def _wrap(service: str, method: Method, hub: Hub) -> Callable[..., Any]:
         try:
             yield from method.handler(first, requests, context)
         except ApiError as error:
-            context.abort(error.code, error.message)
+            error.abort(context)
 
     return {"unary": unary, "unary_stream": unary_stream, "stream_stream": stream_stream}[method.kind]

@@ -47,6 +47,8 @@ from google.cloud import run_v2
 from google.longrunning import operations_pb2
 from google.protobuf import duration_pb2, json_format
 
+from launcher.emulator.access import compute_default_account
+from launcher.emulator.metadata import MetadataServer
 from launcher.emulator.rpc import (
     ApiError,
     Hub,
@@ -58,7 +60,6 @@ from launcher.emulator.rpc import (
     permission_denied,
     service_handler,
 )
-from launcher.emulator.secretmanager import project_number
 from launcher.emulator.tasks import Launch, Outcome, TaskRunner
 
 if TYPE_CHECKING:
@@ -633,7 +634,7 @@ class RunService:
         if secrets is None:
             return
         # No service account in the template: the task runs as the Compute Engine default one.
-        account = account or f"{project_number(project)}-compute@developer.gserviceaccount.com"
+        account = account or compute_default_account(project)
         ref = var.value_source.secret_key_ref
         secret = _secret_name(ref.secret, project)
         try:
@@ -742,6 +743,7 @@ class RunService:
             run.runner.run()
             self._finish(events, failure=events.first_failure)
         finally:
+            events.stop_metadata()
             with self._lock:
                 self._runs.pop(context.name, None)
 
@@ -919,6 +921,7 @@ class _Events:
         self._env: dict[str, str] = {}
         self._cwd = Path()
         self._rewrites: dict[str, str] = {}
+        self.metadata: MetadataServer | None = None
 
     def prepare(self) -> None:
         """Resolve the image's snapshot, the command, the env and the mounts, once per execution."""
@@ -934,9 +937,11 @@ class _Events:
         workdir = config.get("workdir") or ""
         if workdir not in ("", "/"):
             self._rewrites[workdir.rstrip("/")] = str(snapshot)
+        account = self.execution.template.service_account or compute_default_account(self.context.project)
         mounts = {mount.name: mount.mount_path for mount in container.volume_mounts}
         for volume in self.execution.template.volumes:
             if "gcs" in volume and volume.name in mounts:
+                self._check_mount(volume, account)
                 bucket_dir = emulator.bucket_dir(volume.gcs.bucket)
                 bucket_dir.mkdir(parents=True, exist_ok=True)
                 self._rewrites[mounts[volume.name].rstrip("/")] = str(bucket_dir)
@@ -965,6 +970,8 @@ class _Events:
                 env[var.name] = self._secret(var)
             else:
                 env[var.name] = self._rewrite(var.value)
+        self.metadata = MetadataServer(emulator.access, self.context.project, account).start()
+        env |= self.metadata.environment()
         env |= {
             "CLOUD_RUN_JOB": self.context.job,
             "CLOUD_RUN_EXECUTION": self.context.execution,
@@ -972,6 +979,36 @@ class _Events:
             "STORAGE_EMULATOR_HOST": emulator.storage_host,
         }
         self._argv, self._env, self._cwd = argv, env, snapshot
+
+    def _check_mount(self, volume: run_v2.Volume, account: str) -> None:
+        """gcsfuse mounts as the job's service account: reading needs storage.objects.list and get,
+        writing also create, delete and update (roles/storage.objectUser holds them all;
+        https://cloud.google.com/storage/docs/cloud-storage-fuse/mount-bucket#required-roles). A denied
+        mount fails the task before the container starts, with gcsfuse's own words
+        (https://cloud.google.com/storage/docs/cloud-storage-fuse/troubleshooting)."""
+        access = self.service.emulator.access
+        bucket = volume.gcs.bucket
+        needed = ["storage.objects.list", "storage.objects.get"]
+        if not volume.gcs.read_only:
+            needed += ["storage.objects.create", "storage.objects.delete", "storage.objects.update"]
+        missing = [
+            permission
+            for permission in needed
+            if not access.allowed(
+                f"serviceAccount:{account}", permission, self.context.project, f"projects/_/buckets/{bucket}"
+            )
+        ]
+        if missing:
+            raise _RunFailure(
+                f"Failed to mount Cloud Storage volume '{volume.name}': mountWithArgs: mountWithConn: "
+                f"fs.NewServer: create file system: SetUpBucket: OpenBucket: Bad credentials for bucket "
+                f"{bucket}: permission denied ({account} lacks {', '.join(missing)} on gs://{bucket})."
+            )
+
+    def stop_metadata(self) -> None:
+        if self.metadata is not None:
+            self.metadata.stop()
+            self.metadata = None
 
     def system(self, text: str, severity: str, **labels: str) -> None:
         self.service.log(self.context, "varlog/system", text, severity, labels)

@@ -9,7 +9,6 @@ file (a local test artefact) and never appear in an error message.
 from __future__ import annotations
 
 import base64
-import hashlib
 import json
 import re
 import uuid
@@ -23,6 +22,7 @@ from google.cloud import secretmanager_v1
 from google.iam.v1 import iam_policy_pb2, policy_pb2
 from google.protobuf import empty_pb2, json_format
 
+from launcher.emulator.access import Access, project_number
 from launcher.emulator.rpc import (
     ApiError,
     Hub,
@@ -50,21 +50,12 @@ _MEMBER = re.compile(
 _GRANTABLE_ROLE = re.compile(
     r"^(?:roles/(?:owner|editor|viewer|secretmanager\.[a-zA-Z]+)|(?:projects|organizations)/[^/]+/roles/.+)$"
 )
-_ACCESS_ROLES = {"roles/secretmanager.secretAccessor", "roles/secretmanager.admin", "roles/owner"}
 _MAX_PAYLOAD = 64 * 1024
 # The etag the real service shows for a resource whose policy was never set.
 _EMPTY_POLICY_ETAG = base64.b64decode("ACAB")
 _SECRET_PERMISSIONS = re.compile(r"^secretmanager\.[a-zA-Z]+\.[a-zA-Z]+$")
 
 State_ = secretmanager_v1.SecretVersion.State
-
-
-def project_number(project: str) -> str:
-    """The 12-digit number the emulator gives a project id (a number is its own number)."""
-    if project.isdigit():
-        return project
-    digest = int(hashlib.sha256(project.encode()).hexdigest(), 16)
-    return str(10**11 + digest % (9 * 10**11))
 
 
 def _now() -> datetime:
@@ -84,8 +75,14 @@ def _page(items: list[Any], page_size: int, page_token: str) -> tuple[list[Any],
 
 
 class SecretManager:
-    def __init__(self, state: State) -> None:
+    def __init__(self, state: State, access: Access) -> None:
         self.state = state
+        self.access = access
+        access.add_policy_source(r"^projects/[^/]+/secrets/[^/]+", self._policies_of)
+
+    def _policies_of(self, name: str) -> list[dict[str, Any]]:
+        stored = self.state.table("secrets").get(self._secret_key(name))
+        return [stored["policy"]] if stored and stored["policy"] else []
 
     # ---- names ----------------------------------------------------------------------------------
 
@@ -360,7 +357,6 @@ class SecretManager:
     def _validate_policy(self, policy: policy_pb2.Policy) -> None:
         if policy.version not in (0, 1, 3):
             raise invalid(f"Invalid policy version {policy.version}: use 1 or 3.")
-        accounts = self.state.table("service_accounts")
         for binding in policy.bindings:
             if not _GRANTABLE_ROLE.match(binding.role):
                 raise invalid(f"Role {binding.role} is not supported for this resource.")
@@ -369,24 +365,22 @@ class SecretManager:
             for member in binding.members:
                 if not _MEMBER.match(member):
                     raise invalid(f"Invalid member {member!r} in the binding of {binding.role}.")
-                email = member.removeprefix("serviceAccount:")
-                # User-managed service accounts must exist, as IAM checks on every grant; Google-managed
-                # ones (…@developer.gserviceaccount.com, service agents) are not modelled here.
-                if (
-                    member.startswith("serviceAccount:")
-                    and email.endswith(".iam.gserviceaccount.com")
-                    and email not in accounts
-                ):
-                    raise invalid(f"Service account {email} does not exist.")
+                # User-managed service accounts must exist and be known to IAM, as checked on every
+                # grant; Google-managed ones (…@developer.gserviceaccount.com, agents) are not modelled.
+                if unknown := self.access.unknown_member(member):
+                    raise invalid(unknown)
 
     def test_iam_permissions(
         self, request: iam_policy_pb2.TestIamPermissionsRequest, context: grpc.ServicerContext
     ):
-        self._stored(self._secret_key(request.resource))
+        key = self._secret_key(request.resource)
+        self._stored(key)
         if bad := [p for p in request.permissions if not _SECRET_PERMISSIONS.match(p)]:
             raise invalid(f"Permission(s) {', '.join(bad)} are not valid for a secret.")
-        # The emulator has a single, all-powerful caller.
-        return iam_policy_pb2.TestIamPermissionsResponse(permissions=list(request.permissions))
+        caller = self.access.caller(dict(context.invocation_metadata()).get("authorization"))
+        project = key.split("/")[1]
+        granted = [p for p in request.permissions if self.access.allowed(caller, p, project, key)]
+        return iam_policy_pb2.TestIamPermissionsResponse(permissions=granted)
 
     # ---- for the other emulated services --------------------------------------------------------
 
@@ -404,12 +398,13 @@ class SecretManager:
         return response.payload.data
 
     def can_access(self, secret: str, member: str, *, project: str | None = None) -> bool:
-        """Whether the secret's own IAM policy lets `member` (e.g. serviceAccount:x@p.iam...) read it.
+        """Whether IAM (the secret's policy or the project's) lets `member` (serviceAccount:x@...) read it.
 
         Raises ApiError NOT_FOUND when the secret does not exist.
         """
-        policy = self._policy(self._secret_key(secret, project))
-        return any(binding.role in _ACCESS_ROLES and member in binding.members for binding in policy.bindings)
+        key = self._secret_key(secret, project)
+        self._stored(key)
+        return self.access.allowed(member, "secretmanager.versions.access", key.split("/")[1], key)
 
     def handler(self, hub: Hub) -> grpc.GenericRpcHandler:
         sm = secretmanager_v1

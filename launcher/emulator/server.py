@@ -16,6 +16,7 @@ from types import FrameType
 import grpc
 from gcp_storage_emulator.server import create_server
 
+from launcher.emulator.access import DEFAULT_ENABLED, DEFAULT_USER, Access
 from launcher.emulator.artifactregistry import ArtifactRegistry
 from launcher.emulator.cloudbuild import CloudBuild
 from launcher.emulator.faults import Faults
@@ -23,9 +24,11 @@ from launcher.emulator.iam import Iam
 from launcher.emulator.logging import Logging
 from launcher.emulator.operations import Operations
 from launcher.emulator.record import Record
+from launcher.emulator.resourcemanager import Billing, Projects
 from launcher.emulator.rpc import Hub
 from launcher.emulator.run import RunService
 from launcher.emulator.secretmanager import SecretManager
+from launcher.emulator.serviceusage import ServiceUsage
 from launcher.emulator.state import State
 from launcher.emulator.storage import CloudStorage
 
@@ -40,12 +43,25 @@ class Emulator:
         faults: str | None = None,
         record: Path | None = None,
         operation_delay_s: float = 0.2,
+        user: str = DEFAULT_USER,
+        iam_propagation_s: float = 2.0,
+        enabled_apis: tuple[str, ...] = tuple(DEFAULT_ENABLED),
+        billing: bool = True,
     ) -> None:
+        """A fresh project's rules: APIs off but Google's defaults, `user` the owner of every project it
+        names, a new service account unknown to IAM policies for `iam_propagation_s`, billing on."""
         if data_dir is None:
             data_dir = Path(tempfile.mkdtemp(prefix="gemma-launch-emulator-"))
         self.data_dir = data_dir.resolve()
         self.state = State(self.data_dir)
-        self.hub = Hub(Record(record), Faults.parse(faults))
+        self.access = Access(
+            self.state,
+            user=user,
+            propagation_s=iam_propagation_s,
+            enabled_apis=enabled_apis,
+            billing_enabled=billing,
+        )
+        self.hub = Hub(Record(record), Faults.parse(faults), gate=self.access.gate)
         self.operations = Operations(self.state, delay_s=operation_delay_s)
         self.storage_root = self.data_dir / "storage"
         self._storage_server = create_server(
@@ -55,11 +71,16 @@ class Emulator:
         self._grpc = grpc.server(futures.ThreadPoolExecutor(max_workers=32))
         self.port = self._grpc.add_insecure_port(f"127.0.0.1:{port}")
         self.services = {
-            "iam": Iam(self.state),
+            "iam": Iam(self.state, self.access),
+            "serviceusage": ServiceUsage(self.access, self.operations),
+            "projects": Projects(self.access),
+            "billing": Billing(self.access),
             "logging": Logging(self.data_dir),
-            "secrets": SecretManager(self.state),
-            "registry": ArtifactRegistry(self.state, self.operations),
-            "storage": CloudStorage(self._storage_server._storage, self.hub.record, self.storage_host),
+            "secrets": SecretManager(self.state, self.access),
+            "registry": ArtifactRegistry(self.state, self.operations, self.access),
+            "storage": CloudStorage(
+                self._storage_server._storage, self.hub.record, self.storage_host, self.access
+            ),
             "run": RunService(self),
             "builds": CloudBuild(self),
         }

@@ -5,8 +5,10 @@ The package is not forked: its route table (`gcp_storage_emulator.server.HANDLER
 process. Handlers receive the package's `Storage` object, which is how they find the emulator it
 belongs to (creating a `CloudStorage` registers it), so several emulators can share one process.
 
+- every request is first checked like GCS checks it (launcher/emulator/storage_iam.py: credentials,
+  the API enabled, IAM on the project and the bucket), and bucket policies are validated on write;
 - buckets.insert validates names and locations like GCS and keeps location, uniform bucket-level
-  access and labels;
+  access, labels and the project it was created in;
 - every JSON API request is appended to the emulator's record as service "storage", method like
   "objects.insert", request {"path", "query", "params", "resource"}: "query" as parse_qs gives it
   (values are lists), "params" the bucket and object names decoded, "resource" the JSON metadata sent
@@ -40,6 +42,8 @@ from gcp_storage_emulator import settings as gcs_settings
 from gcp_storage_emulator.handlers import buckets, objects
 from gcp_storage_emulator.storage import Storage
 
+from launcher.emulator import storage_iam
+from launcher.emulator.access import Access, project_number
 from launcher.emulator.faults import HTTP_STATUS, Faults
 from launcher.emulator.record import Record
 from launcher.emulator.rpc import Hub, not_found
@@ -107,7 +111,8 @@ def _location_type(location: str) -> str | None:
 def _insert_bucket(request: Any, response: Any, storage: Storage, *args: Any, **kwargs: Any) -> None:
     body = request.data if isinstance(request.data, dict) else {}
     name = str(body.get("name") or "")
-    if not request.query.get("project"):
+    project = (request.query.get("project") or [""])[0]
+    if not project:
         return _error(response, HTTPStatus.BAD_REQUEST, "required", "Required parameter: project")
     if not _bucket_name_ok(name):
         return _error(response, HTTPStatus.BAD_REQUEST, "invalid", f"Invalid bucket name: '{name}'")
@@ -125,7 +130,7 @@ def _insert_bucket(request: Any, response: Any, storage: Storage, *args: Any, **
         response.status = HTTPStatus.CONFLICT
         return response.json(buckets.CONFLICT)
 
-    bucket = buckets._make_bucket_resource(name, project_number=storage.project_number)
+    bucket = buckets._make_bucket_resource(name, project_number=project_number(project))
     # The package's patch applies every other writable field (storageClass, versioning, acl ...).
     buckets._patch_bucket(bucket, body)
     bucket["metageneration"] = "1"
@@ -176,7 +181,42 @@ _METHODS: dict[Handler, str] = {
     objects.acl_list: "objectAccessControls.list",
     objects.batch: "batch",
 }
-_REPLACED: dict[Handler, Handler] = {buckets.insert: _insert_bucket}
+
+
+def _set_bucket_policy(request: Any, response: Any, storage: Storage, *args: Any, **kwargs: Any) -> None:
+    name = request.params.get("bucket_name")
+    if not name or name not in storage.buckets:
+        response.status = HTTPStatus.NOT_FOUND
+        return None
+    body = request.data if isinstance(request.data, dict) else {}
+    try:
+        policy = storage_iam.set_iam_policy(_EMULATED[storage].access, storage, name, body)
+    except storage_iam.Denied as denied:
+        response.status = denied.status
+        return response.json(denied.body)
+    storage.set_bucket_iam_policy(name, policy)
+    response.json(policy)
+
+
+def _test_bucket_permissions(
+    request: Any, response: Any, storage: Storage, *args: Any, **kwargs: Any
+) -> None:
+    name = request.params.get("bucket_name")
+    if not name or name not in storage.buckets:
+        response.status = HTTPStatus.NOT_FOUND
+        return None
+    emulated = _EMULATED[storage]
+    member = emulated.access.caller(request.get_header("Authorization"))
+    asked = request.query.get("permissions") or []
+    permissions = storage_iam.granted(emulated.access, storage, member, name, asked)
+    response.json({"kind": "storage#testIamPermissionsResponse", "permissions": permissions})
+
+
+_REPLACED: dict[Handler, Handler] = {
+    buckets.insert: _insert_bucket,
+    buckets.set_iam_policy: _set_bucket_policy,
+    buckets.test_iam_permissions: _test_bucket_permissions,
+}
 # Requests that change something: a lost reply means the change happened but the caller cannot know.
 _MUTATING = {
     "buckets.insert",
@@ -215,6 +255,12 @@ def _recorded(handler: Handler, method: str) -> Handler:
             status = HTTP_STATUS[refusal]
             emulated.record.append("storage", method, _describe(request), outcome=status.name)
             return _error(response, status, "backendError", f"Injected fault on storage {method}.")
+        try:
+            storage_iam.check(emulated.access, storage, method, request)
+        except storage_iam.Denied as denied:
+            emulated.record.append("storage", method, _describe(request), outcome=denied.status.name)
+            response.status = denied.status
+            return response.json(denied.body)
         # The storage server answers one request at a time; the lock keeps import_tree out meanwhile.
         with emulated.lock:
             try:
@@ -276,13 +322,17 @@ class CloudStorage:
     """services["storage"]: the package's server, hooked into this emulator's record.
 
     Creating it installs our route handlers (once per process) and ties `storage` (the package's
-    Storage object) to `record`; `base_url` is the storage server's http://host:port.
+    Storage object) to `record` and `access`; `base_url` is the storage server's http://host:port.
     """
 
-    def __init__(self, storage: Storage, record: Record, base_url: str) -> None:
+    def __init__(self, storage: Storage, record: Record, base_url: str, access: Access) -> None:
         self.storage = storage
         self.record = record
         self.base_url = base_url
+        self.access = access
+        access.add_policy_source(
+            r"^projects/_/buckets/[^/]+", lambda name: storage_iam.bucket_policies(storage, name)
+        )
         self.lock = threading.RLock()
         # Replaced by the emulator's own when the server asks for this service's handler.
         self.faults = Faults()

@@ -5,6 +5,9 @@ from pathlib import Path
 
 import pytest
 
+from google.cloud import service_usage_v1
+
+from launcher.apis import REQUIRED
 from launcher.cloud import Clients
 from launcher.emulator.record import read_record
 from launcher.emulator.server import Emulator
@@ -22,6 +25,14 @@ class Local:
 
     def clients(self, project: str = "demo-project") -> Clients:
         return Clients(project)
+
+    def enable_apis(self, project: str = "demo-project") -> None:
+        """What `gcloud services enable` (or a first `up`) leaves: every API gemma-launch calls is on."""
+        self.clients(project).service_usage.batch_enable_services(
+            request=service_usage_v1.BatchEnableServicesRequest(
+                parent=f"projects/{project}", service_ids=list(REQUIRED)
+            )
+        ).result()
 
 
 @pytest.fixture

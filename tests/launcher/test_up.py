@@ -13,6 +13,8 @@ from launcher.cli import main
 PROJECT = "demo-project"
 TOKEN = "hf_test_token_0123456789abcdef"
 SA = f"gemma3-finetuning@{PROJECT}.iam.gserviceaccount.com"
+BUILD_SA = f"gemma3-finetuning-build@{PROJECT}.iam.gserviceaccount.com"
+REPOSITORY = f"projects/{PROJECT}/locations/europe-west4/repositories/gemma3-finetuning-repo"
 BUCKET = f"{PROJECT}-gemma3-finetuning"
 MUTATING_PREFIXES = (
     "Create",
@@ -46,10 +48,11 @@ def up(*args: str):
     return CliRunner().invoke(main, ["up", "--skip-stage", "--skip-build", *args])
 
 
-def test_fresh_up_creates_the_six_resources_with_least_privilege(env):
+def test_fresh_up_creates_the_resources_with_least_privilege(env):
     result = up()
     assert result.exit_code == 0, result.output
-    for kind in ("service account", "bucket", "bucket IAM", "repository", "secret", "secret IAM"):
+    kinds = ("service account", "bucket", "bucket IAM", "repository", "repository IAM", "project IAM")
+    for kind in (*kinds, "secret", "secret IAM"):
         assert any(line.split()[0] == "created" and kind in line for line in result.output.splitlines()), kind
 
     clients = env.clients(PROJECT)
@@ -60,16 +63,16 @@ def test_fresh_up_creates_the_six_resources_with_least_privilege(env):
     bindings = {
         b["role"]: set(b["members"]) for b in bucket.get_iam_policy(requested_policy_version=3).bindings
     }
-    assert f"serviceAccount:{SA}" in bindings["roles/storage.objectAdmin"]
-    assert all(
-        f"serviceAccount:{SA}" not in members
-        for role, members in bindings.items()
-        if role != "roles/storage.objectAdmin"
-    )
-    repository = clients.registry.get_repository(
-        name=f"projects/{PROJECT}/locations/europe-west4/repositories/gemma3-finetuning-repo"
-    )
+    assert bindings == {
+        "roles/storage.objectAdmin": {f"serviceAccount:{SA}"},
+        "roles/storage.objectViewer": {f"serviceAccount:{BUILD_SA}"},
+    }
+    repository = clients.registry.get_repository(name=REPOSITORY)
     assert repository.format_.name == "DOCKER"
+    policy = clients.registry.get_iam_policy(request=iam_policy_pb2.GetIamPolicyRequest(resource=REPOSITORY))
+    assert [(b.role, list(b.members)) for b in policy.bindings] == [
+        ("roles/artifactregistry.writer", [f"serviceAccount:{BUILD_SA}"])
+    ]
     secret = f"projects/{PROJECT}/secrets/HF_TOKEN"
     assert (
         clients.secrets.access_secret_version(name=f"{secret}/versions/latest").payload.data == TOKEN.encode()
@@ -78,14 +81,14 @@ def test_fresh_up_creates_the_six_resources_with_least_privilege(env):
     assert [(b.role, list(b.members)) for b in policy.bindings] == [
         ("roles/secretmanager.secretAccessor", [f"serviceAccount:{SA}"])
     ]
-    # No project-wide grant was asked for: nothing but these services was called.
-    assert {entry["service"].split(".")[-1] for entry in env.record()} <= {
-        "IAM",
-        "SecretManagerService",
-        "ArtifactRegistry",
-        "Operations",
-        "storage",
-        "Jobs",
+    # The one project-wide grant is the build account's log writing, which has no narrower scope.
+    project = clients.projects.get_iam_policy(
+        request=iam_policy_pb2.GetIamPolicyRequest(resource=f"projects/{PROJECT}")
+    )
+    granted = {(b.role, member) for b in project.bindings for member in b.members}
+    assert granted == {
+        ("roles/owner", "user:developer@example.com"),
+        ("roles/logging.logWriter", f"serviceAccount:{BUILD_SA}"),
     }
 
 
@@ -101,7 +104,33 @@ def test_second_up_changes_nothing_and_says_so(env):
     assert [entry for entry in second if is_mutating(entry)] == []
 
 
+def test_dry_run_on_a_fresh_project_lists_the_apis_to_enable_and_stops(env):
+    result = up("--dry-run")
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert any(line.split()[:2] == ["would", "enable"] and "run.googleapis.com" in line for line in lines)
+    assert any(line.split()[0] == "unchanged" and "storage.googleapis.com" in line for line in lines)
+    assert "gcloud services enable iam.googleapis.com" in result.output
+    assert "The rest of the plan needs these APIs on" in result.output
+    assert [entry for entry in env.record() if is_mutating(entry)] == []
+
+
+def test_first_up_enables_the_apis_and_a_second_enables_nothing(env):
+    first = up()
+    assert first.exit_code == 0, first.output
+    enabled = [
+        line.split()[-1] for line in first.output.splitlines() if line.split()[:2] == ["enabled", "API"]
+    ]
+    assert "run.googleapis.com" in enabled and "cloudbuild.googleapis.com" in enabled
+    assert "storage.googleapis.com" not in enabled  # on in every new project
+    second = up()
+    assert second.exit_code == 0, second.output
+    assert not any(line.split()[:1] == ["enabled"] for line in second.output.splitlines())
+    assert not [entry for entry in env.record() if entry["method"] == "BatchEnableServices"][1:]
+
+
 def test_dry_run_plans_with_gcloud_commands_and_changes_nothing(env):
+    env.enable_apis()
     result = up("--dry-run")
     assert result.exit_code == 0, result.output
     assert "would create" in result.output
