@@ -36,9 +36,19 @@ class Local:
 
 
 @pytest.fixture
-def local(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Local]:
+def fresh(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Local]:
+    """The emulator as a new project is: only Google's default APIs on, the caller its owner."""
     record = tmp_path / "record.jsonl"
-    with Emulator(data_dir=tmp_path / "emulator", record=record) as emulator:
+    with Emulator(data_dir=tmp_path / "emulator", record=record, iam_propagation_s=0.5) as emulator:
         monkeypatch.setenv("GEMMA_LAUNCH_EMULATOR_HOST", emulator.host)
         monkeypatch.setenv("STORAGE_EMULATOR_HOST", emulator.storage_host)
         yield Local(emulator, record)
+
+
+@pytest.fixture
+def local(fresh: Local) -> Local:
+    """A project whose APIs are on, as `up` leaves it: for tests of one step of the flow."""
+    fresh.enable_apis()
+    fresh.emulator.access.propagation_s = 0.0  # such tests grant right after creating an account
+    fresh.record_path.write_text("")  # tests assert on the calls they make themselves
+    return fresh

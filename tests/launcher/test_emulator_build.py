@@ -257,6 +257,7 @@ def test_get_list_and_cancel(local, monkeypatch):
         builds.cancel_build(project_id=PROJECT, id=finished.id)
     with pytest.raises(exceptions.NotFound):
         builds.get_build(project_id=PROJECT, id="no-such-build")
+    local.enable_apis("another-project")
     with pytest.raises(exceptions.NotFound):
         builds.get_build(project_id="another-project", id=finished.id)
 

@@ -137,10 +137,15 @@ class Cloud:
 
 @pytest.fixture
 def cloud(local) -> Cloud:
-    """A project as `gemma-launch up` leaves it: account, bucket, secret with access, image."""
+    """A project as `gemma-launch up` leaves it: account, bucket and secret with access, image."""
     clients = local.clients(PROJECT)
     clients.iam.create_service_account(request={"name": f"projects/{PROJECT}", "account_id": "gemma-trainer"})
-    clients.storage.create_bucket(BUCKET, location=REGION)
+    bucket = clients.storage.create_bucket(BUCKET, location=REGION)
+    bucket_policy = bucket.get_iam_policy()
+    bucket_policy.bindings.append(
+        {"role": "roles/storage.objectAdmin", "members": {f"serviceAccount:{ACCOUNT}"}}
+    )
+    bucket.set_iam_policy(bucket_policy)
     secret = clients.secrets.create_secret(
         request={
             "parent": f"projects/{PROJECT}",

@@ -98,6 +98,9 @@ def test_requests_are_recorded_without_object_contents(local):
 
 
 def test_bucket_iam_policy_round_trips(local):
+    local.clients().iam.create_service_account(
+        request={"name": "projects/demo-project", "account_id": "gemma-trainer"}
+    )
     bucket = _bucket(local.clients().storage, uniform=True)
     policy = bucket.get_iam_policy(requested_policy_version=3)
     policy.bindings.append({"role": "roles/storage.objectAdmin", "members": {ACCOUNT}})

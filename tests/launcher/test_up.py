@@ -38,10 +38,10 @@ def is_mutating(entry: dict) -> bool:
 
 
 @pytest.fixture
-def env(local, monkeypatch):
+def env(fresh, monkeypatch):
     monkeypatch.setenv("PROJECT_ID", PROJECT)
     monkeypatch.setenv("HF_TOKEN", TOKEN)
-    return local
+    return fresh
 
 
 def up(*args: str):
