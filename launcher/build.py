@@ -398,8 +398,8 @@ def _run_build(
         tail = "\n".join(f"  {line}" for line in last) or "  (no log lines)"
         raise UserError(
             f"Cloud Build {build.id} ended with {build.status.name}: {detail}\nLast log lines:\n{tail}",
-            f"Full log: {_log_url(build, settings)} . Fix the Dockerfile or the source, then run "
-            "`gemma-launch up` again.",
+            f"Full log: {_log_url(build, settings)} . Fix the Dockerfile, its .dockerignore or the source, "
+            "then run `gemma-launch up` again.",
         )
     return build
 

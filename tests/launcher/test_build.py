@@ -292,9 +292,9 @@ def test_a_broken_dockerfile_fails_with_the_build_log(local, cloud) -> None:
     with pytest.raises(UserError) as caught:
         build_image(clients, settings, root, on_line=lines.append)
     error = caught.value
-    assert "FAILURE" in error.message and "COPY failed" in error.message
+    assert "FAILURE" in error.message and '"/missing.py": not found' in error.message
     assert "Step 2/2 : COPY missing.py /app/" in error.message
-    assert any("COPY failed" in line for line in lines)
+    assert any("failed to compute cache key" in line for line in lines)
     assert "https://console.cloud.google.com/cloud-build/builds;region=europe-west4/" in error.hint
     assert not list(clients.registry.list_docker_images(parent=settings.repository_name))
     # A retry of the same source builds again but reuses the archive already in the bucket.
@@ -302,3 +302,27 @@ def test_a_broken_dockerfile_fails_with_the_build_log(local, cloud) -> None:
         build_image(clients, settings, root, on_line=lines.append)
     assert (len(_calls(local, "CreateBuild")), len(_calls(local, "objects.insert"))) == (2, 1)
     assert FAKE_TOKEN not in local.record_path.read_text()
+
+
+def test_the_repositorys_dockerfile_builds_from_what_its_ignore_files_send(local, cloud, tmp_path) -> None:
+    clients, settings, _ = cloud
+    # The repository's own Dockerfile, ignore files and build config, over a stand-in of each tree it copies.
+    files = {
+        name: (REPO_ROOT / name).read_text() for name in ("Dockerfile", ".dockerignore", ".gcloudignore")
+    }
+    files["cloudbuild.yaml"] = (REPO_ROOT / "cloudbuild.yaml").read_text()
+    files.update(
+        {
+            "pyproject.toml": "[project]\nname = 'gemma-launch'\n",
+            "README.md": "",
+            "launcher/cli.py": "",
+            "launcher/emulator/server.py": "",
+            "trainer/__main__.py": "",
+            "tests/test_x.py": "",
+        }
+    )
+    root = _write(tmp_path / "repository", files)
+    built = build_image(clients, settings, root, on_line=lambda line: None)
+    assert built.status == "created"
+    snapshot = local.emulator.services["builds"].image_dir(built.uri.split("@")[1])
+    assert json.loads((snapshot / ".image.json").read_text())["entrypoint"] == ["python", "-m", "trainer"]
