@@ -84,6 +84,23 @@ _BUILT_INS = [
     "SERVICE_ACCOUNT_EMAIL",
     "SERVICE_ACCOUNT",
 ]
+# "Depending on usage, certain projects may be restricted to only use Cloud Build in the following
+# regions" (https://cloud.google.com/build/docs/locations#restricted_regions_for_some_projects): a new
+# project is such a project, so the emulator behaves like one unless told otherwise. `global` always works.
+RESTRICTED_REGIONS = (
+    "us-central1",
+    "us-west2",
+    "europe-west1",
+    "asia-east1",
+    "australia-southeast1",
+    "southamerica-east1",
+)
+# What CreateBuild answers elsewhere, as reported in e.g.
+# https://github.com/google-github-actions/deploy-cloudrun/issues/480 (newer replies add the link).
+_RESTRICTED_REGION_MESSAGE = (
+    "failed precondition: due to quota restrictions, cannot run builds in this region, see "
+    "https://cloud.google.com/build/docs/locations#restricted_regions_for_some_projects"
+)
 # An operation the Operations service must report as not done until the build thread publishes again.
 _NOT_DONE = sys.float_info.max
 _DEFAULT_PAGE_SIZE = 50
@@ -265,6 +282,9 @@ class CloudBuild:
 
     def create(self, request: cloudbuild_v1.CreateBuildRequest, context: grpc.ServicerContext):
         project, location = self._project_location(request.project_id, request.parent)
+        allowed = self.emulator.build_regions
+        if location != "global" and allowed is not None and location not in allowed:
+            raise failed_precondition(_RESTRICTED_REGION_MESSAGE)
         build = cloudbuild_v1.Build(request.build)
         if not build.steps:
             raise invalid("invalid build: a build must have at least one step.")

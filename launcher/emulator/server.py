@@ -9,6 +9,7 @@ import signal
 import sys
 import tempfile
 import threading
+from collections.abc import Collection
 from concurrent import futures
 from pathlib import Path
 from types import FrameType
@@ -17,7 +18,7 @@ import grpc
 from gcp_storage_emulator.server import create_server
 
 from launcher.emulator.artifactregistry import ArtifactRegistry
-from launcher.emulator.cloudbuild import CloudBuild
+from launcher.emulator.cloudbuild import RESTRICTED_REGIONS, CloudBuild
 from launcher.emulator.faults import Faults
 from launcher.emulator.iam import Iam
 from launcher.emulator.logging import Logging
@@ -40,10 +41,13 @@ class Emulator:
         faults: str | None = None,
         record: Path | None = None,
         operation_delay_s: float = 0.2,
+        build_regions: Collection[str] | None = RESTRICTED_REGIONS,
     ) -> None:
+        """`build_regions`: where CreateBuild is accepted besides `global`; None for everywhere."""
         if data_dir is None:
             data_dir = Path(tempfile.mkdtemp(prefix="gemma-launch-emulator-"))
         self.data_dir = data_dir.resolve()
+        self.build_regions = None if build_regions is None else frozenset(build_regions)
         self.state = State(self.data_dir)
         self.hub = Hub(Record(record), Faults.parse(faults))
         self.operations = Operations(self.state, delay_s=operation_delay_s)

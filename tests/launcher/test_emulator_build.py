@@ -9,7 +9,9 @@ from google.api_core.future.polling import POLLING_PREDICATE
 from google.cloud import artifactregistry_v1
 from google.cloud.devtools import cloudbuild_v1
 
+from launcher.cloud import Clients
 from launcher.emulator import dockerfile, dockerignore
+from launcher.emulator.server import Emulator
 
 PROJECT = "demo-project"
 REGION = "europe-west4"
@@ -385,3 +387,27 @@ def test_a_dockerfiles_own_ignore_file_replaces_the_contexts(local):
     built = run_build(local, build_spec(upload(local, archive(files), name="source/other.tar.gz")))
     assert built.status == Status.FAILURE
     assert any(line.endswith('"/requirements.txt": not found') for line in build_log(local, built.id))
+
+
+def test_create_build_outside_the_allowed_regions_is_refused(local, tmp_path):
+    spec = build_spec(upload(local, archive(source())), images=[])
+    builds = local.clients().builds
+    with pytest.raises(exceptions.FailedPrecondition) as refused:
+        builds.create_build(parent=f"projects/{PROJECT}/locations/europe-west4", build=spec)
+    assert "due to quota restrictions, cannot run builds in this region" in refused.value.message
+    for location in ("global", "europe-west1", "us-central1"):
+        operation = builds.create_build(parent=f"projects/{PROJECT}/locations/{location}", build=spec)
+        assert operation.result(polling=FAST).name.startswith(f"projects/{PROJECT}/locations/{location}/")
+
+
+def test_an_emulator_can_allow_every_region_or_others(tmp_path, monkeypatch):
+    for allowed, location in ((None, "europe-west4"), (["asia-south1"], "asia-south1")):
+        with Emulator(data_dir=tmp_path / location, build_regions=allowed) as emulator:
+            monkeypatch.setenv("GEMMA_LAUNCH_EMULATOR_HOST", emulator.host)
+            builds = Clients(PROJECT).builds
+            spec = cloudbuild_v1.Build(steps=[{"name": "busybox", "args": ["true"]}])
+            operation = builds.create_build(parent=f"projects/{PROJECT}/locations/{location}", build=spec)
+            assert operation.result(polling=FAST).status == Status.SUCCESS
+            if allowed is not None:
+                with pytest.raises(exceptions.FailedPrecondition):
+                    builds.create_build(parent=f"projects/{PROJECT}/locations/us-central1", build=spec)
