@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import time
 from pathlib import Path
 
@@ -18,6 +19,14 @@ BUCKET = f"{PROJECT}-gemma3-finetuning"
 def _point_at(emulator: Emulator, monkeypatch) -> None:
     monkeypatch.setenv("GEMMA_LAUNCH_EMULATOR_HOST", emulator.host)
     monkeypatch.setenv("STORAGE_EMULATOR_HOST", emulator.storage_host)
+
+
+def _free_port_other_than(taken: int) -> int:
+    while True:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            if sock.getsockname()[1] != taken:
+                return sock.getsockname()[1]
 
 
 def _up(model: Path, dataset: Path) -> str:
@@ -43,10 +52,9 @@ def test_a_restarted_emulator_serves_what_it_stored_on_its_new_ports(tmp_path, m
         _point_at(first, monkeypatch)
         assert "created" in _up(model, dataset)
         Clients(PROJECT).storage.bucket(BUCKET).blob("notes/a.txt").upload_from_string(b"kept")
-        ports = {first.port, first.storage_port}
+        old_port = first.storage_port
 
-    with Emulator(data_dir=data_dir) as second:
-        assert not {second.port, second.storage_port} & ports
+    with Emulator(data_dir=data_dir, storage_port=_free_port_other_than(old_port)) as second:
         _point_at(second, monkeypatch)
         started = time.monotonic()
         blob = Clients(PROJECT).storage.bucket(BUCKET).get_blob("notes/a.txt")
