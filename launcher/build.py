@@ -336,7 +336,7 @@ class BuildLog:
 
 def _log_url(build: cloudbuild_v1.Build, settings: Settings) -> str:
     return build.log_url or (
-        f"https://console.cloud.google.com/cloud-build/builds;region={settings.region}/{build.id}"
+        f"https://console.cloud.google.com/cloud-build/builds;region={settings.build_location}/{build.id}"
         f"?project={settings.project_id}"
     )
 
@@ -363,7 +363,7 @@ def _build_request(
     # https://cloud.google.com/build/docs/securing-builds/configure-user-specified-service-accounts
     build.options.logging = cloudbuild_v1.BuildOptions.LoggingMode.CLOUD_LOGGING_ONLY
     return cloudbuild_v1.CreateBuildRequest(
-        parent=settings.location, project_id=settings.project_id, build=build
+        parent=settings.build_parent, project_id=settings.project_id, build=build
     )
 
 
@@ -423,7 +423,7 @@ def _failure_hint(build: cloudbuild_v1.Build, settings: Settings) -> str:
             f"The build's account {account} could not push the image: run `gemma-launch up`, which grants "
             f"it roles/artifactregistry.writer on {settings.repository}."
         )
-    return "Fix the Dockerfile or the source, then run `gemma-launch up` again."
+    return "Fix the Dockerfile, its .dockerignore or the source, then run `gemma-launch up` again."
 
 
 def _start(
@@ -437,7 +437,7 @@ def _start(
         """Builds of this source that are queued, running or done, oldest first."""
         found = clients.builds.list_builds(
             request=cloudbuild_v1.ListBuildsRequest(
-                parent=settings.location, project_id=settings.project_id, filter=f'tags="{label}"'
+                parent=settings.build_parent, project_id=settings.project_id, filter=f'tags="{label}"'
             ),
             retry=RETRY,
         )
@@ -448,13 +448,26 @@ def _start(
         running = live()
         if running:
             return running[0]
-        ours = clients.builds.create_build(request=request, retry=None).metadata.build
+        try:
+            ours = clients.builds.create_build(request=request, retry=None).metadata.build
+        except exceptions.FailedPrecondition as error:
+            if settings.build_location == "global":
+                raise
+            # Some projects may only build in a few regions, and are told so this way; global always
+            # works (https://cloud.google.com/build/docs/locations#restricted_regions_for_some_projects).
+            raise UserError(
+                f"Cloud Build refused to build in {settings.build_location}: {error.message}",
+                'Use --build-location global (or build_location = "global" in gemma-launch.toml); the image '
+                f"still goes to the repository in {settings.region}.",
+            ) from error
         # Two `up`s can both find none and both create: the younger build gives way to the older.
         oldest = (live() or [ours])[0]
         if oldest.id != ours.id:
             clients.builds.cancel_build(
                 request=cloudbuild_v1.CancelBuildRequest(
-                    name=f"{settings.location}/builds/{ours.id}", project_id=settings.project_id, id=ours.id
+                    name=f"{settings.build_parent}/builds/{ours.id}",
+                    project_id=settings.project_id,
+                    id=ours.id,
                 ),
                 retry=RETRY,
             )
@@ -466,7 +479,7 @@ def _start(
 def _get_build(clients: Clients, settings: Settings, build_id: str) -> cloudbuild_v1.Build:
     return clients.builds.get_build(
         request=cloudbuild_v1.GetBuildRequest(
-            name=f"{settings.location}/builds/{build_id}", project_id=settings.project_id, id=build_id
+            name=f"{settings.build_parent}/builds/{build_id}", project_id=settings.project_id, id=build_id
         ),
         retry=RETRY,
     )
@@ -505,7 +518,7 @@ def build_image(
     try:
         tag = archive.sha256[:TAG_LENGTH]
         command = (
-            f"gcloud builds submit {root} --config={config} --region={settings.region} "
+            f"gcloud builds submit {root} --config={config} --region={settings.build_location} "
             f"--project={settings.project_id} "
             f"--substitutions=_IMAGE={settings.image_repository_uri},_TAG={tag}"
         )

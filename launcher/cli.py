@@ -23,7 +23,15 @@ from launcher.api_errors import translate
 from launcher.changes import Change
 from launcher.cloud import Clients
 from launcher.errors import UserError
-from launcher.settings import CONFIG_FILE, TRAINER_KEYS, Settings, load_settings, parse_duration, template
+from launcher.settings import (
+    CONFIG_FILE,
+    REGION,
+    TRAINER_KEYS,
+    Settings,
+    load_settings,
+    parse_duration,
+    template,
+)
 
 # The directory holding the Dockerfile and the trainer, built into the job's image.
 SOURCE_ROOT = Path(__file__).resolve().parent.parent
@@ -69,6 +77,7 @@ class Cli(click.Group):
 _SETTING_FLAGS: tuple[tuple[str, str, Any], ...] = (
     ("--project", "project_id", str),
     ("--region", "region", str),
+    ("--build-location", "build_location", str),
     ("--service-account", "service_account", str),
     ("--build-service-account", "build_service_account", str),
     ("--bucket", "bucket", str),
@@ -500,8 +509,19 @@ def emulator() -> None:
     type=click.Path(path_type=Path, dir_okay=False),
     help="Append every request as JSON lines here.",
 )
+@click.option(
+    "--build-regions",
+    metavar="REGION,...|all",
+    help="Regions where Cloud Build accepts builds besides global (default: the six that Cloud Build's "
+    "locations page lists for restricted projects, as a new project gets; all: every region).",
+)
 def emulator_start(
-    port: int, storage_port: int, data_dir: Path | None, faults: str | None, record: Path | None
+    port: int,
+    storage_port: int,
+    data_dir: Path | None,
+    faults: str | None,
+    record: Path | None,
+    build_regions: str | None,
 ) -> None:
     """Run the local cloud in the foreground until Ctrl-C.
 
@@ -517,7 +537,25 @@ def emulator_start(
         raise UserError(
             f"Invalid --faults: {error}.", "Example: --faults 'UNAVAILABLE=0.3,lost=0.1,seed=7'."
         ) from None
-    Emulator(port=port, storage_port=storage_port, data_dir=data_dir, faults=faults, record=record).serve()
+    options: dict[str, Any] = {}
+    if build_regions is not None:
+        options["build_regions"] = _build_regions(build_regions)
+    Emulator(
+        port=port, storage_port=storage_port, data_dir=data_dir, faults=faults, record=record, **options
+    ).serve()
+
+
+def _build_regions(text: str) -> list[str] | None:
+    if text.strip() == "all":
+        return None
+    regions = [region.strip() for region in text.split(",") if region.strip()]
+    wrong = [region for region in regions if not REGION.match(region)]
+    if wrong or not regions:
+        raise UserError(
+            f"Invalid --build-regions {text!r}: {', '.join(wrong) or 'no region'} is not a region name.",
+            "List regions like us-central1,europe-west1, or pass all.",
+        )
+    return regions
 
 
 @main.command()

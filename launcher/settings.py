@@ -74,6 +74,7 @@ TRAINER_KEYS: tuple[str, ...] = (
     "merge",
 )
 
+REGION = re.compile(r"^[a-z]+-[a-z]+\d+$")
 _PROJECT_ID = re.compile(r"^[a-z][a-z0-9-]{4,28}[a-z0-9]$")
 _ACCOUNT_ID = re.compile(r"^[a-z][-a-z0-9]{4,28}[a-z0-9]$")
 _REPOSITORY = re.compile(r"^[a-z]([-a-z0-9]{0,61}[a-z0-9])?$")
@@ -123,6 +124,11 @@ class Settings(BaseModel):
 
     project_id: str = Field(description="Google Cloud project id (PROJECT_ID).")
     region: str = Field("europe-west4", description="Region of the bucket, repository and job (REGION).")
+    build_location: str = Field(
+        "global",
+        description="Where Cloud Build runs the image build: global (as `gcloud builds submit` without "
+        "--region) or a region; some projects may only build in a few. The image still goes to REGION.",
+    )
     service_account: str = Field(
         "gemma3-finetuning", description="Service account id the job runs as (SERVICE_ACCOUNT)."
     )
@@ -172,6 +178,13 @@ class Settings(BaseModel):
                 f"project id {value!r} is invalid: 6-30 characters, lower-case letters, digits and hyphens, "
                 "starting with a letter"
             )
+        return value
+
+    @field_validator("build_location")
+    @classmethod
+    def _build_location(cls, value: str) -> str:
+        if value != "global" and not REGION.match(value):
+            raise ValueError(f"build location {value!r} is invalid: global or a region such as us-central1")
         return value
 
     @field_validator("service_account", "build_service_account")
@@ -292,6 +305,10 @@ class Settings(BaseModel):
     @property
     def location(self) -> str:
         return f"projects/{self.project_id}/locations/{self.region}"
+
+    @property
+    def build_parent(self) -> str:
+        return f"projects/{self.project_id}/locations/{self.build_location}"
 
     @property
     def repository_name(self) -> str:

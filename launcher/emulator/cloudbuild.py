@@ -2,7 +2,8 @@
 
 There is no Docker engine here. A build fetches its source archive from the storage emulator's files,
 and each `gcr.io/cloud-builders/docker` step is understood: `build` checks the archive and its
-Dockerfile (see dockerfile.py) and snapshots the archive as the image's filesystem, `push` records the
+Dockerfile (see dockerfile.py; COPY and ADD see the context less what its .dockerignore
+excludes, see dockerignore.py) and snapshots the archive as the image's filesystem, `push` records the
 image in Artifact Registry. Other builder images are logged as simulated. The image digest is the
 archive's sha256, so the same source always yields the same image.
 
@@ -37,7 +38,7 @@ from google.cloud.devtools import cloudbuild_v1
 from google.longrunning import operations_pb2
 from google.rpc import status_pb2
 
-from launcher.emulator import dockerfile
+from launcher.emulator import dockerfile, dockerignore
 from launcher.emulator.logging import parse_filter
 from launcher.emulator.rpc import (
     ApiError,
@@ -83,6 +84,23 @@ _BUILT_INS = [
     "SERVICE_ACCOUNT_EMAIL",
     "SERVICE_ACCOUNT",
 ]
+# "Depending on usage, certain projects may be restricted to only use Cloud Build in the following
+# regions" (https://cloud.google.com/build/docs/locations#restricted_regions_for_some_projects): a new
+# project is such a project, so the emulator behaves like one unless told otherwise. `global` always works.
+RESTRICTED_REGIONS = (
+    "us-central1",
+    "us-west2",
+    "europe-west1",
+    "asia-east1",
+    "australia-southeast1",
+    "southamerica-east1",
+)
+# What CreateBuild answers elsewhere, as reported in e.g.
+# https://github.com/google-github-actions/deploy-cloudrun/issues/480 (newer replies add the link).
+_RESTRICTED_REGION_MESSAGE = (
+    "failed precondition: due to quota restrictions, cannot run builds in this region, see "
+    "https://cloud.google.com/build/docs/locations#restricted_regions_for_some_projects"
+)
 # An operation the Operations service must report as not done until the build thread publishes again.
 _NOT_DONE = sys.float_info.max
 _DEFAULT_PAGE_SIZE = 50
@@ -264,6 +282,9 @@ class CloudBuild:
 
     def create(self, request: cloudbuild_v1.CreateBuildRequest, context: grpc.ServicerContext):
         project, location = self._project_location(request.project_id, request.parent)
+        allowed = self.emulator.build_regions
+        if location != "global" and allowed is not None and location not in allowed:
+            raise failed_precondition(_RESTRICTED_REGION_MESSAGE)
         build = cloudbuild_v1.Build(request.build)
         if not build.steps:
             raise invalid("invalid build: a build must have at least one step.")
@@ -608,28 +629,26 @@ class _BuildRun:
                 f"unable to prepare context: unable to evaluate symlinks in Dockerfile path: {path}: "
                 "no such file or directory",
             )
-        with tarfile.open(fileobj=io.BytesIO(self.archive), mode="r:gz") as archive:
-            extracted = archive.extractfile(member)
-            assert extracted
-            text = extracted.read().decode("utf-8", errors="replace")
         try:
-            parsed = dockerfile.parse(text, build_args, target)
+            parsed = dockerfile.parse(self._text(member), build_args, target)
         except dockerfile.DockerfileError as error:
             raise self._step_failed(index, step, f"Error: {error}") from None
-        prefix = f"{context}/" if context else ""
-        paths = dockerfile.context_paths(
-            [name.removeprefix(prefix) for name in self.members if name.startswith(prefix)]
-        )
+        paths = dockerfile.context_paths(self._readable(context, path))
         total = len(parsed.instructions)
         for number, instruction in enumerate(parsed.instructions, 1):
             self.log(f"Step {number}/{total} : {instruction}")
             missing = [source for source in instruction.sources if not dockerfile.context_has(paths, source)]
             if missing:
+                # BuildKit's report of a COPY/ADD source that is missing or excluded by the ignore file,
+                # e.g. https://github.com/moby/buildkit/issues/4128 (the checksum ref is BuildKit's own id).
+                self.log(f"Dockerfile:{instruction.line}")
+                self.log(f"{instruction.line:>4} | >>> {instruction}")
                 raise self._step_failed(
                     index,
                     step,
-                    f"COPY failed: file not found in build context or excluded by .dockerignore: stat "
-                    f"{missing[0]}: file does not exist",
+                    "ERROR: failed to solve: failed to compute cache key: failed to calculate checksum of "
+                    f'ref {self.build.id}::{self.digest[7:32]}: "/{dockerfile.normalize(missing[0])}": '
+                    "not found",
                 )
         digest = self.digest
         self._snapshot(digest, parsed.config)
@@ -638,6 +657,23 @@ class _BuildRun:
             self.built[tag] = digest
             self.log(f"Successfully tagged {tag}")
         return digest
+
+    def _text(self, member: tarfile.TarInfo) -> str:
+        with tarfile.open(fileobj=io.BytesIO(self.archive), mode="r:gz") as archive:
+            extracted = archive.extractfile(member)
+            assert extracted
+            return extracted.read().decode("utf-8", errors="replace")
+
+    def _readable(self, context: str, dockerfile_path: str) -> list[str]:
+        """The context's paths (relative to it) that COPY and ADD can read, its ignore file applied."""
+        files = {name for name, member in self.members.items() if member.isfile()}
+        ignore = dockerignore.ignore_file(files, context, dockerfile_path)
+        excluder = dockerignore.Excluder(
+            dockerignore.patterns(self._text(self.members[ignore])) if ignore else []
+        )
+        prefix = f"{context}/" if context else ""
+        sent = [name.removeprefix(prefix) for name in self.members if name.startswith(prefix)]
+        return [name for name in sent if not excluder.excluded(name)]
 
     def _snapshot(self, digest: str, config: dockerfile.ImageConfig) -> None:
         """Unpack the archive as the image's filesystem, once per digest, and write its config."""

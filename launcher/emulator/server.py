@@ -9,6 +9,7 @@ import signal
 import sys
 import tempfile
 import threading
+from collections.abc import Collection
 from concurrent import futures
 from pathlib import Path
 from types import FrameType
@@ -18,7 +19,7 @@ from gcp_storage_emulator.server import create_server
 
 from launcher.emulator.access import DEFAULT_ENABLED, DEFAULT_USER, Access
 from launcher.emulator.artifactregistry import ArtifactRegistry
-from launcher.emulator.cloudbuild import CloudBuild
+from launcher.emulator.cloudbuild import RESTRICTED_REGIONS, CloudBuild
 from launcher.emulator.faults import Faults
 from launcher.emulator.iam import Iam
 from launcher.emulator.logging import Logging
@@ -47,12 +48,15 @@ class Emulator:
         iam_propagation_s: float = 2.0,
         enabled_apis: tuple[str, ...] = tuple(DEFAULT_ENABLED),
         billing: bool = True,
+        build_regions: Collection[str] | None = RESTRICTED_REGIONS,
     ) -> None:
         """A fresh project's rules: APIs off but Google's defaults, `user` the owner of every project it
-        names, a new service account unknown to IAM policies for `iam_propagation_s`, billing on."""
+        names, a new service account unknown to IAM policies for `iam_propagation_s`, billing on, and
+        CreateBuild accepted in `global` and `build_regions` only (None: everywhere)."""
         if data_dir is None:
             data_dir = Path(tempfile.mkdtemp(prefix="gemma-launch-emulator-"))
         self.data_dir = data_dir.resolve()
+        self.build_regions = None if build_regions is None else frozenset(build_regions)
         self.state = State(self.data_dir)
         self.access = Access(
             self.state,

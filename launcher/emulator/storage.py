@@ -54,6 +54,7 @@ _BUCKET_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]*[a-z0-9]$")
 _MULTI_REGIONS = {"US", "EU", "ASIA"}
 _DUAL_REGIONS = {"NAM4", "EUR4", "ASIA1", "EUR5", "EUR7", "EUR8"}
 _REGION = re.compile(r"^[A-Z]+-[A-Z]+\d+$")
+_ORIGIN = re.compile(r"^https?://[^/]+")
 _LABEL_KEY = re.compile(r"^[a-z][a-z0-9_-]{0,62}$")
 _LABEL_VALUE = re.compile(r"^[a-z0-9_-]{0,63}$")
 # GCS locks uniform bucket-level access in after 90 days; the bucket says when.
@@ -340,6 +341,32 @@ class CloudStorage:
         self._seen: dict[tuple[str, str], tuple[int, int]] = {}
         _patch_routes()
         _EMULATED[storage] = self
+        self._relink()
+
+    def _relink(self) -> None:
+        """Point the media links that an earlier run stored at this server's address.
+
+        The package writes each object's mediaLink with the address it was uploaded through, and the
+        client downloads from that link: after a restart on another port, it would retry a dead port.
+        """
+        storage = self.storage
+        resources = [obj for by_name in storage.objects.values() for obj in by_name.values()]
+        # Soft-deleted objects: bucket -> name -> generation -> resource.
+        resources += [
+            obj
+            for by_name in storage.soft_deleted.values()
+            for generations in by_name.values()
+            for obj in generations.values()
+        ]
+        stale = [
+            obj
+            for obj in resources
+            if isinstance(obj.get("mediaLink"), str) and not obj["mediaLink"].startswith(self.base_url + "/")
+        ]
+        for obj in stale:
+            obj["mediaLink"] = _ORIGIN.sub(lambda _: self.base_url, obj["mediaLink"], count=1)
+        if stale:
+            storage._write_config_to_file()
 
     def bucket_dir(self, bucket: str) -> Path:
         return Path(self.storage.get_storage_base()) / gcs_settings.STORAGE_DIR / bucket

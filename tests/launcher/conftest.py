@@ -4,7 +4,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
 from google.cloud import service_usage_v1
 
 from launcher.apis import REQUIRED

@@ -260,6 +260,8 @@ def test_build_image_builds_pushes_and_then_skips_unchanged_source(local, cloud)
     assert any(running_when_shown[1:]) and not running_when_shown[-1]
 
     (create,) = _calls(local, "CreateBuild")
+    # Built in Cloud Build's global location, pushed to the regional repository.
+    assert create["request"]["parent"] == "projects/demo-project/locations/global"
     build = create["request"]["build"]
     assert build["substitutions"] == {"_IMAGE": repository_uri, "_TAG": built.tag}
     assert build["options"]["logging"] == cloudbuild_v1.BuildOptions.LoggingMode.CLOUD_LOGGING_ONLY
@@ -282,6 +284,7 @@ def test_build_image_dry_run_changes_nothing(local, cloud) -> None:
     assert planned.status == "would create"
     assert planned.uri == f"{settings.image_repository_uri}:{planned.tag}"
     assert f"_TAG={planned.tag}" in planned.command and "gcloud builds submit" in planned.command
+    assert " --region=global " in planned.command
     assert not _calls(local, "CreateBuild") and not _calls(local, "objects.insert")
 
 
@@ -292,13 +295,57 @@ def test_a_broken_dockerfile_fails_with_the_build_log(local, cloud) -> None:
     with pytest.raises(UserError) as caught:
         build_image(clients, settings, root, on_line=lines.append)
     error = caught.value
-    assert "FAILURE" in error.message and "COPY failed" in error.message
+    assert "FAILURE" in error.message and '"/missing.py": not found' in error.message
     assert "Step 2/2 : COPY missing.py /app/" in error.message
-    assert any("COPY failed" in line for line in lines)
-    assert "https://console.cloud.google.com/cloud-build/builds;region=europe-west4/" in error.hint
+    assert any("failed to compute cache key" in line for line in lines)
+    assert "https://console.cloud.google.com/cloud-build/builds;region=global/" in error.hint
     assert not list(clients.registry.list_docker_images(parent=settings.repository_name))
     # A retry of the same source builds again but reuses the archive already in the bucket.
     with pytest.raises(UserError):
         build_image(clients, settings, root, on_line=lines.append)
     assert (len(_calls(local, "CreateBuild")), len(_calls(local, "objects.insert"))) == (2, 1)
     assert FAKE_TOKEN not in local.record_path.read_text()
+
+
+def test_the_repositorys_dockerfile_builds_from_what_its_ignore_files_send(local, cloud, tmp_path) -> None:
+    clients, settings, _ = cloud
+    # The repository's own Dockerfile, ignore files and build config, over a stand-in of each tree it copies.
+    files = {
+        name: (REPO_ROOT / name).read_text() for name in ("Dockerfile", ".dockerignore", ".gcloudignore")
+    }
+    files["cloudbuild.yaml"] = (REPO_ROOT / "cloudbuild.yaml").read_text()
+    files.update(
+        {
+            "pyproject.toml": "[project]\nname = 'gemma-launch'\n",
+            "README.md": "",
+            "launcher/cli.py": "",
+            "launcher/emulator/server.py": "",
+            "trainer/__main__.py": "",
+            "tests/test_x.py": "",
+        }
+    )
+    root = _write(tmp_path / "repository", files)
+    built = build_image(clients, settings, root, on_line=lambda line: None)
+    assert built.status == "created"
+    snapshot = local.emulator.services["builds"].image_dir(built.uri.split("@")[1])
+    assert json.loads((snapshot / ".image.json").read_text())["entrypoint"] == ["python", "-m", "trainer"]
+
+
+def test_a_region_the_project_may_not_build_in_names_the_setting_to_change(local, cloud) -> None:
+    clients, _, root = cloud
+    # The emulator, like a new project, builds only in global and the documented restricted regions.
+    settings = Settings.model_validate({**SETTINGS, "hf_token": FAKE_TOKEN, "build_location": "europe-west4"})
+    with pytest.raises(UserError) as caught:
+        build_image(clients, settings, root, on_line=lambda line: None)
+    assert "Cloud Build refused to build in europe-west4" in caught.value.message
+    assert "cannot run builds in this region" in caught.value.message
+    assert caught.value.hint.startswith("Use --build-location global")
+
+    allowed = Settings.model_validate({**SETTINGS, "hf_token": FAKE_TOKEN, "build_location": "europe-west1"})
+    built = build_image(clients, allowed, root, on_line=lambda line: None)
+    assert built.uri.startswith("europe-west4-docker.pkg.dev/")
+    creates = _calls(local, "CreateBuild")
+    assert [call["request"]["parent"].rsplit("/", 1)[1] for call in creates] == [
+        "europe-west4",
+        "europe-west1",
+    ]

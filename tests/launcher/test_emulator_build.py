@@ -9,7 +9,9 @@ from google.api_core.future.polling import POLLING_PREDICATE
 from google.cloud import artifactregistry_v1
 from google.cloud.devtools import cloudbuild_v1
 
-from launcher.emulator import dockerfile
+from launcher.cloud import Clients
+from launcher.emulator import dockerfile, dockerignore
+from launcher.emulator.server import Emulator
 
 PROJECT = "demo-project"
 REGION = "europe-west4"
@@ -157,7 +159,7 @@ def test_good_archive_builds_records_the_image_and_its_snapshot(local):
         ("FROM python:3.11\nRUNN echo hi\n", "Dockerfile", "unknown instruction: RUNN"),
         ("RUN echo hi\nFROM python:3.11\n", "Dockerfile", "no build stage in current context"),
         ("# only a comment\n", "Dockerfile", "no FROM instruction"),
-        ("FROM python:3.11\nCOPY missing.txt /app/\n", "Dockerfile", "stat missing.txt: file does not exist"),
+        ("FROM python:3.11\nCOPY missing.txt /app/\n", "Dockerfile", '"/missing.txt": not found'),
         ('FROM python:3.11\nENTRYPOINT ["python", -m]\n', "Dockerfile", "invalid JSON in the exec form"),
         (GOOD_DOCKERFILE, "docker/Dockerfile.gpu", "docker/Dockerfile.gpu: no such file"),
     ],
@@ -298,3 +300,115 @@ def test_dockerfile_forms_and_stages():
     paths = dockerfile.context_paths(["./src/app.py", "README.md"])
     assert dockerfile.context_has(paths, "src") and dockerfile.context_has(paths, "./src/*.py")
     assert not dockerfile.context_has(paths, "docs/")
+
+
+# ---- the build context and its .dockerignore --------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("lines", "excluded", "kept"),
+    [
+        # Patterns are anchored at the context root: `*.pyc` is only the top level.
+        (["*.pyc"], ["a.pyc"], ["pkg/a.pyc"]),
+        (["**/*.pyc", "**/__pycache__"], ["a.pyc", "pkg/a.pyc", "pkg/__pycache__/m.py"], ["pkg/a.py"]),
+        # A directory takes everything under it; a later `!` brings a path back; the last match wins.
+        (["launcher"], ["launcher/cli.py", "launcher/emulator/server.py"], ["trainer/train.py"]),
+        (["launcher", "!launcher/cli.py"], ["launcher/build.py"], ["launcher/cli.py"]),
+        (["*.md", "!README*.md", "README-secret.md"], ["NOTES.md", "README-secret.md"], ["README.md"]),
+        (["*.md", "README-secret.md", "!README*.md"], ["NOTES.md"], ["README.md", "README-secret.md"]),
+        # Leading slashes and `.` / `..` are cleaned away, as Go's filepath.Clean does.
+        (["/docs/", "./build/../dist"], ["docs/a.md", "dist/x.whl"], ["build/x", "src/docs/a.md"]),
+        # The ignore file itself can be excluded from COPY, though the builder still receives it.
+        ([".dockerignore", "Dockerfile"], [".dockerignore", "Dockerfile"], ["app.py"]),
+    ],
+)
+def test_dockerignore_rules(lines, excluded, kept):
+    excluder = dockerignore.Excluder(lines)
+    assert [path for path in excluded if not excluder.excluded(path)] == []
+    assert [path for path in kept if excluder.excluded(path)] == []
+
+
+def test_dockerignore_file_is_read_as_docker_reads_it():
+    text = "# comment\n\n  *.log  \n!keep.log\n"
+    assert dockerignore.patterns(text) == ["*.log", "!keep.log"]
+    names = {
+        ".dockerignore",
+        "docker/Dockerfile.gpu",
+        "docker/Dockerfile.gpu.dockerignore",
+        "app/.dockerignore",
+    }
+    # A Dockerfile's own ignore file wins over the context's.
+    assert (
+        dockerignore.ignore_file(names, "", "docker/Dockerfile.gpu") == "docker/Dockerfile.gpu.dockerignore"
+    )
+    assert dockerignore.ignore_file(names, "", "Dockerfile") == ".dockerignore"
+    assert dockerignore.ignore_file(names, "app", "app/Dockerfile") == "app/.dockerignore"
+    assert dockerignore.ignore_file(names, "lib", "lib/Dockerfile") is None
+
+
+@pytest.mark.parametrize(
+    ("ignore", "copy", "missing"),
+    [
+        ("trainer\n", "COPY trainer/ ./trainer/", "/trainer"),
+        ("**/__main__.py\n", "COPY trainer/__main__.py ./", "/trainer/__main__.py"),
+        ("*\n!trainer\n", "COPY requirements.txt ./", "/requirements.txt"),
+        ("Dockerfile\n", "COPY Dockerfile ./", "/Dockerfile"),
+        ("", "COPY ./not-there/ ./", "/not-there"),
+    ],
+)
+def test_copy_of_an_ignored_or_missing_path_fails_as_buildkit_reports_it(local, ignore, copy, missing):
+    create_repository(local)
+    text = f"FROM python:3.11-slim\nWORKDIR /app\n{copy}\n"
+    built = run_build(local, build_spec(upload(local, archive(source(text, **{".dockerignore": ignore})))))
+
+    assert built.status == Status.FAILURE
+    assert built.failure_info.type_ == FailureType.USER_BUILD_STEP
+    log = build_log(local, built.id)
+    (error,) = [line for line in log if "failed to compute cache key" in line]
+    assert error.startswith(
+        "ERROR: failed to solve: failed to compute cache key: failed to calculate checksum"
+    )
+    assert error.endswith(f'"{missing}": not found')
+    assert "Dockerfile:3" in log and f"   3 | >>> {copy}" in log
+
+
+def test_ignored_files_that_no_copy_reads_do_not_fail_the_build(local):
+    create_repository(local)
+    ignore = "# what the image never needs\n**/*.md\nDockerfile\n.dockerignore\n!trainer/__main__.py\n"
+    files = source(**{".dockerignore": ignore, "NOTES.md": "", "trainer/README.md": ""})
+    built = run_build(local, build_spec(upload(local, archive(files))))
+    assert built.status == Status.SUCCESS, build_log(local, built.id)
+
+
+def test_a_dockerfiles_own_ignore_file_replaces_the_contexts(local):
+    create_repository(local)
+    files = source(**{".dockerignore": "trainer\n", "Dockerfile.dockerignore": "docs\n"})
+    assert run_build(local, build_spec(upload(local, archive(files)))).status == Status.SUCCESS
+    files["Dockerfile.dockerignore"] = "requirements.txt\n"
+    built = run_build(local, build_spec(upload(local, archive(files), name="source/other.tar.gz")))
+    assert built.status == Status.FAILURE
+    assert any(line.endswith('"/requirements.txt": not found') for line in build_log(local, built.id))
+
+
+def test_create_build_outside_the_allowed_regions_is_refused(local, tmp_path):
+    spec = build_spec(upload(local, archive(source())), images=[])
+    builds = local.clients().builds
+    with pytest.raises(exceptions.FailedPrecondition) as refused:
+        builds.create_build(parent=f"projects/{PROJECT}/locations/europe-west4", build=spec)
+    assert "due to quota restrictions, cannot run builds in this region" in refused.value.message
+    for location in ("global", "europe-west1", "us-central1"):
+        operation = builds.create_build(parent=f"projects/{PROJECT}/locations/{location}", build=spec)
+        assert operation.result(polling=FAST).name.startswith(f"projects/{PROJECT}/locations/{location}/")
+
+
+def test_an_emulator_can_allow_every_region_or_others(tmp_path, monkeypatch):
+    for allowed, location in ((None, "europe-west4"), (["asia-south1"], "asia-south1")):
+        with Emulator(data_dir=tmp_path / location, build_regions=allowed) as emulator:
+            monkeypatch.setenv("GEMMA_LAUNCH_EMULATOR_HOST", emulator.host)
+            builds = Clients(PROJECT).builds
+            spec = cloudbuild_v1.Build(steps=[{"name": "busybox", "args": ["true"]}])
+            operation = builds.create_build(parent=f"projects/{PROJECT}/locations/{location}", build=spec)
+            assert operation.result(polling=FAST).status == Status.SUCCESS
+            if allowed is not None:
+                with pytest.raises(exceptions.FailedPrecondition):
+                    builds.create_build(parent=f"projects/{PROJECT}/locations/us-central1", build=spec)

@@ -20,6 +20,7 @@ def test_defaults_follow_the_tutorial(monkeypatch):
         "europe-west4-docker.pkg.dev/my-project/gemma3-finetuning-repo/gemma3-finetune"
     )
     assert settings.task_timeout_s == 6 * 3600
+    assert settings.build_parent == "projects/my-project/locations/global"
 
 
 def test_precedence_defaults_file_env_flags(monkeypatch, tmp_path):
@@ -82,6 +83,7 @@ def test_config_in_working_directory_is_found(monkeypatch):
         ({"PROJECT_ID": "my-project", "AR_REPO": "Repo"}, {}, "repository 'Repo'", "$AR_REPO"),
         ({"PROJECT_ID": "my-project", "SECRET_ID": "hf token"}, {}, "secret id 'hf token'", "$SECRET_ID"),
         ({"PROJECT_ID": "my-project"}, {"subnet": "sub"}, "subnet is set without a network", "--network"),
+        ({"PROJECT_ID": "my-project"}, {"build_location": "Europe"}, "build location", "--build-location"),
         (
             {"PROJECT_ID": "my-project"},
             {"trainer": {"learning_rate": 1}},
@@ -139,3 +141,10 @@ def test_cli_reports_bad_settings_with_error_and_hint_and_exit_2(monkeypatch):
     assert "Error: Cloud Run needs at least 16Gi" in result.output
     assert "Hint: Use --memory 16Gi" in result.output
     assert "Traceback" not in result.output
+
+
+def test_emulator_start_refuses_a_build_region_list_it_cannot_read():
+    result = CliRunner().invoke(main, ["emulator", "start", "--build-regions", "us-central1,Europe West"])
+    assert result.exit_code == 2
+    assert "Error: Invalid --build-regions" in result.output and "Europe West" in result.output
+    assert "Hint: List regions like us-central1,europe-west1, or pass all." in result.output

@@ -1,0 +1,65 @@
+"""An emulator restarted on the same --data-dir keeps working, wherever its new ports land."""
+
+from __future__ import annotations
+
+import socket
+import time
+from pathlib import Path
+
+from click.testing import CliRunner
+
+from launcher.cli import main
+from launcher.cloud import Clients
+from launcher.emulator.server import Emulator
+
+PROJECT = "demo-project"
+BUCKET = f"{PROJECT}-gemma3-finetuning"
+
+
+def _point_at(emulator: Emulator, monkeypatch) -> None:
+    monkeypatch.setenv("GEMMA_LAUNCH_EMULATOR_HOST", emulator.host)
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", emulator.storage_host)
+
+
+def _free_port_other_than(taken: int) -> int:
+    while True:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            if sock.getsockname()[1] != taken:
+                return sock.getsockname()[1]
+
+
+def _up(model: Path, dataset: Path) -> str:
+    sources = ["--stage-in", "local", "--model-source", str(model), "--dataset-source", str(dataset)]
+    result = CliRunner().invoke(main, ["up", "--skip-build", *sources])
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+def test_a_restarted_emulator_serves_what_it_stored_on_its_new_ports(tmp_path, monkeypatch):
+    monkeypatch.setenv("PROJECT_ID", PROJECT)
+    monkeypatch.setenv("HF_TOKEN", "hf_test_token_0123456789abcdef")
+    model, dataset = tmp_path / "tiny-model", tmp_path / "pets"
+    for path, text in {
+        model / "config.json": "{}",
+        dataset / "annotations" / "list.txt": "Abyssinian_1 1 1 1\n",
+        dataset / "images" / "Abyssinian_1.jpg": "jpeg",
+    }.items():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    data_dir = tmp_path / "emulator"
+    with Emulator(data_dir=data_dir) as first:
+        _point_at(first, monkeypatch)
+        assert "created" in _up(model, dataset)
+        Clients(PROJECT).storage.bucket(BUCKET).blob("notes/a.txt").upload_from_string(b"kept")
+        old_port = first.storage_port
+
+    with Emulator(data_dir=data_dir, storage_port=_free_port_other_than(old_port)) as second:
+        _point_at(second, monkeypatch)
+        started = time.monotonic()
+        blob = Clients(PROJECT).storage.bucket(BUCKET).get_blob("notes/a.txt")
+        # No retry: a link to the old port would fail at once rather than after two minutes of retries.
+        assert blob.download_as_bytes(retry=None, timeout=5) == b"kept"
+        # Staging reads back what it staged before (its completion markers) and finds it complete.
+        assert "created" not in _up(model, dataset)
+        assert time.monotonic() - started < 30
