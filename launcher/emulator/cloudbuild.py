@@ -39,6 +39,7 @@ from google.longrunning import operations_pb2
 from google.rpc import status_pb2
 
 from launcher.emulator import dockerfile, dockerignore
+from launcher.emulator.access import compute_default_account, project_number
 from launcher.emulator.logging import parse_filter
 from launcher.emulator.rpc import (
     ApiError,
@@ -103,6 +104,10 @@ _RESTRICTED_REGION_MESSAGE = (
 )
 # An operation the Operations service must report as not done until the build thread publishes again.
 _NOT_DONE = sys.float_info.max
+_OWN_LOGS = (
+    cloudbuild_v1.BuildOptions.LoggingMode.CLOUD_LOGGING_ONLY,
+    cloudbuild_v1.BuildOptions.LoggingMode.NONE,
+)
 _DEFAULT_PAGE_SIZE = 50
 _LIST_FIELDS = (("status",), ("id",), ("tags",), ("images",))
 # How an ended build's operation fails (google.rpc.Code, message), as the service reports it.
@@ -126,11 +131,6 @@ class _Stopped(Exception):
 
 def _now() -> datetime:
     return datetime.now(UTC)
-
-
-def project_number(project: str) -> str:
-    """A stable stand-in for the project number the real API derives from its own records."""
-    return str(int(hashlib.sha256(project.encode()).hexdigest()[:10], 16) % 10**12)
 
 
 def _normal_tag(name: str) -> str:
@@ -296,6 +296,16 @@ class CloudBuild:
             raise invalid("invalid build: only source.storage_source {bucket, object} is supported here.")
         if build.logs_bucket and not build.logs_bucket.startswith("gs://"):
             raise invalid(f"invalid build: logs_bucket {build.logs_bucket!r} must be a gs:// URL.")
+        # https://cloud.google.com/build/docs/securing-builds/configure-user-specified-service-accounts:
+        # a build with its own service account keeps its logs in a bucket of yours or in Cloud Logging only.
+        if build.service_account and not build.logs_bucket and build.options.logging not in _OWN_LOGS:
+            raise invalid(
+                "invalid argument: if 'build.service_account' is specified, the build must either (a) "
+                "specify "
+                "'build.logs_bucket', (b) use the REGIONAL_USER_OWNED_BUCKET "
+                "build.options.default_logs_bucket_behavior option, or (c) use either CLOUD_LOGGING_ONLY / "
+                "NONE logging options"
+            )
         build.id = str(uuid.uuid4())
         build.name = f"projects/{project}/locations/{location}/builds/{build.id}"
         build.project_id = project
@@ -442,12 +452,26 @@ class CloudBuild:
 
 
 class _BuildRun:
-    """One build's execution: its source, the images its steps built, its log."""
+    """One build's execution, as its service account: its source, the images its steps built, its log.
+
+    A build runs as `build.service_account`, else as the Compute Engine default account, which projects
+    in organisations created after May 2024 leave without roles
+    (https://cloud.google.com/build/docs/cloud-build-service-account-updates): reading the source needs
+    storage.objects.get, pushing artifactregistry.repositories.uploadArtifacts, and its log lines reach
+    Cloud Logging only with logging.logEntries.create.
+    """
 
     def __init__(self, service: CloudBuild, build: cloudbuild_v1.Build) -> None:
         self.service = service
         self.build = build
         self.project = build.project_id
+        account = build.service_account.rsplit("/", 1)[-1] or compute_default_account(self.project)
+        self.account = account
+        self.member = f"serviceAccount:{account}"
+        self.access = service.emulator.access
+        self.may_log = self.access.allowed(
+            self.member, "logging.logEntries.create", self.project, f"projects/{self.project}"
+        )
         self.step_label = "MAIN"
         self.archive = b""
         self.members: dict[str, tarfile.TarInfo] = {}
@@ -458,6 +482,8 @@ class _BuildRun:
     def log(self, text: str) -> None:
         if self.service._stopping.is_set() or self.service._cancelled(self.build.id):
             raise _Stopped
+        if not self.may_log:
+            return
         self.logging.append(
             f"projects/{self.project}/logs/cloudbuild",
             "build",
@@ -510,6 +536,15 @@ class _BuildRun:
         self.log("FETCHSOURCE")
         url = f"gs://{source.bucket}/{source.object_}"
         self.log(f"Fetching storage object: {url}" + (f"#{source.generation}" if source.generation else ""))
+        if not self.access.allowed(
+            self.member, "storage.objects.get", self.project, f"projects/_/buckets/{source.bucket}"
+        ):
+            raise _Failed(
+                FailureType.FETCH_SOURCE_FAILED,
+                f"failed to fetch source: {self.account} does not have storage.objects.get access to the "
+                f"Google Cloud Storage object {url}. Permission 'storage.objects.get' denied on resource (or "
+                "it may not exist).",
+            )
         bucket_dir = self.service.emulator.bucket_dir(source.bucket)
         path = (bucket_dir / source.object_).resolve()
         if not path.is_relative_to(bucket_dir.resolve()) or not path.is_file():
@@ -699,6 +734,14 @@ class _BuildRun:
             repository = (
                 f"projects/{match['project']}/locations/{match['location']}/repositories/{match['repo']}"
             )
+            permission = "artifactregistry.repositories.uploadArtifacts"
+            if not self.access.allowed(self.member, permission, match["project"], repository):
+                message = (
+                    f'denied: Permission "{permission}" denied on resource "{repository}" (or it may not '
+                    "exist)"
+                )
+                self.log(f"error pushing {name}: {message}")
+                raise _Failed(FailureType.PUSH_FAILED, f"failed to push {name}: {message}")
             try:
                 self.service.emulator.services["registry"].record_image(
                     repository, match["image"], digest, [match["tag"] or "latest"]

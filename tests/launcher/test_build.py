@@ -198,12 +198,24 @@ def test_gcloudignore_of_the_repository_keeps_what_the_image_needs(tmp_path: Pat
 # ---- build_image against the emulator ------------------------------------------------------------
 
 
+# What `up` provisions before a build: the bucket and repository, and the build's own account with
+# read on the source, write on the repository and log writing.
+BUILD_PREREQUISITES = (
+    provision.ensure_build_account,
+    provision.ensure_bucket,
+    provision.ensure_build_source_access,
+    provision.ensure_repository,
+    provision.ensure_repository_access,
+    provision.ensure_build_log_writer,
+)
+
+
 @pytest.fixture
 def cloud(local, tmp_path: Path):
     settings = Settings.model_validate({**SETTINGS, "hf_token": FAKE_TOKEN})
     clients = local.clients()
-    provision.ensure_bucket(clients, settings)
-    provision.ensure_repository(clients, settings)
+    for step in BUILD_PREREQUISITES:
+        step(clients, settings)
     root = _write(
         tmp_path / "project",
         {

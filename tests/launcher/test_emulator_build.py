@@ -11,6 +11,7 @@ from google.cloud.devtools import cloudbuild_v1
 
 from launcher.cloud import Clients
 from launcher.emulator import dockerfile, dockerignore
+from launcher.emulator.access import DEFAULT_ENABLED
 from launcher.emulator.server import Emulator
 
 PROJECT = "demo-project"
@@ -73,8 +74,24 @@ def create_repository(local) -> None:
     ).result(polling=FAST)
 
 
+BUILDER = f"builder@{PROJECT}.iam.gserviceaccount.com"
+
+
+@pytest.fixture(autouse=True)
+def build_account(local) -> None:
+    """The account builds run as, with what a build needs: read sources, push images, write logs."""
+    clients = local.clients()
+    clients.iam.create_service_account(request={"name": f"projects/{PROJECT}", "account_id": "builder"})
+    policy = clients.projects.get_iam_policy(resource=f"projects/{PROJECT}")
+    for role in ("roles/storage.objectViewer", "roles/artifactregistry.writer", "roles/logging.logWriter"):
+        policy.bindings.add(role=role, members=[f"serviceAccount:{BUILDER}"])
+    clients.projects.set_iam_policy(request={"resource": f"projects/{PROJECT}", "policy": policy})
+
+
 def build_spec(obj: str, *, file: str = "Dockerfile", images: list[str] | None = None) -> cloudbuild_v1.Build:
     return cloudbuild_v1.Build(
+        service_account=f"projects/{PROJECT}/serviceAccounts/{BUILDER}",
+        options={"logging": cloudbuild_v1.BuildOptions.LoggingMode.CLOUD_LOGGING_ONLY},
         source={"storage_source": {"bucket": BUCKET, "object_": obj}},
         steps=[
             {"id": "pull-cache", "name": "gcr.io/cloud-builders/docker", "entrypoint": "bash",
@@ -86,6 +103,39 @@ def build_spec(obj: str, *, file: str = "Dockerfile", images: list[str] | None =
         images=["${_IMAGE}:${_TAG}", "${_IMAGE}:latest"] if images is None else images,
         substitutions={"_IMAGE": IMAGE, "_TAG": "abc123"},
     )  # fmt: skip
+
+
+def test_a_build_without_an_account_runs_as_the_default_one_which_a_new_project_grants_nothing(local):
+    create_repository(local)
+    spec = build_spec(upload(local, archive(source())))
+    spec.service_account = ""
+    built = run_build(local, spec)
+    assert built.status == Status.FAILURE
+    assert built.failure_info.type_ == FailureType.FETCH_SOURCE_FAILED
+    assert (
+        "-compute@developer.gserviceaccount.com does not have storage.objects.get"
+        in built.failure_info.detail
+    )
+
+
+def test_a_build_account_without_push_rights_fails_at_the_push(local):
+    create_repository(local)
+    clients = local.clients()
+    policy = clients.projects.get_iam_policy(resource=f"projects/{PROJECT}")
+    kept = [b for b in policy.bindings if b.role != "roles/artifactregistry.writer"]
+    del policy.bindings[:]
+    policy.bindings.extend(kept)
+    clients.projects.set_iam_policy(request={"resource": f"projects/{PROJECT}", "policy": policy})
+    built = run_build(local, build_spec(upload(local, archive(source()))))
+    assert built.failure_info.type_ == FailureType.PUSH_FAILED
+    assert "artifactregistry.repositories.uploadArtifacts" in built.failure_info.detail
+
+
+def test_a_build_with_its_own_account_must_keep_its_logs_in_logging_or_a_bucket(local):
+    spec = build_spec(upload(local, archive(source())))
+    spec.options.logging = cloudbuild_v1.BuildOptions.LoggingMode.LEGACY
+    with pytest.raises(exceptions.InvalidArgument, match="CLOUD_LOGGING_ONLY"):
+        local.clients().builds.create_build(project_id=PROJECT, build=spec)
 
 
 def run_build(local, spec: cloudbuild_v1.Build) -> cloudbuild_v1.Build:
@@ -123,7 +173,7 @@ def test_good_archive_builds_records_the_image_and_its_snapshot(local):
 
     assert built.status == Status.SUCCESS
     assert built.start_time and built.finish_time >= built.start_time
-    assert built.log_url and built.logs_bucket.startswith("gs://")
+    assert built.log_url and not built.logs_bucket  # its logs go to Cloud Logging only
     assert [(i.name, i.digest) for i in built.results.images] == [
         (f"{IMAGE}:abc123", digest),
         (f"{IMAGE}:latest", digest),
@@ -403,7 +453,8 @@ def test_create_build_outside_the_allowed_regions_is_refused(local, tmp_path):
 
 def test_an_emulator_can_allow_every_region_or_others(tmp_path, monkeypatch):
     for allowed, location in ((None, "europe-west4"), (["asia-south1"], "asia-south1")):
-        with Emulator(data_dir=tmp_path / location, build_regions=allowed) as emulator:
+        apis = (*DEFAULT_ENABLED, "cloudbuild.googleapis.com")
+        with Emulator(data_dir=tmp_path / location, build_regions=allowed, enabled_apis=apis) as emulator:
             monkeypatch.setenv("GEMMA_LAUNCH_EMULATOR_HOST", emulator.host)
             builds = Clients(PROJECT).builds
             spec = cloudbuild_v1.Build(steps=[{"name": "busybox", "args": ["true"]}])
