@@ -479,8 +479,21 @@ def emulator() -> None:
     type=click.Path(path_type=Path, dir_okay=False),
     help="Append every request as JSON lines here.",
 )
+@click.option(
+    "--gpu-quota",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    help="Cloud Run GPUs the project may use at once, in every region and for every GPU type (0: a fresh "
+    "project, whose GPU executions fail until quota is granted).",
+)
 def emulator_start(
-    port: int, storage_port: int, data_dir: Path | None, faults: str | None, record: Path | None
+    port: int,
+    storage_port: int,
+    data_dir: Path | None,
+    faults: str | None,
+    record: Path | None,
+    gpu_quota: int,
 ) -> None:
     """Run the local cloud in the foreground until Ctrl-C.
 
@@ -496,7 +509,14 @@ def emulator_start(
         raise UserError(
             f"Invalid --faults: {error}.", "Example: --faults 'UNAVAILABLE=0.3,lost=0.1,seed=7'."
         ) from None
-    Emulator(port=port, storage_port=storage_port, data_dir=data_dir, faults=faults, record=record).serve()
+    Emulator(
+        port=port,
+        storage_port=storage_port,
+        data_dir=data_dir,
+        faults=faults,
+        record=record,
+        gpu_quota=gpu_quota,
+    ).serve()
 
 
 @main.command()

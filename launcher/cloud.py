@@ -16,10 +16,11 @@ import requests
 import urllib3
 from google.api_core import exceptions, retry
 from google.auth.credentials import AnonymousCredentials
-from google.cloud import artifactregistry_v1, iam_admin_v1, run_v2, secretmanager_v1, storage
+from google.cloud import artifactregistry_v1, cloudquotas_v1, iam_admin_v1, run_v2, secretmanager_v1, storage
 from google.cloud.artifactregistry_v1.services.artifact_registry.transports.grpc import (
     ArtifactRegistryGrpcTransport,
 )
+from google.cloud.cloudquotas_v1.services.cloud_quotas.transports.grpc import CloudQuotasGrpcTransport
 from google.cloud.devtools import cloudbuild_v1
 from google.cloud.devtools.cloudbuild_v1.services.cloud_build.transports.grpc import CloudBuildGrpcTransport
 from google.cloud.iam_admin_v1.services.iam.transports.grpc import IAMGrpcTransport
@@ -134,6 +135,10 @@ class Clients:
     @cached_property
     def executions(self) -> run_v2.ExecutionsClient:
         return self._build(run_v2.ExecutionsClient, ExecutionsGrpcTransport)
+
+    @cached_property
+    def quotas(self) -> cloudquotas_v1.CloudQuotasClient:
+        return self._build(cloudquotas_v1.CloudQuotasClient, CloudQuotasGrpcTransport)
 
     @cached_property
     def logging(self) -> LoggingServiceV2Client:

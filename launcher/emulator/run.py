@@ -47,6 +47,7 @@ from google.cloud import run_v2
 from google.longrunning import operations_pb2
 from google.protobuf import duration_pb2, json_format
 
+from launcher.emulator.quotas import gpu_quota
 from launcher.emulator.rpc import (
     ApiError,
     Hub,
@@ -415,6 +416,10 @@ class _Run:
     runner: TaskRunner
     thread: threading.Thread | None = None
     cancel_requested: bool = False
+    # (project, region, accelerator, zonal redundancy) and how many GPUs its running tasks hold.
+    gpu_key: tuple[str, str, str, bool] | None = None
+    gpus: int = 0
+    refusal: str = ""
 
 
 @dataclass
@@ -834,12 +839,42 @@ class RunService:
         )
         run.thread.daemon = True
         with self._lock:
+            self._take_gpus(run, execution, context)
             self._runs[execution.name] = run
         run.thread.start()
+
+    def _take_gpus(self, run: _Run, execution: run_v2.Execution, context: _Context) -> None:
+        """Count the execution's GPUs against the project's quota in the region, or mark it refused.
+
+        Each task holds one GPU while it runs, so an execution needs as many as run at once. Cloud Run's
+        wording when GPU quota runs out: "Quota exceeded for total allowable count of GPUs per project per
+        region." (the revision condition message; GPU quota is per project and region, see quotas.py).
+        """
+        template = execution.template
+        quotas = self.emulator.services.get("quotas")
+        if quotas is None or not uses_gpu(template):
+            return
+        accelerator = template.node_selector.accelerator
+        zonal = not template.gpu_zonal_redundancy_disabled
+        run.gpu_key = (context.project, context.location, accelerator, zonal)
+        in_use = sum(other.gpus for other in self._runs.values() if other.gpu_key == run.gpu_key)
+        wanted = in_use + execution.parallelism
+        allowed = quotas.gpu_limit(context.project, context.location, accelerator, zonal)
+        if wanted > allowed:
+            run.refusal = (
+                "Quota exceeded for total allowable count of GPUs per project per region. Quota violated: "
+                f"{gpu_quota(accelerator, zonal).quota_id} requested: {wanted} allowed: {allowed}"
+            )
+        else:
+            run.gpus = execution.parallelism
 
     def _execute(self, run: _Run, events: _Events) -> None:
         context = events.context
         try:
+            if run.refusal:
+                events.system(run.refusal, "ERROR")
+                self._finish(events, run.refusal, Condition.ExecutionReason.EXECUTION_REASON_UNDEFINED)
+                return
             self._update_execution(context.name, _mark_started)
             try:
                 events.prepare()
@@ -853,7 +888,12 @@ class RunService:
             with self._lock:
                 self._runs.pop(context.name, None)
 
-    def _finish(self, events: _Events, failure: str) -> None:
+    def _finish(
+        self,
+        events: _Events,
+        failure: str,
+        reason: Condition.ExecutionReason = Condition.ExecutionReason.NON_ZERO_EXIT_CODE,
+    ) -> None:
         """Complete the execution, its job's reference to it and its RunJob operation, at once.
 
         The closing log line is written first, so whoever sees the execution done finds it in Logging.
@@ -877,7 +917,7 @@ class RunService:
                 "Completed",
                 Condition.State.CONDITION_FAILED,
                 failure,
-                execution_reason=Condition.ExecutionReason.NON_ZERO_EXIT_CODE,
+                execution_reason=reason,
             )
             events.system(
                 f"Execution {context.execution} has failed to complete, {failed_count}/{snapshot.task_count} "

@@ -22,6 +22,7 @@ from launcher.emulator.faults import Faults
 from launcher.emulator.iam import Iam
 from launcher.emulator.logging import Logging
 from launcher.emulator.operations import Operations
+from launcher.emulator.quotas import Quotas
 from launcher.emulator.record import Record
 from launcher.emulator.rpc import Hub
 from launcher.emulator.run import RunService
@@ -40,6 +41,7 @@ class Emulator:
         faults: str | None = None,
         record: Path | None = None,
         operation_delay_s: float = 0.2,
+        gpu_quota: int = 0,
     ) -> None:
         if data_dir is None:
             data_dir = Path(tempfile.mkdtemp(prefix="gemma-launch-emulator-"))
@@ -58,6 +60,7 @@ class Emulator:
             "iam": Iam(self.state),
             "logging": Logging(self.data_dir),
             "secrets": SecretManager(self.state),
+            "quotas": Quotas(gpu_quota),
             "registry": ArtifactRegistry(self.state, self.operations),
             "storage": CloudStorage(self._storage_server._storage, self.hub.record, self.storage_host),
             "run": RunService(self),

@@ -670,3 +670,40 @@ def test_executions_left_running_by_a_stopped_emulator_are_failed(cloud, image, 
     assert execution.completion_time
     assert completed(execution).state == Condition.State.CONDITION_FAILED
     assert "stopped" in completed(execution).message
+
+
+# ---- GPU quota
+
+
+def test_an_execution_over_the_gpu_quota_fails_without_running_a_task(cloud, image, local):
+    local.emulator.services["quotas"].set_gpu_quota(0)
+    cloud.create()
+    execution = cloud.run()
+    condition = completed(execution)
+    assert condition.state == Condition.State.CONDITION_FAILED
+    assert "Quota exceeded for total allowable count of GPUs per project per region" in condition.message
+    assert "NvidiaL4GpuAllocNoZonalRedundancyPerProjectRegion requested: 1 allowed: 0" in condition.message
+    assert execution.failed_count == 1 and execution.succeeded_count == 0
+    assert cloud.log_texts(execution.name) == []  # the task never started
+
+    local.emulator.services["quotas"].set_gpu_quota(1)
+    too_many = cloud.run({"task_count": 2})  # two tasks at once need two GPUs
+    assert "requested: 2 allowed: 1" in completed(too_many).message
+
+
+def test_running_gpu_tasks_hold_their_quota_until_they_end(cloud, image, local):
+    local.emulator.services["quotas"].set_gpu_quota(1)
+    cloud.create(job_spec({"args": ["sleep-first"]}))
+    first = cloud.start()
+    wait_until(lambda: cloud.executions.get_execution(name=first).running_count == 1)
+    second = cloud.run()
+    assert "requested: 2 allowed: 1" in completed(second).message
+    cloud.executions.cancel_execution(name=first).result(polling=FAST)
+    wait_until(lambda: bool(cloud.executions.get_execution(name=first).completion_time))
+    # A CPU-only job needs no GPU quota at all.
+    local.emulator.services["quotas"].set_gpu_quota(0)
+    cpu_only = job_spec({"args": []}, node_selector={}, gpu_zonal_redundancy_disabled=False)
+    cpu_only["template"]["template"]["containers"][0] |= _limits(cpu="1", memory="512Mi")
+    cloud.create(cpu_only, job_id="cpu")
+    operation = cloud.jobs.run_job(name=f"{PARENT}/jobs/cpu")
+    assert completed(operation.result(polling=FAST)).state == Condition.State.CONDITION_SUCCEEDED
