@@ -86,6 +86,7 @@ def test_fresh_up_creates_the_six_resources_with_least_privilege(env):
         "Operations",
         "storage",
         "Jobs",
+        "CloudQuotas",
     }
 
 
