@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import sys
@@ -16,7 +17,7 @@ from google.cloud import run_v2
 from rich.console import Console
 from rich.table import Table
 
-from launcher import build, logs, provision, staging
+from launcher import build, logs, provision, quota, staging
 from launcher import job as jobs
 from launcher import results as run_results
 from launcher.api_errors import translate
@@ -28,6 +29,7 @@ from launcher.settings import (
     REGION,
     TRAINER_KEYS,
     Settings,
+    check_run_timeout,
     load_settings,
     parse_duration,
     template,
@@ -85,7 +87,7 @@ _SETTING_FLAGS: tuple[tuple[str, str, Any], ...] = (
     ("--secret-id", "secret_id", str),
     ("--image", "image", str),
     ("--job", "job", str),
-    ("--gpu", "gpu", click.Choice(["nvidia-rtx-pro-6000", "nvidia-l4"])),
+    ("--gpu", "gpu", click.Choice(["nvidia-rtx-pro-6000", "nvidia-l4", "none"])),
     ("--cpu", "cpu", str),
     ("--memory", "memory", str),
     ("--task-timeout", "task_timeout", str),
@@ -313,15 +315,36 @@ def up(
         spec = jobs.job_spec(settings, image_uri, jobs.trainer_args(settings, model_prefix, dataset_prefix))
         change = jobs.ensure_job(clients, settings, spec, dry_run=dry_run)
         record("job", change.name, change.status, change.command if change.status != "unchanged" else "")
-    _summarise_up(report, as_json, dry_run, spec)
+    # Read only: a pending quota request must not hold back provisioning, the build or staging.
+    try:
+        gpu_quota, unknown = quota.read(clients, settings), ""
+    except quota.QuotaUnknown as error:
+        gpu_quota, unknown = None, str(error)
+    _summarise_up(report, as_json, dry_run, spec, gpu_quota, unknown)
 
 
 def _summarise_up(
-    report: list[dict[str, str]], as_json: bool, dry_run: bool, spec: run_v2.Job | None
+    report: list[dict[str, str]],
+    as_json: bool,
+    dry_run: bool,
+    spec: run_v2.Job | None,
+    gpu_quota: quota.GpuQuota | None,
+    unknown: str,
 ) -> None:
     if as_json:
-        click.echo(json.dumps({"dry_run": dry_run, "changes": report}, indent=2))
+        found = None if gpu_quota is None else dataclasses.asdict(gpu_quota)
+        click.echo(json.dumps({"dry_run": dry_run, "changes": report, "gpu_quota": found}, indent=2))
         return
+    if dry_run and gpu_quota is not None:
+        console.print(f"GPU quota: {gpu_quota.describe()}", soft_wrap=True)
+    if gpu_quota is not None and gpu_quota.gpus < 1:
+        err_console.print(
+            f"[yellow]Warning:[/] no Cloud Run GPU quota yet ({gpu_quota.describe()}): `gemma-launch run` is "
+            f"refused until it is granted. Request it at {gpu_quota.request_url}",
+            soft_wrap=True,
+        )
+    elif unknown:
+        err_console.print(f"[yellow]Warning:[/] GPU quota {unknown}", soft_wrap=True)
     if dry_run:
         console.print("\nDry run: nothing was changed.")
         if spec is not None:
@@ -351,7 +374,11 @@ def _summarise_up(
 )
 @click.option("--train-size", type=click.IntRange(min=1), help="Shortcut for --set train-size=N.")
 @click.option("--tasks", type=click.IntRange(min=1), help="Number of tasks for this execution.")
-@click.option("--timeout", help="Task timeout for this execution, e.g. 2h or 45m.")
+@click.option(
+    "--timeout",
+    help="Task timeout for this execution, e.g. 2h or 45m. With a GPU at most 12h, and over 1h only when "
+    "the job's own task_timeout is over 1h (Cloud Run's Preview of long running GPU jobs).",
+)
 @click.option(
     "--follow",
     "-f",
@@ -366,7 +393,11 @@ def run_command(
     timeout: str | None,
     follow: bool,
 ) -> None:
-    """Execute the job once, optionally overriding trainer flags, and print the execution's name."""
+    """Execute the job once, optionally overriding trainer flags, and print the execution's name.
+
+    Nothing starts when the project's Cloud Run GPU quota in the job's region cannot give the execution
+    its GPU: the error names the quota to request and where.
+    """
     overrides = jobs.parse_sets(sets)
     if train_size is not None:
         overrides["train-size"] = str(train_size)
@@ -376,7 +407,12 @@ def run_command(
             timeout_s = parse_duration(timeout)
         except ValueError as error:
             raise UserError(f"Invalid --timeout: {error}.", "Use a duration like 2h, 45m or 3600s.") from None
+        check_run_timeout(settings, timeout_s)
     clients = Clients(settings.project_id)
+    try:
+        quota.require_for_run(clients, settings, jobs.gpus_held(clients, settings))
+    except quota.QuotaUnknown as unknown:
+        err_console.print(f"[yellow]Warning:[/] {unknown}; starting anyway.", soft_wrap=True)
     execution = jobs.run(clients, settings, sets=overrides, tasks=tasks, timeout_s=timeout_s)
     console.print(f"Started execution {jobs.short_name(execution.name)}")
     if follow:
@@ -515,6 +551,14 @@ def emulator() -> None:
     help="Regions where Cloud Build accepts builds besides global (default: the six that Cloud Build's "
     "locations page lists for restricted projects, as a new project gets; all: every region).",
 )
+@click.option(
+    "--gpu-quota",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    help="Cloud Run GPUs the project may use at once, in every region and for every GPU type (0: a fresh "
+    "project, whose GPU executions fail until quota is granted).",
+)
 def emulator_start(
     port: int,
     storage_port: int,
@@ -522,6 +566,7 @@ def emulator_start(
     faults: str | None,
     record: Path | None,
     build_regions: str | None,
+    gpu_quota: int,
 ) -> None:
     """Run the local cloud in the foreground until Ctrl-C.
 
@@ -537,7 +582,7 @@ def emulator_start(
         raise UserError(
             f"Invalid --faults: {error}.", "Example: --faults 'UNAVAILABLE=0.3,lost=0.1,seed=7'."
         ) from None
-    options: dict[str, Any] = {}
+    options: dict[str, Any] = {"gpu_quota": gpu_quota}
     if build_regions is not None:
         options["build_regions"] = _build_regions(build_regions)
     Emulator(

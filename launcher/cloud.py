@@ -23,6 +23,7 @@ from google.auth.credentials import AnonymousCredentials, Credentials
 from google.cloud import (
     artifactregistry_v1,
     billing_v1,
+    cloudquotas_v1,
     iam_admin_v1,
     resourcemanager_v3,
     run_v2,
@@ -34,6 +35,7 @@ from google.cloud.artifactregistry_v1.services.artifact_registry.transports.grpc
     ArtifactRegistryGrpcTransport,
 )
 from google.cloud.billing_v1.services.cloud_billing.transports.grpc import CloudBillingGrpcTransport
+from google.cloud.cloudquotas_v1.services.cloud_quotas.transports.grpc import CloudQuotasGrpcTransport
 from google.cloud.devtools import cloudbuild_v1
 from google.cloud.devtools.cloudbuild_v1.services.cloud_build.transports.grpc import CloudBuildGrpcTransport
 from google.cloud.iam_admin_v1.services.iam.transports.grpc import IAMGrpcTransport
@@ -169,6 +171,10 @@ class Clients:
     @cached_property
     def executions(self) -> run_v2.ExecutionsClient:
         return self._build(run_v2.ExecutionsClient, ExecutionsGrpcTransport)
+
+    @cached_property
+    def quotas(self) -> cloudquotas_v1.CloudQuotasClient:
+        return self._build(cloudquotas_v1.CloudQuotasClient, CloudQuotasGrpcTransport)
 
     @cached_property
     def logging(self) -> LoggingServiceV2Client:

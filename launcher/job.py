@@ -57,6 +57,8 @@ def trainer_args(settings: Settings, model_prefix: str, dataset_prefix: str) -> 
         "--output-dir",
         f"{MOUNT_PATH}/{RUNS_PREFIX}",
     ]
+    if not settings.uses_gpu:
+        args += ["--device", "cpu"]
     return apply_sets(args, settings.trainer)
 
 
@@ -103,14 +105,15 @@ def _token_env(settings: Settings) -> run_v2.EnvVar:
 
 
 def job_spec(settings: Settings, image_uri: str, args: list[str]) -> run_v2.Job:
+    limits = {"cpu": settings.cpu, "memory": settings.memory}
+    if settings.uses_gpu:
+        limits["nvidia.com/gpu"] = "1"
     container = run_v2.Container(
         name=CONTAINER,
         image=image_uri,
         args=args,
         env=[_token_env(settings)],
-        resources=run_v2.ResourceRequirements(
-            limits={"cpu": settings.cpu, "memory": settings.memory, "nvidia.com/gpu": "1"}
-        ),
+        resources=run_v2.ResourceRequirements(limits=limits),
         volume_mounts=[run_v2.VolumeMount(name=VOLUME, mount_path=MOUNT_PATH)],
     )
     task = run_v2.TaskTemplate(
@@ -126,9 +129,10 @@ def job_spec(settings: Settings, image_uri: str, args: list[str]) -> run_v2.Job:
         max_retries=settings.max_retries,
         timeout=duration_pb2.Duration(seconds=settings.task_timeout_s),
         service_account=settings.service_account_email,
-        node_selector=run_v2.NodeSelector(accelerator=settings.gpu),
-        gpu_zonal_redundancy_disabled=not settings.gpu_zonal_redundancy,
     )
+    if settings.uses_gpu:
+        task.node_selector = run_v2.NodeSelector(accelerator=settings.gpu)
+        task.gpu_zonal_redundancy_disabled = not settings.gpu_zonal_redundancy
     if settings.network:
         task.vpc_access = run_v2.VpcAccess(
             network_interfaces=[
@@ -162,9 +166,14 @@ def gcloud_command(settings: Settings, job: run_v2.Job, verb: str) -> str:
         f"--image={container.image}",
         f"--cpu={settings.cpu}",
         f"--memory={settings.memory}",
-        "--gpu=1",
-        f"--gpu-type={settings.gpu}",
-        "--no-gpu-zonal-redundancy" if task.gpu_zonal_redundancy_disabled else "--gpu-zonal-redundancy",
+    ]
+    if settings.uses_gpu:
+        parts += [
+            "--gpu=1",
+            f"--gpu-type={settings.gpu}",
+            "--no-gpu-zonal-redundancy" if task.gpu_zonal_redundancy_disabled else "--gpu-zonal-redundancy",
+        ]
+    parts += [
         f"--max-retries={task.max_retries}",
         f"--task-timeout={settings.task_timeout_s}s",
         f"--service-account={settings.service_account_email}",
@@ -433,6 +442,11 @@ def list_executions(clients: Clients, settings: Settings, limit: int) -> list[ru
         raise UserError(
             f"Job {settings.job} does not exist in {settings.region}.", "Run `gemma-launch up` first."
         ) from None
+
+
+def gpus_held(clients: Clients, settings: Settings) -> int:
+    """GPUs the job's unfinished executions hold: one per task running at once."""
+    return sum(e.parallelism for e in list_executions(clients, settings, limit=100) if not is_done(e))
 
 
 def summary(execution: run_v2.Execution) -> dict[str, Any]:

@@ -26,17 +26,45 @@ from launcher.errors import UserError
 
 CONFIG_FILE = "gemma-launch.toml"
 
+# `--gpu none`: the same job on CPU only, which needs no GPU quota (a rehearsal on real Cloud Run).
+NO_GPU = "none"
 GPU_REGIONS: dict[str, tuple[str, ...]] = {
     "nvidia-rtx-pro-6000": ("us-central1", "europe-west4", "asia-southeast1"),
     "nvidia-l4": ("us-central1", "europe-west1", "europe-west4", "asia-southeast1"),
 }
-# Cloud Run refuses a GPU instance below these (CPU count, GiB of memory).
+# Cloud Run refuses a GPU instance below these (CPU count, GiB of memory): "For L4 GPUs, you must use a
+# minimum of 4 CPU and 16 GiB of memory", RTX PRO 6000 "a minimum of 20 CPU and 80 GiB"
+# (https://cloud.google.com/run/docs/configuring/jobs/gpu).
 GPU_MINIMUMS: dict[str, tuple[float, float]] = {
     "nvidia-rtx-pro-6000": (20, 80),
     "nvidia-l4": (4, 16),
 }
+# An RTX PRO 6000 instance takes 20 or 22 vCPU and at most 4 GiB per vCPU (Cloud Run's answers to
+# validateOnly requests; the docs give only the minimum). The emulator refuses the same (emulator/run.py).
+RTX_CPUS = (20.0, 22.0)
+RTX_GIB_PER_CPU = 4
+# Any other job: 1, 2, 4, 6 or 8 vCPU, each with its memory range in GiB ("vCPU and memory table",
+# https://cloud.google.com/run/docs/configuring/jobs/cpu; 512 MiB at least, 32 GiB at most,
+# https://cloud.google.com/run/docs/configuring/jobs/memory-limits).
+JOB_MEMORY_GIB: dict[float, tuple[float, float]] = {
+    1: (0.5, 4),
+    2: (0.5, 8),
+    4: (2, 16),
+    6: (4, 24),
+    8: (4, 32),
+}
+# (cpu, memory) when not set: the tutorial's RTX PRO 6000 shape, else the largest shape of the table.
+DEFAULT_SHAPES: dict[str, tuple[str, str]] = {
+    "nvidia-rtx-pro-6000": ("20", "80Gi"),
+    "nvidia-l4": ("8", "32Gi"),
+    NO_GPU: ("8", "32Gi"),
+}
 # Preview GPUs are only accepted on a job whose launch stage opts into preview features.
 PREVIEW_GPUS = {"nvidia-rtx-pro-6000"}
+# https://cloud.google.com/run/docs/configuring/task-timeout: 168 h for a task, but "For tasks using GPUs,
+# the maximum available timeout is 12 hours (preview)" ("Long running GPU jobs"), 1 hour at GA.
+GA_GPU_TIMEOUT_S = 3600
+MAX_GPU_TIMEOUT_S = 12 * 3600
 
 # Environment variables named as in the Cloud Run GPU fine-tuning tutorial, so its shell set-up works as is.
 ENV_VARS: dict[str, str] = {
@@ -144,18 +172,28 @@ class Settings(BaseModel):
     secret_id: str = Field("HF_TOKEN", description="Secret Manager secret holding the HF token (SECRET_ID).")
     image: str = Field("gemma3-finetune", description="Image name in the repository (IMAGE_NAME).")
     job: str = Field("gemma3-finetuning-job", description="Cloud Run job name (JOB_NAME).")
-    gpu: Literal["nvidia-rtx-pro-6000", "nvidia-l4"] = Field(
-        "nvidia-rtx-pro-6000", description="GPU type: nvidia-rtx-pro-6000 (96 GB) or nvidia-l4 (24 GB)."
+    gpu: Literal["nvidia-rtx-pro-6000", "nvidia-l4", "none"] = Field(
+        "nvidia-rtx-pro-6000",
+        description="GPU type: nvidia-rtx-pro-6000 (96 GB), nvidia-l4 (24 GB), or none: the same job on CPU "
+        "only, which needs no GPU quota (a rehearsal of the whole flow for cents).",
     )
     gpu_zonal_redundancy: bool = Field(
         False, description="Reserve zonal-redundant GPU capacity (needs that quota; off in the tutorial)."
     )
-    cpu: str = Field("20", description="CPUs per task (at least 20 with an RTX PRO 6000, 4 with an L4).")
+    cpu: str = Field(
+        "",
+        description="CPUs per task: 20 or 22 with an RTX PRO 6000 (default 20); 1, 2, 4, 6 or 8 otherwise "
+        "(default 8; at least 4 with an L4).",
+    )
     memory: str = Field(
-        "80Gi", description="Memory per task (at least 80Gi with an RTX PRO 6000, 16Gi with an L4)."
+        "",
+        description="Memory per task: 80Gi to 4Gi per CPU with an RTX PRO 6000 (default 80Gi); otherwise "
+        "within Cloud Run's range for the CPU count, up to 32Gi (default 32Gi; at least 16Gi with an L4).",
     )
     task_timeout: str = Field(
-        "6h", description="Time limit of one task attempt, e.g. 6h or 90m (at most 168h)."
+        "1h",
+        description="Time limit of one task attempt, e.g. 1h or 90m. With a GPU at most 12h, and over 1h the "
+        "job opts into Cloud Run's Preview of long running GPU jobs; without one at most 168h.",
     )
     max_retries: int = Field(3, ge=0, le=10, description="Retries of a failed or preempted task (0-10).")
     network: str = Field("", description="VPC network for Direct VPC egress (empty: none).")
@@ -231,13 +269,15 @@ class Settings(BaseModel):
     @field_validator("memory")
     @classmethod
     def _memory(cls, value: str) -> str:
-        memory_gib(value)
+        if value:
+            memory_gib(value)
         return value
 
     @field_validator("cpu")
     @classmethod
     def _cpu(cls, value: str) -> str:
-        cpu_count(value)
+        if value:
+            cpu_count(value)
         return value
 
     @field_validator("task_timeout")
@@ -259,36 +299,86 @@ class Settings(BaseModel):
         return value
 
     @model_validator(mode="after")
-    def _default_bucket(self) -> Settings:
+    def _defaults(self) -> Settings:
         if not self.bucket:
             self.bucket = f"{self.project_id}-gemma3-finetuning"
+        cpu, memory = DEFAULT_SHAPES[self.gpu]
+        self.cpu = self.cpu or cpu
+        self.memory = self.memory or memory
         return self
 
     def check_consistency(self) -> None:
         """Checks that involve several settings, each with a hint naming the flags to change."""
         _check_bucket(self.bucket)
-        regions = GPU_REGIONS[self.gpu]
-        if self.region not in regions:
-            raise UserError(
-                f"{self.gpu} GPUs are not offered in {self.region}.",
-                f"Use --region with one of {', '.join(regions)}, or another --gpu.",
-            )
-        min_cpu, min_gib = GPU_MINIMUMS[self.gpu]
-        if cpu_count(self.cpu) < min_cpu:
-            raise UserError(
-                f"Cloud Run needs at least {min_cpu:g} CPUs per task with {self.gpu}; cpu is {self.cpu}.",
-                f"Use --cpu {min_cpu:g} (or more), or set cpu in gemma-launch.toml.",
-            )
-        if memory_gib(self.memory) < min_gib:
-            raise UserError(
-                f"Cloud Run needs at least {min_gib:g}Gi of memory per task with {self.gpu}; memory is "
-                f"{self.memory}.",
-                f"Use --memory {min_gib:g}Gi (or more), or set memory in gemma-launch.toml.",
-            )
+        if self.uses_gpu:
+            regions = GPU_REGIONS[self.gpu]
+            if self.region not in regions:
+                raise UserError(
+                    f"{self.gpu} GPUs are not offered in {self.region}.",
+                    f"Use --region with one of {', '.join(regions)}, or another --gpu.",
+                )
+            min_cpu, min_gib = GPU_MINIMUMS[self.gpu]
+            if cpu_count(self.cpu) < min_cpu:
+                raise UserError(
+                    f"Cloud Run needs at least {min_cpu:g} CPUs per task with {self.gpu}; cpu is {self.cpu}.",
+                    f"Use --cpu {min_cpu:g} (or more), or set cpu in gemma-launch.toml.",
+                )
+            if memory_gib(self.memory) < min_gib:
+                raise UserError(
+                    f"Cloud Run needs at least {min_gib:g}Gi of memory per task with {self.gpu}; memory is "
+                    f"{self.memory}.",
+                    f"Use --memory {min_gib:g}Gi (or more), or set memory in gemma-launch.toml.",
+                )
+        self._check_shape()
+        check_task_timeout(self, self.task_timeout_s, "--task-timeout")
         if self.subnet and not self.network:
             raise UserError(
                 "A subnet is set without a network.", "Direct VPC egress needs both: add --network NETWORK."
             )
+
+    def _check_shape(self) -> None:
+        """CPU and memory as Cloud Run accepts them for a job, before any request (see JOB_MEMORY_GIB)."""
+        cpu, gib = cpu_count(self.cpu), memory_gib(self.memory)
+        if self.gpu == "nvidia-rtx-pro-6000":
+            if cpu not in RTX_CPUS:
+                raise UserError(
+                    f"Cloud Run runs an RTX PRO 6000 task with 20 or 22 CPUs; cpu is {self.cpu}.",
+                    "Use --cpu 20 or --cpu 22, or set cpu in gemma-launch.toml.",
+                )
+            high = cpu * RTX_GIB_PER_CPU
+            if gib > high:
+                raise UserError(
+                    f"Cloud Run allows at most {high:g}Gi of memory with {cpu:g} CPUs and an RTX PRO 6000; "
+                    f"memory is {self.memory}.",
+                    f"Use --memory {high:g}Gi or less (or --cpu 22 for up to 88Gi).",
+                )
+            return
+        if cpu not in JOB_MEMORY_GIB:
+            raise UserError(
+                f"Cloud Run runs a job task with 1, 2, 4, 6 or 8 CPUs{self._with_gpu}; cpu is {self.cpu}.",
+                "Use --cpu with one of 1, 2, 4, 6, 8, or set cpu in gemma-launch.toml.",
+            )
+        low, high = JOB_MEMORY_GIB[cpu]
+        if not low <= gib <= high:
+            raise UserError(
+                f"With {cpu:g} CPUs, Cloud Run takes {low:g}Gi to {high:g}Gi of memory per task; memory is "
+                f"{self.memory}.",
+                f"Use --memory between {low:g}Gi and {high:g}Gi, or another --cpu: 1 CPU takes up to 4Gi, "
+                "2 up to 8Gi, 4 up to 16Gi, 6 up to 24Gi, 8 up to 32Gi.",
+            )
+
+    @property
+    def _with_gpu(self) -> str:
+        return f" and an {self.gpu} GPU" if self.uses_gpu else ""
+
+    @staticmethod
+    def shape_default(name: str) -> str:
+        cpu, memory = DEFAULT_SHAPES[Settings.model_fields["gpu"].default]
+        return cpu if name == "cpu" else memory
+
+    @property
+    def uses_gpu(self) -> bool:
+        return self.gpu != NO_GPU
 
     @property
     def task_timeout_s(self) -> int:
@@ -328,7 +418,8 @@ class Settings(BaseModel):
 
     @property
     def launch_stage(self) -> str:
-        return "BETA" if self.gpu in PREVIEW_GPUS else "GA"
+        """BETA when the job uses a preview feature (a preview GPU, a GPU task over 1 h), else GA."""
+        return "BETA" if needs_preview(self, self.task_timeout_s) else "GA"
 
     def require_hf_token(self) -> SecretStr:
         if self.hf_token is None or not self.hf_token.get_secret_value().strip():
@@ -338,6 +429,31 @@ class Settings(BaseModel):
                 "or log in once with `hf auth login`.",
             )
         return self.hf_token
+
+
+def needs_preview(settings: Settings, timeout_s: int) -> bool:
+    return settings.gpu in PREVIEW_GPUS or (settings.uses_gpu and timeout_s > GA_GPU_TIMEOUT_S)
+
+
+def check_task_timeout(settings: Settings, timeout_s: int, flag: str) -> None:
+    """A GPU task runs at most 12 h on Cloud Run (task-timeout page); `flag` names what set the timeout."""
+    if settings.uses_gpu and timeout_s > MAX_GPU_TIMEOUT_S:
+        raise UserError(
+            f"Cloud Run stops a GPU task after at most 12h; {flag} asks for {timeout_s / 3600:g}h.",
+            f"Use {flag} 12h or less: a retried task resumes from the checkpoints of its execution.",
+        )
+
+
+def check_run_timeout(settings: Settings, timeout_s: int) -> None:
+    """`run --timeout`: the job's launch stage was set by `up` from task_timeout, and caps the override."""
+    check_task_timeout(settings, timeout_s, "--timeout")
+    if needs_preview(settings, timeout_s) and not needs_preview(settings, settings.task_timeout_s):
+        raise UserError(
+            f"A GPU task over 1h needs Cloud Run's Preview of long running GPU jobs, and the job is GA "
+            f"(task_timeout {settings.task_timeout}); --timeout asks for {timeout_s / 3600:g}h.",
+            "Use --timeout 1h or less, or run `gemma-launch up --task-timeout "
+            f"{timeout_s // 3600}h` first: the job then opts into the Preview.",
+        )
 
 
 def _check_bucket(name: str) -> None:
@@ -461,6 +577,8 @@ def template() -> str:
             lines.append('project_id = "my-project"')
         elif name == "bucket":
             lines.append('# bucket = "<project_id>-gemma3-finetuning"')
+        elif name in ("cpu", "memory"):
+            lines.append(f"# {name} = {_toml_value(Settings.shape_default(name))}")
         else:
             lines.append(f"# {name} = {_toml_value(default)}")
         lines.append("")

@@ -12,8 +12,8 @@ echo "== Building a tiny Gemma 3 and a synthetic Oxford-IIIT Pet set (offline)"
 python -m trainer.tiny "$DEMO/tiny-gemma3"
 python -m trainer.synthetic "$DEMO/oxford-iiit-pet" --per-class 20 --test-per-class 6
 
-echo "== Starting the local emulator"
-gemma-launch emulator start --data-dir "$DEMO/cloud" >"$DEMO/emulator.env" 2>"$DEMO/emulator.log" &
+echo "== Starting the local emulator (a project granted one Cloud Run GPU)"
+gemma-launch emulator start --data-dir "$DEMO/cloud" --gpu-quota 1 >"$DEMO/emulator.env" 2>"$DEMO/emulator.log" &
 EMULATOR_PID=$!
 trap 'kill $EMULATOR_PID 2>/dev/null || true; wait $EMULATOR_PID 2>/dev/null || true' EXIT
 for _ in $(seq 100); do

@@ -49,6 +49,7 @@ from google.protobuf import duration_pb2, json_format
 
 from launcher.emulator.access import compute_default_account
 from launcher.emulator.metadata import MetadataServer
+from launcher.emulator.quotas import gpu_quota
 from launcher.emulator.rpc import (
     ApiError,
     Hub,
@@ -84,11 +85,33 @@ _RESERVED_LABEL_PREFIXES = ("run.googleapis.com", "cloud.googleapis.com", "servi
 _RESERVED_LABEL_PREFIXES += ("autoscaling.knative.dev",)
 GPU_LIMIT = "nvidia.com/gpu"
 # accelerator -> (minimum CPUs, minimum memory in bytes, needs a preview launch stage)
+# https://cloud.google.com/run/docs/configuring/jobs/gpu ("Supported GPU types"): L4 at least 4 CPU and
+# 16 GiB; RTX PRO 6000 (Preview) at least 20 CPU and 80 GiB.
 GPU_MINIMUMS = {"nvidia-l4": (4.0, 16 * 2**30, False), "nvidia-rtx-pro-6000": (20.0, 80 * 2**30, True)}
-_PREVIEW_STAGES = (launch_stage_pb2.LaunchStage.ALPHA, launch_stage_pb2.LaunchStage.BETA)
+# The RTX PRO 6000 shapes Cloud Run accepts, which the docs leave out: 20 or 22 vCPU ("Must be equal to one
+# of 20.0, 22.0") and 80 GiB up to 4 GiB per vCPU, as Cloud Run's validateOnly verdicts answer them.
+RTX_CPUS = (20.0, 22.0)
+RTX_GIB_PER_CPU = 4
+Stage = launch_stage_pb2.LaunchStage
+_PREVIEW_STAGES = (Stage.ALPHA, Stage.BETA)
 _DEFAULT_RETRIES = 3
 _DEFAULT_TIMEOUT_S = 600
+# https://cloud.google.com/run/docs/configuring/task-timeout: up to 168 hours; "For tasks using GPUs, the
+# maximum available timeout is 12 hours (preview)" ("Long running GPU jobs"), 1 hour at GA.
 _MAX_TIMEOUT_S = 168 * 3600
+MAX_GPU_TIMEOUT_S = 12 * 3600
+GA_GPU_TIMEOUT_S = 3600
+# https://cloud.google.com/run/docs/configuring/jobs/cpu: a job takes 1, 2, 4, 6 or 8 vCPU ("You must set a
+# minimum of 1 CPU for a Cloud Run job"; "Values greater than 1 must be integer values"; at most 8 vCPU),
+# each with the memory range of its row ("vCPU and memory table"), 512 MiB at least in the second
+# generation (https://cloud.google.com/run/docs/configuring/jobs/memory-limits), 32 GiB at most.
+JOB_MEMORY_RANGES = {
+    1.0: (512 * 2**20, 4 * 2**30),
+    2.0: (512 * 2**20, 8 * 2**30),
+    4.0: (2 * 2**30, 16 * 2**30),
+    6.0: (4 * 2**30, 24 * 2**30),
+    8.0: (4 * 2**30, 32 * 2**30),
+}
 _MAX_TASKS = 10_000
 # The caller's identity: the emulator takes anonymous credentials, so every change is by the same user.
 _CALLER = "developer@localhost"
@@ -138,8 +161,35 @@ def _seconds(duration: Any) -> float:
     return duration.total_seconds() if hasattr(duration, "total_seconds") else float(duration)
 
 
+def uses_gpu(task: run_v2.TaskTemplate) -> bool:
+    return bool(task.node_selector.accelerator) or any(
+        GPU_LIMIT in c.resources.limits for c in task.containers
+    )
+
+
+def feature_stage(job: run_v2.Job) -> int:
+    """The launch stage the job's features need: BETA for a preview GPU or a GPU timeout over 1 h, else GA."""
+    task = job.template.template
+    if GPU_MINIMUMS.get(task.node_selector.accelerator, (0, 0, False))[2]:
+        return Stage.BETA
+    if uses_gpu(task) and _seconds(task.timeout) > GA_GPU_TIMEOUT_S:
+        return Stage.BETA
+    return Stage.GA
+
+
 def _normalize(job: run_v2.Job) -> None:
-    """Fill the defaults Cloud Run fills, so a spec sent twice compares equal to the stored one."""
+    """The job as Cloud Run stores it, so a spec sent twice compares equal to the stored one.
+
+    Job.launch_stage "On read (or output), describes whether the resource uses preview features" (proto
+    comment of google.cloud.run.v2.Job.launch_stage): what is stored is the stage the features need, not
+    the one asked for (validate_template has held the request to it).
+    """
+    _fill_defaults(job)
+    job.launch_stage = feature_stage(job)
+
+
+def _fill_defaults(job: run_v2.Job) -> None:
+    """The defaults Cloud Run fills."""
     if not job.template.task_count:
         job.template.task_count = 1
     task = job.template.template
@@ -204,6 +254,12 @@ def validate_template(job: run_v2.Job) -> None:
     for key in list(job.labels) + list(job.template.labels):
         if key.split("/")[0].endswith(_RESERVED_LABEL_PREFIXES):
             raise invalid(f"Label {key!r} uses a reserved namespace; Cloud Run API v2 rejects it.")
+    # Job.launch_stage proto comment: "Cloud Run supports ALPHA, BETA, and GA".
+    if job.launch_stage not in (Stage.LAUNCH_STAGE_UNSPECIFIED, Stage.ALPHA, Stage.BETA, Stage.GA):
+        raise invalid(
+            f"launch_stage {Stage.Name(job.launch_stage)}: only ALPHA, BETA, GA, or unspecified are "
+            "supported."
+        )
     template = job.template
     if not 1 <= template.task_count <= _MAX_TASKS:
         raise invalid(f"task_count must be between 1 and {_MAX_TASKS}, got {template.task_count}.")
@@ -212,7 +268,7 @@ def validate_template(job: run_v2.Job) -> None:
     task = template.template
     if not 0 <= task.max_retries <= 10:
         raise invalid(f"max_retries must be between 0 and 10, got {task.max_retries}.")
-    validate_timeout(task.timeout)
+    validate_timeout(task.timeout, uses_gpu(task), job.launch_stage)
     if not task.containers:
         raise invalid("The job's task template must have at least one container.")
     volumes = {}
@@ -239,12 +295,63 @@ def validate_template(job: run_v2.Job) -> None:
                 )
             paths.add(mount.mount_path)
     _validate_gpu(job)
+    for number, container in enumerate(task.containers):
+        _validate_resources(container, number, task.node_selector.accelerator)
 
 
-def validate_timeout(timeout: Any) -> None:
+def validate_timeout(timeout: Any, gpu: bool, stage: int) -> None:
+    """Task timeout limits (task-timeout page): 168 h; with a GPU 1 h at GA, 12 h as a Preview."""
     seconds = _seconds(timeout)
     if not 0 < seconds <= _MAX_TIMEOUT_S:
         raise invalid(f"Task timeout must be more than 0 s and at most 168 h, got {seconds:g} s.")
+    if gpu and seconds > MAX_GPU_TIMEOUT_S:
+        raise invalid(
+            f"Invalid task timeout {seconds:g}s: the maximum is {MAX_GPU_TIMEOUT_S}s (12 hours) when using "
+            "GPU."
+        )
+    if gpu and seconds > GA_GPU_TIMEOUT_S and stage not in _PREVIEW_STAGES:
+        raise invalid(
+            f"Invalid task timeout {seconds:g}s: the maximum allowed time is one hour when using GPU. "
+            "The feature Long running GPU jobs is not supported in the declared launch stage. The launch "
+            "stage should be specified at least as BETA."
+        )
+
+
+def _gib(size: int) -> str:
+    return f"{size // 2**30}Gi" if size % 2**30 == 0 else f"{size // 2**20}Mi"
+
+
+def _validate_resources(container: run_v2.Container, number: int, accelerator: str) -> None:
+    """A container's CPU and memory against Cloud Run's shapes for jobs (see JOB_MEMORY_RANGES, RTX_CPUS)."""
+    where = f"spec.template.spec.containers[{number}].resources.limits"
+    cpu = parse_cpu(container.resources.limits.get("cpu", "1"))
+    memory = parse_memory(container.resources.limits.get("memory", "512Mi"))
+    if accelerator == "nvidia-rtx-pro-6000" and GPU_LIMIT in container.resources.limits:
+        if cpu not in RTX_CPUS:
+            raise invalid(
+                f"{where}.cpu: Invalid value specified for cpu. Must be equal to one of 20.0, 22.0 with "
+                f"nvidia-rtx-pro-6000, got {cpu:g}."
+            )
+        high = int(cpu) * RTX_GIB_PER_CPU * 2**30
+        if not GPU_MINIMUMS[accelerator][1] <= memory <= high:
+            raise invalid(
+                f"{where}.memory: Invalid value specified for container memory. For {cpu:.1f} CPU with "
+                f"nvidia-rtx-pro-6000, memory must be between 80Gi and {_gib(high)} inclusive."
+            )
+        return
+    if cpu < 1:
+        raise invalid(
+            f"{where}.cpu: Invalid value specified for cpu. Total cpu < 1 is not supported with gen2 "
+            "execution environment."
+        )
+    if cpu not in JOB_MEMORY_RANGES:
+        raise invalid(f"{where}.cpu: Invalid value specified for cpu. Must be equal to one of 1, 2, 4, 6, 8.")
+    low, high = JOB_MEMORY_RANGES[cpu]
+    if not low <= memory <= high:
+        raise invalid(
+            f"{where}.memory: Invalid value specified for container memory. For {cpu:.1f} CPU, memory must "
+            f"be between {_gib(low)} and {_gib(high)} inclusive."
+        )
 
 
 def validate_env(env: Any, where: str) -> None:
@@ -291,8 +398,8 @@ def _validate_gpu(job: run_v2.Job) -> None:
         memory = parse_memory(container.resources.limits.get("memory", "512Mi"))
         if cpu < min_cpu or memory < min_memory:
             raise invalid(
-                f"{accelerator} needs at least {min_cpu:g} CPU and {min_memory // 2**30} GiB of memory; "
-                f"the container asks for {cpu:g} CPU and {memory / 2**30:.3g} GiB."
+                f"With {accelerator}, CPU must be at least {min_cpu:g}; memory must be at least "
+                f"{min_memory // 2**30}Gi. The container asks for {cpu:g} CPU and {memory / 2**30:.3g} GiB."
             )
     if preview and job.launch_stage not in _PREVIEW_STAGES:
         raise invalid(
@@ -310,6 +417,10 @@ class _Run:
     runner: TaskRunner
     thread: threading.Thread | None = None
     cancel_requested: bool = False
+    # (project, region, accelerator, zonal redundancy) and how many GPUs its running tasks hold.
+    gpu_key: tuple[str, str, str, bool] | None = None
+    gpus: int = 0
+    refusal: str = ""
 
 
 @dataclass
@@ -598,7 +709,7 @@ class RunService:
 
     def _validate(self, job: run_v2.Job, project: str, location: str) -> None:
         job = run_v2.Job(job)
-        _normalize(job)
+        _fill_defaults(job)
         validate_template(job)
         task = job.template.template
         for volume in task.volumes:
@@ -655,6 +766,8 @@ class RunService:
         where = _match(_JOB, job.name, "job")
         task = run_v2.TaskTemplate(job.template.template)
         _apply_overrides(task, overrides)
+        # An override is held to the job's launch stage: a GPU job at GA cannot run a task over 1 h.
+        validate_timeout(task.timeout, uses_gpu(task), job.launch_stage)
         task_count = overrides.task_count or job.template.task_count
         if not 1 <= task_count <= _MAX_TASKS:
             raise invalid(f"overrides.task_count must be between 1 and {_MAX_TASKS}, got {task_count}.")
@@ -727,12 +840,42 @@ class RunService:
         )
         run.thread.daemon = True
         with self._lock:
+            self._take_gpus(run, execution, context)
             self._runs[execution.name] = run
         run.thread.start()
+
+    def _take_gpus(self, run: _Run, execution: run_v2.Execution, context: _Context) -> None:
+        """Count the execution's GPUs against the project's quota in the region, or mark it refused.
+
+        Each task holds one GPU while it runs, so an execution needs as many as run at once. Cloud Run's
+        wording when GPU quota runs out: "Quota exceeded for total allowable count of GPUs per project per
+        region." (the revision condition message; GPU quota is per project and region, see quotas.py).
+        """
+        template = execution.template
+        quotas = self.emulator.services.get("quotas")
+        if quotas is None or not uses_gpu(template):
+            return
+        accelerator = template.node_selector.accelerator
+        zonal = not template.gpu_zonal_redundancy_disabled
+        run.gpu_key = (context.project, context.location, accelerator, zonal)
+        in_use = sum(other.gpus for other in self._runs.values() if other.gpu_key == run.gpu_key)
+        wanted = in_use + execution.parallelism
+        allowed = quotas.gpu_limit(context.project, context.location, accelerator, zonal)
+        if wanted > allowed:
+            run.refusal = (
+                "Quota exceeded for total allowable count of GPUs per project per region. Quota violated: "
+                f"{gpu_quota(accelerator, zonal).quota_id} requested: {wanted} allowed: {allowed}"
+            )
+        else:
+            run.gpus = execution.parallelism
 
     def _execute(self, run: _Run, events: _Events) -> None:
         context = events.context
         try:
+            if run.refusal:
+                events.system(run.refusal, "ERROR")
+                self._finish(events, run.refusal, Condition.ExecutionReason.EXECUTION_REASON_UNDEFINED)
+                return
             self._update_execution(context.name, _mark_started)
             try:
                 events.prepare()
@@ -747,7 +890,12 @@ class RunService:
             with self._lock:
                 self._runs.pop(context.name, None)
 
-    def _finish(self, events: _Events, failure: str) -> None:
+    def _finish(
+        self,
+        events: _Events,
+        failure: str,
+        reason: Condition.ExecutionReason = Condition.ExecutionReason.NON_ZERO_EXIT_CODE,
+    ) -> None:
         """Complete the execution, its job's reference to it and its RunJob operation, at once.
 
         The closing log line is written first, so whoever sees the execution done finds it in Logging.
@@ -771,7 +919,7 @@ class RunService:
                 "Completed",
                 Condition.State.CONDITION_FAILED,
                 failure,
-                execution_reason=Condition.ExecutionReason.NON_ZERO_EXIT_CODE,
+                execution_reason=reason,
             )
             events.system(
                 f"Execution {context.execution} has failed to complete, {failed_count}/{snapshot.task_count} "
@@ -1193,7 +1341,6 @@ def _apply_overrides(task: run_v2.TaskTemplate, overrides: run_v2.RunJobRequest.
         env.update({var.name: run_v2.EnvVar(var) for var in override.env})
         container.env = list(env.values())
     if "timeout" in overrides:
-        validate_timeout(overrides.timeout)
         task.timeout = overrides.timeout
 
 

@@ -24,6 +24,7 @@ from launcher.emulator.faults import Faults
 from launcher.emulator.iam import Iam
 from launcher.emulator.logging import Logging
 from launcher.emulator.operations import Operations
+from launcher.emulator.quotas import Quotas
 from launcher.emulator.record import Record
 from launcher.emulator.resourcemanager import Billing, Projects
 from launcher.emulator.rpc import Hub
@@ -49,6 +50,7 @@ class Emulator:
         enabled_apis: tuple[str, ...] = tuple(DEFAULT_ENABLED),
         billing: bool = True,
         build_regions: Collection[str] | None = RESTRICTED_REGIONS,
+        gpu_quota: int = 0,
     ) -> None:
         """A fresh project's rules: APIs off but Google's defaults, `user` the owner of every project it
         names, a new service account unknown to IAM policies for `iam_propagation_s`, billing on, and
@@ -85,6 +87,7 @@ class Emulator:
             "storage": CloudStorage(
                 self._storage_server._storage, self.hub.record, self.storage_host, self.access
             ),
+            "quotas": Quotas(gpu_quota),
             "run": RunService(self),
             "builds": CloudBuild(self),
         }

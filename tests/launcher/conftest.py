@@ -11,6 +11,10 @@ from launcher.cloud import Clients
 from launcher.emulator.record import read_record
 from launcher.emulator.server import Emulator
 
+# A project whose Cloud Run GPU quota request was granted, with room for two GPU tasks at once (a fresh
+# project has none: tests of that case set it to 0 with services["quotas"].set_gpu_quota).
+GPU_QUOTA = 2
+
 
 class Local:
     """A running emulator, with the environment pointing the launcher at it."""
@@ -38,7 +42,9 @@ class Local:
 def fresh(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Local]:
     """The emulator as a new project is: only Google's default APIs on, the caller its owner."""
     record = tmp_path / "record.jsonl"
-    with Emulator(data_dir=tmp_path / "emulator", record=record, iam_propagation_s=0.5) as emulator:
+    with Emulator(
+        data_dir=tmp_path / "emulator", record=record, iam_propagation_s=0.5, gpu_quota=GPU_QUOTA
+    ) as emulator:
         monkeypatch.setenv("GEMMA_LAUNCH_EMULATOR_HOST", emulator.host)
         monkeypatch.setenv("STORAGE_EMULATOR_HOST", emulator.storage_host)
         yield Local(emulator, record)

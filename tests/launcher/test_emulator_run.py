@@ -7,6 +7,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from google.api import launch_stage_pb2
 from google.api_core import exceptions
 from google.api_core.future.polling import DEFAULT_POLLING
 from google.cloud import artifactregistry_v1, run_v2
@@ -287,6 +288,52 @@ REJECTED = {
         ),
         exceptions.InvalidArgument,
     ),
+    "RTX PRO 6000 with 21 CPU": (
+        job_spec(
+            _limits(cpu="21", memory="84Gi", **{"nvidia.com/gpu": "1"}),
+            node_selector={"accelerator": "nvidia-rtx-pro-6000"},
+        )
+        | {"launch_stage": "BETA"},
+        exceptions.InvalidArgument,
+    ),
+    "RTX PRO 6000 with 20 CPU and 100Gi": (
+        job_spec(
+            _limits(cpu="20", memory="100Gi", **{"nvidia.com/gpu": "1"}),
+            node_selector={"accelerator": "nvidia-rtx-pro-6000"},
+        )
+        | {"launch_stage": "BETA"},
+        exceptions.InvalidArgument,
+    ),
+    "L4 with 4 CPU and 32Gi": (
+        job_spec(_limits(cpu="4", memory="32Gi", **{"nvidia.com/gpu": "1"})),
+        exceptions.InvalidArgument,
+    ),
+    "L4 with 12 CPU": (
+        job_spec(_limits(cpu="12", memory="32Gi", **{"nvidia.com/gpu": "1"})),
+        exceptions.InvalidArgument,
+    ),
+    "CPU job with 3 CPU": (
+        job_spec(_limits(cpu="3", memory="4Gi"), node_selector={}),
+        exceptions.InvalidArgument,
+    ),
+    "CPU job with half a CPU": (
+        job_spec(_limits(cpu="500m", memory="512Mi"), node_selector={}),
+        exceptions.InvalidArgument,
+    ),
+    "CPU job with 1 CPU and 8Gi": (
+        job_spec(_limits(cpu="1", memory="8Gi"), node_selector={}),
+        exceptions.InvalidArgument,
+    ),
+    "CPU job with 8 CPU and 64Gi": (
+        job_spec(_limits(cpu="8", memory="64Gi"), node_selector={}),
+        exceptions.InvalidArgument,
+    ),
+    "GPU task over 1 h at GA": (job_spec(timeout={"seconds": 3601}), exceptions.InvalidArgument),
+    "GPU task over 12 h": (
+        job_spec(timeout={"seconds": 12 * 3600 + 1}) | {"launch_stage": "BETA"},
+        exceptions.InvalidArgument,
+    ),
+    "deprecated launch stage": (job_spec() | {"launch_stage": "DEPRECATED"}, exceptions.InvalidArgument),
     "11 retries": (job_spec(max_retries=11), exceptions.InvalidArgument),
     "timeout over 168 h": (job_spec(timeout={"seconds": 168 * 3600 + 1}), exceptions.InvalidArgument),
     "env set twice": (
@@ -363,6 +410,65 @@ def test_gpu_minimums_met_are_accepted(cloud):
         node_selector={"accelerator": "nvidia-rtx-pro-6000"},
     )
     assert cloud.create(rtx | {"launch_stage": "BETA"}, job_id="rtx").generation == 1
+
+
+def test_cpu_only_shapes_of_the_table_are_accepted(cloud):
+    for cpu, memory in [
+        ("1", "512Mi"),
+        ("1", "4Gi"),
+        ("2", "8Gi"),
+        ("4", "2Gi"),
+        ("6", "24Gi"),
+        ("8", "32Gi"),
+    ]:
+        spec = job_spec(_limits(cpu=cpu, memory=memory), node_selector={})
+        assert cloud.create(spec, job_id=f"cpu{cpu}-{memory.lower()}").generation == 1
+
+
+def test_gpu_tasks_over_an_hour_need_the_preview_and_stop_at_12_hours(cloud):
+    long_l4 = job_spec(timeout={"seconds": 12 * 3600}) | {"launch_stage": "BETA"}
+    assert cloud.create(long_l4, job_id="long").template.template.timeout.total_seconds() == 12 * 3600
+    # A CPU-only task may run up to 168 h at GA.
+    cpu_only = job_spec(_limits(cpu="4", memory="16Gi"), node_selector={}, timeout={"seconds": 168 * 3600})
+    assert cloud.create(cpu_only, job_id="cpu").launch_stage == launch_stage_pb2.LaunchStage.GA
+
+
+def test_run_job_timeout_override_is_held_to_the_jobs_launch_stage(cloud):
+    cloud.create()  # an L4 job at GA
+    with pytest.raises(exceptions.InvalidArgument, match="one hour when using GPU"):
+        cloud.jobs.run_job(request={"name": JOB, "overrides": {"timeout": {"seconds": 7200}}})
+    cloud.create(job_spec() | {"launch_stage": "BETA"}, job_id="preview")
+    preview = f"{PARENT}/jobs/preview"
+    assert cloud.jobs.get_job(name=preview).launch_stage == launch_stage_pb2.LaunchStage.GA
+    with pytest.raises(exceptions.InvalidArgument, match="one hour when using GPU"):
+        cloud.jobs.run_job(request={"name": preview, "overrides": {"timeout": {"seconds": 7200}}})
+    planned = cloud.jobs.run_job(
+        request={"name": JOB, "overrides": {"timeout": {"seconds": 3600}}, "validate_only": True}
+    ).result(polling=FAST)
+    assert planned.template.timeout.total_seconds() == 3600
+
+
+def test_launch_stage_on_read_is_the_stage_the_features_need(cloud):
+    # ALPHA asked, only a BETA feature used (RTX PRO 6000): BETA on read.
+    rtx = job_spec(
+        _limits(cpu="20", memory="80Gi", **{"nvidia.com/gpu": "1"}),
+        node_selector={"accelerator": "nvidia-rtx-pro-6000"},
+    )
+    assert (
+        cloud.create(rtx | {"launch_stage": "ALPHA"}, job_id="rtx").launch_stage
+        == launch_stage_pb2.LaunchStage.BETA
+    )
+    # BETA asked for an L4 job of 1 h: GA on read; over 1 h it is BETA.
+    job = cloud.create(job_spec() | {"launch_stage": "BETA"})
+    assert cloud.jobs.get_job(name=JOB).launch_stage == launch_stage_pb2.LaunchStage.GA
+    longer = run_v2.Job(job)
+    longer.template.template.timeout = {"seconds": 7200}
+    longer.launch_stage = launch_stage_pb2.LaunchStage.BETA
+    updated = cloud.jobs.update_job(job=longer).result(polling=FAST)
+    assert updated.launch_stage == launch_stage_pb2.LaunchStage.BETA
+    # The stored job sent back as read changes nothing.
+    again = cloud.jobs.update_job(job=updated).result(polling=FAST)
+    assert (again.generation, again.etag) == (updated.generation, updated.etag)
 
 
 def test_bucket_in_another_region_is_a_failed_precondition(cloud):
@@ -569,3 +675,40 @@ def test_executions_left_running_by_a_stopped_emulator_are_failed(cloud, image, 
     assert execution.completion_time
     assert completed(execution).state == Condition.State.CONDITION_FAILED
     assert "stopped" in completed(execution).message
+
+
+# ---- GPU quota
+
+
+def test_an_execution_over_the_gpu_quota_fails_without_running_a_task(cloud, image, local):
+    local.emulator.services["quotas"].set_gpu_quota(0)
+    cloud.create()
+    execution = cloud.run()
+    condition = completed(execution)
+    assert condition.state == Condition.State.CONDITION_FAILED
+    assert "Quota exceeded for total allowable count of GPUs per project per region" in condition.message
+    assert "NvidiaL4GpuAllocNoZonalRedundancyPerProjectRegion requested: 1 allowed: 0" in condition.message
+    assert execution.failed_count == 1 and execution.succeeded_count == 0
+    assert cloud.log_texts(execution.name) == []  # the task never started
+
+    local.emulator.services["quotas"].set_gpu_quota(1)
+    too_many = cloud.run({"task_count": 2})  # two tasks at once need two GPUs
+    assert "requested: 2 allowed: 1" in completed(too_many).message
+
+
+def test_running_gpu_tasks_hold_their_quota_until_they_end(cloud, image, local):
+    local.emulator.services["quotas"].set_gpu_quota(1)
+    cloud.create(job_spec({"args": ["sleep-first"]}))
+    first = cloud.start()
+    wait_until(lambda: cloud.executions.get_execution(name=first).running_count == 1)
+    second = cloud.run()
+    assert "requested: 2 allowed: 1" in completed(second).message
+    cloud.executions.cancel_execution(name=first).result(polling=FAST)
+    wait_until(lambda: bool(cloud.executions.get_execution(name=first).completion_time))
+    # A CPU-only job needs no GPU quota at all.
+    local.emulator.services["quotas"].set_gpu_quota(0)
+    cpu_only = job_spec({"args": []}, node_selector={}, gpu_zonal_redundancy_disabled=False)
+    cpu_only["template"]["template"]["containers"][0] |= _limits(cpu="1", memory="512Mi")
+    cloud.create(cpu_only, job_id="cpu")
+    operation = cloud.jobs.run_job(name=f"{PARENT}/jobs/cpu")
+    assert completed(operation.result(polling=FAST)).state == Condition.State.CONDITION_SUCCEEDED

@@ -34,6 +34,9 @@ FAKE_TRAINER = textwrap.dedent(
     print("attempt", attempt, "execution", os.environ["CLOUD_RUN_EXECUTION"], flush=True)
     print("token-present", os.environ.get("HF_TOKEN") == os.environ.get("EXPECTED_TOKEN_SHA"), flush=True)
     strategy = flags.get("--checkpoint-strategy")
+    if strategy == "sleep":
+        import time
+        time.sleep(60)
     if strategy == "always-fail" or (strategy == "fail-once" and attempt == 0):
         print("failing on purpose", file=sys.stderr, flush=True)
         sys.exit(3)
@@ -92,7 +95,7 @@ def test_up_creates_the_gpu_job_as_cloud_run_receives_it(env, project_dir):
     assert task.node_selector.accelerator == "nvidia-rtx-pro-6000"
     assert task.gpu_zonal_redundancy_disabled is True
     assert task.max_retries == 1
-    assert task.timeout.total_seconds() == 6 * 3600
+    assert task.timeout.total_seconds() == 3600
     assert task.service_account == f"gemma3-finetuning@{PROJECT}.iam.gserviceaccount.com"
     assert task.volumes[0].gcs.bucket == f"{PROJECT}-gemma3-finetuning"
     assert container.volume_mounts[0].mount_path == "/mnt/gcs"
@@ -215,3 +218,90 @@ def test_the_token_crosses_the_wire_only_in_add_secret_version(env, project_dir)
     assert carrying <= {"AddSecretVersion"}
     job = env.clients(PROJECT).jobs.get_job(name=JOB)
     assert TOKEN not in run_v2.Job.to_json(job)
+
+
+QUOTA_ID = "NvidiaRtxPro6000GpuAllocNoZonalRedundancyPerProjectRegion"
+
+
+def run_jobs(env) -> list[dict]:
+    return [entry for entry in env.record() if entry["method"] == "RunJob"]
+
+
+def test_run_without_gpu_quota_is_refused_before_any_run_job(env, project_dir):
+    assert up(project_dir).exit_code == 0
+    env.emulator.services["quotas"].set_gpu_quota(0)
+    result = cli("run", "--follow")
+    assert result.exit_code == 2, result.output
+    assert (
+        f"Error: The project has no Cloud Run GPU quota for nvidia-rtx-pro-6000 in europe-west4 ({QUOTA_ID}"
+        in (result.output)
+    )
+    assert f"Hint: Request {QUOTA_ID} for region europe-west4 at " in result.output
+    assert "https://console.cloud.google.com/iam-admin/quotas?project=demo-project" in result.output
+    assert "Traceback" not in result.output
+    assert run_jobs(env) == []
+
+
+def test_run_is_refused_while_the_jobs_executions_hold_all_the_quota(env, project_dir):
+    assert up(project_dir).exit_code == 0
+    env.emulator.services["quotas"].set_gpu_quota(1)
+    first = cli("run", "--set", "checkpoint-strategy=sleep")
+    assert first.exit_code == 0, first.output
+    second = cli("run")
+    assert second.exit_code == 2, second.output
+    assert f"already hold 1 of the 1 nvidia-rtx-pro-6000 GPU(s) of {QUOTA_ID}" in second.output
+    assert len(run_jobs(env)) == 1
+    clients = env.clients(PROJECT)
+    running = next(iter(clients.executions.list_executions(parent=JOB)))
+    clients.executions.cancel_execution(name=running.name).result(timeout=60)
+
+
+def test_up_shows_the_quota_on_a_dry_run_and_only_warns_without_it(env, project_dir):
+    env.emulator.services["quotas"].set_gpu_quota(0)
+    planned = up(project_dir, "--dry-run")
+    assert planned.exit_code == 0, planned.output
+    assert f"GPU quota: {QUOTA_ID} in europe-west4: 0 GPUs" in planned.output
+    done = up(project_dir)
+    assert done.exit_code == 0, done.output
+    assert any(line.split()[:2] == ["created", "job"] for line in done.output.splitlines())
+    assert (
+        "Warning: no Cloud Run GPU quota yet" in done.output and "refused until it is granted" in done.output
+    )
+    env.emulator.services["quotas"].set_gpu_quota(1)
+    granted = up(project_dir)
+    assert "Warning" not in granted.output and "GPU quota" not in granted.output
+    as_json = json.loads(up(project_dir, "--json").output)
+    assert as_json["gpu_quota"]["quota_id"] == QUOTA_ID and as_json["gpu_quota"]["gpus"] == 1
+
+
+def test_an_l4_job_is_ga_within_an_hour_beta_beyond_and_a_second_up_keeps_it(env, project_dir):
+    assert up(project_dir, "--gpu", "nvidia-l4").exit_code == 0
+    clients = env.clients(PROJECT)
+    assert clients.jobs.get_job(name=JOB).launch_stage == launch_stage_pb2.LaunchStage.GA
+    again = up(project_dir, "--gpu", "nvidia-l4")
+    assert "Everything was already in place" in again.output, again.output
+    refused = cli("run", "--gpu", "nvidia-l4", "--timeout", "2h")
+    assert refused.exit_code == 2 and "--task-timeout 2h" in refused.output, refused.output
+    assert run_jobs(env) == []
+
+    longer = up(project_dir, "--gpu", "nvidia-l4", "--task-timeout", "2h")
+    assert any("updated" in line and "job" in line for line in longer.output.splitlines()), longer.output
+    assert clients.jobs.get_job(name=JOB).launch_stage == launch_stage_pb2.LaunchStage.BETA
+    same = up(project_dir, "--gpu", "nvidia-l4", "--task-timeout", "2h")
+    assert "Everything was already in place" in same.output, same.output
+
+
+def test_gpu_none_runs_the_same_job_on_cpu_without_gpu_quota(env, project_dir):
+    env.emulator.services["quotas"].set_gpu_quota(0)
+    result = up(project_dir, "--gpu", "none")
+    assert result.exit_code == 0, result.output
+    assert "Warning" not in result.output
+    job = env.clients(PROJECT).jobs.get_job(name=JOB)
+    task = job.template.template
+    assert dict(task.containers[0].resources.limits) == {"cpu": "8", "memory": "32Gi"}
+    assert not task.node_selector.accelerator
+    assert job.launch_stage == launch_stage_pb2.LaunchStage.GA
+    assert list(task.containers[0].args)[-2:] == ["--device", "cpu"]
+    ran = cli("run", "--gpu", "none", "--follow")
+    assert ran.exit_code == 0, ran.output
+    assert "succeeded: 1/1 tasks succeeded" in ran.output

@@ -5,7 +5,7 @@ from click.testing import CliRunner
 
 from launcher.cli import main
 from launcher.errors import UserError
-from launcher.settings import load_settings
+from launcher.settings import check_run_timeout, load_settings
 
 
 def test_defaults_follow_the_tutorial(monkeypatch):
@@ -19,8 +19,40 @@ def test_defaults_follow_the_tutorial(monkeypatch):
     assert settings.image_repository_uri == (
         "europe-west4-docker.pkg.dev/my-project/gemma3-finetuning-repo/gemma3-finetune"
     )
-    assert settings.task_timeout_s == 6 * 3600
+    assert (settings.cpu, settings.memory) == ("20", "80Gi")
+    # Within the 1 h Cloud Run allows a GPU task at GA; more is the user's choice.
+    assert settings.task_timeout_s == 3600
     assert settings.build_parent == "projects/my-project/locations/global"
+    assert settings.launch_stage == "BETA"  # the RTX PRO 6000 is a Preview GPU
+
+
+def test_launch_stage_is_beta_only_for_preview_features(monkeypatch):
+    monkeypatch.setenv("PROJECT_ID", "my-project")
+    l4 = {"gpu": "nvidia-l4"}
+    assert load_settings(None, l4).launch_stage == "GA"
+    assert (load_settings(None, l4).cpu, load_settings(None, l4).memory) == ("8", "32Gi")
+    assert load_settings(None, l4 | {"task_timeout": "1h"}).launch_stage == "GA"
+    assert load_settings(None, l4 | {"task_timeout": "61m"}).launch_stage == "BETA"
+    assert load_settings(None, l4 | {"task_timeout": "12h"}).launch_stage == "BETA"
+    # Without a GPU: any region, the table's largest shape, up to 168 h at GA.
+    cpu_only = load_settings(None, {"gpu": "none", "region": "us-east4", "task_timeout": "100h"})
+    assert (cpu_only.cpu, cpu_only.memory, cpu_only.launch_stage) == ("8", "32Gi", "GA")
+
+
+def test_run_timeout_is_held_to_the_jobs_launch_stage(monkeypatch):
+    monkeypatch.setenv("PROJECT_ID", "my-project")
+    l4 = load_settings(None, {"gpu": "nvidia-l4"})
+    with pytest.raises(UserError) as raised:
+        check_run_timeout(l4, 2 * 3600)
+    assert "Preview of long running GPU jobs" in raised.value.message
+    assert "--task-timeout 2h" in raised.value.hint
+    check_run_timeout(l4, 3600)
+    check_run_timeout(load_settings(None, {"gpu": "nvidia-l4", "task_timeout": "3h"}), 2 * 3600)
+    rtx = load_settings()
+    check_run_timeout(rtx, 12 * 3600)
+    with pytest.raises(UserError, match="at most 12h"):
+        check_run_timeout(rtx, 13 * 3600)
+    check_run_timeout(load_settings(None, {"gpu": "none"}), 100 * 3600)
 
 
 def test_precedence_defaults_file_env_flags(monkeypatch, tmp_path):
@@ -72,6 +104,18 @@ def test_config_in_working_directory_is_found(monkeypatch):
         ({"PROJECT_ID": "my-project"}, {"task_timeout": "5s"}, "between 10s and 168h", "--task-timeout"),
         ({"PROJECT_ID": "my-project"}, {"task_timeout": "200h"}, "between 10s and 168h", "--task-timeout"),
         ({"PROJECT_ID": "my-project"}, {"task_timeout": "soon"}, "not a duration", "--task-timeout"),
+        ({"PROJECT_ID": "my-project"}, {"task_timeout": "13h"}, "at most 12h", "--task-timeout 12h"),
+        ({"PROJECT_ID": "my-project"}, {"cpu": "21"}, "20 or 22 CPUs", "--cpu 20"),
+        ({"PROJECT_ID": "my-project"}, {"memory": "100Gi"}, "at most 80Gi", "--memory 80Gi"),
+        ({"PROJECT_ID": "my-project"}, {"gpu": "nvidia-l4", "cpu": "12"}, "1, 2, 4, 6 or 8 CPUs", "--cpu"),
+        (
+            {"PROJECT_ID": "my-project"},
+            {"gpu": "nvidia-l4", "cpu": "4", "memory": "32Gi"},
+            "With 4 CPUs, Cloud Run takes 2Gi to 16Gi",
+            "--memory between 2Gi and 16Gi",
+        ),
+        ({"PROJECT_ID": "my-project"}, {"gpu": "none", "cpu": "3"}, "1, 2, 4, 6 or 8 CPUs", "--cpu"),
+        ({"PROJECT_ID": "my-project"}, {"gpu": "none", "memory": "64Gi"}, "4Gi to 32Gi", "--memory"),
         ({"PROJECT_ID": "my-project"}, {"max_retries": 11}, "less than or equal to 10", "--max-retries"),
         (
             {"PROJECT_ID": "my-project", "SERVICE_ACCOUNT": "sa"},
