@@ -248,7 +248,7 @@ def up(
     with console.status("Provisioning…", spinner="dots") if not as_json else nullcontext():
         changes = provision.provision(clients, settings, dry_run=dry_run, on_change=on_change)
     if provision.apis_pending(changes):
-        _summarise_up(report, as_json, dry_run, None)
+        _summarise_up(report, as_json, dry_run, None, None, "")
         if not as_json:
             console.print(
                 "The rest of the plan needs these APIs on: nothing behind them can be read yet. "

@@ -26,7 +26,7 @@ def value(info, region: str) -> int:
 
 
 def test_a_fresh_project_has_no_cloud_run_gpu_quota_anywhere(tmp_path, monkeypatch):
-    with Emulator(data_dir=tmp_path / "cloud") as emulator:
+    with Emulator(data_dir=tmp_path / "cloud", enabled_apis=("cloudquotas.googleapis.com",)) as emulator:
         monkeypatch.setenv("GEMMA_LAUNCH_EMULATOR_HOST", emulator.host)
         quotas = Clients(PROJECT).quotas
         infos = list(quotas.list_quota_infos(parent=SERVICE))
@@ -44,7 +44,9 @@ def test_a_fresh_project_has_no_cloud_run_gpu_quota_anywhere(tmp_path, monkeypat
             quotas.get_quota_info(name=f"{SERVICE}/quotaInfos/NvidiaT4GpuAllocPerProjectRegion")
         assert (
             list(
-                quotas.list_quota_infos(parent="projects/p/locations/global/services/compute.googleapis.com")
+                quotas.list_quota_infos(
+                    parent=f"projects/{PROJECT}/locations/global/services/compute.googleapis.com"
+                )
             )
             == []
         )
