@@ -196,5 +196,7 @@ def permissions_of(role: str) -> frozenset[str]:
 
 def smallest_role_with(permission: str) -> str | None:
     """The predefined role with the fewest permissions that grants `permission`: what a hint suggests."""
-    holders = [name for name, permissions in PREDEFINED.items() if permission in permissions]
+    # Legacy roles exist for ACL compatibility; a hint should name a current one.
+    current = {name: held for name, held in PREDEFINED.items() if ".legacy" not in name}
+    holders = [name for name, held in current.items() if permission in held]
     return min(holders, key=lambda name: (len(PREDEFINED[name]), name), default=None)

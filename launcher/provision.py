@@ -18,7 +18,7 @@ from contextlib import suppress
 
 from google.api_core import exceptions
 from google.api_core.retry import Retry, if_exception_type
-from google.cloud import artifactregistry_v1, iam_admin_v1, secretmanager_v1
+from google.cloud import artifactregistry_v1, iam_admin_v1, secretmanager_v1, storage
 from google.iam.v1 import iam_policy_pb2, policy_pb2
 
 from launcher.api_errors import explained
@@ -104,7 +104,7 @@ def ensure_bucket(clients: Clients, settings: Settings, *, dry_run: bool = False
         f"--location={settings.region} --uniform-bucket-level-access"
     )
     with explained("bucket", name, settings):
-        bucket = clients.storage.lookup_bucket(name, retry=RETRY)
+        bucket = _lookup_bucket(clients, name)
         if bucket is None:
             if dry_run:
                 return Change("bucket", name, "would create", command)
@@ -114,12 +114,9 @@ def ensure_bucket(clients: Clients, settings: Settings, *, dry_run: bool = False
                 clients.storage.create_bucket(bucket, location=settings.region, retry=RETRY)
                 return Change("bucket", name, "created", command)
             except exceptions.Conflict:
-                bucket = clients.storage.lookup_bucket(name, retry=RETRY)
+                bucket = _lookup_bucket(clients, name)
                 if bucket is None:
-                    raise UserError(
-                        f"Bucket name {name} is taken by another project.",
-                        "Bucket names are global: choose another with --bucket or $BUCKET_NAME.",
-                    ) from None
+                    raise _taken(name) from None
         if (bucket.location or "").lower() != settings.region:
             raise UserError(
                 f"Bucket {name} exists in {bucket.location}, but the job runs in {settings.region}.",
@@ -138,6 +135,25 @@ def ensure_bucket(clients: Clients, settings: Settings, *, dry_run: bool = False
             bucket.patch(retry=RETRY)
             return Change("bucket", name, "updated")
         return Change("bucket", name, "unchanged")
+
+
+def _lookup_bucket(clients: Clients, name: str) -> storage.Bucket | None:
+    """The bucket, None when the name is free; a UserError when another project holds it.
+
+    Bucket names are global, and a bucket of another project answers 403, not 404, to whoever lacks
+    storage.buckets.get on it (https://cloud.google.com/storage/docs/buckets#naming).
+    """
+    try:
+        return clients.storage.lookup_bucket(name, retry=RETRY)
+    except exceptions.Forbidden:
+        raise _taken(name) from None
+
+
+def _taken(name: str) -> UserError:
+    return UserError(
+        f"Bucket name {name} is taken by another project (or by one your account cannot read).",
+        "Bucket names are global: choose another with --bucket or $BUCKET_NAME.",
+    )
 
 
 def _ensure_bucket_role(

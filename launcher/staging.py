@@ -54,6 +54,7 @@ from rich.console import Console
 
 from launcher import job as jobs
 from launcher import logs
+from launcher.api_errors import translate
 from launcher.cloud import Clients
 from launcher.errors import UserError
 from launcher.settings import Settings
@@ -401,10 +402,7 @@ def _storage_errors(bucket: str) -> Iterator[None]:
             f"Bucket {bucket} does not exist: {error.message}", "Run `gemma-launch up` to create it."
         ) from error
     except exceptions.Forbidden as error:
-        raise UserError(
-            f"Permission denied on bucket {bucket}: {error.message}",
-            "Your account needs roles/storage.objectAdmin on it (or run `gemma-launch up` as its owner).",
-        ) from error
+        raise translate(error, None, f"bucket {bucket}") from error
     except exceptions.GoogleAPICallError as error:
         raise UserError(
             f"Cloud Storage failed on bucket {bucket}: {error.message or error}",

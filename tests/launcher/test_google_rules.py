@@ -1,0 +1,121 @@
+"""What a fresh Google Cloud project answers the CLI, through the real clients and the stricter emulator.
+
+Each test is one of the ways a first `up` used to fail on real Google Cloud: APIs off, permissions
+checked per caller (403 `Forbidden` from Cloud Storage, PERMISSION_DENIED from gRPC), a bucket name
+taken by another project, no credentials at all. Every one must end in one Error line and one Hint
+line that says what to do, exit status 2, and no traceback.
+"""
+
+from __future__ import annotations
+
+import pytest
+from click.testing import CliRunner
+from google.cloud import storage
+from google.iam.v1 import iam_policy_pb2, policy_pb2
+from google.oauth2.credentials import Credentials
+
+from launcher.cli import main
+from trainer.synthetic import write_dataset
+
+PROJECT = "demo-project"
+BUCKET = f"{PROJECT}-gemma3-finetuning"
+STRANGER = "user:someone@example.com"
+
+
+@pytest.fixture
+def env(fresh, monkeypatch):
+    monkeypatch.setenv("PROJECT_ID", PROJECT)
+    monkeypatch.setenv("HF_TOKEN", "hf_test_token_0123456789abcdef")
+    return fresh
+
+
+def invoke(*args: str):
+    return CliRunner().invoke(main, list(args))
+
+
+def assert_explained(result, *fragments: str) -> None:
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    lines = result.output.strip().splitlines()
+    errors = [line for line in lines if line.startswith("Error:")]
+    hints = [line for line in lines if line.startswith("Hint:")]
+    assert len(errors) == 1 and len(hints) == 1, result.output
+    for fragment in fragments:
+        assert fragment in result.output, (fragment, result.output)
+
+
+@pytest.mark.parametrize("command", [["status"], ["logs"], ["results"], ["run"]])
+def test_cloud_run_calls_on_a_project_without_the_run_api_say_how_to_enable_it(env, command):
+    result = invoke(*command)
+    assert_explained(
+        result, "run.googleapis.com API is not enabled", "gemma-launch up", "gcloud services enable"
+    )
+
+
+def test_a_bucket_name_another_project_holds_is_reported_as_taken_and_nothing_is_created(env):
+    env.emulator.access.add_project("someone-elses", owner=STRANGER)
+    token = env.emulator.access.issue_token(STRANGER)
+    theirs = storage.Client(project="someone-elses", credentials=Credentials(token))
+    theirs.create_bucket(BUCKET, location="europe-west4")
+
+    result = invoke("up", "--skip-build", "--skip-stage")
+    assert_explained(result, f"Bucket name {BUCKET} is taken by another project", "--bucket")
+    # Cloud Storage answered 403 (not 404) to the bucket lookup, which is how "taken" is told apart.
+    lookups = [
+        e
+        for e in env.record()
+        if e["method"] == "buckets.get" and e["request"]["params"]["bucket_name"] == BUCKET
+    ]
+    assert lookups and lookups[-1]["outcome"] == "FORBIDDEN"
+
+
+def _make_viewer(env) -> None:
+    """The CLI's account keeps only roles/viewer; someone else owns the project."""
+    clients = env.clients(PROJECT)
+    clients.service_usage.enable_service(
+        request={"name": f"projects/{PROJECT}/services/cloudresourcemanager.googleapis.com"}
+    ).result()
+    projects = clients.projects
+    resource = f"projects/{PROJECT}"
+    policy = policy_pb2.Policy(
+        bindings=[
+            policy_pb2.Binding(role="roles/owner", members=[STRANGER]),
+            policy_pb2.Binding(role="roles/viewer", members=["user:developer@example.com"]),
+        ]
+    )
+    projects.set_iam_policy(request=iam_policy_pb2.SetIamPolicyRequest(resource=resource, policy=policy))
+
+
+def test_a_missing_permission_names_it_and_the_role_that_grants_it(env):
+    _make_viewer(env)
+    result = invoke("up", "--skip-build", "--skip-stage")
+    assert_explained(
+        result,
+        "Permission denied",
+        "serviceusage.services.enable",
+        "roles/serviceusage.serviceUsageAdmin",
+        "gcloud projects add-iam-policy-binding demo-project",
+    )
+
+
+def test_a_cloud_storage_403_is_a_permission_error_with_the_storage_role(env, tmp_path):
+    env.enable_apis()
+    assert invoke("up", "--skip-build", "--skip-stage").exit_code == 0
+    _make_viewer(env)
+    model, data = tmp_path / "model", tmp_path / "data"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    write_dataset(data, per_class=1, test_per_class=1)
+    result = invoke(
+        "stage", "--stage-in", "local", "--model-source", str(model), "--dataset-source", str(data)
+    )
+    assert_explained(result, "Permission denied", "storage.objects.", "roles/storage.")
+
+
+def test_no_credentials_at_all_say_how_to_log_in(monkeypatch):
+    # No emulator: the real clients look for Application Default Credentials, and find none (the test
+    # environment points gcloud's config and the metadata server at nothing).
+    monkeypatch.setenv("PROJECT_ID", PROJECT)
+    for command in (["up", "--dry-run"], ["status"], ["logs"], ["results"], ["run"]):
+        result = invoke(*command)
+        assert_explained(result, "No Google Cloud credentials found", "gcloud auth application-default login")
