@@ -27,8 +27,19 @@ MOUNT_PATH = "/mnt/gcs"
 VOLUME = "gcs"
 CONTAINER = "trainer"
 RUNS_PREFIX = "runs"
-# gcsfuse options that suit large sequential weight reads and checkpoint writes.
-MOUNT_OPTIONS = ["implicit-dirs", "metadata-cache-ttl-secs=-1", "file-cache-max-size-mb=0"]
+# The image runs as this user (Dockerfile: USER 10001:10001). gcsfuse gives every file of a mount to
+# the user that mounted it, 0644/0755, unless told otherwise (gcsfuse docs/semantics.md, "Permissions
+# and ownership"), and Volume.gcs.mount_options passes gcsfuse flags without their leading "--" (the
+# proto comment of GCSVolumeSource.mount_options): uid/gid make the trainer the owner of the mount.
+CONTAINER_UID = 10001
+# gcsfuse options that suit large sequential weight reads and checkpoint writes, and the owner.
+MOUNT_OPTIONS = [
+    "implicit-dirs",
+    "metadata-cache-ttl-secs=-1",
+    "file-cache-max-size-mb=0",
+    f"uid={CONTAINER_UID}",
+    f"gid={CONTAINER_UID}",
+]
 
 # The staging job: a short CPU job in the region that runs launcher.stage_worker from the same image,
 # so Hub weights flow Hub -> region -> bucket instead of through the user's machine.

@@ -69,14 +69,21 @@ class ImageConfig:
     workdir: str = "/"
     env: dict[str, str] = field(default_factory=dict)
     shell: list[str] = field(default_factory=lambda: ["/bin/sh", "-c"])
+    user: str = ""  # USER: "" is root
 
     def copy(self) -> ImageConfig:
         return ImageConfig(
-            list(self.entrypoint), list(self.cmd), self.workdir, dict(self.env), list(self.shell)
+            list(self.entrypoint), list(self.cmd), self.workdir, dict(self.env), list(self.shell), self.user
         )
 
     def to_json(self) -> dict:
-        return {"entrypoint": self.entrypoint, "cmd": self.cmd, "workdir": self.workdir, "env": self.env}
+        return {
+            "entrypoint": self.entrypoint,
+            "cmd": self.cmd,
+            "workdir": self.workdir,
+            "env": self.env,
+            "user": self.user,
+        }
 
 
 @dataclass
@@ -267,6 +274,9 @@ def parse(text: str, build_args: dict[str, str] | None = None, target: str | Non
             assert config is not None
             for key, value in _env_pairs(instruction):
                 config.env[key] = variables[key] = _expand(value, variables)
+        elif keyword == "USER":
+            assert config is not None
+            config.user = _expand(instruction.arguments, variables).strip()
         elif keyword == "WORKDIR":
             assert config is not None
             config.workdir = posixpath.normpath(

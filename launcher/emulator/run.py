@@ -1090,6 +1090,7 @@ class _Events:
         for volume in self.execution.template.volumes:
             if "gcs" in volume and volume.name in mounts:
                 self._check_mount(volume, account)
+                self._check_mount_owner(volume, mounts[volume.name], config.get("user") or "")
                 bucket_dir = emulator.bucket_dir(volume.gcs.bucket)
                 bucket_dir.mkdir(parents=True, exist_ok=True)
                 self._rewrites[mounts[volume.name].rstrip("/")] = str(bucket_dir)
@@ -1152,6 +1153,25 @@ class _Events:
                 f"fs.NewServer: create file system: SetUpBucket: OpenBucket: Bad credentials for bucket "
                 f"{bucket}: permission denied ({account} lacks {', '.join(missing)} on gs://{bucket})."
             )
+
+    @staticmethod
+    def _check_mount_owner(volume: run_v2.Volume, path: str, user: str) -> None:
+        """gcsfuse gives every file to the user who mounted it, 0644/0755, unless the uid/gid (or
+        file-mode/dir-mode) options say otherwise (https://github.com/GoogleCloudPlatform/gcsfuse/blob/master/docs/semantics.md#permissions-and-ownership).
+        An image whose USER is not root then cannot write to a writable mount without uid=<its uid>:
+        Cloud Run would start the task and its first write would fail with EACCES; the emulator, which
+        runs tasks as its own user, refuses at the start with that reason instead."""
+        uid = user.split(":", 1)[0]
+        if volume.gcs.read_only or uid in ("", "0", "root"):
+            return
+        options = {option.partition("=")[0]: option.partition("=")[2] for option in volume.gcs.mount_options}
+        if options.get("uid") == uid or options.get("dir-mode", "").endswith("7"):
+            return
+        raise _RunFailure(
+            f"The container runs as user {user}, but the Cloud Storage volume '{volume.name}' at {path} is "
+            "owned by root (0755 directories, 0644 files) without uid/gid mount options: every write there "
+            f"fails with EACCES (permission denied). Add mount option uid={uid} (and gid) to the volume."
+        )
 
     def stop_metadata(self) -> None:
         if self.metadata is not None:

@@ -54,6 +54,17 @@ elif mode == "sleep-first":
 elif mode == "lines":
     for n in range(3):
         print(f"line {n}")
+elif mode == "whoami":
+    # What the trainer and the staging worker do: ADC, then a Cloud Storage call with it.
+    import google.auth
+    import google.auth.transport.requests
+    from google.cloud import storage
+    credentials, project = google.auth.default()
+    credentials.refresh(google.auth.transport.requests.Request())
+    client = storage.Client(project=project, credentials=credentials)
+    list(client.bucket(rest[0]).list_blobs(max_results=1))
+    print(json.dumps({"email": credentials.service_account_email, "project": project}), flush=True)
+    client.bucket(rest[0]).reload()
 """
 
 
@@ -486,6 +497,50 @@ def test_service_account_without_secret_access_is_denied(cloud):
 
 
 # ---- Executions
+
+
+def test_a_task_runs_as_the_jobs_service_account_found_through_the_metadata_server(cloud, image):
+    cloud.create(job_spec({"args": ["whoami", BUCKET]}))
+    execution = cloud.run()
+    # storage.objects.list is the job account's (objectAdmin on the bucket); storage.buckets.get is not,
+    # and Cloud Storage answers the task's own bucket GET with 403 naming that account.
+    assert execution.failed_count == 1
+    identity = json.loads(cloud.log_texts(execution.name)[0])
+    assert identity == {"email": ACCOUNT, "project": PROJECT}
+    errors = "\n".join(cloud.log_texts(execution.name, "stderr"))
+    assert f"{ACCOUNT} does not have storage.buckets.get access" in errors
+
+
+def test_a_mount_the_jobs_account_cannot_write_fails_the_task_before_it_starts(cloud, image, local):
+    bucket = local.clients(PROJECT).storage.bucket(BUCKET)
+    policy = bucket.get_iam_policy()
+    policy.bindings = [{"role": "roles/storage.objectViewer", "members": {f"serviceAccount:{ACCOUNT}"}}]
+    bucket.set_iam_policy(policy)
+    cloud.create()
+    execution = cloud.run()
+    completed = next(c for c in execution.conditions if c.type_ == "Completed")
+    assert completed.state == Condition.State.CONDITION_FAILED
+    assert "Bad credentials for bucket" in completed.message
+    assert "storage.objects.create" in completed.message
+    # Read-only, the same grant is enough.
+    cloud.jobs.delete_job(name=JOB).result(polling=FAST)
+    readonly = job_spec(volumes=[{"name": "gcs", "gcs": {"bucket": BUCKET, "read_only": True}}])
+    cloud.create(readonly)
+    assert "Bad credentials" not in next(c for c in cloud.run().conditions if c.type_ == "Completed").message
+
+
+def test_a_non_root_image_needs_the_mounts_uid_to_write_to_it(cloud, image, local):
+    config = json.loads((image / ".image.json").read_text())
+    (image / ".image.json").write_text(json.dumps(config | {"user": "10001:10001"}))
+    cloud.create()
+    completed = next(c for c in cloud.run().conditions if c.type_ == "Completed")
+    assert completed.state == Condition.State.CONDITION_FAILED
+    assert "EACCES" in completed.message and "uid=10001" in completed.message
+    owned = [{"name": "gcs", "gcs": {"bucket": BUCKET, "mount_options": ["uid=10001", "gid=10001"]}}]
+    cloud.jobs.delete_job(name=JOB).result(polling=FAST)
+    cloud.create(job_spec(volumes=owned))
+    execution = cloud.run()
+    assert execution.succeeded_count == 1, execution.conditions
 
 
 def test_task_sees_overrides_builtin_env_secret_and_mount(cloud, image, local):

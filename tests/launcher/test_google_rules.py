@@ -8,18 +8,24 @@ line that says what to do, exit status 2, and no traceback.
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import pytest
 from click.testing import CliRunner
 from google.cloud import storage
 from google.iam.v1 import iam_policy_pb2, policy_pb2
 from google.oauth2.credentials import Credentials
 
+from launcher import job as jobs
 from launcher.cli import main
+from launcher.settings import load_settings
 from trainer.synthetic import write_dataset
 
 PROJECT = "demo-project"
 BUCKET = f"{PROJECT}-gemma3-finetuning"
 STRANGER = "user:someone@example.com"
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture
@@ -119,3 +125,14 @@ def test_no_credentials_at_all_say_how_to_log_in(monkeypatch):
     for command in (["up", "--dry-run"], ["status"], ["logs"], ["results"], ["run"]):
         result = invoke(*command)
         assert_explained(result, "No Google Cloud credentials found", "gcloud auth application-default login")
+
+
+def test_the_jobs_bucket_mount_belongs_to_the_user_the_image_runs_as(monkeypatch):
+    # The emulator refuses a writable mount a non-root image cannot write to (gcsfuse gives files to
+    # the mounting user); the real Dockerfile's USER and the job's uid/gid mount options must agree.
+    monkeypatch.setenv("PROJECT_ID", PROJECT)
+    user = re.search(r"^USER (\d+):(\d+)$", (REPO_ROOT / "Dockerfile").read_text(), re.MULTILINE)
+    assert user, "the image runs as a numeric non-root user"
+    spec = jobs.job_spec(load_settings(), "image", [])
+    options = spec.template.template.volumes[0].gcs.mount_options
+    assert f"uid={user[1]}" in options and f"gid={user[2]}" in options
