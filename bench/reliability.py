@@ -101,7 +101,10 @@ def emulated(workdir: Path, faults: str | None = None) -> Iterator[Emulator]:
     """A fresh emulator recording to workdir/record.jsonl, with the environment pointing at it."""
     names = ("GEMMA_LAUNCH_EMULATOR_HOST", "STORAGE_EMULATOR_HOST", "PROJECT_ID", "HF_TOKEN")
     saved = {name: os.environ.get(name) for name in names}
-    with Emulator(data_dir=workdir / "emulator", record=workdir / "record.jsonl", faults=faults) as emulator:
+    # A project whose GPU quota request was granted, as in the demo.
+    with Emulator(
+        data_dir=workdir / "emulator", record=workdir / "record.jsonl", faults=faults, gpu_quota=1
+    ) as emulator:
         os.environ.update(
             GEMMA_LAUNCH_EMULATOR_HOST=emulator.host,
             STORAGE_EMULATOR_HOST=emulator.storage_host,

@@ -224,15 +224,20 @@ def up(
     """Provision, build, stage and create the job; safe to run again.
 
     \b
-    In order, each step saying created, updated or unchanged:
-      1. service account; bucket (uniform access, in the job's region); storage.objectAdmin for the
-         service account on that bucket only; Artifact Registry Docker repository; the HF_TOKEN
-         secret (a new version only when the token changed); secretAccessor on that secret only
-      2. the image, built by Cloud Build (skipped when this source was already built)
+    In order, each step saying created, enabled, updated or unchanged:
+      0. the Google APIs it needs, enabled through Service Usage (a new project has them off)
+      1. the job's and the build's service accounts; bucket (uniform access, in the job's region);
+         storage.objectAdmin for the job's account and storage.objectViewer for the build's on that
+         bucket only; Artifact Registry Docker repository, writable by the build's account only;
+         logging.logWriter for the build's account (project-wide: it has no narrower scope); the
+         HF_TOKEN secret (a new version only when the token changed); secretAccessor on it only
+      2. the image, built by Cloud Build as the build's account, in --build-location (default
+         global; skipped when this source was already built)
       3. model weights and dataset into gs://BUCKET/<model-id>/ and gs://BUCKET/datasets/<name>/:
          Hub repos by a short CPU job (<job>-stage) running that image in the region, local
          directories from this machine; nothing moves when the staged copy is complete
       4. the Cloud Run GPU job, created or updated (untouched when its spec is unchanged)
+    The GPU quota is read and shown; without it `up` warns and `run` refuses.
     """
     clients = Clients(settings.project_id)
     report: list[dict[str, str]] = []

@@ -100,6 +100,14 @@ RETRY = retry.Retry(
 )
 
 
+def _adc() -> Credentials | None:
+    try:
+        credentials, _ = google.auth.default()
+    except google.auth.exceptions.DefaultCredentialsError:
+        return None
+    return credentials
+
+
 def emulator_host() -> str | None:
     return os.environ.get(EMULATOR_ENV) or None
 
@@ -121,14 +129,13 @@ class Clients:
         """Application Default Credentials; None against the emulator, whose callers carry none."""
         if self.emulator:
             return None
-        try:
-            credentials, _ = google.auth.default()
-        except google.auth.exceptions.DefaultCredentialsError:
+        credentials = _adc()
+        if credentials is None:
             raise UserError(
                 "No Google Cloud credentials found (Application Default Credentials).",
                 "Run `gcloud auth application-default login` (or set GOOGLE_APPLICATION_CREDENTIALS to a "
                 "service account key file), then run the command again.",
-            ) from None
+            )
         return credentials
 
     def _build(self, client_cls, transport_cls):
@@ -184,4 +191,8 @@ class Clients:
     def storage(self) -> storage.Client:
         if self.emulator:
             return storage.Client(project=self.project, credentials=AnonymousCredentials())
+        if os.environ.get("STORAGE_EMULATOR_HOST"):
+            # In an emulated task ADC finds the job's account (metadata server); elsewhere, no
+            # credentials is the emulator's own user, as the gRPC clients above are.
+            return storage.Client(project=self.project, credentials=_adc() or AnonymousCredentials())
         return storage.Client(project=self.project, credentials=self.credentials)

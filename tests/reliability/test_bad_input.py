@@ -83,7 +83,7 @@ def is_mutating(entry: dict) -> bool:
 @pytest.fixture(scope="module")
 def emulator(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Emulator, Path]]:
     root = tmp_path_factory.mktemp("bad-input")
-    with Emulator(data_dir=root / "emulator", record=root / "record.jsonl") as running:
+    with Emulator(data_dir=root / "emulator", record=root / "record.jsonl", gpu_quota=1) as running:
         yield running, root / "record.jsonl"
 
 

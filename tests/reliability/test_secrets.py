@@ -82,8 +82,8 @@ def test_the_service_account_holds_exactly_two_grants_on_one_resource_each(tmp_p
     member = f"serviceAccount:{SA}"
     assert [grant for grant in bucket_grants if SA in grant[1]] == [("roles/storage.objectAdmin", member)]
     assert secret_grants == [("roles/secretmanager.secretAccessor", member)]
-    # No other policy was set: the only policy writes were on that bucket and that secret (no project,
-    # repository or service-account policy), and no other stored policy names the account.
+    # The job's account is named in no other policy: the other policy writes (repository, project) are
+    # the build account's grants, and no other stored policy names the job's account.
     policy_writes = {
         entry["request"]["params"].get("bucket_name")
         if entry["service"] == "storage"
@@ -91,7 +91,8 @@ def test_the_service_account_holds_exactly_two_grants_on_one_resource_each(tmp_p
         for entry in record
         if entry["method"] in ("SetIamPolicy", "buckets.setIamPolicy")
     }
-    assert policy_writes <= {SECRET, BUCKET}, policy_writes
+    repository = "projects/demo-project/locations/europe-west4/repositories/gemma3-finetuning-repo"
+    assert policy_writes <= {SECRET, BUCKET, repository, "projects/demo-project"}, policy_writes
     for table, rows in state.items():
         for key, row in rows.items():
             policy = row.get("policy") if isinstance(row, dict) else None
