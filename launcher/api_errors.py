@@ -26,6 +26,7 @@ from launcher.settings import Settings
 _PERMISSION = re.compile(
     r"Permission '(?P<permission>[\w.]+)' denied|does not have (?P<storage>[\w.]+) access"
 )
+_DENIED_ACCOUNT = re.compile(r"(?P<email>[\w.-]+@[\w.-]+\.gserviceaccount\.com) does not have")
 _API_URL = re.compile(r"/apis/api/(?P<api>[\w.-]+)/")
 _LOGIN = "Run `gcloud auth application-default login`, then run the command again."
 
@@ -77,10 +78,12 @@ def translate(error: BaseException, settings: Settings | None, what: str = "") -
         permission = denied_permission(error)
         role = smallest_role_with(permission) if permission else None
         needed = f"a role with {permission}, e.g. {role}" if role else f"{permission or 'this permission'}"
+        account = _DENIED_ACCOUNT.search(message)
+        member = f"serviceAccount:{account['email']}" if account else "user:YOUR_EMAIL"
         return UserError(
             f"Permission denied{on}: {message}",
             f"The account needs {needed}. A project owner can grant it: gcloud projects "
-            f"add-iam-policy-binding {project} --member=user:YOUR_EMAIL --role={role or 'ROLE'}; "
+            f"add-iam-policy-binding {project} --member={member} --role={role or 'ROLE'}; "
             "`gemma-launch doctor` lists every permission `up` needs.",
         )
     if isinstance(error, exceptions.Unauthenticated):
