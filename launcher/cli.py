@@ -340,7 +340,7 @@ def _summarise_up(
         found = None if gpu_quota is None else dataclasses.asdict(gpu_quota)
         click.echo(json.dumps({"dry_run": dry_run, "changes": report, "gpu_quota": found}, indent=2))
         return
-    if dry_run and gpu_quota is not None:
+    if gpu_quota is not None:
         console.print(f"GPU quota: {gpu_quota.describe()}", soft_wrap=True)
     if gpu_quota is not None and gpu_quota.gpus < 1:
         err_console.print(

@@ -256,7 +256,7 @@ def test_run_is_refused_while_the_jobs_executions_hold_all_the_quota(env, projec
     clients.executions.cancel_execution(name=running.name).result(timeout=60)
 
 
-def test_up_shows_the_quota_on_a_dry_run_and_only_warns_without_it(env, project_dir):
+def test_up_shows_the_quota_and_only_warns_without_it(env, project_dir):
     env.emulator.services["quotas"].set_gpu_quota(0)
     planned = up(project_dir, "--dry-run")
     assert planned.exit_code == 0, planned.output
@@ -269,7 +269,8 @@ def test_up_shows_the_quota_on_a_dry_run_and_only_warns_without_it(env, project_
     )
     env.emulator.services["quotas"].set_gpu_quota(1)
     granted = up(project_dir)
-    assert "Warning" not in granted.output and "GPU quota" not in granted.output
+    assert "Warning" not in granted.output
+    assert f"GPU quota: {QUOTA_ID} in europe-west4: 1 GPU" in granted.output
     as_json = json.loads(up(project_dir, "--json").output)
     assert as_json["gpu_quota"]["quota_id"] == QUOTA_ID and as_json["gpu_quota"]["gpus"] == 1
 
