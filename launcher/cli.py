@@ -564,6 +564,25 @@ def emulator() -> None:
     help="Cloud Run GPUs the project may use at once, in every region and for every GPU type (0: a fresh "
     "project, whose GPU executions fail until quota is granted).",
 )
+@click.option(
+    "--user",
+    default="developer@example.com",
+    show_default=True,
+    help="The account gemma-launch calls as: owner of every project it names.",
+)
+@click.option(
+    "--billing/--no-billing",
+    default=True,
+    show_default=True,
+    help="Whether the projects have billing enabled (what `doctor` checks).",
+)
+@click.option(
+    "--iam-propagation",
+    type=click.FloatRange(min=0),
+    default=2.0,
+    show_default=True,
+    help="Seconds a new service account stays unknown to IAM policies, as in Google Cloud.",
+)
 def emulator_start(
     port: int,
     storage_port: int,
@@ -572,11 +591,18 @@ def emulator_start(
     record: Path | None,
     build_regions: str | None,
     gpu_quota: int,
+    user: str,
+    billing: bool,
+    iam_propagation: float,
 ) -> None:
     """Run the local cloud in the foreground until Ctrl-C.
 
     The first two lines are shell exports; `eval` them (or copy them) in the shell where you run
     gemma-launch, and every command talks to the emulator instead of Google Cloud.
+
+    It starts as a new Google Cloud project is: only Google's default APIs enabled (`gemma-launch up`
+    enables the rest), no Cloud Run GPU quota (--gpu-quota grants it), builds only in global and a few
+    regions, and every call checked against IAM (docs/reliability.md, "Google's rules").
     """
     from launcher.emulator.faults import Faults
     from launcher.emulator.server import Emulator
@@ -587,7 +613,12 @@ def emulator_start(
         raise UserError(
             f"Invalid --faults: {error}.", "Example: --faults 'UNAVAILABLE=0.3,lost=0.1,seed=7'."
         ) from None
-    options: dict[str, Any] = {"gpu_quota": gpu_quota}
+    options: dict[str, Any] = {
+        "gpu_quota": gpu_quota,
+        "user": user,
+        "billing": billing,
+        "iam_propagation_s": iam_propagation,
+    }
     if build_regions is not None:
         options["build_regions"] = _build_regions(build_regions)
     Emulator(
