@@ -192,6 +192,7 @@ def test_good_archive_builds_records_the_image_and_its_snapshot(local):
         "cmd": ["--help"],
         "workdir": "/app",
         "env": {"PYTHONUNBUFFERED": "1", "PATH": "/app/.venv/bin:$PATH"},
+        "user": "",
     }
 
     log = build_log(local, built.id)
@@ -463,3 +464,10 @@ def test_an_emulator_can_allow_every_region_or_others(tmp_path, monkeypatch):
             if allowed is not None:
                 with pytest.raises(exceptions.FailedPrecondition):
                     builds.create_build(parent=f"projects/{PROJECT}/locations/us-central1", build=spec)
+
+
+def test_the_image_config_keeps_the_user_it_runs_as():
+    # Cloud Run runs the container as the image's USER; the emulator needs it to judge mount ownership.
+    parsed = dockerfile.parse("FROM python:3.11-slim\nARG UID=10001\nUSER ${UID}:${UID}\n")
+    assert parsed.config.user == "10001:10001"
+    assert dockerfile.parse("FROM python:3.11-slim\n").config.user == ""
