@@ -207,3 +207,12 @@ def test_bucket_in_another_region_is_refused_with_a_hint(env):
     assert result.exit_code == 2
     assert "exists in US-CENTRAL1" in result.output
     assert "Hint:" in result.output
+
+
+def changes(env) -> list[str]:
+    """The calls in the record that changed something, enabling an API included."""
+    return [
+        entry["method"]
+        for entry in env.record()
+        if is_mutating(entry) or entry["method"] in ("EnableService", "BatchEnableServices")
+    ]
