@@ -229,7 +229,9 @@ def up(
     """Provision, build, stage and create the job; safe to run again.
 
     \b
-    In order, each step saying created, updated or unchanged:
+    First doctor's checks of what `up` cannot fix itself (credentials, project, billing, permissions, GPU
+    region, bucket name): nothing is created while one fails. Then, in order, each step saying created,
+    updated or unchanged:
       1. service account; bucket (uniform access, in the job's region); storage.objectAdmin for the
          service account on that bucket only; Artifact Registry Docker repository; the HF_TOKEN
          secret (a new version only when the token changed); secretAccessor on that secret only
@@ -250,8 +252,13 @@ def up(
     def on_change(change: Change) -> None:
         record(change.kind, change.name, change.status, change.command)
 
+    # doctor's checks of what `up` cannot fix itself, before any change; those that need the APIs on
+    # are made again once provisioning has enabled them.
+    recheck = doctor.check_before_up(clients, settings)
     with console.status("Provisioning…", spinner="dots") if not as_json else nullcontext():
-        changes = provision.provision(clients, settings, dry_run=dry_run, on_change=on_change)
+        changes = provision.provision(
+            clients, settings, dry_run=dry_run, on_change=on_change, after_apis=recheck
+        )
     if provision.apis_pending(changes):
         _summarise_up(report, as_json, dry_run, None, None, "")
         if not as_json:
