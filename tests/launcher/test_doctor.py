@@ -94,6 +94,10 @@ def test_billing_off_fails_with_the_console_link(local):
     assert billing.startswith("✗") and "Billing is not enabled for project demo-project" in billing
     assert "https://console.cloud.google.com/billing/linkedaccount?project=demo-project" in billing
     assert "Error: 1 of 9 checks failed: billing." in result.output
+    as_json = doctor("--json")
+    assert as_json.exit_code == 2
+    assert json.loads(as_json.stdout)["ok"] is False
+    assert checks(as_json)["billing"]["status"] == "failed"
 
 
 def test_missing_permissions_are_listed_with_the_smallest_role_grantable_on_the_project(local):
