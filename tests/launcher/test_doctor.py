@@ -83,6 +83,7 @@ def test_a_fresh_project_says_what_cannot_be_checked_until_up_enables_the_apis(f
     assert "Error: 5 of 9 checks failed: project, billing, APIs, permissions, GPU quota." in result.output
     assert "Hint:" in result.output
     assert checks(doctor("--json"))["billing"]["status"] == "unchecked"
+    assert "no quota needed" in line(doctor("--gpu", "none"), "GPU quota")  # whatever the Quotas API
     assert changes(fresh) == []
 
 
