@@ -106,7 +106,8 @@ class Check:
     status: str  # ok | failed | unchecked
     detail: str
     fix: str = ""
-    # False for what `up` fixes or only warns about (APIs, GPU quota, build location).
+    # False for what `up` fixes or only warns about: the APIs, the GPU quota, the build location, a
+    # bucket of another project that this account may use.
     stops_up: bool = True
 
     @property
@@ -155,7 +156,8 @@ def _unchecked(name: str, api: str, settings: Settings) -> Check:
 
 def _credentials(clients: Clients, settings: Settings, found: _Found) -> Check:
     if clients.emulator:
-        # The emulator takes a request without credentials as its project owner, the CLI user.
+        # The emulator takes a request without credentials as its project owner, the CLI user, who is
+        # DEFAULT_USER in every emulator `gemma-launch emulator start` runs.
         from launcher.emulator.access import DEFAULT_USER
 
         found.member = f"user:{DEFAULT_USER}"
@@ -272,6 +274,8 @@ def _gpu_region(clients: Clients, settings: Settings, found: _Found) -> Check:
 
 
 def _gpu_quota(clients: Clients, settings: Settings, found: _Found) -> Check:
+    if not settings.uses_gpu:
+        return Check("gpu_quota", OK, "no GPU (--gpu none): no quota needed", stops_up=False)
     if "cloudquotas.googleapis.com" in found.disabled:
         return _unchecked("gpu_quota", "cloudquotas.googleapis.com", settings)
     try:
@@ -285,8 +289,7 @@ def _gpu_quota(clients: Clients, settings: Settings, found: _Found) -> Check:
             "cloudquotas.quotas.get (roles/cloudquotas.viewer).",
             False,
         )
-    if gpu_quota is None:
-        return Check("gpu_quota", OK, "no GPU (--gpu none): no quota needed", stops_up=False)
+    assert gpu_quota is not None  # None only for a job without a GPU
     if gpu_quota.gpus < 1:
         return Check(
             "gpu_quota",
