@@ -2,7 +2,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test lint demo clean
+.PHONY: install test lint demo cloud-test clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -20,6 +20,11 @@ lint: $(STAMP)
 
 test: lint
 	$(VENV)/bin/pytest -q
+
+# The real-cloud suite (tests/cloud): costs money, needs a project of yours and ADC.
+cloud-test: $(STAMP)
+	@test -n "$$GEMMA_LAUNCH_TEST_PROJECT" || { echo "Set GEMMA_LAUNCH_TEST_PROJECT to a project of yours (and run gcloud auth application-default login)."; exit 2; }
+	$(VENV)/bin/pytest -q -rs -s -m cloud tests/cloud
 
 demo: $(STAMP)
 	PATH=$(abspath $(VENV))/bin:$$PATH bash scripts/demo.sh

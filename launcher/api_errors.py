@@ -76,7 +76,7 @@ def translate(error: BaseException, settings: Settings | None, what: str = "") -
         )
     if isinstance(error, exceptions.PermissionDenied | exceptions.Forbidden):
         permission = denied_permission(error)
-        role = smallest_role_with(permission) if permission else None
+        role = smallest_role_with(permission, on_project=True) if permission else None
         needed = f"a role with {permission}, e.g. {role}" if role else f"{permission or 'this permission'}"
         account = _DENIED_ACCOUNT.search(message)
         member = f"serviceAccount:{account['email']}" if account else "user:YOUR_EMAIL"

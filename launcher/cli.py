@@ -15,9 +15,10 @@ import click
 from google.api_core import exceptions
 from google.cloud import run_v2
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
-from launcher import build, logs, provision, quota, staging
+from launcher import build, doctor, logs, provision, quota, staging
 from launcher import job as jobs
 from launcher import results as run_results
 from launcher.api_errors import translate
@@ -99,14 +100,18 @@ _SETTING_FLAGS: tuple[tuple[str, str, Any], ...] = (
 )
 
 
-def settings_options(command: Callable[..., Any]) -> Callable[..., Any]:
-    """Add --config and one flag per setting; the command receives a validated `settings`."""
+def settings_options(command: Callable[..., Any] | None = None, *, gpu_region: bool = True) -> Any:
+    """Add --config and one flag per setting; the command receives a validated `settings`.
+
+    `@settings_options(gpu_region=False)`: a GPU not offered in the region is left to the command."""
+    if command is None:
+        return functools.partial(settings_options, gpu_region=gpu_region)
 
     @functools.wraps(command)
     def wrapper(*args: Any, config: Path | None, zonal_redundancy: bool | None, **kwargs: Any) -> Any:
         flags = {field: kwargs.pop(field) for _, field, _ in _SETTING_FLAGS}
         flags["gpu_zonal_redundancy"] = zonal_redundancy
-        settings = load_settings(config, flags)
+        settings = load_settings(config, flags, gpu_region=gpu_region)
         click.get_current_context().meta[_SETTINGS_KEY] = settings
         return command(*args, settings=settings, **kwargs)
 
@@ -224,7 +229,9 @@ def up(
     """Provision, build, stage and create the job; safe to run again.
 
     \b
-    In order, each step saying created, enabled, updated or unchanged:
+    First doctor's checks of what `up` cannot fix itself (credentials, project, billing, permissions, GPU
+    region, bucket name): nothing is created while one fails. Then, in order, each step saying created,
+    enabled, updated or unchanged:
       0. the Google APIs it needs, enabled through Service Usage (a new project has them off)
       1. the job's and the build's service accounts; bucket (uniform access, in the job's region);
          storage.objectAdmin for the job's account and storage.objectViewer for the build's on that
@@ -250,8 +257,13 @@ def up(
     def on_change(change: Change) -> None:
         record(change.kind, change.name, change.status, change.command)
 
+    # doctor's checks of what `up` cannot fix itself, before any change; those that need the APIs on
+    # are made again once provisioning has enabled them.
+    recheck = doctor.check_before_up(clients, settings)
     with console.status("Provisioning…", spinner="dots") if not as_json else nullcontext():
-        changes = provision.provision(clients, settings, dry_run=dry_run, on_change=on_change)
+        changes = provision.provision(
+            clients, settings, dry_run=dry_run, on_change=on_change, after_apis=recheck
+        )
     if provision.apis_pending(changes):
         _summarise_up(report, as_json, dry_run, None, None, "")
         if not as_json:
@@ -366,6 +378,40 @@ def _summarise_up(
         console.print("\nEverything was already in place: nothing changed.")
     elif spec is not None:
         console.print("\nReady. Start a fine-tuning run with: gemma-launch run --follow")
+
+
+@main.command("doctor")
+@settings_options(gpu_region=False)
+@click.option("--json", "as_json", is_flag=True, help="Print the checks as JSON.")
+def doctor_command(settings: Settings, as_json: bool) -> None:
+    """Check, changing nothing, what `up` and `run` need; exit 0 only when every check passes.
+
+    \b
+    One line per check, ✓ or ✗ with its fix:
+      credentials and their account; the project and its billing; the APIs gemma-launch calls; the
+      permissions `up` uses; the GPU type in the region; the GPU quota; the build location; the bucket
+      name (free, or already this project's).
+    On a new project some checks need APIs that are still off: they fail as "cannot check until" the
+    API is enabled, which `gemma-launch up` does first.
+    """
+    checks = doctor.run_checks(Clients(settings.project_id), settings)
+    failed = [check for check in checks if not check.passed]
+    if as_json:
+        document = {"ok": not failed, "checks": [dataclasses.asdict(check) for check in checks]}
+        click.echo(json.dumps(document, indent=2))
+    else:
+        for check in checks:
+            mark = "[green]✓[/]" if check.passed else "[red]✗[/]"
+            fix = f"  Fix: {escape(check.fix)}" if check.fix and not check.passed else ""
+            console.print(
+                f"{mark} [bold]{doctor.TITLES[check.name]:<15}[/] {escape(check.detail)}{fix}", soft_wrap=True
+            )
+    if failed:
+        raise UserError(
+            f"{len(failed)} of {len(checks)} checks failed: "
+            f"{', '.join(doctor.TITLES[check.name] for check in failed)}.",
+            "Apply the fix named on each ✗ line, then run `gemma-launch doctor` again.",
+        )
 
 
 @main.command("run")

@@ -194,9 +194,19 @@ def permissions_of(role: str) -> frozenset[str]:
     return ROLES.get(role, frozenset())
 
 
-def smallest_role_with(permission: str) -> str | None:
-    """The predefined role with the fewest permissions that grants `permission`: what a hint suggests."""
-    # Legacy roles exist for ACL compatibility; a hint should name a current one.
-    current = {name: held for name, held in PREDEFINED.items() if ".legacy" not in name}
-    holders = [name for name, held in current.items() if permission in held]
+# Cloud Storage's legacy roles "can only be applied to a bucket, not a project"
+# (https://cloud.google.com/storage/docs/access-control/iam-roles#legacy-roles).
+_BUCKET_ONLY = "roles/storage.legacy"
+
+
+def smallest_role_with(permission: str, *, on_project: bool = False) -> str | None:
+    """The predefined role with the fewest permissions that grants `permission`: what a hint suggests.
+
+    `on_project`: only roles that can be granted on a project (`gcloud projects add-iam-policy-binding`).
+    """
+    holders = [
+        name
+        for name, permissions in PREDEFINED.items()
+        if permission in permissions and not (on_project and name.startswith(_BUCKET_ONLY))
+    ]
     return min(holders, key=lambda name: (len(PREDEFINED[name]), name), default=None)

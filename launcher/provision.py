@@ -487,15 +487,18 @@ def provision(
     *,
     dry_run: bool = False,
     on_change: Callable[[Change], None] = lambda change: None,
+    after_apis: Callable[[], None] = lambda: None,
 ) -> list[Change]:
-    """Enable the APIs, then run every step in order; stop at the first failure (a re-run picks up from
-    there). A dry run on a project whose APIs are still off stops after listing them: nothing behind a
-    disabled API can be read, so the rest cannot be planned honestly."""
+    """Enable the APIs, call `after_apis` (up's checks that needed them), then run every step in order;
+    stop at the first failure (a re-run picks up from there). A dry run on a project whose APIs are
+    still off stops after listing them: nothing behind a disabled API can be read, so the rest cannot be
+    planned honestly."""
     changes = ensure_apis(clients, settings, dry_run=dry_run)
     for change in changes:
         on_change(change)
     if apis_pending(changes):
         return changes
+    after_apis()
     if settings.hf_token is None:
         # Checked before anything is created: a first `up` without a token would otherwise stop at the
         # secret, after making the service account, bucket and repository.

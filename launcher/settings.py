@@ -32,6 +32,17 @@ GPU_REGIONS: dict[str, tuple[str, ...]] = {
     "nvidia-rtx-pro-6000": ("us-central1", "europe-west4", "asia-southeast1"),
     "nvidia-l4": ("us-central1", "europe-west1", "europe-west4", "asia-southeast1"),
 }
+# "Depending on usage, certain projects may be restricted to only use Cloud Build in the following
+# regions" (https://cloud.google.com/build/docs/locations#restricted_regions_for_some_projects); a new
+# project may be one of them. `global` works for every project.
+RESTRICTED_BUILD_REGIONS = (
+    "us-central1",
+    "us-west2",
+    "europe-west1",
+    "asia-east1",
+    "australia-southeast1",
+    "southamerica-east1",
+)
 # Cloud Run refuses a GPU instance below these (CPU count, GiB of memory): "For L4 GPUs, you must use a
 # minimum of 4 CPU and 16 GiB of memory", RTX PRO 6000 "a minimum of 20 CPU and 80 GiB"
 # (https://cloud.google.com/run/docs/configuring/jobs/gpu).
@@ -307,16 +318,15 @@ class Settings(BaseModel):
         self.memory = self.memory or memory
         return self
 
-    def check_consistency(self) -> None:
-        """Checks that involve several settings, each with a hint naming the flags to change."""
+    def check_consistency(self, *, gpu_region: bool = True) -> None:
+        """Checks that involve several settings, each with a hint naming the flags to change.
+
+        `gpu_region=False` leaves out whether the GPU is offered in the region: `doctor` reports that as
+        one of its checks instead of stopping before the others."""
         _check_bucket(self.bucket)
+        if gpu_region and (problem := self.gpu_not_offered()):
+            raise problem
         if self.uses_gpu:
-            regions = GPU_REGIONS[self.gpu]
-            if self.region not in regions:
-                raise UserError(
-                    f"{self.gpu} GPUs are not offered in {self.region}.",
-                    f"Use --region with one of {', '.join(regions)}, or another --gpu.",
-                )
             min_cpu, min_gib = GPU_MINIMUMS[self.gpu]
             if cpu_count(self.cpu) < min_cpu:
                 raise UserError(
@@ -366,6 +376,16 @@ class Settings(BaseModel):
                 f"Use --memory between {low:g}Gi and {high:g}Gi, or another --cpu: 1 CPU takes up to 4Gi, "
                 "2 up to 8Gi, 4 up to 16Gi, 6 up to 24Gi, 8 up to 32Gi.",
             )
+
+    def gpu_not_offered(self) -> UserError | None:
+        """Why Cloud Run cannot give the job its GPU in the region (GPU_REGIONS), else None."""
+        if not self.uses_gpu or self.region in GPU_REGIONS[self.gpu]:
+            return None
+        regions = GPU_REGIONS[self.gpu]
+        return UserError(
+            f"{self.gpu} GPUs are not offered in {self.region}.",
+            f"Use --region with one of {', '.join(regions)}, or another --gpu.",
+        )
 
     @property
     def _with_gpu(self) -> str:
@@ -506,8 +526,12 @@ def _hf_token_from_environment() -> str | None:
     return get_token()
 
 
-def load_settings(config: Path | None = None, flags: dict[str, Any] | None = None) -> Settings:
-    """Merge the four sources and validate; any problem becomes a UserError naming its source."""
+def load_settings(
+    config: Path | None = None, flags: dict[str, Any] | None = None, *, gpu_region: bool = True
+) -> Settings:
+    """Merge the four sources and validate; any problem becomes a UserError naming its source.
+
+    `gpu_region=False`: a GPU not offered in the region is left for the caller to report."""
     values: dict[str, Any] = {}
     origin: dict[str, str] = {}
     path = find_config(config)
@@ -532,7 +556,7 @@ def load_settings(config: Path | None = None, flags: dict[str, Any] | None = Non
         settings = Settings.model_validate(values)
     except ValidationError as error:
         raise _explain(error, origin, path) from None
-    settings.check_consistency()
+    settings.check_consistency(gpu_region=gpu_region)
     return settings
 
 

@@ -51,6 +51,7 @@ from launcher.emulator.rpc import (
     service_handler,
     to_dict,
 )
+from launcher.settings import RESTRICTED_BUILD_REGIONS
 
 if TYPE_CHECKING:
     from launcher.emulator.server import Emulator
@@ -85,17 +86,9 @@ _BUILT_INS = [
     "SERVICE_ACCOUNT_EMAIL",
     "SERVICE_ACCOUNT",
 ]
-# "Depending on usage, certain projects may be restricted to only use Cloud Build in the following
-# regions" (https://cloud.google.com/build/docs/locations#restricted_regions_for_some_projects): a new
-# project is such a project, so the emulator behaves like one unless told otherwise. `global` always works.
-RESTRICTED_REGIONS = (
-    "us-central1",
-    "us-west2",
-    "europe-west1",
-    "asia-east1",
-    "australia-southeast1",
-    "southamerica-east1",
-)
+# A new project is among those Cloud Build may restrict to a few regions (settings.RESTRICTED_BUILD_REGIONS,
+# with its source), so the emulator behaves like one unless told otherwise. `global` always works.
+RESTRICTED_REGIONS = RESTRICTED_BUILD_REGIONS
 # What CreateBuild answers elsewhere, as reported in e.g.
 # https://github.com/google-github-actions/deploy-cloudrun/issues/480 (newer replies add the link).
 _RESTRICTED_REGION_MESSAGE = (

@@ -102,7 +102,13 @@ class Projects:
     def test_iam_permissions(
         self, request: iam_policy_pb2.TestIamPermissionsRequest, context: grpc.ServicerContext
     ):
+        """The asked permissions the caller holds on the project. It needs no permission itself, and
+        "Permissions with wildcards (such as * or storage.*) are not allowed"
+        (https://cloud.google.com/resource-manager/reference/rest/v3/projects/testIamPermissions)."""
         project_id = self._project_id(request.resource)
+        wildcards = [permission for permission in request.permissions if "*" in permission]
+        if wildcards:
+            raise invalid(f"Permissions with wildcards are not allowed: {', '.join(wildcards)}.")
         caller = self.access.caller(dict(context.invocation_metadata()).get("authorization"))
         granted = [p for p in request.permissions if self.access.allowed(caller, p, project_id)]
         return iam_policy_pb2.TestIamPermissionsResponse(permissions=granted)

@@ -6,7 +6,9 @@ import json
 
 import pytest
 from click.testing import CliRunner
-from google.iam.v1 import iam_policy_pb2
+from google.cloud import storage
+from google.iam.v1 import iam_policy_pb2, policy_pb2
+from google.oauth2.credentials import Credentials
 
 from launcher.cli import main
 
@@ -207,3 +209,65 @@ def test_bucket_in_another_region_is_refused_with_a_hint(env):
     assert result.exit_code == 2
     assert "exists in US-CENTRAL1" in result.output
     assert "Hint:" in result.output
+
+
+def changes(env) -> list[str]:
+    """The calls in the record that changed something, enabling an API included."""
+    return [
+        entry["method"]
+        for entry in env.record()
+        if is_mutating(entry) or entry["method"] in ("EnableService", "BatchEnableServices")
+    ]
+
+
+def without_billing(env) -> None:
+    env.emulator.access.update_project(PROJECT, lambda record: record.update(billing_enabled=False))
+
+
+def test_up_on_a_project_without_billing_stops_before_any_change(env):
+    env.enable_apis()
+    without_billing(env)
+    env.record_path.write_text("")
+    result = up()
+    assert result.exit_code == 2
+    assert "Error: Stopped before creating anything: billing: Billing is not enabled" in result.output
+    assert "Hint: Link a billing account" in result.output
+    assert "Traceback" not in result.output
+    assert changes(env) == []
+
+
+def test_up_on_a_new_project_without_billing_only_enables_the_apis_it_checks_billing_with(env):
+    without_billing(env)
+    result = up()
+    assert result.exit_code == 2
+    assert "Billing is not enabled" in result.output
+    assert changes(env) == ["BatchEnableServices"]
+
+
+def test_up_with_a_bucket_name_taken_by_another_project_changes_nothing(env):
+    env.emulator.access.add_project("other-project", owner="user:someone@example.com")
+    token = env.emulator.access.issue_token("user:someone@example.com")
+    theirs = storage.Client(project="other-project", credentials=Credentials(token))
+    theirs.create_bucket(theirs.bucket(BUCKET), location="europe-west4")
+    env.record_path.write_text("")
+    result = up()
+    assert result.exit_code == 2
+    assert f"Bucket name {BUCKET} is taken" in result.output
+    assert "Hint: Bucket names are global: choose another with --bucket" in result.output
+    assert changes(env) == []
+
+
+def test_up_without_the_permissions_it_uses_changes_nothing(env):
+    env.enable_apis()
+    projects = env.clients(PROJECT).projects
+    resource = f"projects/{PROJECT}"
+    policy = projects.get_iam_policy(request=iam_policy_pb2.GetIamPolicyRequest(resource=resource))
+    updated = policy_pb2.Policy(etag=policy.etag)
+    updated.bindings.add(role="roles/owner", members=["user:someone@example.com"])
+    updated.bindings.add(role="roles/editor", members=["user:developer@example.com"])
+    projects.set_iam_policy(request=iam_policy_pb2.SetIamPolicyRequest(resource=resource, policy=updated))
+    env.record_path.write_text("")
+    result = up()
+    assert result.exit_code == 2
+    assert "permissions: Missing" in result.output and "storage.buckets.setIamPolicy" in result.output
+    assert changes(env) == []
