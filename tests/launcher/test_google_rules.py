@@ -65,7 +65,7 @@ def test_a_bucket_name_another_project_holds_is_reported_as_taken_and_nothing_is
     theirs.create_bucket(BUCKET, location="europe-west4")
 
     result = invoke("up", "--skip-build", "--skip-stage")
-    assert_explained(result, f"Bucket name {BUCKET} is taken by another project", "--bucket")
+    assert_explained(result, "Stopped before creating anything", f"Bucket name {BUCKET} is taken", "--bucket")
     # Cloud Storage answered 403 (not 404) to the bucket lookup, which is how "taken" is told apart.
     lookups = [
         e
@@ -75,33 +75,39 @@ def test_a_bucket_name_another_project_holds_is_reported_as_taken_and_nothing_is
     assert lookups and lookups[-1]["outcome"] == "FORBIDDEN"
 
 
-def _make_viewer(env) -> None:
-    """The CLI's account keeps only roles/viewer; someone else owns the project."""
+def _make_viewer(env, role: str | None = "roles/viewer") -> None:
+    """The CLI's account keeps only `role` (or nothing); someone else owns the project."""
     clients = env.clients(PROJECT)
     clients.service_usage.enable_service(
         request={"name": f"projects/{PROJECT}/services/cloudresourcemanager.googleapis.com"}
     ).result()
     projects = clients.projects
     resource = f"projects/{PROJECT}"
-    policy = policy_pb2.Policy(
-        bindings=[
-            policy_pb2.Binding(role="roles/owner", members=[STRANGER]),
-            policy_pb2.Binding(role="roles/viewer", members=["user:developer@example.com"]),
-        ]
-    )
+    policy = policy_pb2.Policy(bindings=[policy_pb2.Binding(role="roles/owner", members=[STRANGER])])
+    if role:
+        policy.bindings.add(role=role, members=["user:developer@example.com"])
     projects.set_iam_policy(request=iam_policy_pb2.SetIamPolicyRequest(resource=resource, policy=policy))
 
 
 def test_a_missing_permission_names_it_and_the_role_that_grants_it(env):
-    _make_viewer(env)
-    result = invoke("up", "--skip-build", "--skip-stage")
+    env.enable_apis()
+    _make_viewer(env, role=None)
+    result = invoke("status")
     assert_explained(
         result,
         "Permission denied",
-        "serviceusage.services.enable",
-        "roles/serviceusage.serviceUsageAdmin",
-        "gcloud projects add-iam-policy-binding demo-project",
+        "run.executions.list",
+        "roles/run.viewer",
+        "gcloud projects add-iam-policy-binding demo-project --member=user:YOUR_EMAIL",
     )
+
+
+def test_up_without_the_permissions_it_needs_stops_before_creating_anything(env):
+    _make_viewer(env)
+    env.record_path.write_text("")  # only what `up` sends from here
+    result = invoke("up", "--skip-build", "--skip-stage")
+    assert_explained(result, "Stopped before creating anything", "serviceusage.services.enable")
+    assert not [e for e in env.record() if e["method"].startswith(("Create", "Set", "BatchEnable"))]
 
 
 def test_a_cloud_storage_403_is_a_permission_error_with_the_storage_role(env, tmp_path):
