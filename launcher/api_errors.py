@@ -7,6 +7,7 @@ The causes a fresh project meets first, each recognised the way Google reports i
   as `Forbidden`, not `PermissionDenied`; both name the permission ("Permission 'x.y.z' denied"), and
   the hint names the smallest predefined role that holds it;
 - no or expired credentials: UNAUTHENTICATED / 401;
+- paid APIs in a project without billing: FAILED_PRECONDITION, reason UREQ_PROJECT_BILLING_NOT_FOUND;
 - transient errors retried until the deadline (RetryError).
 """
 
@@ -73,6 +74,17 @@ def translate(error: BaseException, settings: Settings | None, what: str = "") -
             f"The {api} API is not enabled in project {project}{on}.",
             f"Run `gemma-launch up`, which enables every API it needs, or: gcloud services enable {api} "
             f"--project={project} (it may take a minute to take effect).",
+        )
+    if (
+        getattr(error, "reason", None) == "UREQ_PROJECT_BILLING_NOT_FOUND"
+        or "Billing must be enabled" in message
+    ):
+        return UserError(
+            f"Billing is not enabled on project {project}, so Google will not enable its paid APIs{on}: "
+            f"{message}",
+            "Link a billing account: "
+            f"https://console.cloud.google.com/billing/linkedaccount?project={project} (or gcloud billing "
+            f"projects link {project} --billing-account=ACCOUNT_ID), then run the command again.",
         )
     if isinstance(error, exceptions.PermissionDenied | exceptions.Forbidden):
         permission = denied_permission(error)

@@ -12,14 +12,25 @@ import grpc
 from google.cloud import service_usage_v1
 from google.longrunning import operations_pb2
 
-from launcher.emulator.access import TITLES, Access
+from launcher.emulator.access import TITLES, Access, error_info
 from launcher.emulator.operations import Operations
-from launcher.emulator.rpc import Hub, Method, invalid, service_handler
+from launcher.emulator.rpc import ApiError, Hub, Method, invalid, service_handler
 
 _PARENT = re.compile(r"^projects/(?P<project>[^/]+)$")
 _SERVICE = re.compile(r"^projects/(?P<project>[^/]+)/services/(?P<service>[^/]+)$")
 # BatchEnableServices takes at most 20 services a call (its reference page).
 _BATCH_LIMIT = 20
+# APIs that bill: Service Usage refuses to enable them in a project without billing, FAILED_PRECONDITION
+# "Billing must be enabled for activation of service(s) ..." with reason UREQ_PROJECT_BILLING_NOT_FOUND
+# (https://cloud.google.com/service-usage/docs/troubleshooting; each API's pricing page says it bills).
+_BILLABLE = frozenset(
+    {
+        "run.googleapis.com",
+        "cloudbuild.googleapis.com",
+        "artifactregistry.googleapis.com",
+        "secretmanager.googleapis.com",
+    }
+)
 
 
 class ServiceUsage:
@@ -45,6 +56,22 @@ class ServiceUsage:
         unknown = [service for service in services if not service.endswith(".googleapis.com")]
         if unknown:
             raise invalid(f"Service {unknown[0]} is not a valid service name, e.g. run.googleapis.com.")
+
+        record = self.access.project(project)
+        billed = sorted(set(services) & _BILLABLE - set(record["services"]))
+        if billed and not record["billing_enabled"]:
+            raise ApiError(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"Billing must be enabled for activation of service(s) '{','.join(billed)}' to proceed.",
+                details=[
+                    error_info(
+                        "UREQ_PROJECT_BILLING_NOT_FOUND",
+                        "serviceusage.googleapis.com",
+                        project=record["number"],
+                        services=",".join(billed),
+                    )
+                ],
+            )
 
         def add(record: dict) -> None:
             record["services"] = sorted(set(record["services"]) | set(services))

@@ -19,6 +19,7 @@ from google.oauth2.credentials import Credentials
 
 from launcher import job as jobs
 from launcher.cli import main
+from launcher.emulator.server import Emulator
 from launcher.settings import load_settings
 from trainer.synthetic import write_dataset
 
@@ -142,3 +143,13 @@ def test_the_jobs_bucket_mount_belongs_to_the_user_the_image_runs_as(monkeypatch
     spec = jobs.job_spec(load_settings(), "image", [])
     options = spec.template.template.volumes[0].gcs.mount_options
     assert f"uid={user[1]}" in options and f"gid={user[2]}" in options
+
+
+def test_a_project_without_billing_is_told_to_link_a_billing_account(tmp_path, monkeypatch):
+    with Emulator(data_dir=tmp_path / "cloud", billing=False) as emulator:
+        monkeypatch.setenv("GEMMA_LAUNCH_EMULATOR_HOST", emulator.host)
+        monkeypatch.setenv("STORAGE_EMULATOR_HOST", emulator.storage_host)
+        monkeypatch.setenv("PROJECT_ID", PROJECT)
+        monkeypatch.setenv("HF_TOKEN", "hf_test_token_0123456789abcdef")
+        result = invoke("up", "--skip-build", "--skip-stage")
+    assert_explained(result, "Billing", "billing/linkedaccount?project=demo-project")
