@@ -2,7 +2,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test lint demo clean
+.PHONY: install test lint lock demo clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -20,6 +20,11 @@ lint: $(STAMP)
 
 test: lint
 	$(VENV)/bin/pytest -q
+
+# The image's dependencies for its platform (Linux x86_64, glibc 2.28+, CPython 3.12), pinned with hashes.
+lock: $(STAMP)
+	$(VENV)/bin/uv pip compile pyproject.toml requirements-image.in --extra train --python-version 3.12 \
+		--python-platform x86_64-manylinux_2_28 --generate-hashes --output-file requirements.lock
 
 demo: $(STAMP)
 	PATH=$(abspath $(VENV))/bin:$$PATH bash scripts/demo.sh
