@@ -1,34 +1,52 @@
-# The project's image. The Cloud Run GPU job runs python -m trainer [flags] (docs/trainer.md); the
-# staging job runs python -m launcher.stage_worker from the same image (launcher/staging.py).
+# The project's image, for Cloud Run's NVIDIA RTX PRO 6000 (driver 580, CUDA 13.0). Not for its L4: driver
+# 535 runs CUDA 12 at most, and no torch >= 2.13 for CUDA 12 is on PyPI (docs/container.md). The GPU job
+# runs python -m trainer [flags] (docs/trainer.md); the staging job runs python -m launcher.stage_worker.
 FROM ghcr.io/astral-sh/uv:0.13.9 AS uv
 
-# CUDA 12.8: the first release with Blackwell (RTX PRO 6000) kernels in the torch cu128 wheels.
-FROM nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04
+# No CUDA base image: the lock's torch brings the CUDA 13 libraries as nvidia-* wheels, and Cloud Run mounts
+# the driver's libcuda. Debian bookworm's glibc 2.36 runs the lock's manylinux_2_28 wheels, and this
+# Python has its headers. Tags, not digests: no citable source for their digests was at hand.
+FROM python:3.12-slim-bookworm
 
 COPY --from=uv /uv /usr/local/bin/uv
 
-# The model cache lives in /tmp: Cloud Run's only writable place besides mounted volumes.
-ENV UV_PYTHON_INSTALL_DIR=/opt/python \
-    UV_COMPILE_BYTECODE=1 \
+# torch.compile's Triton builds a small C launcher at run time with the host C compiler (gcc, its linker
+# and the C library's headers), Python.h and the driver's libcuda.so.1; the trainer checks all three
+# before loading the model (trainer/container.py). Debian's archive keeps only the current version of a
+# package, so a pinned version would stop building; the base image's tag fixes the release.
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends gcc libc6-dev \
+    && rm -rf /var/lib/apt/lists/*
+
+# Cloud Run's only writable places are in memory (/tmp and the rest of the container's filesystem) and the
+# mounted bucket: caches and HOME go to /tmp, where Triton, Inductor and the Hub would otherwise write
+# under ~ or a per-user name.
+ENV UV_COMPILE_BYTECODE=1 \
     UV_LINK_MODE=copy \
     UV_NO_CACHE=1 \
     VIRTUAL_ENV=/opt/venv \
     PATH=/opt/venv/bin:$PATH \
+    HOME=/tmp \
+    XDG_CACHE_HOME=/tmp/cache \
     HF_HOME=/tmp/huggingface \
     MPLCONFIGDIR=/tmp/matplotlib \
+    TRITON_CACHE_DIR=/tmp/triton \
+    TORCHINDUCTOR_CACHE_DIR=/tmp/torchinductor \
     PYTHONUNBUFFERED=1
 
-RUN uv venv --python 3.12 /opt/venv \
+RUN uv venv --python /usr/local/bin/python3.12 /opt/venv \
     && groupadd --gid 10001 trainer \
-    && useradd --create-home --uid 10001 --gid 10001 trainer
+    && useradd --no-create-home --home-dir /tmp --uid 10001 --gid 10001 trainer
 
 WORKDIR /app
 
-# Dependencies before code, so a code change rebuilds only the last layers.
-COPY pyproject.toml ./
-RUN uv pip install --torch-backend cu128 -r pyproject.toml --extra train "bitsandbytes==0.50.2"
+# Dependencies before code, so a code change rebuilds only the last layers. The lock pins every package
+# with its hashes (make lock); nothing is resolved at build time.
+COPY requirements.lock ./
+RUN uv pip install --require-hashes --no-deps -r requirements.lock
 
-COPY README.md ./
+COPY pyproject.toml README.md ./
 COPY launcher/ launcher/
 COPY trainer/ trainer/
 RUN uv pip install --no-deps .

@@ -2,7 +2,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test lint demo cloud-test clean
+.PHONY: install test lint lock demo cloud-test clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -25,6 +25,11 @@ test: lint
 cloud-test: $(STAMP)
 	@test -n "$$GEMMA_LAUNCH_TEST_PROJECT" || { echo "Set GEMMA_LAUNCH_TEST_PROJECT to a project of yours (and run gcloud auth application-default login)."; exit 2; }
 	$(VENV)/bin/pytest -q -rs -s -m cloud tests/cloud
+
+# The image's dependencies for its platform (Linux x86_64, glibc 2.28+, CPython 3.12), pinned with hashes.
+lock: $(STAMP)
+	$(VENV)/bin/uv pip compile pyproject.toml requirements-image.in --extra train --python-version 3.12 \
+		--python-platform x86_64-manylinux_2_28 --generate-hashes --output-file requirements.lock
 
 demo: $(STAMP)
 	PATH=$(abspath $(VENV))/bin:$$PATH bash scripts/demo.sh

@@ -68,8 +68,9 @@ def trainer_args(settings: Settings, model_prefix: str, dataset_prefix: str) -> 
         "--output-dir",
         f"{MOUNT_PATH}/{RUNS_PREFIX}",
     ]
-    if not settings.uses_gpu:
-        args += ["--device", "cpu"]
+    # cuda, not auto, on a GPU job: an image whose torch cannot use the driver fails in seconds instead of
+    # training on the CPU (docs/container.md).
+    args += ["--device", "cuda" if settings.uses_gpu else "cpu"]
     return apply_sets(args, settings.trainer)
 
 

@@ -2,4 +2,9 @@
 
 
 class UserError(Exception):
-    """A problem the user can fix (a bad flag, a missing file): reported as one line, exit code 2."""
+    """A problem the user can fix (a bad flag, a missing file): reported as one `Error:` line, and a `Hint:`
+    line when there is one, exit code 2."""
+
+    def __init__(self, message: str, hint: str = "") -> None:
+        super().__init__(message)
+        self.hint = hint

@@ -5,9 +5,11 @@ inside a Cloud Run job, so a retried task resumes from its own checkpoints (docs
 """
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -21,6 +23,13 @@ from transformers import ProcessorMixin, set_seed
 from trl import SFTTrainer
 
 from trainer import UserError
+from trainer.container import (
+    SharedMemory,
+    check_writable,
+    compile_toolchain_problem,
+    describe_platform,
+    pixel_bytes,
+)
 from trainer.data import ChatFormat, PetData, chat_format, load_pets
 from trainer.evaluate import per_class_metrics, predict, save_confusion_matrix, summary_metrics
 from trainer.export import merge, upload, versions, write_results
@@ -44,6 +53,8 @@ from trainer.speed import (
 )
 from trainer.train import (
     AnswerOnlyCollator,
+    RunState,
+    Stopped,
     make_trainer,
     probe_step,
     set_batch_size,
@@ -210,9 +221,19 @@ def setup_logging() -> None:
 
 
 def speed_up(
-    args: argparse.Namespace, model: PeftModel, processor: ProcessorMixin, data: PetData, device: str
+    args: argparse.Namespace,
+    model: PeftModel,
+    processor: ProcessorMixin,
+    data: PetData,
+    device: str,
+    workers: int | None = None,
 ) -> ImageFeatures | None:
-    """The levers that come before training: memory cap, image features of both splits, compiled layers."""
+    """The levers that come before training: memory cap, image features of both splits, compiled layers.
+
+    `workers`: data-loader workers for batches of --eval-batch-size images (default: as many as fit).
+    """
+    if workers is None:
+        workers = eval_workers(args, processor, device, SharedMemory.measure())
     if device == "cuda":
         budget = apply_memory_budget(args.max_memory_gib, device)
         log.info("GPU memory capped at %.1f GiB", budget / GIB)
@@ -222,7 +243,7 @@ def speed_up(
         features.install(model)
         start = time.perf_counter()
         count = sum(
-            features.fill(model, processor, split, args.eval_batch_size, loader_workers(device))
+            features.fill(model, processor, split, args.eval_batch_size, workers)
             for split in (data.train, data.test)
         )
         log.info("image features of %d images in %.1f s", count, time.perf_counter() - start)
@@ -240,8 +261,12 @@ def build_trainer(
     device: str,
     run_dir: Path,
     features: ImageFeatures | None,
-) -> tuple[SFTTrainer, Plan | None]:
-    """SFTTrainer with the batch and gradient checkpointing of the memory plan (measured on GPU)."""
+    state: RunState | None = None,
+    shm: SharedMemory | None = None,
+) -> tuple[SFTTrainer, Plan]:
+    """SFTTrainer with the batch and gradient checkpointing of the memory plan (measured on GPU), or of an
+    earlier attempt of the task (`state`)."""
+    state = state or RunState(run_dir, attempt=0)
     train = data.train
     workers = loader_workers(device)
     if features is not None and features.has_all(train["image_key"]):
@@ -252,21 +277,64 @@ def build_trainer(
     trainer = make_trainer(
         model, processor, PetData(train, data.test, data.class_names), chat, config, features
     )
-    plan = None
     layers = len(decoder_layers(model))
-    if device == "cuda" and not (args.batch_size and args.gradient_checkpointing != "auto"):
+    if state.get("plan"):
+        plan = Plan(**state.get("plan"))
+        log.info(
+            "batch %d, gradient checkpointing on %d layers: the plan of an earlier attempt",
+            plan.batch_size,
+            plan.checkpointed_layers,
+        )
+        set_checkpointed_layers(model, plan.checkpointed_layers)
+    elif device == "cuda" and not (args.batch_size and args.gradient_checkpointing != "auto"):
         examples = [data.train[index] for index in range(min(2, len(data.train)))]
         budget = int(args.max_memory_gib * GIB)
         plan = plan_memory(
             model, probe_step(trainer), examples, budget, args.batch_size, args.gradient_checkpointing
         )
-        set_batch_size(trainer, plan.batch_size)
     else:
-        set_checkpointed_layers(model, layers if args.gradient_checkpointing == "on" else 0)
+        plan = Plan(first_batch, layers if args.gradient_checkpointing == "on" else 0)
+        set_checkpointed_layers(model, plan.checkpointed_layers)
+    set_batch_size(trainer, plan.batch_size)
+    state.save("plan", dataclasses.asdict(plan))
+    if workers:
+        shm = shm or SharedMemory.measure()
+        batch_bytes = plan.batch_size * pixel_bytes(processor)
+        trainer.args.dataloader_num_workers = shm.workers(workers, batch_bytes, "training batches")
     return trainer, plan
 
 
+def eval_workers(args: argparse.Namespace, processor: ProcessorMixin, device: str, shm: SharedMemory) -> int:
+    """Data-loader workers for batches of --eval-batch-size images (features, evaluation) fitting /dev/shm."""
+    batch_bytes = args.eval_batch_size * pixel_bytes(processor)
+    return shm.workers(loader_workers(device), batch_bytes, "evaluation batches")
+
+
+def check_compile(args: argparse.Namespace, device: str) -> None:
+    """torch.compile on CUDA needs a C compiler, Python headers and libcuda at run time (Triton).
+
+    Without them, --compile on is an error; auto goes on without compiling (slower, same results).
+    """
+    if device != "cuda" or args.compile == "off":
+        return
+    problem = compile_toolchain_problem()
+    if problem is None:
+        return
+    if args.compile == "on":
+        raise UserError(
+            f"--compile on: torch.compile cannot run here: {problem}",
+            "the image needs gcc (or $CC), the Python headers and the driver's libcuda.so.1 "
+            "(docs/container.md); or run with --compile off",
+        )
+    log.warning(
+        "torch.compile cannot run here (%s): training without it, slower (docs/container.md)",
+        problem,
+    )
+    args.compile = "off"
+
+
 def run(args: argparse.Namespace) -> None:
+    log.info("%s", describe_platform())
     token = args.hf_token or os.environ.get("HF_TOKEN") or None
     execution = os.environ.get("CLOUD_RUN_EXECUTION")
     attempt = int(os.environ.get("CLOUD_RUN_TASK_ATTEMPT", "0"))
@@ -277,6 +345,10 @@ def run(args: argparse.Namespace) -> None:
     # The adapter records the base model's path: keep it valid from any working directory.
     model_id = str(Path(args.model_id).resolve()) if Path(args.model_id).is_dir() else args.model_id
     device = resolve_device(args.device)
+    if not args.dry_run:  # a dry run writes nothing
+        check_writable(run_dir)
+        check_compile(args, device)
+        shm = SharedMemory.measure()
     precision = choose_precision(args.quantization, device, model_id, token, args.max_memory_gib)
     data = load_pets(args.dataset, args.train_size, args.eval_size, args.seed, token)
     log.info(
@@ -296,10 +368,10 @@ def run(args: argparse.Namespace) -> None:
 
     set_seed(args.seed)
     model = load_model(model_id, precision, device, token, args.lora_r, args.lora_alpha, args.lora_dropout)
-    features = speed_up(args, model, processor, data, device)
+    workers = eval_workers(args, processor, device, shm)
+    features = speed_up(args, model, processor, data, device, workers)
     methods = ["score", "generate"] if args.eval_method == "both" else [args.eval_method]
     labels = data.test["label"]
-    workers = loader_workers(device)
 
     def evaluate_all() -> dict[str, list[int]]:
         return {
@@ -317,8 +389,14 @@ def run(args: argparse.Namespace) -> None:
             for method in methods
         }
 
-    baseline = evaluate_all()
-    trainer, _ = build_trainer(args, model, processor, data, chat, device, run_dir, features)
+    state = RunState(run_dir, attempt)
+    baseline = state.get("baseline")
+    if baseline is None:
+        baseline = evaluate_all()
+        state.save("baseline", baseline)
+    else:
+        log.info("task attempt %d: baseline predictions of an earlier attempt", attempt)
+    trainer, _ = build_trainer(args, model, processor, data, chat, device, run_dir, features, state, shm)
     output = train(trainer, run_dir, attempt)
     final = evaluate_all()
 
@@ -391,7 +469,13 @@ def main(argv: list[str] | None = None) -> int:
         run(args)
     except UserError as error:
         print(f"Error: {error}", file=sys.stderr, flush=True)
+        if error.hint:
+            print(f"Hint: {error.hint}", file=sys.stderr, flush=True)
         return 2
+    except Stopped as stopped:
+        log.warning("%s", stopped)
+        # Not 0: Cloud Run must count the attempt as failed to start the next one.
+        return 128 + signal.SIGTERM
     except torch.OutOfMemoryError as error:
         print(f"Error: {out_of_memory(args, error)}", file=sys.stderr, flush=True)
         return 2

@@ -44,7 +44,13 @@ def resolve_device(device: str) -> str:
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda: no CUDA GPU is visible")
+        # A CUDA build on a driver older than its CUDA version sees no GPU: the L4's 535 under CUDA 13.
+        hint = torch.version.cuda and (
+            f"this torch {torch.__version__} is built for CUDA {torch.version.cuda} and needs a driver that "
+            "supports it (CUDA 13: 580 or newer; Cloud Run's RTX PRO 6000 has 580, its L4 535; "
+            "docs/container.md)"
+        )
+        raise UserError("--device cuda: no CUDA GPU is visible", hint or "")
     return device
 
 

@@ -1,6 +1,9 @@
 """Supervised fine-tuning with TRL's SFTTrainer: loss on the answer only, resumable across task retries."""
 
+import json
 import logging
+import os
+import signal
 import sys
 import time
 from collections.abc import Callable, Container
@@ -194,10 +197,75 @@ def last_complete_checkpoint(run_dir: Path) -> Path | None:
     return max(complete, key=lambda path: int(path.name.rsplit("-", 1)[1]), default=None)
 
 
+class RunState:
+    """What the attempts of one Cloud Run task share through the run directory (run_state.json).
+
+    A retry (CLOUD_RUN_TASK_ATTEMPT above 0) reuses the first attempt's baseline predictions instead of
+    evaluating the untouched model again, and its batch and checkpointing plan instead of probing memory
+    again: another batch would change the data order that Trainer's resume skips into. Attempt 0 starts
+    afresh, so a local rerun in the same directory never reads an older run's values.
+    """
+
+    def __init__(self, run_dir: Path, attempt: int) -> None:
+        self.path = run_dir / "run_state.json"
+        self.values: dict = {}
+        if attempt > 0 and self.path.is_file():
+            self.values = json.loads(self.path.read_text())
+
+    def get(self, key: str):
+        return self.values.get(key)
+
+    def save(self, key: str, value) -> None:
+        self.values[key] = value
+        # Written whole, then renamed: a task stopped mid-write leaves the previous file.
+        partial = self.path.with_name(self.path.name + ".partial")
+        partial.write_text(json.dumps(self.values) + "\n")
+        os.replace(partial, self.path)
+
+
+class Stopped(Exception):
+    """Training ended early on SIGTERM; the message names the checkpoint the next attempt resumes from."""
+
+
+class StopOnSignal(TrainerCallback):
+    """SIGTERM ends training after the current optimizer step, with a checkpoint.
+
+    Cloud Run sends SIGTERM before it stops a task (maintenance, a cancelled execution) and SIGKILL about
+    10 s later. Without a handler, Python as the container's PID 1 would ignore SIGTERM, and everything
+    since the last --save-steps checkpoint would be lost.
+    """
+
+    def __init__(self) -> None:
+        self.signal: int | None = None
+
+    def request(self, signum: int, frame) -> None:
+        self.signal = signum
+
+    def on_step_end(self, args, state, control, **kwargs) -> None:
+        if self.signal is not None:
+            control.should_save = True
+            control.should_training_stop = True
+
+
 def train(trainer: SFTTrainer, run_dir: Path, task_attempt: int) -> TrainOutput:
-    """Resume from the last checkpoint in run_dir, if any: a retried Cloud Run task continues its run."""
+    """Resume from the last checkpoint in run_dir, if any: a retried Cloud Run task continues its run.
+
+    Raises Stopped when SIGTERM ended training early.
+    """
     checkpoint = last_complete_checkpoint(run_dir)
     log.info(
         "task attempt %d: %s", task_attempt, f"resuming from {checkpoint}" if checkpoint else "starting fresh"
     )
-    return trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    stop = StopOnSignal()
+    trainer.add_callback(stop)
+    previous = signal.signal(signal.SIGTERM, stop.request)
+    try:
+        output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    if stop.signal is not None:
+        saved = last_complete_checkpoint(run_dir)
+        raise Stopped(
+            f"stopped by SIGTERM at step {trainer.state.global_step}; the next attempt resumes from {saved}"
+        )
+    return output

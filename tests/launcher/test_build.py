@@ -329,6 +329,7 @@ def test_the_repositorys_dockerfile_builds_from_what_its_ignore_files_send(local
     files.update(
         {
             "pyproject.toml": "[project]\nname = 'gemma-launch'\n",
+            "requirements.lock": "",
             "README.md": "",
             "launcher/cli.py": "",
             "launcher/emulator/server.py": "",

@@ -110,6 +110,7 @@ def test_up_creates_the_gpu_job_as_cloud_run_receives_it(env, project_dir):
         "--output-dir",
         "/mnt/gcs/runs",
     ]
+    assert list(container.args)[-2:] == ["--device", "cuda"]
     assert job.launch_stage == launch_stage_pb2.LaunchStage.BETA
 
 
