@@ -14,6 +14,10 @@ directory, the one Cloud Build wrote for the image's digest:
   every occurrence of the mount path as a path prefix in argv and env values is rewritten to the
   bucket's directory in the storage emulator; the image's WORKDIR likewise becomes the snapshot dir.
   After each attempt the files written there are registered as objects of the bucket.
+- GPU: the emulator has no Cloud Run GPU to give a task that asks for one, so such a task runs on this
+  machine's CPU, and an argv pair `--device cuda` (how the job tells the trainer to insist on the GPU)
+  becomes `--device cpu`, with a system log line saying so. Like the interpreter and path rewrites, it
+  adapts the container to this machine; nothing else about the job changes.
 - stdout/stderr lines go to Logging as they come, with Cloud Run's resource and labels; lifecycle
   lines (exit codes, retries, the execution's end) go to run.googleapis.com/varlog/system.
 
@@ -1105,6 +1109,12 @@ class _Events:
         argv = [self._rewrite(arg) for arg in argv]
         if re.fullmatch(r"python(3(\.\d+)?)?", os.path.basename(argv[0])):
             argv[0] = sys.executable
+        accelerator = self.execution.template.node_selector.accelerator
+        if accelerator and _on_this_cpu(argv) != argv:
+            argv = _on_this_cpu(argv)
+            self.system(
+                f"Emulated {accelerator}: the task runs on this machine's CPU (--device cpu).", "INFO"
+            )
         env = {
             "PATH": os.environ.get("PATH", "/usr/local/bin:/usr/bin:/bin"),
             "LANG": os.environ.get("LANG", "C.UTF-8"),
@@ -1324,6 +1334,17 @@ class _Handlers(grpc.GenericRpcHandler):
             if found is not None:
                 return found
         return None
+
+
+def _on_this_cpu(argv: list[str]) -> list[str]:
+    """argv with `--device cuda` (or --device=cuda) turned into cpu: the emulated GPU is this CPU."""
+    result = list(argv)
+    for index, arg in enumerate(result):
+        if arg == "--device=cuda":
+            result[index] = "--device=cpu"
+        elif arg == "--device" and index + 1 < len(result) and result[index + 1] == "cuda":
+            result[index + 1] = "cpu"
+    return result
 
 
 def _attempt_message(outcome: Outcome) -> str:

@@ -767,3 +767,14 @@ def test_running_gpu_tasks_hold_their_quota_until_they_end(cloud, image, local):
     cloud.create(cpu_only, job_id="cpu")
     operation = cloud.jobs.run_job(name=f"{PARENT}/jobs/cpu")
     assert completed(operation.result(polling=FAST)).state == Condition.State.CONDITION_SUCCEEDED
+
+
+def test_a_gpu_task_insisting_on_cuda_runs_on_this_machines_cpu(cloud, image):
+    cloud.create(job_spec({"args": ["report", "/mnt/gcs/out/result.txt", "--device", "cuda"]}))
+    execution = cloud.run()
+    assert execution.succeeded_count == 1
+    argv = json.loads(cloud.log_texts(execution.name)[0])["argv"]
+    assert argv[-2:] == ["--device", "cpu"]
+    assert any(
+        "runs on this machine's CPU" in line for line in cloud.log_texts(execution.name, "varlog%2Fsystem")
+    )

@@ -175,9 +175,9 @@ def test_retries_back_off_then_give_up_with_an_error_and_a_hint(tmp_path):
         assert len(errors) == 1 and "after retrying transient errors for 2 s" in errors[0], (command, lines)
         assert any(line.startswith("Hint:") for line in lines), command
         assert "Traceback" not in done.stderr, command
-    # Backed off: a couple of seconds of retrying is a handful of attempts, not a tight loop. up's
-    # first call is the API check.
-    first = [entry for entry in read_record(record) if entry["method"] == "BatchGetServices"]
+    # Backed off: a couple of seconds of retrying is a handful of attempts, not a tight loop.
+    calls = read_record(record)
+    first = [entry for entry in calls if entry["method"] == calls[0]["method"]]
     assert 2 <= len(first) <= 20
     assert all(entry["outcome"] == "UNAVAILABLE" for entry in first)
 
