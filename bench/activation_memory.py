@@ -4,12 +4,13 @@
     python bench/activation_memory.py --arch 27b --compile --lora-dropout 0 --quantization int8
 
 Builds the language model from the published config (bench/configs) with few layers and a small
-vocabulary, random bf16 weights, the trainer's adapters (trainer.modeling.add_adapters), int8 weights
-(trainer.int8_weights) and per-layer compile (trainer.speed.compile_layers) as asked, then runs one
-forward pass of one sample (470 tokens by default) under bf16 autocast, as TRL's trainer does, and
-records every tensor autograd saves (torch.autograd.graph.saved_tensors_hooks), each storage once and
-parameters never. Two models that differ by `--layers` layers give the bytes of one layer; the listing
-groups them by shape and dtype. Runs on CPU in about a minute per setting; on CUDA with --device cuda.
+vocabulary, random bf16 weights, the trainer's adapters (trainer.modeling.add_adapters), int8 or fp8
+weights (trainer.int8_weights, trainer.fp8_weights) and per-layer compile (trainer.speed.compile_layers)
+as asked, then runs one forward pass of one sample (470 tokens by default) under bf16 autocast, as TRL's
+trainer does, and records every tensor autograd saves (torch.autograd.graph.saved_tensors_hooks), each
+storage once and parameters never. Two models that differ by `--layers` layers give the bytes of one
+layer; the listing groups them by shape and dtype. Runs on CPU in about a minute per setting; on CUDA with
+--device cuda.
 """
 
 import argparse
@@ -24,7 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch_settings  # noqa: E402
 
-from trainer.int8_weights import quantize_linear_layers  # noqa: E402
+from trainer.fp8_weights import Fp8Linear  # noqa: E402
+from trainer.int8_weights import Int8Linear, quantize_linear_layers  # noqa: E402
 from trainer.modeling import LANGUAGE_MODEL_LINEAR, add_adapters  # noqa: E402
 from trainer.speed import compile_layers, gemma_backbone  # noqa: E402
 
@@ -48,8 +50,9 @@ def build(arch: str, layers: int, args: argparse.Namespace):
             model = Gemma3ForConditionalGeneration(config).requires_grad_(False)
     finally:
         torch.set_default_dtype(previous)
-    if args.quantization == "int8":
-        quantize_linear_layers(model, LANGUAGE_MODEL_LINEAR)
+    if args.quantization != "none":
+        layer = Int8Linear if args.quantization == "int8" else Fp8Linear
+        quantize_linear_layers(model, LANGUAGE_MODEL_LINEAR, layer)
     model = add_adapters(model, "bf16", 16, 32, args.lora_dropout)
     model.train()
     if args.compile:
@@ -87,7 +90,7 @@ def main() -> None:
     parser.add_argument("--arch", choices=["4b", "27b"], default="27b")
     parser.add_argument("--tokens", type=int, default=470, help="sample length (the benchmark's: 470)")
     parser.add_argument("--lora-dropout", type=float, default=0.05)
-    parser.add_argument("--quantization", choices=["none", "int8"], default="none")
+    parser.add_argument("--quantization", choices=["none", "int8", "fp8"], default="none")
     parser.add_argument("--compile", action="store_true", help="torch.compile each layer, as the trainer")
     parser.add_argument("--layers", type=int, default=2, help="layers between the two models compared")
     parser.add_argument("--device", default="cpu")

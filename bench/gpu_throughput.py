@@ -47,7 +47,8 @@ from trainer.__main__ import build_trainer, parse_args, speed_up  # noqa: E402
 from trainer.data import PetData, chat_format, load_pets, readable_name  # noqa: E402
 from trainer.evaluate import predict  # noqa: E402
 from trainer.export import versions  # noqa: E402
-from trainer.int8_weights import quantize_linear_layers  # noqa: E402
+from trainer.fp8_weights import Fp8Linear  # noqa: E402
+from trainer.int8_weights import Int8Linear, quantize_linear_layers  # noqa: E402
 from trainer.modeling import LANGUAGE_MODEL_LINEAR, add_adapters, choose_precision  # noqa: E402
 from trainer.synthetic import BREEDS, LIST_HEADER  # noqa: E402
 from trainer.tiny import CHAT_TEMPLATE, build_tokenizer, tiny_shapes  # noqa: E402
@@ -84,6 +85,7 @@ VARIANTS: dict[str, tuple[list[str], str, str]] = {
     "ours-bf16": (["--quantization", "none"], LANGUAGE_MODEL_LINEAR, "score"),
     "ours-bf16-b8": (["--quantization", "none", "--batch-size", "8"], LANGUAGE_MODEL_LINEAR, "score"),
     "ours-int8": (["--quantization", "int8"], LANGUAGE_MODEL_LINEAR, "score"),
+    "ours-fp8": (["--quantization", "fp8"], LANGUAGE_MODEL_LINEAR, "score"),
     "ours-no-compile": (["--compile", "off"], LANGUAGE_MODEL_LINEAR, "score"),
     "ours-no-feature-cache": (["--no-cache-image-features"], LANGUAGE_MODEL_LINEAR, "score"),
     "ours-b8": (["--batch-size", "8"], LANGUAGE_MODEL_LINEAR, "score"),
@@ -352,7 +354,7 @@ def measure(
         [
             "--model-id", "random-init", "--dataset", str(dataset), "--device", device,
             "--max-memory-gib", str(bench.max_memory_gib), "--checkpoint-strategy", "no",
-            "--logging-steps", "1000", "--train-size", str(bench.train_size),
+            "--logging-steps", str(bench.logging_steps), "--train-size", str(bench.train_size),
             "--eval-size", str(bench.eval_size), *flags,
         ]
     )  # fmt: skip
@@ -366,8 +368,8 @@ def measure(
         precision = choose_precision(args.quantization, device, config_dir, None, args.max_memory_gib)
     if precision == "4bit":
         quantize_nf4(model)
-    elif precision == "int8":
-        quantize_linear_layers(model, LANGUAGE_MODEL_LINEAR)
+    elif precision in ("int8", "fp8"):
+        quantize_linear_layers(model, LANGUAGE_MODEL_LINEAR, Fp8Linear if precision == "fp8" else Int8Linear)
     model = add_adapters(model, precision, args.lora_r, args.lora_alpha, args.lora_dropout, targets, name)
     log.info("%s: model ready in %.1f s", name, time.perf_counter() - start)
     flops = count_flops(model, PROMPT_TOKENS, chat.answers, targets == REFERENCE_TARGETS)
@@ -476,6 +478,12 @@ def measure(
                 "plan_s": round(plan_s, 1),
                 "train_call_s": round(total_s, 1),
                 "plan": plan.describe() if plan else None,
+                # Mean training loss over each logging window (every --logging-steps steps).
+                "losses": [
+                    [entry["step"], round(entry["loss"], 4)]
+                    for entry in trainer.state.log_history
+                    if "loss" in entry
+                ],
                 **({"feature_images_per_s": round(feature_rate, 2)} if feature_rate else {}),
             },
         )
@@ -674,6 +682,12 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--eval-samples", type=int, default=64)
+    parser.add_argument(
+        "--logging-steps",
+        type=int,
+        default=1000,
+        help="log the mean loss every this many steps (into each row's losses); each log waits for the GPU",
+    )
     parser.add_argument("--train-per-class", type=int, default=20)
     parser.add_argument(
         "--out", type=Path, help="where gpu.jsonl is appended (default: bench/results; --smoke: a temp dir)"

@@ -89,23 +89,25 @@ class Int8Linear(nn.Linear):
         return out if self.bias is None else out + self.bias
 
 
-def quantize_linear_layers(model: nn.Module, pattern: str) -> int:
-    """Replace each nn.Linear whose full name matches `pattern` by an Int8Linear, in place, one at a time
-    (the peak is one layer's float32 copy). Returns how many were replaced."""
+def quantize_linear_layers(model: nn.Module, pattern: str, layer: type[nn.Linear] = Int8Linear) -> int:
+    """Replace each nn.Linear whose full name matches `pattern` by `layer` (Int8Linear, or Fp8Linear from
+    trainer.fp8_weights), in place, one at a time (the peak is one layer's float32 copy). Returns how many
+    were replaced."""
     regex = re.compile(pattern)
     replaced = 0
     for parent_name, parent in list(model.named_modules()):
         for name, child in list(parent.named_children()):
             full = f"{parent_name}.{name}" if parent_name else name
             if type(child) is nn.Linear and regex.fullmatch(full):
-                setattr(parent, name, Int8Linear(child))
+                setattr(parent, name, layer(child))
                 replaced += 1
     return replaced
 
 
 def int8_weight_bytes(model: nn.Module, pattern: str) -> int:
     """Bytes the model's parameters would take with the matching linear layers' weights in int8 (plus a
-    bf16 scale per row) and all else in bf16; works on a model on the meta device."""
+    bf16 scale per row) and all else in bf16; works on a model on the meta device. e4m3 weights take the
+    same, up to their float32 scales (2 more bytes per row)."""
     regex = re.compile(pattern)
     int8 = {
         id(module.weight): module.out_features

@@ -1,4 +1,4 @@
-"""Processor and model: Gemma 3 with LoRA on the language model; bf16, int8 or 4-bit NF4 base weights."""
+"""Processor and model: Gemma 3 with LoRA on the language model; bf16, fp8, int8 or 4-bit NF4 base weights."""
 
 import logging
 from pathlib import Path
@@ -15,7 +15,8 @@ from transformers import (
 )
 
 from trainer import UserError
-from trainer.int8_weights import int8_weight_bytes, quantize_linear_layers
+from trainer.fp8_weights import Fp8Linear, fp8_measured_faster, has_fp8_tensor_cores
+from trainer.int8_weights import Int8Linear, int8_weight_bytes, quantize_linear_layers
 from trainer.lora_dropout import fuse_lora_dropout
 
 log = logging.getLogger(__name__)
@@ -28,7 +29,7 @@ LANGUAGE_MODEL_LINEAR = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_
 # batch. bf16 weights above it (27B: 51 of 85 GiB) would leave room for batch 2 only: int8 storage is faster
 # there (docs/benchmarks.md), and 4-bit when even int8 weights do not leave it.
 WEIGHT_MEMORY_SHARE = 0.5
-# int8 weights are made from bf16 ones on the GPU: the bf16 model must fit the GPU while it loads.
+# int8 and fp8 weights are made from bf16 ones on the GPU: the bf16 model must fit the GPU while it loads.
 LOAD_MEMORY_SHARE = 0.9
 
 
@@ -57,12 +58,18 @@ def resolve_device(device: str) -> str:
 def choose_precision(
     quantization: str, device: str, model_id: str, token: str | None, max_memory_gib: float = float("inf")
 ) -> str:
-    """'bf16', 'int8', '4bit' or 'fp32' (CPU; 'int8' also runs there, in fp32).
+    """'bf16', 'fp8', 'int8', '4bit' or 'fp32' (CPU; 'int8' and 'fp8' also run there, computing in fp32).
 
-    'auto' takes the most precise weights that leave half of the memory budget for activations.
+    'auto' takes fp8 weights on a GPU where they were measured faster at 4B and 27B (Hopper,
+    docs/benchmarks.md), else the most precise weights that leave half of the memory budget for activations.
     """
-    if quantization == "int8":
-        return "int8"
+    if quantization == "fp8" and device != "cpu" and not has_fp8_tensor_cores():
+        name = torch.cuda.get_device_name()
+        raise UserError(
+            f"--quantization fp8 needs FP8 tensor cores (compute capability 8.9 or later); {name}"
+        )
+    if quantization in ("int8", "fp8"):
+        return quantization
     if device == "cpu":
         if quantization == "4bit":
             raise UserError("--quantization 4bit needs a CUDA GPU (bitsandbytes); use auto or none on CPU")
@@ -75,9 +82,9 @@ def choose_precision(
     int8 = int8_weight_bytes(shell, LANGUAGE_MODEL_LINEAR)
     total = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
     budget = min(total, max_memory_gib * 2**30)
-    precision = precision_for(bf16, int8, budget, total)
+    precision = precision_for(bf16, int8, budget, total, fp8=fp8_measured_faster())
     log.info(
-        "weights: %.1f GiB in bf16, %.1f GiB in int8; memory budget %.1f GiB: %s",
+        "weights: %.1f GiB in bf16, %.1f GiB in int8 or fp8; memory budget %.1f GiB: %s",
         bf16 / 2**30,
         int8 / 2**30,
         budget / 2**30,
@@ -86,14 +93,19 @@ def choose_precision(
     return precision
 
 
-def precision_for(bf16_bytes: float, int8_bytes: float, budget: float, gpu_bytes: float) -> str:
-    """The most precise weights that take at most WEIGHT_MEMORY_SHARE of the budget (and, for int8, whose
-    bf16 form fits the GPU while it loads); 4-bit otherwise."""
+def precision_for(
+    bf16_bytes: float, int8_bytes: float, budget: float, gpu_bytes: float, fp8: bool = False
+) -> str:
+    """Where fp8 was measured faster (`fp8`), fp8 wherever its weights (int8's size) take at most
+    WEIGHT_MEMORY_SHARE of the budget and their bf16 form fits the GPU while it loads. Otherwise the most
+    precise weights that take at most that share (int8 also needing the bf16 load to fit); 4-bit when none
+    does."""
+    int8_fits = int8_bytes <= WEIGHT_MEMORY_SHARE * budget and bf16_bytes <= LOAD_MEMORY_SHARE * gpu_bytes
+    if fp8 and int8_fits:
+        return "fp8"
     if bf16_bytes <= WEIGHT_MEMORY_SHARE * budget:
         return "bf16"
-    if int8_bytes <= WEIGHT_MEMORY_SHARE * budget and bf16_bytes <= LOAD_MEMORY_SHARE * gpu_bytes:
-        return "int8"
-    return "4bit"
+    return "int8" if int8_fits else "4bit"
 
 
 def load_processor(model_id: str, token: str | None) -> ProcessorMixin:
@@ -120,9 +132,10 @@ def load_base_model(model_id: str, precision: str, device: str, token: str | Non
         raise UserError(
             f"cannot load the model weights of {model_id}: {str(error).splitlines()[0]}"
         ) from None
-    if precision == "int8":
-        count = quantize_linear_layers(model, LANGUAGE_MODEL_LINEAR)
-        log.info("%d linear layers of the language model stored in int8", count)
+    if precision in ("int8", "fp8"):
+        layer = Int8Linear if precision == "int8" else Fp8Linear
+        count = quantize_linear_layers(model, LANGUAGE_MODEL_LINEAR, layer)
+        log.info("%d linear layers of the language model stored in %s", count, precision)
     return model
 
 
