@@ -130,15 +130,18 @@ def source_options(command: Callable[..., Any]) -> Callable[..., Any]:
         (
             click.option(
                 "--model-source",
-                help="Hugging Face model id or local model directory to stage (default: model_id).",
+                help="Hugging Face model id or local model directory to stage (default: the one staged "
+                "last, recorded in the bucket, else model_id).",
             ),
             click.option(
                 "--dataset-source",
                 help="Hugging Face dataset id or local directory in the Oxford-IIIT Pet layout "
-                "(default: dataset_id).",
+                "(default: the one staged last, else dataset_id).",
             ),
             click.option(
-                "--revision", help="Hub revision (branch, tag or commit) of the model; default main."
+                "--revision",
+                help="Hub revision (branch, tag or commit) of the model; default main, or the one staged "
+                "last.",
             ),
             click.option(
                 "--stage-in",
@@ -235,7 +238,8 @@ def up(
          global; skipped when this source was already built)
       3. model weights and dataset into gs://BUCKET/<model-id>/ and gs://BUCKET/datasets/<name>/:
          Hub repos by a short CPU job (<job>-stage) running that image in the region, local
-         directories from this machine; nothing moves when the staged copy is complete
+         directories from this machine; nothing moves when the staged copy is complete. Later runs
+         keep the sources staged last (recorded in the bucket) until others are named
       4. the Cloud Run GPU job, created or updated (untouched when its spec is unchanged)
     The GPU quota is read and shown; without it `up` warns and `run` refuses.
     """
@@ -277,20 +281,22 @@ def up(
         record("image", built.uri, built.status)
         image_uri = built.uri
 
-    model_source = model_source or settings.model_id
-    dataset_source = dataset_source or settings.dataset_id
+    sources = staging.choose_sources(clients.storage, settings, model_source, dataset_source, revision)
+    if sources.recorded and not as_json:
+        console.print(sources.describe(settings.bucket), style="dim", soft_wrap=True)
     if skip_stage:
         model_prefix, dataset_prefix = (
-            staging.model_prefix(model_source),
-            staging.dataset_prefix(dataset_source),
+            staging.model_prefix(sources.model),
+            staging.dataset_prefix(sources.dataset),
         )
     else:
+        sources.check_here(settings.bucket)
         staged = staging.stage(
             clients,
             settings,
-            model_source=model_source,
-            dataset_source=dataset_source,
-            revision=revision,
+            model_source=sources.model,
+            dataset_source=sources.dataset,
+            revision=sources.revision,
             stage_in=stage_in,
             # With --skip-build the job's image, else the last one built, can still stage.
             image=image_uri or (jobs.latest_image(clients, settings) if stage_in != "local" else None),
@@ -664,15 +670,19 @@ def stage(
 
     clients = Clients(settings.project_id)
     out = err_console if as_json else console
+    sources = staging.choose_sources(clients.storage, settings, model_source, dataset_source, revision)
+    if sources.recorded:
+        out.print(sources.describe(settings.bucket), style="dim", soft_wrap=True)
+    sources.check_here(settings.bucket)
     image = None
     if stage_in != "local":
         image = jobs.current_image(clients, settings) or jobs.latest_image(clients, settings)
     staged = staging.stage(
         clients,
         settings,
-        model_source=model_source,
-        dataset_source=dataset_source,
-        revision=revision,
+        model_source=sources.model,
+        dataset_source=sources.dataset,
+        revision=sources.revision,
         stage_in=stage_in,
         image=image,
         dry_run=dry_run,

@@ -15,6 +15,7 @@ import pytest
 from click.testing import CliRunner
 from google.api import launch_stage_pb2
 from google.cloud import run_v2
+from huggingface_hub import constants
 
 from launcher.cli import main
 
@@ -306,3 +307,56 @@ def test_gpu_none_runs_the_same_job_on_cpu_without_gpu_quota(env, project_dir):
     ran = cli("run", "--gpu", "none", "--follow")
     assert ran.exit_code == 0, ran.output
     assert "succeeded: 1/1 tasks succeeded" in ran.output
+
+
+def test_up_keeps_the_sources_it_staged_until_others_are_named(env, project_dir, tmp_path, monkeypatch):
+    # No Hub here: a request to it would be refused at once instead of going to huggingface.co.
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")
+    model, pets = tmp_path / "tiny-model", tmp_path / "pets"
+    for path, text in {
+        model / "config.json": "{}",
+        pets / "annotations" / "list.txt": "Abyssinian_1 1 1 1\n",
+        pets / "images" / "Abyssinian_1.jpg": "jpeg",
+    }.items():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    sources = ["--model-source", str(model), "--dataset-source", str(pets)]
+    first = cli("up", "--source", str(project_dir), *sources)
+    assert first.exit_code == 0, first.output
+    expected = ["--model-id", "/mnt/gcs/models/tiny-model", "--dataset", "/mnt/gcs/datasets/pets"]
+
+    planned = cli("up", "--source", str(project_dir), "--skip-stage", "--dry-run")
+    assert planned.exit_code == 0, planned.output
+    assert f"model {model}, dataset {pets}; --model-source / --dataset-source names others" in planned.output
+    assert "/mnt/gcs/models/tiny-model" in planned.output and "gemma-3-27b-it" not in planned.output
+    assert "would update" not in planned.output
+
+    l4 = cli("up", "--source", str(project_dir), "--gpu", "nvidia-l4")
+    assert l4.exit_code == 0, l4.output
+    assert "Hugging Face" not in l4.output
+    job = env.clients(PROJECT).jobs.get_job(name=JOB)
+    assert list(job.template.template.containers[0].args)[:4] == expected
+    assert job.template.template.node_selector.accelerator == "nvidia-l4"
+
+    # Naming a source again replaces only that one; a changed model_id names another model.
+    other = tmp_path / "other-pets"
+    shutil.copytree(pets, other)
+    assert cli("up", "--source", str(project_dir), "--dataset-source", str(other)).exit_code == 0
+    args = list(env.clients(PROJECT).jobs.get_job(name=JOB).template.template.containers[0].args)
+    assert args[:4] == [
+        "--model-id",
+        "/mnt/gcs/models/tiny-model",
+        "--dataset",
+        "/mnt/gcs/datasets/other-pets",
+    ]
+    switched = up(project_dir, "--model-id", "acme/gemma-3-1b-it", "--dry-run")
+    assert "/mnt/gcs/acme/gemma-3-1b-it" in switched.output, switched.output
+
+    shutil.rmtree(model)
+    gone = cli("up", "--source", str(project_dir))
+    assert gone.exit_code == 2, gone.output
+    assert f"Error: The model was last staged from the directory {model}, which is not on this machine." in (
+        gone.output
+    )
+    assert "gs://demo-project-gemma3-finetuning/models/tiny-model/" in gone.output
+    assert up(project_dir).exit_code == 0  # --skip-stage: the staged copy as it is
