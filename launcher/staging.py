@@ -692,7 +692,7 @@ def _run_staging_job(
             soft_wrap=True,
         )
         raise
-    final = jobs.get_execution(clients, execution.name)
+    final = jobs.get_execution(clients, stage_settings, execution.name)
     if jobs.succeeded(final):
         return
     verdict = jobs.state(final).lower()
