@@ -135,15 +135,18 @@ def source_options(command: Callable[..., Any]) -> Callable[..., Any]:
         (
             click.option(
                 "--model-source",
-                help="Hugging Face model id or local model directory to stage (default: model_id).",
+                help="Hugging Face model id or local model directory to stage (default: the one staged "
+                "last, recorded in the bucket, else model_id).",
             ),
             click.option(
                 "--dataset-source",
                 help="Hugging Face dataset id or local directory in the Oxford-IIIT Pet layout "
-                "(default: dataset_id).",
+                "(default: the one staged last, else dataset_id).",
             ),
             click.option(
-                "--revision", help="Hub revision (branch, tag or commit) of the model; default main."
+                "--revision",
+                help="Hub revision (branch, tag or commit) of the model; default main, or the one staged "
+                "last.",
             ),
             click.option(
                 "--stage-in",
@@ -242,7 +245,8 @@ def up(
          global; skipped when this source was already built)
       3. model weights and dataset into gs://BUCKET/<model-id>/ and gs://BUCKET/datasets/<name>/:
          Hub repos by a short CPU job (<job>-stage) running that image in the region, local
-         directories from this machine; nothing moves when the staged copy is complete
+         directories from this machine; nothing moves when the staged copy is complete. Later runs
+         keep the sources staged last (recorded in the bucket) until others are named
       4. the Cloud Run GPU job, created or updated (untouched when its spec is unchanged)
     The GPU quota is read and shown; without it `up` warns and `run` refuses.
     """
@@ -289,20 +293,22 @@ def up(
         record("image", built.uri, built.status)
         image_uri = built.uri
 
-    model_source = model_source or settings.model_id
-    dataset_source = dataset_source or settings.dataset_id
+    sources = staging.choose_sources(clients.storage, settings, model_source, dataset_source, revision)
+    if sources.recorded and not as_json:
+        console.print(sources.describe(settings.bucket), style="dim", soft_wrap=True)
     if skip_stage:
         model_prefix, dataset_prefix = (
-            staging.model_prefix(model_source),
-            staging.dataset_prefix(dataset_source),
+            staging.model_prefix(sources.model),
+            staging.dataset_prefix(sources.dataset),
         )
     else:
+        sources.check_here(settings.bucket)
         staged = staging.stage(
             clients,
             settings,
-            model_source=model_source,
-            dataset_source=dataset_source,
-            revision=revision,
+            model_source=sources.model,
+            dataset_source=sources.dataset,
+            revision=sources.revision,
             stage_in=stage_in,
             # With --skip-build the job's image, else the last one built, can still stage.
             image=image_uri or (jobs.latest_image(clients, settings) if stage_in != "local" else None),
@@ -436,6 +442,11 @@ def doctor_command(settings: Settings, as_json: bool) -> None:
     is_flag=True,
     help="Stream the logs until the execution ends; exit 0 only if it succeeded.",
 )
+@click.option(
+    "--allow-concurrent",
+    is_flag=True,
+    help="Start even while another execution of the job runs (each holds its own GPU).",
+)
 def run_command(
     settings: Settings,
     sets: tuple[str, ...],
@@ -443,11 +454,13 @@ def run_command(
     tasks: int | None,
     timeout: str | None,
     follow: bool,
+    allow_concurrent: bool,
 ) -> None:
     """Execute the job once, optionally overriding trainer flags, and print the execution's name.
 
-    Nothing starts when the project's Cloud Run GPU quota in the job's region cannot give the execution
-    its GPU: the error names the quota to request and where.
+    Nothing starts while another execution of the job is running (stop it with `gemma-launch cancel`,
+    or pass --allow-concurrent), nor when the project's Cloud Run GPU quota in the job's region cannot
+    give the execution its GPU: the error names the quota to request and where.
     """
     overrides = jobs.parse_sets(sets)
     if train_size is not None:
@@ -460,6 +473,8 @@ def run_command(
             raise UserError(f"Invalid --timeout: {error}.", "Use a duration like 2h, 45m or 3600s.") from None
         check_run_timeout(settings, timeout_s)
     clients = Clients(settings.project_id)
+    if not allow_concurrent:
+        jobs.refuse_concurrent(clients, settings)
     try:
         quota.require_for_run(clients, settings, jobs.gpus_held(clients, settings))
     except quota.QuotaUnknown as unknown:
@@ -478,14 +493,17 @@ def _follow(clients: Clients, settings: Settings, execution: str) -> None:
     except KeyboardInterrupt:
         err_console.print(
             "\nStopped following; the execution goes on. Resume with: "
-            f"gemma-launch logs {jobs.short_name(execution)} --follow"
+            f"gemma-launch logs {jobs.short_name(execution)} --follow; stop it with: "
+            f"gemma-launch cancel {jobs.short_name(execution)}"
         )
         raise SystemExit(130) from None
-    final = jobs.get_execution(clients, execution)
+    final = jobs.get_execution(clients, settings, execution)
     verdict = jobs.state(final)
     console.print(
         f"Execution {jobs.short_name(execution)} {verdict.lower()}: "
         f"{final.succeeded_count}/{final.task_count} tasks succeeded, {final.retried_count} retried."
+        + (f" {jobs.why(final)}" if jobs.why(final) else ""),
+        soft_wrap=True,
     )
     if verdict != "Succeeded":
         raise SystemExit(1)
@@ -518,7 +536,7 @@ def logs_command(settings: Settings, execution: str | None, follow: bool) -> Non
 )
 @click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
 def status(settings: Settings, limit: int, as_json: bool) -> None:
-    """The job's executions, newest first: state, tasks, retries, start and duration."""
+    """The job's executions, newest first: state, tasks, retries, start, duration, and why one failed."""
     summaries = [
         jobs.summary(found) for found in jobs.list_executions(Clients(settings.project_id), settings, limit)
     ]
@@ -542,25 +560,31 @@ def status(settings: Settings, limit: int, as_json: bool) -> None:
             row["duration"] or "-",
         )
     console.print(table)
+    for row in summaries:
+        if row["why"]:
+            console.print(f"{row['execution']} {row['state'].lower()}: {row['why']}", soft_wrap=True)
 
 
 @main.command()
 @settings_options
 @click.argument("execution", required=False)
-@click.option("--json", "as_json", is_flag=True, help="Print the whole results.json.")
+@click.option(
+    "--json",
+    "as_json",
+    is_flag=True,
+    help="Print results.json, with an added outputs list: where each output is and whether it exists.",
+)
 def results(settings: Settings, execution: str | None, as_json: bool) -> None:
-    """Baseline vs fine-tuned accuracy, macro-F1 and unknown rate of an execution (default: newest)."""
+    """Baseline vs fine-tuned accuracy, macro-F1 and unknown rate of an execution (default: newest),
+    and where its adapter, merged model, results.json and confusion matrix are."""
     clients = Clients(settings.project_id)
     name = jobs.execution_name(clients, settings, execution)
     found = run_results.load(clients, settings, name)
     if found is None:
-        raise UserError(
-            f"Execution {jobs.short_name(name)} has no results yet "
-            f"(gs://{settings.bucket}/{run_results.results_object(name)}).",
-            f"It may still be running or have failed: see `gemma-launch logs {jobs.short_name(name)}`.",
-        )
+        raise run_results.no_results(clients, settings, name)
+    places = run_results.outputs(clients, settings, name)
     if as_json:
-        click.echo(json.dumps(found, indent=2))
+        click.echo(json.dumps({**found, "outputs": [dataclasses.asdict(out) for out in places]}, indent=2))
         return
     table = Table(title=f"Execution {jobs.short_name(name)}")
     for column in ("metric", "baseline", "fine-tuned", "change"):
@@ -573,6 +597,48 @@ def results(settings: Settings, execution: str | None, as_json: bool) -> None:
         f"test images, {found.get('train_size')} training images",
         soft_wrap=True,
     )
+    for out in places:
+        if out.present:
+            console.print(f"{out.label:<17} {out.url}  ({out.note})", markup=False, soft_wrap=True)
+            console.print(f"{'':<17} {out.console}", markup=False, soft_wrap=True)
+        else:
+            console.print(f"{out.label:<17} {out.note}", markup=False, soft_wrap=True)
+
+
+@main.command()
+@settings_options
+@click.argument("execution", required=False)
+@click.option("--json", "as_json", is_flag=True, help="Print the outcome as JSON.")
+def cancel(settings: Settings, execution: str | None, as_json: bool) -> None:
+    """Stop an execution (default: the newest running one); safe to run again.
+
+    Its tasks are stopped and it ends as Cancelled; what it wrote to the bucket stays. Cancelling one
+    that already finished changes nothing and says how it ended.
+    """
+    clients = Clients(settings.project_id)
+    if execution:
+        name = jobs.execution_name(clients, settings, execution)
+    else:
+        unfinished = jobs.running(clients, settings)
+        if not unfinished:
+            if as_json:
+                click.echo(json.dumps({"execution": None, "status": "unchanged", "state": None}, indent=2))
+            else:
+                console.print(f"No execution of job {settings.job} is running: nothing to cancel.")
+            return
+        name = unfinished[0].name
+    outcome = jobs.cancel(clients, settings, name)
+    short, verdict = jobs.short_name(name), jobs.state(outcome.execution)
+    if as_json:
+        click.echo(json.dumps({"execution": short, "status": outcome.status, "state": verdict}, indent=2))
+    elif outcome.status == "cancelled":
+        console.print(f"Cancelled execution {short}.")
+    elif outcome.status == "cancelling":
+        console.print(
+            f"Asked execution {short} to stop; it is still stopping. `gemma-launch status` shows when it has."
+        )
+    else:
+        console.print(f"Execution {short} had already finished ({verdict.lower()}): nothing to cancel.")
 
 
 @main.group()
@@ -710,15 +776,19 @@ def stage(
 
     clients = Clients(settings.project_id)
     out = err_console if as_json else console
+    sources = staging.choose_sources(clients.storage, settings, model_source, dataset_source, revision)
+    if sources.recorded:
+        out.print(sources.describe(settings.bucket), style="dim", soft_wrap=True)
+    sources.check_here(settings.bucket)
     image = None
     if stage_in != "local":
         image = jobs.current_image(clients, settings) or jobs.latest_image(clients, settings)
     staged = staging.stage(
         clients,
         settings,
-        model_source=model_source,
-        dataset_source=dataset_source,
-        revision=revision,
+        model_source=sources.model,
+        dataset_source=sources.dataset,
+        revision=sources.revision,
         stage_in=stage_in,
         image=image,
         dry_run=dry_run,

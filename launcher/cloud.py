@@ -6,12 +6,18 @@ local emulator over one insecure channel without credentials, which the emulator
 owner, and storage follows google-cloud-storage's own STORAGE_EMULATOR_HOST convention. Inside an
 emulated task only STORAGE_EMULATOR_HOST is set: ADC finds the job's service account through the
 emulated metadata server, as on Cloud Run. Callers pass `RETRY` on each call.
+
+An emulator that is not running refuses the connection, which RETRY would take for a transient outage
+and retry for two minutes: the first call to each side of the emulator checks first that something
+listens there, and says at once how to start it.
 """
 
 from __future__ import annotations
 
 import os
+import socket
 from functools import cached_property
+from urllib.parse import urlsplit
 
 import google.auth
 import google.auth.exceptions
@@ -112,6 +118,39 @@ def emulator_host() -> str | None:
     return os.environ.get(EMULATOR_ENV) or None
 
 
+def check_emulator(variable: str) -> None:
+    """A UserError, at once, when nothing listens at the emulator address that $`variable` holds."""
+    address = os.environ.get(variable, "")
+    host, port = _host_port(address)
+    if not host or not port:
+        return  # not host:port: the client reports it
+    try:
+        socket.create_connection((host, port), timeout=1.0).close()
+    except OSError as error:
+        ports = {"--port": EMULATOR_ENV, "--storage-port": "STORAGE_EMULATOR_HOST"}
+        same = "".join(
+            f" {flag} {number}"
+            for flag, name in ports.items()
+            if (number := _host_port(os.environ.get(name, ""))[1])
+        )
+        raise UserError(
+            f"The gemma-launch emulator is not running: nothing answers at {address} (${variable}: "
+            f"{error.strerror or error}).",
+            "Start it in another terminal on the same ports, so this shell's exports stay right: "
+            f"`gemma-launch emulator start{same}` (with the --data-dir it had, to keep its state). Or "
+            f"`unset {EMULATOR_ENV} STORAGE_EMULATOR_HOST` to use Google Cloud.",
+        ) from None
+
+
+def _host_port(address: str) -> tuple[str | None, int | None]:
+    """("127.0.0.1", 8085) from 127.0.0.1:8085 or http://127.0.0.1:8085."""
+    parts = urlsplit(address if "//" in address else f"//{address}")
+    try:
+        return parts.hostname, parts.port
+    except ValueError:
+        return None, None
+
+
 class Clients:
     """One client per service, built on first use."""
 
@@ -122,6 +161,7 @@ class Clients:
     @cached_property
     def _channel(self) -> grpc.Channel:
         assert self.emulator
+        check_emulator(EMULATOR_ENV)
         return grpc.insecure_channel(self.emulator)
 
     @cached_property
@@ -190,6 +230,7 @@ class Clients:
     @cached_property
     def storage(self) -> storage.Client:
         if self.emulator:
+            check_emulator("STORAGE_EMULATOR_HOST")
             return storage.Client(project=self.project, credentials=AnonymousCredentials())
         if os.environ.get("STORAGE_EMULATOR_HOST"):
             # In an emulated task ADC finds the job's account (metadata server); elsewhere, no

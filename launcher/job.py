@@ -9,7 +9,9 @@ account, running launcher.stage_worker with arguments given per execution (launc
 
 from __future__ import annotations
 
+import contextlib
 import shlex
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -382,26 +384,29 @@ def short_name(execution: str) -> str:
 
 
 def execution_name(clients: Clients, settings: Settings, execution: str | None) -> str:
-    """A full execution name from a short id, or the newest execution of the job when None."""
-    if execution:
-        return (
-            execution if execution.startswith("projects/") else f"{settings.job_name}/executions/{execution}"
-        )
-    try:
-        for found in clients.executions.list_executions(parent=settings.job_name, retry=RETRY):
+    """The full name of an existing execution given by short id or full name, or the job's newest."""
+    if not execution:
+        for found in list_executions(clients, settings, limit=1):
             return found.name
-    except exceptions.NotFound:
-        pass
-    raise UserError(f"Job {settings.job} has no executions yet.", "Start one with `gemma-launch run`.")
+        raise UserError(f"Job {settings.job} has no executions yet.", "Start one with `gemma-launch run`.")
+    name = execution if execution.startswith("projects/") else f"{settings.job_name}/executions/{execution}"
+    return get_execution(clients, settings, name).name
 
 
-def get_execution(clients: Clients, name: str) -> run_v2.Execution:
+def get_execution(clients: Clients, settings: Settings, name: str) -> run_v2.Execution:
+    """The execution; one that does not exist is a UserError that lists the job's recent ones."""
     try:
         return clients.executions.get_execution(name=name, retry=RETRY)
     except exceptions.NotFound:
-        raise UserError(
-            f"Execution {short_name(name)} was not found.", "List executions with `gemma-launch status`."
-        ) from None
+        pass
+    recent = [short_name(found.name) for found in list_executions(clients, settings, limit=5)]
+    hint = (
+        f"The job's recent executions, newest first: {', '.join(recent)} (`gemma-launch status` shows "
+        "their states); leave EXECUTION out for the newest."
+        if recent
+        else "Start one with `gemma-launch run`."
+    )
+    raise UserError(f"Execution {short_name(name)} of job {settings.job} does not exist.", hint) from None
 
 
 def is_done(execution: run_v2.Execution) -> bool:
@@ -423,6 +428,60 @@ def state(execution: run_v2.Execution) -> str:
     if execution.cancelled_count:
         return "Cancelled"
     return "Succeeded" if succeeded(execution) else "Failed"
+
+
+def why(execution: run_v2.Execution) -> str:
+    """Why a finished execution did not succeed: its Completed condition's message; "" otherwise."""
+    if not is_done(execution) or succeeded(execution):
+        return ""
+    for condition in execution.conditions:
+        if condition.type_ == "Completed":
+            return condition.message
+    return ""
+
+
+def running(clients: Clients, settings: Settings) -> list[run_v2.Execution]:
+    """The job's executions that have not finished, newest first."""
+    return [found for found in list_executions(clients, settings, limit=100) if not is_done(found)]
+
+
+def refuse_concurrent(clients: Clients, settings: Settings) -> None:
+    """A UserError when an execution of the job is still running: two would train side by side, each
+    paying for its GPU, usually by accident (a Ctrl-C stops following, not the execution)."""
+    unfinished = running(clients, settings)
+    if not unfinished:
+        return
+    newest = short_name(unfinished[0].name)
+    others = f" (and {len(unfinished) - 1} more)" if len(unfinished) > 1 else ""
+    raise UserError(
+        f"Execution {newest}{others} of job {settings.job} is still {state(unfinished[0]).lower()}.",
+        f"Follow it with `gemma-launch logs {newest} --follow`, stop it with `gemma-launch cancel "
+        f"{newest}`, or pass --allow-concurrent to start another one alongside it.",
+    )
+
+
+@dataclass(frozen=True)
+class Cancelled:
+    execution: run_v2.Execution
+    status: str  # cancelled | cancelling (asked, not stopped yet) | unchanged (it had already finished)
+
+
+def cancel(clients: Clients, settings: Settings, name: str, wait_s: float = 60.0) -> Cancelled:
+    """Cancel an execution and wait up to `wait_s` for it to stop; one already finished is left alone."""
+    execution = get_execution(clients, settings, name)
+    if is_done(execution):
+        return Cancelled(execution, "unchanged")
+    # FailedPrecondition: it finished between our read and the cancel; the read below says how.
+    with contextlib.suppress(exceptions.FailedPrecondition):
+        clients.executions.cancel_execution(name=name, retry=RETRY).result(timeout=300, retry=RETRY)
+    deadline = time.monotonic() + wait_s
+    while True:
+        execution = get_execution(clients, settings, name)
+        if is_done(execution):
+            return Cancelled(execution, "cancelled" if execution.cancelled_count else "unchanged")
+        if time.monotonic() >= deadline:
+            return Cancelled(execution, "cancelling")
+        time.sleep(1.0)
 
 
 def current_image(clients: Clients, settings: Settings) -> str | None:
@@ -477,4 +536,5 @@ def summary(execution: run_v2.Execution) -> dict[str, Any]:
         "retried": execution.retried_count,
         "started": started.strftime("%Y-%m-%d %H:%M:%S") if started else None,
         "duration": duration,
+        "why": why(execution),
     }

@@ -134,7 +134,7 @@ def stream(
         while True:
             now = time.monotonic()
             if done_at is None and now >= next_check:
-                if jobs.is_done(jobs.get_execution(clients, execution)):
+                if jobs.is_done(jobs.get_execution(clients, settings, execution)):
                     # Lines written just before the end may still sit in the tail's buffer window.
                     done_at = now
                 next_check = now + poll_s

@@ -1,21 +1,32 @@
-"""Read an execution's results.json from the bucket and compare baseline with fine-tuned metrics."""
+"""An execution's results.json and outputs in the bucket: baseline vs fine-tuned metrics, and where the
+adapter, the merged model and the confusion matrix are (the trainer's layout, docs/trainer.md)."""
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from typing import Any
+from urllib.parse import quote
 
 from google.api_core import exceptions
 
 from launcher import job as jobs
 from launcher.cloud import RETRY, Clients
+from launcher.errors import UserError
 from launcher.settings import Settings
+
+CONSOLE = "https://console.cloud.google.com/storage/browser"
 
 METRICS = (("accuracy", "Accuracy"), ("macro_f1", "Macro-F1"), ("unknown_rate", "Unknown rate"))
 
 
+def run_prefix(execution: str) -> str:
+    """Where the trainer writes an execution's outputs: --output-dir /mnt/gcs/runs plus its name."""
+    return f"{jobs.RUNS_PREFIX}/{jobs.short_name(execution)}"
+
+
 def results_object(execution: str) -> str:
-    return f"{jobs.RUNS_PREFIX}/{jobs.short_name(execution)}/results.json"
+    return f"{run_prefix(execution)}/results.json"
 
 
 def load(clients: Clients, settings: Settings, execution: str) -> dict[str, Any] | None:
@@ -34,4 +45,88 @@ def rows(results: dict[str, Any]) -> list[tuple[str, float, float, float]]:
         (label, baseline[key], final[key], final[key] - baseline[key])
         for key, label in METRICS
         if key in baseline and key in final
+    ]
+
+
+def no_results(clients: Clients, settings: Settings, execution: str) -> UserError:
+    """Why an execution has no results.json, from its state."""
+    found = jobs.get_execution(clients, settings, execution)
+    short = jobs.short_name(execution)
+    where = f"gs://{settings.bucket}/{results_object(execution)}"
+    if not jobs.is_done(found):
+        return UserError(
+            f"Execution {short} is still {jobs.state(found).lower()}: it writes {where} when training ends.",
+            f"Follow it with `gemma-launch logs {short} --follow`, then run `gemma-launch results {short}`.",
+        )
+    if not jobs.succeeded(found):
+        why = jobs.why(found)
+        verdict = jobs.state(found).lower()
+        return UserError(
+            f"Execution {short} {verdict}, so it has no results" + (f": {why}" if why else "."),
+            f"See what happened with `gemma-launch logs {short}`; once fixed, start a new execution with "
+            "`gemma-launch run`.",
+        )
+    return UserError(
+        f"Execution {short} succeeded but wrote no {where}.",
+        f"Its trainer wrote its outputs elsewhere: the job's --output-dir shows in the argv at the top of "
+        f"`gemma-launch logs {short}`; `gemma-launch up` sets it back to /mnt/gcs/runs.",
+    )
+
+
+@dataclass(frozen=True)
+class Output:
+    label: str
+    url: str  # gs://...; a folder ends with /
+    console: str  # the Cloud Console page of that object or folder
+    present: bool
+    note: str  # how to use it, or how to get it when absent
+
+
+def outputs(clients: Clients, settings: Settings, execution: str) -> list[Output]:
+    """Where the adapter, the merged model, results.json and the confusion matrix of an execution are."""
+    bucket = clients.storage.bucket(settings.bucket)
+    prefix = run_prefix(execution)
+
+    def exists(name: str) -> bool:
+        return bucket.get_blob(f"{prefix}/{name}", retry=RETRY) is not None
+
+    def place(label: str, name: str, probe: str, note: str, absent: str) -> Output:
+        """`name` is "" or ends with / for a folder; `probe` is the object that shows it was written."""
+        path = f"{settings.bucket}/{prefix}/{name}"
+        if name == "" or name.endswith("/"):
+            page = f"{CONSOLE}/{quote(path.rstrip('/'))}"
+        else:
+            page = f"{CONSOLE}/_details/{quote(path)}"
+        present = exists(probe)
+        return Output(
+            label,
+            f"gs://{path}",
+            f"{page}?project={settings.project_id}",
+            present,
+            note if present else absent,
+        )
+
+    return [
+        place(
+            "adapter",
+            "",
+            "adapter_model.safetensors",
+            "LoRA adapter and processor: PeftModel.from_pretrained(base_model, this folder)",
+            "not written (the execution did not get as far as saving it)",
+        ),
+        place(
+            "merged model",
+            "merged/",
+            "merged/config.json",
+            "a plain Gemma 3 checkpoint: from_pretrained(this folder)",
+            "not written: the run had no --merge; `gemma-launch run --set merge=true` writes one",
+        ),
+        place("results.json", "results.json", "results.json", "the metrics and every setting", "absent"),
+        place(
+            "confusion matrix",
+            "confusion_matrix.png",
+            "confusion_matrix.png",
+            "true vs predicted breed after fine-tuning",
+            "absent",
+        ),
     ]

@@ -16,6 +16,14 @@ to the commit resolved here; the launcher follows its logs and checks the marker
 directories, and Hub repos before any image exists, stream through this machine. Either way the marker
 is checked here first, so a complete copy costs a listing and starts nothing.
 
+What was staged last is recorded in the bucket, next to the staged copies (SOURCES: each kind's source,
+the revision asked for, and the model_id / dataset_id setting it stood in for), so later commands
+(`up --skip-stage`, `up --gpu ...`, `stage`) keep using those sources until the user names others: with
+--model-source / --dataset-source, or by changing model_id / dataset_id. The bucket, not this machine
+nor the job, holds it because the bucket is what every machine and teammate working on the project
+shares, `stage` alone changes no job, and the job's arguments give only the mount path, not the
+directory or Hub revision it came from.
+
 Storage calls use google-cloud-storage's own DEFAULT_RETRY: unlike launcher.cloud.RETRY it also retries
 dropped connections, which long transfers meet.
 """
@@ -75,6 +83,7 @@ from launcher.transfer import (
 )
 
 STAGE_IN = ("auto", "local", "cloud")
+SOURCES = ".gemma-launch/sources.json"
 MARKER = ".gemma-launch-staged.json"
 MARKER_FORMAT = 1
 # Metadata keys that identify an object this tool staged (and may therefore replace or delete).
@@ -111,6 +120,101 @@ class Source:
     @property
     def bytes(self) -> int:
         return sum(item.size for item in self.items)
+
+
+@dataclass(frozen=True)
+class Sources:
+    """The model and dataset a command works with, and which of them come from the record."""
+
+    model: str
+    dataset: str
+    revision: str | None
+    recorded: tuple[str, ...]  # "model", "dataset": taken from SOURCES, not named by this command
+
+    def describe(self, bucket: str) -> str:
+        """A line saying which sources were taken from the record; "" when none were."""
+        if not self.recorded:
+            return ""
+        named = {"model": self.model, "dataset": self.dataset}
+        which = ", ".join(f"{kind} {named[kind]}" for kind in self.recorded)
+        flags = " / ".join(f"--{kind}-source" for kind in self.recorded)
+        return f"Using the sources staged before (gs://{bucket}/{SOURCES}): {which}; {flags} names others."
+
+    def check_here(self, bucket: str) -> None:
+        """Staging again reads a recorded local directory: it must be on this machine."""
+        for kind in self.recorded:
+            source = self.model if kind == "model" else self.dataset
+            if _is_local(source) and not Path(source).is_dir():
+                prefix = (model_prefix if kind == "model" else dataset_prefix)(source)
+                raise UserError(
+                    f"The {kind} was last staged from the directory {source}, which is not on this machine.",
+                    f"Pass --{kind}-source (a directory here, or a Hugging Face id) to stage one; the copy "
+                    f"staged before stays at gs://{bucket}/{prefix}/, and `gemma-launch up --skip-stage` "
+                    "uses it as it is.",
+                )
+
+
+def choose_sources(
+    client: storage.Client,
+    settings: Settings,
+    model_source: str | None,
+    dataset_source: str | None,
+    revision: str | None,
+) -> Sources:
+    """What to stage or train on: the sources named now, else the ones staged last (when model_id /
+    dataset_id are still the ones they stood in for), else model_id / dataset_id."""
+    # Both named: nothing to read (a dry run then reads no object at all).
+    record = read_sources(client, settings.bucket) if not (model_source and dataset_source) else {}
+    recorded = []
+
+    def pick(kind: str, given: str | None, default: str) -> str:
+        entry = record.get(kind) or {}
+        if given or entry.get("default") != default or not entry.get("source"):
+            return given or default
+        recorded.append(kind)
+        return entry["source"]
+
+    model = pick("model", model_source, settings.model_id)
+    dataset = pick("dataset", dataset_source, settings.dataset_id)
+    if "model" in recorded and revision is None:
+        revision = record["model"].get("revision")
+    return Sources(model, dataset, revision, tuple(recorded))
+
+
+def read_sources(client: storage.Client, bucket: str) -> dict[str, Any]:
+    """The SOURCES record ({} when there is none, or no bucket yet)."""
+    with _storage_errors(bucket):
+        try:
+            document = json.loads(client.bucket(bucket).blob(SOURCES).download_as_bytes(retry=DEFAULT_RETRY))
+        except (exceptions.NotFound, ValueError):
+            return {}
+    return document if isinstance(document, dict) else {}
+
+
+def _record_sources(
+    client: storage.Client,
+    bucket: storage.Bucket,
+    settings: Settings,
+    sources: list[Source],
+    revision: str | None,
+) -> None:
+    """Write SOURCES when it changes (so an unchanged re-run writes nothing)."""
+    defaults = {"model": settings.model_id, "dataset": settings.dataset_id}
+    document = {
+        source.kind: {
+            "source": source.origin,
+            "revision": revision if source.kind == "model" else None,
+            "prefix": source.prefix,
+            "default": defaults[source.kind],
+        }
+        for source in sources
+    }
+    if read_sources(client, bucket.name) == document:
+        return
+    with _storage_errors(bucket.name):
+        bucket.blob(SOURCES).upload_from_string(
+            json.dumps(document, indent=1), content_type="application/json", retry=DEFAULT_RETRY
+        )
 
 
 def _is_local(source: str) -> bool:
@@ -184,7 +288,7 @@ def stage(
         assert image is not None
         staged = _stage_in_cloud(clients, settings, bucket, in_cloud, image, dry_run, console, on_job)
         done = {item.kind: item for item in staged}
-    return [
+    staged = [
         done.get(source.kind)
         or stage_source(
             clients.storage,
@@ -197,6 +301,10 @@ def stage(
         )
         for source in sources
     ]
+    if not dry_run:
+        assert bucket is not None
+        _record_sources(clients.storage, bucket, settings, sources, revision)
+    return staged
 
 
 def _place(kind: str, source: str, stage_in: str, image: str | None) -> str:
@@ -584,7 +692,7 @@ def _run_staging_job(
             soft_wrap=True,
         )
         raise
-    final = jobs.get_execution(clients, execution.name)
+    final = jobs.get_execution(clients, stage_settings, execution.name)
     if jobs.succeeded(final):
         return
     verdict = jobs.state(final).lower()

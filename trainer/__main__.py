@@ -32,7 +32,7 @@ from trainer.container import (
 )
 from trainer.data import ChatFormat, PetData, chat_format, load_pets
 from trainer.evaluate import per_class_metrics, predict, save_confusion_matrix, summary_metrics
-from trainer.export import merge, upload, versions, write_results
+from trainer.export import merge, run_settings, upload, versions, write_results
 from trainer.modeling import (
     check_model_id,
     choose_precision,
@@ -430,6 +430,13 @@ def run(args: argparse.Namespace) -> None:
         "versions": versions(),
         "execution": execution,
         "task_attempt": attempt,
+        "settings": run_settings(
+            args,
+            device=device,
+            weights=precision,
+            batch_size=trainer.args.per_device_train_batch_size,
+            effective_batch_size=trainer.args.per_device_train_batch_size * args.gradient_accumulation_steps,
+        ),
     }
     write_results(run_dir / "results.json", results)
     if args.merge:

@@ -1,10 +1,12 @@
 """Outputs: adapter + processor, optional merged model, results.json, upload to GCS."""
 
+import argparse
 import json
 import logging
 import platform
 from importlib import metadata
 from pathlib import Path
+from typing import Any
 
 from peft import PeftModel
 
@@ -35,6 +37,14 @@ def merge(model_id: str, adapter_dir: Path, out_dir: Path, device: str, token: s
     merged.save_pretrained(out_dir)
     load_processor(model_id, token).save_pretrained(out_dir)
     log.info("merged model written to %s", out_dir)
+
+
+def run_settings(args: argparse.Namespace, **resolved: Any) -> dict[str, Any]:
+    """Every flag of the run as `python -m trainer` received it (the token aside), and what its `auto`
+    values became (`resolved`): what two runs' results.json need to be compared."""
+    flags = {name.replace("_", "-"): value for name, value in vars(args).items() if name != "hf_token"}
+    flags["batch-size"] = args.batch_size or "auto"  # the parser turns auto into None
+    return {"flags": flags, "resolved": resolved}
 
 
 def write_results(path: Path, results: dict) -> None:

@@ -63,3 +63,20 @@ def test_a_restarted_emulator_serves_what_it_stored_on_its_new_ports(tmp_path, m
         # Staging reads back what it staged before (its completion markers) and finds it complete.
         assert "created" not in _up(model, dataset)
         assert time.monotonic() - started < 30
+
+
+def test_a_stopped_emulator_is_reported_at_once_with_how_to_start_it(tmp_path, monkeypatch):
+    monkeypatch.setenv("PROJECT_ID", PROJECT)
+    with Emulator(data_dir=tmp_path / "emulator") as stopped:
+        _point_at(stopped, monkeypatch)
+    for command in (["status"], ["stage", "--stage-in", "local", "--model-source", str(tmp_path)]):
+        started = time.monotonic()
+        result = CliRunner().invoke(main, command)
+        assert time.monotonic() - started < 5, command
+        assert result.exit_code == 2, result.output
+        assert "Error: The gemma-launch emulator is not running: nothing answers at " in result.output
+        assert (
+            f"`gemma-launch emulator start --port {stopped.port} --storage-port {stopped.storage_port}`"
+            in result.output
+        ), result.output
+        assert "Traceback" not in result.output

@@ -15,6 +15,7 @@ import pytest
 from click.testing import CliRunner
 from google.api import launch_stage_pb2
 from google.cloud import run_v2
+from huggingface_hub import constants
 
 from launcher.cli import main
 
@@ -28,7 +29,8 @@ FAKE_TRAINER = textwrap.dedent(
     import json, os, pathlib, sys
 
     args = sys.argv[1:]
-    flags = dict(zip(args[::2], args[1::2]))
+    merge = "--merge" in args
+    flags = dict(zip(*[iter(arg for arg in args if arg != "--merge")] * 2))
     attempt = int(os.environ["CLOUD_RUN_TASK_ATTEMPT"])
     print("argv", json.dumps(args), flush=True)
     print("attempt", attempt, "execution", os.environ["CLOUD_RUN_EXECUTION"], flush=True)
@@ -50,6 +52,11 @@ FAKE_TRAINER = textwrap.dedent(
         "final": {"accuracy": 0.8, "macro_f1": 0.75 + lr, "unknown_rate": 0.0},
     }
     (out / "results.json").write_text(json.dumps(results))
+    (out / "adapter_model.safetensors").write_bytes(b"adapter")
+    (out / "confusion_matrix.png").write_bytes(b"png")
+    if merge:
+        (out / "merged").mkdir(exist_ok=True)
+        (out / "merged" / "config.json").write_text("{}")
     print("done", flush=True)
     """
 )
@@ -185,14 +192,110 @@ def test_a_failed_attempt_is_retried_and_the_retry_sees_attempt_1(env, project_d
     assert status[0]["retried"] == 1 and status[0]["state"] == "Succeeded"
 
 
-def test_follow_exits_non_zero_when_the_execution_fails(env, project_dir):
+EXIT_3 = "failed with message: The container exited with an error (exit code 3)."
+
+
+def test_a_failed_execution_says_why_in_run_status_and_results(env, project_dir):
     assert up(project_dir).exit_code == 0
     result = cli("run", "--set", "checkpoint-strategy=always-fail", "--follow")
     assert result.exit_code == 1, result.output
-    assert "failed" in result.output
+    assert "failed: 0/1 tasks succeeded" in result.output and EXIT_3 in result.output
+    (row,) = json.loads(cli("status", "--json").output)
+    assert row["state"] == "Failed" and row["why"].endswith(EXIT_3)
+    table = cli("status")
+    assert f"{row['execution']} failed: Task {row['execution']}-task0 {EXIT_3}" in table.output, table.output
     missing = cli("results")
     assert missing.exit_code == 2
-    assert "has no results yet" in missing.output and "gemma-launch logs" in missing.output
+    assert f"Error: Execution {row['execution']} failed, so it has no results: Task" in missing.output
+    assert EXIT_3 in missing.output and f"gemma-launch logs {row['execution']}" in missing.output
+    assert "may still be running" not in missing.output
+
+
+def test_an_unknown_execution_is_an_error_that_lists_the_recent_ones(env, project_dir):
+    assert up(project_dir).exit_code == 0
+    for command in ("logs", "results", "cancel"):
+        result = cli(command, "does-not-exist")
+        assert result.exit_code == 2, (command, result.output)
+        assert "Error: Execution does-not-exist of job gemma3-finetuning-job does not exist." in result.output
+        assert "Hint: Start one with `gemma-launch run`." in result.output
+    assert cli("run", "--follow").exit_code == 0
+    (row,) = json.loads(cli("status", "--json").output)
+    for command in ("logs", "results", "cancel"):
+        result = cli(command, "does-not-exist")
+        assert result.exit_code == 2, (command, result.output)
+        assert f"Hint: The job's recent executions, newest first: {row['execution']} " in result.output
+        assert "Traceback" not in result.output
+
+
+def test_cancel_stops_the_running_execution_and_run_refuses_to_start_a_second(env, project_dir):
+    assert up(project_dir).exit_code == 0
+    started = cli("run", "--set", "checkpoint-strategy=sleep")
+    assert started.exit_code == 0, started.output
+    (row,) = json.loads(cli("status", "--json").output)
+    running = row["execution"]
+    early = cli("results")
+    assert early.exit_code == 2 and f"Error: Execution {running} is still " in early.output, early.output
+    assert f"gemma-launch logs {running} --follow" in early.output
+
+    second = cli("run")
+    assert second.exit_code == 2, second.output
+    assert f"Error: Execution {running} of job gemma3-finetuning-job is still" in second.output
+    assert f"gemma-launch cancel {running}" in second.output and "--allow-concurrent" in second.output
+    assert len(run_jobs(env)) == 1
+
+    cancelled = cli("cancel", "--json")
+    assert cancelled.exit_code == 0, cancelled.output
+    assert json.loads(cancelled.output) == {"execution": running, "status": "cancelled", "state": "Cancelled"}
+    assert json.loads(cli("status", "--json").output)[0]["state"] == "Cancelled"
+    again = cli("cancel")
+    assert again.exit_code == 0, again.output
+    assert "No execution of job gemma3-finetuning-job is running: nothing to cancel." in again.output
+    named = cli("cancel", running)
+    assert named.exit_code == 0, named.output
+    assert f"Execution {running} had already finished (cancelled): nothing to cancel." in named.output
+    cancels = [entry for entry in env.record() if entry["method"] == "CancelExecution"]
+    assert len(cancels) == 1
+
+
+def test_results_says_where_each_output_is(env, project_dir):
+    assert up(project_dir).exit_code == 0
+    assert cli("run", "--set", "merge=true", "--follow").exit_code == 0
+    merged = json.loads(cli("status", "--json").output)[0]["execution"]
+    run_dir = f"{PROJECT}-gemma3-finetuning/runs/{merged}"
+    browser = "https://console.cloud.google.com/storage/browser"
+    result = cli("results")
+    assert result.exit_code == 0, result.output
+    for label, url, page in (
+        ("adapter", f"gs://{run_dir}/", f"{browser}/{run_dir}?project={PROJECT}"),
+        ("merged model", f"gs://{run_dir}/merged/", f"{browser}/{run_dir}/merged?project={PROJECT}"),
+        (
+            "results.json",
+            f"gs://{run_dir}/results.json",
+            f"{browser}/_details/{run_dir}/results.json?project={PROJECT}",
+        ),
+        (
+            "confusion matrix",
+            f"gs://{run_dir}/confusion_matrix.png",
+            f"{browser}/_details/{run_dir}/confusion_matrix.png?project={PROJECT}",
+        ),
+    ):
+        assert f"{label:<17} {url}  (" in result.output, (label, result.output)
+        assert f"{'':<17} {page}\n" in result.output, (page, result.output)
+    outputs = json.loads(cli("results", "--json").output)["outputs"]
+    assert [(out["label"], out["present"]) for out in outputs] == [
+        ("adapter", True),
+        ("merged model", True),
+        ("results.json", True),
+        ("confusion matrix", True),
+    ]
+
+    assert cli("run", "--follow").exit_code == 0
+    plain = cli("results")
+    assert plain.exit_code == 0, plain.output
+    assert "merged model      not written: the run had no --merge; `gemma-launch run --set merge=true`" in (
+        plain.output
+    )
+    assert "/merged/" not in plain.output
 
 
 def test_run_rejects_unknown_keys_with_the_valid_ones(env, project_dir):
@@ -248,7 +351,7 @@ def test_run_is_refused_while_the_jobs_executions_hold_all_the_quota(env, projec
     env.emulator.services["quotas"].set_gpu_quota(1)
     first = cli("run", "--set", "checkpoint-strategy=sleep")
     assert first.exit_code == 0, first.output
-    second = cli("run")
+    second = cli("run", "--allow-concurrent")
     assert second.exit_code == 2, second.output
     assert f"already hold 1 of the 1 nvidia-rtx-pro-6000 GPU(s) of {QUOTA_ID}" in second.output
     assert len(run_jobs(env)) == 1
@@ -307,3 +410,56 @@ def test_gpu_none_runs_the_same_job_on_cpu_without_gpu_quota(env, project_dir):
     ran = cli("run", "--gpu", "none", "--follow")
     assert ran.exit_code == 0, ran.output
     assert "succeeded: 1/1 tasks succeeded" in ran.output
+
+
+def test_up_keeps_the_sources_it_staged_until_others_are_named(env, project_dir, tmp_path, monkeypatch):
+    # No Hub here: a request to it would be refused at once instead of going to huggingface.co.
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")
+    model, pets = tmp_path / "tiny-model", tmp_path / "pets"
+    for path, text in {
+        model / "config.json": "{}",
+        pets / "annotations" / "list.txt": "Abyssinian_1 1 1 1\n",
+        pets / "images" / "Abyssinian_1.jpg": "jpeg",
+    }.items():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    sources = ["--model-source", str(model), "--dataset-source", str(pets)]
+    first = cli("up", "--source", str(project_dir), *sources)
+    assert first.exit_code == 0, first.output
+    expected = ["--model-id", "/mnt/gcs/models/tiny-model", "--dataset", "/mnt/gcs/datasets/pets"]
+
+    planned = cli("up", "--source", str(project_dir), "--skip-stage", "--dry-run")
+    assert planned.exit_code == 0, planned.output
+    assert f"model {model}, dataset {pets}; --model-source / --dataset-source names others" in planned.output
+    assert "/mnt/gcs/models/tiny-model" in planned.output and "gemma-3-27b-it" not in planned.output
+    assert "would update" not in planned.output
+
+    l4 = cli("up", "--source", str(project_dir), "--gpu", "nvidia-l4")
+    assert l4.exit_code == 0, l4.output
+    assert "Hugging Face" not in l4.output
+    job = env.clients(PROJECT).jobs.get_job(name=JOB)
+    assert list(job.template.template.containers[0].args)[:4] == expected
+    assert job.template.template.node_selector.accelerator == "nvidia-l4"
+
+    # Naming a source again replaces only that one; a changed model_id names another model.
+    other = tmp_path / "other-pets"
+    shutil.copytree(pets, other)
+    assert cli("up", "--source", str(project_dir), "--dataset-source", str(other)).exit_code == 0
+    args = list(env.clients(PROJECT).jobs.get_job(name=JOB).template.template.containers[0].args)
+    assert args[:4] == [
+        "--model-id",
+        "/mnt/gcs/models/tiny-model",
+        "--dataset",
+        "/mnt/gcs/datasets/other-pets",
+    ]
+    switched = up(project_dir, "--model-id", "acme/gemma-3-1b-it", "--dry-run")
+    assert "/mnt/gcs/acme/gemma-3-1b-it" in switched.output, switched.output
+
+    shutil.rmtree(model)
+    gone = cli("up", "--source", str(project_dir))
+    assert gone.exit_code == 2, gone.output
+    assert f"Error: The model was last staged from the directory {model}, which is not on this machine." in (
+        gone.output
+    )
+    assert "gs://demo-project-gemma3-finetuning/models/tiny-model/" in gone.output
+    assert up(project_dir).exit_code == 0  # --skip-stage: the staged copy as it is

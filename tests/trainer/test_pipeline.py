@@ -43,7 +43,7 @@ def test_results_json_schema(trained_run, tiny_model: Path, pets: Path) -> None:
     results = results_of(trained_run.run_dir)
     assert set(results) == {
         "model_id", "dataset", "train_size", "eval_size", "eval_method", "baseline", "final", "by_method",
-        "per_class", "train", "versions", "execution", "task_attempt",
+        "per_class", "train", "versions", "execution", "task_attempt", "settings",
     }  # fmt: skip
     assert results["model_id"] == str(tiny_model)
     assert results["dataset"] == str(pets)
@@ -64,6 +64,32 @@ def test_results_json_schema(trained_run, tiny_model: Path, pets: Path) -> None:
     assert results["train"]["steps"] == 235  # ceil(740 / 16) * 5
     assert results["train"]["runtime_s"] > 0 and results["train"]["samples_per_s"] > 0
     assert {"python", "torch", "transformers", "trl", "peft"} <= set(results["versions"])
+
+
+def test_results_json_records_every_flag_and_what_auto_became(trained_run, tiny_model: Path) -> None:
+    settings = results_of(trained_run.run_dir)["settings"]
+    flags = settings["flags"]
+    # Every flag of the trainer's parser, none left out, the token never written.
+    assert set(flags) == {
+        "model-id", "dataset", "train-size", "eval-size", "num-epochs", "learning-rate", "batch-size",
+        "gradient-accumulation-steps", "eval-batch-size", "lora-r", "lora-alpha", "lora-dropout",
+        "output-dir", "gcs-output-path", "merge", "checkpoint-strategy", "save-steps", "save-total-limit",
+        "logging-steps", "device", "quantization", "eval-method", "max-memory-gib", "gradient-checkpointing",
+        "compile", "cache-image-features", "seed", "dry-run",
+    }  # fmt: skip
+    assert (flags["learning-rate"], flags["num-epochs"], flags["seed"], flags["batch-size"]) == (
+        0.02,
+        5.0,
+        0,
+        16,
+    )
+    assert (flags["lora-r"], flags["lora-alpha"], flags["lora-dropout"]) == (16, 32, 0.05)
+    assert (flags["quantization"], flags["compile"], flags["merge"]) == ("auto", "auto", True)
+    assert flags["model-id"] == str(tiny_model)
+    assert settings["resolved"] == {
+        "device": "cpu", "weights": "fp32", "batch_size": 16, "effective_batch_size": 16
+    }  # fmt: skip
+    assert trained_run.token not in json.dumps(settings)
 
 
 def test_output_layout(trained_run) -> None:
