@@ -13,11 +13,13 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from google.api_core import exceptions
 from google.cloud import storage
 from google.iam.v1 import iam_policy_pb2, policy_pb2
 from google.oauth2.credentials import Credentials
 
 from launcher import job as jobs
+from launcher import provision
 from launcher.cli import main
 from launcher.emulator.server import Emulator
 from launcher.settings import load_settings
@@ -153,3 +155,17 @@ def test_a_project_without_billing_is_told_to_link_a_billing_account(tmp_path, m
         monkeypatch.setenv("HF_TOKEN", "hf_test_token_0123456789abcdef")
         result = invoke("up", "--skip-build", "--skip-stage")
     assert_explained(result, "Billing", "billing/linkedaccount?project=demo-project")
+
+
+def test_a_stale_bucket_policy_etag_is_refused_and_provisioning_reads_again(local):
+    # Cloud Storage answers a setIamPolicy carrying a stale etag with 412; provisioning treats that like
+    # gRPC's ABORTED: another writer won the race, so read the policy again and re-apply.
+    storage_client = local.clients(PROJECT).storage
+    bucket = storage_client.create_bucket(BUCKET, location="europe-west4")
+    stale = bucket.get_iam_policy()
+    fresh_policy = bucket.get_iam_policy()
+    fresh_policy.bindings.append({"role": "roles/storage.objectViewer", "members": {"allUsers"}})
+    bucket.set_iam_policy(fresh_policy)
+    with pytest.raises(exceptions.PreconditionFailed) as raced:
+        bucket.set_iam_policy(stale)
+    assert provision._POLICY_RACE_RETRY._predicate(raced.value)
