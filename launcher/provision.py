@@ -15,6 +15,7 @@ from __future__ import annotations
 import hmac
 from collections.abc import Callable
 from contextlib import suppress
+from typing import Any
 
 from google.api_core import exceptions
 from google.api_core.retry import Retry, if_exception_type
@@ -199,18 +200,14 @@ def ensure_build_source_access(clients: Clients, settings: Settings, *, dry_run:
     )
 
 
-def _ensure_policy_binding(
-    read: Callable[[], policy_pb2.Policy],
-    write: Callable[[policy_pb2.Policy], object],
-    role: str,
-    member: str,
-    *,
-    dry_run: bool,
-) -> bool:
-    """Add `member` to `role` in a gRPC IAM policy (read-modify-write with its etag); True if it was added."""
+def _ensure_policy_binding(client: Any, resource: str, role: str, member: str, *, dry_run: bool) -> bool:
+    """Add `member` to `role` in `resource`'s IAM policy through a gRPC client's get_iam_policy and
+    set_iam_policy (a read-modify-write with the policy's etag); True if it was (or would be) added."""
 
     def grant() -> bool:
-        policy = read()
+        policy = client.get_iam_policy(
+            request=iam_policy_pb2.GetIamPolicyRequest(resource=resource), retry=RETRY
+        )
         for binding in policy.bindings:
             if binding.role == role and member in binding.members:
                 return False
@@ -224,7 +221,9 @@ def _ensure_policy_binding(
                 break
         else:
             updated.bindings.add(role=role, members=[member])
-        write(updated)
+        client.set_iam_policy(
+            request=iam_policy_pb2.SetIamPolicyRequest(resource=resource, policy=updated), retry=RETRY
+        )
         return True
 
     return _NEW_MEMBER_RETRY(_POLICY_RACE_RETRY(grant))()
@@ -243,16 +242,7 @@ def ensure_repository_access(clients: Clients, settings: Settings, *, dry_run: b
         if dry_run and _missing_repository(clients, settings):
             return Change("repository IAM", label, "would create", command)
         changed = _ensure_policy_binding(
-            lambda: clients.registry.get_iam_policy(
-                request=iam_policy_pb2.GetIamPolicyRequest(resource=settings.repository_name), retry=RETRY
-            ),
-            lambda policy: clients.registry.set_iam_policy(
-                request=iam_policy_pb2.SetIamPolicyRequest(resource=settings.repository_name, policy=policy),
-                retry=RETRY,
-            ),
-            REGISTRY_WRITER,
-            member,
-            dry_run=dry_run,
+            clients.registry, settings.repository_name, REGISTRY_WRITER, member, dry_run=dry_run
         )
     return _binding_change("repository IAM", label, changed, dry_run, command)
 
@@ -267,17 +257,7 @@ def ensure_build_log_writer(clients: Clients, settings: Settings, *, dry_run: bo
         "--condition=None"
     )
     with explained("project IAM", label, settings):
-        changed = _ensure_policy_binding(
-            lambda: clients.projects.get_iam_policy(
-                request=iam_policy_pb2.GetIamPolicyRequest(resource=resource), retry=RETRY
-            ),
-            lambda policy: clients.projects.set_iam_policy(
-                request=iam_policy_pb2.SetIamPolicyRequest(resource=resource, policy=policy), retry=RETRY
-            ),
-            LOG_WRITER,
-            member,
-            dry_run=dry_run,
-        )
+        changed = _ensure_policy_binding(clients.projects, resource, LOG_WRITER, member, dry_run=dry_run)
     return _binding_change("project IAM", label, changed, dry_run, command)
 
 
@@ -434,16 +414,7 @@ def ensure_secret_access(clients: Clients, settings: Settings, *, dry_run: bool 
         if dry_run and _missing_secret(clients, settings):
             return Change("secret IAM", label, "would create", command)
         changed = _ensure_policy_binding(
-            lambda: clients.secrets.get_iam_policy(
-                request=iam_policy_pb2.GetIamPolicyRequest(resource=settings.secret_name), retry=RETRY
-            ),
-            lambda policy: clients.secrets.set_iam_policy(
-                request=iam_policy_pb2.SetIamPolicyRequest(resource=settings.secret_name, policy=policy),
-                retry=RETRY,
-            ),
-            SECRET_ACCESSOR,
-            member,
-            dry_run=dry_run,
+            clients.secrets, settings.secret_name, SECRET_ACCESSOR, member, dry_run=dry_run
         )
     return _binding_change("secret IAM", label, changed, dry_run, command)
 

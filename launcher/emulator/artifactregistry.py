@@ -14,7 +14,7 @@ from urllib.parse import quote
 
 import grpc
 from google.cloud import artifactregistry_v1
-from google.iam.v1 import iam_policy_pb2, policy_pb2
+from google.iam.v1 import iam_policy_pb2
 from google.longrunning import operations_pb2
 from google.protobuf import empty_pb2
 
@@ -26,6 +26,7 @@ from launcher.emulator.rpc import (
     Method,
     already_exists,
     failed_precondition,
+    iam_policy_methods,
     invalid,
     not_found,
     service_handler,
@@ -291,18 +292,7 @@ class ArtifactRegistry:
         return None
 
     def handler(self, hub: Hub) -> grpc.GenericRpcHandler:
-        iam_methods = [
-            Method(
-                "GetIamPolicy", self.get_iam_policy, iam_policy_pb2.GetIamPolicyRequest, policy_pb2.Policy
-            ),
-            Method(
-                "SetIamPolicy",
-                self.set_iam_policy,
-                iam_policy_pb2.SetIamPolicyRequest,
-                policy_pb2.Policy,
-                mutating=True,
-            ),
-        ]
+        iam_methods = iam_policy_methods(self.get_iam_policy, self.set_iam_policy)
         ar = artifactregistry_v1
         return service_handler(
             "google.devtools.artifactregistry.v1.ArtifactRegistry",

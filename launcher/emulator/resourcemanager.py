@@ -19,7 +19,7 @@ from google.iam.v1 import iam_policy_pb2, policy_pb2
 from google.protobuf import json_format
 
 from launcher.emulator.access import Access
-from launcher.emulator.rpc import ApiError, Hub, Method, invalid, service_handler
+from launcher.emulator.rpc import ApiError, Hub, Method, iam_policy_methods, invalid, service_handler
 from launcher.iam_roles import ROLES
 
 _PROJECT = re.compile(r"^projects/(?P<project>[^/]+)$")
@@ -120,22 +120,7 @@ class Projects:
                 Method(
                     "GetProject", self.get, resourcemanager_v3.GetProjectRequest, resourcemanager_v3.Project
                 ),
-                Method(
-                    "GetIamPolicy", self.get_iam_policy, iam_policy_pb2.GetIamPolicyRequest, policy_pb2.Policy
-                ),
-                Method(
-                    "SetIamPolicy",
-                    self.set_iam_policy,
-                    iam_policy_pb2.SetIamPolicyRequest,
-                    policy_pb2.Policy,
-                    mutating=True,
-                ),
-                Method(
-                    "TestIamPermissions",
-                    self.test_iam_permissions,
-                    iam_policy_pb2.TestIamPermissionsRequest,
-                    iam_policy_pb2.TestIamPermissionsResponse,
-                ),
+                *iam_policy_methods(self.get_iam_policy, self.set_iam_policy, self.test_iam_permissions),
             ],
             hub,
         )

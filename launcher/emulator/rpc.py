@@ -14,6 +14,7 @@ from typing import Any
 
 import grpc
 import proto
+from google.iam.v1 import iam_policy_pb2, policy_pb2
 from google.protobuf import any_pb2, json_format
 from google.rpc import status_pb2
 from grpc_status import rpc_status
@@ -76,6 +77,27 @@ class Method:
     mutating: bool = False
     # "unary" | "unary_stream" (handler yields responses) | "stream_stream" (handler takes an iterator)
     kind: str = "unary"
+
+
+def iam_policy_methods(
+    get: Callable[..., Any], set_: Callable[..., Any], test: Callable[..., Any] | None = None
+) -> list[Method]:
+    """google.iam.v1's GetIamPolicy, SetIamPolicy and (when given) TestIamPermissions, as every API
+    with per-resource policies serves them."""
+    methods = [
+        Method("GetIamPolicy", get, iam_policy_pb2.GetIamPolicyRequest, policy_pb2.Policy),
+        Method("SetIamPolicy", set_, iam_policy_pb2.SetIamPolicyRequest, policy_pb2.Policy, mutating=True),
+    ]
+    if test is not None:
+        methods.append(
+            Method(
+                "TestIamPermissions",
+                test,
+                iam_policy_pb2.TestIamPermissionsRequest,
+                iam_policy_pb2.TestIamPermissionsResponse,
+            )
+        )
+    return methods
 
 
 def to_dict(message: Any) -> dict[str, Any]:

@@ -29,6 +29,7 @@ from launcher.emulator.rpc import (
     Method,
     already_exists,
     failed_precondition,
+    iam_policy_methods,
     invalid,
     not_found,
     service_handler,
@@ -459,22 +460,7 @@ class SecretManager:
                     sm.SecretVersion,
                     mutating=True,
                 ),
-                Method(
-                    "GetIamPolicy", self.get_iam_policy, iam_policy_pb2.GetIamPolicyRequest, policy_pb2.Policy
-                ),
-                Method(
-                    "SetIamPolicy",
-                    self.set_iam_policy,
-                    iam_policy_pb2.SetIamPolicyRequest,
-                    policy_pb2.Policy,
-                    mutating=True,
-                ),
-                Method(
-                    "TestIamPermissions",
-                    self.test_iam_permissions,
-                    iam_policy_pb2.TestIamPermissionsRequest,
-                    iam_policy_pb2.TestIamPermissionsResponse,
-                ),
+                *iam_policy_methods(self.get_iam_policy, self.set_iam_policy, self.test_iam_permissions),
             ],
             hub,
         )
