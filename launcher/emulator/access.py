@@ -236,12 +236,12 @@ class Access:
         Every project the CLI user names exists and is theirs: `add_project` makes others'.
         """
         project_id = self.project_id(project)
-        with self.state.transaction() as tables:
-            record = tables["projects"].get(project_id)
-            if record is None:
-                record = self._new_project(project_id, self.user)
-                tables["projects"][project_id] = record
+        # Every request reads its project several times: only the first use writes the state file.
+        record = self.state.table("projects").get(project_id)
+        if record is not None:
             return record
+        with self.state.transaction() as tables:
+            return tables["projects"].setdefault(project_id, self._new_project(project_id, self.user))
 
     def add_project(self, project_id: str, owner: str) -> None:
         with self.state.transaction() as tables:
