@@ -31,7 +31,6 @@ import zlib
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import grpc
 from google.cloud.devtools import cloudbuild_v1
@@ -39,8 +38,9 @@ from google.longrunning import operations_pb2
 from google.rpc import status_pb2
 
 from launcher.emulator import dockerfile, dockerignore
-from launcher.emulator.access import compute_default_account, project_number
-from launcher.emulator.logging import parse_filter
+from launcher.emulator.access import Access, compute_default_account, project_number
+from launcher.emulator.artifactregistry import ArtifactRegistry
+from launcher.emulator.logging import Logging, parse_filter
 from launcher.emulator.rpc import (
     ApiError,
     Hub,
@@ -51,10 +51,9 @@ from launcher.emulator.rpc import (
     service_handler,
     to_dict,
 )
+from launcher.emulator.state import State
+from launcher.emulator.storage import CloudStorage
 from launcher.settings import RESTRICTED_BUILD_REGIONS
-
-if TYPE_CHECKING:
-    from launcher.emulator.server import Emulator
 
 Status = cloudbuild_v1.Build.Status
 FailureType = cloudbuild_v1.Build.FailureInfo.FailureType
@@ -200,16 +199,32 @@ class CloudBuild:
     # Pause after each log line, so a client tailing the build sees the lines arrive one by one.
     line_pause_s = 0.02
 
-    def __init__(self, emulator: Emulator) -> None:
-        self.emulator = emulator
-        self.state = emulator.state
+    def __init__(
+        self,
+        state: State,
+        *,
+        access: Access,
+        storage: CloudStorage,
+        registry: ArtifactRegistry,
+        logging: Logging,
+        data_dir: Path,
+        build_regions: frozenset[str] | None,
+    ) -> None:
+        """CreateBuild is accepted in `global` and `build_regions` only (None: everywhere)."""
+        self.state = state
+        self.access = access
+        self.storage = storage
+        self.registry = registry
+        self.logging = logging
+        self.data_dir = data_dir
+        self.build_regions = build_regions
         self._stopping = threading.Event()
         self._threads: list[threading.Thread] = []
         self._abandon_interrupted_builds()
 
     def image_dir(self, digest: str) -> Path:
         """The filesystem snapshot of a built image (its .image.json holds entrypoint, cmd, workdir, env)."""
-        return self.emulator.data_dir / "images" / digest
+        return self.data_dir / "images" / digest
 
     # ---- storage of builds and their operations ----------------------------------------------------
 
@@ -275,7 +290,7 @@ class CloudBuild:
 
     def create(self, request: cloudbuild_v1.CreateBuildRequest, context: grpc.ServicerContext):
         project, location = self._project_location(request.project_id, request.parent)
-        allowed = self.emulator.build_regions
+        allowed = self.build_regions
         if location != "global" and allowed is not None and location not in allowed:
             raise failed_precondition(_RESTRICTED_REGION_MESSAGE)
         build = cloudbuild_v1.Build(request.build)
@@ -461,7 +476,7 @@ class _BuildRun:
         account = build.service_account.rsplit("/", 1)[-1] or compute_default_account(self.project)
         self.account = account
         self.member = f"serviceAccount:{account}"
-        self.access = service.emulator.access
+        self.access = service.access
         self.may_log = self.access.allowed(
             self.member, "logging.logEntries.create", self.project, f"projects/{self.project}"
         )
@@ -470,7 +485,7 @@ class _BuildRun:
         self.members: dict[str, tarfile.TarInfo] = {}
         # Local tags (as docker stores them) -> digest of the image built under that tag.
         self.built: dict[str, str] = {}
-        self.logging = service.emulator.services["logging"]
+        self.logging = service.logging
 
     def log(self, text: str) -> None:
         if self.service._stopping.is_set() or self.service._cancelled(self.build.id):
@@ -538,7 +553,7 @@ class _BuildRun:
                 f"Google Cloud Storage object {url}. Permission 'storage.objects.get' denied on resource (or "
                 "it may not exist).",
             )
-        bucket_dir = self.service.emulator.bucket_dir(source.bucket)
+        bucket_dir = self.service.storage.bucket_dir(source.bucket)
         path = (bucket_dir / source.object_).resolve()
         if not path.is_relative_to(bucket_dir.resolve()) or not path.is_file():
             raise _Failed(
@@ -641,8 +656,7 @@ class _BuildRun:
         if not self.archive:
             raise self._step_failed(index, step, "unable to prepare context: the build has no source")
         for image in cache_from:
-            registry = self.service.emulator.services.get("registry")
-            found = registry.find_image(image) if registry else None
+            found = self.service.registry.find_image(image)
             self.log(
                 f"Using cache from {image}"
                 if found
@@ -736,7 +750,7 @@ class _BuildRun:
                 self.log(f"error pushing {name}: {message}")
                 raise _Failed(FailureType.PUSH_FAILED, f"failed to push {name}: {message}")
             try:
-                self.service.emulator.services["registry"].record_image(
+                self.service.registry.record_image(
                     repository, match["image"], digest, [match["tag"] or "latest"]
                 )
             except ApiError as error:

@@ -43,7 +43,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import grpc
 from google.api import launch_stage_pb2
@@ -51,9 +51,14 @@ from google.cloud import run_v2
 from google.longrunning import operations_pb2
 from google.protobuf import duration_pb2, json_format
 
-from launcher.emulator.access import compute_default_account
+from launcher.emulator.access import Access, compute_default_account
+from launcher.emulator.artifactregistry import ArtifactRegistry
+from launcher.emulator.cloudbuild import CloudBuild
+from launcher.emulator.iam import Iam
+from launcher.emulator.logging import Logging
 from launcher.emulator.metadata import MetadataServer
-from launcher.emulator.quotas import gpu_quota
+from launcher.emulator.operations import Operations
+from launcher.emulator.quotas import Quotas, gpu_quota
 from launcher.emulator.rpc import (
     ApiError,
     Hub,
@@ -65,10 +70,10 @@ from launcher.emulator.rpc import (
     permission_denied,
     service_handler,
 )
+from launcher.emulator.secretmanager import SecretManager
+from launcher.emulator.state import State
+from launcher.emulator.storage import CloudStorage
 from launcher.emulator.tasks import Launch, Outcome, TaskRunner
-
-if TYPE_CHECKING:
-    from launcher.emulator.server import Emulator
 
 _PARENT = re.compile(r"^projects/(?P<project>[^/]+)/locations/(?P<location>[^/]+)$")
 _JOB = re.compile(
@@ -440,9 +445,33 @@ class _Context:
 
 
 class RunService:
-    def __init__(self, emulator: Emulator) -> None:
-        self.emulator = emulator
-        self.state = emulator.state
+    def __init__(
+        self,
+        state: State,
+        operations: Operations,
+        *,
+        access: Access,
+        iam: Iam,
+        storage: CloudStorage,
+        secrets: SecretManager,
+        registry: ArtifactRegistry,
+        builds: CloudBuild,
+        quotas: Quotas,
+        logging: Logging,
+        data_dir: Path,
+    ) -> None:
+        """`builds` knows where an image's snapshot is; `data_dir` holds each task's HOME."""
+        self.state = state
+        self.operations = operations
+        self.access = access
+        self.iam = iam
+        self.storage = storage
+        self.secrets = secrets
+        self.registry = registry
+        self.builds = builds
+        self.quotas = quotas
+        self.logging = logging
+        self.data_dir = data_dir
         self._lock = threading.Lock()
         self._runs: dict[str, _Run] = {}
         self._fail_orphans()
@@ -465,7 +494,7 @@ class RunService:
             created = self._created(job)
             if not request.validate_only:
                 tables["run_jobs"][job.name] = _dump(created)
-        return self.emulator.operations.start(request.parent, created, created)
+        return self.operations.start(request.parent, created, created)
 
     def get_job(self, request: run_v2.GetJobRequest, context: grpc.ServicerContext) -> run_v2.Job:
         _match(_JOB, request.name, "job")
@@ -500,7 +529,7 @@ class RunService:
                 updated = self._updated(_load(run_v2.Job, current), job)
             if not request.validate_only:
                 tables["run_jobs"][job.name] = _dump(updated)
-        return self.emulator.operations.start(where["parent"], updated, updated)
+        return self.operations.start(where["parent"], updated, updated)
 
     def delete_job(self, request: run_v2.DeleteJobRequest, context: grpc.ServicerContext):
         where = _match(_JOB, request.name, "job")
@@ -516,7 +545,7 @@ class RunService:
                 for table in ("run_executions", "run_tasks"):
                     for name in [n for n in tables[table] if n.startswith(job.name + "/")]:
                         del tables[table][name]
-        return self.emulator.operations.start(where["parent"], job, job)
+        return self.operations.start(where["parent"], job, job)
 
     def run_job(self, request: run_v2.RunJobRequest, context: grpc.ServicerContext):
         where = _match(_JOB, request.name, "job")
@@ -528,7 +557,7 @@ class RunService:
                 if "value_source" in var:
                     self._check_secret(var, where["project"], execution.template.service_account)
         if request.validate_only:
-            return self.emulator.operations.start(where["parent"], execution, execution)
+            return self.operations.start(where["parent"], execution, execution)
         with self.state.transaction() as tables:
             tables["run_executions"][execution.name] = _dump(execution)
             for index in range(execution.task_count):
@@ -542,12 +571,12 @@ class RunService:
                 completion_status=Status.EXECUTION_PENDING,
             )
             tables["run_jobs"][job.name] = _dump(stored)
-        operation = self.emulator.operations.start(where["parent"], execution, execution)
+        operation = self.operations.start(where["parent"], execution, execution)
         with self.state.transaction() as tables:
             tables["operations"][operation.name]["done_at"] = _NEVER
             tables["run_execution_operations"][execution.name] = operation.name
         self._start(execution)
-        return self.emulator.operations.get(operations_pb2.GetOperationRequest(name=operation.name), context)
+        return self.operations.get(operations_pb2.GetOperationRequest(name=operation.name), context)
 
     # ---- Executions
 
@@ -580,7 +609,7 @@ class RunService:
                 tables["run_executions"].pop(execution.name, None)
                 for name in [n for n in tables["run_tasks"] if n.startswith(execution.name + "/")]:
                     del tables["run_tasks"][name]
-        return self.emulator.operations.start(_parent_of(where["job_name"]), execution, execution)
+        return self.operations.start(_parent_of(where["job_name"]), execution, execution)
 
     def cancel_execution(self, request: run_v2.CancelExecutionRequest, context: grpc.ServicerContext):
         where = _match(_EXECUTION, request.name, "execution")
@@ -592,7 +621,7 @@ class RunService:
             )
         if not request.validate_only and self._cancel_run(execution.name):
             execution = self._update_execution(execution.name, _mark_cancelling)
-        return self.emulator.operations.start(_parent_of(where["job_name"]), execution, execution)
+        return self.operations.start(_parent_of(where["job_name"]), execution, execution)
 
     # ---- Tasks
 
@@ -720,7 +749,7 @@ class RunService:
             if "gcs" in volume:
                 self._check_bucket(volume.gcs.bucket, location)
         account = task.service_account
-        if account and account not in self.emulator.services["iam"].state.table("service_accounts"):
+        if account and account not in self.iam.state.table("service_accounts"):
             raise permission_denied(
                 f"Permission 'iam.serviceaccounts.actAs' denied on service account {account} (or it may not "
                 "exist)."
@@ -729,13 +758,12 @@ class RunService:
             for var in container.env:
                 if "value_source" in var:
                     self._check_secret(var, project, account)
-        registry = self.emulator.services.get("registry")
         for container in task.containers:
-            if registry is not None and registry.find_image(container.image) is None:
+            if self.registry.find_image(container.image) is None:
                 raise not_found(f"Image '{container.image}'")
 
     def _check_bucket(self, bucket: str, location: str) -> None:
-        stored = self.emulator._storage_server._storage.buckets.get(bucket)
+        stored = self.storage.storage.buckets.get(bucket)
         if stored is None:
             raise failed_precondition(f"The Cloud Storage bucket {bucket!r} of a volume does not exist.")
         if str(stored.get("location", "")).lower() != location.lower():
@@ -745,18 +773,15 @@ class RunService:
             )
 
     def _check_secret(self, var: run_v2.EnvVar, project: str, account: str) -> None:
-        secrets = self.emulator.services.get("secrets")
-        if secrets is None:
-            return
         # No service account in the template: the task runs as the Compute Engine default one.
         account = account or compute_default_account(project)
         ref = var.value_source.secret_key_ref
         secret = _secret_name(ref.secret, project)
         try:
-            secrets.resolve(secret, ref.version or "latest", project=project)
+            self.secrets.resolve(secret, ref.version or "latest", project=project)
         except ApiError as error:
             raise ApiError(error.code, f"Env {var.name} of the job: {error.message}") from error
-        if not secrets.can_access(secret, "serviceAccount:" + account):
+        if not self.secrets.can_access(secret, "serviceAccount:" + account):
             raise permission_denied(
                 f"Permission denied on secret: {secret}/versions/{ref.version or 'latest'} for service "
                 f"account {account}. The service account used must be granted the "
@@ -856,15 +881,14 @@ class RunService:
         region." (the revision condition message; GPU quota is per project and region, see quotas.py).
         """
         template = execution.template
-        quotas = self.emulator.services.get("quotas")
-        if quotas is None or not uses_gpu(template):
+        if not uses_gpu(template):
             return
         accelerator = template.node_selector.accelerator
         zonal = not template.gpu_zonal_redundancy_disabled
         run.gpu_key = (context.project, context.location, accelerator, zonal)
         in_use = sum(other.gpus for other in self._runs.values() if other.gpu_key == run.gpu_key)
         wanted = in_use + execution.parallelism
-        allowed = quotas.gpu_limit(context.project, context.location, accelerator, zonal)
+        allowed = self.quotas.gpu_limit(context.project, context.location, accelerator, zonal)
         if wanted > allowed:
             run.refusal = (
                 "Quota exceeded for total allowable count of GPUs per project per region. Quota violated: "
@@ -1000,10 +1024,7 @@ class RunService:
                     tables["operations"][operation] = _finished_operation(operation, execution)
 
     def log(self, context: _Context, stream: str, text: str, severity: str, labels: dict[str, str]) -> None:
-        logging = self.emulator.services.get("logging")
-        if logging is None:
-            return
-        logging.append(
+        self.logging.append(
             f"projects/{context.project}/logs/run.googleapis.com%2F{stream.replace('/', '%2F')}",
             "cloud_run_job",
             {"job_name": context.job, "location": context.location, "project_id": context.project},
@@ -1077,13 +1098,12 @@ class _Events:
 
     def prepare(self) -> None:
         """Resolve the image's snapshot, the command, the env and the mounts, once per execution."""
-        emulator = self.service.emulator
+        service = self.service
         container = self.execution.template.containers[0]
-        registry, builds = emulator.services.get("registry"), emulator.services.get("builds")
-        image = registry.find_image(container.image) if registry else None
-        if image is None or builds is None:
+        image = service.registry.find_image(container.image)
+        if image is None:
             raise _RunFailure(f"Image '{container.image}' not found.")
-        snapshot = Path(builds.image_dir(image.uri.rsplit("@", 1)[-1]))
+        snapshot = Path(service.builds.image_dir(image.uri.rsplit("@", 1)[-1]))
         config_path = snapshot / ".image.json"
         config = json.loads(config_path.read_text()) if config_path.exists() else {}
         workdir = config.get("workdir") or ""
@@ -1095,7 +1115,7 @@ class _Events:
             if "gcs" in volume and volume.name in mounts:
                 self._check_mount(volume, account)
                 self._check_mount_owner(volume, mounts[volume.name], config.get("user") or "")
-                bucket_dir = emulator.bucket_dir(volume.gcs.bucket)
+                bucket_dir = service.storage.bucket_dir(volume.gcs.bucket)
                 bucket_dir.mkdir(parents=True, exist_ok=True)
                 self._rewrites[mounts[volume.name].rstrip("/")] = str(bucket_dir)
                 self.context.buckets.append(volume.gcs.bucket)
@@ -1129,13 +1149,13 @@ class _Events:
                 env[var.name] = self._secret(var)
             else:
                 env[var.name] = self._rewrite(var.value)
-        self.metadata = MetadataServer(emulator.access, self.context.project, account).start()
+        self.metadata = MetadataServer(service.access, self.context.project, account).start()
         env |= self.metadata.environment()
         env |= {
             "CLOUD_RUN_JOB": self.context.job,
             "CLOUD_RUN_EXECUTION": self.context.execution,
             "CLOUD_RUN_TASK_COUNT": str(self.execution.task_count),
-            "STORAGE_EMULATOR_HOST": emulator.storage_host,
+            "STORAGE_EMULATOR_HOST": service.storage.base_url,
         }
         self._argv, self._env, self._cwd = argv, env, snapshot
 
@@ -1145,7 +1165,7 @@ class _Events:
         https://cloud.google.com/storage/docs/cloud-storage-fuse/mount-bucket#required-roles). A denied
         mount fails the task before the container starts, with gcsfuse's own words
         (https://cloud.google.com/storage/docs/cloud-storage-fuse/troubleshooting)."""
-        access = self.service.emulator.access
+        access = self.service.access
         bucket = volume.gcs.bucket
         needed = ["storage.objects.list", "storage.objects.get"]
         if not volume.gcs.read_only:
@@ -1201,12 +1221,9 @@ class _Events:
         return re.sub(pattern, lambda match: self._rewrites[match[1]], value)
 
     def _secret(self, var: run_v2.EnvVar) -> str:
-        secrets = self.service.emulator.services.get("secrets")
         ref = var.value_source.secret_key_ref
-        if secrets is None:
-            raise _RunFailure(f"Secret {ref.secret} of env {var.name} cannot be resolved: no Secret Manager.")
         try:
-            value = secrets.resolve(
+            value = self.service.secrets.resolve(
                 _secret_name(ref.secret, self.context.project),
                 ref.version or "latest",
                 project=self.context.project,
@@ -1216,7 +1233,7 @@ class _Events:
         return value.decode() if isinstance(value, bytes) else str(value)
 
     def launch(self, index: int, attempt: int) -> Launch:
-        home = self.service.emulator.data_dir / "run" / self.context.execution / f"task{index}"
+        home = self.service.data_dir / "run" / self.context.execution / f"task{index}"
         home.mkdir(parents=True, exist_ok=True)
         env = self._env | {
             "HOME": str(home),
@@ -1271,9 +1288,8 @@ class _Events:
                 "WARNING",
                 **labels,
             )
-        storage = self.service.emulator.services.get("storage")
-        for bucket in self.context.buckets if storage is not None else []:
-            storage.import_tree(bucket)
+        for bucket in self.context.buckets:
+            self.service.storage.import_tree(bucket)
 
         def ended(task: run_v2.Task) -> None:
             task.retried = attempt + (1 if will_retry else 0)

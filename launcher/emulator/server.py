@@ -58,7 +58,6 @@ class Emulator:
         if data_dir is None:
             data_dir = Path(tempfile.mkdtemp(prefix="gemma-launch-emulator-"))
         self.data_dir = data_dir.resolve()
-        self.build_regions = None if build_regions is None else frozenset(build_regions)
         self.state = State(self.data_dir)
         self.access = Access(
             self.state,
@@ -76,20 +75,46 @@ class Emulator:
         self.storage_port = self._storage_server._api._port
         self._grpc = grpc.server(futures.ThreadPoolExecutor(max_workers=32))
         self.port = self._grpc.add_insecure_port(f"127.0.0.1:{port}")
+        iam = Iam(self.state, self.access)
+        logging = Logging(self.data_dir)
+        secrets = SecretManager(self.state, self.access)
+        registry = ArtifactRegistry(self.state, self.operations, self.access)
+        storage = CloudStorage(self._storage_server._storage, self.hub.record, self.storage_host, self.access)
+        quotas = Quotas(gpu_quota)
+        builds = CloudBuild(
+            self.state,
+            access=self.access,
+            storage=storage,
+            registry=registry,
+            logging=logging,
+            data_dir=self.data_dir,
+            build_regions=None if build_regions is None else frozenset(build_regions),
+        )
+        run = RunService(
+            self.state,
+            self.operations,
+            access=self.access,
+            iam=iam,
+            storage=storage,
+            secrets=secrets,
+            registry=registry,
+            builds=builds,
+            quotas=quotas,
+            logging=logging,
+            data_dir=self.data_dir,
+        )
         self.services = {
-            "iam": Iam(self.state, self.access),
+            "iam": iam,
             "serviceusage": ServiceUsage(self.access, self.operations),
             "projects": Projects(self.access),
             "billing": Billing(self.access),
-            "logging": Logging(self.data_dir),
-            "secrets": SecretManager(self.state, self.access),
-            "registry": ArtifactRegistry(self.state, self.operations, self.access),
-            "storage": CloudStorage(
-                self._storage_server._storage, self.hub.record, self.storage_host, self.access
-            ),
-            "quotas": Quotas(gpu_quota),
-            "run": RunService(self),
-            "builds": CloudBuild(self),
+            "logging": logging,
+            "secrets": secrets,
+            "registry": registry,
+            "storage": storage,
+            "quotas": quotas,
+            "run": run,
+            "builds": builds,
         }
         handlers = [self.operations.handler(self.hub)]
         handlers += [service.handler(self.hub) for service in self.services.values()]
@@ -105,7 +130,7 @@ class Emulator:
 
     def bucket_dir(self, bucket: str) -> Path:
         """Where the storage emulator keeps a bucket's objects as plain files (the GCS mount's target)."""
-        return self.storage_root / ".cloudstorage" / bucket
+        return self.services["storage"].bucket_dir(bucket)
 
     def start(self) -> Emulator:
         self._storage_server.start()

@@ -725,7 +725,21 @@ def test_executions_left_running_by_a_stopped_emulator_are_failed(cloud, image, 
     name = operation.metadata.name
     wait_until(lambda: cloud.executions.get_execution(name=name).running_count == 1)
     # What a restarted emulator builds over the same --data-dir.
-    RunService(local.emulator)
+    emulator = local.emulator
+    services = emulator.services
+    RunService(
+        emulator.state,
+        emulator.operations,
+        access=emulator.access,
+        iam=services["iam"],
+        storage=services["storage"],
+        secrets=services["secrets"],
+        registry=services["registry"],
+        builds=services["builds"],
+        quotas=services["quotas"],
+        logging=services["logging"],
+        data_dir=emulator.data_dir,
+    )
     execution = operation.result(polling=FAST)
     assert execution.completion_time
     assert completed(execution).state == Condition.State.CONDITION_FAILED
