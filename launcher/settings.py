@@ -51,7 +51,8 @@ GPU_MINIMUMS: dict[str, tuple[float, float]] = {
     "nvidia-l4": (4, 16),
 }
 # An RTX PRO 6000 instance takes 20 or 22 vCPU and at most 4 GiB per vCPU (Cloud Run's answers to
-# validateOnly requests; the docs give only the minimum). The emulator refuses the same (emulator/run.py).
+# validateOnly requests; the docs give only the minimum). The emulator refuses the same
+# (emulator/run_validation.py).
 RTX_CPUS = (20.0, 22.0)
 RTX_GIB_PER_CPU = 4
 # Any other job: 1, 2, 4, 6 or 8 vCPU, each with its memory range in GiB ("vCPU and memory table",

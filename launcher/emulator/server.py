@@ -28,7 +28,7 @@ from launcher.emulator.quotas import Quotas
 from launcher.emulator.record import Record
 from launcher.emulator.resourcemanager import Billing, Projects
 from launcher.emulator.rpc import Hub
-from launcher.emulator.run import RunService
+from launcher.emulator.run_api import RunService
 from launcher.emulator.secretmanager import SecretManager
 from launcher.emulator.serviceusage import ServiceUsage
 from launcher.emulator.state import State

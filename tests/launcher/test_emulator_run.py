@@ -14,7 +14,7 @@ from google.cloud import artifactregistry_v1, run_v2
 from google.cloud.run_v2.services.tasks.transports.grpc import TasksGrpcTransport
 from google.iam.v1 import policy_pb2
 
-from launcher.emulator.run import RunService
+from launcher.emulator.run_api import RunService
 
 PROJECT = "demo-project"
 REGION = "europe-west4"
