@@ -78,10 +78,6 @@ class Faults:
             raise ValueError("fault rates add up to more than 1")
         return cls(rates=rates, lost=lost, seed=seed)
 
-    @property
-    def active(self) -> bool:
-        return bool(self.rates) or self.lost > 0
-
     def refusal(self) -> grpc.StatusCode | None:
         """The status to refuse this call with, or None to let it through."""
         if not self.rates:

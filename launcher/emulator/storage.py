@@ -315,10 +315,6 @@ def _hashes(path: Path) -> tuple[str, str]:
     return base64.b64encode(md5.digest()).decode(), base64.b64encode(crc.digest()).decode()
 
 
-def _bucket_dir(storage: Storage, bucket: str) -> Path:
-    return Path(storage.get_storage_base()) / gcs_settings.STORAGE_DIR / bucket
-
-
 class CloudStorage:
     """services["storage"]: the package's server, hooked into this emulator's record.
 
