@@ -302,7 +302,6 @@ class ArtifactRegistry:
                     self.create_repository,
                     ar.CreateRepositoryRequest,
                     operations_pb2.Operation,
-                    mutating=True,
                 ),
                 Method("GetRepository", self.get_repository, ar.GetRepositoryRequest, ar.Repository),
                 Method(
@@ -316,7 +315,6 @@ class ArtifactRegistry:
                     self.delete_repository,
                     ar.DeleteRepositoryRequest,
                     operations_pb2.Operation,
-                    mutating=True,
                 ),
                 Method(
                     "ListDockerImages",

@@ -337,12 +337,10 @@ class CloudBuild:
         return service_handler(
             "google.devtools.cloudbuild.v1.CloudBuild",
             [
-                Method(
-                    "CreateBuild", self.create, cb.CreateBuildRequest, operations_pb2.Operation, mutating=True
-                ),
+                Method("CreateBuild", self.create, cb.CreateBuildRequest, operations_pb2.Operation),
                 Method("GetBuild", self.get, cb.GetBuildRequest, cb.Build),
                 Method("ListBuilds", self.list, cb.ListBuildsRequest, cb.ListBuildsResponse),
-                Method("CancelBuild", self.cancel, cb.CancelBuildRequest, cb.Build, mutating=True),
+                Method("CancelBuild", self.cancel, cb.CancelBuildRequest, cb.Build),
             ],
             hub,
         )

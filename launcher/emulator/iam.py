@@ -91,7 +91,6 @@ class Iam:
                     self.create,
                     iam_admin_v1.CreateServiceAccountRequest,
                     iam_admin_v1.ServiceAccount,
-                    mutating=True,
                 ),
                 Method(
                     "GetServiceAccount",
@@ -110,7 +109,6 @@ class Iam:
                     self.delete,
                     iam_admin_v1.DeleteServiceAccountRequest,
                     empty_pb2.Empty,
-                    mutating=True,
                 ),
             ],
             hub,

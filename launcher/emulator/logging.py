@@ -445,7 +445,6 @@ class Logging:
                     self.write,
                     logging_types.WriteLogEntriesRequest,
                     logging_types.WriteLogEntriesResponse,
-                    mutating=True,
                 ),
                 Method(
                     "ListLogEntries",

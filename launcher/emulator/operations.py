@@ -88,7 +88,6 @@ class Operations:
                     self.delete,
                     operations_pb2.DeleteOperationRequest,
                     empty_pb2.Empty,
-                    mutating=True,
                 ),
             ],
             hub,

@@ -20,7 +20,7 @@ from google.rpc import status_pb2
 from grpc_status import rpc_status
 
 from launcher.emulator.faults import Faults
-from launcher.emulator.record import Record
+from launcher.emulator.record import Record, mutates
 
 
 class ApiError(Exception):
@@ -74,9 +74,12 @@ class Method:
     handler: Callable[..., Any]
     request: type
     response: type
-    mutating: bool = False
     # "unary" | "unary_stream" (handler yields responses) | "stream_stream" (handler takes an iterator)
     kind: str = "unary"
+
+    @property
+    def mutating(self) -> bool:
+        return mutates(self.name)
 
 
 def iam_policy_methods(
@@ -86,7 +89,7 @@ def iam_policy_methods(
     with per-resource policies serves them."""
     methods = [
         Method("GetIamPolicy", get, iam_policy_pb2.GetIamPolicyRequest, policy_pb2.Policy),
-        Method("SetIamPolicy", set_, iam_policy_pb2.SetIamPolicyRequest, policy_pb2.Policy, mutating=True),
+        Method("SetIamPolicy", set_, iam_policy_pb2.SetIamPolicyRequest, policy_pb2.Policy),
     ]
     if test is not None:
         methods.append(

@@ -332,12 +332,12 @@ class RunService:
 
     def handler(self, hub: Hub) -> grpc.GenericRpcHandler:
         jobs = [
-            Method("CreateJob", self.create_job, run_v2.CreateJobRequest, operations_pb2.Operation, True),
+            Method("CreateJob", self.create_job, run_v2.CreateJobRequest, operations_pb2.Operation),
             Method("GetJob", self.get_job, run_v2.GetJobRequest, run_v2.Job),
             Method("ListJobs", self.list_jobs, run_v2.ListJobsRequest, run_v2.ListJobsResponse),
-            Method("UpdateJob", self.update_job, run_v2.UpdateJobRequest, operations_pb2.Operation, True),
-            Method("DeleteJob", self.delete_job, run_v2.DeleteJobRequest, operations_pb2.Operation, True),
-            Method("RunJob", self.run_job, run_v2.RunJobRequest, operations_pb2.Operation, True),
+            Method("UpdateJob", self.update_job, run_v2.UpdateJobRequest, operations_pb2.Operation),
+            Method("DeleteJob", self.delete_job, run_v2.DeleteJobRequest, operations_pb2.Operation),
+            Method("RunJob", self.run_job, run_v2.RunJobRequest, operations_pb2.Operation),
         ]
         executions = [
             Method("GetExecution", self.get_execution, run_v2.GetExecutionRequest, run_v2.Execution),
@@ -352,14 +352,12 @@ class RunService:
                 self.delete_execution,
                 run_v2.DeleteExecutionRequest,
                 operations_pb2.Operation,
-                True,
             ),
             Method(
                 "CancelExecution",
                 self.cancel_execution,
                 run_v2.CancelExecutionRequest,
                 operations_pb2.Operation,
-                True,
             ),
         ]
         tasks = [

@@ -412,19 +412,16 @@ class SecretManager:
         return service_handler(
             "google.cloud.secretmanager.v1.SecretManagerService",
             [
-                Method("CreateSecret", self.create_secret, sm.CreateSecretRequest, sm.Secret, mutating=True),
+                Method("CreateSecret", self.create_secret, sm.CreateSecretRequest, sm.Secret),
                 Method("GetSecret", self.get_secret, sm.GetSecretRequest, sm.Secret),
                 Method("ListSecrets", self.list_secrets, sm.ListSecretsRequest, sm.ListSecretsResponse),
-                Method("UpdateSecret", self.update_secret, sm.UpdateSecretRequest, sm.Secret, mutating=True),
-                Method(
-                    "DeleteSecret", self.delete_secret, sm.DeleteSecretRequest, empty_pb2.Empty, mutating=True
-                ),
+                Method("UpdateSecret", self.update_secret, sm.UpdateSecretRequest, sm.Secret),
+                Method("DeleteSecret", self.delete_secret, sm.DeleteSecretRequest, empty_pb2.Empty),
                 Method(
                     "AddSecretVersion",
                     self.add_version,
                     sm.AddSecretVersionRequest,
                     sm.SecretVersion,
-                    mutating=True,
                 ),
                 Method("GetSecretVersion", self.get_version, sm.GetSecretVersionRequest, sm.SecretVersion),
                 Method(
@@ -444,21 +441,18 @@ class SecretManager:
                     self.disable_version,
                     sm.DisableSecretVersionRequest,
                     sm.SecretVersion,
-                    mutating=True,
                 ),
                 Method(
                     "EnableSecretVersion",
                     self.enable_version,
                     sm.EnableSecretVersionRequest,
                     sm.SecretVersion,
-                    mutating=True,
                 ),
                 Method(
                     "DestroySecretVersion",
                     self.destroy_version,
                     sm.DestroySecretVersionRequest,
                     sm.SecretVersion,
-                    mutating=True,
                 ),
                 *iam_policy_methods(self.get_iam_policy, self.set_iam_policy, self.test_iam_permissions),
             ],

@@ -154,21 +154,18 @@ class ServiceUsage:
                     self.enable,
                     service_usage_v1.EnableServiceRequest,
                     operations_pb2.Operation,
-                    mutating=True,
                 ),
                 Method(
                     "BatchEnableServices",
                     self.batch_enable,
                     service_usage_v1.BatchEnableServicesRequest,
                     operations_pb2.Operation,
-                    mutating=True,
                 ),
                 Method(
                     "DisableService",
                     self.disable,
                     service_usage_v1.DisableServiceRequest,
                     operations_pb2.Operation,
-                    mutating=True,
                 ),
                 Method("GetService", self.get, service_usage_v1.GetServiceRequest, service_usage_v1.Service),
                 Method(

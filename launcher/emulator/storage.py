@@ -45,7 +45,7 @@ from gcp_storage_emulator.storage import Storage
 from launcher.emulator import storage_iam
 from launcher.emulator.access import Access, project_number
 from launcher.emulator.faults import HTTP_STATUS, Faults
-from launcher.emulator.record import Record
+from launcher.emulator.record import Record, mutates
 from launcher.emulator.rpc import Hub, not_found
 
 Handler = Callable[..., Any]
@@ -218,21 +218,6 @@ _REPLACED: dict[Handler, Handler] = {
     buckets.set_iam_policy: _set_bucket_policy,
     buckets.test_iam_permissions: _test_bucket_permissions,
 }
-# Requests that change something: a lost reply means the change happened but the caller cannot know.
-_MUTATING = {
-    "buckets.insert",
-    "buckets.delete",
-    "buckets.patch",
-    "buckets.setIamPolicy",
-    "objects.insert",
-    "objects.delete",
-    "objects.patch",
-    "objects.copy",
-    "objects.rewrite",
-    "objects.compose",
-    "objects.restore",
-    "batch",
-}
 _patch_lock = threading.Lock()
 
 
@@ -271,7 +256,7 @@ def _recorded(handler: Handler, method: str) -> Handler:
                 raise
             else:
                 outcome = "OK" if 200 <= response.status < 300 else response.status.name
-                if outcome == "OK" and method in _MUTATING and faults.reply_lost():
+                if outcome == "OK" and mutates(method) and faults.reply_lost():
                     outcome = "LOST"
                     _error(
                         response,

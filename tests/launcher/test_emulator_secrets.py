@@ -193,10 +193,10 @@ def test_resolve_and_can_access_for_other_emulators(local):
     assert not manager.can_access(secret, f"serviceAccount:other@{PROJECT}.iam.gserviceaccount.com")
 
 
-def test_every_call_is_recorded(local):
+def test_every_call_is_recorded_and_marked_mutating_or_not(local):
     secrets = local.clients().secrets
     secret = _create(secrets).name
     _add(secrets, secret, b"hf_recorded")
     secrets.access_secret_version(name=f"{secret}/versions/1")
-    methods = [entry["method"] for entry in local.record()]
-    assert methods == ["CreateSecret", "AddSecretVersion", "AccessSecretVersion"]
+    methods = [(entry["method"], entry["mutating"]) for entry in local.record()]
+    assert methods == [("CreateSecret", True), ("AddSecretVersion", True), ("AccessSecretVersion", False)]

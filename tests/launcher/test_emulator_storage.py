@@ -83,11 +83,11 @@ def test_requests_are_recorded_without_object_contents(local):
     # google-cloud-storage also fetches bucket metadata in a background thread (buckets.get) at times
     # of its own choosing, so only the calls the test made are compared.
     storage = [e for e in local.record() if e["service"] == "storage" and e["method"] != "buckets.get"]
-    assert [(e["method"], e["outcome"]) for e in storage] == [
-        ("buckets.insert", "OK"),
-        ("objects.insert", "OK"),
-        ("objects.get", "OK"),
-        ("objects.get", "NOT_FOUND"),
+    assert [(e["method"], e["outcome"], e["mutating"]) for e in storage] == [
+        ("buckets.insert", "OK", True),
+        ("objects.insert", "OK", True),
+        ("objects.get", "OK", False),
+        ("objects.get", "NOT_FOUND", False),
     ]
     insert_bucket, insert_object, download, _ = storage
     assert insert_bucket["request"]["resource"]["location"] == "europe-west4"
