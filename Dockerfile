@@ -53,9 +53,13 @@ RUN uv venv --python /usr/local/bin/python3.12 /opt/venv \
 WORKDIR /app
 
 # Dependencies before code, so a code change rebuilds only the last layers. The lock pins every package
-# with its hashes (make lock); nothing is resolved at build time.
+# with its hashes (make lock); nothing is resolved at build time. Triton's wheel carries its own CUPTI
+# (134 MB, static libraries included) for its Proton profiler, which the trainer never runs;
+# nvidia-cuda-cupti ships the same libraries for torch. Removed in the same layer, so no library is in the
+# image twice (docs/benchmarks.md, "Image size"); neither libtriton.so nor libproton.so links it.
 COPY requirements.lock ./
-RUN uv pip install --require-hashes --no-deps -r requirements.lock
+RUN uv pip install --require-hashes --no-deps -r requirements.lock \
+    && rm -r /opt/venv/lib/python3.12/site-packages/triton/backends/nvidia/lib/cupti
 
 COPY pyproject.toml README.md ./
 COPY launcher/ launcher/
