@@ -108,8 +108,10 @@ BASES = {
 
 # The apt packages NVIDIA's 12.8.1 runtime and cuDNN images install (cuda-cudart; cuda-libraries-12-8:
 # cuBLAS, cuFFT, cuFile, cuRAND, cuSOLVER, cuSPARSE, NPP, nvJitLink, nvJPEG, nvFatbin, NVRTC, OpenCL;
-# cuda-nvtx, libnccl2, libcudnn9-cuda-12) hold the same shared libraries as these PyPI wheels of the same
-# CUDA 12.8 update 1 releases (the versions torch 2.10's CUDA 12.8 build pins, where it pins them).
+# cuda-nvtx, libnccl2, libcudnn9-cuda-12) hold the same shared libraries as these PyPI wheels: the CUDA
+# 12.8 update 1 releases (the versions torch 2.10's CUDA 12.8 build pins, where it pins them), NCCL 2.25.1
+# and cuDNN 9.8.0.87 of the image's time (the latter as a Dockerfile derived from 12.8.1's sets
+# NV_CUDNN_VERSION). Adjacent releases differ by a few percent in size.
 CUDA_BASE_WHEELS = {
     "nvidia-cuda-runtime-cu12": "12.8.90",
     "nvidia-cublas-cu12": "12.8.4.1",
