@@ -334,40 +334,25 @@ def check_compile(args: argparse.Namespace, device: str) -> None:
     args.compile = "off"
 
 
-def run(args: argparse.Namespace) -> None:
-    log.info("%s", describe_platform())
-    token = args.hf_token or os.environ.get("HF_TOKEN") or None
-    execution = os.environ.get("CLOUD_RUN_EXECUTION")
-    attempt = int(os.environ.get("CLOUD_RUN_TASK_ATTEMPT", "0"))
-    output_dir = Path(args.output_dir)
-    run_dir = output_dir / execution if execution else output_dir
+def fine_tune(
+    args: argparse.Namespace,
+    model_id: str,
+    precision: str,
+    device: str,
+    token: str | None,
+    data: PetData,
+    processor: ProcessorMixin,
+    chat: ChatFormat,
+    run_dir: Path,
+    execution: str | None,
+    attempt: int,
+    shm: SharedMemory,
+) -> dict[str, dict[str, dict[str, float]]]:
+    """Load, evaluate, train, evaluate again; write the adapter and results.json into run_dir.
 
-    check_model_id(args.model_id)
-    # The adapter records the base model's path: keep it valid from any working directory.
-    model_id = str(Path(args.model_id).resolve()) if Path(args.model_id).is_dir() else args.model_id
-    device = resolve_device(args.device)
-    if not args.dry_run:  # a dry run writes nothing
-        check_writable(run_dir)
-        check_compile(args, device)
-        shm = SharedMemory.measure()
-    precision = choose_precision(args.quantization, device, model_id, token, args.max_memory_gib)
-    data = load_pets(args.dataset, args.train_size, args.eval_size, args.seed, token)
-    log.info(
-        "data: %d train / %d eval images, %d breeds", len(data.train), len(data.test), len(data.class_names)
-    )
-    processor = load_processor(model_id, token)
-    chat = chat_format(processor, data.class_names)
-
-    if args.dry_run:
-        batch = AnswerOnlyCollator(processor, chat)([data.train[0]])
-        answer = batch["input_ids"][0][batch["labels"][0] != -100]
-        log.info("prompt: %r", chat.prompt)
-        log.info("answer (the only labelled tokens): %r", processor.tokenizer.decode(answer))
-        log.info("batch: %s", {name: tuple(tensor.shape) for name, tensor in batch.items()})
-        log.info("dry run: data formatted, no weights loaded")
-        return
-
-    set_seed(args.seed)
+    Returns each evaluation method's baseline and final metrics. The model, the trainer and its optimizer
+    state and the image features live only in here, so that nothing references them once it returns.
+    """
     model = load_model(model_id, precision, device, token, args.lora_r, args.lora_alpha, args.lora_dropout)
     workers = eval_workers(args, processor, device, shm)
     features = speed_up(args, model, processor, data, device, workers)
@@ -439,7 +424,49 @@ def run(args: argparse.Namespace) -> None:
         ),
     }
     write_results(run_dir / "results.json", results)
+    return by_method
+
+
+def run(args: argparse.Namespace) -> None:
+    log.info("%s", describe_platform())
+    token = args.hf_token or os.environ.get("HF_TOKEN") or None
+    execution = os.environ.get("CLOUD_RUN_EXECUTION")
+    attempt = int(os.environ.get("CLOUD_RUN_TASK_ATTEMPT", "0"))
+    output_dir = Path(args.output_dir)
+    run_dir = output_dir / execution if execution else output_dir
+
+    check_model_id(args.model_id)
+    # The adapter records the base model's path: keep it valid from any working directory.
+    model_id = str(Path(args.model_id).resolve()) if Path(args.model_id).is_dir() else args.model_id
+    device = resolve_device(args.device)
+    if not args.dry_run:  # a dry run writes nothing
+        check_writable(run_dir)
+        check_compile(args, device)
+        shm = SharedMemory.measure()
+    precision = choose_precision(args.quantization, device, model_id, token, args.max_memory_gib)
+    data = load_pets(args.dataset, args.train_size, args.eval_size, args.seed, token)
+    log.info(
+        "data: %d train / %d eval images, %d breeds", len(data.train), len(data.test), len(data.class_names)
+    )
+    processor = load_processor(model_id, token)
+    chat = chat_format(processor, data.class_names)
+
+    if args.dry_run:
+        batch = AnswerOnlyCollator(processor, chat)([data.train[0]])
+        answer = batch["input_ids"][0][batch["labels"][0] != -100]
+        log.info("prompt: %r", chat.prompt)
+        log.info("answer (the only labelled tokens): %r", processor.tokenizer.decode(answer))
+        log.info("batch: %s", {name: tuple(tensor.shape) for name, tensor in batch.items()})
+        log.info("dry run: data formatted, no weights loaded")
+        return
+
+    set_seed(args.seed)
+    by_method = fine_tune(
+        args, model_id, precision, device, token, data, processor, chat, run_dir, execution, attempt, shm
+    )
     if args.merge:
+        # fine_tune has returned: the quantized model, its optimizer state, the trainer and the image
+        # features are unreferenced, and merge frees them before it loads the bf16 weights.
         merge(model_id, run_dir, run_dir / "merged", device, token)
 
     log.info("%-24s %9s %9s", "metric", "baseline", "final")

@@ -8,6 +8,7 @@ features and the baseline evaluation costs most of an hour per task attempt (doc
 import logging
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sysconfig
@@ -30,12 +31,20 @@ SHM_SHARE = 0.5
 PREFETCH_FACTOR = 2
 
 
-def describe_platform() -> str:
+# Where the loaded NVIDIA kernel module states its version; Cloud Run's GPU hosts expose it as any host does.
+DRIVER_VERSION_FILE = Path("/proc/driver/nvidia/version")
+
+
+def describe_platform(driver_version_file: Path = DRIVER_VERSION_FILE) -> str:
     """torch and the CUDA it was built for, the host's driver and the GPU: the run's first log line."""
     try:
-        driver = Path("/proc/driver/nvidia/version").read_text().split("Kernel Module")[1].split()[0]
-    except (OSError, IndexError):
-        driver = "none"
+        # "NVRM version: NVIDIA UNIX x86_64 Kernel Module  535.216.03  <date>" (proprietary module), or
+        # "NVRM version: NVIDIA UNIX Open Kernel Module for x86_64  580.95.05  Release Build ..." (the open
+        # module, the only one for Blackwell GPUs): the first version after "Kernel Module".
+        found = re.search(r"Kernel Module.*?\s(\d+(?:\.\d+)+)(?:\s|$)", driver_version_file.read_text())
+    except OSError:
+        found = None
+    driver = found[1] if found else "none"
     gpu = "no GPU visible"
     if torch.cuda.is_available():
         major, minor = torch.cuda.get_device_capability()

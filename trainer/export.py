@@ -1,6 +1,7 @@
 """Outputs: adapter + processor, optional merged model, results.json, upload to GCS."""
 
 import argparse
+import gc
 import json
 import logging
 import platform
@@ -8,6 +9,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+import torch
 from peft import PeftModel
 
 from trainer.modeling import load_base_model, load_processor
@@ -27,14 +29,35 @@ def versions() -> dict[str, str]:
     return found
 
 
+# Shards of the merged checkpoint. save_pretrained gathers each shard in host memory before writing it
+# (transformers' default is 50GB: the 27B's 51 GiB in one piece); small ones also suit the bucket mount.
+MERGED_SHARD_SIZE = "2GB"
+
+
+def free_memory(device: str) -> None:
+    """Release what nothing references any more, on the host and on the GPU, and compiled graphs."""
+    # Compiled layers' code caches hold the modules they were compiled for.
+    torch._dynamo.reset()
+    gc.collect()  # the model, PEFT's hooks and the trainer reference one another
+    if device == "cuda":
+        torch.cuda.empty_cache()
+        log.info(
+            "GPU memory in use after freeing the training state: %.1f GiB",
+            torch.cuda.memory_allocated() / 2**30,
+        )
+
+
 def merge(model_id: str, adapter_dir: Path, out_dir: Path, device: str, token: str | None) -> None:
     """Fold the adapter into the base weights: a plain Gemma 3 checkpoint that needs no peft.
 
-    A quantized (4-bit, int8) base is reloaded in bf16 first: merging into it would round the update away.
+    A quantized (fp8, int8, 4-bit) base is reloaded in bf16 first: merging into it would round the update
+    away. The caller must hold no reference to the training state (model, trainer, optimizer, image
+    features): it is freed here first, since the 27B's bf16 weights (51 GiB) do not fit beside it.
     """
+    free_memory(device)
     base = load_base_model(model_id, "fp32" if device == "cpu" else "bf16", device, token)
     merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
-    merged.save_pretrained(out_dir)
+    merged.save_pretrained(out_dir, max_shard_size=MERGED_SHARD_SIZE)
     load_processor(model_id, token).save_pretrained(out_dir)
     log.info("merged model written to %s", out_dir)
 

@@ -3,6 +3,7 @@
 import json
 import logging
 import os
+import platform
 import shutil
 import signal
 import subprocess
@@ -14,7 +15,7 @@ import torch
 
 import trainer.__main__ as trainer_main
 from trainer.__main__ import main
-from trainer.container import SharedMemory, compile_toolchain_problem
+from trainer.container import SharedMemory, compile_toolchain_problem, describe_platform
 
 REPO = Path(__file__).resolve().parents[2]
 MIB = 2**20
@@ -113,6 +114,36 @@ def test_compile_auto_without_a_compiler_goes_on_without_compiling(
     assert caplog.records[0].message.startswith(f"torch {torch.__version__} (CUDA ")
     assert "torch.compile cannot run here (no C compiler: CC is not set" in caplog.text
     assert "training without it" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("module", "driver"),
+    [
+        # The open kernel module, the only one for Blackwell (RTX PRO 6000), and the proprietary one (L4).
+        (
+            "NVRM version: NVIDIA UNIX Open Kernel Module for x86_64  580.95.05  Release Build  "
+            "(dvs-builder@U22-I3-AE18-23-3)  Tue Sep 23 09:55:41 UTC 2025",
+            "580.95.05",
+        ),
+        (
+            "NVRM version: NVIDIA UNIX x86_64 Kernel Module  535.216.03  Wed Oct 23 17:48:46 UTC 2024",
+            "535.216.03",
+        ),
+    ],
+)
+def test_first_log_line_names_torch_its_cuda_and_the_driver_found(
+    tmp_path: Path, module: str, driver: str
+) -> None:
+    # /proc/driver/nvidia/version as the driver writes it.
+    version = tmp_path / "version"
+    version.write_text(f"{module}\nGCC version:  gcc version 12.3.0 (Ubuntu 12.3.0-1ubuntu1~22.04)\n")
+    line = describe_platform(version)
+    assert line.startswith(
+        f"torch {torch.__version__} (CUDA {torch.version.cuda or 'none'}), NVIDIA driver {driver}, "
+    )
+    assert line.endswith(f", Python {platform.python_version()}")
+    # No driver: said so, not guessed.
+    assert ", NVIDIA driver none, no GPU visible, " in describe_platform(tmp_path / "missing")
 
 
 def test_workers_and_their_prefetched_batches_fit_dev_shm(caplog: pytest.LogCaptureFixture) -> None:

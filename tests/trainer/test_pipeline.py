@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+import weakref
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,8 @@ from peft import PeftModel
 from PIL import Image
 from transformers import AutoModelForImageTextToText
 
+import trainer.__main__ as trainer_main
+from trainer import export
 from trainer.data import chat_format, load_pets
 from trainer.evaluate import answer_log_likelihoods, summary_metrics
 from trainer.modeling import load_processor
@@ -164,6 +167,76 @@ def test_merged_model_reloads_and_scores_the_same(trained_run, tiny_model: Path,
 
     merged_metrics = summary_metrics(data.test["label"], merged_scores.argmax(-1).tolist())
     assert merged_metrics == results_of(trained_run.run_dir)["by_method"]["score"]["final"]
+
+
+def test_merge_loads_only_after_the_training_state_is_freed_and_writes_small_shards(
+    tiny_model: Path, pets: Path, tmp_path: Path, monkeypatch
+) -> None:
+    # At 27B the bf16 reload (51 GiB) fits only where the quantized model, its optimizer state, the trainer
+    # and the image features were: each must be gone, not merely unused, when the merge loads.
+    alive: dict[str, weakref.ref] = {}
+
+    def keep(name: str, function):
+        def recorded(*args, **kwargs):
+            result = function(*args, **kwargs)
+            alive[name] = weakref.ref(result[0] if isinstance(result, tuple) else result)
+            return result
+
+        return recorded
+
+    real_train = trainer_main.train
+
+    def train(trainer, *args):
+        output = real_train(trainer, *args)
+        alive["optimizer"] = weakref.ref(trainer.optimizer)
+        return output
+
+    at_merge_load = {}
+    real_load = export.load_base_model
+
+    def load_base_model(*args, **kwargs):
+        at_merge_load.update({name: ref() is not None for name, ref in alive.items()})
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr("trainer.__main__.load_model", keep("model", trainer_main.load_model))
+    monkeypatch.setattr("trainer.__main__.speed_up", keep("image features", trainer_main.speed_up))
+    monkeypatch.setattr("trainer.__main__.build_trainer", keep("trainer", trainer_main.build_trainer))
+    monkeypatch.setattr("trainer.__main__.train", train)
+    monkeypatch.setattr("trainer.export.load_base_model", load_base_model)
+    # The tiny model's 0.5 MB in 100 KB shards, as the 27B's 51 GiB in MERGED_SHARD_SIZE ones.
+    monkeypatch.setattr("trainer.export.MERGED_SHARD_SIZE", "100KB")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    flags = ["--model-id", str(tiny_model), "--dataset", str(pets), "--output-dir", str(tmp_path)]
+    flags += ["--train-size", "74", "--eval-size", "37", "--num-epochs", "1", "--batch-size", "8"]
+    flags += [
+        "--learning-rate",
+        "2e-2",
+        "--eval-method",
+        "score",
+        "--seed",
+        "0",
+        "--device",
+        "cpu",
+        "--merge",
+    ]
+    assert trainer_main.main(flags) == 0
+
+    assert at_merge_load == {"model": False, "image features": False, "trainer": False, "optimizer": False}
+    merged_dir = tmp_path / "merged"
+    shards = sorted(path.name for path in merged_dir.glob("model-*.safetensors"))
+    assert len(shards) > 1 and (merged_dir / "model.safetensors.index.json").is_file()
+    # The shards are the merged model: it scores exactly as the base model with the adapter.
+    processor = load_processor(str(merged_dir), None)
+    data = load_pets(str(pets), 74, 37, seed=0)
+    chat = chat_format(processor, data.class_names)
+    merged = AutoModelForImageTextToText.from_pretrained(merged_dir)
+    adapter = PeftModel.from_pretrained(AutoModelForImageTextToText.from_pretrained(tiny_model), tmp_path)
+    torch.testing.assert_close(
+        answer_log_likelihoods(merged, processor, chat, data.test, batch_size=37),
+        answer_log_likelihoods(adapter, processor, chat, data.test, batch_size=37),
+        atol=1e-3,
+        rtol=1e-4,
+    )
 
 
 def test_killed_run_resumes_and_ends_like_an_uninterrupted_one(
