@@ -54,6 +54,9 @@ LAUNCHER_CASES: list[tuple[str, list[str], dict[str, str | None], str | None]] =
     ("flag: subnet without network", [*UP, "--subnet", "default"], {}, None),
     ("flag: run --set unknown key", ["run", "--set", "learning_rate=1"], {}, None),
     ("flag: run --set without '='", ["run", "--set", "learning-rate"], {}, None),
+    ("flag: run --set value the trainer refuses", ["run", "--set", "learning-rate=abc"], {}, None),
+    ("flag: run --set a flag gemma-launch sets", ["run", "--set", "output-dir=/tmp/out"], {}, None),
+    ("flag: up --model-source that does not exist", ["up", "--model-source", "./missing-model"], {}, None),
     ("flag: run --timeout malformed", ["run", "--timeout", "5 minutes"], {}, None),
     ("flag: run before any up", ["run"], {}, None),
     ("flag: results before any run", ["results"], {}, None),
@@ -70,6 +73,9 @@ LAUNCHER_CASES: list[tuple[str, list[str], dict[str, str | None], str | None]] =
     ("toml: hf_token in the file", UP, {}, 'hf_token = "hf_x"\n'),
     ("toml: unknown trainer key", UP, {}, "[trainer]\nlearning_rate = 1\n"),
     ("toml: max_retries not a number", UP, {}, 'max_retries = "lots"\n'),
+    ("toml: memory as a bare number", UP, {}, "memory = 80\n"),
+    ("toml: trainer value the trainer refuses", UP, {}, '[trainer]\ncompile = "yes"\n'),
+    ("toml: init's placeholder project", UP, {"PROJECT_ID": None}, 'project_id = "your-project-id"\n'),
     ("toml: L4 with 2 CPUs", UP, {}, 'gpu = "nvidia-l4"\ncpu = "2"\nmemory = "16Gi"\n'),
 ]
 
