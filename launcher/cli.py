@@ -18,7 +18,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from launcher import build, doctor, logs, provision, quota, staging
+from launcher import build, doctor, logs, overrides, provision, quota, staging
 from launcher import job as jobs
 from launcher import results as run_results
 from launcher.api_errors import translate
@@ -28,7 +28,6 @@ from launcher.errors import UserError
 from launcher.settings import (
     CONFIG_FILE,
     REGION,
-    TRAINER_KEYS,
     Settings,
     check_run_timeout,
     load_settings,
@@ -70,9 +69,10 @@ class Cli(click.Group):
             error = (
                 caught if isinstance(caught, UserError) else translate(caught, ctx.meta.get(_SETTINGS_KEY))
             )
-            err_console.print(f"[bold red]Error:[/] {error.message}", soft_wrap=True)
+            # Escaped: messages quote what the user wrote, such as "[trainer]", which is not markup.
+            err_console.print(f"[bold red]Error:[/] {escape(error.message)}", soft_wrap=True)
             if error.hint:
-                err_console.print(f"[bold]Hint:[/] {error.hint}", soft_wrap=True)
+                err_console.print(f"[bold]Hint:[/] {escape(error.hint)}", soft_wrap=True)
             ctx.exit(2)
 
 
@@ -111,7 +111,9 @@ def settings_options(command: Callable[..., Any] | None = None, *, gpu_region: b
     def wrapper(*args: Any, config: Path | None, zonal_redundancy: bool | None, **kwargs: Any) -> Any:
         flags = {field: kwargs.pop(field) for _, field, _ in _SETTING_FLAGS}
         flags["gpu_zonal_redundancy"] = zonal_redundancy
-        settings = load_settings(config, flags, gpu_region=gpu_region)
+        names = {field: flag for flag, field, _ in _SETTING_FLAGS}
+        names["gpu_zonal_redundancy"] = "--zonal-redundancy"
+        settings = load_settings(config, flags, gpu_region=gpu_region, flag_names=names)
         click.get_current_context().meta[_SETTINGS_KEY] = settings
         return command(*args, settings=settings, **kwargs)
 
@@ -192,7 +194,10 @@ def init(path: Path, force: bool) -> None:
             f"{path} already exists.", "Edit it, or pass --force to overwrite it with the defaults."
         )
     path.write_text(template())
-    console.print(f"Wrote {path}: set project_id, then run `gemma-launch up`.")
+    console.print(
+        f"Wrote {path}: uncomment project_id and set it to your project (or export PROJECT_ID), then run "
+        "`gemma-launch up`."
+    )
 
 
 def _print_change(kind: str, name: str, status: str) -> None:
@@ -250,6 +255,8 @@ def up(
       4. the Cloud Run GPU job, created or updated (untouched when its spec is unchanged)
     The GPU quota is read and shown; without it `up` warns and `run` refuses.
     """
+    # The directories named here are read now: a wrong one must stop `up` before anything is created.
+    staging.check_named_sources(model_source, dataset_source)
     clients = Clients(settings.project_id)
     report: list[dict[str, str]] = []
 
@@ -335,7 +342,11 @@ def up(
                 "  (no image built yet: run `gemma-launch up` without --skip-build to create the job)"
             )
     else:
-        spec = jobs.job_spec(settings, image_uri, jobs.trainer_args(settings, model_prefix, dataset_prefix))
+        args = jobs.trainer_args(settings, model_prefix, dataset_prefix)
+        # Sizes set for every run must fit the dataset now staged; the trainer's defaults are checked by
+        # `run`, which can override them.
+        staging.check_trainer_sizes(clients, settings, args, only=list(settings.trainer))
+        spec = jobs.job_spec(settings, image_uri, args)
         change = jobs.ensure_job(clients, settings, spec, dry_run=dry_run)
         record("job", change.name, change.status, change.command if change.status != "unchanged" else "")
     # Read only: a pending quota request must not hold back provisioning, the build or staging.
@@ -427,7 +438,8 @@ def doctor_command(settings: Settings, as_json: bool) -> None:
     "sets",
     multiple=True,
     metavar="KEY=VALUE",
-    help=f"Override a trainer flag for this run (repeatable). Keys: {', '.join(TRAINER_KEYS)}.",
+    help="Override a trainer flag for this run (repeatable), checked against the trainer's own flags. "
+    f"Keys: {', '.join(overrides.settable())}.",
 )
 @click.option("--train-size", type=click.IntRange(min=1), help="Shortcut for --set train-size=N.")
 @click.option("--tasks", type=click.IntRange(min=1), help="Number of tasks for this execution.")
@@ -462,9 +474,9 @@ def run_command(
     or pass --allow-concurrent), nor when the project's Cloud Run GPU quota in the job's region cannot
     give the execution its GPU: the error names the quota to request and where.
     """
-    overrides = jobs.parse_sets(sets)
+    changes = overrides.parse_sets(sets)
     if train_size is not None:
-        overrides["train-size"] = str(train_size)
+        changes["train-size"] = str(train_size)
     timeout_s = None
     if timeout:
         try:
@@ -473,13 +485,16 @@ def run_command(
             raise UserError(f"Invalid --timeout: {error}.", "Use a duration like 2h, 45m or 3600s.") from None
         check_run_timeout(settings, timeout_s)
     clients = Clients(settings.project_id)
+    # Before anything starts: an execution whose sizes exceed the staged splits would fail in the trainer.
+    args = overrides.apply(jobs.current_args(clients, settings), changes)
+    staging.check_trainer_sizes(clients, settings, args)
     if not allow_concurrent:
         jobs.refuse_concurrent(clients, settings)
     try:
         quota.require_for_run(clients, settings, jobs.gpus_held(clients, settings))
     except quota.QuotaUnknown as unknown:
         err_console.print(f"[yellow]Warning:[/] {unknown}; starting anyway.", soft_wrap=True)
-    execution = jobs.run(clients, settings, sets=overrides, tasks=tasks, timeout_s=timeout_s)
+    execution = jobs.run(clients, settings, sets=changes, tasks=tasks, timeout_s=timeout_s)
     console.print(f"Started execution {jobs.short_name(execution.name)}")
     if follow:
         _follow(clients, settings, execution.name)
@@ -506,6 +521,13 @@ def _follow(clients: Clients, settings: Settings, execution: str) -> None:
         soft_wrap=True,
     )
     if verdict != "Succeeded":
+        stopped = run_results.recorded_failure(clients, settings, execution)
+        if stopped is not None:
+            raise UserError(
+                f"Execution {jobs.short_name(execution)} stopped on an error a retry cannot fix: "
+                f"{stopped.message}",
+                stopped.hint,
+            )
         raise SystemExit(1)
 
 
@@ -774,6 +796,7 @@ def stage(
     """
     from dataclasses import asdict
 
+    staging.check_named_sources(model_source, dataset_source)
     clients = Clients(settings.project_id)
     out = err_console if as_json else console
     sources = staging.choose_sources(clients.storage, settings, model_source, dataset_source, revision)

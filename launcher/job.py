@@ -23,7 +23,8 @@ from google.protobuf import duration_pb2
 
 from launcher.cloud import RETRY, Clients
 from launcher.errors import UserError
-from launcher.settings import TRAINER_KEYS, Settings
+from launcher.overrides import apply as apply_settings
+from launcher.settings import Settings
 
 MOUNT_PATH = "/mnt/gcs"
 VOLUME = "gcs"
@@ -79,39 +80,15 @@ def trainer_args(settings: Settings, model_prefix: str, dataset_prefix: str) -> 
     # cuda, not auto, on a GPU job: an image whose torch cannot use the driver fails in seconds instead of
     # training on the CPU (docs/container.md).
     args += ["--device", "cuda" if settings.uses_gpu else "cpu"]
-    return apply_sets(args, settings.trainer)
+    return apply_settings(args, settings.trainer)
 
 
-def parse_sets(pairs: tuple[str, ...]) -> dict[str, str]:
-    """`--set KEY=VALUE` pairs -> {KEY: VALUE}, keys checked against the trainer's flags."""
-    sets = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        key = key.strip().removeprefix("--")
-        if not sep or not key:
-            raise UserError(f"--set {pair!r} is not KEY=VALUE.", "Example: --set learning-rate=1e-4")
-        if key not in TRAINER_KEYS:
-            raise UserError(f"Unknown trainer setting {key!r}.", f"Valid keys: {', '.join(TRAINER_KEYS)}.")
-        sets[key] = value
-    return sets
-
-
-def apply_sets(args: list[str], sets: Mapping[str, Any]) -> list[str]:
-    """Replace or append `--key value` in a trainer argv; True adds a bare flag, False removes it."""
-    result = list(args)
-    for key, value in sets.items():
-        flag = f"--{key}"
-        if flag in result:
-            index = result.index(flag)
-            has_value = index + 1 < len(result) and not result[index + 1].startswith("--")
-            del result[index : index + (2 if has_value else 1)]
-        if value is True or str(value).lower() == "true":
-            result.append(flag)
-        elif value is False or str(value).lower() == "false":
-            continue
-        else:
-            result += [flag, str(value)]
-    return result
+def staged_prefix(args: Sequence[str], flag: str) -> str | None:
+    """The bucket prefix a trainer argument (--model-id, --dataset) reads through the mount, or None."""
+    if flag not in args or args.index(flag) + 1 >= len(args):
+        return None
+    value = args[args.index(flag) + 1]
+    return value.removeprefix(MOUNT_PATH + "/") if value.startswith(MOUNT_PATH + "/") else None
 
 
 def _token_env(settings: Settings) -> run_v2.EnvVar:
@@ -352,7 +329,7 @@ def run(
     """
     overrides = run_v2.RunJobRequest.Overrides()
     if sets:
-        args = apply_sets(current_args(clients, settings), sets)
+        args = apply_settings(current_args(clients, settings), sets)
     if args:
         overrides.container_overrides = [
             run_v2.RunJobRequest.Overrides.ContainerOverride(name=container, args=list(args))

@@ -17,6 +17,10 @@ from launcher.settings import Settings
 
 CONSOLE = "https://console.cloud.google.com/storage/browser"
 
+# What the trainer writes in the run directory when it stops on an error a retry cannot fix
+# (trainer/failure.py: {"error", "hint", "attempt"}).
+FAILURE = "failure.json"
+
 METRICS = (("accuracy", "Accuracy"), ("macro_f1", "Macro-F1"), ("unknown_rate", "Unknown rate"))
 
 
@@ -35,6 +39,16 @@ def load(clients: Clients, settings: Settings, execution: str) -> dict[str, Any]
     try:
         return json.loads(blob.download_as_bytes(retry=RETRY))
     except exceptions.NotFound:
+        return None
+
+
+def recorded_failure(clients: Clients, settings: Settings, execution: str) -> UserError | None:
+    """The error a retry cannot fix that the trainer recorded for the execution (trainer/failure.py)."""
+    blob = clients.storage.bucket(settings.bucket).blob(f"{run_prefix(execution)}/{FAILURE}")
+    try:
+        document = json.loads(blob.download_as_bytes(retry=RETRY))
+        return UserError(str(document["error"]), str(document.get("hint") or ""))
+    except (exceptions.NotFound, ValueError, KeyError, TypeError):
         return None
 
 
@@ -61,6 +75,13 @@ def no_results(clients: Clients, settings: Settings, execution: str) -> UserErro
     if not jobs.succeeded(found):
         why = jobs.why(found)
         verdict = jobs.state(found).lower()
+        stopped = recorded_failure(clients, settings, execution)
+        if stopped is not None:
+            return UserError(
+                f"Execution {short} {verdict}, so it has no results: the trainer stopped on an error a retry "
+                f"cannot fix: {stopped.message}",
+                f"{stopped.hint} Then start a new execution with `gemma-launch run`.".strip(),
+            )
         return UserError(
             f"Execution {short} {verdict}, so it has no results" + (f": {why}" if why else "."),
             f"See what happened with `gemma-launch logs {short}`; once fixed, start a new execution with "

@@ -6,9 +6,11 @@ request leaves the machine, with a message that names the value and a hint that 
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
 import tomllib
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -22,6 +24,7 @@ from pydantic import (
     model_validator,
 )
 
+from launcher import overrides
 from launcher.errors import UserError
 
 CONFIG_FILE = "gemma-launch.toml"
@@ -91,28 +94,8 @@ ENV_VARS: dict[str, str] = {
     "JOB_NAME": "job",
 }
 
-# Trainer flags a user may set in [trainer] or with `run --set KEY=VALUE` (python -m trainer --KEY VALUE).
-TRAINER_KEYS: tuple[str, ...] = (
-    "train-size",
-    "eval-size",
-    "num-epochs",
-    "learning-rate",
-    "batch-size",
-    "gradient-accumulation-steps",
-    "eval-batch-size",
-    "lora-r",
-    "lora-alpha",
-    "lora-dropout",
-    "quantization",
-    "eval-method",
-    "seed",
-    "save-steps",
-    "save-total-limit",
-    "logging-steps",
-    "gradient-checkpointing",
-    "checkpoint-strategy",
-    "merge",
-)
+# What `gemma-launch init` writes for project_id, commented out; refused if used as it is.
+PROJECT_PLACEHOLDER = "your-project-id"
 
 REGION = re.compile(r"^[a-z]+-[a-z]+\d+$")
 _PROJECT_ID = re.compile(r"^[a-z][a-z0-9-]{4,28}[a-z0-9]$")
@@ -160,9 +143,15 @@ def cpu_count(text: str) -> float:
 class Settings(BaseModel):
     """Everything the tutorial's gcloud commands set, with the tutorial's defaults."""
 
-    model_config = ConfigDict(extra="forbid", validate_default=True)
+    # A number where text is expected (memory = 80 in the file) is read as text, so the setting's own
+    # check says what is wrong with it ("'80' is not a memory size like 80Gi").
+    model_config = ConfigDict(extra="forbid", validate_default=True, coerce_numbers_to_str=True)
 
-    project_id: str = Field(description="Google Cloud project id (PROJECT_ID).")
+    # `examples`: the value a hint suggests when the default is empty or is the value refused.
+    project_id: str = Field(
+        description="Google Cloud project id, as `gcloud projects list` shows it (PROJECT_ID).",
+        examples=["my-project-123"],
+    )
     region: str = Field("europe-west4", description="Region of the bucket, repository and job (REGION).")
     build_location: str = Field(
         "global",
@@ -177,7 +166,9 @@ class Settings(BaseModel):
         description="Service account id Cloud Build runs as; `up` grants it only what a build needs "
         "(BUILD_SERVICE_ACCOUNT).",
     )
-    bucket: str = Field("", description="Bucket for weights, data and results (BUCKET_NAME).")
+    bucket: str = Field(
+        "", description="Bucket for weights, data and results (BUCKET_NAME).", examples=["my-gemma-bucket"]
+    )
     repository: str = Field(
         "gemma3-finetuning-repo", description="Artifact Registry Docker repository (AR_REPO)."
     )
@@ -196,11 +187,13 @@ class Settings(BaseModel):
         "",
         description="CPUs per task: 20 or 22 with an RTX PRO 6000 (default 20); 1, 2, 4, 6 or 8 otherwise "
         "(default 8; at least 4 with an L4).",
+        examples=["20"],
     )
     memory: str = Field(
         "",
         description="Memory per task: 80Gi to 4Gi per CPU with an RTX PRO 6000 (default 80Gi); otherwise "
         "within Cloud Run's range for the CPU count, up to 32Gi (default 32Gi; at least 16Gi with an L4).",
+        examples=["80Gi"],
     )
     task_timeout: str = Field(
         "1h",
@@ -208,8 +201,10 @@ class Settings(BaseModel):
         "job opts into Cloud Run's Preview of long running GPU jobs; without one at most 168h.",
     )
     max_retries: int = Field(3, ge=0, le=10, description="Retries of a failed or preempted task (0-10).")
-    network: str = Field("", description="VPC network for Direct VPC egress (empty: none).")
-    subnet: str = Field("", description="Subnet for Direct VPC egress.")
+    network: str = Field(
+        "", description="VPC network for Direct VPC egress (empty: none).", examples=["default"]
+    )
+    subnet: str = Field("", description="Subnet for Direct VPC egress.", examples=["default"])
     vpc_egress: Literal["all-traffic", "private-ranges-only"] = Field(
         "private-ranges-only", description="Which traffic goes through the VPC when a network is set."
     )
@@ -223,6 +218,8 @@ class Settings(BaseModel):
     @field_validator("project_id")
     @classmethod
     def _project_id(cls, value: str) -> str:
+        if value == PROJECT_PLACEHOLDER:
+            raise ValueError(f"{value!r} is the placeholder `gemma-launch init` wrote, not a project")
         if not _PROJECT_ID.match(value):
             raise ValueError(
                 f"project id {value!r} is invalid: 6-30 characters, lower-case letters, digits and hyphens, "
@@ -298,16 +295,6 @@ class Settings(BaseModel):
         seconds = parse_duration(value)
         if not MIN_TIMEOUT_S <= seconds <= MAX_TIMEOUT_S:
             raise ValueError(f"task timeout {value!r} must be between 10s and 168h")
-        return value
-
-    @field_validator("trainer")
-    @classmethod
-    def _trainer(cls, value: dict[str, Any]) -> dict[str, Any]:
-        unknown = sorted(set(value) - set(TRAINER_KEYS))
-        if unknown:
-            raise ValueError(
-                f"unknown trainer setting(s) {', '.join(unknown)}; known: {', '.join(TRAINER_KEYS)}"
-            )
         return value
 
     @model_validator(mode="after")
@@ -497,7 +484,8 @@ def find_config(explicit: Path | None) -> Path | None:
         if not explicit.is_file():
             raise UserError(f"Config file {explicit} does not exist.", "Create one with `gemma-launch init`.")
         return explicit
-    candidate = Path.cwd() / CONFIG_FILE
+    # Relative, so messages name it as the user knows it: gemma-launch.toml.
+    candidate = Path(CONFIG_FILE)
     return candidate if candidate.is_file() else None
 
 
@@ -528,22 +516,27 @@ def _hf_token_from_environment() -> str | None:
 
 
 def load_settings(
-    config: Path | None = None, flags: dict[str, Any] | None = None, *, gpu_region: bool = True
+    config: Path | None = None,
+    flags: dict[str, Any] | None = None,
+    *,
+    gpu_region: bool = True,
+    flag_names: Mapping[str, str] | None = None,
 ) -> Settings:
     """Merge the four sources and validate; any problem becomes a UserError naming its source.
 
+    `flag_names`: the command-line flag of each field in `flags` (default --field-name).
     `gpu_region=False`: a GPU not offered in the region is left for the caller to report."""
     values: dict[str, Any] = {}
-    origin: dict[str, str] = {}
+    origin: dict[str, Origin] = {}
     path = find_config(config)
     if path is not None:
         for key, value in _read_config(path).items():
             values[key] = value
-            origin[key] = str(path)
+            origin[key] = Origin("file", str(path))
     for env_name, field in ENV_VARS.items():
         if os.environ.get(env_name):
             values[field] = os.environ[env_name]
-            origin[field] = f"${env_name}"
+            origin[field] = Origin("env", env_name)
     for field, value in (flags or {}).items():
         if value is None or value == ():
             continue
@@ -551,37 +544,101 @@ def load_settings(
             values["trainer"] = {**values.get("trainer", {}), **value}
         else:
             values[field] = value
-        origin[field] = "--" + field.replace("_", "-")
+        name = (flag_names or {}).get(field) or "--" + field.replace("_", "-")
+        origin[field] = Origin("flag", name)
     values["hf_token"] = _hf_token_from_environment()
     try:
         settings = Settings.model_validate(values)
     except ValidationError as error:
         raise _explain(error, origin, path) from None
+    overrides.check_table(settings.trainer, str(path or "the settings"))
     settings.check_consistency(gpu_region=gpu_region)
     return settings
 
 
-def _explain(error: ValidationError, origin: dict[str, str], path: Path | None) -> UserError:
+class Origin:
+    """Where a setting's value came from: a flag (--project), an environment variable (PROJECT_ID) or the
+    settings file (its path); it words the error and the fix."""
+
+    def __init__(self, kind: Literal["flag", "env", "file"], name: str) -> None:
+        self.kind, self.name = kind, name
+
+    def what(self, field: str) -> str:
+        if self.kind == "flag":
+            return self.name
+        if self.kind == "env":
+            return f"${self.name}"
+        return f"{field} in {self.name}"
+
+    def fix(self, field: str, example: Any) -> str:
+        if self.kind == "flag":
+            return f"Pass {self.name} {example}" if example != "" else f"Pass {self.name} VALUE"
+        if self.kind == "env":
+            return f"export {self.name}={example}"
+        return f"Write {field} = {_toml_value(example)} in {self.name}"
+
+
+# Pydantic's words for a value of the wrong type, said as what was expected.
+_EXPECTED = {
+    "string_type": "text in quotes",
+    "int_type": "a whole number",
+    "int_parsing": "a whole number",
+    "int_from_float": "a whole number",
+    "bool_type": "true or false",
+    "bool_parsing": "true or false",
+    "dict_type": "a table ([trainer] with KEY = VALUE lines)",
+}
+
+
+def _explain(error: ValidationError, origin: dict[str, Origin], path: Path | None) -> UserError:
     problem = error.errors()[0]
     field = str(problem["loc"][0]) if problem["loc"] else ""
-    message = problem["msg"].removeprefix("Value error, ")
-    env_name = next((env for env, name in ENV_VARS.items() if name == field), None)
     if problem["type"] == "missing" and field == "project_id":
         return UserError(
             "No Google Cloud project set.",
             "export PROJECT_ID=your-project, pass --project, or set project_id in gemma-launch.toml.",
         )
     if problem["type"] == "extra_forbidden":
-        known = ", ".join(name for name in Settings.model_fields if name != "hf_token")
+        return _unknown_setting(field, path)
+    source = origin.get(field) or Origin("flag", "--" + field.replace("_", "-"))
+    value = problem.get("input")
+    if problem["type"] in _EXPECTED:
+        reason = f"expected {_EXPECTED[problem['type']]}, got {value!r}"
+    elif problem["type"] == "literal_error":
+        reason = f"{value!r} is not one of {problem['ctx']['expected']}"
+    elif problem["type"] == "value_error":  # the field validators above, which name the value
+        reason = problem["msg"].removeprefix("Value error, ")
+    else:
+        reason = f"{problem['msg']}, got {value!r}"
+    info = Settings.model_fields[field]
+    example = (info.examples or [info.default])[0]
+    if problem["type"] == "literal_error" and isinstance(value, str):
+        example = _closest(value, re.findall(r"'([^']+)'", problem["ctx"]["expected"]), example)
+    about = info.description or ""
+    return UserError(
+        f"Invalid {source.what(field)}: {reason}.", f"{source.fix(field, example)}. {field}: {about}"
+    )
+
+
+def _closest(value: str, choices: list[str], default: Any) -> Any:
+    """The choice the user most likely meant: one that contains what they wrote ("l4"), else the most
+    similar, else `default`."""
+    containing = [choice for choice in choices if value and value.lower() in choice]
+    close = containing or difflib.get_close_matches(value, choices, n=1, cutoff=0.4)
+    return close[0] if close else default
+
+
+def _unknown_setting(field: str, path: Path | None) -> UserError:
+    known = [name for name in Settings.model_fields if name != "hf_token"]
+    where = path or "the settings"
+    if field in overrides.settable():
         return UserError(
-            f"Unknown setting {field!r} in {path or 'the settings'}.", f"Known settings: {known}."
+            f"Unknown setting {field!r} in {where}: it is a trainer setting.",
+            f"Move it under the [trainer] table of {where}.",
         )
-    where = origin.get(field)
-    source = f" (from {where})" if where else ""
-    hint = f"Change {field}{source}" if field else "Change the setting named above"
-    if env_name and not where:
-        hint += f"; it can be set with ${env_name} or in gemma-launch.toml"
-    return UserError(f"Invalid {field or 'settings'}{source}: {message}.", hint + ".")
+    close = difflib.get_close_matches(field, known, n=1)
+    guess = f"Did you mean {close[0]}? " if close else ""
+    return UserError(f"Unknown setting {field!r} in {where}.", f"{guess}Known settings: {', '.join(known)}.")
 
 
 def template() -> str:
@@ -599,7 +656,9 @@ def template() -> str:
         lines.append(f"# {field.description}" + (f" Env: ${env_name}." if env_name else ""))
         default = field.default
         if name == "project_id":
-            lines.append('project_id = "my-project"')
+            # Commented, and refused if uncommented as it is: a placeholder must never reach Google.
+            lines.append("# Required: uncomment and set, or export PROJECT_ID.")
+            lines.append(f'# project_id = "{PROJECT_PLACEHOLDER}"')
         elif name == "bucket":
             lines.append('# bucket = "<project_id>-gemma3-finetuning"')
         elif name in ("cpu", "memory"):
@@ -607,7 +666,12 @@ def template() -> str:
         else:
             lines.append(f"# {name} = {_toml_value(default)}")
         lines.append("")
-    lines.append("# Trainer flags for every run (override one run with `gemma-launch run --set KEY=VALUE`).")
+    lines.append("# Trainer flags for every run (override one run with `gemma-launch run --set KEY=VALUE`):")
+    lines.append(
+        "# any flag of `python -m trainer --help` but the ones gemma-launch sets: "
+        + ", ".join(overrides.LAUNCHER_SET)
+        + "."
+    )
     lines.append("[trainer]")
     lines.append("# train-size = 1000")
     lines.append("# eval-size = 500")

@@ -4,7 +4,8 @@ Layout: a Hub model goes to gs://BUCKET/<model id>/ (the Cloud Run GPU tutorial'
 arguments keep working), a local model directory to models/<dir name>/, a dataset to datasets/<name>/.
 
 A staged prefix is complete only when its marker object (`.gemma-launch-staged.json`, listing every
-file's size and hashes and the Hub revision) exists and agrees with the objects: the marker is checked
+file's size and hashes and the Hub revision; for a dataset also its split sizes, which `up` and `run` check
+the trainer's sizes against) exists and agrees with the objects: the marker is checked
 first, deleted before anything under the prefix changes, and written last. Each object carries the
 Hub's hash and the crc32c verified at upload in its metadata, so a re-run skips what is intact,
 re-uploads what is missing or altered, and removes files it staged that the source no longer has.
@@ -61,7 +62,7 @@ from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_st
 from rich.console import Console
 
 from launcher import job as jobs
-from launcher import logs
+from launcher import logs, overrides
 from launcher.api_errors import translate
 from launcher.cloud import Clients
 from launcher.errors import UserError
@@ -116,6 +117,9 @@ class Source:
     items: tuple[Item, ...]
     headers: dict[str, str]  # Hub request headers (holds the token: never printed)
     page: str  # where a person looks at the repo (or the directory)
+    # A dataset's images per split as the trainer draws them ("train": trainval, "test"); None when the
+    # source does not say (a datasets.save_to_disk directory, a Hub dataset card without split sizes).
+    splits: dict[str, int] | None = None
 
     @property
     def bytes(self) -> int:
@@ -353,23 +357,97 @@ def resolve_source(kind: str, source: str, revision: str | None, token: str | No
     return hub_source(kind, source, revision, token)
 
 
-def _local_source(kind: str, source: str) -> Source:
+def check_named_sources(model_source: str | None, dataset_source: str | None) -> None:
+    """What can be known of --model-source / --dataset-source on this machine, before anything is created:
+    a directory exists and holds a model or the pets, anything else looks like a Hub id (owner/name)."""
+    for kind, source in (("model", model_source), ("dataset", dataset_source)):
+        if not source:
+            continue
+        if _is_local(source):
+            _check_local(kind, source)
+        elif "/" not in source.strip("/"):
+            example = "google/gemma-3-4b-it" if kind == "model" else "timm/oxford-iiit-pet"
+            raise UserError(
+                f"--{kind}-source {source} is neither a directory here nor a Hugging Face {kind} id "
+                "(owner/name).",
+                f"Pass the path of a local {kind} directory (./{source} if it is meant to be one), or a Hub "
+                f"id such as {example}.",
+            )
+
+
+_OFFICIAL_FILES = ("list.txt", "trainval.txt", "test.txt")
+
+
+def _check_local(kind: str, source: str) -> Path:
+    """The directory of a local source, refused unless the trainer can read it."""
     root = Path(source).expanduser().resolve()
+    flag = f"--{kind}-source"
     if not root.is_dir():
-        raise UserError(f"{kind.capitalize()} directory {source} does not exist.", "Check the path.")
+        raise UserError(
+            f"{kind.capitalize()} directory {source} does not exist.",
+            f"Check the path given to {flag} (relative paths start from {Path.cwd()}).",
+        )
     if kind == "model" and not (root / "config.json").is_file():
         raise UserError(
             f"{source} has no config.json, so it is not a model directory from_pretrained can load.",
             "Pass the directory that holds config.json and the weights (save_pretrained's output).",
         )
-    if kind == "dataset" and not (
-        (root / "annotations" / "list.txt").is_file() or (root / "dataset_dict.json").is_file()
-    ):
+    if kind == "dataset" and (root / "annotations" / "list.txt").is_file():
+        missing = [name for name in _OFFICIAL_FILES if not (root / "annotations" / name).is_file()]
+        if missing or not (root / "images").is_dir():
+            absent = [f"annotations/{name}" for name in missing] + (
+                [] if (root / "images").is_dir() else ["images/"]
+            )
+            raise UserError(
+                f"{source} is in the Oxford-IIIT Pet layout but lacks {', '.join(absent)}.",
+                "The trainer reads annotations/list.txt, trainval.txt and test.txt and the images/ they "
+                "name: copy the dataset's whole annotations/ and images/ directories.",
+            )
+    elif kind == "dataset" and not (root / "dataset_dict.json").is_file():
         raise UserError(
             f"{source} is neither in the Oxford-IIIT Pet layout (annotations/list.txt, images/) nor a "
             "saved dataset (dataset_dict.json).",
             "Pass the directory that holds annotations/ and images/, or a Hub dataset id.",
         )
+    return root
+
+
+def _official_splits(root: Path) -> dict[str, int] | None:
+    """Images per split of the official layout: the rows of trainval.txt and test.txt, as the trainer
+    counts them (blank lines and # comments aside)."""
+    if not (root / "annotations" / "list.txt").is_file():
+        return None
+    counts = {}
+    for split, name in (("train", "trainval.txt"), ("test", "test.txt")):
+        lines = (root / "annotations" / name).read_text(errors="replace").splitlines()
+        counts[split] = sum(1 for line in lines if line.strip() and not line.startswith("#"))
+    return counts
+
+
+def _card_splits(card: Any) -> dict[str, int] | None:
+    """Split sizes from a Hub dataset card's `dataset_info` (its README's metadata, which push_to_hub
+    writes), when it gives the train and test splits' num_examples."""
+    data = card.to_dict() if hasattr(card, "to_dict") else card
+    info = data.get("dataset_info") if isinstance(data, dict) else None
+    if isinstance(info, list):  # one entry per config: the default one, else the first
+        default = [
+            entry for entry in info if isinstance(entry, dict) and entry.get("config_name") == "default"
+        ]
+        info = (default or info or [None])[0]
+    if not isinstance(info, dict):
+        return None
+    sizes = {
+        split.get("name"): split.get("num_examples")
+        for split in info.get("splits") or []
+        if isinstance(split, dict)
+    }
+    if all(isinstance(sizes.get(name), int) for name in ("train", "test")):
+        return {"train": sizes["train"], "test": sizes["test"]}
+    return None
+
+
+def _local_source(kind: str, source: str) -> Source:
+    root = _check_local(kind, source)
     prefix = (model_prefix if kind == "model" else dataset_prefix)(source)
     items = []
     for path in _walk(root):
@@ -380,7 +458,8 @@ def _local_source(kind: str, source: str) -> Source:
         )
     if not items:
         raise UserError(f"{source} is empty.", "Pass a directory with files in it.")
-    return Source(kind, source, str(root), prefix, None, tuple(items), {}, str(root))
+    splits = _official_splits(root) if kind == "dataset" else None
+    return Source(kind, source, str(root), prefix, None, tuple(items), {}, str(root), splits)
 
 
 def _walk(root: Path) -> Iterator[Path]:
@@ -439,7 +518,8 @@ def hub_source(
         smallest = min(items, key=lambda item: item.size)
         response = get_session().head(smallest.url or "", headers=headers, timeout=30.0)
         hf_raise_for_status(response)
-    return Source(kind, repo_id, repo_id, prefix, commit, tuple(items), headers, page)
+    splits = _card_splits(getattr(info, "card_data", None)) if kind == "dataset" else None
+    return Source(kind, repo_id, repo_id, prefix, commit, tuple(items), headers, page, splits)
 
 
 @contextmanager
@@ -790,6 +870,7 @@ def _marker_document(source: Source) -> dict[str, Any]:
         "revision": source.revision,
         "prefix": source.prefix,
         "bytes": source.bytes,
+        "splits": source.splits,
         "files": [
             {"path": item.path, "size": item.size, item.digest_key: item.digest} for item in source.items
         ],
@@ -831,6 +912,26 @@ def _write_marker(client: storage.Client, bucket: storage.Bucket, source: Source
     bucket.blob(f"{source.prefix}/{MARKER}").upload_from_string(
         json.dumps(document, indent=1), content_type="application/json", retry=DEFAULT_RETRY
     )
+
+
+def check_trainer_sizes(
+    clients: Clients, settings: Settings, args: list[str], only: list[str] | None = None
+) -> None:
+    """The trainer's --train-size / --eval-size in `args` (the job's arguments) against the splits of the
+    dataset they read, as recorded when it was staged; nothing to check when they were not recorded."""
+    if only is not None and not {key for key, _ in overrides.SIZES} & set(only):
+        return  # no size to check: read nothing
+    prefix = jobs.staged_prefix(args, "--dataset")
+    splits = staged_splits(clients.storage, settings.bucket, prefix) if prefix else None
+    if splits:
+        overrides.check_sizes(args, splits, f"gs://{settings.bucket}/{prefix}/", only)
+
+
+def staged_splits(client: storage.Client, bucket: str, prefix: str) -> dict[str, int] | None:
+    """The split sizes recorded when the dataset under `prefix` was staged; None when unknown."""
+    with _storage_errors(bucket):
+        splits = (read_marker(client, bucket, prefix) or {}).get("splits")
+    return splits if isinstance(splits, dict) else None
 
 
 def read_marker(client: storage.Client, bucket: str, prefix: str) -> dict[str, Any] | None:

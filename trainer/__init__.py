@@ -2,9 +2,16 @@
 
 
 class UserError(Exception):
-    """A problem the user can fix (a bad flag, a missing file): reported as one `Error:` line, and a `Hint:`
-    line when there is one, exit code 2."""
+    """A problem the user can fix (a bad flag, a missing file): reported as one `Error:` line and one
+    `Hint:` line, exit code 2.
 
-    def __init__(self, message: str, hint: str = "") -> None:
+    `recurs`: the same inputs fail the same way on every attempt, so inside a Cloud Run job the error is
+    recorded and the task's later attempts exit at once with it (trainer/failure.py). False where another
+    attempt, on another host, may get further (no GPU visible).
+    """
+
+    def __init__(self, message: str, hint: str = "", *, recurs: bool = True) -> None:
         super().__init__(message)
+        self.message = message
         self.hint = hint
+        self.recurs = recurs

@@ -1,7 +1,9 @@
 """python -m trainer: fine-tune Gemma 3 on Oxford-IIIT Pet and evaluate it before and after.
 
-Flags keep the reference script's names. Outputs go to --output-dir, or to --output-dir/$CLOUD_RUN_EXECUTION
-inside a Cloud Run job, so a retried task resumes from its own checkpoints (docs/trainer.md).
+Flags keep the reference script's names (trainer/flags.py). Outputs go to --output-dir, or to
+--output-dir/$CLOUD_RUN_EXECUTION inside a Cloud Run job, so a retried task resumes from its own
+checkpoints, and an error that a retry cannot fix is recorded there for the later attempts
+(trainer/failure.py; docs/trainer.md).
 """
 
 import argparse
@@ -22,7 +24,7 @@ from peft import PeftModel
 from transformers import ProcessorMixin, set_seed
 from trl import SFTTrainer
 
-from trainer import UserError
+from trainer import UserError, failure, flags
 from trainer.container import (
     SharedMemory,
     check_writable,
@@ -33,6 +35,7 @@ from trainer.container import (
 from trainer.data import ChatFormat, PetData, chat_format, load_pets
 from trainer.evaluate import per_class_metrics, predict, save_confusion_matrix, summary_metrics
 from trainer.export import merge, run_settings, upload, versions, write_results
+from trainer.flags import FlagError, parse_args
 from trainer.modeling import (
     check_model_id,
     choose_precision,
@@ -66,150 +69,6 @@ log = logging.getLogger("trainer")
 
 # --batch-size auto without a GPU to measure: the batch the tiny model's CPU runs were tuned with.
 CPU_BATCH_SIZE = 8
-
-
-class Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # type: ignore[override]
-        # One line, not argparse's usage block: it is what the job's log and the launcher show.
-        print(f"Error: {message}", file=sys.stderr, flush=True)
-        sys.exit(2)
-
-
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
-    return value
-
-
-def positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = 0.0
-    if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}")
-    return value
-
-
-def dropout(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not 0 <= value < 1:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text!r}")
-    return value
-
-
-def batch_size(text: str) -> int | None:
-    """None for auto."""
-    return None if text == "auto" else positive_int(text)
-
-
-def gcs_path(text: str) -> str:
-    if not text.startswith("gs://") or not text.removeprefix("gs://").split("/")[0]:
-        raise argparse.ArgumentTypeError(f"must look like gs://BUCKET[/PREFIX], got {text!r}")
-    return text.rstrip("/")
-
-
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = Parser(prog="python -m trainer", description=__doc__.splitlines()[0])
-    p.add_argument("--model-id", default="google/gemma-3-4b-it", help="Hub id or local model directory")
-    p.add_argument(
-        "--dataset",
-        default="timm/oxford-iiit-pet",
-        help="Hub id, datasets.save_to_disk directory, or a directory in the official Oxford-IIIT Pet layout",
-    )
-    p.add_argument("--train-size", type=positive_int, default=3680, help="images drawn from trainval")
-    p.add_argument("--eval-size", type=positive_int, default=1000, help="images drawn from test")
-    p.add_argument("--num-epochs", type=positive_float, default=1.0)
-    p.add_argument("--learning-rate", type=positive_float, default=2e-4)
-    p.add_argument(
-        "--batch-size",
-        type=batch_size,
-        default="auto",
-        help="per-device training batch; auto (GPU): the fastest that fits --max-memory-gib, measured with "
-        "probe steps (at most 32); auto on CPU: 8",
-    )
-    p.add_argument("--gradient-accumulation-steps", type=positive_int, default=1)
-    p.add_argument(
-        "--eval-batch-size",
-        type=positive_int,
-        default=16,
-        help="images per evaluation batch; scoring runs the 37 answers of each image in the same sequence",
-    )
-    p.add_argument("--lora-r", type=positive_int, default=16)
-    p.add_argument("--lora-alpha", type=positive_int, default=32)
-    p.add_argument(
-        "--lora-dropout",
-        type=dropout,
-        default=0.05,
-        help="dropout on the adapters' inputs, applied inside each adapter with a mask hashed from a seed, "
-        "which the backward pass computes again: no masks or dropped copies are kept (a quarter of 27B's "
-        "activation memory, docs/benchmarks.md); 0: none",
-    )
-    p.add_argument("--output-dir", default="output")
-    p.add_argument("--gcs-output-path", type=gcs_path, help="gs://BUCKET/PREFIX to upload the outputs to")
-    p.add_argument("--merge", action="store_true", help="also write the adapter merged into the base model")
-    p.add_argument("--checkpoint-strategy", choices=["steps", "epoch", "no"], default="steps")
-    p.add_argument("--save-steps", type=positive_int, default=100)
-    p.add_argument("--save-total-limit", type=positive_int, default=2)
-    p.add_argument("--logging-steps", type=positive_int, default=10)
-    p.add_argument("--hf-token", default=None, help="default: $HF_TOKEN")
-    p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
-    p.add_argument(
-        "--quantization",
-        choices=["auto", "fp8", "int8", "4bit", "none"],
-        default="auto",
-        help="base weights: none = bf16; fp8 = e4m3 storage and FP8 matmuls (GPUs with FP8 tensor cores); "
-        "int8 = int8 storage, bf16 compute; 4bit = NF4 (QLoRA). auto: fp8 on Hopper GPUs (H100, H200: "
-        "measured faster at 4B and 27B), elsewhere the most precise that leaves half of --max-memory-gib "
-        "for activations (4B: bf16, 27B in 85 GiB: int8); CPU runs fp32 (int8 and fp8 also work there)",
-    )
-    p.add_argument("--eval-method", choices=["score", "generate", "both"], default="score")
-    speed = p.add_argument_group(
-        "GPU speed levers",
-        "Defaults are the fastest configuration measured on real-size Gemma 3 (docs/benchmarks.md). They "
-        "change no result beyond rounding, except that --batch-size auto picks the batch. On CPU, compile "
-        "and the memory plan are off.",
-    )
-    speed.add_argument(
-        "--max-memory-gib",
-        type=positive_float,
-        default=85.0,
-        help="GPU memory budget: the process is capped at it (or the GPU's size) and the batch / gradient "
-        "checkpointing plan fits it; 85 fits a 96 GB RTX PRO 6000 with room to spare",
-    )
-    speed.add_argument(
-        "--gradient-checkpointing",
-        nargs="?",
-        const="on",
-        choices=["auto", "on", "off"],
-        default="auto",
-        help="auto: recompute only as many decoder layers as the memory budget demands (a checkpointed layer "
-        "runs its forward twice); on (or the bare flag): every layer; off: none",
-    )
-    speed.add_argument(
-        "--compile",
-        choices=["auto", "on", "off"],
-        default="auto",
-        help="torch.compile each decoder layer (fused norms, GeGLU, RoPE, LoRA), static shapes; compiling "
-        "and the memory probes take about a minute at the start (27B on an H200); auto: on for CUDA",
-    )
-    speed.add_argument(
-        "--cache-image-features",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="run the frozen vision tower once per image before training and reuse its output in every "
-        "epoch and both evaluations (host memory: 256 x hidden bf16 values per image, 2.6 MiB at 27B)",
-    )
-    p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--dry-run", action="store_true", help="load and format the data, then exit")
-    return p.parse_args(argv)
 
 
 def setup_logging() -> None:
@@ -334,6 +193,11 @@ def check_compile(args: argparse.Namespace, device: str) -> None:
     args.compile = "off"
 
 
+def run_directory(output: str, execution: str | None) -> Path:
+    """Where a run writes: --output-dir, or its subdirectory named for the Cloud Run execution."""
+    return Path(output) / execution if execution else Path(output)
+
+
 def fine_tune(
     args: argparse.Namespace,
     model_id: str,
@@ -433,7 +297,7 @@ def run(args: argparse.Namespace) -> None:
     execution = os.environ.get("CLOUD_RUN_EXECUTION")
     attempt = int(os.environ.get("CLOUD_RUN_TASK_ATTEMPT", "0"))
     output_dir = Path(args.output_dir)
-    run_dir = output_dir / execution if execution else output_dir
+    run_dir = run_directory(args.output_dir, execution)
 
     check_model_id(args.model_id)
     # The adapter records the base model's path: keep it valid from any working directory.
@@ -484,35 +348,52 @@ def run(args: argparse.Namespace) -> None:
     log.info("done: outputs in %s", run_dir)
 
 
-def out_of_memory(args: argparse.Namespace, error: torch.OutOfMemoryError) -> str:
+def out_of_memory(args: argparse.Namespace, error: torch.OutOfMemoryError) -> UserError:
     """The flags that decide how much GPU memory a run needs, with this run's values."""
     # PyTorch's first two sentences ("CUDA out of memory. Tried to allocate 2.00 GiB"), not its statistics.
     cause = ". ".join(str(error).split(". ")[:2])
     batch = args.batch_size or "auto"
-    return (
-        f"the GPU ran out of memory ({cause}) within --max-memory-gib {args.max_memory_gib:g}. It needs less "
-        f"with a smaller --batch-size (now {batch}), --gradient-checkpointing on (now "
+    return UserError(
+        f"the GPU ran out of memory ({cause}) within --max-memory-gib {args.max_memory_gib:g}",
+        f"It needs less with a smaller --batch-size (now {batch}), --gradient-checkpointing on (now "
         f"{args.gradient_checkpointing}), a smaller --eval-batch-size (now {args.eval_batch_size}), or "
-        f"--quantization int8 or 4bit (now {args.quantization})"
+        f"--quantization int8 or 4bit (now {args.quantization})",
+        # Not recorded for later attempts: the memory another host's GPU leaves free can differ.
+        recurs=False,
     )
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+    execution = os.environ.get("CLOUD_RUN_EXECUTION")
+    attempt = int(os.environ.get("CLOUD_RUN_TASK_ATTEMPT", "0"))
+    try:
+        args = parse_args(argv)
+    except FlagError as error:
+        failure.report(error)
+        output = flags.output_dir(sys.argv[1:] if argv is None else argv)
+        if execution and output:
+            failure.record(run_directory(output, execution), error, attempt)
+        return 2
     setup_logging()
+    run_dir = run_directory(args.output_dir, execution)
+    earlier = failure.recorded(run_dir) if execution and attempt > 0 else None
+    if earlier is not None:
+        log.info("task attempt %d: an earlier attempt stopped on an error that a retry cannot fix", attempt)
+        failure.report(earlier)
+        return 2
     try:
         run(args)
     except UserError as error:
-        print(f"Error: {error}", file=sys.stderr, flush=True)
-        if error.hint:
-            print(f"Hint: {error.hint}", file=sys.stderr, flush=True)
+        failure.report(error)
+        if execution and error.recurs:
+            failure.record(run_dir, error, attempt)
         return 2
     except Stopped as stopped:
         log.warning("%s", stopped)
         # Not 0: Cloud Run must count the attempt as failed to start the next one.
         return 128 + signal.SIGTERM
     except torch.OutOfMemoryError as error:
-        print(f"Error: {out_of_memory(args, error)}", file=sys.stderr, flush=True)
+        failure.report(out_of_memory(args, error))
         return 2
     return 0
 

@@ -108,7 +108,10 @@ def load_pets(dataset: str, train_size: int, eval_size: int, seed: int, token: s
     train, test, raw_names = _load_splits(dataset, token)
     for split, size, flag in ((train, train_size, "--train-size"), (test, eval_size, "--eval-size")):
         if size > len(split):
-            raise UserError(f"{flag} {size} is larger than the split it is drawn from ({len(split)} images)")
+            raise UserError(
+                f"{flag} {size} is larger than the split it is drawn from ({len(split)} images)",
+                f"Use {flag} {len(split)} or less.",
+            )
     train = train.select(stratified_indices(train["label"], train_size, seed))
     test = test.select(stratified_indices(test["label"], eval_size, seed))
     check_images(train)
@@ -145,7 +148,10 @@ def check_images(split: datasets.Dataset) -> None:
             with Image.open(source) as image:
                 image.load()
         except (OSError, ValueError) as error:
-            raise UserError(f"cannot read image {item.get('path') or '<in-memory>'}: {error}") from None
+            raise UserError(
+                f"cannot read image {item.get('path') or '<in-memory>'}: {error}",
+                "Replace or remove that image in the dataset (and stage the dataset again).",
+            ) from None
 
 
 def _load_splits(dataset: str, token: str | None) -> tuple[datasets.Dataset, datasets.Dataset, list[str]]:
@@ -160,14 +166,23 @@ def _load_splits(dataset: str, token: str | None) -> tuple[datasets.Dataset, dat
             return _from_dataset_dict(datasets.load_dataset(str(path)), dataset)
         raise UserError(
             f"dataset directory {dataset} has neither annotations/list.txt (official Oxford-IIIT Pet "
-            "layout), dataset_dict.json (datasets.save_to_disk) nor parquet shards (a Hub dataset repository)"
+            "layout), dataset_dict.json (datasets.save_to_disk) nor parquet shards (a Hub dataset "
+            "repository)",
+            "Pass a directory holding annotations/ and images/, a datasets.save_to_disk directory, or a Hub "
+            "dataset id.",
         )
     if path.exists() or dataset.startswith(("/", ".", "~")):
-        raise UserError(f"dataset directory {dataset} does not exist")
+        raise UserError(
+            f"dataset directory {dataset} does not exist",
+            "Check the path; a --dataset not starting with /, . or ~ is read as a Hub dataset id.",
+        )
     try:
         return _from_dataset_dict(datasets.load_dataset(dataset, token=token), dataset)
     except datasets.exceptions.DatasetNotFoundError as error:
-        raise UserError(f"dataset {dataset} not found on the Hugging Face Hub: {error}") from None
+        raise UserError(
+            f"dataset {dataset} not found on the Hugging Face Hub: {error}",
+            "Check the id (owner/name); a private dataset needs HF_TOKEN of an account that can see it.",
+        ) from None
 
 
 def _from_dataset_dict(
@@ -175,10 +190,16 @@ def _from_dataset_dict(
 ) -> tuple[datasets.Dataset, datasets.Dataset, list[str]]:
     """timm/oxford-iiit-pet's shape: splits train (= trainval) and test, columns image and label."""
     if not {"train", "test"} <= set(splits) or not {"image", "label"} <= set(splits["train"].column_names):
-        raise UserError(f"dataset {name} needs train and test splits with image and label columns")
+        raise UserError(
+            f"dataset {name} needs train and test splits with image and label columns",
+            "Use a dataset shaped like timm/oxford-iiit-pet, or a directory in the official layout.",
+        )
     label = splits["train"].features["label"]
     if not isinstance(label, datasets.ClassLabel):
-        raise UserError(f"dataset {name}: the label column must be a ClassLabel with the breed names")
+        raise UserError(
+            f"dataset {name}: the label column must be a ClassLabel with the breed names",
+            "Cast it to datasets.ClassLabel(names=[...]) before save_to_disk, as in timm/oxford-iiit-pet.",
+        )
     columns = ["image", "label"]
     return splits["train"].select_columns(columns), splits["test"].select_columns(columns), label.names
 
@@ -189,7 +210,10 @@ def _load_official_layout(root: Path) -> tuple[datasets.Dataset, datasets.Datase
     for image_name, class_id in _read_rows(root / "annotations" / "list.txt"):
         names[class_id] = image_name.rsplit("_", 1)[0]
     if sorted(names) != list(range(1, len(names) + 1)):
-        raise UserError(f"{root}/annotations/list.txt: class ids are not 1..{len(names)}")
+        raise UserError(
+            f"{root}/annotations/list.txt: class ids are not 1..{len(names)}",
+            "Number the breeds 1 to N without gaps, as the official list.txt does.",
+        )
     splits = []
     for split_file in ("trainval.txt", "test.txt"):
         rows = _read_rows(root / "annotations" / split_file)
@@ -205,13 +229,19 @@ def _load_official_layout(root: Path) -> tuple[datasets.Dataset, datasets.Datase
 
 def _read_rows(path: Path) -> list[tuple[str, int]]:
     if not path.is_file():
-        raise UserError(f"{path} is missing (expected the official Oxford-IIIT Pet layout)")
+        raise UserError(
+            f"{path} is missing (expected the official Oxford-IIIT Pet layout)",
+            "The official layout has annotations/list.txt, trainval.txt and test.txt next to images/.",
+        )
     rows = []
     for number, line in enumerate(path.read_text().splitlines(), start=1):
         if not line.strip() or line.startswith("#"):
             continue
         fields = line.split()
         if len(fields) < 2 or not fields[1].isdigit():
-            raise UserError(f"{path}:{number}: expected 'Image CLASS-ID SPECIES BREED-ID', got {line!r}")
+            raise UserError(
+                f"{path}:{number}: expected 'Image CLASS-ID SPECIES BREED-ID', got {line!r}",
+                "Fix that line; lines starting with # are comments.",
+            )
         rows.append((fields[0], int(fields[1])))
     return rows

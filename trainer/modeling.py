@@ -38,7 +38,11 @@ def check_model_id(model_id: str) -> None:
     path = Path(model_id).expanduser()
     looks_local = path.exists() or model_id.startswith(("/", ".", "~"))
     if looks_local and not (path / "config.json").is_file():
-        raise UserError(f"model directory {model_id} does not exist or has no config.json")
+        raise UserError(
+            f"model directory {model_id} does not exist or has no config.json",
+            "Pass the directory that holds config.json and the weights (save_pretrained's output), or a "
+            "Hub model id.",
+        )
 
 
 def resolve_device(device: str) -> str:
@@ -51,7 +55,12 @@ def resolve_device(device: str) -> str:
             "supports it (CUDA 13: 580 or newer; Cloud Run's RTX PRO 6000 has 580, its L4 535; "
             "docs/container.md)"
         )
-        raise UserError("--device cuda: no CUDA GPU is visible", hint or "")
+        # Another attempt may land on a host whose GPU is visible: not recorded as recurring.
+        raise UserError(
+            "--device cuda: no CUDA GPU is visible",
+            hint or "Run where a CUDA GPU is visible, or pass --device cpu.",
+            recurs=False,
+        )
     return device
 
 
@@ -66,13 +75,17 @@ def choose_precision(
     if quantization == "fp8" and device != "cpu" and not has_fp8_tensor_cores():
         name = torch.cuda.get_device_name()
         raise UserError(
-            f"--quantization fp8 needs FP8 tensor cores (compute capability 8.9 or later); {name}"
+            f"--quantization fp8 needs FP8 tensor cores (compute capability 8.9 or later); {name}",
+            "Use --quantization int8 (the same memory, bf16 compute) or auto.",
         )
     if quantization in ("int8", "fp8"):
         return quantization
     if device == "cpu":
         if quantization == "4bit":
-            raise UserError("--quantization 4bit needs a CUDA GPU (bitsandbytes); use auto or none on CPU")
+            raise UserError(
+                "--quantization 4bit needs a CUDA GPU (bitsandbytes)",
+                "Use --quantization auto or none on CPU.",
+            )
         return "fp32"
     if quantization != "auto":
         return "4bit" if quantization == "4bit" else "bf16"
@@ -112,7 +125,11 @@ def load_processor(model_id: str, token: str | None) -> ProcessorMixin:
     try:
         return AutoProcessor.from_pretrained(model_id, token=token)
     except OSError as error:
-        raise UserError(f"cannot load the processor of {model_id}: {str(error).splitlines()[0]}") from None
+        raise UserError(
+            f"cannot load the processor of {model_id}: {str(error).splitlines()[0]}",
+            "The model needs its processor and tokenizer files next to config.json; a gated Hub model needs "
+            "HF_TOKEN of an account that accepted its licence.",
+        ) from None
 
 
 def load_base_model(model_id: str, precision: str, device: str, token: str | None) -> PreTrainedModel:
@@ -130,7 +147,9 @@ def load_base_model(model_id: str, precision: str, device: str, token: str | Non
         )
     except OSError as error:  # missing or partial weights, a gated repo without a token
         raise UserError(
-            f"cannot load the model weights of {model_id}: {str(error).splitlines()[0]}"
+            f"cannot load the model weights of {model_id}: {str(error).splitlines()[0]}",
+            "The model directory needs its weights (*.safetensors) next to config.json; a gated Hub model "
+            "needs HF_TOKEN of an account that accepted its licence.",
         ) from None
     if precision in ("int8", "fp8"):
         layer = Int8Linear if precision == "int8" else Fp8Linear

@@ -22,6 +22,8 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, unquote, urlparse
 
+import yaml
+
 _REPO = r"(?P<repo>[^/]+/[^/]+|[^/]+)"
 _INFO = re.compile(rf"^/api/(?P<type>models|datasets)/{_REPO}(?:/revision/(?P<rev>[^/]+))?$")
 _TREE = re.compile(rf"^/api/(?P<type>models|datasets)/{_REPO}/tree/(?P<rev>[^/]+)(?:/(?P<path>.*))?$")
@@ -212,8 +214,14 @@ def _handler(hub: HubStandin) -> type[BaseHTTPRequestHandler]:
                             "pointerSize": 134,
                         }
                 siblings.append(sibling)
+            # The Hub serves a repo card's YAML metadata (README.md between --- lines) as cardData.
+            readme = repo.commits[commit].get("README.md")
+            card = None
+            if readme is not None and readme.content.startswith(b"---\n"):
+                card = yaml.safe_load(readme.content.split(b"\n---", 1)[0].removeprefix(b"---\n"))
             self._json(
                 {
+                    **({"cardData": card} if isinstance(card, dict) else {}),
                     "_id": commit[:24],
                     "id": repo.repo_id,
                     "author": repo.repo_id.split("/")[0],

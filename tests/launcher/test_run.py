@@ -17,7 +17,9 @@ from google.api import launch_stage_pb2
 from google.cloud import run_v2
 from huggingface_hub import constants
 
+from launcher import overrides
 from launcher.cli import main
+from trainer.flags import build_parser
 
 PROJECT = "demo-project"
 TOKEN = "hf_run_test_token_abcdef0123456789"
@@ -35,7 +37,9 @@ FAKE_TRAINER = textwrap.dedent(
     print("argv", json.dumps(args), flush=True)
     print("attempt", attempt, "execution", os.environ["CLOUD_RUN_EXECUTION"], flush=True)
     print("token-present", os.environ.get("HF_TOKEN") == os.environ.get("EXPECTED_TOKEN_SHA"), flush=True)
-    strategy = flags.get("--checkpoint-strategy")
+    # What this attempt does, chosen by the test through a valid trainer setting (the launcher checks
+    # every --set against the trainer's flags).
+    strategy = {"101": "fail-once", "102": "always-fail", "103": "sleep"}.get(flags.get("--seed"))
     if strategy == "sleep":
         import time
         time.sleep(60)
@@ -60,6 +64,10 @@ FAKE_TRAINER = textwrap.dedent(
     print("done", flush=True)
     """
 )
+
+
+# --set values that make the fake trainer fail once, always fail, or sleep for a minute.
+FAIL_ONCE, ALWAYS_FAIL, SLEEP = "seed=101", "seed=102", "seed=103"
 
 
 @pytest.fixture
@@ -184,7 +192,7 @@ def test_run_follow_streams_logs_with_overrides_and_results_prints_the_table(env
 
 def test_a_failed_attempt_is_retried_and_the_retry_sees_attempt_1(env, project_dir):
     assert up(project_dir).exit_code == 0
-    result = cli("run", "--set", "checkpoint-strategy=fail-once", "--follow")
+    result = cli("run", "--set", FAIL_ONCE, "--follow")
     assert result.exit_code == 0, result.output
     assert "failing on purpose" in result.output
     assert "attempt 1 execution" in result.output
@@ -197,7 +205,7 @@ EXIT_3 = "failed with message: The container exited with an error (exit code 3).
 
 def test_a_failed_execution_says_why_in_run_status_and_results(env, project_dir):
     assert up(project_dir).exit_code == 0
-    result = cli("run", "--set", "checkpoint-strategy=always-fail", "--follow")
+    result = cli("run", "--set", ALWAYS_FAIL, "--follow")
     assert result.exit_code == 1, result.output
     assert "failed: 0/1 tasks succeeded" in result.output and EXIT_3 in result.output
     (row,) = json.loads(cli("status", "--json").output)
@@ -229,7 +237,7 @@ def test_an_unknown_execution_is_an_error_that_lists_the_recent_ones(env, projec
 
 def test_cancel_stops_the_running_execution_and_run_refuses_to_start_a_second(env, project_dir):
     assert up(project_dir).exit_code == 0
-    started = cli("run", "--set", "checkpoint-strategy=sleep")
+    started = cli("run", "--set", SLEEP)
     assert started.exit_code == 0, started.output
     (row,) = json.loads(cli("status", "--json").output)
     running = row["execution"]
@@ -298,11 +306,147 @@ def test_results_says_where_each_output_is(env, project_dir):
     assert "/merged/" not in plain.output
 
 
-def test_run_rejects_unknown_keys_with_the_valid_ones(env, project_dir):
+def test_run_rejects_unknown_keys_with_the_closest_one(env, project_dir):
     result = cli("run", "--set", "learning_rate=1")
     assert result.exit_code == 2
-    assert "Unknown trainer setting 'learning_rate'" in result.output
-    assert "learning-rate" in result.output
+    assert "Error: Unknown trainer setting 'learning_rate' (--set learning_rate=1)." in result.output
+    assert "Hint: Did you mean learning-rate? Settings: train-size, eval-size," in result.output
+
+
+def test_every_trainer_flag_is_a_setting_but_the_ones_gemma_launch_sets():
+    options = {
+        option.removeprefix("--")
+        for action in build_parser()._actions
+        for option in action.option_strings
+        if option.startswith("--") and not option.startswith("--no-") and option != "--help"
+    }
+    assert set(overrides.settable()) == options - set(overrides.LAUNCHER_SET)
+    assert set(overrides.LAUNCHER_SET) < options
+    assert {"max-memory-gib", "compile", "cache-image-features"} <= set(overrides.settable())
+    listed = cli("run", "--help").output
+    assert "max-memory-gib" in listed and "compile" in listed
+
+
+def test_run_checks_every_set_against_the_trainers_flags_before_starting(env, project_dir):
+    assert up(project_dir).exit_code == 0
+    for pair, error, hint in (
+        (
+            "learning-rate=abc",
+            "Error: Invalid --set learning-rate=abc: must be a positive number, got 'abc'.",
+            "Hint: learning-rate takes a positive number (default 0.0002).",
+        ),
+        (
+            "quantization=8bit",
+            "Error: Invalid --set quantization=8bit: invalid choice: '8bit'",
+            "Hint: quantization takes one of auto, fp8, int8, 4bit, none (default auto).",
+        ),
+        ("merge=yes", "Error: Invalid --set merge=yes: merge is a switch, got 'yes'.", "Hint: Give merge"),
+        (
+            "output-dir=/tmp/out",
+            "Error: --set output-dir=/tmp/out: output-dir is not a setting: each execution writes to "
+            "gs://BUCKET/runs/<execution>/",
+            "Hint: Leave it out;",
+        ),
+        ("hf-token=hf_x", "hf-token is not a setting: the token reaches the job only from Secret", ""),
+    ):
+        result = cli("run", "--set", pair, "--follow")
+        assert result.exit_code == 2, result.output
+        assert error in result.output and hint in result.output, result.output
+    assert run_jobs(env) == []
+
+    levers = ("max-memory-gib=40", "compile=off", "cache-image-features=false", "gradient-checkpointing=on")
+    result = cli("run", *[arg for pair in levers for arg in ("--set", pair)], "--follow")
+    assert result.exit_code == 0, result.output
+    argv_line = next(line for line in result.output.splitlines() if " argv " in line)
+    argv = json.loads(argv_line.split(" argv ")[1])
+    for flag, value in (("--max-memory-gib", "40"), ("--compile", "off"), ("--gradient-checkpointing", "on")):
+        assert argv[argv.index(flag) + 1] == value
+    assert "--no-cache-image-features" in argv
+
+
+def pets_dir(root: Path, trainval: int, test: int) -> Path:
+    """A dataset in the official layout (the images' bytes do not matter to the fake trainer)."""
+    pets = root / "pets"
+    rows = {"trainval": [f"Abyssinian_{n} 1 1 1" for n in range(trainval)]}
+    rows["test"] = [f"Abyssinian_{trainval + n} 1 1 1" for n in range(test)]
+    files = {
+        "annotations/list.txt": "#Image CLASS-ID\n" + "\n".join(rows["trainval"] + rows["test"]),
+        "annotations/trainval.txt": "\n".join(rows["trainval"]) + "\n",
+        "annotations/test.txt": "\n".join(rows["test"]) + "\n\n",
+    }
+    files |= {f"images/Abyssinian_{n}.jpg": "jpeg" for n in range(trainval + test)}
+    for name, text in files.items():
+        (pets / name).parent.mkdir(parents=True, exist_ok=True)
+        (pets / name).write_text(text)
+    return pets
+
+
+def test_sizes_are_checked_against_the_staged_splits_before_anything_starts(env, project_dir, tmp_path):
+    model = tmp_path / "tiny-model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    pets = pets_dir(tmp_path, trainval=3, test=2)
+    sources = ["--source", str(project_dir), "--model-source", str(model), "--dataset-source", str(pets)]
+    assert cli("up", *sources).exit_code == 0
+    staged = json.loads(
+        (
+            env.emulator.bucket_dir(f"{PROJECT}-gemma3-finetuning")
+            / "datasets/pets/.gemma-launch-staged.json"
+        ).read_text()
+    )
+    assert staged["splits"] == {"train": 3, "test": 2}
+
+    default = cli("run", "--follow")
+    assert default.exit_code == 2, default.output
+    assert (
+        "Error: train-size 3680 (the trainer's default) is larger than the trainval (train) split of the "
+        f"staged dataset gs://{PROJECT}-gemma3-finetuning/datasets/pets/ (3 images)." in default.output
+    )
+    assert "Hint: Use 3 or less: `gemma-launch run --set train-size=3` for one run, or train-size = 3" in (
+        default.output
+    )
+    too_many = cli("run", "--train-size", "3", "--set", "eval-size=5")
+    assert too_many.exit_code == 2 and "eval-size 5 is larger than the test split" in too_many.output
+    assert run_jobs(env) == []
+    fits = cli("run", "--train-size", "3", "--set", "eval-size=2", "--follow")
+    assert fits.exit_code == 0, fits.output
+
+    # Sizes set for every run are checked by `up`, before the job takes them.
+    Path("gemma-launch.toml").write_text("[trainer]\ntrain-size = 10\n")
+    before = len(env.record())
+    refused = cli("up", *sources)
+    assert refused.exit_code == 2, refused.output
+    assert "Error: train-size 10 is larger than the trainval (train) split" in refused.output
+    assert "UpdateJob" not in [entry["method"] for entry in env.record()[before:]]
+
+
+@pytest.mark.parametrize("command", ["up", "stage"])
+def test_a_wrong_source_directory_is_reported_before_anything_is_created(
+    fresh, monkeypatch, tmp_path, command
+):
+    monkeypatch.setenv("PROJECT_ID", PROJECT)
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    model = tmp_path / "tiny-model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    pets = pets_dir(tmp_path, trainval=3, test=2)
+    (pets / "annotations" / "test.txt").unlink()
+    for sources, error in (
+        (["--model-source", "./no-such-model"], "Error: Model directory ./no-such-model does not exist."),
+        (
+            ["--model-source", "tiny-gemma3"],
+            "Error: --model-source tiny-gemma3 is neither a directory here nor a Hugging Face model id",
+        ),
+        (["--model-source", str(tmp_path)], "has no config.json"),
+        (
+            ["--model-source", str(model), "--dataset-source", str(pets)],
+            "is in the Oxford-IIIT Pet layout but lacks annotations/test.txt.",
+        ),
+    ):
+        result = cli(command, *sources)
+        assert result.exit_code == 2, result.output
+        assert error in result.output and "Hint: " in result.output, result.output
+    assert fresh.record() == []
 
 
 def test_commands_before_up_say_what_to_do(env):
@@ -349,7 +493,7 @@ def test_run_without_gpu_quota_is_refused_before_any_run_job(env, project_dir):
 def test_run_is_refused_while_the_jobs_executions_hold_all_the_quota(env, project_dir):
     assert up(project_dir).exit_code == 0
     env.emulator.services["quotas"].set_gpu_quota(1)
-    first = cli("run", "--set", "checkpoint-strategy=sleep")
+    first = cli("run", "--set", SLEEP)
     assert first.exit_code == 0, first.output
     second = cli("run", "--allow-concurrent")
     assert second.exit_code == 2, second.output
@@ -419,6 +563,8 @@ def test_up_keeps_the_sources_it_staged_until_others_are_named(env, project_dir,
     for path, text in {
         model / "config.json": "{}",
         pets / "annotations" / "list.txt": "Abyssinian_1 1 1 1\n",
+        pets / "annotations" / "trainval.txt": "Abyssinian_1 1 1 1\n",
+        pets / "annotations" / "test.txt": "Abyssinian_1 1 1 1\n",
         pets / "images" / "Abyssinian_1.jpg": "jpeg",
     }.items():
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -80,7 +80,7 @@ def test_config_in_working_directory_is_found(monkeypatch):
     ("env", "flags", "message", "hint"),
     [
         ({}, {}, "No Google Cloud project set", "PROJECT_ID"),
-        ({"PROJECT_ID": "Bad_Project"}, {}, "project id 'Bad_Project' is invalid", "$PROJECT_ID"),
+        ({"PROJECT_ID": "Bad_Project"}, {}, "project id 'Bad_Project' is invalid", "export PROJECT_ID="),
         (
             {"PROJECT_ID": "my-project", "BUCKET_NAME": "Upper"},
             {},
@@ -121,18 +121,23 @@ def test_config_in_working_directory_is_found(monkeypatch):
             {"PROJECT_ID": "my-project", "SERVICE_ACCOUNT": "sa"},
             {},
             "service account id 'sa'",
-            "$SERVICE_ACCOUNT",
+            "export SERVICE_ACCOUNT=",
         ),
-        ({"PROJECT_ID": "my-project", "JOB_NAME": "Job_1"}, {}, "job name 'Job_1'", "$JOB_NAME"),
-        ({"PROJECT_ID": "my-project", "AR_REPO": "Repo"}, {}, "repository 'Repo'", "$AR_REPO"),
-        ({"PROJECT_ID": "my-project", "SECRET_ID": "hf token"}, {}, "secret id 'hf token'", "$SECRET_ID"),
+        ({"PROJECT_ID": "my-project", "JOB_NAME": "Job_1"}, {}, "job name 'Job_1'", "export JOB_NAME="),
+        ({"PROJECT_ID": "my-project", "AR_REPO": "Repo"}, {}, "repository 'Repo'", "export AR_REPO="),
+        (
+            {"PROJECT_ID": "my-project", "SECRET_ID": "hf token"},
+            {},
+            "secret id 'hf token'",
+            "export SECRET_ID=",
+        ),
         ({"PROJECT_ID": "my-project"}, {"subnet": "sub"}, "subnet is set without a network", "--network"),
         ({"PROJECT_ID": "my-project"}, {"build_location": "Europe"}, "build location", "--build-location"),
         (
             {"PROJECT_ID": "my-project"},
             {"trainer": {"learning_rate": 1}},
-            "unknown trainer setting",
-            "trainer",
+            "Unknown trainer setting 'learning_rate'",
+            "Did you mean learning-rate?",
         ),
     ],
 )
@@ -163,17 +168,142 @@ def test_missing_config_file_is_an_error():
         load_settings(Path("nowhere.toml"))
 
 
-def test_init_writes_a_template_that_loads(monkeypatch):
+def test_init_writes_a_template_whose_project_placeholder_is_never_used(monkeypatch):
     runner = CliRunner()
     result = runner.invoke(main, ["init"])
     assert result.exit_code == 0, result.output
+    assert "uncomment project_id" in result.output
     text = Path("gemma-launch.toml").read_text()
     assert '# region = "europe-west4"' in text and "[trainer]" in text
-    assert load_settings().project_id == "my-project"
+    assert '\n# project_id = "your-project-id"\n' in text
+    missing = runner.invoke(main, ["up", "--dry-run"])
+    assert missing.exit_code == 2
+    assert "Error: No Google Cloud project set." in missing.output
+
+    Path("gemma-launch.toml").write_text(text.replace("# project_id =", "project_id ="))
+    placeholder = runner.invoke(main, ["up", "--dry-run"])
+    assert placeholder.exit_code == 2, placeholder.output
+    assert (
+        "Error: Invalid project_id in gemma-launch.toml: 'your-project-id' is the placeholder `gemma-launch "
+        "init` wrote, not a project." in placeholder.output
+    )
+    assert 'Hint: Write project_id = "my-project-123" in gemma-launch.toml.' in placeholder.output
+    monkeypatch.setenv("PROJECT_ID", "my-project")
+    assert load_settings().project_id == "my-project"  # the environment beats the file's placeholder
+
     again = runner.invoke(main, ["init"])
     assert again.exit_code == 2
     assert "already exists" in again.output and "--force" in again.output
     assert runner.invoke(main, ["init", "--force"]).exit_code == 0
+
+
+@pytest.mark.parametrize(
+    ("argv", "env", "toml", "error", "hint"),
+    [
+        (
+            ["--project", "My_Project"],
+            {},
+            "",
+            "Error: Invalid --project: project id 'My_Project' is invalid",
+            "Hint: Pass --project my-project-123. project_id: Google Cloud project id",
+        ),
+        (
+            [],
+            {"PROJECT_ID": "My_Project"},
+            "",
+            "Error: Invalid $PROJECT_ID: project id 'My_Project' is invalid",
+            "Hint: export PROJECT_ID=my-project-123.",
+        ),
+        (
+            [],
+            {},
+            'project_id = "my-project"\nmemory = 80\n',
+            "Error: Invalid memory in gemma-launch.toml: '80' is not a memory size like 80Gi, 32G or "
+            "16384Mi.",
+            'Hint: Write memory = "80Gi" in gemma-launch.toml. memory: Memory per task',
+        ),
+        (
+            [],
+            {},
+            'project_id = "my-project"\nmax_retries = "lots"\n',
+            "Error: Invalid max_retries in gemma-launch.toml: expected a whole number, got 'lots'.",
+            "Hint: Write max_retries = 3 in gemma-launch.toml.",
+        ),
+        (
+            [],
+            {},
+            'project_id = "my-project"\ngpu = "l4"\n',
+            "Error: Invalid gpu in gemma-launch.toml: 'l4' is not one of 'nvidia-rtx-pro-6000', "
+            "'nvidia-l4' or 'none'.",
+            'Hint: Write gpu = "nvidia-l4" in gemma-launch.toml.',
+        ),
+        (
+            ["--max-retries", "11"],
+            {"PROJECT_ID": "my-project"},
+            "",
+            "Error: Invalid --max-retries: Input should be less than or equal to 10, got 11.",
+            "Hint: Pass --max-retries 3. max_retries: Retries of a failed or preempted task (0-10).",
+        ),
+        (
+            [],
+            {},
+            'project_id = "my-project"\nregoin = "us-central1"\n',
+            "Error: Unknown setting 'regoin' in gemma-launch.toml.",
+            "Hint: Did you mean region? Known settings: project_id, region,",
+        ),
+        (
+            [],
+            {},
+            'project_id = "my-project"\nlearning-rate = 1e-4\n',
+            "Error: Unknown setting 'learning-rate' in gemma-launch.toml: it is a trainer setting.",
+            "Hint: Move it under the [trainer] table of gemma-launch.toml.",
+        ),
+        (
+            [],
+            {},
+            'project_id = "my-project"\n[trainer]\nlearning_rate = 1e-4\n',
+            "Error: Unknown trainer setting 'learning_rate' (learning_rate = 0.0001 in [trainer] of "
+            "gemma-launch.toml).",
+            "Hint: Did you mean learning-rate? Settings: train-size, eval-size,",
+        ),
+        (
+            [],
+            {},
+            'project_id = "my-project"\n[trainer]\nlearning-rate = "fast"\n',
+            "Error: Invalid learning-rate = 'fast' in [trainer] of gemma-launch.toml: must be a positive "
+            "number, got 'fast'.",
+            "Hint: learning-rate takes a positive number (default 0.0002).",
+        ),
+        (
+            [],
+            {},
+            'project_id = "my-project"\n[trainer]\nmax-memory-gib = 0\n',
+            "Error: Invalid max-memory-gib = 0 in [trainer] of gemma-launch.toml: must be a positive number",
+            "Hint: max-memory-gib takes a positive number (default 85.0).",
+        ),
+        (
+            [],
+            {},
+            'project_id = "my-project"\n[trainer]\noutput-dir = "/tmp/out"\n',
+            "Error: output-dir = '/tmp/out' in [trainer] of gemma-launch.toml: output-dir is not a setting: "
+            "each execution writes to gs://BUCKET/runs/<execution>/",
+            "Hint: Leave it out;",
+        ),
+    ],
+)
+def test_a_bad_setting_names_where_it_came_from_and_how_to_write_it(
+    argv, env, toml, error, hint, monkeypatch
+):
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    if toml:
+        Path("gemma-launch.toml").write_text(toml)
+    result = CliRunner().invoke(main, ["up", "--dry-run", *argv])
+    assert result.exit_code == 2, result.output
+    assert error in result.output, result.output
+    assert hint in result.output, result.output
+    assert "Input should be a valid" not in result.output and "Hint: Change" not in result.output
+    assert "--project-id" not in result.output
 
 
 def test_cli_reports_bad_settings_with_error_and_hint_and_exit_2(monkeypatch):

@@ -366,6 +366,32 @@ def test_a_revision_pins_every_file_to_that_commit(local, hub, bucket):
     assert {request.path.split("/resolve/")[1].split("/")[0] for request in hub.downloads()} >= {old}
 
 
+def test_a_datasets_split_sizes_are_recorded_with_it(local, hub, bucket, tmp_path):
+    card = (
+        b"---\nlicense: cc-by-sa-4.0\ndataset_info:\n  splits:\n  - name: train\n    num_examples: 3680\n"
+        b"  - name: test\n    num_examples: 3669\n---\n# Oxford-IIIT Pet\n"
+    )
+    hub.add_repo("acme/carded-pets", {**DATASET_FILES, "README.md": card}, repo_type="dataset")
+    staged, _ = run(local, dataset_source="acme/carded-pets")
+    assert marker(local, staged[1].prefix)["splits"] == {"train": 3680, "test": 3669}
+    # A card without split sizes: unknown, so nothing is checked against them.
+    assert marker(local, "datasets/oxford-iiit-pet") is None
+    run(local)
+    assert marker(local, "datasets/oxford-iiit-pet")["splits"] is None
+
+    pets = tmp_path / "pets"
+    for name, text in {
+        "annotations/list.txt": "#Image CLASS-ID SPECIES BREED-ID\nA_1 1 1 1\nA_2 1 1 1\nA_3 1 1 1\n",
+        "annotations/trainval.txt": "A_1 1 1 1\n\nA_2 1 1 1\n",
+        "annotations/test.txt": "# comment\nA_3 1 1 1\n",
+        "images/A_1.jpg": "jpeg",
+    }.items():
+        (pets / name).parent.mkdir(parents=True, exist_ok=True)
+        (pets / name).write_text(text)
+    staged, _ = run(local, dataset_source=str(pets))
+    assert marker(local, "datasets/pets")["splits"] == {"train": 2, "test": 1}
+
+
 def test_local_directories_stage_to_models_and_datasets(local, hub, bucket, tmp_path):
     model_dir = tmp_path / "tiny-gemma"
     (model_dir / ".git").mkdir(parents=True)

@@ -1,4 +1,5 @@
-"""Flags: bad values end with one `Error:` line and exit 2 before any weights load; --dry-run loads none."""
+"""Flags: bad values end with one `Error:` and one `Hint:` line and exit 2 before any weights load; --dry-run
+loads none."""
 
 import subprocess
 import sys
@@ -54,7 +55,7 @@ BAD_FLAGS = [
 
 
 @pytest.mark.parametrize(("flags", "message"), BAD_FLAGS, ids=[" ".join(f) for f, _ in BAD_FLAGS])
-def test_bad_flags_exit_2_with_one_error_line(
+def test_bad_flags_exit_2_with_an_error_and_a_hint(
     flags: list[str],
     message: str,
     weightless_model: Path,
@@ -80,8 +81,9 @@ def test_bad_flags_exit_2_with_one_error_line(
         code = exit_.code
     stderr = capsys.readouterr().err
     assert code == 2
-    assert stderr.count("\n") == 1 and stderr.startswith("Error: "), stderr
-    assert message.format(**paths) in stderr
+    error, hint = stderr.splitlines()
+    assert error.startswith("Error: ") and hint.startswith("Hint: "), stderr
+    assert message.format(**paths) in error
     # Nothing written: at most the empty output directory, which the trainer creates before loading data.
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
 
@@ -91,13 +93,33 @@ def test_cuda_requested_without_a_gpu(
     weightless_model: Path, pets: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     assert main(["--model-id", str(weightless_model), "--dataset", str(pets), "--device", "cuda"]) == 2
-    assert capsys.readouterr().err == "Error: --device cuda: no CUDA GPU is visible\n"
+    assert capsys.readouterr().err.startswith("Error: --device cuda: no CUDA GPU is visible\nHint: ")
 
 
-def test_command_line_error_is_one_line_without_traceback(trainer_cli) -> None:
+def test_command_line_error_is_an_error_and_a_hint_without_traceback(trainer_cli) -> None:
     result = trainer_cli(["--train-size", "0"])
     assert result.returncode == 2
-    assert result.stderr == "Error: argument --train-size: must be a positive integer, got '0'\n"
+    assert result.stderr == (
+        "Error: argument --train-size: must be a positive integer, got '0'\n"
+        "Hint: --train-size takes a positive integer (default 3680).\n"
+    )
+
+
+@pytest.mark.parametrize(
+    ("flags", "hint"),
+    [
+        (["--epochs", "3"], "Hint: Did you mean --num-epochs? `python -m trainer --help` lists every flag."),
+        (["--compile", "yes"], "Hint: --compile takes one of auto, on, off (default auto)."),
+        (["--lora-dropout", "1"], "Hint: --lora-dropout takes a number from 0 up to (not including) 1"),
+        (["--eval-size", "500"], "Hint: Use --eval-size 222 or less."),
+    ],
+)
+def test_the_hint_says_what_the_flag_takes(
+    flags: list[str], hint: str, weightless_model: Path, pets: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    base = ["--model-id", str(weightless_model), "--dataset", str(pets), "--device", "cpu", "--dry-run"]
+    assert main([*base, "--train-size", "74", *flags]) == 2
+    assert hint in capsys.readouterr().err.splitlines()[1]
 
 
 def test_dry_run_formats_data_without_loading_weights(
@@ -156,6 +178,7 @@ def test_running_out_of_gpu_memory_names_the_flags_that_need_less(
     assert main(flags) == 2
     assert capsys.readouterr().err == (
         "Error: the GPU ran out of memory (CUDA out of memory. Tried to allocate 20.00 GiB) within "
-        "--max-memory-gib 40. It needs less with a smaller --batch-size (now 24), --gradient-checkpointing "
-        "on (now auto), a smaller --eval-batch-size (now 16), or --quantization int8 or 4bit (now auto)\n"
+        "--max-memory-gib 40\nHint: It needs less with a smaller --batch-size (now 24), "
+        "--gradient-checkpointing on (now auto), a smaller --eval-batch-size (now 16), or --quantization "
+        "int8 or 4bit (now auto)\n"
     )
