@@ -5,6 +5,7 @@ inside a Cloud Run job, so a retried task resumes from its own checkpoints (docs
 """
 
 import argparse
+import copy
 import dataclasses
 import json
 import logging
@@ -12,6 +13,7 @@ import os
 import signal
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import datasets
@@ -68,6 +70,26 @@ log = logging.getLogger("trainer")
 CPU_BATCH_SIZE = 8
 
 
+class ShowDefaults(argparse.ArgumentDefaultsHelpFormatter):
+    """argparse's "(default: ...)" after every option, also those without a help text; a default of
+    None or a flag's False says nothing and is left out."""
+
+    def _format_action(self, action: argparse.Action) -> str:
+        if action.help is None and action.option_strings and self._shows_default(action):
+            action = copy.copy(action)
+            action.help = "(default: %(default)s)"
+        return super()._format_action(action)
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if not self._shows_default(action):
+            return action.help
+        return super()._get_help_string(action)
+
+    @staticmethod
+    def _shows_default(action: argparse.Action) -> bool:
+        return action.default not in (None, False, argparse.SUPPRESS)
+
+
 class Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # type: ignore[override]
         # One line, not argparse's usage block: it is what the job's log and the launcher show.
@@ -117,7 +139,7 @@ def gcs_path(text: str) -> str:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = Parser(prog="python -m trainer", description=__doc__.splitlines()[0])
+    p = Parser(prog="python -m trainer", description=__doc__.splitlines()[0], formatter_class=ShowDefaults)
     p.add_argument("--model-id", default="google/gemma-3-4b-it", help="Hub id or local model directory")
     p.add_argument(
         "--dataset",
@@ -215,6 +237,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def setup_logging() -> None:
     logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="%(asctime)s %(levelname)s %(message)s")
     transformers.utils.logging.set_verbosity_warning()
+    # PEFT 0.21 (get_peft_model) and TRL 1.16 (generation) still read transformers 5's deprecated alias
+    # `is_gradient_checkpointing`: their warning names nothing a user of the trainer can change.
+    warnings.filterwarnings(
+        "ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning
+    )
     if not sys.stdout.isatty():
         transformers.utils.logging.disable_progress_bar()
         datasets.disable_progress_bars()
