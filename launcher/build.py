@@ -341,6 +341,11 @@ def _log_url(build: cloudbuild_v1.Build, settings: Settings) -> str:
     )
 
 
+def _console_log(clients: Clients, build: cloudbuild_v1.Build, settings: Settings) -> str | None:
+    """The build's log page in the Cloud Console; None in the emulator, whose builds are on no console."""
+    return None if clients.emulator else _log_url(build, settings)
+
+
 def _build_request(
     settings: Settings, config: Path, source: tuple[str, int], tag: str
 ) -> cloudbuild_v1.CreateBuildRequest:
@@ -372,9 +377,13 @@ def _run_build(
     settings: Settings,
     request: cloudbuild_v1.CreateBuildRequest,
     on_line: Callable[[str], None],
+    on_steps: Callable[[list[str]], None] | None = None,
 ) -> cloudbuild_v1.Build:
     started = _start(clients, settings, request)
-    on_line(f"Cloud Build {started.id} started; log: {_log_url(started, settings)}")
+    page = _console_log(clients, started, settings)
+    on_line(f"Cloud Build {started.id} started" + (f"; log: {page}" if page else ""))
+    if on_steps is not None:
+        on_steps([step.id or step.name for step in request.build.steps])
     log = BuildLog(clients, settings.project_id, started.id)
     last: deque[str] = deque(maxlen=TAIL_LINES)
 
@@ -391,7 +400,7 @@ def _run_build(
         if time.monotonic() > deadline:
             raise UserError(
                 f"Cloud Build {started.id} is still running after its timeout.",
-                f"Follow it at {_log_url(started, settings)}; run `gemma-launch up` again once it ends.",
+                (f"Follow it at {page}; run" if page else "Run") + " `gemma-launch up` again once it ends.",
             )
         time.sleep(interval)
     # Entries can reach Logging after the build ends: read until a poll brings nothing new.
@@ -404,7 +413,9 @@ def _run_build(
         tail = "\n".join(f"  {line}" for line in last) or "  (no log lines)"
         raise UserError(
             f"Cloud Build {build.id} ended with {build.status.name}: {detail}\nLast log lines:\n{tail}",
-            f"Full log: {_log_url(build, settings)} . {_failure_hint(build, settings)}",
+            (f"Full log: {page} . " if page else "")
+            + _failure_hint(build, settings)
+            + ("" if page else " `gemma-launch up --verbose` shows the whole log as the build runs."),
         )
     return build
 
@@ -504,11 +515,13 @@ def build_image(
     on_line: Callable[[str], None] = print,
     dry_run: bool = False,
     config: Path | None = None,
+    on_steps: Callable[[list[str]], None] | None = None,
 ) -> BuiltImage:
     """The image of `root`'s source in the repository, built only when its content tag is missing.
 
-    `on_line` receives the build's log lines as they arrive (the first names the build and its
-    console URL). A failed build raises UserError with its last log lines and the log URL.
+    `on_line` receives the build's log lines as they arrive (the first names the build and where its
+    log is); `on_steps`, once the build has started, the ids of its steps (Cloud Build logs each as
+    'Step #N - "id"'). A failed build raises UserError with its last log lines and the log URL.
     """
     root = root.resolve()
     config = config or root / CONFIG_FILE
@@ -539,7 +552,8 @@ def build_image(
         with explained("source archive", f"gs://{settings.bucket}/{SOURCE_PREFIX}", settings):
             source = _upload(clients, settings, archive)
         with explained("build", settings.image_repository_uri, settings):
-            build = _run_build(clients, settings, _build_request(settings, config, source, tag), on_line)
+            request = _build_request(settings, config, source, tag)
+            build = _run_build(clients, settings, request, on_line, on_steps)
         return BuiltImage(_pushed_uri(build, settings, tag), tag, "created", command)
     finally:
         archive.path.unlink(missing_ok=True)

@@ -11,3 +11,4 @@ class Change:
     name: str
     status: str  # created | updated | enabled | unchanged | would create | would update | would enable
     command: str = ""  # the equivalent gcloud command, shown by --dry-run
+    diff: tuple[str, ...] = ()  # what an update changes, one "field: before -> after" per line

@@ -18,7 +18,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from launcher import build, doctor, logs, overrides, provision, quota, staging
+from launcher import build, doctor, logs, overrides, progress, provision, quota, staging
 from launcher import job as jobs
 from launcher import results as run_results
 from launcher.api_errors import translate
@@ -34,6 +34,7 @@ from launcher.settings import (
     parse_duration,
     template,
 )
+from launcher.transfer import human_bytes
 
 # The directory holding the Dockerfile and the trainer, built into the job's image.
 SOURCE_ROOT = Path(__file__).resolve().parent.parent
@@ -58,9 +59,32 @@ _STATUS_STYLE = {
 _SETTINGS_KEY = "gemma_launch.settings"
 
 
+class SettingOption(click.Option):
+    """A flag that sets one of the settings, which gemma-launch.toml and the environment can set too."""
+
+
+class Command(click.Command):
+    """Help lists the command's own options first, then the settings it reads, in a section of their own."""
+
+    def format_options(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        own, settings = [], []
+        for param in self.get_params(ctx):
+            record = param.get_help_record(ctx)
+            if record is not None:
+                (settings if isinstance(param, SettingOption) else own).append(record)
+        if own:
+            with formatter.section("Options"):
+                formatter.write_dl(own)
+        if settings:
+            with formatter.section("Settings (defaults < gemma-launch.toml < environment variables < flags)"):
+                formatter.write_dl(settings)
+
+
 class Cli(click.Group):
     """Turns a UserError, or any Google API error no step explained, into `Error:` / `Hint:` lines and
     exit status 2, with no traceback."""
+
+    command_class = Command
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
@@ -100,35 +124,73 @@ _SETTING_FLAGS: tuple[tuple[str, str, Any], ...] = (
 )
 
 
-def settings_options(command: Callable[..., Any] | None = None, *, gpu_region: bool = True) -> Any:
-    """Add --config and one flag per setting; the command receives a validated `settings`.
+# The settings a command that only reads an execution of the job needs to find it.
+JOB_SETTINGS = ("project_id", "region", "job")
+# Staging reads and writes the bucket, with the project's image as the staging job <job>-stage.
+STAGE_SETTINGS = (
+    "project_id",
+    "region",
+    "service_account",
+    "bucket",
+    "repository",
+    "secret_id",
+    "image",
+    "job",
+    "model_id",
+)
 
-    `@settings_options(gpu_region=False)`: a GPU not offered in the region is left to the command."""
+
+def settings_options(
+    command: Callable[..., Any] | None = None,
+    *,
+    gpu_region: bool = True,
+    fields: tuple[str, ...] | None = None,
+) -> Any:
+    """Add --config and a flag per setting the command reads; the command receives a validated
+    `settings` (the other settings still come from gemma-launch.toml, the environment and defaults).
+
+    `fields`: the settings flags to offer (default: all); `gpu_region=False`: a GPU not offered in the
+    region is left to the command. The flags come after the command's own in its help (Command)."""
     if command is None:
-        return functools.partial(settings_options, gpu_region=gpu_region)
+        return functools.partial(settings_options, gpu_region=gpu_region, fields=fields)
+    offered = [entry for entry in _SETTING_FLAGS if fields is None or entry[1] in fields]
+    zonal = fields is None or "gpu_zonal_redundancy" in fields
 
     @functools.wraps(command)
-    def wrapper(*args: Any, config: Path | None, zonal_redundancy: bool | None, **kwargs: Any) -> Any:
-        flags = {field: kwargs.pop(field) for _, field, _ in _SETTING_FLAGS}
-        flags["gpu_zonal_redundancy"] = zonal_redundancy
-        names = {field: flag for flag, field, _ in _SETTING_FLAGS}
-        names["gpu_zonal_redundancy"] = "--zonal-redundancy"
+    def wrapper(*args: Any, config: Path | None, **kwargs: Any) -> Any:
+        flags = {field: kwargs.pop(field) for _, field, _ in offered}
+        names = {field: flag for flag, field, _ in offered}
+        if zonal:
+            flags["gpu_zonal_redundancy"] = kwargs.pop("zonal_redundancy")
+            names["gpu_zonal_redundancy"] = "--zonal-redundancy"
         settings = load_settings(config, flags, gpu_region=gpu_region, flag_names=names)
         click.get_current_context().meta[_SETTINGS_KEY] = settings
         return command(*args, settings=settings, **kwargs)
 
-    for flag, field, kind in reversed(_SETTING_FLAGS):
-        wrapper = click.option(flag, field, type=kind, help=Settings.model_fields[field].description)(wrapper)
-    wrapper = click.option(
-        "--zonal-redundancy/--no-zonal-redundancy",
-        default=None,
-        help=Settings.model_fields["gpu_zonal_redundancy"].description,
-    )(wrapper)
-    return click.option(
-        "--config",
-        type=click.Path(path_type=Path, dir_okay=False),
-        help=f"Settings file (default: ./{CONFIG_FILE} when present).",
-    )(wrapper)
+    options = [
+        click.option(
+            "--config",
+            cls=SettingOption,
+            type=click.Path(path_type=Path, dir_okay=False),
+            help=f"Settings file (default: ./{CONFIG_FILE} when present).",
+        )
+    ]
+    options += [
+        click.option(flag, field, cls=SettingOption, type=kind, help=Settings.model_fields[field].description)
+        for flag, field, kind in offered
+    ]
+    if zonal:
+        options.append(
+            click.option(
+                "--zonal-redundancy/--no-zonal-redundancy",
+                cls=SettingOption,
+                default=None,
+                help=Settings.model_fields["gpu_zonal_redundancy"].description,
+            )
+        )
+    for option in reversed(options):
+        wrapper = option(wrapper)
+    return wrapper
 
 
 def source_options(command: Callable[..., Any]) -> Callable[..., Any]:
@@ -200,9 +262,11 @@ def init(path: Path, force: bool) -> None:
     )
 
 
-def _print_change(kind: str, name: str, status: str) -> None:
+def _print_change(kind: str, name: str, status: str, diff: tuple[str, ...] | list[str] = ()) -> None:
     style = _STATUS_STYLE.get(status, "default")
-    console.print(f"[{style}]{status:>12}[/]  {kind:<16} {name}", soft_wrap=True)
+    console.print(f"[{style}]{status:>12}[/]  {kind:<16} {escape(name)}", soft_wrap=True)
+    for line in diff:
+        console.print(f"{'':>14}{line}", style=style, markup=False, soft_wrap=True)
 
 
 @main.command()
@@ -222,6 +286,7 @@ def _print_change(kind: str, name: str, status: str) -> None:
 )
 @click.option("--skip-stage", is_flag=True, help="Do not stage model weights and data into the bucket.")
 @click.option("--skip-build", is_flag=True, help="Do not build the image; the job keeps its current image.")
+@click.option("--verbose", "-v", is_flag=True, help="Show the whole build log and a line per file staged.")
 def up(
     settings: Settings,
     dry_run: bool,
@@ -233,6 +298,7 @@ def up(
     skip_stage: bool,
     skip_build: bool,
     stage_in: str,
+    verbose: bool,
 ) -> None:
     """Provision, build, stage and create the job; safe to run again.
 
@@ -258,15 +324,15 @@ def up(
     # The directories named here are read now: a wrong one must stop `up` before anything is created.
     staging.check_named_sources(model_source, dataset_source)
     clients = Clients(settings.project_id)
-    report: list[dict[str, str]] = []
+    report: list[dict[str, Any]] = []
 
-    def record(kind: str, name: str, status: str, command: str = "") -> None:
-        report.append({"kind": kind, "name": name, "status": status, "command": command})
+    def record(kind: str, name: str, status: str, command: str = "", diff: tuple[str, ...] = ()) -> None:
+        report.append({"kind": kind, "name": name, "status": status, "command": command, "diff": list(diff)})
         if not as_json:
-            _print_change(kind, name, status)
+            _print_change(kind, name, status, diff)
 
     def on_change(change: Change) -> None:
-        record(change.kind, change.name, change.status, change.command)
+        record(change.kind, change.name, change.status, change.command, change.diff)
 
     # doctor's checks of what `up` cannot fix itself, before any change; those that need the APIs on
     # are made again once provisioning has enabled them.
@@ -288,16 +354,19 @@ def up(
     if skip_build:
         image_uri = jobs.current_image(clients, settings)
     else:
-        built = build.build_image(
-            clients,
-            settings,
-            source_dir,
-            on_line=lambda line: (
-                None if as_json else console.print(f"  {line}", style="dim", markup=False, soft_wrap=True)
-            ),
-            dry_run=dry_run,
-        )
-        record("image", built.uri, built.status)
+        view = progress.BuildView(err_console if as_json else console, verbose=verbose)
+        try:
+            built = build.build_image(
+                clients,
+                settings,
+                source_dir,
+                on_line=(lambda line: None) if as_json else view.line,
+                on_steps=None if as_json else view.steps,
+                dry_run=dry_run,
+            )
+        finally:
+            view.stop()
+        record("image", built.uri, built.status, built.command if built.status != "unchanged" else "")
         image_uri = built.uri
 
     sources = staging.choose_sources(clients.storage, settings, model_source, dataset_source, revision)
@@ -326,12 +395,15 @@ def up(
                 change.name,
                 change.status,
                 "" if change.status == "unchanged" else change.command,
+                change.diff,
             ),
+            verbose=verbose,
         )
         for item in staged:
+            command = "" if item.status == "unchanged" else staging.equivalent_command(item, settings.bucket)
             # One staging execution covers every Hub source: list its command once.
-            command = "" if any(entry["command"] == item.command for entry in report) else item.command
-            record(item.kind, f"gs://{settings.bucket}/{item.prefix}/", item.status, command)
+            command = "" if any(entry["command"] == command for entry in report) else command
+            record(item.kind, f"gs://{settings.bucket}/{item.prefix}/", item.status, command, item.diff)
         model_prefix = next(item.prefix for item in staged if item.kind == "model")
         dataset_prefix = next(item.prefix for item in staged if item.kind == "dataset")
 
@@ -348,7 +420,13 @@ def up(
         staging.check_trainer_sizes(clients, settings, args, only=list(settings.trainer))
         spec = jobs.job_spec(settings, image_uri, args)
         change = jobs.ensure_job(clients, settings, spec, dry_run=dry_run)
-        record("job", change.name, change.status, change.command if change.status != "unchanged" else "")
+        record(
+            "job",
+            change.name,
+            change.status,
+            change.command if change.status != "unchanged" else "",
+            change.diff,
+        )
     # Read only: a pending quota request must not hold back provisioning, the build or staging.
     try:
         gpu_quota, unknown = quota.read(clients, settings), ""
@@ -358,7 +436,7 @@ def up(
 
 
 def _summarise_up(
-    report: list[dict[str, str]],
+    report: list[dict[str, Any]],
     as_json: bool,
     dry_run: bool,
     spec: run_v2.Job | None,
@@ -383,9 +461,7 @@ def _summarise_up(
         console.print("\nDry run: nothing was changed.")
         if spec is not None:
             console.print("Job spec:")
-            click.echo(
-                json.dumps(run_v2.Job.to_dict(spec, always_print_fields_with_no_presence=False), indent=2)
-            )
+            click.echo(json.dumps(jobs.spec_dict(spec), indent=2))
         commands = [entry["command"] for entry in report if entry["command"]]
         if commands:
             console.print("Equivalent commands:")
@@ -432,7 +508,7 @@ def doctor_command(settings: Settings, as_json: bool) -> None:
 
 
 @main.command("run")
-@settings_options
+@settings_options(fields=(*JOB_SETTINGS, "gpu", "gpu_zonal_redundancy", "task_timeout"))
 @click.option(
     "--set",
     "sets",
@@ -459,6 +535,16 @@ def doctor_command(settings: Settings, as_json: bool) -> None:
     is_flag=True,
     help="Start even while another execution of the job runs (each holds its own GPU).",
 )
+@click.option(
+    "--json",
+    "as_json",
+    is_flag=True,
+    help="Print the execution as JSON (as `status --json` shows one); with --follow once it has ended, "
+    "the log going to stderr.",
+)
+@click.option(
+    "--verbose", "-v", is_flag=True, help="With --follow: every log line, no progress bar of the steps."
+)
 def run_command(
     settings: Settings,
     sets: tuple[str, ...],
@@ -467,12 +553,17 @@ def run_command(
     timeout: str | None,
     follow: bool,
     allow_concurrent: bool,
+    as_json: bool,
+    verbose: bool,
 ) -> None:
     """Execute the job once, optionally overriding trainer flags, and print the execution's name.
 
     Nothing starts while another execution of the job is running (stop it with `gemma-launch cancel`,
     or pass --allow-concurrent), nor when the project's Cloud Run GPU quota in the job's region cannot
     give the execution its GPU: the error names the quota to request and where.
+
+    With --follow, the log streams until the execution ends; the trainer's step lines show as a
+    progress bar with the time left (on a terminal) or a line at each quarter of the steps.
     """
     changes = overrides.parse_sets(sets)
     if train_size is not None:
@@ -495,64 +586,114 @@ def run_command(
     except quota.QuotaUnknown as unknown:
         err_console.print(f"[yellow]Warning:[/] {unknown}; starting anyway.", soft_wrap=True)
     execution = jobs.run(clients, settings, sets=changes, tasks=tasks, timeout_s=timeout_s)
-    console.print(f"Started execution {jobs.short_name(execution.name)}")
+    short = jobs.short_name(execution.name)
     if follow:
-        _follow(clients, settings, execution.name)
+        (err_console if as_json else console).print(f"Started execution {short}")
+        final = _follow(clients, settings, execution.name, verbose=verbose, quiet=as_json)
+        if as_json:
+            click.echo(json.dumps(_execution_document(final), indent=2))
+        _fail_unless_succeeded(clients, settings, final)
+    elif as_json:
+        click.echo(json.dumps(_execution_document(execution), indent=2))
     else:
-        console.print(f"Follow it with: gemma-launch logs {jobs.short_name(execution.name)} --follow")
+        console.print(f"Started execution {short}")
+        console.print(f"Follow it with: gemma-launch logs {short} --follow")
 
 
-def _follow(clients: Clients, settings: Settings, execution: str) -> None:
+def _execution_document(execution: run_v2.Execution) -> dict[str, Any]:
+    """An execution for --json: its row of `status --json`, its full name and the job's."""
+    return {**jobs.summary(execution), "name": execution.name, "job": execution.job}
+
+
+def _follow(
+    clients: Clients, settings: Settings, execution: str, *, verbose: bool = False, quiet: bool = False
+) -> run_v2.Execution:
+    """Stream the log until the execution ends and say how it ended; returns it as it ended.
+
+    `quiet`: everything to stderr (stdout is kept for JSON)."""
+    out = err_console if quiet else console
+    view = progress.TrainingView(out, lambda line: click.echo(line.render(), err=quiet), verbose=verbose)
     try:
-        logs.stream(clients, settings, execution, follow=True, emit=_emit)
+        logs.stream(clients, settings, execution, follow=True, emit=view)
     except KeyboardInterrupt:
+        view.stop()
         err_console.print(
             "\nStopped following; the execution goes on. Resume with: "
             f"gemma-launch logs {jobs.short_name(execution)} --follow; stop it with: "
             f"gemma-launch cancel {jobs.short_name(execution)}"
         )
         raise SystemExit(130) from None
+    view.stop()
     final = jobs.get_execution(clients, settings, execution)
-    verdict = jobs.state(final)
-    console.print(
-        f"Execution {jobs.short_name(execution)} {verdict.lower()}: "
+    out.print(
+        f"Execution {jobs.short_name(execution)} {jobs.state(final).lower()}: "
         f"{final.succeeded_count}/{final.task_count} tasks succeeded, {final.retried_count} retried."
         + (f" {jobs.why(final)}" if jobs.why(final) else ""),
+        markup=False,
         soft_wrap=True,
     )
-    if verdict != "Succeeded":
-        stopped = run_results.recorded_failure(clients, settings, execution)
-        if stopped is not None:
-            raise UserError(
-                f"Execution {jobs.short_name(execution)} stopped on an error a retry cannot fix: "
-                f"{stopped.message}",
-                stopped.hint,
-            )
-        raise SystemExit(1)
+    return final
+
+
+def _fail_unless_succeeded(clients: Clients, settings: Settings, final: run_v2.Execution) -> None:
+    """Exit 2 with the trainer's Error/Hint when it recorded an error a retry cannot fix, else 1."""
+    if jobs.state(final) == "Succeeded":
+        return
+    stopped = run_results.recorded_failure(clients, settings, final.name)
+    if stopped is not None:
+        raise UserError(
+            f"Execution {jobs.short_name(final.name)} stopped on an error a retry cannot fix: "
+            f"{stopped.message}",
+            stopped.hint,
+        )
+    raise SystemExit(1)
 
 
 def _emit(line: logs.Line) -> None:
     click.echo(line.render())
 
 
+def _emit_json(line: logs.Line) -> None:
+    click.echo(json.dumps(line.document()))
+
+
 @main.command("logs")
-@settings_options
+@settings_options(fields=JOB_SETTINGS)
 @click.argument("execution", required=False)
 @click.option(
     "--follow", "-f", is_flag=True, help="Keep streaming until the execution ends; exit 1 if it failed."
 )
-def logs_command(settings: Settings, execution: str | None, follow: bool) -> None:
-    """Show an execution's logs (default: the newest), with the task index on each line."""
+@click.option(
+    "--json",
+    "as_json",
+    is_flag=True,
+    help='One JSON object per line: {"timestamp": RFC 3339 or null, "task": index or null, "text": ...}; '
+    "with --follow, every line and nothing else on stdout.",
+)
+@click.option(
+    "--verbose", "-v", is_flag=True, help="With --follow: every log line, no progress bar of the steps."
+)
+def logs_command(
+    settings: Settings, execution: str | None, follow: bool, as_json: bool, verbose: bool
+) -> None:
+    """Show an execution's logs (default: the newest), with the task index on each line.
+
+    With --follow, the trainer's step lines show as a progress bar with the time left (on a terminal)
+    or a line at each quarter of the steps; --verbose shows them all."""
     clients = Clients(settings.project_id)
     name = jobs.execution_name(clients, settings, execution)
-    if follow:
-        _follow(clients, settings, name)
+    if as_json:
+        logs.stream(clients, settings, name, follow=follow, emit=_emit_json)
+        if follow and not jobs.succeeded(jobs.get_execution(clients, settings, name)):
+            raise SystemExit(1)
+    elif follow:
+        _fail_unless_succeeded(clients, settings, _follow(clients, settings, name, verbose=verbose))
     else:
         logs.stream(clients, settings, name, follow=False, emit=_emit)
 
 
 @main.command()
-@settings_options
+@settings_options(fields=JOB_SETTINGS)
 @click.option(
     "--limit", type=click.IntRange(min=1), default=10, show_default=True, help="How many executions."
 )
@@ -588,7 +729,7 @@ def status(settings: Settings, limit: int, as_json: bool) -> None:
 
 
 @main.command()
-@settings_options
+@settings_options(fields=(*JOB_SETTINGS, "bucket"))
 @click.argument("execution", required=False)
 @click.option(
     "--json",
@@ -612,7 +753,8 @@ def results(settings: Settings, execution: str | None, as_json: bool) -> None:
     for column in ("metric", "baseline", "fine-tuned", "change"):
         table.add_column(column, justify="left" if column == "metric" else "right")
     for label, before, after, change in run_results.rows(found):
-        table.add_row(label, f"{before:.1%}", f"{after:.1%}", f"{change:+.1%}")
+        # A difference of two percentages is in percentage points: +62.2 pp, not +62.2 %.
+        table.add_row(label, f"{before:.1%}", f"{after:.1%}", f"{change * 100:+.1f} pp")
     console.print(table)
     console.print(
         f"model {found.get('model_id')}; eval method {found.get('eval_method')}, {found.get('eval_size')} "
@@ -628,7 +770,7 @@ def results(settings: Settings, execution: str | None, as_json: bool) -> None:
 
 
 @main.command()
-@settings_options
+@settings_options(fields=JOB_SETTINGS)
 @click.argument("execution", required=False)
 @click.option("--json", "as_json", is_flag=True, help="Print the outcome as JSON.")
 def cancel(settings: Settings, execution: str | None, as_json: bool) -> None:
@@ -677,7 +819,12 @@ def emulator() -> None:
     help="Keep state here across restarts (default: a new temporary directory).",
 )
 @click.option(
-    "--faults", help="Inject errors, e.g. 'UNAVAILABLE=0.3,DEADLINE_EXCEEDED=0.05,lost=0.1,seed=7'."
+    "--faults",
+    metavar="SPEC",
+    # Spaces after the commas let the help wrap between pairs instead of inside one.
+    help="Inject errors: comma-separated STATUS=RATE pairs (a gRPC status name), lost=RATE (the call is "
+    "carried out, its reply lost) and seed=N, e.g. 'UNAVAILABLE=0.3, DEADLINE_EXCEEDED=0.05, lost=0.1, "
+    "seed=7'.",
 )
 @click.option(
     "--record",
@@ -774,10 +921,15 @@ def _build_regions(text: str) -> list[str] | None:
 
 
 @main.command()
-@settings_options
+@settings_options(fields=STAGE_SETTINGS)
 @source_options
-@click.option("--dry-run", is_flag=True, help="Say what would be transferred; change nothing.")
+@click.option(
+    "--dry-run",
+    is_flag=True,
+    help="Show the plan (what would be transferred, where) and the equivalent commands; change nothing.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the outcome as JSON.")
+@click.option("--verbose", "-v", is_flag=True, help="A line per file staged.")
 def stage(
     settings: Settings,
     model_source: str | None,
@@ -786,6 +938,7 @@ def stage(
     stage_in: str,
     dry_run: bool,
     as_json: bool,
+    verbose: bool,
 ) -> None:
     """Copy the model weights and the dataset into the bucket (`up` does this too); safe to run again.
 
@@ -799,6 +952,13 @@ def stage(
     staging.check_named_sources(model_source, dataset_source)
     clients = Clients(settings.project_id)
     out = err_console if as_json else console
+    jobs_changed: list[jobs.JobChange] = []
+
+    def on_job(change: jobs.JobChange) -> None:
+        jobs_changed.append(change)
+        if not as_json and not dry_run:  # a dry run's plan is shown whole, at the end
+            _print_change("staging job", change.name, change.status, change.diff)
+
     sources = staging.choose_sources(clients.storage, settings, model_source, dataset_source, revision)
     if sources.recorded:
         out.print(sources.describe(settings.bucket), style="dim", soft_wrap=True)
@@ -816,18 +976,33 @@ def stage(
         image=image,
         dry_run=dry_run,
         console=out,
-        on_job=lambda change: None if as_json else _print_change("staging job", change.name, change.status),
+        on_job=on_job,
+        verbose=verbose,
     )
-    if as_json:
-        click.echo(json.dumps({"dry_run": dry_run, "staged": [asdict(item) for item in staged]}, indent=2))
-        return
+    commands = [change.command for change in jobs_changed if change.status != "unchanged"]
     for item in staged:
+        command = staging.equivalent_command(item, settings.bucket) if item.status != "unchanged" else ""
+        if command and command not in commands:
+            commands.append(command)
+    if as_json:
+        document = {"dry_run": dry_run, "staged": [asdict(item) for item in staged]}
+        click.echo(json.dumps({**document, "commands": commands} if dry_run else document, indent=2))
+        return
+    if dry_run:
+        console.print("Plan (dry run: nothing is transferred, created or changed):")
+        for change in jobs_changed:
+            _print_change("staging job", change.name, change.status, change.diff)
+    for item in staged:
+        where = "by the staging job" if item.staged_in == "cloud" else "from this machine"
         _print_change(
             item.kind,
-            f"gs://{settings.bucket}/{item.prefix}/ ({item.files} files, {item.bytes:,} bytes)",
+            f"gs://{settings.bucket}/{item.prefix}/ ({item.files} files, {human_bytes(item.bytes)}, {where})",
             item.status,
+            item.diff,
         )
     if dry_run:
-        commands = sorted({item.command for item in staged if item.command})
-        for command in commands:
-            console.print(f"Would run: {command}", markup=False, soft_wrap=True)
+        if commands:
+            console.print("Equivalent commands:")
+            for command in commands:
+                click.echo(f"  {command}")
+        console.print("\nDry run: nothing was changed.")

@@ -10,6 +10,7 @@ account, running launcher.stage_worker with arguments given per execution (launc
 from __future__ import annotations
 
 import contextlib
+import json
 import shlex
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -66,6 +67,7 @@ class JobChange:
     name: str
     status: str  # created | updated | unchanged | would create | would update
     command: str
+    diff: tuple[str, ...] = ()  # an update's changed fields: "path: before -> after"
 
 
 def trainer_args(settings: Settings, model_prefix: str, dataset_prefix: str) -> list[str]:
@@ -255,9 +257,44 @@ def _is_subset(wanted: Any, actual: Any) -> bool:
     return wanted == actual
 
 
+def spec_dict(job: run_v2.Job) -> dict[str, Any]:
+    """The job as its JSON form shows it: proto field names, enums by name ("launch_stage": "BETA")."""
+    return run_v2.Job.to_dict(job, always_print_fields_with_no_presence=False, use_integers_for_enums=False)
+
+
 def _managed_fields(job: run_v2.Job) -> dict[str, Any]:
-    as_dict = run_v2.Job.to_dict(job, always_print_fields_with_no_presence=False)
+    as_dict = spec_dict(job)
     return {key: as_dict.get(key) for key in ("labels", "launch_stage", "template")}
+
+
+def field_diff(wanted: Any, actual: Any, path: str = "") -> list[str]:
+    """ "path: before -> after" for each field we set that differs on the server (fields the server
+    added are not differences); a list of messages is compared item by item, any other list whole."""
+    if isinstance(wanted, dict):
+        actual = actual if isinstance(actual, dict) else {}
+        return [
+            line
+            for key, value in wanted.items()
+            for line in field_diff(value, actual.get(key), f"{path}.{key}" if path else key)
+        ]
+    if (
+        isinstance(wanted, list)
+        and isinstance(actual, list)
+        and len(wanted) == len(actual)
+        and all(isinstance(item, dict) for item in wanted)
+    ):
+        return [
+            line
+            for index, (item, found) in enumerate(zip(wanted, actual, strict=True))
+            for line in field_diff(item, found, f"{path}[{index}]")
+        ]
+    if _is_subset(wanted, actual):
+        return []
+    return [f"{path}: {_shown(actual)} -> {_shown(wanted)}"]
+
+
+def _shown(value: Any) -> str:
+    return "(unset)" if value is None else json.dumps(value, separators=(", ", ": "))
 
 
 def ensure_job(
@@ -289,18 +326,16 @@ def ensure_job(
             return ensure_job(clients, settings, job, dry_run=dry_run, describe=describe)
         return JobChange(settings.job_name, "created", command)
     command = describe(settings, job, "update")
-    wanted, actual = (
-        _managed_fields(job),
-        run_v2.Job.to_dict(existing, always_print_fields_with_no_presence=False),
-    )
-    if _is_subset(wanted, {key: actual.get(key) for key in wanted}):
+    wanted, actual = _managed_fields(job), spec_dict(existing)
+    diff = tuple(field_diff(wanted, {key: actual.get(key) for key in wanted}))
+    if not diff:
         return JobChange(settings.job_name, "unchanged", command)
     if dry_run:
-        return JobChange(settings.job_name, "would update", command)
+        return JobChange(settings.job_name, "would update", command, diff)
     update = run_v2.Job(job)
     update.name = settings.job_name
     clients.jobs.update_job(job=update, retry=RETRY).result(timeout=300, retry=RETRY)
-    return JobChange(settings.job_name, "updated", command)
+    return JobChange(settings.job_name, "updated", command, diff)
 
 
 def current_args(clients: Clients, settings: Settings) -> list[str]:

@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 import grpc
 from google.api_core import exceptions
@@ -37,6 +38,14 @@ class Line:
         when = self.timestamp.strftime("%H:%M:%S") if self.timestamp else "--:--:--"
         task = f"[task {self.task}]" if self.task else "[job]"
         return f"{when} {task} {self.text}"
+
+    def document(self) -> dict[str, Any]:
+        """The line for `logs --json`: the task index as a number, None for the job's own lines."""
+        return {
+            "timestamp": self.timestamp.isoformat() if self.timestamp else None,
+            "task": int(self.task) if self.task.isdigit() else None,
+            "text": self.text,
+        }
 
 
 def execution_filter(settings: Settings, execution: str) -> str:

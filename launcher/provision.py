@@ -98,6 +98,11 @@ def ensure_build_account(clients: Clients, settings: Settings, *, dry_run: bool 
     return _ensure_account(clients, settings, settings.build_service_account, "image build", dry_run=dry_run)
 
 
+# What "would update" / "updated" change; neither token is ever shown, only that they differ.
+_UNIFORM_ACCESS_ON = ("iamConfiguration.uniformBucketLevelAccess.enabled: false -> true",)
+_NEW_TOKEN_VERSION = ("latest version: the token it holds -> the one in $HF_TOKEN",)
+
+
 def ensure_bucket(clients: Clients, settings: Settings, *, dry_run: bool = False) -> Change:
     name = settings.bucket
     command = (
@@ -131,10 +136,11 @@ def ensure_bucket(clients: Clients, settings: Settings, *, dry_run: bool = False
                     name,
                     "would update",
                     f"gcloud storage buckets update gs://{name} --uniform-bucket-level-access",
+                    _UNIFORM_ACCESS_ON,
                 )
             bucket.iam_configuration.uniform_bucket_level_access_enabled = True
             bucket.patch(retry=RETRY)
-            return Change("bucket", name, "updated")
+            return Change("bucket", name, "updated", diff=_UNIFORM_ACCESS_ON)
         return Change("bucket", name, "unchanged")
 
 
@@ -342,6 +348,7 @@ def ensure_secret(clients: Clients, settings: Settings, *, dry_run: bool = False
                 name,
                 "would update",
                 f'printf %s "$HF_TOKEN" | gcloud secrets versions add {settings.secret_id} --data-file=-',
+                _NEW_TOKEN_VERSION,
             )
 
         def add() -> None:
@@ -359,7 +366,9 @@ def ensure_secret(clients: Clients, settings: Settings, *, dry_run: bool = False
             _destroy_raced_copies(clients, name, before, added.name, token)
 
         RETRY(add)()
-        return Change("secret", name, "created" if created or latest is None else "updated", command)
+        if created or latest is None:
+            return Change("secret", name, "created", command)
+        return Change("secret", name, "updated", command, _NEW_TOKEN_VERSION)
 
 
 def _version_number(name: str) -> int:

@@ -5,7 +5,8 @@ It runs in the project's image as a short CPU Cloud Run job in the bucket's regi
 starts it), and moves each Hub repository into the bucket with the same code as local staging:
 `hub_source` lists the repo at the commit the launcher resolved, `stage_source` transfers, verifies and
 writes the completion marker. The Hub token comes only from HF_TOKEN, which Cloud Run sets from the
-secret; it is never an argument. Output is one line per file, read back by the launcher through Logging.
+secret; it is never an argument. Output is a line at each quarter of the bytes (with --verbose, one per
+file), read back by the launcher through Logging.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, list[argparse.Namespace]
     common = argparse.ArgumentParser(prog="python -m launcher.stage_worker")
     common.add_argument("--project", required=True)
     common.add_argument("--bucket", required=True)
+    common.add_argument("--verbose", action="store_true", help="a line per file staged")
     group = argparse.ArgumentParser(prog="python -m launcher.stage_worker ... --kind")
     group.add_argument("--kind", required=True, choices=KINDS)
     group.add_argument("--source", required=True, help="Hub repo id")
@@ -45,7 +47,7 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, list[argparse.Namespace]
 def main(argv: list[str] | None = None) -> int:
     options, groups = parse(sys.argv[1:] if argv is None else argv)
     token = os.environ.get("HF_TOKEN", "").strip() or None
-    # Cloud Run's output is not a terminal, so staging prints one line per file instead of live bars.
+    # Cloud Run's output is not a terminal, so staging prints lines instead of live bars.
     console = Console(file=sys.stdout, highlight=False, markup=False, no_color=True, force_terminal=False)
     client = Clients(options.project).storage
     try:
@@ -54,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
         bucket = client.bucket(options.bucket)
         for group in groups:
             source = staging.hub_source(group.kind, group.source, group.revision, token, group.prefix)
-            staged = staging.stage_source(client, bucket, source, console=console)
+            staged = staging.stage_source(client, bucket, source, console=console, verbose=options.verbose)
             console.print(
                 f"{staged.status}: {staged.kind} {staged.source} -> gs://{options.bucket}/{staged.prefix}/ "
                 f"({staged.files} files, {staged.bytes:,} bytes)",

@@ -103,6 +103,8 @@ class Staged:
     bytes: int
     staged_in: str = "local"  # "local" | "cloud": where the bytes flow (or would)
     command: str = ""  # for the cloud: the equivalent `gcloud run jobs execute` command
+    revision: str | None = None  # the Hub commit staged; None for a local directory
+    diff: tuple[str, ...] = ()  # what an update changes: files to upload, files to delete
 
 
 @dataclass(frozen=True)
@@ -256,6 +258,7 @@ def stage(
     workers: int = WORKERS,
     on_bytes: OnBytes | None = None,
     on_job: Callable[[jobs.JobChange], None] | None = None,
+    verbose: bool = False,
 ) -> list[Staged]:
     """Stage the model and the dataset into settings.bucket; safe to run again, resumes after a failure.
 
@@ -263,7 +266,7 @@ def stage(
     region with `image` (the project's image) for Hub sources; "auto" is cloud for Hub sources when there
     is an image, local otherwise (a job cannot read this machine's directories). `on_job` hears how the
     staging job was created or updated, when one is needed. `on_bytes(path, count)` is called as bytes
-    of a file arrive locally (from worker threads).
+    of a file arrive locally (from worker threads). `verbose`: a line per file, here or in the job.
     """
     if stage_in not in STAGE_IN:
         raise UserError(f"Unknown --stage-in {stage_in!r}.", f"Use one of {', '.join(STAGE_IN)}.")
@@ -290,7 +293,9 @@ def stage(
     done: dict[str, Staged] = {}
     if in_cloud:
         assert image is not None
-        staged = _stage_in_cloud(clients, settings, bucket, in_cloud, image, dry_run, console, on_job)
+        staged = _stage_in_cloud(
+            clients, settings, bucket, in_cloud, image, dry_run, console, on_job, verbose
+        )
         done = {item.kind: item for item in staged}
     staged = [
         done.get(source.kind)
@@ -302,6 +307,7 @@ def stage(
             console=console,
             workers=workers,
             on_bytes=on_bytes,
+            verbose=verbose,
         )
         for source in sources
     ]
@@ -615,11 +621,12 @@ def stage_source(
     console: Console | None = None,
     workers: int = WORKERS,
     on_bytes: OnBytes | None = None,
+    verbose: bool = False,
 ) -> Staged:
     console = console or Console(stderr=True, highlight=False)
 
-    def staged(status: str) -> Staged:
-        return _staged(source, status, "local")
+    def staged(status: str, plan: _Plan | None = None) -> Staged:
+        return _staged(source, status, "local", diff=plan.diff() if plan and plan.ours else ())
 
     if bucket is None:  # dry run before `up` created the bucket
         return staged("would create")
@@ -628,16 +635,16 @@ def stage_source(
         if plan.unchanged:
             return staged("unchanged")
         if dry_run:
-            return staged("would update" if plan.ours else "would create")
+            return staged("would update" if plan.ours else "would create", plan)
         if plan.marker is not None:
             # From here until the new marker is written, the prefix must not read as complete.
             plan.marker.delete(retry=DEFAULT_RETRY)
         if plan.missing:
-            _transfer(bucket, source, plan.missing, console, workers, on_bytes)
+            _transfer(bucket, source, plan.missing, console, workers, on_bytes, verbose)
         for blob in plan.stale:
             blob.delete(retry=DEFAULT_RETRY)
         _write_marker(client, bucket, source)
-    return staged("updated" if plan.ours else "created")
+    return staged("updated" if plan.ours else "created", plan)
 
 
 @dataclass(frozen=True)
@@ -653,6 +660,22 @@ class _Plan:
     @property
     def unchanged(self) -> bool:
         return not self.missing and not self.stale and self.complete
+
+    def diff(self) -> tuple[str, ...]:
+        """What staging changes under a prefix staged before."""
+        lines = []
+        if self.missing:
+            size = human_bytes(sum(item.size for item in self.missing))
+            lines.append(f"{_files(len(self.missing))} to upload ({size}), missing or not intact")
+        if self.stale:
+            lines.append(f"{_files(len(self.stale))} to delete, no longer in the source")
+        if not lines:
+            lines.append("the completion marker to write again")
+        return tuple(lines)
+
+
+def _files(count: int) -> str:
+    return f"{count} file" if count == 1 else f"{count} files"
 
 
 def _plan(client: storage.Client, bucket: storage.Bucket, source: Source) -> _Plan:
@@ -674,9 +697,10 @@ def _plan(client: storage.Client, bucket: storage.Bucket, source: Source) -> _Pl
 # ---------------------------------------------------------------------------------------------- in the cloud
 
 
-def worker_args(settings: Settings, sources: list[Source]) -> list[str]:
+def worker_args(settings: Settings, sources: list[Source], verbose: bool = False) -> list[str]:
     """The staging job's arguments for these Hub sources, each pinned to the commit resolved here."""
     args = ["--project", settings.project_id, "--bucket", settings.bucket]
+    args += ["--verbose"] if verbose else []
     for source in sources:
         assert source.revision is not None
         args += ["--kind", source.kind, "--source", source.origin, "--revision", source.revision]
@@ -693,11 +717,13 @@ def _stage_in_cloud(
     dry_run: bool,
     console: Console,
     on_job: Callable[[jobs.JobChange], None] | None,
+    verbose: bool = False,
 ) -> list[Staged]:
     """Stage Hub sources with one execution of the staging job; what is already complete runs nothing."""
     stage_settings = jobs.stage_settings(settings)
     results: dict[str, Staged] = {}
     pending: dict[str, str] = {}  # kind -> the status once staged
+    diffs: dict[str, tuple[str, ...]] = {}
     for source in sources:
         plan = None
         if bucket is not None:
@@ -707,10 +733,11 @@ def _stage_in_cloud(
             results[source.kind] = _staged(source, "unchanged", "cloud")
         else:
             pending[source.kind] = "updated" if plan is not None and plan.ours else "created"
+            diffs[source.kind] = plan.diff() if plan is not None and plan.ours else ()
     if not pending:
         return [results[source.kind] for source in sources]
     todo = [source for source in sources if source.kind in pending]
-    args = worker_args(settings, todo)
+    args = worker_args(settings, todo, verbose)
     command = shlex.join(
         ["gcloud", "run", "jobs", "execute", stage_settings.job, f"--region={settings.region}"]
         + [f"--project={settings.project_id}", "--args=" + ",".join(args), "--wait"]
@@ -726,7 +753,7 @@ def _stage_in_cloud(
     if dry_run:
         for source in todo:
             status = "would update" if pending[source.kind] == "updated" else "would create"
-            results[source.kind] = _staged(source, status, "cloud", command)
+            results[source.kind] = _staged(source, status, "cloud", command, diffs[source.kind])
         return [results[source.kind] for source in sources]
     _run_staging_job(clients, stage_settings, args, todo, console)
     assert bucket is not None
@@ -740,7 +767,7 @@ def _stage_in_cloud(
                 "Run again. If it persists, the job's image may be older than this launcher: run "
                 "`gemma-launch up` to build the current one.",
             )
-        results[source.kind] = _staged(source, pending[source.kind], "cloud", command)
+        results[source.kind] = _staged(source, pending[source.kind], "cloud", command, diffs[source.kind])
     return [results[source.kind] for source in sources]
 
 
@@ -789,9 +816,37 @@ def _run_staging_job(
     )
 
 
-def _staged(source: Source, status: str, where: str, command: str = "") -> Staged:
+def _staged(source: Source, status: str, where: str, command: str = "", diff: tuple[str, ...] = ()) -> Staged:
     return Staged(
-        source.kind, source.source, source.prefix, status, len(source.items), source.bytes, where, command
+        source.kind,
+        source.source,
+        source.prefix,
+        status,
+        len(source.items),
+        source.bytes,
+        where,
+        command,
+        source.revision,
+        diff,
+    )
+
+
+def equivalent_command(item: Staged, bucket: str) -> str:
+    """The commands that copy what `item` stages: the staging job's execution for the cloud; for this
+    machine, `gcloud storage rsync` of the directory, after `hf download` for a Hub repo."""
+    if item.command:
+        return item.command
+    destination = f"gs://{bucket}/{item.prefix}"
+    if _is_local(item.source):
+        return shlex.join(["gcloud", "storage", "rsync", "--recursive", item.source, destination])
+    here = f"./{Path(item.prefix).name}"
+    download = ["hf", "download", item.source, "--local-dir", here]
+    download += ["--repo-type", "dataset"] if item.kind == "dataset" else []
+    download += ["--revision", item.revision] if item.revision else []
+    return (
+        shlex.join(download)
+        + " && "
+        + shlex.join(["gcloud", "storage", "rsync", "--recursive", here, destination])
     )
 
 
@@ -821,6 +876,7 @@ def _transfer(
     console: Console,
     workers: int,
     on_bytes: OnBytes | None,
+    verbose: bool = False,
 ) -> None:
     total = sum(item.size for item in items)
     metadata = {"source": source.origin}
@@ -829,7 +885,7 @@ def _transfer(
     label = f"{source.kind} {source.source} -> gs://{bucket.name}/{source.prefix}/"
     console.print(f"Staging {label}: {len(items)} files, {human_bytes(total)}", soft_wrap=True)
     started = time.monotonic()
-    with Reporter(console, source.kind, total) as reporter:
+    with Reporter(console, source.kind, total, verbose=verbose) as reporter:
 
         def advance(path: str, count: int) -> None:
             reporter.advance(path, count)

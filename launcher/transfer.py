@@ -47,6 +47,8 @@ from rich.progress import (
     TransferSpeedColumn,
 )
 
+from launcher.progress import QUARTERS, Pace, Quarters, duration
+
 PIECE = 1 << 20
 READ_AHEAD = 16 << 20  # per file being uploaded: what the reader thread may fetch ahead of the upload
 CHECKPOINT = 64 << 20  # hash state kept every this many bytes, to resume an upload mid-file
@@ -418,14 +420,20 @@ def _first_real_error(failed: list[Future[Any]]) -> BaseException:
 
 
 class Reporter:
-    """Progress: total bytes, rate and ETA on a terminal; one line per finished file otherwise."""
+    """Progress: total bytes, rate and ETA on a terminal. Otherwise a line at each quarter of the bytes,
+    or with `verbose` one line per finished file."""
 
-    def __init__(self, console: Console, label: str, total: int) -> None:
+    def __init__(self, console: Console, label: str, total: int, *, verbose: bool = False) -> None:
         self._console = console
         self._live = console.is_terminal
+        self._verbose = verbose
+        self._label = label
         self._lock = threading.Lock()
         self._started: dict[str, float] = {}
         self._tasks: dict[str, TaskID] = {}
+        self._done = 0
+        self._quarters = Quarters(total, QUARTERS[:-1])  # the caller says when it is all done
+        self._pace = Pace()
         self._progress = Progress(
             TextColumn("{task.description}"),
             BarColumn(),
@@ -456,6 +464,21 @@ class Reporter:
         task = self._tasks.get(path)
         if task is not None:
             self._progress.advance(task, count)
+        if self._live or self._verbose:
+            return
+        with self._lock:
+            self._done += count
+            total = self._quarters.total
+            left = self._pace.left(self._done, total, time.monotonic())
+            reached = self._quarters.passed(self._done)
+            if reached is None:
+                return
+            eta = f", about {duration(left)} left" if left is not None and left >= 1 else ""
+            self._console.print(
+                f"  {self._label}: {reached:.0%} ({human_bytes(self._done)} of {human_bytes(total)}){eta}",
+                soft_wrap=True,
+                highlight=False,
+            )
 
     def finish(self, item: Item) -> None:
         with self._lock:
@@ -463,7 +486,7 @@ class Reporter:
             task = self._tasks.pop(item.path, None)
         if task is not None:
             self._progress.remove_task(task)
-        else:
+        elif self._verbose:
             self._console.print(
                 f"  uploaded {item.path} ({human_bytes(item.size)} in {seconds:.1f} s, "
                 f"{human_bytes(item.size / seconds)}/s)",

@@ -14,6 +14,7 @@ import os
 import signal
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import datasets
@@ -74,6 +75,11 @@ CPU_BATCH_SIZE = 8
 def setup_logging() -> None:
     logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="%(asctime)s %(levelname)s %(message)s")
     transformers.utils.logging.set_verbosity_warning()
+    # PEFT 0.21 (get_peft_model) and TRL 1.16 (generation) still read transformers 5's deprecated alias
+    # `is_gradient_checkpointing`: their warning names nothing a user of the trainer can change.
+    warnings.filterwarnings(
+        "ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning
+    )
     if not sys.stdout.isatty():
         transformers.utils.logging.disable_progress_bar()
         datasets.disable_progress_bars()

@@ -8,6 +8,7 @@ before it starts an execution, and to turn a setting into the trainer's argument
 from __future__ import annotations
 
 import argparse
+import copy
 import difflib
 import re
 from collections.abc import Callable
@@ -75,6 +76,26 @@ _EXPECTS: dict[Callable[[str], Any], str] = {
 _ARGUMENT = re.compile(r"^argument (?P<flags>[^:]+): ")
 
 
+class ShowDefaults(argparse.ArgumentDefaultsHelpFormatter):
+    """argparse's "(default: ...)" after every option, also those without a help text; a default of
+    None or a flag's False says nothing and is left out."""
+
+    def _format_action(self, action: argparse.Action) -> str:
+        if action.help is None and action.option_strings and self._shows_default(action):
+            action = copy.copy(action)
+            action.help = "(default: %(default)s)"
+        return super()._format_action(action)
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if not self._shows_default(action):
+            return action.help
+        return super()._get_help_string(action)
+
+    @staticmethod
+    def _shows_default(action: argparse.Action) -> bool:
+        return action.default not in (None, False, argparse.SUPPRESS)
+
+
 class Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:  # type: ignore[override]
         # Not argparse's usage block and exit: main() prints one Error: and one Hint: line, and records
@@ -96,7 +117,7 @@ class Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> Parser:
-    p = Parser(prog="python -m trainer", description=DESCRIPTION)
+    p = Parser(prog="python -m trainer", description=DESCRIPTION, formatter_class=ShowDefaults)
     p.add_argument("--model-id", default="google/gemma-3-4b-it", help="Hub id or local model directory")
     p.add_argument(
         "--dataset",

@@ -10,6 +10,7 @@ import argparse
 from pathlib import Path
 
 import torch
+import transformers
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import (
     Gemma3Config,
@@ -80,8 +81,12 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     corpus = [PROMPT, "user model system", *(readable_name(b) for b in BREEDS)] * 20
+    # No progress bar: off a terminal it prints only blank lines, for a training of a few milliseconds.
     trainer = trainers.BpeTrainer(
-        vocab_size=400, special_tokens=SPECIAL_TOKENS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        vocab_size=400,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
     )
     tokenizer.train_from_iterator(corpus, trainer)
     bos_id = tokenizer.token_to_id("<bos>")
@@ -186,6 +191,8 @@ def main() -> None:
     parser.add_argument("out_dir", type=Path)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
+    # save_pretrained's "Writing model shards" bar: one shard of half a megabyte, written at once.
+    transformers.utils.logging.disable_progress_bar()
     build(args.out_dir, args.seed)
     print(f"wrote a tiny Gemma 3 to {args.out_dir}")
 

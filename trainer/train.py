@@ -50,10 +50,21 @@ class AnswerOnlyCollator:
 
 
 class LogLine(TrainerCallback):
-    """One plain line per logging step (Cloud Logging shows one entry per line)."""
+    """One plain line per logging step (Cloud Logging shows one entry per line), and one when training
+    ends: each starts "step N/TOTAL", which the launcher reads to show training's progress."""
 
     def on_train_begin(self, args, state, control, **kwargs) -> None:
         self.last_time, self.last_step = time.perf_counter(), state.global_step
+        self.began = self.last_time
+
+    def on_train_end(self, args, state, control, **kwargs) -> None:
+        log.info(
+            "step %d/%d: training %s in %.1f s",
+            state.global_step,
+            state.max_steps,
+            "done" if state.global_step >= state.max_steps else "stopped",
+            time.perf_counter() - self.began,
+        )
 
     def on_log(self, args, state, control, logs=None, **kwargs) -> None:
         if not logs or "loss" not in logs:
@@ -90,11 +101,13 @@ def sft_config(args, run_dir: Path, device: str, batch_size: int, num_workers: i
         bf16=device != "cpu",  # TRL defaults to bf16, which fails on CPU
         use_cpu=device == "cpu",
         # TRL's default is on, for every layer; trainer.speed checkpoints only the layers memory demands.
-        gradient_checkpointing=False,
+        # (activation_checkpointing is transformers 5's name; gradient_checkpointing is deprecated.)
+        activation_checkpointing=False,
         dataloader_num_workers=num_workers,
         # Pinned batches copied without waiting: a blocking copy makes each step start only once the GPU
-        # has finished the previous one, and the GPU then idles while the host prepares the step.
-        accelerator_config={"non_blocking": True},
+        # has finished the previous one, and the GPU then idles while the host prepares the step. On CPU
+        # there is no copy to overlap (and no pinned memory, which Trainer warns about).
+        accelerator_config={"non_blocking": device == "cuda"},
         # Trainer's NaN check reads every step's loss back from the GPU, the same wait; a NaN loss is
         # logged as NaN instead of being replaced by the previous average.
         logging_nan_inf_filter=False,

@@ -25,6 +25,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import ipaddress
+import logging
 import mimetypes
 import re
 import threading
@@ -62,6 +63,15 @@ _UBLA_LOCK = timedelta(days=90)
 
 
 _EMULATED: weakref.WeakKeyDictionary[Storage, CloudStorage] = weakref.WeakKeyDictionary()
+
+
+def _not_a_missing_object(record: logging.LogRecord) -> bool:
+    # The package logs each read of a missing object as an error ("Resource not found:", then the
+    # OSError) before answering 404: an answer the launcher expects, not a fault of the emulator.
+    return record.msg != "Resource not found:" and not isinstance(record.msg, OSError)
+
+
+logging.getLogger("gcp_storage_emulator.storage").addFilter(_not_a_missing_object)
 
 
 # ---- buckets.insert -------------------------------------------------------------------------------

@@ -28,3 +28,17 @@ def test_demo_fine_tunes_well_above_the_baseline(tmp_path):
     baseline, final = map(float, re.search(r"Accuracy\s*│\s*([\d.]+)%\s*│\s*([\d.]+)%", out).groups())
     assert baseline < 15 and final > 50, out[-3000:]
     assert "hf_demo_" not in out + done.stderr
+    # Output a person reads: each long step summarised (staging, build, training), no library noise.
+    shown = (out + done.stderr).splitlines()
+    assert len(shown) < 150, f"{len(shown)} lines:\n" + "\n".join(shown)
+    for noise in (
+        "uploaded ",
+        "Step #",
+        "FutureWarning",
+        "non_blocking",
+        "cloud.google.com/cloud-build",
+        "\r",
+    ):
+        assert noise not in out + done.stderr, noise
+    assert re.search(r"\] training: step \d+/235 \(25%\)", out)
+    assert "Resource not found" not in (tmp_path / "demo" / "emulator.log").read_text()

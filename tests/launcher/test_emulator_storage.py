@@ -161,3 +161,11 @@ def test_import_tree_of_missing_bucket_is_not_found(local):
     with pytest.raises(ApiError) as raised:
         local.emulator.services["storage"].import_tree("no-such-bucket")
     assert raised.value.code.name == "NOT_FOUND"
+
+
+def test_reading_a_missing_object_is_a_404_and_no_error_in_the_emulators_log(local, caplog):
+    bucket = _bucket(local.clients().storage)
+    caplog.set_level("DEBUG")
+    with pytest.raises(exceptions.NotFound):
+        bucket.blob("absent.json").download_as_bytes()
+    assert not [record for record in caplog.records if record.levelname == "ERROR"], caplog.text

@@ -7,8 +7,13 @@ emulated Cloud Run runs it as a local process, as the real trainer runs in the d
 from __future__ import annotations
 
 import json
+import os
+import re
 import shutil
+import subprocess
+import sys
 import textwrap
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -46,6 +51,8 @@ FAKE_TRAINER = textwrap.dedent(
     if strategy == "always-fail" or (strategy == "fail-once" and attempt == 0):
         print("failing on purpose", file=sys.stderr, flush=True)
         sys.exit(3)
+    for step in range(10, 41, 10):  # the real trainer's step lines
+        print(f"INFO step {step}/40 epoch {step / 40:.2f} loss {4 - step / 20:.4f}", flush=True)
     out = pathlib.Path(flags["--output-dir"]) / os.environ["CLOUD_RUN_EXECUTION"]
     out.mkdir(parents=True, exist_ok=True)
     lr = float(flags.get("--learning-rate", "0.001"))
@@ -98,8 +105,9 @@ def up(project_dir: Path, *args: str):
 
 
 def test_up_creates_the_gpu_job_as_cloud_run_receives_it(env, project_dir):
-    result = up(project_dir)
+    result = up(project_dir, "--verbose")
     assert result.exit_code == 0, result.output
+    assert "Step 1/4 : FROM python:3.11-slim" in result.output  # --verbose: the whole build log
     assert any(line.split()[:2] == ["created", "job"] for line in result.output.splitlines())
     job = env.clients(PROJECT).jobs.get_job(name=JOB)
     task = job.template.template
@@ -130,7 +138,16 @@ def test_up_creates_the_gpu_job_as_cloud_run_receives_it(env, project_dir):
 
 
 def test_second_up_rewrites_nothing_and_a_changed_setting_updates_the_job(env, project_dir):
-    assert up(project_dir).exit_code == 0
+    first = up(project_dir)
+    assert first.exit_code == 0, first.output
+    # Off a terminal the build is summarised: the line naming it, then a line per quarter of its steps.
+    build_lines = [line.strip() for line in first.output.splitlines() if "Cloud Build" in line]
+    assert re.fullmatch(r"Cloud Build [\w-]+ started", build_lines[0]), build_lines
+    assert [line.split(" (")[0] for line in build_lines[1:]] == [
+        "Cloud Build: step 1/2",
+        "Cloud Build: step 2/2",
+    ]
+    assert "Step #" not in first.output and "FROM python" not in first.output
     before = len(env.record())
     again = up(project_dir)
     assert again.exit_code == 0, again.output
@@ -138,9 +155,19 @@ def test_second_up_rewrites_nothing_and_a_changed_setting_updates_the_job(env, p
     methods = [entry["method"] for entry in env.record()[before:]]
     assert "CreateBuild" not in methods and "UpdateJob" not in methods and "CreateJob" not in methods
 
+    # The plan and the update say what changes, field by field.
+    diff = 'template.template.timeout: "3600s" -> "7200s"'
+    planned = up(project_dir, "--task-timeout", "2h", "--dry-run")
+    assert planned.exit_code == 0, planned.output
+    lines = planned.output.splitlines()
+    (job_line,) = [
+        index for index, line in enumerate(lines) if line.split()[:3] == ["would", "update", "job"]
+    ]
+    assert lines[job_line + 1].strip() == diff, planned.output
     changed = up(project_dir, "--task-timeout", "2h")
     assert changed.exit_code == 0, changed.output
     assert any("updated" in line and "job" in line for line in changed.output.splitlines())
+    assert diff in changed.output
     job = env.clients(PROJECT).jobs.get_job(name=JOB)
     assert job.template.template.timeout.total_seconds() == 2 * 3600
 
@@ -152,6 +179,9 @@ def test_dry_run_shows_the_job_spec_and_gcloud_command(env, project_dir):
     assert "--gpu-type=nvidia-rtx-pro-6000" in result.output
     assert "--set-secrets=HF_TOKEN=HF_TOKEN:latest" in result.output
     assert '"nvidia.com/gpu": "1"' in result.output
+    assert '"launch_stage": "BETA"' in result.output  # enums by name, as gcloud and the API show them
+    commands = result.output.split("Equivalent commands:")[1]
+    assert "gcloud builds submit" in commands and "gcloud beta run jobs create" in commands
     assert not [
         entry for entry in env.record() if entry["method"].startswith(("Create", "Update", "Add", "Set"))
     ]
@@ -170,6 +200,13 @@ def test_run_follow_streams_logs_with_overrides_and_results_prints_the_table(env
     assert argv[argv.index("--output-dir") + 1].endswith("/runs")
     assert "done" in result.output
     assert "succeeded: 1/1 tasks succeeded" in result.output
+    # Off a terminal the trainer's step lines become a line at each quarter of the steps.
+    quarters = [line.split("] ", 1)[1] for line in result.output.splitlines() if "] training: " in line]
+    assert [line.split(", about")[0] for line in quarters] == [
+        f"training: step {step}/40 ({step * 100 // 40}%), loss {4 - step / 20:.4f}"
+        for step in (10, 20, 30, 40)
+    ]
+    assert " epoch " not in result.output
     # The overrides were for that execution only.
     job = env.clients(PROJECT).jobs.get_job(name=JOB)
     assert "--learning-rate" not in job.template.template.containers[0].args
@@ -177,13 +214,14 @@ def test_run_follow_streams_logs_with_overrides_and_results_prints_the_table(env
     table = cli("results")
     assert table.exit_code == 0, table.output
     assert "Accuracy" in table.output and "5.0%" in table.output and "80.0%" in table.output
-    assert "+75.0%" in table.output
+    assert "+75.0 pp" in table.output  # a difference of percentages, in percentage points
     as_json = json.loads(cli("results", "--json").output)
     assert as_json["final"]["macro_f1"] == pytest.approx(0.875)
 
     logs = cli("logs")
     assert logs.exit_code == 0
     assert logs.output.count(" done") == 1  # history shows each line once
+    assert logs.output.count(" epoch ") == 4  # every line, as the trainer wrote it
 
     status = cli("status", "--json")
     (row,) = json.loads(status.output)
@@ -609,3 +647,61 @@ def test_up_keeps_the_sources_it_staged_until_others_are_named(env, project_dir,
     )
     assert "gs://demo-project-gemma3-finetuning/models/tiny-model/" in gone.output
     assert up(project_dir).exit_code == 0  # --skip-stage: the staged copy as it is
+
+
+def test_run_and_logs_print_json(env, project_dir):
+    assert up(project_dir).exit_code == 0
+    started = cli("run", "--json")
+    assert started.exit_code == 0, started.output
+    execution = json.loads(started.stdout)
+    assert set(execution) == {
+        "execution",
+        "name",
+        "job",
+        "state",
+        "tasks",
+        "succeeded",
+        "failed",
+        "retried",
+        "started",
+        "duration",
+        "why",
+    }
+    assert execution["name"] == f"{JOB}/executions/{execution['execution']}"
+    assert execution["job"] == "gemma3-finetuning-job" and execution["tasks"] == 1
+
+    followed = cli("logs", execution["execution"], "--follow", "--json")
+    assert followed.exit_code == 0, followed.output
+    lines = [json.loads(line) for line in followed.stdout.splitlines()]
+    assert all(set(line) == {"timestamp", "task", "text"} for line in lines)
+    assert {line["task"] for line in lines} <= {0, None}
+    assert "done" in [line["text"] for line in lines if line["task"] == 0]
+    assert all(datetime.fromisoformat(line["timestamp"]).tzinfo for line in lines)
+    # Every step line: JSON is for machines, which want the whole log.
+    assert sum(" epoch " in line["text"] for line in lines) == 4
+
+    ended = cli("run", "--follow", "--json")
+    assert ended.exit_code == 0, ended.output
+    final = json.loads(ended.stdout)  # stdout holds the JSON alone; the log went to stderr
+    assert (final["state"], final["succeeded"]) == ("Succeeded", 1)
+    assert "[task 0] done" in ended.stderr
+
+
+def test_on_a_terminal_the_build_and_the_training_steps_show_as_progress_bars(env, project_dir):
+    # Rich takes TTY_COMPATIBLE=1 for a terminal (https://rich.readthedocs.io/en/latest/console.html).
+    terminal = {**os.environ, "TTY_COMPATIBLE": "1", "TTY_INTERACTIVE": "1", "COLUMNS": "120"}
+    gemma_launch = str(Path(sys.executable).parent / "gemma-launch")
+
+    def shown(*args: str) -> str:
+        done = subprocess.run(
+            [gemma_launch, *args], env=terminal, capture_output=True, text=True, timeout=300
+        )
+        assert done.returncode == 0, done.stdout + done.stderr
+        return re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", done.stdout)
+
+    built = shown("up", "--skip-stage", "--source", str(project_dir), "--max-retries", "1")
+    assert re.search(r"Cloud Build: build\s+━+\s+2/2 ", built), built
+    assert "Step #" not in built
+    ran = shown("run", "--follow")
+    assert re.search(r"training: loss 2\.0000\s+━+\s+40/40 ", ran), ran
+    assert " epoch " not in ran and "succeeded: 1/1 tasks succeeded" in ran

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import io
 import random
+import re
 import socket
 import threading
 from collections.abc import Iterator
@@ -124,7 +125,7 @@ def test_hub_repo_lands_byte_identical_and_a_second_run_transfers_nothing(local,
     big = model_files(200 * 1000 * 1000 + 3)
     commit = hub.add_repo(MODEL, big)
 
-    staged, output = run(local)
+    staged, output = run(local, verbose=True)  # a line per file
 
     assert [(s.kind, s.prefix, s.status, s.files) for s in staged] == [
         ("model", MODEL, "created", 5),
@@ -500,3 +501,49 @@ def test_the_cli_stages_and_the_token_never_leaves_for_the_cloud(local, hub, buc
     for path in local.emulator.data_dir.rglob("*"):
         if path.is_file() and path.stat().st_size < 10 * MiB:
             assert TOKEN.encode() not in path.read_bytes(), path
+
+
+def test_the_cli_shows_a_plan_then_a_line_per_quarter_and_per_file_only_when_verbose(
+    local, bucket, tmp_path, monkeypatch
+):
+    monkeypatch.setenv("PROJECT_ID", PROJECT)
+    model, pets = tmp_path / "tiny-model", tmp_path / "pets"
+    model.mkdir()
+    (model / "config.json").write_text("{}" + " " * 998)
+    for index in range(1, 8):
+        (model / f"shard-{index}.bin").write_bytes(random_bytes(1000, index))
+    for name, data in {"images/pug_1.jpg": b"jpeg", "annotations/list.txt": b"pug_1 1 1 1\n"}.items():
+        (pets / name).parent.mkdir(parents=True, exist_ok=True)
+        (pets / name).write_bytes(data)
+    stage = ["stage", "--stage-in", "local", "--model-source", str(model), "--dataset-source", str(pets)]
+    runner = CliRunner()
+
+    plan = runner.invoke(main, [*stage, "--dry-run"])
+    assert plan.exit_code == 0, plan.output
+    lines = plan.output.splitlines()
+    assert lines[0] == "Plan (dry run: nothing is transferred, created or changed):"
+    assert (
+        f"would create  model            gs://{BUCKET}/models/tiny-model/ (8 files, 8.0 KB, " in plan.output
+    )
+    assert lines[lines.index("Equivalent commands:") + 1] == (
+        f"  gcloud storage rsync --recursive {model} gs://{BUCKET}/models/tiny-model"
+    )
+    assert lines[-1] == "Dry run: nothing was changed."
+    assert uploads(local) == []
+
+    staged = runner.invoke(main, stage)
+    assert staged.exit_code == 0, staged.output
+    # Off a terminal: the quarters of the bytes, not a line per file.
+    assert re.findall(r"^  model: (\d+)% \(", staged.output, re.MULTILINE) == ["25", "50", "75"]
+    assert "uploaded" not in staged.output
+
+    (model / "shard-3.bin").write_bytes(b"retrained")
+    (model / "shard-7.bin").unlink()
+    changed = runner.invoke(main, [*stage, "--dry-run"])
+    assert "would update  model" in changed.output, changed.output
+    assert "1 file to upload (9 B), missing or not intact" in changed.output
+    assert "1 file to delete, no longer in the source" in changed.output
+
+    verbose = runner.invoke(main, [*stage, "--verbose"])
+    assert verbose.exit_code == 0, verbose.output
+    assert re.search(r"^  uploaded shard-3\.bin \(9 B in ", verbose.output, re.MULTILINE), verbose.output

@@ -99,13 +99,14 @@ def files(local, prefix: str) -> dict[str, bytes]:
 
 
 def test_up_stages_hub_repos_in_the_cloud_like_local_staging_and_then_runs_nothing(env, hub, tmp_path):
-    result = cli("up", "--model-source", MODEL, "--dataset-source", DATASET)
+    result = cli("up", "--model-source", MODEL, "--dataset-source", DATASET, "--verbose")
 
     assert result.exit_code == 0, result.output
     lines = result.output.splitlines()
     kinds = [line.split()[1] for line in lines if line.split()[:1] == ["created"]]
     # provision -> build -> stage -> job: the staging job runs the image this `up` built.
     assert kinds.index("image") < kinds.index("staging") < kinds.index("model") < kinds.index("job")
+    # --verbose reaches the job: its log has a line per file.
     assert any(re.search(r"\[task 0\]\s+uploaded model.safetensors", line) for line in lines)
     assert files(env, MODEL) == MODEL_FILES
     assert files(env, "datasets/oxford-iiit-pet") == DATASET_FILES
@@ -212,6 +213,8 @@ def test_local_directories_stage_from_this_machine_and_cloud_refuses_them(env, h
 
     assert result.exit_code == 0, result.output
     assert files(env, "models/tiny-gemma") == {"config.json": b"{}", "model.safetensors": b"\1" * 5000}
+    # Without --verbose the job's log tells the quarters of the bytes, not each file.
+    assert re.search(r"\[task 0\]\s+dataset: \d+% \(", result.output) and "uploaded" not in result.output
     # The Hub dataset went through the staging job, the directory did not.
     (run,) = stage_runs(env)
     args = run["request"]["overrides"]["containerOverrides"][0]["args"]
@@ -240,6 +243,8 @@ def test_dry_run_shows_the_staging_job_and_changes_nothing(env, hub):
     assert re.search(r"would create\s+staging job", result.output)
     assert "gcloud run jobs create gemma3-finetuning-job-stage" in result.output
     assert "gcloud run jobs execute gemma3-finetuning-job-stage" in result.output
+    commands = result.output.split("Equivalent commands:")[1]
+    assert "gcloud builds submit" in commands and "gcloud run jobs execute" in commands
     assert not [e for e in env.record() if e["method"].startswith(("Create", "Run", "Update", "Add"))]
     assert not [e for e in env.record() if e["service"] == "storage" and e["method"] != "buckets.get"]
     assert hub.downloads() == []

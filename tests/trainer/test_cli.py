@@ -1,6 +1,7 @@
 """Flags: bad values end with one `Error:` and one `Hint:` line and exit 2 before any weights load; --dry-run
 loads none."""
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -8,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from trainer.__main__ import main
+from trainer.__main__ import main, parse_args
 from trainer.data import load_pets
 from trainer.synthetic import write_dataset
 
@@ -138,11 +139,18 @@ def test_dry_run_formats_data_without_loading_weights(
 
 def test_module_commands_write_a_loadable_model_and_dataset(trainer_cli, tmp_path: Path) -> None:
     repo = Path(__file__).resolve().parents[2]
-    for command in (
-        ["trainer.tiny", str(tmp_path / "m")],
-        ["trainer.synthetic", str(tmp_path / "d"), "--per-class", "2", "--test-per-class", "1"],
+    for command, said in (
+        (["trainer.tiny", str(tmp_path / "m")], f"wrote a tiny Gemma 3 to {tmp_path / 'm'}\n"),
+        (
+            ["trainer.synthetic", str(tmp_path / "d"), "--per-class", "2", "--test-per-class", "1"],
+            f"wrote 111 images to {tmp_path / 'd'}\n",
+        ),
     ):
-        subprocess.run([sys.executable, "-m", *command], cwd=repo, check=True, capture_output=True)
+        done = subprocess.run(
+            [sys.executable, "-m", *command], cwd=repo, check=True, capture_output=True, text=True
+        )
+        # Off a terminal: the one line, no blank lines or progress bars.
+        assert (done.stdout, done.stderr) == (said, "")
     data = load_pets(str(tmp_path / "d"), 74, 37, seed=0)
     assert (len(data.train), len(data.test)) == (74, 37)
     result = trainer_cli(
@@ -182,3 +190,19 @@ def test_running_out_of_gpu_memory_names_the_flags_that_need_less(
         "--gradient-checkpointing on (now auto), a smaller --eval-batch-size (now 16), or --quantization "
         "int8 or 4bit (now auto)\n"
     )
+
+
+def test_help_shows_every_default(trainer_cli) -> None:
+    result = trainer_cli(["--help"])
+    assert result.returncode == 0, result.stderr
+    # Each option's entry runs from its flag to the next option's; the help wraps to the terminal width.
+    # (A group's description may start a line with a flag too: the option's own entry comes first.)
+    entries: dict[str, str] = {}
+    for entry in re.split(r"\n  (?=--)", result.stdout):
+        entries.setdefault(entry.split()[0].rstrip(","), " ".join(entry.split()))
+    defaults = {**vars(parse_args([])), "batch_size": "auto"}
+    shown = [key for key, value in defaults.items() if value not in (None, False)]
+    assert len(shown) > 20
+    for key in shown:
+        flag = "--" + key.replace("_", "-")
+        assert f"(default: {defaults[key]})" in entries[flag], entries[flag]

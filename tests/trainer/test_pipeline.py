@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -128,11 +129,19 @@ def test_logs_one_line_per_step_and_the_final_table_without_the_token(trained_ru
     step_lines = [line for line in lines if " loss " in line and " lr " in line and "samples/s" in line]
     assert len(step_lines) == 23  # logging every 10 of 235 steps
     assert "step 10/235" in step_lines[0]
+    # The end of training, in the same "step N/TOTAL" form the launcher reads for its progress bar.
+    assert any(re.search(r" INFO step 235/235: training done in [\d.]+ s$", line) for line in lines)
     assert any("task attempt 0: starting fresh" in line for line in lines)
     table = [line for line in lines if line.split(" INFO ")[-1].startswith(("score ", "generate "))]
     assert len(table) == 6
     assert "\r" not in trained_run.stdout + trained_run.stderr  # no progress bars when not a terminal
     assert trained_run.token not in trained_run.stdout + trained_run.stderr
+
+
+def test_the_log_carries_no_library_warnings(trained_run) -> None:
+    output = trained_run.stdout + trained_run.stderr
+    for noise in ("FutureWarning", "warnings.warn", "non_blocking", "deprecated"):
+        assert noise not in output, noise
 
 
 def test_outputs_are_uploaded_to_the_gcs_path(trained_run, storage_emulator) -> None:

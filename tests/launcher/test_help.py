@@ -1,0 +1,106 @@
+"""--help as a user reads it, and the shell completion the README documents; no emulator needed."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from launcher.cli import main
+
+PROVISIONING_ONLY = ("--memory", "--cpu", "--build-location", "--repository", "--network", "--secret-id")
+
+
+def help_of(*command: str, width: int = 100) -> str:
+    result = CliRunner().invoke(main, [*command, "--help"], terminal_width=width)
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+def sections(text: str) -> dict[str, list[str]]:
+    """Each help section's title -> the flags its entries start with."""
+    found: dict[str, list[str]] = {}
+    title = ""
+    for line in text.splitlines():
+        if line and not line.startswith(" ") and line.endswith(":"):
+            title = line.removesuffix(":")
+            found[title] = []
+        elif title and line.startswith("  -"):
+            found[title].append(line.split()[0].rstrip(","))
+    return found
+
+
+@pytest.mark.parametrize(
+    ("command", "settings"),
+    [
+        (["logs"], ["--config", "--project", "--region", "--job"]),
+        (["status"], ["--config", "--project", "--region", "--job"]),
+        (["cancel"], ["--config", "--project", "--region", "--job"]),
+        (["results"], ["--config", "--project", "--region", "--bucket", "--job"]),
+        (
+            ["run"],
+            ["--config", "--project", "--region", "--job", "--gpu", "--task-timeout", "--zonal-redundancy"],
+        ),
+    ],
+)
+def test_help_lists_the_commands_own_options_first_then_only_the_settings_it_reads(command, settings):
+    text = help_of(*command)
+    found = sections(text)
+    titles = list(found)
+    assert titles[0] == "Options" and titles[1].startswith("Settings"), titles
+    assert "--config" not in found["Options"] and "-h" in found["Options"]
+    assert found[titles[1]] == settings
+    for flag in PROVISIONING_ONLY:
+        assert flag not in text
+
+
+def test_up_and_doctor_offer_every_setting_after_their_own_options():
+    for command in ("up", "doctor"):
+        found = sections(help_of(command))
+        settings = found[next(title for title in found if title.startswith("Settings"))]
+        assert set(PROVISIONING_ONLY) <= set(settings), settings
+        assert "--dry-run" not in settings
+    assert sections(help_of("up"))["Options"][:2] == ["--dry-run", "--json"]
+
+
+@pytest.mark.parametrize("width", [60, 80, 100, 120])
+def test_the_faults_example_wraps_between_its_pairs_never_inside_one(width):
+    lines = help_of("emulator", "start", width=width).splitlines()
+    for pair in ("'UNAVAILABLE=0.3,", "DEADLINE_EXCEEDED=0.05,", "lost=0.1,", "seed=7'."):
+        assert any(pair in line for line in lines), (pair, width)
+
+
+def test_the_documented_completion_command_prints_a_bash_completion_script():
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    documented = 'eval "$(_GEMMA_LAUNCH_COMPLETE=bash_source gemma-launch)"'
+    assert documented in readme
+    bin_dir = Path(sys.executable).parent
+    done = subprocess.run(
+        ["bash", "-c", "_GEMMA_LAUNCH_COMPLETE=bash_source gemma-launch"],
+        env={**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "_gemma_launch_completion()" in done.stdout
+    assert "complete -o nosort -F _gemma_launch_completion gemma-launch" in done.stdout
+    # And the script completes: the commands after `gemma-launch `.
+    offered = subprocess.run(
+        ["gemma-launch"],
+        env={
+            **os.environ,
+            "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+            "_GEMMA_LAUNCH_COMPLETE": "bash_complete",
+            "COMP_WORDS": "gemma-launch st",
+            "COMP_CWORD": "1",
+        },
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert offered.stdout.split() == ["plain,stage", "plain,status"]
