@@ -499,7 +499,7 @@ def _follow(clients: Clients, settings: Settings, execution: str) -> None:
     console.print(
         f"Execution {jobs.short_name(execution)} {verdict.lower()}: "
         f"{final.succeeded_count}/{final.task_count} tasks succeeded, {final.retried_count} retried."
-        + (f" {jobs.why(final)}" if jobs.why(final) else ""),
+        + (f" {escape(jobs.why(final))}" if jobs.why(final) else ""),
         soft_wrap=True,
     )
     if verdict != "Succeeded":

@@ -51,6 +51,7 @@ from google.cloud import run_v2
 from google.longrunning import operations_pb2
 from google.protobuf import duration_pb2, json_format
 
+from launcher.emulator import local_python
 from launcher.emulator.access import compute_default_account
 from launcher.emulator.metadata import MetadataServer
 from launcher.emulator.quotas import gpu_quota
@@ -1109,6 +1110,8 @@ class _Events:
         argv = [self._rewrite(arg) for arg in argv]
         if re.fullmatch(r"python(3(\.\d+)?)?", os.path.basename(argv[0])):
             argv[0] = sys.executable
+            if problem := local_python.check(argv, snapshot):
+                raise _RunFailure(problem)
         accelerator = self.execution.template.node_selector.accelerator
         if accelerator and _on_this_cpu(argv) != argv:
             argv = _on_this_cpu(argv)

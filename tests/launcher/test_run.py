@@ -463,3 +463,20 @@ def test_up_keeps_the_sources_it_staged_until_others_are_named(env, project_dir,
     )
     assert "gs://demo-project-gemma3-finetuning/models/tiny-model/" in gone.output
     assert up(project_dir).exit_code == 0  # --skip-stage: the staged copy as it is
+
+
+def test_a_trainer_whose_dependencies_this_machine_lacks_fails_at_once_with_what_to_install(env, project_dir):
+    """The emulator runs `python -m trainer` with its own Python; without the train extra, run --follow
+    says what to install instead of retrying an ImportError."""
+    (project_dir / "trainer").mkdir()
+    (project_dir / "trainer" / "__main__.py").write_text("import gemma_launch_absent_dependency\n")
+    (project_dir / "Dockerfile").write_text(
+        'FROM python:3.11-slim\nWORKDIR /app\nCOPY . /app\nENTRYPOINT ["python", "-m", "trainer"]\n'
+    )
+    assert up(project_dir).exit_code == 0
+    result = cli("run", "--follow")
+    assert result.exit_code == 1, result.output
+    assert "Error: python -m trainer imports gemma_launch_absent_dependency, which " in result.output
+    assert "0 retried" in result.output
+    summary = result.output.splitlines()[-1]
+    assert summary.startswith("Hint: Rehearsing runs the trainer on this machine") and "'.[train]'" in summary
