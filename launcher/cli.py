@@ -167,7 +167,8 @@ def main() -> None:
 
     \b
     Typical session:
-      export PROJECT_ID=my-project HF_TOKEN=hf_...
+      export PROJECT_ID=my-project
+      read -rs HF_TOKEN && export HF_TOKEN   # paste a Hugging Face read token
       gemma-launch init          # optional: write gemma-launch.toml
       gemma-launch up            # provision, build the image, stage weights, create the job
       gemma-launch run --follow  # fine-tune, streaming the logs
