@@ -52,6 +52,9 @@ ALWAYS_EXCLUDED = (
     "*-key.json",
 )
 
+# A stand-in Hugging Face token for the emulator: random, so no file of the project can contain it.
+REHEARSAL_TOKEN = """export HF_TOKEN=hf_$(python -c 'import secrets; print(secrets.token_hex(17))')"""
+
 RUNNING = {
     cloudbuild_v1.Build.Status.PENDING,
     cloudbuild_v1.Build.Status.QUEUED,
@@ -211,7 +214,9 @@ def pack_source(
             if needles and _contains(path, needles):
                 raise UserError(
                     f"{relative} contains your Hugging Face token; it must not be uploaded with the source.",
-                    f"Remove the token from {relative}, or add the file to .gcloudignore.",
+                    f"Remove the token from {relative}, or add the file to .gcloudignore. If HF_TOKEN is a "
+                    "made-up one for a rehearsal, make up one that no file contains: "
+                    f"{REHEARSAL_TOKEN}",
                 )
             info.size = path.stat().st_size
             info.mode = 0o755 if mode & 0o111 else 0o644

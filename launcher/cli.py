@@ -18,7 +18,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from launcher import build, doctor, logs, overrides, progress, provision, quota, staging
+from launcher import build, doctor, image_source, logs, overrides, progress, provision, quota, staging
 from launcher import job as jobs
 from launcher import results as run_results
 from launcher.api_errors import translate
@@ -35,9 +35,6 @@ from launcher.settings import (
     template,
 )
 from launcher.transfer import human_bytes
-
-# The directory holding the Dockerfile and the trainer, built into the job's image.
-SOURCE_ROOT = Path(__file__).resolve().parent.parent
 
 # Rich assumes 80 columns when output is not a terminal; logs and CI captures read better unwrapped.
 _WIDTH = None if sys.stdout.isatty() else 160
@@ -234,7 +231,8 @@ def main() -> None:
 
     \b
     Typical session:
-      export PROJECT_ID=my-project HF_TOKEN=hf_...
+      export PROJECT_ID=my-project
+      read -rs HF_TOKEN && export HF_TOKEN   # paste a Hugging Face read token
       gemma-launch init          # optional: write gemma-launch.toml
       gemma-launch up            # provision, build the image, stage weights, create the job
       gemma-launch run --follow  # fine-tune, streaming the logs
@@ -280,8 +278,7 @@ def _print_change(kind: str, name: str, status: str, diff: tuple[str, ...] | lis
     "--source",
     "source_dir",
     type=click.Path(path_type=Path, file_okay=False, exists=True),
-    default=SOURCE_ROOT,
-    show_default="the gemma-launch project",
+    show_default="gemma-launch's own: its checkout, or the copy an installed gemma-launch carries",
     help="Directory with the Dockerfile to build.",
 )
 @click.option("--skip-stage", is_flag=True, help="Do not stage model weights and data into the bucket.")
@@ -294,7 +291,7 @@ def up(
     model_source: str | None,
     dataset_source: str | None,
     revision: str | None,
-    source_dir: Path,
+    source_dir: Path | None,
     skip_stage: bool,
     skip_build: bool,
     stage_in: str,
@@ -356,14 +353,15 @@ def up(
     else:
         view = progress.BuildView(err_console if as_json else console, verbose=verbose)
         try:
-            built = build.build_image(
-                clients,
-                settings,
-                source_dir,
-                on_line=(lambda line: None) if as_json else view.line,
-                on_steps=None if as_json else view.steps,
-                dry_run=dry_run,
-            )
+            with image_source.located(source_dir) as root:
+                built = build.build_image(
+                    clients,
+                    settings,
+                    root,
+                    on_line=(lambda line: None) if as_json else view.line,
+                    on_steps=None if as_json else view.steps,
+                    dry_run=dry_run,
+                )
         finally:
             view.stop()
         record("image", built.uri, built.status, built.command if built.status != "unchanged" else "")

@@ -30,6 +30,7 @@ from pathlib import Path
 
 from google.cloud import run_v2
 
+from launcher.emulator import local_python
 from launcher.emulator.access import Access, compute_default_account
 from launcher.emulator.artifactregistry import ArtifactRegistry
 from launcher.emulator.cloudbuild import CloudBuild
@@ -111,6 +112,8 @@ class TaskProcess:
         argv = [self._rewrite(arg) for arg in argv]
         if re.fullmatch(r"python(3(\.\d+)?)?", os.path.basename(argv[0])):
             argv[0] = sys.executable
+            if problem := local_python.check(argv, snapshot):
+                raise RunFailure(problem)
         accelerator = self.execution.template.node_selector.accelerator
         if accelerator and _on_this_cpu(argv) != argv:
             argv = _on_this_cpu(argv)

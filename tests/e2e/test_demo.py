@@ -8,7 +8,17 @@ import subprocess
 import sys
 from pathlib import Path
 
+from readme_blocks import readme_blocks
+
 REPO = Path(__file__).resolve().parents[2]
+
+
+def table(text: str) -> list[str]:
+    """The last table's rows (its title names the execution, which differs from run to run)."""
+    lines = text.splitlines()
+    start = max(n for n, line in enumerate(lines) if line.startswith("┏"))
+    end = next(n for n in range(start, len(lines)) if lines[n].startswith("└"))
+    return [line.rstrip() for line in lines[start : end + 1]]
 
 
 def test_demo_fine_tunes_well_above_the_baseline(tmp_path):
@@ -42,3 +52,7 @@ def test_demo_fine_tunes_well_above_the_baseline(tmp_path):
         assert noise not in out + done.stderr, noise
     assert re.search(r"\] training: step \d+/235 \(25%\)", out)
     assert "Resource not found" not in (tmp_path / "demo" / "emulator.log").read_text()
+    # The run is deterministic: README.md shows the table this run prints.
+    blocks = readme_blocks((REPO / "README.md").read_text())
+    (readme_table,) = [block for block in blocks if block.kind == "demo-output"]
+    assert table(readme_table.text) == table(out), "README.md's demo table is out of date: paste the new one"

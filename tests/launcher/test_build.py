@@ -3,6 +3,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
+import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
@@ -126,6 +129,27 @@ def test_pack_source_refuses_a_file_holding_the_token(tmp_path: Path) -> None:
         pack_source(root, tmp_path / "a.tar.gz", forbidden=[FAKE_TOKEN])
     assert "config/settings.py" in caught.value.message
     assert FAKE_TOKEN not in caught.value.message + caught.value.hint
+
+
+def test_a_made_up_token_that_a_project_file_holds_gets_a_random_one_to_use_instead(tmp_path: Path) -> None:
+    """`hf_token` is in build.py, `hf_demo` in scripts/demo.sh: a guessed stand-in trips the check, so the
+    hint gives a command that makes one no file holds."""
+    with pytest.raises(UserError) as caught:
+        pack_source(REPO_ROOT, tmp_path / "a.tar.gz", forbidden=["hf_token"])
+    assert caught.value.message.endswith(
+        "contains your Hugging Face token; it must not be uploaded with the source."
+    )
+    command = caught.value.hint.split(": ", 1)[1]
+    assert command.startswith("export HF_TOKEN=hf_$(python -c ")
+    made_up = subprocess.run(
+        ["bash", "-c", f"{command}; echo $HF_TOKEN"],
+        env={**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"},
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    assert re.fullmatch(r"hf_[0-9a-f]{34}", made_up)
+    assert pack_source(REPO_ROOT, tmp_path / "b.tar.gz", forbidden=[made_up]).files > 0
 
 
 def test_pack_source_keeps_symlinks_as_links(tmp_path: Path) -> None:

@@ -1,6 +1,7 @@
 """Cloud Run v2 in the emulator, driven through the real run_v2 clients."""
 
 import json
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -792,3 +793,28 @@ def test_a_gpu_task_insisting_on_cuda_runs_on_this_machines_cpu(cloud, image):
     assert any(
         "runs on this machine's CPU" in line for line in cloud.log_texts(execution.name, "varlog%2Fsystem")
     )
+
+
+# ---- the machine's own Python
+
+
+def test_a_python_module_whose_imports_this_machine_lacks_fails_before_a_task_starts(
+    cloud, image, monkeypatch
+):
+    """The emulator runs `python -m trainer` with its own Python: without the train extra, it says what
+    to install instead of failing every attempt on an ImportError."""
+    (image / "trainer").mkdir()
+    (image / "trainer" / "__main__.py").write_text("import json\nimport torch\nfrom trainer import data\n")
+    (image / "trainer" / "data.py").write_text("from PIL import Image\n")
+    (image / ".image.json").write_text(json.dumps({"entrypoint": ["python", "-m", "trainer"], "cmd": []}))
+    # None in sys.modules is Python's own "this module cannot be imported" (the import system's docs).
+    monkeypatch.setitem(sys.modules, "torch", None)
+    cloud.create(job_spec({"args": ["--train-size", "8"]}, max_retries=3))
+    execution = cloud.run()
+    assert completed(execution).state == Condition.State.CONDITION_FAILED
+    assert execution.retried_count == 0
+    assert cloud.log_texts(execution.name) == [] and cloud.log_texts(execution.name, "stderr") == []
+    (system,) = [line for line in cloud.log_texts(execution.name, "varlog%2Fsystem") if "Error:" in line]
+    error, hint = system.splitlines()
+    assert error.startswith("Error: python -m trainer imports torch, which ")  # PIL is installed
+    assert hint.startswith("Hint: Rehearsing runs the trainer on this machine") and "'.[train]'" in hint

@@ -705,3 +705,20 @@ def test_on_a_terminal_the_build_and_the_training_steps_show_as_progress_bars(en
     ran = shown("run", "--follow")
     assert re.search(r"training: loss 2\.0000\s+━+\s+40/40 ", ran), ran
     assert " epoch " not in ran and "succeeded: 1/1 tasks succeeded" in ran
+
+
+def test_a_trainer_whose_dependencies_this_machine_lacks_fails_at_once_with_what_to_install(env, project_dir):
+    """The emulator runs `python -m trainer` with its own Python; without the train extra, run --follow
+    says what to install instead of retrying an ImportError."""
+    (project_dir / "trainer").mkdir()
+    (project_dir / "trainer" / "__main__.py").write_text("import gemma_launch_absent_dependency\n")
+    (project_dir / "Dockerfile").write_text(
+        'FROM python:3.11-slim\nWORKDIR /app\nCOPY . /app\nENTRYPOINT ["python", "-m", "trainer"]\n'
+    )
+    assert up(project_dir).exit_code == 0
+    result = cli("run", "--follow")
+    assert result.exit_code == 1, result.output
+    assert "Error: python -m trainer imports gemma_launch_absent_dependency, which " in result.output
+    assert "0 retried" in result.output
+    summary = result.output.splitlines()[-1]
+    assert summary.startswith("Hint: Rehearsing runs the trainer on this machine") and "'.[train]'" in summary
