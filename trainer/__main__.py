@@ -31,7 +31,13 @@ from trainer.container import (
     pixel_bytes,
 )
 from trainer.data import ChatFormat, PetData, chat_format, load_pets
-from trainer.evaluate import per_class_metrics, predict, save_confusion_matrix, summary_metrics
+from trainer.evaluate import (
+    per_class_metrics,
+    planned_batch,
+    predict,
+    save_confusion_matrix,
+    summary_metrics,
+)
 from trainer.export import merge, run_settings, upload, versions, write_results
 from trainer.modeling import (
     check_model_id,
@@ -39,6 +45,17 @@ from trainer.modeling import (
     load_model,
     load_processor,
     resolve_device,
+)
+from trainer.out_of_memory import (
+    BASELINE,
+    FINAL,
+    IMAGE_FEATURES,
+    LOADING,
+    MEMORY_PLAN,
+    MERGING,
+    TRAINING,
+    describe,
+    gpu_pass,
 )
 from trainer.speed import (
     GIB,
@@ -48,6 +65,7 @@ from trainer.speed import (
     compile_layers,
     decoder_layers,
     loader_workers,
+    memory_budget,
     plan_memory,
     set_checkpointed_layers,
 )
@@ -243,8 +261,10 @@ def speed_up(
         features = ImageFeatures()
         features.install(model)
         start = time.perf_counter()
+        # On a GPU the batches are planned from the pass's measured memory, up to --eval-batch-size.
+        memory = features.measure(model, processor, data.train, budget) if device == "cuda" else None
         count = sum(
-            features.fill(model, processor, split, args.eval_batch_size, workers)
+            features.fill(model, processor, split, args.eval_batch_size, workers, memory)
             for split in (data.train, data.test)
         )
         log.info("image features of %d images in %.1f s", count, time.perf_counter() - start)
@@ -289,7 +309,7 @@ def build_trainer(
         set_checkpointed_layers(model, plan.checkpointed_layers)
     elif device == "cuda" and not (args.batch_size and args.gradient_checkpointing != "auto"):
         examples = [data.train[index] for index in range(min(2, len(data.train)))]
-        budget = int(args.max_memory_gib * GIB)
+        budget = memory_budget(args.max_memory_gib, device)
         plan = plan_memory(
             model, probe_step(trainer), examples, budget, args.batch_size, args.gradient_checkpointing
         )
@@ -368,38 +388,44 @@ def run(args: argparse.Namespace) -> None:
         return
 
     set_seed(args.seed)
-    model = load_model(model_id, precision, device, token, args.lora_r, args.lora_alpha, args.lora_dropout)
+    with gpu_pass(LOADING):
+        model = load_model(
+            model_id, precision, device, token, args.lora_r, args.lora_alpha, args.lora_dropout
+        )
     workers = eval_workers(args, processor, device, shm)
-    features = speed_up(args, model, processor, data, device, workers)
+    with gpu_pass(IMAGE_FEATURES):
+        features = speed_up(args, model, processor, data, device, workers)
     methods = ["score", "generate"] if args.eval_method == "both" else [args.eval_method]
     labels = data.test["label"]
 
     def evaluate_all() -> dict[str, list[int]]:
-        return {
-            method: predict(
-                method,
-                model,
-                processor,
-                chat,
-                data.test,
-                data.class_names,
-                args.eval_batch_size,
-                features,
-                workers,
+        predictions = {}
+        for method in methods:
+            batch = args.eval_batch_size
+            if device == "cuda":
+                budget = memory_budget(args.max_memory_gib, device)
+                batch = planned_batch(
+                    method, model, processor, chat, data.test, data.class_names, batch, features, budget
+                )
+            predictions[method] = predict(
+                method, model, processor, chat, data.test, data.class_names, batch, features, workers
             )
-            for method in methods
-        }
+        return predictions
 
     state = RunState(run_dir, attempt)
     baseline = state.get("baseline")
     if baseline is None:
-        baseline = evaluate_all()
+        with gpu_pass(BASELINE):
+            baseline = evaluate_all()
         state.save("baseline", baseline)
     else:
         log.info("task attempt %d: baseline predictions of an earlier attempt", attempt)
-    trainer, _ = build_trainer(args, model, processor, data, chat, device, run_dir, features, state, shm)
-    output = train(trainer, run_dir, attempt)
-    final = evaluate_all()
+    with gpu_pass(MEMORY_PLAN):
+        trainer, _ = build_trainer(args, model, processor, data, chat, device, run_dir, features, state, shm)
+    with gpu_pass(TRAINING):
+        output = train(trainer, run_dir, attempt)
+    with gpu_pass(FINAL):
+        final = evaluate_all()
 
     trainer.save_model(str(run_dir))  # adapter (PEFT format) + processor
     (run_dir / "training_log.json").write_text(json.dumps(trainer.state.log_history, indent=1) + "\n")
@@ -440,7 +466,8 @@ def run(args: argparse.Namespace) -> None:
     }
     write_results(run_dir / "results.json", results)
     if args.merge:
-        merge(model_id, run_dir, run_dir / "merged", device, token)
+        with gpu_pass(MERGING):
+            merge(model_id, run_dir, run_dir / "merged", device, token)
 
     log.info("%-24s %9s %9s", "metric", "baseline", "final")
     for method, phases in by_method.items():
@@ -455,19 +482,6 @@ def run(args: argparse.Namespace) -> None:
         files = [path.relative_to(output_dir) for path in sorted(run_dir.rglob("*")) if path.is_file()]
         upload(output_dir, files + ([Path("LATEST")] if execution else []), args.gcs_output_path)
     log.info("done: outputs in %s", run_dir)
-
-
-def out_of_memory(args: argparse.Namespace, error: torch.OutOfMemoryError) -> str:
-    """The flags that decide how much GPU memory a run needs, with this run's values."""
-    # PyTorch's first two sentences ("CUDA out of memory. Tried to allocate 2.00 GiB"), not its statistics.
-    cause = ". ".join(str(error).split(". ")[:2])
-    batch = args.batch_size or "auto"
-    return (
-        f"the GPU ran out of memory ({cause}) within --max-memory-gib {args.max_memory_gib:g}. It needs less "
-        f"with a smaller --batch-size (now {batch}), --gradient-checkpointing on (now "
-        f"{args.gradient_checkpointing}), a smaller --eval-batch-size (now {args.eval_batch_size}), or "
-        f"--quantization int8 or 4bit (now {args.quantization})"
-    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -485,7 +499,9 @@ def main(argv: list[str] | None = None) -> int:
         # Not 0: Cloud Run must count the attempt as failed to start the next one.
         return 128 + signal.SIGTERM
     except torch.OutOfMemoryError as error:
-        print(f"Error: {out_of_memory(args, error)}", file=sys.stderr, flush=True)
+        message, hint = describe(args, error)
+        print(f"Error: {message}", file=sys.stderr, flush=True)
+        print(f"Hint: {hint}", file=sys.stderr, flush=True)
         return 2
     return 0
 
