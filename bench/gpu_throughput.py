@@ -45,11 +45,12 @@ import torch_settings  # noqa: E402
 import trainer.data  # noqa: E402
 from trainer.__main__ import build_trainer, parse_args, speed_up  # noqa: E402
 from trainer.data import PetData, chat_format, load_pets, readable_name  # noqa: E402
-from trainer.evaluate import predict  # noqa: E402
+from trainer.evaluate import planned_batch, predict  # noqa: E402
 from trainer.export import versions  # noqa: E402
 from trainer.fp8_weights import Fp8Linear  # noqa: E402
 from trainer.int8_weights import Int8Linear, quantize_linear_layers  # noqa: E402
 from trainer.modeling import LANGUAGE_MODEL_LINEAR, add_adapters, choose_precision  # noqa: E402
+from trainer.speed import memory_budget  # noqa: E402
 from trainer.synthetic import BREEDS, LIST_HEADER  # noqa: E402
 from trainer.tiny import CHAT_TEMPLATE, build_tokenizer, tiny_shapes  # noqa: E402
 
@@ -396,15 +397,20 @@ def measure(
         samples = bench.eval_samples if eval_method == "score" else 2 * args.eval_batch_size
         split = data.test.select(range(min(samples, len(data.test))))
         workers = 0 if device == "cpu" else 4
+        batch = args.eval_batch_size
+        if device == "cuda":  # as the trainer does: the largest batch up to --eval-batch-size that fits
+            budget = memory_budget(args.max_memory_gib, device)
+            batch = planned_batch(eval_method, model, processor, chat, split, data.class_names, batch,
+                                  features, budget)  # fmt: skip
         # Warm-up on one batch (kernels, compiled graphs), then the timed pass.
-        warmup = split.select(range(min(args.eval_batch_size, len(split))))
-        predict(eval_method, model, processor, chat, warmup, data.class_names, args.eval_batch_size,
-                features, workers)  # fmt: skip
+        warmup = split.select(range(min(batch, len(split))))
+        predict(eval_method, model, processor, chat, warmup, data.class_names, batch, features,
+                workers)  # fmt: skip
         reset_peak(device)
         sync(device)
         start = time.perf_counter()
-        predict(eval_method, model, processor, chat, split, data.class_names, args.eval_batch_size,
-                features, workers)  # fmt: skip
+        predict(eval_method, model, processor, chat, split, data.class_names, batch, features,
+                workers)  # fmt: skip
         sync(device)
         seconds = time.perf_counter() - start
         rate = len(split) / seconds
@@ -424,7 +430,7 @@ def measure(
             **common,
             "phase": "eval",
             "method": eval_method,
-            "batch_size": args.eval_batch_size,
+            "batch_size": batch,
             "samples_per_s": round(rate, 3),
             "tokens_per_s": round(rate * tokens, 1),
             "peak_gib": round(reserved, 2),

@@ -18,7 +18,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from launcher import build, doctor, image_source, logs, overrides, progress, provision, quota, staging
+from launcher import build, doctor, gpus, image_source, logs, overrides, progress, provision, quota, staging
 from launcher import job as jobs
 from launcher import results as run_results
 from launcher.api_errors import translate
@@ -300,9 +300,10 @@ def up(
     """Provision, build, stage and create the job; safe to run again.
 
     \b
-    First doctor's checks of what `up` cannot fix itself (credentials, project, billing, permissions, GPU
-    region, bucket name): nothing is created while one fails. Then, in order, each step saying created,
-    enabled, updated or unchanged:
+    First, with no request, whether the GPU can run the image and the model fits its memory (a model
+    recorded in the bucket is checked once read); then doctor's checks of what `up` cannot fix itself
+    (credentials, project, billing, permissions, GPU region, bucket name): nothing is created while one
+    fails. Then, in order, each step saying created, enabled, updated or unchanged:
       0. the Google APIs it needs, enabled through Service Usage (a new project has them off)
       1. the job's and the build's service accounts; bucket (uniform access, in the job's region);
          storage.objectAdmin for the job's account and storage.objectViewer for the build's on that
@@ -320,6 +321,11 @@ def up(
     """
     # The directories named here are read now: a wrong one must stop `up` before anything is created.
     staging.check_named_sources(model_source, dataset_source)
+    # Whether the GPU can run the image and the model named, before any request: nothing is created for
+    # a job that cannot run.
+    quantization = str(settings.trainer.get("quantization", "auto"))
+    checked = model_source or settings.model_id
+    fit = gpus.check(settings.gpu, checked, quantization)
     clients = Clients(settings.project_id)
     report: list[dict[str, Any]] = []
 
@@ -334,6 +340,13 @@ def up(
     # doctor's checks of what `up` cannot fix itself, before any change; those that need the APIs on
     # are made again once provisioning has enabled them.
     recheck = doctor.check_before_up(clients, settings)
+    # The model staged last, recorded in the bucket, may stand in for model_id: checked too (a read).
+    sources = staging.choose_sources(clients.storage, settings, model_source, dataset_source, revision)
+    if sources.model != checked:
+        fit = gpus.check(settings.gpu, sources.model, quantization)
+    _say_fit(fit)
+    if settings.model_defaulted and "model" not in sources.recorded and not model_source:
+        _say_fit(gpus.why_default(settings.gpu))
     with console.status("Provisioning…", spinner="dots") if not as_json else nullcontext():
         changes = provision.provision(
             clients, settings, dry_run=dry_run, on_change=on_change, after_apis=recheck
@@ -367,7 +380,6 @@ def up(
         record("image", built.uri, built.status, built.command if built.status != "unchanged" else "")
         image_uri = built.uri
 
-    sources = staging.choose_sources(clients.storage, settings, model_source, dataset_source, revision)
     if sources.recorded and not as_json:
         console.print(sources.describe(settings.bucket), style="dim", soft_wrap=True)
     if skip_stage:
@@ -431,6 +443,11 @@ def up(
     except quota.QuotaUnknown as error:
         gpu_quota, unknown = None, str(error)
     _summarise_up(report, as_json, dry_run, spec, gpu_quota, unknown)
+
+
+def _say_fit(line: str | None) -> None:
+    if line:
+        err_console.print(f"[yellow]Note:[/] {line}", soft_wrap=True)
 
 
 def _summarise_up(
@@ -556,9 +573,10 @@ def run_command(
 ) -> None:
     """Execute the job once, optionally overriding trainer flags, and print the execution's name.
 
-    Nothing starts while another execution of the job is running (stop it with `gemma-launch cancel`,
-    or pass --allow-concurrent), nor when the project's Cloud Run GPU quota in the job's region cannot
-    give the execution its GPU: the error names the quota to request and where.
+    Nothing starts when the job's GPU cannot run the image or its model (with the --set given) does not
+    fit the GPU's memory, while another execution of the job is running (stop it with `gemma-launch
+    cancel`, or pass --allow-concurrent), nor when the project's Cloud Run GPU quota in the job's region
+    cannot give the execution its GPU: the error names the quota to request and where.
 
     With --follow, the log streams until the execution ends; the trainer's step lines show as a
     progress bar with the time left (on a terminal) or a line at each quarter of the steps.
@@ -574,6 +592,7 @@ def run_command(
             raise UserError(f"Invalid --timeout: {error}.", "Use a duration like 2h, 45m or 3600s.") from None
         check_run_timeout(settings, timeout_s)
     clients = Clients(settings.project_id)
+    _say_fit(jobs.check_fits(clients, settings, changes))
     # Before anything starts: an execution whose sizes exceed the staged splits would fail in the trainer.
     args = overrides.apply(jobs.current_args(clients, settings), changes)
     staging.check_trainer_sizes(clients, settings, args)

@@ -22,6 +22,7 @@ from google.api_core import exceptions
 from google.cloud import artifactregistry_v1, run_v2
 from google.protobuf import duration_pb2
 
+from launcher import gpus
 from launcher.cloud import RETRY, Clients
 from launcher.errors import UserError
 from launcher.overrides import apply as apply_settings
@@ -79,6 +80,9 @@ def trainer_args(settings: Settings, model_prefix: str, dataset_prefix: str) -> 
         "--output-dir",
         f"{MOUNT_PATH}/{RUNS_PREFIX}",
     ]
+    if settings.uses_gpu:
+        # The budget launcher.gpus was measured within: the trainer's default (85) is more than an L4 holds.
+        args += ["--max-memory-gib", str(gpus.GPUS[settings.gpu].memory_gib)]
     # cuda, not auto, on a GPU job: an image whose torch cannot use the driver fails in seconds instead of
     # training on the CPU (docs/container.md).
     args += ["--device", "cuda" if settings.uses_gpu else "cpu"]
@@ -346,6 +350,27 @@ def current_args(clients: Clients, settings: Settings) -> list[str]:
             f"Job {settings.job} does not exist in {settings.region}.", "Run `gemma-launch up` first."
         ) from None
     return list(job.template.template.containers[0].args)
+
+
+def check_fits(clients: Clients, settings: Settings, sets: Mapping[str, str]) -> str | None:
+    """The job's GPU, model and weights as an execution with `sets` would run them, checked against
+    launcher.gpus: a UserError for a combination that cannot run, a line to show for one that runs slowly
+    or was not measured. A job that does not exist is left to run(), which says to create it."""
+    try:
+        job = clients.jobs.get_job(name=settings.job_name, retry=RETRY)
+    except exceptions.NotFound:
+        return None
+    task = job.template.template
+    args = apply_settings(list(task.containers[0].args), sets)
+    model = _flag(args, "--model-id")
+    if model is None:
+        return None
+    return gpus.check(task.node_selector.accelerator, model, _flag(args, "--quantization") or "auto", "run")
+
+
+def _flag(args: Sequence[str], flag: str) -> str | None:
+    index = args.index(flag) if flag in args else -1
+    return args[index + 1] if 0 <= index < len(args) - 1 else None
 
 
 def run(

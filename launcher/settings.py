@@ -18,6 +18,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    PrivateAttr,
     SecretStr,
     ValidationError,
     field_validator,
@@ -26,6 +27,7 @@ from pydantic import (
 
 from launcher import overrides
 from launcher.errors import UserError
+from launcher.gpus import DEFAULT_MODEL, MODELS, default_model
 
 CONFIG_FILE = "gemma-launch.toml"
 
@@ -208,12 +210,18 @@ class Settings(BaseModel):
     vpc_egress: Literal["all-traffic", "private-ranges-only"] = Field(
         "private-ranges-only", description="Which traffic goes through the VPC when a network is set."
     )
-    model_id: str = Field("google/gemma-3-27b-it", description="Hugging Face model to fine-tune.")
+    model_id: str = Field(
+        "",
+        description=f"Hugging Face model to fine-tune (default {MODELS[DEFAULT_MODEL].hub_id}; with "
+        f"--gpu nvidia-l4 {default_model('nvidia-l4')}, the largest whose training fits an L4).",
+    )
     dataset_id: str = Field("timm/oxford-iiit-pet", description="Hugging Face dataset of the pets.")
     trainer: dict[str, str | int | float | bool] = Field(
         default_factory=dict, description="Trainer flags passed to the job, e.g. train-size = 1000."
     )
     hf_token: SecretStr | None = Field(None, exclude=True, repr=False)
+    # True when model_id was not given and the GPU's default stands in for it.
+    _model_defaulted: bool = PrivateAttr(False)
 
     @field_validator("project_id")
     @classmethod
@@ -304,6 +312,8 @@ class Settings(BaseModel):
         cpu, memory = DEFAULT_SHAPES[self.gpu]
         self.cpu = self.cpu or cpu
         self.memory = self.memory or memory
+        if not self.model_id:
+            self.model_id, self._model_defaulted = default_model(self.gpu), True
         return self
 
     def check_consistency(self, *, gpu_region: bool = True) -> None:
@@ -387,6 +397,11 @@ class Settings(BaseModel):
     @property
     def uses_gpu(self) -> bool:
         return self.gpu != NO_GPU
+
+    @property
+    def model_defaulted(self) -> bool:
+        """Whether model_id is the GPU's default, given by no flag, file or environment variable."""
+        return self._model_defaulted
 
     @property
     def task_timeout_s(self) -> int:
@@ -663,6 +678,8 @@ def template() -> str:
             lines.append('# bucket = "<project_id>-gemma3-finetuning"')
         elif name in ("cpu", "memory"):
             lines.append(f"# {name} = {_toml_value(Settings.shape_default(name))}")
+        elif name == "model_id":
+            lines.append(f"# model_id = {_toml_value(MODELS[DEFAULT_MODEL].hub_id)}")
         else:
             lines.append(f"# {name} = {_toml_value(default)}")
         lines.append("")

@@ -20,7 +20,8 @@ is checked here first, so a complete copy costs a listing and starts nothing.
 What was staged last is recorded in the bucket, next to the staged copies (SOURCES: each kind's source,
 the revision asked for, and the model_id / dataset_id setting it stood in for), so later commands
 (`up --skip-stage`, `up --gpu ...`, `stage`) keep using those sources until the user names others: with
---model-source / --dataset-source, or by changing model_id / dataset_id. The bucket, not this machine
+--model-source / --dataset-source, or by changing model_id / dataset_id (a GPU whose default model
+differs changes it: `up --gpu nvidia-l4` after the 27B default stages 4B). The bucket, not this machine
 nor the job, holds it because the bucket is what every machine and teammate working on the project
 shares, `stage` alone changes no job, and the job's arguments give only the mount path, not the
 directory or Hub revision it came from.
@@ -168,19 +169,25 @@ def choose_sources(
     revision: str | None,
 ) -> Sources:
     """What to stage or train on: the sources named now, else the ones staged last (when model_id /
-    dataset_id are still the ones they stood in for), else model_id / dataset_id."""
+    dataset_id are still the ones they stood in for), else model_id / dataset_id.
+
+    A model source named with --model-source also stands while model_id is the GPU's default, whichever
+    GPU's: `up --gpu nvidia-l4` keeps a directory staged before, but replaces the 27B Hub default with 4B.
+    """
     # Both named: nothing to read (a dry run then reads no object at all).
     record = read_sources(client, settings.bucket) if not (model_source and dataset_source) else {}
     recorded = []
 
-    def pick(kind: str, given: str | None, default: str) -> str:
+    def pick(kind: str, given: str | None, default: str, defaulted: bool = False) -> str:
         entry = record.get(kind) or {}
-        if given or entry.get("default") != default or not entry.get("source"):
+        source = entry.get("source")
+        stands = entry.get("default") == default or (defaulted and source != entry.get("default"))
+        if given or not source or not stands:
             return given or default
         recorded.append(kind)
-        return entry["source"]
+        return source
 
-    model = pick("model", model_source, settings.model_id)
+    model = pick("model", model_source, settings.model_id, settings.model_defaulted)
     dataset = pick("dataset", dataset_source, settings.dataset_id)
     if "model" in recorded and revision is None:
         revision = record["model"].get("revision")

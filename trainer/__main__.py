@@ -34,7 +34,13 @@ from trainer.container import (
     pixel_bytes,
 )
 from trainer.data import ChatFormat, PetData, chat_format, load_pets
-from trainer.evaluate import per_class_metrics, predict, save_confusion_matrix, summary_metrics
+from trainer.evaluate import (
+    per_class_metrics,
+    planned_batch,
+    predict,
+    save_confusion_matrix,
+    summary_metrics,
+)
 from trainer.export import merge, run_settings, upload, versions, write_results
 from trainer.flags import FlagError, parse_args
 from trainer.modeling import (
@@ -44,6 +50,17 @@ from trainer.modeling import (
     load_processor,
     resolve_device,
 )
+from trainer.out_of_memory import (
+    BASELINE,
+    FINAL,
+    IMAGE_FEATURES,
+    LOADING,
+    MEMORY_PLAN,
+    MERGING,
+    TRAINING,
+    describe,
+    gpu_pass,
+)
 from trainer.speed import (
     GIB,
     ImageFeatures,
@@ -52,6 +69,7 @@ from trainer.speed import (
     compile_layers,
     decoder_layers,
     loader_workers,
+    memory_budget,
     plan_memory,
     set_checkpointed_layers,
 )
@@ -108,8 +126,10 @@ def speed_up(
         features = ImageFeatures()
         features.install(model)
         start = time.perf_counter()
+        # On a GPU the batches are planned from the pass's measured memory, up to --eval-batch-size.
+        memory = features.measure(model, processor, data.train, budget) if device == "cuda" else None
         count = sum(
-            features.fill(model, processor, split, args.eval_batch_size, workers)
+            features.fill(model, processor, split, args.eval_batch_size, workers, memory)
             for split in (data.train, data.test)
         )
         log.info("image features of %d images in %.1f s", count, time.perf_counter() - start)
@@ -154,7 +174,7 @@ def build_trainer(
         set_checkpointed_layers(model, plan.checkpointed_layers)
     elif device == "cuda" and not (args.batch_size and args.gradient_checkpointing != "auto"):
         examples = [data.train[index] for index in range(min(2, len(data.train)))]
-        budget = int(args.max_memory_gib * GIB)
+        budget = memory_budget(args.max_memory_gib, device)
         plan = plan_memory(
             model, probe_step(trainer), examples, budget, args.batch_size, args.gradient_checkpointing
         )
@@ -223,38 +243,44 @@ def fine_tune(
     Returns each evaluation method's baseline and final metrics. The model, the trainer and its optimizer
     state and the image features live only in here, so that nothing references them once it returns.
     """
-    model = load_model(model_id, precision, device, token, args.lora_r, args.lora_alpha, args.lora_dropout)
+    with gpu_pass(LOADING):
+        model = load_model(
+            model_id, precision, device, token, args.lora_r, args.lora_alpha, args.lora_dropout
+        )
     workers = eval_workers(args, processor, device, shm)
-    features = speed_up(args, model, processor, data, device, workers)
+    with gpu_pass(IMAGE_FEATURES):
+        features = speed_up(args, model, processor, data, device, workers)
     methods = ["score", "generate"] if args.eval_method == "both" else [args.eval_method]
     labels = data.test["label"]
 
     def evaluate_all() -> dict[str, list[int]]:
-        return {
-            method: predict(
-                method,
-                model,
-                processor,
-                chat,
-                data.test,
-                data.class_names,
-                args.eval_batch_size,
-                features,
-                workers,
+        predictions = {}
+        for method in methods:
+            batch = args.eval_batch_size
+            if device == "cuda":
+                budget = memory_budget(args.max_memory_gib, device)
+                batch = planned_batch(
+                    method, model, processor, chat, data.test, data.class_names, batch, features, budget
+                )
+            predictions[method] = predict(
+                method, model, processor, chat, data.test, data.class_names, batch, features, workers
             )
-            for method in methods
-        }
+        return predictions
 
     state = RunState(run_dir, attempt)
     baseline = state.get("baseline")
     if baseline is None:
-        baseline = evaluate_all()
+        with gpu_pass(BASELINE):
+            baseline = evaluate_all()
         state.save("baseline", baseline)
     else:
         log.info("task attempt %d: baseline predictions of an earlier attempt", attempt)
-    trainer, _ = build_trainer(args, model, processor, data, chat, device, run_dir, features, state, shm)
-    output = train(trainer, run_dir, attempt)
-    final = evaluate_all()
+    with gpu_pass(MEMORY_PLAN):
+        trainer, _ = build_trainer(args, model, processor, data, chat, device, run_dir, features, state, shm)
+    with gpu_pass(TRAINING):
+        output = train(trainer, run_dir, attempt)
+    with gpu_pass(FINAL):
+        final = evaluate_all()
 
     trainer.save_model(str(run_dir))  # adapter (PEFT format) + processor
     (run_dir / "training_log.json").write_text(json.dumps(trainer.state.log_history, indent=1) + "\n")
@@ -337,7 +363,8 @@ def run(args: argparse.Namespace) -> None:
     if args.merge:
         # fine_tune has returned: the quantized model, its optimizer state, the trainer and the image
         # features are unreferenced, and merge frees them before it loads the bf16 weights.
-        merge(model_id, run_dir, run_dir / "merged", device, token)
+        with gpu_pass(MERGING):
+            merge(model_id, run_dir, run_dir / "merged", device, token)
 
     log.info("%-24s %9s %9s", "metric", "baseline", "final")
     for method, phases in by_method.items():
@@ -352,21 +379,6 @@ def run(args: argparse.Namespace) -> None:
         files = [path.relative_to(output_dir) for path in sorted(run_dir.rglob("*")) if path.is_file()]
         upload(output_dir, files + ([Path("LATEST")] if execution else []), args.gcs_output_path)
     log.info("done: outputs in %s", run_dir)
-
-
-def out_of_memory(args: argparse.Namespace, error: torch.OutOfMemoryError) -> UserError:
-    """The flags that decide how much GPU memory a run needs, with this run's values."""
-    # PyTorch's first two sentences ("CUDA out of memory. Tried to allocate 2.00 GiB"), not its statistics.
-    cause = ". ".join(str(error).split(". ")[:2])
-    batch = args.batch_size or "auto"
-    return UserError(
-        f"the GPU ran out of memory ({cause}) within --max-memory-gib {args.max_memory_gib:g}",
-        f"It needs less with a smaller --batch-size (now {batch}), --gradient-checkpointing on (now "
-        f"{args.gradient_checkpointing}), a smaller --eval-batch-size (now {args.eval_batch_size}), or "
-        f"--quantization int8 or 4bit (now {args.quantization})",
-        # Not recorded for later attempts: the memory another host's GPU leaves free can differ.
-        recurs=False,
-    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -399,7 +411,9 @@ def main(argv: list[str] | None = None) -> int:
         # Not 0: Cloud Run must count the attempt as failed to start the next one.
         return 128 + signal.SIGTERM
     except torch.OutOfMemoryError as error:
-        failure.report(out_of_memory(args, error))
+        message, hint = describe(args, error)
+        # Not recorded for later attempts: the memory another host's GPU leaves free can differ.
+        failure.report(UserError(message, hint, recurs=False))
         return 2
     return 0
 

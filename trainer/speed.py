@@ -28,6 +28,8 @@ GIB = 2**30
 MEMORY_MARGIN = 0.07
 # Largest batch the plan picks: more only shortens the run's step count, at a throughput already flat.
 MAX_AUTO_BATCH = 32
+# What measure_peak reports for a probe that ran out of memory: more than any budget.
+RAN_OUT = 1 << 50
 # The host's time per training step (running each layer's Python, launching its kernels and the adapters'
 # ops), in units of one sample's forward pass on the GPU (its backward costs as much). The GPU runs ahead
 # of the host only up to the host's pace, so a step takes the longer of the two. Fitted to 27B on the
@@ -51,17 +53,28 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     return gemma_backbone(model).language_model.layers
 
 
+def memory_budget(max_memory_gib: float, device: str) -> int:
+    """The budget in bytes: --max-memory-gib, or the GPU's size where that is smaller (an L4 under 85)."""
+    return min(_gpu_bytes(device), int(max_memory_gib * GIB))
+
+
 def apply_memory_budget(max_memory_gib: float, device: str) -> int:
     """Cap this process's GPU memory at the budget (or the GPU's size) and return the cap in bytes.
 
     The cap makes a larger GPU fail like the smaller target GPU would, instead of quietly using more.
     """
-    index = torch.device(device).index
-    index = torch.cuda.current_device() if index is None else index
-    total = torch.cuda.get_device_properties(index).total_memory
-    budget = min(total, int(max_memory_gib * GIB))
-    torch.cuda.set_per_process_memory_fraction(budget / total, index)
+    budget = memory_budget(max_memory_gib, device)
+    torch.cuda.set_per_process_memory_fraction(budget / _gpu_bytes(device), _gpu_index(device))
     return budget
+
+
+def _gpu_index(device: str) -> int:
+    index = torch.device(device).index
+    return torch.cuda.current_device() if index is None else index
+
+
+def _gpu_bytes(device: str) -> int:
+    return torch.cuda.get_device_properties(_gpu_index(device)).total_memory
 
 
 def compile_layers(model: nn.Module) -> None:
@@ -162,21 +175,21 @@ def choose_plan(
     return best[1]
 
 
-def measure_step(step: Callable[[list[dict]], None], examples: list[dict]) -> int:
-    """Peak bytes a training step on these examples adds to what is allocated now; a huge number on OOM."""
+def measure_peak(run: Callable[[], object]) -> int:
+    """Peak bytes `run()` adds to what is allocated now; a huge number when it runs out of memory."""
     torch.cuda.synchronize()
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     before = torch.cuda.memory_allocated()
     try:
-        step(examples)
+        run()
         fitted = True
     except torch.OutOfMemoryError:
         fitted = False
     torch.cuda.synchronize()
     peak = torch.cuda.max_memory_allocated() - before
     torch.cuda.empty_cache()
-    return peak if fitted else 1 << 50
+    return peak if fitted else RAN_OUT
 
 
 def plan_memory(
@@ -200,18 +213,68 @@ def plan_memory(
     # without a plan.
     with torch.random.fork_rng(devices=[torch.cuda.current_device()]):
         set_checkpointed_layers(model, 0)
-        one = measure_step(step, examples[:1])
-        two = measure_step(step, examples[:2])
+        one = measure_peak(lambda: step(examples[:1]))
+        two = measure_peak(lambda: step(examples[:2]))
         set_checkpointed_layers(model, layers)
-        two_checkpointed = measure_step(step, examples[:2])
+        two_checkpointed = measure_peak(lambda: step(examples[:2]))
     per_sample = max(two - one, 1)
     fixed = max(one - per_sample, 0) + optimizer_states
     per_layer_saving = max((two - two_checkpointed) // (2 * layers), 0)
     available = int(budget * (1 - MEMORY_MARGIN)) - torch.cuda.memory_allocated()
-    plan = choose_plan(layers, per_sample, per_layer_saving, fixed, available, batch_size, checkpointing)
+    try:
+        plan = choose_plan(layers, per_sample, per_layer_saving, fixed, available, batch_size, checkpointing)
+    except MemoryError as error:
+        # What the first training step would raise, said before it: the trainer names the pass.
+        raise torch.OutOfMemoryError(str(error)) from None
     set_checkpointed_layers(model, plan.checkpointed_layers)
     log.info("memory plan for %.1f GiB: %s", budget / GIB, plan.describe())
     return plan
+
+
+@dataclass
+class PassMemory:
+    """A no-grad GPU pass (image features, evaluation), measured: bytes that do not grow with the batch,
+    bytes per item, and the budget left for it."""
+
+    fixed: int
+    per_item: int
+    available: int
+
+
+def measure_pass(run: Callable[[int], object], budget: int) -> PassMemory:
+    """Run the pass on 1 and 2 items (`run(count)`) and fit its peak as fixed + count x per item, as
+    plan_memory does for training steps; available is the budget less its margin and what is allocated."""
+    one = measure_peak(lambda: run(1))
+    two = measure_peak(lambda: run(2))
+    available = int(budget * (1 - MEMORY_MARGIN)) - torch.cuda.memory_allocated()
+    if two == RAN_OUT and one != RAN_OUT:
+        return PassMemory(0, one, available)  # one item fits, two do not: batches of one
+    per_item = max(two - one, 1)
+    return PassMemory(max(one - per_item, 0), per_item, available)
+
+
+def pass_batch(name: str, requested: int, memory: PassMemory) -> int:
+    """The largest batch up to `requested` (--eval-batch-size) whose memory fits, logged; when not even
+    one item fits, the torch.OutOfMemoryError the pass would raise, said before it runs."""
+    measured = (
+        f"measured {memory.per_item / GIB:.2f} GiB per image + {memory.fixed / GIB:.2f} GiB, "
+        f"{memory.available / GIB:.1f} GiB available"
+    )
+    fits = (memory.available - memory.fixed) // memory.per_item
+    if fits < 1:
+        raise torch.OutOfMemoryError(f"{name}: not even one image fits ({measured})")
+    batch = min(requested, fits)
+    if batch < requested:
+        log.info(
+            "%s: batches of %d, planned from memory (%s; --eval-batch-size %d does not fit)",
+            name,
+            batch,
+            measured,
+            requested,
+        )
+    else:
+        log.info("%s: batches of %d fit (%s)", name, batch, measured)
+    return batch
 
 
 class ImageFeatures:
@@ -235,6 +298,20 @@ class ImageFeatures:
         return all(key in self.features for key in keys)
 
     @torch.no_grad()
+    def measure(
+        self, model: PreTrainedModel, processor: ProcessorMixin, split: datasets.Dataset, budget: int
+    ) -> PassMemory:
+        """The feature pass's memory on this GPU, from batches of the split's first one and two images."""
+        backbone = gemma_backbone(model)
+        collate = PixelCollator(processor)
+
+        def run(count: int) -> None:
+            _, pixels = collate([split[index] for index in range(min(count, len(split)))])
+            image_features(backbone, pixels)
+
+        return measure_pass(run, budget)
+
+    @torch.no_grad()
     def fill(
         self,
         model: PreTrainedModel,
@@ -242,8 +319,13 @@ class ImageFeatures:
         split: datasets.Dataset,
         batch_size: int,
         num_workers: int = 0,
+        memory: PassMemory | None = None,
     ) -> int:
-        """Compute the features of the split's images not stored yet; returns how many were computed."""
+        """Compute the features of the split's images not stored yet; returns how many were computed.
+
+        With the pass's measured `memory`, batches are the largest up to `batch_size` that fit it: SigLIP
+        runs 4,096 patches per image at once, and 16 images did not fit 27B's 4-bit weights in 22 GiB.
+        """
         backbone = gemma_backbone(model)
         frozen = all(
             not p.requires_grad
@@ -258,7 +340,8 @@ class ImageFeatures:
         if not todo:
             return 0
         start = time.perf_counter()
-        parameter = next(backbone.vision_tower.parameters())
+        if memory is not None:
+            batch_size = pass_batch(f"image features of {len(todo)} images", batch_size, memory)
         loader = DataLoader(
             split.select(todo),
             batch_size=batch_size,
@@ -267,9 +350,7 @@ class ImageFeatures:
             worker_init_fn=single_thread,
         )
         for keys, pixels in loader:
-            features = backbone.get_image_features(
-                pixels.to(parameter.device, parameter.dtype), return_dict=True
-            ).pooler_output
+            features = image_features(backbone, pixels)
             for key, feature in zip(keys, features.to("cpu"), strict=True):
                 self.features[key] = feature.clone()
         self.filled += len(todo)
@@ -295,6 +376,14 @@ class ImageFeatures:
         kwargs["inputs_embeds"] = inputs_embeds.masked_scatter(is_image[..., None], features)
         kwargs["input_ids"] = None
         return args, kwargs
+
+
+def image_features(backbone: nn.Module, pixels: torch.Tensor) -> torch.Tensor:
+    """The vision tower's and projector's output for a batch of pixel values, on the model's device."""
+    parameter = next(backbone.vision_tower.parameters())
+    return backbone.get_image_features(
+        pixels.to(parameter.device, parameter.dtype), return_dict=True
+    ).pooler_output
 
 
 class PixelCollator:

@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 from google.cloud import service_usage_v1
 
+from launcher import gpus
 from launcher.apis import REQUIRED
 from launcher.cloud import Clients
 from launcher.emulator.record import read_record
@@ -57,3 +58,10 @@ def local(fresh: Local) -> Local:
     fresh.emulator.access.propagation_s = 0.0  # such tests grant right after creating an account
     fresh.record_path.write_text("")  # tests assert on the calls they make themselves
     return fresh
+
+
+@pytest.fixture
+def l4_image(monkeypatch: pytest.MonkeyPatch) -> None:
+    """As if `up` built an image with a CUDA 12 torch for the L4, whose driver (535) the image's CUDA 13
+    torch cannot use: for tests of L4 jobs past that refusal (launcher/gpus.py)."""
+    monkeypatch.setitem(gpus.IMAGE_CUDA, "nvidia-l4", 12)

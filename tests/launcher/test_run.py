@@ -561,7 +561,7 @@ def test_up_shows_the_quota_and_only_warns_without_it(env, project_dir):
     assert as_json["gpu_quota"]["quota_id"] == QUOTA_ID and as_json["gpu_quota"]["gpus"] == 1
 
 
-def test_an_l4_job_is_ga_within_an_hour_beta_beyond_and_a_second_up_keeps_it(env, project_dir):
+def test_an_l4_job_is_ga_within_an_hour_beta_beyond_and_a_second_up_keeps_it(env, project_dir, l4_image):
     assert up(project_dir, "--gpu", "nvidia-l4").exit_code == 0
     clients = env.clients(PROJECT)
     assert clients.jobs.get_job(name=JOB).launch_stage == launch_stage_pb2.LaunchStage.GA
@@ -594,7 +594,9 @@ def test_gpu_none_runs_the_same_job_on_cpu_without_gpu_quota(env, project_dir):
     assert "succeeded: 1/1 tasks succeeded" in ran.output
 
 
-def test_up_keeps_the_sources_it_staged_until_others_are_named(env, project_dir, tmp_path, monkeypatch):
+def test_up_keeps_the_sources_it_staged_until_others_are_named(
+    env, project_dir, tmp_path, monkeypatch, l4_image
+):
     # No Hub here: a request to it would be refused at once instead of going to huggingface.co.
     monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")
     model, pets = tmp_path / "tiny-model", tmp_path / "pets"

@@ -169,15 +169,18 @@ def test_module_commands_write_a_loadable_model_and_dataset(trainer_cli, tmp_pat
     assert result.returncode == 0, result.stderr
 
 
-def test_running_out_of_gpu_memory_names_the_flags_that_need_less(
+# This machine has no GPU to fill: the step named raises what PyTorch raises when one is full.
+FULL_GPU = (
+    "CUDA out of memory. Tried to allocate 1.05 GiB. GPU 0 has a total capacity of 22.03 GiB of which 512.00 "
+    "MiB is free. Of the allocated memory 20.4 GiB is allocated by PyTorch"
+)
+
+
+def test_running_out_of_gpu_memory_while_loading_names_the_pass_and_the_weights_flag(
     weightless_model: Path, pets: Path, tmp_path: Path, monkeypatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    # This machine has no GPU to fill: the model load raises what PyTorch raises when one is full.
     def load_model_on_a_full_gpu(*args, **kwargs):
-        raise torch.OutOfMemoryError(
-            "CUDA out of memory. Tried to allocate 20.00 GiB. GPU 0 has a total capacity of 79.11 GiB of "
-            "which 3.21 GiB is free. Of the allocated memory 70.1 GiB is allocated by PyTorch"
-        )
+        raise torch.OutOfMemoryError(FULL_GPU)
 
     monkeypatch.setattr("trainer.__main__.load_model", load_model_on_a_full_gpu)
     flags = ["--model-id", str(weightless_model), "--dataset", str(pets), "--device", "cpu"]
@@ -185,11 +188,31 @@ def test_running_out_of_gpu_memory_names_the_flags_that_need_less(
     flags += ["--batch-size", "24", "--max-memory-gib", "40"]
     assert main(flags) == 2
     assert capsys.readouterr().err == (
-        "Error: the GPU ran out of memory (CUDA out of memory. Tried to allocate 20.00 GiB) within "
-        "--max-memory-gib 40\nHint: It needs less with a smaller --batch-size (now 24), "
-        "--gradient-checkpointing on (now auto), a smaller --eval-batch-size (now 16), or --quantization "
-        "int8 or 4bit (now auto)\n"
+        "Error: the GPU ran out of memory in loading the model (CUDA out of memory. Tried to allocate 1.05 "
+        "GiB) within --max-memory-gib 40.\n"
+        "Hint: Use --quantization int8 or 4bit (now auto).\n"
     )
+
+
+def test_running_out_of_gpu_memory_in_the_image_feature_pass_names_it_and_the_eval_batch(
+    tiny_model: Path, pets: Path, tmp_path: Path, monkeypatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Issue 21's failure: 27B's 4-bit weights in 22 GiB, 16 images of 4,096 patches through SigLIP."""
+
+    def features_on_a_full_gpu(backbone, pixels):
+        raise torch.OutOfMemoryError(FULL_GPU)
+
+    monkeypatch.setattr("trainer.speed.image_features", features_on_a_full_gpu)
+    flags = ["--model-id", str(tiny_model), "--dataset", str(pets), "--device", "cpu"]
+    flags += ["--train-size", "37", "--eval-size", "37", "--output-dir", str(tmp_path)]
+    flags += ["--max-memory-gib", "22", "--quantization", "int8"]
+    assert main(flags) == 2
+    error, hint = capsys.readouterr().err.splitlines()
+    assert error == (
+        "Error: the GPU ran out of memory in the image-feature pass (CUDA out of memory. Tried to allocate "
+        "1.05 GiB) within --max-memory-gib 22."
+    )
+    assert hint == ("Hint: Use a smaller --eval-batch-size (now 16), or --quantization 4bit (now int8).")
 
 
 def test_help_shows_every_default(trainer_cli) -> None:

@@ -10,7 +10,16 @@ from trainer.__main__ import parse_args
 from trainer.data import chat_format, load_pets
 from trainer.evaluate import answer_log_likelihoods
 from trainer.modeling import load_model, load_processor
-from trainer.speed import GIB, ImageFeatures, choose_plan, decoder_layers, set_checkpointed_layers
+from trainer.speed import (
+    GIB,
+    ImageFeatures,
+    PassMemory,
+    choose_plan,
+    decoder_layers,
+    gemma_backbone,
+    pass_batch,
+    set_checkpointed_layers,
+)
 from trainer.train import AnswerOnlyCollator
 
 
@@ -94,6 +103,37 @@ def test_stored_image_features_give_the_same_scores_and_loss(frozen_tiny) -> Non
     )
     with torch.no_grad():
         torch.testing.assert_close(model(**from_features).loss, model(**from_pixels).loss)
+
+
+def test_the_feature_pass_splits_its_batches_to_fit_a_budget_one_batch_does_not(frozen_tiny, caplog) -> None:
+    """Issue 21: 16 images through SigLIP at once did not fit 27B's 4-bit weights in 22 GiB. Here the pass's
+    measured memory leaves room for 5 of the 16 images --eval-batch-size asks for."""
+    model, processor, data, _ = frozen_tiny
+    whole = ImageFeatures()
+    assert whole.fill(model, processor, data.test, batch_size=64) == 37
+    batches: list[int] = []
+    vision_tower = gemma_backbone(model).vision_tower
+    hook = vision_tower.register_forward_hook(
+        lambda module, args, kwargs, out: batches.append(len(out.last_hidden_state)), with_kwargs=True
+    )
+    try:
+        split = ImageFeatures()
+        memory = PassMemory(fixed=GIB // 2, per_item=GIB, available=int(5.7 * GIB))
+        with caplog.at_level("INFO", logger="trainer.speed"):
+            assert split.fill(model, processor, data.test, batch_size=16, memory=memory) == 37
+    finally:
+        hook.remove()
+    assert batches == [5] * 7 + [2]
+    assert "image features of 37 images: batches of 5, planned from memory" in caplog.text
+    assert "--eval-batch-size 16 does not fit" in caplog.text
+    for key in data.test["image_key"]:
+        torch.testing.assert_close(split.features[key], whole.features[key])
+
+
+def test_a_pass_takes_the_asked_batch_when_it_fits_and_refuses_before_running_when_none_does() -> None:
+    assert pass_batch("evaluation (score)", 16, PassMemory(GIB, GIB // 4, 10 * GIB)) == 16
+    with pytest.raises(torch.OutOfMemoryError, match="not even one image fits"):
+        pass_batch("image features", 16, PassMemory(3 * GIB, GIB, int(3.5 * GIB)))
 
 
 def test_image_features_are_refused_while_the_vision_tower_trains(tiny_model: Path, pets: Path) -> None:
