@@ -368,7 +368,10 @@ def run(args: argparse.Namespace) -> None:
         return
 
     set_seed(args.seed)
+    start = time.perf_counter()
     model = load_model(model_id, precision, device, token, args.lora_r, args.lora_alpha, args.lora_dropout)
+    # What each task attempt pays before its first step (docs/benchmarks.md): load, features, compile, plan.
+    log.info("model loaded in %.1f s", time.perf_counter() - start)
     workers = eval_workers(args, processor, device, shm)
     features = speed_up(args, model, processor, data, device, workers)
     methods = ["score", "generate"] if args.eval_method == "both" else [args.eval_method]
@@ -393,7 +396,9 @@ def run(args: argparse.Namespace) -> None:
     state = RunState(run_dir, attempt)
     baseline = state.get("baseline")
     if baseline is None:
+        start = time.perf_counter()
         baseline = evaluate_all()
+        log.info("baseline evaluation of %d images in %.1f s", len(data.test), time.perf_counter() - start)
         state.save("baseline", baseline)
     else:
         log.info("task attempt %d: baseline predictions of an earlier attempt", attempt)
