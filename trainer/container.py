@@ -8,6 +8,7 @@ features and the baseline evaluation costs most of an hour per task attempt (doc
 import logging
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sysconfig
@@ -33,8 +34,8 @@ PREFETCH_FACTOR = 2
 def describe_platform() -> str:
     """torch and the CUDA it was built for, the host's driver and the GPU: the run's first log line."""
     try:
-        driver = Path("/proc/driver/nvidia/version").read_text().split("Kernel Module")[1].split()[0]
-    except (OSError, IndexError):
+        driver = driver_version(Path("/proc/driver/nvidia/version").read_text())
+    except OSError:
         driver = "none"
     gpu = "no GPU visible"
     if torch.cuda.is_available():
@@ -44,6 +45,14 @@ def describe_platform() -> str:
         f"torch {torch.__version__} (CUDA {torch.version.cuda or 'none'}), NVIDIA driver {driver}, {gpu}, "
         f"Python {platform.python_version()}"
     )
+
+
+def driver_version(proc_version: str) -> str:
+    """The driver's version from /proc/driver/nvidia/version, whose first line differs between the
+    proprietary module ("NVIDIA UNIX x86_64 Kernel Module  535.216.03 ...") and the open one ("NVIDIA UNIX
+    Open Kernel Module for x86_64  580.159.04 ...")."""
+    found = re.search(r"Kernel Module(?: for \S+)?\s+(\d+(?:\.\d+)+)", proc_version)
+    return found.group(1) if found else "unknown"
 
 
 def check_writable(run_dir: Path) -> None:

@@ -14,7 +14,7 @@ import torch
 
 import trainer.__main__ as trainer_main
 from trainer.__main__ import main
-from trainer.container import SharedMemory, compile_toolchain_problem
+from trainer.container import SharedMemory, compile_toolchain_problem, driver_version
 
 REPO = Path(__file__).resolve().parents[2]
 MIB = 2**20
@@ -113,6 +113,15 @@ def test_compile_auto_without_a_compiler_goes_on_without_compiling(
     assert caplog.records[0].message.startswith(f"torch {torch.__version__} (CUDA ")
     assert "torch.compile cannot run here (no C compiler: CC is not set" in caplog.text
     assert "training without it" in caplog.text
+
+
+def test_the_first_log_line_reads_the_driver_version_of_either_kernel_module() -> None:
+    # /proc/driver/nvidia/version of the proprietary module, and of the open one (an H200 with 580).
+    proprietary = "NVRM version: NVIDIA UNIX x86_64 Kernel Module  535.216.03  Mon Nov 25 09:11:00 UTC 2024\n"
+    open_module = "NVRM version: NVIDIA UNIX Open Kernel Module for x86_64  580.159.04  Release Build\n"
+    assert driver_version(proprietary) == "535.216.03"
+    assert driver_version(open_module) == "580.159.04"
+    assert driver_version("") == "unknown"
 
 
 def test_workers_and_their_prefetched_batches_fit_dev_shm(caplog: pytest.LogCaptureFixture) -> None:
