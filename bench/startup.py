@@ -11,7 +11,8 @@
    index, config, tokenizer and processor. Then the page cache is dropped, so the first load reads the disk.
 4. `python -m trainer` on it as task attempt 0 (CLOUD_RUN_TASK_ATTEMPT=0): load, image features, baseline
    evaluation, memory plan, a few steps, then SIGTERM, as Cloud Run sends it: a checkpoint, exit 143.
-5. Attempt 1 on the same run directory, to the end: what it reused and its time to the first step.
+5. Attempt 1 on the same run directory: what it reused and its time to the first step (then SIGTERM
+   again, unless --attempt1-to-end).
 
 Times come from the trainer's own log lines, stamped by this script with the seconds since it started the
 process. One JSON object per measurement goes to OUT/startup.jsonl; each run's log to OUT/*.log.
@@ -233,6 +234,7 @@ def main() -> None:
     parser.add_argument("--work", type=Path, help="where the checkpoint and runs go (default: a temp dir)")
     parser.add_argument("--stop-at-step", type=int, default=3, help="attempt 0 gets SIGTERM after this step")
     parser.add_argument("--deadline", type=float, default=540, help="seconds for the whole script")
+    parser.add_argument("--attempt1-to-end", action="store_true", help="else SIGTERM after its first step")
     parser.add_argument("--skip-tiny", action="store_true")
     parser.add_argument("--smoke", action="store_true", help="CPU, tiny model, compile off")
     bench = parser.parse_args()
@@ -344,6 +346,8 @@ def main() -> None:
         run = TrainerRun(f"{arch}-attempt{attempt}", flags, env, bench.out)
         if attempt == 0:
             run.stop_at = bench.stop_at_step
+        elif not bench.attempt1_to_end:
+            run.stop_at = 0  # its time to the first step is what a retry costs
         code = run.wait(left - 10)
         state_file = work / "runs" / "restart" / "run_state.json"
         state = json.loads(state_file.read_text()) if state_file.is_file() else {}
