@@ -92,6 +92,16 @@ VARIANTS: dict[str, tuple[list[str], str, str]] = {
     "ours-b8": (["--batch-size", "8"], LANGUAGE_MODEL_LINEAR, "score"),
     "ours-b16": (["--batch-size", "16"], LANGUAGE_MODEL_LINEAR, "score"),
     "ours-no-dropout": (["--lora-dropout", "0"], LANGUAGE_MODEL_LINEAR, "score"),
+    # The smallest 27B training there is (an L4's 22 GiB): 4-bit, batch 1, every layer recomputed; image
+    # features and scoring 4 images at a time, since 16 overflow the budget in SigLIP.
+    "ours-4bit-b1": (
+        [
+            "--quantization", "4bit", "--batch-size", "1", "--gradient-checkpointing", "on",
+            "--eval-batch-size", "4",
+        ],
+        LANGUAGE_MODEL_LINEAR,
+        "score",
+    ),
 }  # fmt: skip
 
 
@@ -356,10 +366,14 @@ def measure(
             "--model-id", "random-init", "--dataset", str(dataset), "--device", device,
             "--max-memory-gib", str(bench.max_memory_gib), "--checkpoint-strategy", "no",
             "--logging-steps", str(bench.logging_steps), "--train-size", str(bench.train_size),
-            "--eval-size", str(bench.eval_size), *flags,
+            "--eval-size", str(bench.eval_size), *flags, *bench.flags.split(),
         ]
     )  # fmt: skip
     chat = chat_format(processor, data.class_names)
+    if device == "cuda":
+        # An earlier configuration's --max-memory-gib cap stays on the process; the bf16 model is built
+        # before this one's cap applies, as the trainer loads it before capping.
+        torch.cuda.set_per_process_memory_fraction(1.0)
     torch.manual_seed(args.seed)
     start = time.perf_counter()
     model = build_tiny(processor) if bench.smoke else build_model(arch, processor, device)
@@ -382,6 +396,7 @@ def measure(
         "precision": precision,
         "max_memory_gib": args.max_memory_gib,
         **({"torch_settings": bench.set} if bench.set else {}),
+        **({"extra_flags": bench.flags} if bench.flags else {}),
     }
 
     start = time.perf_counter()
@@ -711,6 +726,12 @@ def main() -> None:
         default=[],
         metavar="MODULE.NAME=VALUE",
         help="a torch.compile setting to try (bench/torch_settings.py), recorded in each row",
+    )
+    parser.add_argument(
+        "--flags",
+        default="",
+        help="trainer flags added after each configuration's own (they win), recorded in each row: "
+        '--flags="--batch-size 9"',
     )
     parser.add_argument("--smoke", action="store_true", help="CPU, tiny config, 2 steps: the code paths only")
     parser.add_argument("--quality", action="store_true", help="tiny model, levers on vs off: accuracy")

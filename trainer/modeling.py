@@ -142,8 +142,11 @@ def load_base_model(model_id: str, precision: str, device: str, token: str | Non
             bnb_4bit_compute_dtype=torch.bfloat16,
         )
     try:
+        # use_kernels=False: transformers (5.24 and later) otherwise swaps layers for compiled kernels it
+        # downloads from the Hub at load time, unpinned by requirements.lock; offline, or with a publisher
+        # it cannot verify, the load fails (seen on an H200 with the lock's transformers, docs/container.md).
         model = AutoModelForImageTextToText.from_pretrained(
-            model_id, device_map={"": device}, token=token, **kwargs
+            model_id, device_map={"": device}, token=token, use_kernels=False, **kwargs
         )
     except OSError as error:  # missing or partial weights, a gated repo without a token
         raise UserError(

@@ -132,6 +132,9 @@ def test_logs_one_line_per_step_and_the_final_table_without_the_token(trained_ru
     # The end of training, in the same "step N/TOTAL" form the launcher reads for its progress bar.
     assert any(re.search(r" INFO step 235/235: training done in [\d.]+ s$", line) for line in lines)
     assert any("task attempt 0: starting fresh" in line for line in lines)
+    # What an attempt spends before training, so a slow start can be told apart (docs/benchmarks.md).
+    assert any(" INFO model loaded in " in line for line in lines)
+    assert any(" INFO baseline evaluation of 222 images in " in line for line in lines)
     table = [line for line in lines if line.split(" INFO ")[-1].startswith(("score ", "generate "))]
     assert len(table) == 6
     assert "\r" not in trained_run.stdout + trained_run.stderr  # no progress bars when not a terminal

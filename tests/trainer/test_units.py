@@ -124,6 +124,13 @@ def test_lora_goes_on_the_language_model_only(tiny_model: Path) -> None:
     assert not any(param.requires_grad for name, param in model.named_parameters() if "vision_tower" in name)
 
 
+def test_the_model_loads_without_kernels_from_the_hub(tiny_model: Path) -> None:
+    # transformers' default would fetch layers' kernels from the Hub at load: unpinned code, and on a GPU
+    # without the Hub (or with a publisher it cannot verify) the load fails.
+    model = load_model(str(tiny_model), "fp32", "cpu", None, 4, 8, 0.0)
+    assert model.get_base_model().use_kernels is False
+
+
 def test_precision_on_cpu_is_fp32_and_4bit_is_refused(tiny_model: Path) -> None:
     assert choose_precision("auto", "cpu", str(tiny_model), None) == "fp32"
     assert choose_precision("none", "cpu", str(tiny_model), None) == "fp32"
