@@ -103,10 +103,12 @@ FITS: dict[tuple[str, str, str], Fit] = {
     ("nvidia-l4", "27b", "bf16"): Fit("no", "its weights alone take 51.1 GiB"),
     ("nvidia-l4", "27b", "int8"): Fit("no", "its weights alone take 27.3 GiB"),
     ("nvidia-l4", "27b", "fp8"): Fit("no", "its weights alone take 27.3 GiB"),
-    # To measure: batch 1, every layer checkpointed, 22 GiB. If it trains: Fit("slow", "<speed, where>").
+    # Trains at batch 1 with every layer checkpointed and features/scoring 4 images at a time; an L4 has
+    # about an eighth of the H200's bf16 rate (docs/benchmarks.md, "22 GiB, an L4's budget").
     ("nvidia-l4", "27b", "4bit"): Fit(
-        "no",
-        f"it ran out of memory {_H200_22} (issue 21), and training it there was not measured",
+        "slow",
+        f"batch 1, every layer checkpointed, 0.63 samples/s {_H200_22} (gpu-call29), so about 0.08 on an "
+        "L4: 13 hours or more per epoch of 3,680 images",
     ),
     # Issue 21's run did not record its weights: bf16 is inferred from its plan (batch 8 needs 15 layers
     # checkpointed with bf16's 8.0 GiB of weights and 2.5 GiB per sample; fp8's would fit without).
@@ -142,9 +144,9 @@ def identify(model: str) -> Model | None:
 
 
 def default_model(gpu: str) -> str:
-    """The Hub id of the largest model that runs on the GPU (DEFAULT_MODEL without one)."""
+    """The Hub id of the largest model that runs on the GPU at full speed (DEFAULT_MODEL without one)."""
     for size, model in MODELS.items():
-        if gpu not in GPUS or _fit(gpu, size, "auto").verdict != "no":
+        if gpu not in GPUS or _fit(gpu, size, "auto").verdict == "runs":
             return model.hub_id
     return MODELS[DEFAULT_MODEL].hub_id
 
@@ -155,7 +157,9 @@ def why_default(gpu: str) -> str | None:
     chosen = default_model(gpu)
     if chosen == usual.hub_id:
         return None
-    return f"model {chosen}, the default on an {GPUS[gpu].name}: {usual.name} does not fit its memory."
+    slow = _fit(gpu, DEFAULT_MODEL, "auto").verdict == "slow"
+    reason = "runs only slowly there" if slow else "does not fit its memory"
+    return f"model {chosen}, the default on an {GPUS[gpu].name}: {usual.name} {reason}."
 
 
 def weights_for(gpu: str, size: str, quantization: str) -> str:
