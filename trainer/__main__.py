@@ -1,0 +1,427 @@
+"""python -m trainer: fine-tune Gemma 3 on Oxford-IIIT Pet and evaluate it before and after.
+
+Flags keep the reference script's names (trainer/flags.py). Outputs go to --output-dir, or to
+--output-dir/$CLOUD_RUN_EXECUTION inside a Cloud Run job, so a retried task resumes from its own
+checkpoints, and an error that a retry cannot fix is recorded there for the later attempts
+(trainer/failure.py; docs/trainer.md).
+"""
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import signal
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import datasets
+import huggingface_hub
+import torch
+import transformers
+from peft import PeftModel
+from transformers import ProcessorMixin, set_seed
+from trl import SFTTrainer
+
+from trainer import UserError, failure, flags
+from trainer.container import (
+    SharedMemory,
+    check_writable,
+    compile_toolchain_problem,
+    describe_platform,
+    pixel_bytes,
+)
+from trainer.data import ChatFormat, PetData, chat_format, load_pets
+from trainer.evaluate import (
+    per_class_metrics,
+    planned_batch,
+    predict,
+    save_confusion_matrix,
+    summary_metrics,
+)
+from trainer.export import merge, run_settings, upload, versions, write_results
+from trainer.flags import FlagError, parse_args
+from trainer.modeling import (
+    check_model_id,
+    choose_precision,
+    load_model,
+    load_processor,
+    resolve_device,
+)
+from trainer.out_of_memory import (
+    BASELINE,
+    FINAL,
+    IMAGE_FEATURES,
+    LOADING,
+    MEMORY_PLAN,
+    MERGING,
+    TRAINING,
+    describe,
+    gpu_pass,
+)
+from trainer.speed import (
+    GIB,
+    ImageFeatures,
+    Plan,
+    apply_memory_budget,
+    compile_layers,
+    decoder_layers,
+    loader_workers,
+    memory_budget,
+    plan_memory,
+    set_checkpointed_layers,
+)
+from trainer.train import (
+    AnswerOnlyCollator,
+    RunState,
+    Stopped,
+    make_trainer,
+    probe_step,
+    set_batch_size,
+    sft_config,
+    train,
+)
+
+log = logging.getLogger("trainer")
+
+# --batch-size auto without a GPU to measure: the batch the tiny model's CPU runs were tuned with.
+CPU_BATCH_SIZE = 8
+
+
+def setup_logging() -> None:
+    logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="%(asctime)s %(levelname)s %(message)s")
+    transformers.utils.logging.set_verbosity_warning()
+    # PEFT 0.21 (get_peft_model) and TRL 1.16 (generation) still read transformers 5's deprecated alias
+    # `is_gradient_checkpointing`: their warning names nothing a user of the trainer can change.
+    warnings.filterwarnings(
+        "ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning
+    )
+    if not sys.stdout.isatty():
+        transformers.utils.logging.disable_progress_bar()
+        datasets.disable_progress_bars()
+        huggingface_hub.utils.disable_progress_bars()
+
+
+def speed_up(
+    args: argparse.Namespace,
+    model: PeftModel,
+    processor: ProcessorMixin,
+    data: PetData,
+    device: str,
+    workers: int | None = None,
+) -> ImageFeatures | None:
+    """The levers that come before training: memory cap, image features of both splits, compiled layers.
+
+    `workers`: data-loader workers for batches of --eval-batch-size images (default: as many as fit).
+    """
+    if workers is None:
+        workers = eval_workers(args, processor, device, SharedMemory.measure())
+    if device == "cuda":
+        budget = apply_memory_budget(args.max_memory_gib, device)
+        log.info("GPU memory capped at %.1f GiB", budget / GIB)
+    features = None
+    if args.cache_image_features:
+        features = ImageFeatures()
+        features.install(model)
+        start = time.perf_counter()
+        # On a GPU the batches are planned from the pass's measured memory, up to --eval-batch-size.
+        memory = features.measure(model, processor, data.train, budget) if device == "cuda" else None
+        count = sum(
+            features.fill(model, processor, split, args.eval_batch_size, workers, memory)
+            for split in (data.train, data.test)
+        )
+        log.info("image features of %d images in %.1f s", count, time.perf_counter() - start)
+    if args.compile == "on" or (args.compile == "auto" and device == "cuda"):
+        compile_layers(model)
+    return features
+
+
+def build_trainer(
+    args: argparse.Namespace,
+    model: PeftModel,
+    processor: ProcessorMixin,
+    data: PetData,
+    chat: ChatFormat,
+    device: str,
+    run_dir: Path,
+    features: ImageFeatures | None,
+    state: RunState | None = None,
+    shm: SharedMemory | None = None,
+) -> tuple[SFTTrainer, Plan]:
+    """SFTTrainer with the batch and gradient checkpointing of the memory plan (measured on GPU), or of an
+    earlier attempt of the task (`state`)."""
+    state = state or RunState(run_dir, attempt=0)
+    train = data.train
+    workers = loader_workers(device)
+    if features is not None and features.has_all(train["image_key"]):
+        # Batches carry image keys: decoding the images would be wasted work.
+        train, workers = train.remove_columns("image"), 0
+    first_batch = args.batch_size or (1 if device == "cuda" else CPU_BATCH_SIZE)
+    config = sft_config(args, run_dir, device, first_batch, workers)
+    trainer = make_trainer(
+        model, processor, PetData(train, data.test, data.class_names), chat, config, features
+    )
+    layers = len(decoder_layers(model))
+    if state.get("plan"):
+        plan = Plan(**state.get("plan"))
+        log.info(
+            "batch %d, gradient checkpointing on %d layers: the plan of an earlier attempt",
+            plan.batch_size,
+            plan.checkpointed_layers,
+        )
+        set_checkpointed_layers(model, plan.checkpointed_layers)
+    elif device == "cuda" and not (args.batch_size and args.gradient_checkpointing != "auto"):
+        examples = [data.train[index] for index in range(min(2, len(data.train)))]
+        budget = memory_budget(args.max_memory_gib, device)
+        plan = plan_memory(
+            model, probe_step(trainer), examples, budget, args.batch_size, args.gradient_checkpointing
+        )
+    else:
+        plan = Plan(first_batch, layers if args.gradient_checkpointing == "on" else 0)
+        set_checkpointed_layers(model, plan.checkpointed_layers)
+    set_batch_size(trainer, plan.batch_size)
+    state.save("plan", dataclasses.asdict(plan))
+    if workers:
+        shm = shm or SharedMemory.measure()
+        batch_bytes = plan.batch_size * pixel_bytes(processor)
+        trainer.args.dataloader_num_workers = shm.workers(workers, batch_bytes, "training batches")
+    return trainer, plan
+
+
+def eval_workers(args: argparse.Namespace, processor: ProcessorMixin, device: str, shm: SharedMemory) -> int:
+    """Data-loader workers for batches of --eval-batch-size images (features, evaluation) fitting /dev/shm."""
+    batch_bytes = args.eval_batch_size * pixel_bytes(processor)
+    return shm.workers(loader_workers(device), batch_bytes, "evaluation batches")
+
+
+def check_compile(args: argparse.Namespace, device: str) -> None:
+    """torch.compile on CUDA needs a C compiler, Python headers and libcuda at run time (Triton).
+
+    Without them, --compile on is an error; auto goes on without compiling (slower, same results).
+    """
+    if device != "cuda" or args.compile == "off":
+        return
+    problem = compile_toolchain_problem()
+    if problem is None:
+        return
+    if args.compile == "on":
+        raise UserError(
+            f"--compile on: torch.compile cannot run here: {problem}",
+            "the image needs gcc (or $CC), the Python headers and the driver's libcuda.so.1 "
+            "(docs/container.md); or run with --compile off",
+        )
+    log.warning(
+        "torch.compile cannot run here (%s): training without it, slower (docs/container.md)",
+        problem,
+    )
+    args.compile = "off"
+
+
+def run_directory(output: str, execution: str | None) -> Path:
+    """Where a run writes: --output-dir, or its subdirectory named for the Cloud Run execution."""
+    return Path(output) / execution if execution else Path(output)
+
+
+def fine_tune(
+    args: argparse.Namespace,
+    model_id: str,
+    precision: str,
+    device: str,
+    token: str | None,
+    data: PetData,
+    processor: ProcessorMixin,
+    chat: ChatFormat,
+    run_dir: Path,
+    execution: str | None,
+    attempt: int,
+    shm: SharedMemory,
+) -> dict[str, dict[str, dict[str, float]]]:
+    """Load, evaluate, train, evaluate again; write the adapter and results.json into run_dir.
+
+    Returns each evaluation method's baseline and final metrics. The model, the trainer and its optimizer
+    state and the image features live only in here, so that nothing references them once it returns.
+    """
+    start = time.perf_counter()
+    with gpu_pass(LOADING):
+        model = load_model(
+            model_id, precision, device, token, args.lora_r, args.lora_alpha, args.lora_dropout
+        )
+    # What each task attempt pays before its first step (docs/benchmarks.md): load, features, compile, plan.
+    log.info("model loaded in %.1f s", time.perf_counter() - start)
+    workers = eval_workers(args, processor, device, shm)
+    with gpu_pass(IMAGE_FEATURES):
+        features = speed_up(args, model, processor, data, device, workers)
+    methods = ["score", "generate"] if args.eval_method == "both" else [args.eval_method]
+    labels = data.test["label"]
+
+    def evaluate_all() -> dict[str, list[int]]:
+        predictions = {}
+        for method in methods:
+            batch = args.eval_batch_size
+            if device == "cuda":
+                budget = memory_budget(args.max_memory_gib, device)
+                batch = planned_batch(
+                    method, model, processor, chat, data.test, data.class_names, batch, features, budget
+                )
+            predictions[method] = predict(
+                method, model, processor, chat, data.test, data.class_names, batch, features, workers
+            )
+        return predictions
+
+    state = RunState(run_dir, attempt)
+    baseline = state.get("baseline")
+    if baseline is None:
+        start = time.perf_counter()
+        with gpu_pass(BASELINE):
+            baseline = evaluate_all()
+        log.info("baseline evaluation of %d images in %.1f s", len(data.test), time.perf_counter() - start)
+        state.save("baseline", baseline)
+    else:
+        log.info("task attempt %d: baseline predictions of an earlier attempt", attempt)
+    with gpu_pass(MEMORY_PLAN):
+        trainer, _ = build_trainer(args, model, processor, data, chat, device, run_dir, features, state, shm)
+    with gpu_pass(TRAINING):
+        output = train(trainer, run_dir, attempt)
+    with gpu_pass(FINAL):
+        final = evaluate_all()
+
+    trainer.save_model(str(run_dir))  # adapter (PEFT format) + processor
+    (run_dir / "training_log.json").write_text(json.dumps(trainer.state.log_history, indent=1) + "\n")
+    primary = methods[0]
+    save_confusion_matrix(labels, final[primary], data.class_names, run_dir / "confusion_matrix.png")
+    by_method = {
+        method: {
+            "baseline": summary_metrics(labels, baseline[method]),
+            "final": summary_metrics(labels, final[method]),
+        }
+        for method in methods
+    }
+    results = {
+        "model_id": args.model_id,
+        "dataset": args.dataset,
+        "train_size": len(data.train),
+        "eval_size": len(data.test),
+        "eval_method": args.eval_method,
+        "baseline": by_method[primary]["baseline"],
+        "final": by_method[primary]["final"],
+        "by_method": by_method,
+        "per_class": per_class_metrics(labels, final[primary], data.class_names),
+        "train": {
+            "steps": output.global_step,
+            "runtime_s": output.metrics["train_runtime"],
+            "samples_per_s": output.metrics["train_samples_per_second"],
+        },
+        "versions": versions(),
+        "execution": execution,
+        "task_attempt": attempt,
+        "settings": run_settings(
+            args,
+            device=device,
+            weights=precision,
+            batch_size=trainer.args.per_device_train_batch_size,
+            effective_batch_size=trainer.args.per_device_train_batch_size * args.gradient_accumulation_steps,
+        ),
+    }
+    write_results(run_dir / "results.json", results)
+    return by_method
+
+
+def run(args: argparse.Namespace) -> None:
+    log.info("%s", describe_platform())
+    token = args.hf_token or os.environ.get("HF_TOKEN") or None
+    execution = os.environ.get("CLOUD_RUN_EXECUTION")
+    attempt = int(os.environ.get("CLOUD_RUN_TASK_ATTEMPT", "0"))
+    output_dir = Path(args.output_dir)
+    run_dir = run_directory(args.output_dir, execution)
+
+    check_model_id(args.model_id)
+    # The adapter records the base model's path: keep it valid from any working directory.
+    model_id = str(Path(args.model_id).resolve()) if Path(args.model_id).is_dir() else args.model_id
+    device = resolve_device(args.device)
+    if not args.dry_run:  # a dry run writes nothing
+        check_writable(run_dir)
+        check_compile(args, device)
+        shm = SharedMemory.measure()
+    precision = choose_precision(args.quantization, device, model_id, token, args.max_memory_gib)
+    data = load_pets(args.dataset, args.train_size, args.eval_size, args.seed, token)
+    log.info(
+        "data: %d train / %d eval images, %d breeds", len(data.train), len(data.test), len(data.class_names)
+    )
+    processor = load_processor(model_id, token)
+    chat = chat_format(processor, data.class_names)
+
+    if args.dry_run:
+        batch = AnswerOnlyCollator(processor, chat)([data.train[0]])
+        answer = batch["input_ids"][0][batch["labels"][0] != -100]
+        log.info("prompt: %r", chat.prompt)
+        log.info("answer (the only labelled tokens): %r", processor.tokenizer.decode(answer))
+        log.info("batch: %s", {name: tuple(tensor.shape) for name, tensor in batch.items()})
+        log.info("dry run: data formatted, no weights loaded")
+        return
+
+    set_seed(args.seed)
+    by_method = fine_tune(
+        args, model_id, precision, device, token, data, processor, chat, run_dir, execution, attempt, shm
+    )
+    if args.merge:
+        # fine_tune has returned: the quantized model, its optimizer state, the trainer and the image
+        # features are unreferenced, and merge frees them before it loads the bf16 weights.
+        with gpu_pass(MERGING):
+            merge(model_id, run_dir, run_dir / "merged", device, token)
+
+    log.info("%-24s %9s %9s", "metric", "baseline", "final")
+    for method, phases in by_method.items():
+        for metric in phases["final"]:
+            log.info(
+                "%-24s %9.4f %9.4f", f"{method} {metric}", phases["baseline"][metric], phases["final"][metric]
+            )
+
+    if execution:
+        (output_dir / "LATEST").write_text(execution + "\n")
+    if args.gcs_output_path:
+        files = [path.relative_to(output_dir) for path in sorted(run_dir.rglob("*")) if path.is_file()]
+        upload(output_dir, files + ([Path("LATEST")] if execution else []), args.gcs_output_path)
+    log.info("done: outputs in %s", run_dir)
+
+
+def main(argv: list[str] | None = None) -> int:
+    execution = os.environ.get("CLOUD_RUN_EXECUTION")
+    attempt = int(os.environ.get("CLOUD_RUN_TASK_ATTEMPT", "0"))
+    try:
+        args = parse_args(argv)
+    except FlagError as error:
+        failure.report(error)
+        output = flags.output_dir(sys.argv[1:] if argv is None else argv)
+        if execution and output:
+            failure.record(run_directory(output, execution), error, attempt)
+        return 2
+    setup_logging()
+    run_dir = run_directory(args.output_dir, execution)
+    earlier = failure.recorded(run_dir) if execution and attempt > 0 else None
+    if earlier is not None:
+        log.info("task attempt %d: an earlier attempt stopped on an error that a retry cannot fix", attempt)
+        failure.report(earlier)
+        return 2
+    try:
+        run(args)
+    except UserError as error:
+        failure.report(error)
+        if execution and error.recurs:
+            failure.record(run_dir, error, attempt)
+        return 2
+    except Stopped as stopped:
+        log.warning("%s", stopped)
+        # Not 0: Cloud Run must count the attempt as failed to start the next one.
+        return 128 + signal.SIGTERM
+    except torch.OutOfMemoryError as error:
+        message, hint = describe(args, error)
+        # Not recorded for later attempts: the memory another host's GPU leaves free can differ.
+        failure.report(UserError(message, hint, recurs=False))
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
