@@ -12,7 +12,6 @@ import re
 import pytest
 from click.testing import CliRunner
 from google.cloud import run_v2
-from hub_standin import HubStandin
 from huggingface_hub import constants
 from pydantic import SecretStr
 from rich.console import Console
@@ -20,6 +19,7 @@ from rich.console import Console
 from launcher import staging
 from launcher.cli import main
 from launcher.settings import Settings
+from tests.support.hub_standin import HubStandin
 
 TOKEN = "hf_CloudStageToken0123456789abcdefXYZ"
 UNGRANTED = "hf_NotGrantedToken0123456789abcdefXY"

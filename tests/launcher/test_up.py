@@ -11,6 +11,7 @@ from google.iam.v1 import iam_policy_pb2, policy_pb2
 from google.oauth2.credentials import Credentials
 
 from launcher.cli import main
+from tests.support.record import changes, is_mutating
 
 PROJECT = "demo-project"
 TOKEN = "hf_test_token_0123456789abcdef"
@@ -18,25 +19,6 @@ SA = f"gemma3-finetuning@{PROJECT}.iam.gserviceaccount.com"
 BUILD_SA = f"gemma3-finetuning-build@{PROJECT}.iam.gserviceaccount.com"
 REPOSITORY = f"projects/{PROJECT}/locations/europe-west4/repositories/gemma3-finetuning-repo"
 BUCKET = f"{PROJECT}-gemma3-finetuning"
-MUTATING_PREFIXES = (
-    "Create",
-    "Update",
-    "Delete",
-    "Add",
-    "Set",
-    "Run",
-    "Cancel",
-    "Patch",
-    "Destroy",
-    "Disable",
-)
-MUTATING_STORAGE = ("insert", "patch", "update", "delete", "setIamPolicy", "compose", "copy", "rewrite")
-
-
-def is_mutating(entry: dict) -> bool:
-    if entry["service"] == "storage":
-        return any(word in entry["method"] for word in MUTATING_STORAGE)
-    return entry["method"].startswith(MUTATING_PREFIXES)
 
 
 @pytest.fixture
@@ -209,15 +191,6 @@ def test_bucket_in_another_region_is_refused_with_a_hint(env):
     assert result.exit_code == 2
     assert "exists in US-CENTRAL1" in result.output
     assert "Hint:" in result.output
-
-
-def changes(env) -> list[str]:
-    """The calls in the record that changed something, enabling an API included."""
-    return [
-        entry["method"]
-        for entry in env.record()
-        if is_mutating(entry) or entry["method"] in ("EnableService", "BatchEnableServices")
-    ]
 
 
 def without_billing(env) -> None:
