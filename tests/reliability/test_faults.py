@@ -19,7 +19,11 @@ import pytest
 import requests
 from google.api_core import exceptions
 
-from bench.reliability import (
+from launcher.cloud import RETRY, Clients
+from launcher.emulator.faults import Faults
+from launcher.emulator.record import read_record
+from launcher.emulator.server import Emulator
+from tests.support.reliability import (
     PROJECT,
     TOKEN,
     cli,
@@ -30,10 +34,6 @@ from bench.reliability import (
     run_seed,
     up_args,
 )
-from launcher.cloud import RETRY, Clients
-from launcher.emulator.faults import Faults
-from launcher.emulator.record import read_record
-from launcher.emulator.server import Emulator
 
 SEEDS = [3, 7]
 

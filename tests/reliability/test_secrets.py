@@ -8,7 +8,9 @@ import hashlib
 import json
 import tarfile
 
-from bench.reliability import (
+from launcher.cloud import Clients
+from launcher.emulator.record import read_record
+from tests.support.reliability import (
     BUCKET,
     SA,
     SECRET,
@@ -21,8 +23,6 @@ from bench.reliability import (
     token_forms,
     up_args,
 )
-from launcher.cloud import Clients
-from launcher.emulator.record import read_record
 
 
 def test_the_token_reaches_the_task_and_leaks_nowhere(tmp_path, figures):

@@ -1,5 +1,6 @@
 """Flags: bad values end with one `Error:` line and exit 2 before any weights load; --dry-run loads none."""
 
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -9,14 +10,13 @@ import torch
 
 from trainer.__main__ import main
 from trainer.data import load_pets
-from trainer.synthetic import write_dataset
 
 
 @pytest.fixture(scope="session")
-def broken_pets(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def broken_pets(synthetic_pets, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A small set in the official layout where one test image is not an image."""
-    path = tmp_path_factory.mktemp("broken-pets")
-    write_dataset(path, per_class=1, test_per_class=1)
+    path = tmp_path_factory.mktemp("broken-pets") / "pets"
+    shutil.copytree(synthetic_pets(1, 1), path)
     (path / "images" / "pug_2.jpg").write_bytes(b"not a jpeg")
     return path
 
