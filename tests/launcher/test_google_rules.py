@@ -125,6 +125,7 @@ def test_a_cloud_storage_403_is_a_permission_error_with_the_storage_role(env, tm
     assert_explained(result, "Permission denied", "storage.objects.", "roles/storage.")
 
 
+@pytest.mark.slow
 def test_no_credentials_at_all_say_how_to_log_in(monkeypatch):
     # No emulator: the real clients look for Application Default Credentials, and find none (the test
     # environment points gcloud's config and the metadata server at nothing).

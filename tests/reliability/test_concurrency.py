@@ -10,6 +10,8 @@ import pytest
 
 from tests.support.reliability import duplicates, emulated, make_project, up_args
 
+pytestmark = pytest.mark.slow
+
 RUNS = int(os.environ.get("GEMMA_LAUNCH_RELIABILITY_RUNS", "1"))
 
 

@@ -18,6 +18,8 @@ import pytest
 
 from tests.support.reliability import cli, duplicates, emulated, make_project, up_args
 
+pytestmark = pytest.mark.slow
+
 RUNS = 2 * int(os.environ.get("GEMMA_LAUNCH_RELIABILITY_RUNS", "1"))
 # `up` here takes about 5.5 s, the first 2.5 of them importing; a later SIGINT would find it done.
 DELAYS = [round(random.Random(run).uniform(2.0, 5.5), 2) for run in range(RUNS)]

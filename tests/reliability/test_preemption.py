@@ -17,6 +17,8 @@ import pytest
 from launcher.emulator.server import Emulator
 from tests.support.reliability import REPO, cli, emulated
 
+pytestmark = pytest.mark.slow
+
 SAVE_STEPS = 3
 # 74 images, batch 8, 2 epochs: 20 steps, a checkpoint every 3.
 TRAINER = {

@@ -8,6 +8,8 @@ import hashlib
 import json
 import tarfile
 
+import pytest
+
 from launcher.cloud import Clients
 from launcher.emulator.record import read_record
 from tests.support.reliability import (
@@ -25,6 +27,7 @@ from tests.support.reliability import (
 )
 
 
+@pytest.mark.slow
 def test_the_token_reaches_the_task_and_leaks_nowhere(tmp_path, figures):
     project = make_project(tmp_path / "project")
     outputs = []
@@ -69,6 +72,7 @@ def test_token_forms_find_the_token_inside_base64_at_any_offset():
     )
 
 
+@pytest.mark.slow
 def test_the_service_account_holds_exactly_two_grants_on_one_resource_each(tmp_path, figures):
     project = make_project(tmp_path / "project")
     with emulated(tmp_path) as emulator:

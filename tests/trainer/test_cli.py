@@ -94,12 +94,14 @@ def test_cuda_requested_without_a_gpu(
     assert capsys.readouterr().err == "Error: --device cuda: no CUDA GPU is visible\n"
 
 
+@pytest.mark.slow
 def test_command_line_error_is_one_line_without_traceback(trainer_cli) -> None:
     result = trainer_cli(["--train-size", "0"])
     assert result.returncode == 2
     assert result.stderr == "Error: argument --train-size: must be a positive integer, got '0'\n"
 
 
+@pytest.mark.slow
 def test_dry_run_formats_data_without_loading_weights(
     trainer_cli, weightless_model: Path, pets: Path, tmp_path: Path
 ) -> None:
@@ -114,6 +116,7 @@ def test_dry_run_formats_data_without_loading_weights(
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_module_commands_write_a_loadable_model_and_dataset(trainer_cli, tmp_path: Path) -> None:
     repo = Path(__file__).resolve().parents[2]
     for command in (
