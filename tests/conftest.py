@@ -8,12 +8,14 @@ from pathlib import Path
 
 import pytest
 
+from launcher.apis import REQUIRED
 from launcher.settings import ENV_VARS
 from tests.support.emulator import Local, emulated
 
 # A project whose Cloud Run GPU quota request was granted, with room for two GPU tasks at once (a fresh
 # project has none: tests of that case set it to 0 with services["quotas"].set_gpu_quota).
 GPU_QUOTA = 2
+PROJECT = "demo-project"
 
 
 @pytest.fixture(autouse=True)
@@ -42,7 +44,11 @@ def fresh(tmp_path: Path) -> Iterator[Local]:
 @pytest.fixture
 def local(fresh: Local) -> Local:
     """A project whose APIs are on, as `up` leaves it: for tests of one step of the flow."""
-    fresh.enable_apis()
+    # Written into the project's record as Service Usage does: enabling them over the wire waits on a
+    # long-running operation, most of a second in each of some 200 tests.
+    fresh.emulator.access.update_project(
+        PROJECT, lambda record: record.update(services=sorted({*record["services"], *REQUIRED}))
+    )
     fresh.emulator.access.propagation_s = 0.0  # such tests grant right after creating an account
     fresh.record_path.write_text("")  # tests assert on the calls they make themselves
     return fresh
