@@ -2,7 +2,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test lint lock demo cloud-test clean
+.PHONY: install test test-fast lint lock demo cloud-test clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -20,6 +20,10 @@ lint: $(STAMP)
 
 test: lint
 	$(VENV)/bin/pytest -q
+
+# The inner loop: every test not marked slow, without the lint.
+test-fast: $(STAMP)
+	$(VENV)/bin/pytest -q -m "not slow"
 
 # The real-cloud suite (tests/cloud): costs money, needs a project of yours and ADC.
 cloud-test: $(STAMP)

@@ -29,7 +29,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests" / "launcher"))
+sys.path.insert(0, str(ROOT))  # this checkout's launcher and tests.support (the Hub stand-in)
 
 # huggingface_hub reads HF_ENDPOINT once, at import, so it and the launcher (which imports it) are
 # imported only after the Hub stand-in is up and HF_ENDPOINT points at it.
@@ -54,7 +54,7 @@ def synthetic_repo(gigabytes: float, shards: int) -> dict[str, bytes]:
 
 def serve_hub(gigabytes: float, shards: int) -> None:
     """Child process: publish the repo on a Hub stand-in, print its endpoint and manifest, serve."""
-    from hub_standin import HubStandin
+    from tests.support.hub_standin import HubStandin
 
     files = synthetic_repo(gigabytes, shards)
     with HubStandin(tokens={TOKEN}) as hub:

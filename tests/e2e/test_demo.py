@@ -8,7 +8,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-from readme_blocks import readme_blocks
+import pytest
+
+from tests.support.readme_blocks import readme_blocks
+
+pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[2]
 

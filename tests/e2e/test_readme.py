@@ -24,10 +24,10 @@ from pathlib import Path
 
 import click
 import pytest
-from readme_blocks import Block, readme_blocks
 
 from launcher.cli import main
 from launcher.settings import ENV_VARS
+from tests.support.readme_blocks import Block, readme_blocks
 
 REPO = Path(__file__).resolve().parents[2]
 README = REPO / "README.md"

@@ -10,10 +10,10 @@ from google.api_core import exceptions
 from google.cloud import storage
 from google.iam.v1 import iam_policy_pb2, policy_pb2
 from google.oauth2.credentials import Credentials
-from test_up import changes
 
 from launcher.cli import main
 from launcher.doctor import UP_PERMISSIONS
+from tests.support.record import changes
 
 PROJECT = "demo-project"
 BUCKET = f"{PROJECT}-gemma3-finetuning"

@@ -23,7 +23,6 @@ from launcher import provision
 from launcher.cli import main
 from launcher.emulator.server import Emulator
 from launcher.settings import load_settings
-from trainer.synthetic import write_dataset
 
 PROJECT = "demo-project"
 BUCKET = f"{PROJECT}-gemma3-finetuning"
@@ -113,20 +112,20 @@ def test_up_without_the_permissions_it_needs_stops_before_creating_anything(env)
     assert not [e for e in env.record() if e["method"].startswith(("Create", "Set", "BatchEnable"))]
 
 
-def test_a_cloud_storage_403_is_a_permission_error_with_the_storage_role(env, tmp_path):
+def test_a_cloud_storage_403_is_a_permission_error_with_the_storage_role(env, tmp_path, synthetic_pets):
     env.enable_apis()
     assert invoke("up", "--skip-build", "--skip-stage").exit_code == 0
     _make_viewer(env)
-    model, data = tmp_path / "model", tmp_path / "data"
+    model, data = tmp_path / "model", synthetic_pets(1, 1)
     model.mkdir()
     (model / "config.json").write_text("{}")
-    write_dataset(data, per_class=1, test_per_class=1)
     result = invoke(
         "stage", "--stage-in", "local", "--model-source", str(model), "--dataset-source", str(data)
     )
     assert_explained(result, "Permission denied", "storage.objects.", "roles/storage.")
 
 
+@pytest.mark.slow
 def test_no_credentials_at_all_say_how_to_log_in(monkeypatch):
     # No emulator: the real clients look for Application Default Credentials, and find none (the test
     # environment points gcloud's config and the metadata server at nothing).

@@ -187,6 +187,7 @@ def test_dry_run_shows_the_job_spec_and_gcloud_command(env, project_dir):
     ]
 
 
+@pytest.mark.slow
 def test_run_follow_streams_logs_with_overrides_and_results_prints_the_table(env, project_dir):
     assert up(project_dir).exit_code == 0
     result = cli("run", "--set", "learning-rate=0.125", "--train-size", "64", "--follow")
@@ -228,6 +229,7 @@ def test_run_follow_streams_logs_with_overrides_and_results_prints_the_table(env
     assert row["state"] == "Succeeded" and row["succeeded"] == 1 and row["retried"] == 0
 
 
+@pytest.mark.slow
 def test_a_failed_attempt_is_retried_and_the_retry_sees_attempt_1(env, project_dir):
     assert up(project_dir).exit_code == 0
     result = cli("run", "--set", FAIL_ONCE, "--follow")
@@ -241,6 +243,7 @@ def test_a_failed_attempt_is_retried_and_the_retry_sees_attempt_1(env, project_d
 EXIT_3 = "failed with message: The container exited with an error (exit code 3)."
 
 
+@pytest.mark.slow
 def test_a_failed_execution_says_why_in_run_status_and_results(env, project_dir):
     assert up(project_dir).exit_code == 0
     result = cli("run", "--set", ALWAYS_FAIL, "--follow")
@@ -257,6 +260,7 @@ def test_a_failed_execution_says_why_in_run_status_and_results(env, project_dir)
     assert "may still be running" not in missing.output
 
 
+@pytest.mark.slow
 def test_an_unknown_execution_is_an_error_that_lists_the_recent_ones(env, project_dir):
     assert up(project_dir).exit_code == 0
     for command in ("logs", "results", "cancel"):
@@ -303,6 +307,7 @@ def test_cancel_stops_the_running_execution_and_run_refuses_to_start_a_second(en
     assert len(cancels) == 1
 
 
+@pytest.mark.slow
 def test_results_says_where_each_output_is(env, project_dir):
     assert up(project_dir).exit_code == 0
     assert cli("run", "--set", "merge=true", "--follow").exit_code == 0
@@ -495,6 +500,7 @@ def test_commands_before_up_say_what_to_do(env):
         assert "Traceback" not in result.output
 
 
+@pytest.mark.slow
 def test_the_token_crosses_the_wire_only_in_add_secret_version(env, project_dir):
     assert up(project_dir).exit_code == 0
     result = cli("run", "--follow")
@@ -578,6 +584,7 @@ def test_an_l4_job_is_ga_within_an_hour_beta_beyond_and_a_second_up_keeps_it(env
     assert "Everything was already in place" in same.output, same.output
 
 
+@pytest.mark.slow
 def test_gpu_none_runs_the_same_job_on_cpu_without_gpu_quota(env, project_dir):
     env.emulator.services["quotas"].set_gpu_quota(0)
     result = up(project_dir, "--gpu", "none")

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from hub_standin import HubStandin
 from huggingface_hub import constants
 from pydantic import SecretStr
 from rich.console import Console
@@ -25,6 +24,7 @@ from launcher.cli import main
 from launcher.errors import UserError
 from launcher.settings import Settings
 from launcher.transfer import CRC32C_KEY
+from tests.support.hub_standin import HubStandin
 
 TOKEN = "hf_StandinToken0123456789abcdefXYZ"
 UNGRANTED = "hf_OtherAccount0123456789abcdefXY"

@@ -12,7 +12,6 @@ import re
 import pytest
 from click.testing import CliRunner
 from google.cloud import run_v2
-from hub_standin import HubStandin
 from huggingface_hub import constants
 from pydantic import SecretStr
 from rich.console import Console
@@ -20,6 +19,7 @@ from rich.console import Console
 from launcher import staging
 from launcher.cli import main
 from launcher.settings import Settings
+from tests.support.hub_standin import HubStandin
 
 TOKEN = "hf_CloudStageToken0123456789abcdefXYZ"
 UNGRANTED = "hf_NotGrantedToken0123456789abcdefXY"
@@ -98,6 +98,7 @@ def files(local, prefix: str) -> dict[str, bytes]:
     }
 
 
+@pytest.mark.slow
 def test_up_stages_hub_repos_in_the_cloud_like_local_staging_and_then_runs_nothing(env, hub, tmp_path):
     result = cli("up", "--model-source", MODEL, "--dataset-source", DATASET, "--verbose")
 
@@ -176,6 +177,7 @@ def test_up_stages_hub_repos_in_the_cloud_like_local_staging_and_then_runs_nothi
     assert len(stage_runs(env)) == 2
 
 
+@pytest.mark.slow
 def test_a_failing_staging_job_ends_with_error_and_hint(env, hub, monkeypatch):
     # The secret holds a token whose account never accepted the licence; this machine's token did.
     monkeypatch.setenv("HF_TOKEN", UNGRANTED)
@@ -198,6 +200,7 @@ def test_a_failing_staging_job_ends_with_error_and_hint(env, hub, monkeypatch):
     assert TOKEN not in result.output and UNGRANTED not in result.output
 
 
+@pytest.mark.slow
 def test_local_directories_stage_from_this_machine_and_cloud_refuses_them(env, hub, tmp_path):
     model_dir = tmp_path / "tiny-gemma"
     model_dir.mkdir()

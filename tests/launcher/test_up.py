@@ -11,6 +11,7 @@ from google.iam.v1 import iam_policy_pb2, policy_pb2
 from google.oauth2.credentials import Credentials
 
 from launcher.cli import main
+from tests.support.record import changes
 
 PROJECT = "demo-project"
 TOKEN = "hf_test_token_0123456789abcdef"
@@ -191,11 +192,6 @@ def test_bucket_in_another_region_is_refused_with_a_hint(env):
     assert result.exit_code == 2
     assert "exists in US-CENTRAL1" in result.output
     assert "Hint:" in result.output
-
-
-def changes(env) -> list[str]:
-    """The calls in the record that changed something, enabling an API included."""
-    return [entry["method"] for entry in env.record() if entry["mutating"]]
 
 
 def without_billing(env) -> None:

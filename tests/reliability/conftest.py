@@ -1,4 +1,4 @@
-"""Shared by the reliability tests: the campaign helpers of bench/reliability.py, and a figures sink.
+"""Shared by the reliability tests: a figures sink (their helpers are in tests/support/reliability.py).
 
 bench/reliability.py runs these tests with GEMMA_LAUNCH_FIGURES=FILE; each test that measures something
 (kills survived, steps lost, bad inputs rejected, leaks) appends one JSON line there through `figures`.
@@ -8,15 +8,9 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from collections.abc import Callable
-from pathlib import Path
 
 import pytest
-
-REPO = Path(__file__).resolve().parents[2]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
 
 
 @pytest.fixture

@@ -8,16 +8,18 @@ line and exits 2 before writing anything.
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
 
-from bench.reliability import PROJECT, TOKEN
 from launcher.cli import main
 from launcher.emulator.record import read_record
 from launcher.emulator.server import Emulator
+from tests.support.emulator import emulator_in
+from tests.support.reliability import PROJECT, TOKEN
 
 UP = ["up", "--skip-stage", "--skip-build"]
 
@@ -81,7 +83,7 @@ LAUNCHER_CASES: list[tuple[str, list[str], dict[str, str | None], str | None]] =
 @pytest.fixture(scope="module")
 def emulator(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Emulator, Path]]:
     root = tmp_path_factory.mktemp("bad-input")
-    with Emulator(data_dir=root / "emulator", record=root / "record.jsonl", gpu_quota=1) as running:
+    with emulator_in(root, gpu_quota=1) as running:
         yield running, root / "record.jsonl"
 
 
@@ -133,25 +135,19 @@ TRAINER_CASES = [
 
 
 @pytest.fixture(scope="module")
-def trainer_inputs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    import shutil
-
-    from trainer.synthetic import write_dataset
-    from trainer.tiny import build
-
+def trainer_inputs(
+    tiny_model: Path, weightless_model: Path, few_pets: Path, tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("trainer-inputs")
-    build(root / "tiny")
-    write_dataset(root / "pets", per_class=2, test_per_class=1)
-    shutil.copytree(root / "tiny", root / "weightless", ignore=shutil.ignore_patterns("*.safetensors"))
-    shutil.copytree(root / "pets", root / "corrupt")
+    shutil.copytree(few_pets, root / "corrupt")
     first = sorted((root / "corrupt" / "images").glob("*.jpg"))[0]
     first.write_bytes(b"not a jpeg at all")
     (root / "empty-model").mkdir()
     (root / "empty-pets").mkdir()
     return {
-        "tiny": root / "tiny",
-        "pets": root / "pets",
-        "weightless": root / "weightless",
+        "tiny": tiny_model,
+        "pets": few_pets,
+        "weightless": weightless_model,
         "corrupt": root / "corrupt",
         "tmp": root,
     }

@@ -8,7 +8,9 @@ import sys
 
 import pytest
 
-from bench.reliability import duplicates, emulated, make_project, up_args
+from tests.support.reliability import duplicates, emulated, make_project, up_args
+
+pytestmark = pytest.mark.slow
 
 RUNS = int(os.environ.get("GEMMA_LAUNCH_RELIABILITY_RUNS", "1"))
 

@@ -19,7 +19,11 @@ import pytest
 import requests
 from google.api_core import exceptions
 
-from bench.reliability import (
+from launcher.cloud import RETRY, Clients
+from launcher.emulator.faults import Faults
+from launcher.emulator.record import read_record
+from launcher.emulator.server import Emulator
+from tests.support.reliability import (
     PROJECT,
     TOKEN,
     cli,
@@ -30,14 +34,11 @@ from bench.reliability import (
     run_seed,
     up_args,
 )
-from launcher.cloud import RETRY, Clients
-from launcher.emulator.faults import Faults
-from launcher.emulator.record import read_record
-from launcher.emulator.server import Emulator
 
 SEEDS = [3, 7]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("seed", SEEDS)
 def test_the_whole_flow_survives_30_percent_faults(seed, tmp_path, figures):
     result = run_seed(seed, tmp_path)
@@ -104,6 +105,7 @@ class FirstReplyLost(Faults):
         return True
 
 
+@pytest.mark.slow
 def test_lost_create_replies_are_recognised_and_nothing_is_duplicated(tmp_path):
     project = make_project(tmp_path / "project")
     with emulated(tmp_path) as emulator:
@@ -152,6 +154,7 @@ def launcher_subprocess(args: list[str], env: dict[str, str], timeout: float = 1
     )
 
 
+@pytest.mark.slow
 def test_retries_back_off_then_give_up_with_an_error_and_a_hint(tmp_path):
     record = tmp_path / "record.jsonl"
     with Emulator(data_dir=tmp_path / "emulator", faults="UNAVAILABLE=1", record=record) as emulator:

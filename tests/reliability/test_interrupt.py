@@ -16,7 +16,9 @@ import time
 
 import pytest
 
-from bench.reliability import cli, duplicates, emulated, make_project, up_args
+from tests.support.reliability import cli, duplicates, emulated, make_project, up_args
+
+pytestmark = pytest.mark.slow
 
 RUNS = 2 * int(os.environ.get("GEMMA_LAUNCH_RELIABILITY_RUNS", "1"))
 # `up` here takes about 5.5 s, the first 2.5 of them importing; a later SIGINT would find it done.

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from bench.reliability import REPO, cli, emulated
 from launcher.emulator.server import Emulator
-from trainer.synthetic import write_dataset
-from trainer.tiny import build
+from tests.support.reliability import REPO, cli, emulated
+
+pytestmark = pytest.mark.slow
 
 SAVE_STEPS = 3
 # 74 images, batch 8, 2 epochs: 20 steps, a checkpoint every 3.
@@ -74,9 +74,9 @@ def complete_checkpoints(run_dir: Path) -> list[int]:
     )
 
 
-def test_a_killed_task_resumes_and_ends_like_an_uninterrupted_run(tmp_path, trainer_project, figures):
-    build(tmp_path / "tiny-gemma3")
-    write_dataset(tmp_path / "oxford-iiit-pet", per_class=2, test_per_class=1)
+def test_a_killed_task_resumes_and_ends_like_an_uninterrupted_run(
+    tmp_path, trainer_project, tiny_model, few_pets, figures
+):
     Path("gemma-launch.toml").write_text(
         'project_id = "demo-project"\n\n[trainer]\n'
         + "".join(f"{key} = {json.dumps(value)}\n" for key, value in TRAINER.items())
@@ -87,9 +87,9 @@ def test_a_killed_task_resumes_and_ends_like_an_uninterrupted_run(tmp_path, trai
             "--source",
             str(trainer_project),
             "--model-source",
-            str(tmp_path / "tiny-gemma3"),
+            str(tiny_model),
             "--dataset-source",
-            str(tmp_path / "oxford-iiit-pet"),
+            str(few_pets),
             "--max-retries",
             "2",
         )

@@ -8,7 +8,11 @@ import hashlib
 import json
 import tarfile
 
-from bench.reliability import (
+import pytest
+
+from launcher.cloud import Clients
+from launcher.emulator.record import read_record
+from tests.support.reliability import (
     BUCKET,
     SA,
     SECRET,
@@ -21,10 +25,9 @@ from bench.reliability import (
     token_forms,
     up_args,
 )
-from launcher.cloud import Clients
-from launcher.emulator.record import read_record
 
 
+@pytest.mark.slow
 def test_the_token_reaches_the_task_and_leaks_nowhere(tmp_path, figures):
     project = make_project(tmp_path / "project")
     outputs = []
@@ -69,6 +72,7 @@ def test_token_forms_find_the_token_inside_base64_at_any_offset():
     )
 
 
+@pytest.mark.slow
 def test_the_service_account_holds_exactly_two_grants_on_one_resource_each(tmp_path, figures):
     project = make_project(tmp_path / "project")
     with emulated(tmp_path) as emulator:

@@ -1,7 +1,7 @@
-"""Session fixtures: one tiny Gemma 3, one synthetic pet set, one full training run shared by the tests."""
+"""Session fixtures: one full training run of the tiny Gemma 3 on the synthetic pets (tests/conftest.py
+builds both), shared by the tests, and the storage server it uploads to."""
 
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -10,16 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-
-# pytest puts tests/ on sys.path, where this directory (tests/trainer) would shadow the trainer package as a
-# namespace package; the repository root must come first.
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-
-from gcp_storage_emulator.server import create_server  # noqa: E402
-from google.cloud import storage  # noqa: E402
-
-from trainer.synthetic import write_dataset  # noqa: E402
-from trainer.tiny import build  # noqa: E402
+from gcp_storage_emulator.server import create_server
+from google.cloud import storage
 
 REPO = Path(__file__).resolve().parents[2]
 BUCKET = "gemma-launch-test"
@@ -95,28 +87,6 @@ def forward_saving() -> Callable:
         return out, saved
 
     return run_saving
-
-
-@pytest.fixture(scope="session")
-def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("tiny-gemma3")
-    build(path)
-    return path
-
-
-@pytest.fixture(scope="session")
-def weightless_model(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny model without its weights file: anything that loads weights from it fails."""
-    path = tmp_path_factory.mktemp("weightless") / "model"
-    shutil.copytree(tiny_model, path, ignore=shutil.ignore_patterns("*.safetensors"))
-    return path
-
-
-@pytest.fixture(scope="session")
-def pets(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("pets")
-    write_dataset(path, per_class=20, test_per_class=6)
-    return path
 
 
 @dataclass

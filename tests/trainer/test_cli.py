@@ -2,6 +2,7 @@
 loads none."""
 
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -11,14 +12,13 @@ import torch
 
 from trainer.__main__ import main, parse_args
 from trainer.data import load_pets
-from trainer.synthetic import write_dataset
 
 
 @pytest.fixture(scope="session")
-def broken_pets(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def broken_pets(synthetic_pets, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A small set in the official layout where one test image is not an image."""
-    path = tmp_path_factory.mktemp("broken-pets")
-    write_dataset(path, per_class=1, test_per_class=1)
+    path = tmp_path_factory.mktemp("broken-pets") / "pets"
+    shutil.copytree(synthetic_pets(1, 1), path)
     (path / "images" / "pug_2.jpg").write_bytes(b"not a jpeg")
     return path
 
@@ -97,6 +97,7 @@ def test_cuda_requested_without_a_gpu(
     assert capsys.readouterr().err.startswith("Error: --device cuda: no CUDA GPU is visible\nHint: ")
 
 
+@pytest.mark.slow
 def test_command_line_error_is_an_error_and_a_hint_without_traceback(trainer_cli) -> None:
     result = trainer_cli(["--train-size", "0"])
     assert result.returncode == 2
@@ -123,6 +124,7 @@ def test_the_hint_says_what_the_flag_takes(
     assert hint in capsys.readouterr().err.splitlines()[1]
 
 
+@pytest.mark.slow
 def test_dry_run_formats_data_without_loading_weights(
     trainer_cli, weightless_model: Path, pets: Path, tmp_path: Path
 ) -> None:
@@ -137,6 +139,7 @@ def test_dry_run_formats_data_without_loading_weights(
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_module_commands_write_a_loadable_model_and_dataset(trainer_cli, tmp_path: Path) -> None:
     repo = Path(__file__).resolve().parents[2]
     for command, said in (

@@ -166,6 +166,7 @@ def test_shared_memory_is_measured_where_asked(tmp_path: Path) -> None:
     assert SharedMemory.measure(str(tmp_path / "missing")).free == 0
 
 
+@pytest.mark.slow
 def test_sigterm_saves_a_checkpoint_and_the_retry_reuses_baseline_and_batch(
     tiny_model: Path, pets: Path, tmp_path: Path, monkeypatch, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -72,7 +72,9 @@ def test_fp8_layer_computes_the_quantized_matmuls_and_stays_near_the_float_layer
     assert (got.float() - want).norm() < 0.06 * want.norm()
 
 
-@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+@pytest.mark.parametrize(
+    "compiled", [False, pytest.param(True, marks=pytest.mark.slow)], ids=["eager", "compiled"]
+)
 def test_backward_keeps_only_the_e4m3_weight(compiled: bool, forward_saving) -> None:
     """No copy of x, of its e4m3 form, or of the weight transposed waits for the backward pass."""
     torch.manual_seed(0)
@@ -117,6 +119,7 @@ def test_fp8_is_honoured_on_cpu(tiny_model: Path) -> None:
     assert choose_precision("fp8", "cpu", str(tiny_model), None) == "fp8"
 
 
+@pytest.mark.slow
 def test_training_with_fp8_weights_learns_like_fp32(
     trainer_cli, trained_run, tiny_model: Path, pets: Path, train_flags: list[str], tmp_path: Path
 ) -> None:

@@ -94,6 +94,7 @@ def test_int8_is_honoured_on_cpu(tiny_model: Path) -> None:
     assert choose_precision("int8", "cpu", str(tiny_model), None) == "int8"
 
 
+@pytest.mark.slow
 def test_training_with_int8_weights_learns_like_fp32(
     trainer_cli, trained_run, tiny_model: Path, pets: Path, train_flags: list[str], tmp_path: Path
 ) -> None:

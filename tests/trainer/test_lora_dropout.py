@@ -37,6 +37,7 @@ def test_output_and_gradients_are_those_of_dropout_with_the_drawn_mask() -> None
     assert torch.equal(keep_mask(x, 0.3, seed), keep)
 
 
+@pytest.mark.slow
 def test_masks_look_like_independent_draws() -> None:
     """A hash is not a random generator: its masks must still keep 1 - p of the values, with no pattern
     along rows or columns, and masks of different seeds must be unrelated."""
@@ -127,6 +128,7 @@ def lora_gradients(model, batch: dict, seed: int) -> dict[str, torch.Tensor]:
     return {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad}
 
 
+@pytest.mark.slow
 def test_adapters_apply_their_dropout_in_lora_a_and_checkpointing_repeats_the_masks(
     tiny_model: Path, batch: dict
 ) -> None:

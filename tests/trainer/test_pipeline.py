@@ -22,6 +22,8 @@ from trainer.data import chat_format, load_pets
 from trainer.evaluate import answer_log_likelihoods, summary_metrics
 from trainer.modeling import load_processor
 
+pytestmark = pytest.mark.slow
+
 REPO = Path(__file__).resolve().parents[2]
 METRICS = {"accuracy", "macro_f1", "unknown_rate"}
 

@@ -85,6 +85,7 @@ def frozen_tiny(tiny_model: Path, pets: Path):
     return model, processor, data, chat_format(processor, data.class_names)
 
 
+@pytest.mark.slow
 def test_stored_image_features_give_the_same_scores_and_loss(frozen_tiny) -> None:
     model, processor, data, chat = frozen_tiny
     plain = answer_log_likelihoods(model, processor, chat, data.test, batch_size=8)
@@ -144,6 +145,7 @@ def test_image_features_are_refused_while_the_vision_tower_trains(tiny_model: Pa
         ImageFeatures().fill(model, processor, data.test, batch_size=16)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])
 def test_packed_scoring_matches_one_sequence_per_answer_with_a_short_sliding_window(
     tiny_model: Path, pets: Path, attention: str

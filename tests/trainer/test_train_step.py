@@ -14,6 +14,8 @@ from trainer.modeling import add_adapters, load_processor
 from trainer.train import AnswerOnlyCollator, make_trainer, sft_config
 
 # Operators whose result the host must read back from the device: on a GPU each one waits for its queue.
+pytestmark = pytest.mark.slow
+
 READS_BACK = {"_local_scalar_dense", "nonzero", "masked_select", "equal", "is_nonzero"}
 
 

@@ -83,6 +83,7 @@ def test_collator_labels_only_the_answer_and_end_of_turn(tiny_model: Path, pets:
     assert batch["pixel_values"].shape == (2, 3, 32, 32)
 
 
+@pytest.mark.slow
 def test_scoring_with_a_shared_prompt_matches_full_sequence_scoring(tiny_model: Path, pets: Path) -> None:
     model = AutoModelForImageTextToText.from_pretrained(tiny_model)
     processor = load_processor(str(tiny_model), None)
