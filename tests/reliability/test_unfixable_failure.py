@@ -9,8 +9,8 @@ import re
 import shutil
 from pathlib import Path
 
-from bench.reliability import REPO, cli, emulated
 from launcher.emulator.server import Emulator
+from tests.support.reliability import REPO, cli, emulated
 from trainer.synthetic import write_dataset
 from trainer.tiny import build
 
