@@ -97,6 +97,14 @@ def check(words: list[str]) -> None:
         assert {arg.partition("=")[0] for arg in args} <= VARIABLES
     elif program == "read":
         assert args[-1] in VARIABLES
+    elif program == "eval" or program.startswith("_GEMMA_LAUNCH_COMPLETE="):
+        # Shell completion: the documented variable makes gemma-launch print its script for that shell.
+        shell = re.search(r"_GEMMA_LAUNCH_COMPLETE=(bash|zsh|fish)_source gemma-launch\b", shlex.join(words))
+        assert shell, f"{shlex.join(words)}: not click's completion command"
+        gemma_launch = str(Path(sys.executable).parent / "gemma-launch")
+        env = {**os.environ, "_GEMMA_LAUNCH_COMPLETE": f"{shell[1]}_source"}
+        done = subprocess.run([gemma_launch], env=env, capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0 and "_GEMMA_LAUNCH_COMPLETE" in done.stdout, done.stdout + done.stderr
     else:
         pytest.fail(f"{shlex.join(words)}: this test does not know how to check {program!r}; teach it")
 
