@@ -85,15 +85,7 @@ class Steps:
     elsewhere `say` gets a line at each quarter ("training: step 60/235 (26%), loss 1.56, about 1 min
     10 s left")."""
 
-    def __init__(
-        self,
-        console: Console,
-        label: str,
-        total: int,
-        say: Callable[[str], None],
-        *,
-        live: bool | None = None,
-    ) -> None:
+    def __init__(self, console: Console, label: str, total: int, say: Callable[[str], None]) -> None:
         self.label = label
         self.total = total
         self.done = 0
@@ -102,7 +94,7 @@ class Steps:
         self._pace = Pace()
         self._bar: Progress | None = None
         self._task: TaskID | None = None
-        self._live = console.is_terminal if live is None else live
+        self._live = console.is_terminal
         if self._live:
             self._bar = Progress(
                 TextColumn("{task.description}"),

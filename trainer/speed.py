@@ -100,7 +100,7 @@ def set_checkpointed_layers(model: PreTrainedModel, count: int) -> None:
     layers = decoder_layers(model)
     if count > 0:
         base = model.get_base_model() if isinstance(model, PeftModel) else model
-        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         # The embeddings are frozen: without this, checkpointed layers would get inputs that need no
         # gradient and LoRA would receive none.
         base.enable_input_require_grads()
