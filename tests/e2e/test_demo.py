@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -31,9 +32,27 @@ def test_demo_fine_tunes_well_above_the_baseline(tmp_path):
         "DEMO_DIR": str(tmp_path / "demo"),
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
     }
-    done = subprocess.run(
-        ["bash", str(REPO / "scripts" / "demo.sh")], env=env, capture_output=True, text=True, timeout=900
+    # A session of its own, ended as a whole whatever stops the test (its timeout, pytest-timeout,
+    # Ctrl-C): killing only bash would leave the demo's emulator and its training task running.
+    demo = subprocess.Popen(
+        ["bash", str(REPO / "scripts" / "demo.sh")],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
     )
+    try:
+        stdout, stderr = demo.communicate(timeout=900)
+    finally:
+        if demo.poll() is None:
+            os.killpg(demo.pid, signal.SIGTERM)  # the emulator ends its tasks on SIGTERM
+            try:
+                demo.communicate(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(demo.pid, signal.SIGKILL)
+                demo.communicate()
+    done = subprocess.CompletedProcess(demo.args, demo.returncode, stdout, stderr)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
     out = done.stdout
     assert "created  job" in re.sub(r" +", " ", out).replace("created job", "created  job")
