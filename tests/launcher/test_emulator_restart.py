@@ -43,6 +43,8 @@ def test_a_restarted_emulator_serves_what_it_stored_on_its_new_ports(tmp_path, m
     for path, text in {
         model / "config.json": "{}",
         dataset / "annotations" / "list.txt": "Abyssinian_1 1 1 1\n",
+        dataset / "annotations" / "trainval.txt": "Abyssinian_1 1 1 1\n",
+        dataset / "annotations" / "test.txt": "Abyssinian_1 1 1 1\n",
         dataset / "images" / "Abyssinian_1.jpg": "jpeg",
     }.items():
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -69,7 +71,10 @@ def test_a_stopped_emulator_is_reported_at_once_with_how_to_start_it(tmp_path, m
     monkeypatch.setenv("PROJECT_ID", PROJECT)
     with Emulator(data_dir=tmp_path / "emulator") as stopped:
         _point_at(stopped, monkeypatch)
-    for command in (["status"], ["stage", "--stage-in", "local", "--model-source", str(tmp_path)]):
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")  # a model directory: `stage` checks its sources first
+    for command in (["status"], ["stage", "--stage-in", "local", "--model-source", str(model)]):
         started = time.monotonic()
         result = CliRunner().invoke(main, command)
         assert time.monotonic() - started < 5, command

@@ -512,7 +512,11 @@ def test_the_cli_shows_a_plan_then_a_line_per_quarter_and_per_file_only_when_ver
     (model / "config.json").write_text("{}" + " " * 998)
     for index in range(1, 8):
         (model / f"shard-{index}.bin").write_bytes(random_bytes(1000, index))
-    for name, data in {"images/pug_1.jpg": b"jpeg", "annotations/list.txt": b"pug_1 1 1 1\n"}.items():
+    pet_files = {"images/pug_1.jpg": b"jpeg"}
+    # The official layout's three lists: `stage` refuses a dataset the trainer could not read.
+    lists = ("list.txt", "trainval.txt", "test.txt")
+    pet_files |= {f"annotations/{name}": b"pug_1 1 1 1\n" for name in lists}
+    for name, data in pet_files.items():
         (pets / name).parent.mkdir(parents=True, exist_ok=True)
         (pets / name).write_bytes(data)
     stage = ["stage", "--stage-in", "local", "--model-source", str(model), "--dataset-source", str(pets)]
