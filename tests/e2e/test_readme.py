@@ -69,12 +69,14 @@ def parse_gemma_launch(args: list[str]) -> None:
     a [PLACEHOLDER] is an optional argument the reader may leave out."""
     args = [arg for arg in args if not re.fullmatch(r"\[[A-Z_]+\]", arg)]
     command: click.Command = main
-    parent = click.Context(main, info_name="gemma-launch")
+    # Contexts get the commands' context_settings as make_context gives them: a bare Context would
+    # build (and click caches) each command's help option without -h.
+    parent = click.Context(main, info_name="gemma-launch", **main.context_settings)
     while isinstance(command, click.Group):
         sub = command.get_command(parent, args[0]) if args else None
         if sub is None:
             raise click.UsageError(f"{shlex.join(args)}: not a command of {parent.command_path}")
-        parent = click.Context(sub, info_name=args[0], parent=parent)
+        parent = click.Context(sub, info_name=args[0], parent=parent, **sub.context_settings)
         command, args = sub, args[1:]
     command.make_context(parent.info_name, args, parent=parent.parent)
 
