@@ -142,7 +142,7 @@ def load_base_model(model_id: str, precision: str, device: str, token: str | Non
             bnb_4bit_compute_dtype=torch.bfloat16,
         )
     try:
-        # use_kernels=False: transformers (5.24 and later) otherwise swaps layers for compiled kernels it
+        # use_kernels=False: transformers (5.25, the lock's) otherwise swaps layers for compiled kernels it
         # downloads from the Hub at load time, unpinned by requirements.lock; offline, or with a publisher
         # it cannot verify, the load fails (seen on an H200 with the lock's transformers, docs/container.md).
         model = AutoModelForImageTextToText.from_pretrained(
