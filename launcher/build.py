@@ -30,6 +30,7 @@ from google.cloud.logging_v2.types import ListLogEntriesRequest, LogEntry
 from google.protobuf import json_format
 
 from launcher.api_errors import explained
+from launcher.changes import Change
 from launcher.cloud import RETRY, Clients
 from launcher.errors import UserError
 from launcher.settings import Settings
@@ -93,8 +94,7 @@ class SourceArchive:
 class BuiltImage:
     uri: str  # REGION-docker.pkg.dev/PROJECT/REPO/IMAGE@sha256:... (IMAGE:TAG when not built yet)
     tag: str
-    status: str  # created | unchanged | would create
-    command: str = ""
+    change: Change  # kind "image": created | unchanged | would create, with the gcloud command
 
 
 # ---- the source archive ------------------------------------------------------------------------
@@ -551,14 +551,16 @@ def build_image(
                     ) from None
                 existing = None
         if existing is not None:
-            return BuiltImage(existing.uri, tag, "unchanged")
+            return BuiltImage(existing.uri, tag, Change("image", existing.uri, "unchanged"))
         if dry_run:
-            return BuiltImage(f"{settings.image_repository_uri}:{tag}", tag, "would create", command)
+            planned = f"{settings.image_repository_uri}:{tag}"
+            return BuiltImage(planned, tag, Change("image", planned, "would create", command))
         with explained("source archive", f"gs://{settings.bucket}/{SOURCE_PREFIX}", settings):
             source = _upload(clients, settings, archive)
         with explained("build", settings.image_repository_uri, settings):
             request = _build_request(settings, config, source, tag)
             build = _run_build(clients, settings, request, on_line, on_steps)
-        return BuiltImage(_pushed_uri(build, settings, tag), tag, "created", command)
+        uri = _pushed_uri(build, settings, tag)
+        return BuiltImage(uri, tag, Change("image", uri, "created", command))
     finally:
         archive.path.unlink(missing_ok=True)

@@ -6,8 +6,8 @@ import dataclasses
 import functools
 import json
 import sys
-from collections.abc import Callable
-from contextlib import nullcontext
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -18,9 +18,10 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from launcher import build, doctor, gpus, image_source, logs, overrides, progress, provision, quota, staging
+from launcher import doctor, logs, overrides, progress, quota, staging
 from launcher import job as jobs
 from launcher import results as run_results
+from launcher import up as workflow
 from launcher.api_errors import translate
 from launcher.changes import Change
 from launcher.cloud import Clients
@@ -319,130 +320,69 @@ def up(
       4. the Cloud Run GPU job, created or updated (untouched when its spec is unchanged)
     The GPU quota is read and shown; without it `up` warns and `run` refuses.
     """
-    # The directories named here are read now: a wrong one must stop `up` before anything is created.
-    staging.check_named_sources(model_source, dataset_source)
-    # Whether the GPU can run the image and the model named, before any request: nothing is created for
-    # a job that cannot run.
-    quantization = str(settings.trainer.get("quantization", "auto"))
-    checked = model_source or settings.model_id
-    fit = gpus.check(settings.gpu, checked, quantization)
-    clients = Clients(settings.project_id)
-    report: list[dict[str, Any]] = []
-
-    def record(kind: str, name: str, status: str, command: str = "", diff: tuple[str, ...] = ()) -> None:
-        report.append({"kind": kind, "name": name, "status": status, "command": command, "diff": list(diff)})
-        if not as_json:
-            _print_change(kind, name, status, diff)
-
-    def on_change(change: Change) -> None:
-        record(change.kind, change.name, change.status, change.command, change.diff)
-
-    # doctor's checks of what `up` cannot fix itself, before any change; those that need the APIs on
-    # are made again once provisioning has enabled them.
-    recheck = doctor.check_before_up(clients, settings)
-    # The model staged last, recorded in the bucket, may stand in for model_id: checked too (a read).
-    sources = staging.choose_sources(clients.storage, settings, model_source, dataset_source, revision)
-    if sources.model != checked:
-        fit = gpus.check(settings.gpu, sources.model, quantization)
-    _say_fit(fit)
-    if settings.model_defaulted and "model" not in sources.recorded and not model_source:
-        _say_fit(gpus.why_default(settings.gpu))
-    with console.status("Provisioning…", spinner="dots") if not as_json else nullcontext():
-        changes = provision.provision(
-            clients, settings, dry_run=dry_run, on_change=on_change, after_apis=recheck
+    outcome = workflow.up(
+        settings,
+        dry_run=dry_run,
+        model_source=model_source,
+        dataset_source=dataset_source,
+        revision=revision,
+        source_dir=source_dir,
+        skip_stage=skip_stage,
+        skip_build=skip_build,
+        stage_in=stage_in,
+        verbose=verbose,
+        events=_UpView(as_json, verbose),
+    )
+    _summarise_up(outcome, as_json, dry_run)
+    if outcome.apis_pending and not as_json:
+        console.print(
+            "The rest of the plan needs these APIs on: nothing behind them can be read yet. "
+            "`gemma-launch up` enables them first; `gemma-launch up --dry-run` after that shows the rest."
         )
-    if provision.apis_pending(changes):
-        _summarise_up(report, as_json, dry_run, None, None, "")
-        if not as_json:
-            console.print(
-                "The rest of the plan needs these APIs on: nothing behind them can be read yet. "
-                "`gemma-launch up` enables them first; `gemma-launch up --dry-run` after that shows the rest."
-            )
-        return
 
-    spec = None
-    if skip_build:
-        image_uri = jobs.current_image(clients, settings)
-    else:
-        view = progress.BuildView(err_console if as_json else console, verbose=verbose)
-        try:
-            with image_source.located(source_dir) as root:
-                built = build.build_image(
-                    clients,
-                    settings,
-                    root,
-                    on_line=(lambda line: None) if as_json else view.line,
-                    on_steps=None if as_json else view.steps,
-                    dry_run=dry_run,
-                )
-        finally:
-            view.stop()
-        record("image", built.uri, built.status, built.command if built.status != "unchanged" else "")
-        image_uri = built.uri
 
-    if sources.recorded and not as_json:
-        console.print(sources.describe(settings.bucket), style="dim", soft_wrap=True)
-    if skip_stage:
-        model_prefix, dataset_prefix = (
-            staging.model_prefix(sources.model),
-            staging.dataset_prefix(sources.dataset),
-        )
-    else:
-        sources.check_here(settings.bucket)
-        staged = staging.stage(
-            clients,
-            settings,
-            model_source=sources.model,
-            dataset_source=sources.dataset,
-            revision=sources.revision,
-            stage_in=stage_in,
-            # With --skip-build the job's image, else the last one built, can still stage.
-            image=image_uri or (jobs.latest_image(clients, settings) if stage_in != "local" else None),
-            dry_run=dry_run,
-            console=err_console if as_json else console,
-            on_job=lambda change: record(
-                "staging job",
-                change.name,
-                change.status,
-                "" if change.status == "unchanged" else change.command,
-                change.diff,
-            ),
-            verbose=verbose,
-        )
-        for item in staged:
-            command = "" if item.status == "unchanged" else staging.equivalent_command(item, settings.bucket)
-            # One staging execution covers every Hub source: list its command once.
-            command = "" if any(entry["command"] == command for entry in report) else command
-            record(item.kind, f"gs://{settings.bucket}/{item.prefix}/", item.status, command, item.diff)
-        model_prefix = next(item.prefix for item in staged if item.kind == "model")
-        dataset_prefix = next(item.prefix for item in staged if item.kind == "dataset")
+class _UpView(workflow.Events):
+    """`up`'s progress: each change as a line, a spinner while provisioning, the build's steps; with
+    --json only the notes, on stderr."""
 
-    if image_uri is None:
-        record("job", settings.job_name, "skipped", "")
-        if not as_json:
+    def __init__(self, as_json: bool, verbose: bool) -> None:
+        self._json = as_json
+        self.staging_console = err_console if as_json else console
+        self._build = progress.BuildView(self.staging_console, verbose=verbose)
+
+    def change(self, change: Change) -> None:
+        if self._json:
+            return
+        _print_change(change.kind, change.name, change.status, change.diff)
+        if change.kind == "job" and change.status == "skipped":
             console.print(
                 "  (no image built yet: run `gemma-launch up` without --skip-build to create the job)"
             )
-    else:
-        args = jobs.trainer_args(settings, model_prefix, dataset_prefix)
-        # Sizes set for every run must fit the dataset now staged; the trainer's defaults are checked by
-        # `run`, which can override them.
-        staging.check_trainer_sizes(clients, settings, args, only=list(settings.trainer))
-        spec = jobs.job_spec(settings, image_uri, args)
-        change = jobs.ensure_job(clients, settings, spec, dry_run=dry_run)
-        record(
-            "job",
-            change.name,
-            change.status,
-            change.command if change.status != "unchanged" else "",
-            change.diff,
-        )
-    # Read only: a pending quota request must not hold back provisioning, the build or staging.
-    try:
-        gpu_quota, unknown = quota.read(clients, settings), ""
-    except quota.QuotaUnknown as error:
-        gpu_quota, unknown = None, str(error)
-    _summarise_up(report, as_json, dry_run, spec, gpu_quota, unknown)
+
+    def note(self, text: str) -> None:
+        _say_fit(text)
+
+    def sources(self, text: str) -> None:
+        if not self._json:
+            console.print(text, style="dim", soft_wrap=True)
+
+    def provisioning(self) -> AbstractContextManager[object]:
+        return nullcontext() if self._json else console.status("Provisioning…", spinner="dots")
+
+    @contextmanager
+    def building(self) -> Iterator[None]:
+        try:
+            yield
+        finally:
+            self._build.stop()
+
+    def build_steps(self, ids: list[str]) -> None:
+        if not self._json:
+            self._build.steps(ids)
+
+    def build_line(self, text: str) -> None:
+        if not self._json:
+            self._build.line(text)
 
 
 def _say_fit(line: str | None) -> None:
@@ -450,17 +390,12 @@ def _say_fit(line: str | None) -> None:
         err_console.print(f"[yellow]Note:[/] {line}", soft_wrap=True)
 
 
-def _summarise_up(
-    report: list[dict[str, Any]],
-    as_json: bool,
-    dry_run: bool,
-    spec: run_v2.Job | None,
-    gpu_quota: quota.GpuQuota | None,
-    unknown: str,
-) -> None:
+def _summarise_up(outcome: workflow.Outcome, as_json: bool, dry_run: bool) -> None:
+    report, spec, gpu_quota = outcome.changes, outcome.spec, outcome.gpu_quota
     if as_json:
         found = None if gpu_quota is None else dataclasses.asdict(gpu_quota)
-        click.echo(json.dumps({"dry_run": dry_run, "changes": report, "gpu_quota": found}, indent=2))
+        changes = [change.document() for change in report]
+        click.echo(json.dumps({"dry_run": dry_run, "changes": changes, "gpu_quota": found}, indent=2))
         return
     if gpu_quota is not None:
         console.print(f"GPU quota: {gpu_quota.describe()}", soft_wrap=True)
@@ -470,19 +405,19 @@ def _summarise_up(
             f"refused until it is granted. Request it at {gpu_quota.request_url}",
             soft_wrap=True,
         )
-    elif unknown:
-        err_console.print(f"[yellow]Warning:[/] GPU quota {unknown}", soft_wrap=True)
+    elif outcome.quota_unknown:
+        err_console.print(f"[yellow]Warning:[/] GPU quota {outcome.quota_unknown}", soft_wrap=True)
     if dry_run:
         console.print("\nDry run: nothing was changed.")
         if spec is not None:
             console.print("Job spec:")
             click.echo(json.dumps(jobs.spec_dict(spec), indent=2))
-        commands = [entry["command"] for entry in report if entry["command"]]
+        commands = [change.command for change in report if change.command]
         if commands:
             console.print("Equivalent commands:")
             for command in commands:
                 click.echo(f"  {command}")
-    elif all(entry["status"] in ("unchanged", "skipped") for entry in report):
+    elif all(change.status in ("unchanged", "skipped") for change in report):
         console.print("\nEverything was already in place: nothing changed.")
     elif spec is not None:
         console.print("\nReady. Start a fine-tuning run with: gemma-launch run --follow")

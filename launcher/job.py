@@ -23,6 +23,7 @@ from google.cloud import artifactregistry_v1, run_v2
 from google.protobuf import duration_pb2
 
 from launcher import gpus
+from launcher.changes import Change
 from launcher.cloud import RETRY, Clients
 from launcher.errors import UserError
 from launcher.overrides import apply as apply_settings
@@ -61,14 +62,6 @@ STAGE_CPU = "4"
 STAGE_MEMORY = "16Gi"
 STAGE_RETRIES = 3
 STAGE_TIMEOUT_S = 2 * 3600
-
-
-@dataclass(frozen=True)
-class JobChange:
-    name: str
-    status: str  # created | updated | unchanged | would create | would update
-    command: str
-    diff: tuple[str, ...] = ()  # an update's changed fields: "path: before -> after"
 
 
 def trainer_args(settings: Settings, model_prefix: str, dataset_prefix: str) -> list[str]:
@@ -308,10 +301,12 @@ def ensure_job(
     *,
     dry_run: bool = False,
     describe: Callable[[Settings, run_v2.Job, str], str] = gcloud_command,
-) -> JobChange:
+    kind: str = "job",
+) -> Change:
     """Create the job, or update it when a field we manage differs; an unchanged spec is not rewritten.
 
-    `describe(settings, job, verb)` gives the equivalent gcloud command shown to the user.
+    `describe(settings, job, verb)` gives the equivalent gcloud command shown to the user (none when
+    unchanged); `kind` names the job in the Change ("job", "staging job").
     """
     try:
         existing = clients.jobs.get_job(name=settings.job_name, retry=RETRY)
@@ -320,26 +315,26 @@ def ensure_job(
     if existing is None:
         command = describe(settings, job, "create")
         if dry_run:
-            return JobChange(settings.job_name, "would create", command)
+            return Change(kind, settings.job_name, "would create", command)
         try:
             clients.jobs.create_job(
                 parent=settings.location, job=job, job_id=settings.job, retry=RETRY
             ).result(timeout=300, retry=RETRY)
         except exceptions.AlreadyExists:
             # Another `up`, or our own create whose reply was lost: converge with an update below.
-            return ensure_job(clients, settings, job, dry_run=dry_run, describe=describe)
-        return JobChange(settings.job_name, "created", command)
+            return ensure_job(clients, settings, job, dry_run=dry_run, describe=describe, kind=kind)
+        return Change(kind, settings.job_name, "created", command)
     command = describe(settings, job, "update")
     wanted, actual = _managed_fields(job), spec_dict(existing)
     diff = tuple(field_diff(wanted, {key: actual.get(key) for key in wanted}))
     if not diff:
-        return JobChange(settings.job_name, "unchanged", command)
+        return Change(kind, settings.job_name, "unchanged")
     if dry_run:
-        return JobChange(settings.job_name, "would update", command, diff)
+        return Change(kind, settings.job_name, "would update", command, diff)
     update = run_v2.Job(job)
     update.name = settings.job_name
     clients.jobs.update_job(job=update, retry=RETRY).result(timeout=300, retry=RETRY)
-    return JobChange(settings.job_name, "updated", command, diff)
+    return Change(kind, settings.job_name, "updated", command, diff)
 
 
 def current_args(clients: Clients, settings: Settings) -> list[str]:

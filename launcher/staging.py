@@ -65,6 +65,7 @@ from rich.console import Console
 from launcher import job as jobs
 from launcher import logs, overrides
 from launcher.api_errors import translate
+from launcher.changes import Change
 from launcher.cloud import Clients
 from launcher.errors import UserError
 from launcher.settings import Settings
@@ -264,7 +265,7 @@ def stage(
     console: Console | None = None,
     workers: int = WORKERS,
     on_bytes: OnBytes | None = None,
-    on_job: Callable[[jobs.JobChange], None] | None = None,
+    on_job: Callable[[Change], None] | None = None,
     verbose: bool = False,
 ) -> list[Staged]:
     """Stage the model and the dataset into settings.bucket; safe to run again, resumes after a failure.
@@ -723,7 +724,7 @@ def _stage_in_cloud(
     image: str,
     dry_run: bool,
     console: Console,
-    on_job: Callable[[jobs.JobChange], None] | None,
+    on_job: Callable[[Change], None] | None,
     verbose: bool = False,
 ) -> list[Staged]:
     """Stage Hub sources with one execution of the staging job; what is already complete runs nothing."""
@@ -753,7 +754,7 @@ def _stage_in_cloud(
     env = {"HF_ENDPOINT": os.environ["HF_ENDPOINT"]} if os.environ.get("HF_ENDPOINT") else {}
     spec = jobs.stage_job_spec(stage_settings, image, env)
     change = jobs.ensure_job(
-        clients, stage_settings, spec, dry_run=dry_run, describe=jobs.stage_gcloud_command
+        clients, stage_settings, spec, dry_run=dry_run, describe=jobs.stage_gcloud_command, kind="staging job"
     )
     if on_job is not None:
         on_job(change)
