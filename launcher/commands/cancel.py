@@ -6,7 +6,7 @@ import json
 
 import click
 
-from launcher import job as jobs
+from launcher import executions
 from launcher.cloud import Clients
 from launcher.commands.options import JOB_SETTINGS, Command, settings_options
 from launcher.commands.render import console
@@ -25,9 +25,9 @@ def cancel(settings: Settings, execution: str | None, as_json: bool) -> None:
     """
     clients = Clients(settings.project_id)
     if execution:
-        name = jobs.execution_name(clients, settings, execution)
+        name = executions.execution_name(clients, settings, execution)
     else:
-        unfinished = jobs.running(clients, settings)
+        unfinished = executions.running(clients, settings)
         if not unfinished:
             if as_json:
                 click.echo(json.dumps({"execution": None, "status": "unchanged", "state": None}, indent=2))
@@ -35,8 +35,8 @@ def cancel(settings: Settings, execution: str | None, as_json: bool) -> None:
                 console.print(f"No execution of job {settings.job} is running: nothing to cancel.")
             return
         name = unfinished[0].name
-    outcome = jobs.cancel(clients, settings, name)
-    short, verdict = jobs.short_name(name), jobs.state(outcome.execution)
+    outcome = executions.cancel(clients, settings, name)
+    short, verdict = executions.short_name(name), executions.state(outcome.execution)
     if as_json:
         click.echo(json.dumps({"execution": short, "status": outcome.status, "state": verdict}, indent=2))
     elif outcome.status == "cancelled":

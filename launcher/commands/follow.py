@@ -5,8 +5,7 @@ from __future__ import annotations
 import click
 from google.cloud import run_v2
 
-from launcher import job as jobs
-from launcher import logs, progress
+from launcher import executions, progress
 from launcher import results as run_results
 from launcher.cloud import Clients
 from launcher.commands.render import console, err_console
@@ -23,21 +22,20 @@ def follow_on_screen(
     out = err_console if quiet else console
     view = progress.TrainingView(out, lambda line: click.echo(line.render(), err=quiet), verbose=verbose)
     try:
-        logs.stream(clients, settings, execution, follow=True, emit=view)
+        final = executions.follow(clients, settings, execution, view)
     except KeyboardInterrupt:
         view.stop()
         err_console.print(
             "\nStopped following; the execution goes on. Resume with: "
-            f"gemma-launch logs {jobs.short_name(execution)} --follow; stop it with: "
-            f"gemma-launch cancel {jobs.short_name(execution)}"
+            f"gemma-launch logs {executions.short_name(execution)} --follow; stop it with: "
+            f"gemma-launch cancel {executions.short_name(execution)}"
         )
         raise SystemExit(130) from None
     view.stop()
-    final = jobs.get_execution(clients, settings, execution)
     out.print(
-        f"Execution {jobs.short_name(execution)} {jobs.state(final).lower()}: "
+        f"Execution {executions.short_name(execution)} {executions.state(final).lower()}: "
         f"{final.succeeded_count}/{final.task_count} tasks succeeded, {final.retried_count} retried."
-        + (f" {jobs.why(final)}" if jobs.why(final) else ""),
+        + (f" {executions.why(final)}" if executions.why(final) else ""),
         markup=False,
         soft_wrap=True,
     )
@@ -46,12 +44,12 @@ def follow_on_screen(
 
 def fail_unless_succeeded(clients: Clients, settings: Settings, final: run_v2.Execution) -> None:
     """Exit 2 with the trainer's Error/Hint when it recorded an error a retry cannot fix, else 1."""
-    if jobs.state(final) == "Succeeded":
+    if executions.state(final) == "Succeeded":
         return
     stopped = run_results.recorded_failure(clients, settings, final.name)
     if stopped is not None:
         raise UserError(
-            f"Execution {jobs.short_name(final.name)} stopped on an error a retry cannot fix: "
+            f"Execution {executions.short_name(final.name)} stopped on an error a retry cannot fix: "
             f"{stopped.message}",
             stopped.hint,
         )

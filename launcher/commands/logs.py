@@ -6,8 +6,7 @@ import json
 
 import click
 
-from launcher import job as jobs
-from launcher import logs
+from launcher import executions, logs
 from launcher.cloud import Clients
 from launcher.commands.follow import fail_unless_succeeded, follow_on_screen
 from launcher.commands.options import JOB_SETTINGS, Command, settings_options
@@ -46,12 +45,13 @@ def logs_command(
     With --follow, the trainer's step lines show as a progress bar with the time left (on a terminal)
     or a line at each quarter of the steps; --verbose shows them all."""
     clients = Clients(settings.project_id)
-    name = jobs.execution_name(clients, settings, execution)
-    if as_json:
-        logs.stream(clients, settings, name, follow=follow, emit=_emit_json)
-        if follow and not jobs.succeeded(jobs.get_execution(clients, settings, name)):
+    name = executions.execution_name(clients, settings, execution)
+    if as_json and follow:
+        if not executions.succeeded(executions.follow(clients, settings, name, _emit_json)):
             raise SystemExit(1)
+    elif as_json:
+        executions.show_log(clients, settings, name, _emit_json)
     elif follow:
         fail_unless_succeeded(clients, settings, follow_on_screen(clients, settings, name, verbose=verbose))
     else:
-        logs.stream(clients, settings, name, follow=False, emit=_emit)
+        executions.show_log(clients, settings, name, _emit)

@@ -8,7 +8,7 @@ import json
 import click
 from rich.table import Table
 
-from launcher import job as jobs
+from launcher import executions
 from launcher import results as run_results
 from launcher.cloud import Clients
 from launcher.commands.options import JOB_SETTINGS, Command, settings_options
@@ -29,7 +29,7 @@ def results(settings: Settings, execution: str | None, as_json: bool) -> None:
     """Baseline vs fine-tuned accuracy, macro-F1 and unknown rate of an execution (default: newest),
     and where its adapter, merged model, results.json and confusion matrix are."""
     clients = Clients(settings.project_id)
-    name = jobs.execution_name(clients, settings, execution)
+    name = executions.execution_name(clients, settings, execution)
     found = run_results.load(clients, settings, name)
     if found is None:
         raise run_results.no_results(clients, settings, name)
@@ -37,7 +37,7 @@ def results(settings: Settings, execution: str | None, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps({**found, "outputs": [dataclasses.asdict(out) for out in places]}, indent=2))
         return
-    table = Table(title=f"Execution {jobs.short_name(name)}")
+    table = Table(title=f"Execution {executions.short_name(name)}")
     for column in ("metric", "baseline", "fine-tuned", "change"):
         table.add_column(column, justify="left" if column == "metric" else "right")
     for label, before, after, change in run_results.rows(found):

@@ -8,8 +8,8 @@ from typing import Any
 import click
 from google.cloud import run_v2
 
+from launcher import executions, overrides, quota, staging
 from launcher import job as jobs
-from launcher import overrides, quota, staging
 from launcher.cloud import Clients
 from launcher.commands.follow import fail_unless_succeeded, follow_on_screen
 from launcher.commands.options import JOB_SETTINGS, Command, settings_options
@@ -93,13 +93,13 @@ def run_command(
     args = overrides.apply(jobs.current_args(clients, settings), changes)
     staging.check_trainer_sizes(clients, settings, args)
     if not allow_concurrent:
-        jobs.refuse_concurrent(clients, settings)
+        executions.refuse_concurrent(clients, settings)
     try:
-        quota.require_for_run(clients, settings, jobs.gpus_held(clients, settings))
+        quota.require_for_run(clients, settings, executions.gpus_held(clients, settings))
     except quota.QuotaUnknown as unknown:
         err_console.print(f"[yellow]Warning:[/] {unknown}; starting anyway.", soft_wrap=True)
-    execution = jobs.run(clients, settings, sets=changes, tasks=tasks, timeout_s=timeout_s)
-    short = jobs.short_name(execution.name)
+    execution = executions.run(clients, settings, sets=changes, tasks=tasks, timeout_s=timeout_s)
+    short = executions.short_name(execution.name)
     if follow:
         (err_console if as_json else console).print(f"Started execution {short}")
         final = follow_on_screen(clients, settings, execution.name, verbose=verbose, quiet=as_json)
@@ -115,4 +115,4 @@ def run_command(
 
 def _execution_document(execution: run_v2.Execution) -> dict[str, Any]:
     """An execution for --json: its row of `status --json`, its full name and the job's."""
-    return {**jobs.summary(execution), "name": execution.name, "job": execution.job}
+    return {**executions.summary(execution), "name": execution.name, "job": execution.job}

@@ -7,7 +7,7 @@ import json
 import click
 from rich.table import Table
 
-from launcher import job as jobs
+from launcher import executions
 from launcher.cloud import Clients
 from launcher.commands.options import JOB_SETTINGS, Command, settings_options
 from launcher.commands.render import console
@@ -23,7 +23,8 @@ from launcher.settings import Settings
 def status(settings: Settings, limit: int, as_json: bool) -> None:
     """The job's executions, newest first: state, tasks, retries, start, duration, and why one failed."""
     summaries = [
-        jobs.summary(found) for found in jobs.list_executions(Clients(settings.project_id), settings, limit)
+        executions.summary(found)
+        for found in executions.list_executions(Clients(settings.project_id), settings, limit)
     ]
     if as_json:
         click.echo(json.dumps(summaries, indent=2))
