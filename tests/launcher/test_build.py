@@ -14,7 +14,8 @@ from google.cloud.devtools import cloudbuild_v1
 from google.cloud.logging_v2.types import ListLogEntriesRequest
 
 from launcher import provision
-from launcher.build import build_image, load_build_config, pack_source
+from launcher.build import build_image, load_build_config
+from launcher.build_context import pack_source
 from launcher.errors import UserError
 from launcher.settings import Settings
 
