@@ -8,7 +8,7 @@ from typing import Any
 import click
 
 from launcher.errors import UserError
-from launcher.settings import REGION
+from launcher.settings_rules import REGION
 
 
 @click.group()

@@ -9,7 +9,8 @@ import click
 from launcher.commands.options import Command
 from launcher.commands.render import console
 from launcher.errors import UserError
-from launcher.settings import CONFIG_FILE, template
+from launcher.settings import CONFIG_FILE
+from launcher.settings_sources import template
 
 
 @click.command("init", cls=Command)

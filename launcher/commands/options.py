@@ -11,7 +11,8 @@ from typing import Any
 import click
 
 from launcher import staging
-from launcher.settings import CONFIG_FILE, Settings, load_settings
+from launcher.settings import CONFIG_FILE, Settings
+from launcher.settings_sources import load_settings
 
 # Where a command's settings wait for Cli.invoke, which names them in a translated Google error.
 SETTINGS_KEY = "gemma_launch.settings"

@@ -15,7 +15,8 @@ from launcher.commands.follow import fail_unless_succeeded, follow_on_screen
 from launcher.commands.options import JOB_SETTINGS, Command, settings_options
 from launcher.commands.render import console, err_console, say_fit
 from launcher.errors import UserError
-from launcher.settings import Settings, check_run_timeout, parse_duration
+from launcher.settings import Settings, check_run_timeout
+from launcher.settings_rules import parse_duration
 
 
 @click.command("run", cls=Command)
