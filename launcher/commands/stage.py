@@ -8,6 +8,7 @@ import click
 
 from launcher import job as jobs
 from launcher import staging
+from launcher.changes import Change
 from launcher.cloud import Clients
 from launcher.commands.options import STAGE_SETTINGS, Command, settings_options, source_options
 from launcher.commands.render import console, err_console, print_change
@@ -47,9 +48,9 @@ def stage(
     staging.check_named_sources(model_source, dataset_source)
     clients = Clients(settings.project_id)
     out = err_console if as_json else console
-    jobs_changed: list[jobs.JobChange] = []
+    jobs_changed: list[Change] = []
 
-    def on_job(change: jobs.JobChange) -> None:
+    def on_job(change: Change) -> None:
         jobs_changed.append(change)
         if not as_json and not dry_run:  # a dry run's plan is shown whole, at the end
             print_change("staging job", change.name, change.status, change.diff)

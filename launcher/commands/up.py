@@ -95,7 +95,7 @@ def up(
 
 class _UpView(workflow.Events):
     """`up`'s progress: each change as a line, a spinner while provisioning, the build's steps; with
-    --json only the notes, on stderr."""
+    --json only the notes and staging's progress, on stderr (stdout is the JSON's)."""
 
     def __init__(self, as_json: bool, verbose: bool) -> None:
         self._json = as_json
