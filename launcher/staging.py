@@ -62,9 +62,10 @@ from huggingface_hub.errors import (
 from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status
 from rich.console import Console
 
+from launcher import executions, logs, overrides
 from launcher import job as jobs
-from launcher import logs, overrides
 from launcher.api_errors import translate
+from launcher.changes import Change
 from launcher.cloud import Clients
 from launcher.errors import UserError
 from launcher.settings import Settings
@@ -264,7 +265,7 @@ def stage(
     console: Console | None = None,
     workers: int = WORKERS,
     on_bytes: OnBytes | None = None,
-    on_job: Callable[[jobs.JobChange], None] | None = None,
+    on_job: Callable[[Change], None] | None = None,
     verbose: bool = False,
 ) -> list[Staged]:
     """Stage the model and the dataset into settings.bucket; safe to run again, resumes after a failure.
@@ -723,7 +724,7 @@ def _stage_in_cloud(
     image: str,
     dry_run: bool,
     console: Console,
-    on_job: Callable[[jobs.JobChange], None] | None,
+    on_job: Callable[[Change], None] | None,
     verbose: bool = False,
 ) -> list[Staged]:
     """Stage Hub sources with one execution of the staging job; what is already complete runs nothing."""
@@ -753,7 +754,7 @@ def _stage_in_cloud(
     env = {"HF_ENDPOINT": os.environ["HF_ENDPOINT"]} if os.environ.get("HF_ENDPOINT") else {}
     spec = jobs.stage_job_spec(stage_settings, image, env)
     change = jobs.ensure_job(
-        clients, stage_settings, spec, dry_run=dry_run, describe=jobs.stage_gcloud_command
+        clients, stage_settings, spec, dry_run=dry_run, describe=jobs.stage_gcloud_command, kind="staging job"
     )
     if on_job is not None:
         on_job(change)
@@ -781,8 +782,8 @@ def _stage_in_cloud(
 def _run_staging_job(
     clients: Clients, stage_settings: Settings, args: list[str], sources: list[Source], console: Console
 ) -> None:
-    execution = jobs.run(clients, stage_settings, sets={}, args=args, container=jobs.STAGE_CONTAINER)
-    short = jobs.short_name(execution.name)
+    execution = executions.run(clients, stage_settings, sets={}, args=args, container=jobs.STAGE_CONTAINER)
+    short = executions.short_name(execution.name)
     logs_command = f"gemma-launch logs {short} --job {stage_settings.job}"
     what = " and ".join(f"{source.kind} {source.source}" for source in sources)
     console.print(
@@ -798,7 +799,7 @@ def _run_staging_job(
         console.print(f"  {line.render()}", markup=False, highlight=False, soft_wrap=True)
 
     try:
-        logs.stream(clients, stage_settings, execution.name, follow=True, emit=emit)
+        final = executions.follow(clients, stage_settings, execution.name, emit)
     except KeyboardInterrupt:
         console.print(
             f"\nStopped following; the staging job goes on in the cloud. Follow it with: {logs_command} "
@@ -806,10 +807,9 @@ def _run_staging_job(
             soft_wrap=True,
         )
         raise
-    final = jobs.get_execution(clients, stage_settings, execution.name)
-    if jobs.succeeded(final):
+    if executions.succeeded(final):
         return
-    verdict = jobs.state(final).lower()
+    verdict = executions.state(final).lower()
     error = said.get("Error:", "")
     hint = said.get("Hint:", "")
     if any(word in error.lower() for word in ("token", "gated", "refused access")):

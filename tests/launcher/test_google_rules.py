@@ -22,7 +22,7 @@ from launcher import job as jobs
 from launcher import provision
 from launcher.cli import main
 from launcher.emulator.server import Emulator
-from launcher.settings import load_settings
+from launcher.settings_sources import load_settings
 
 PROJECT = "demo-project"
 BUCKET = f"{PROJECT}-gemma3-finetuning"
