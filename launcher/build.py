@@ -29,8 +29,8 @@ from google.cloud.devtools import cloudbuild_v1
 from google.cloud.logging_v2.types import ListLogEntriesRequest, LogEntry
 from google.protobuf import json_format
 
-from launcher.api_errors import explained
 from launcher.cloud import RETRY, Clients
+from launcher.cloud_errors import explained
 from launcher.errors import UserError
 from launcher.settings import Settings
 

@@ -21,9 +21,9 @@ from rich.table import Table
 from launcher import build, doctor, gpus, image_source, logs, overrides, progress, provision, quota, staging
 from launcher import job as jobs
 from launcher import results as run_results
-from launcher.api_errors import translate
 from launcher.changes import Change
 from launcher.cloud import Clients
+from launcher.cloud_errors import translate
 from launcher.errors import UserError
 from launcher.settings import (
     CONFIG_FILE,

@@ -22,10 +22,10 @@ from google.api_core.retry import Retry, if_exception_type
 from google.cloud import artifactregistry_v1, iam_admin_v1, secretmanager_v1, storage
 from google.iam.v1 import iam_policy_pb2, policy_pb2
 
-from launcher.api_errors import explained
 from launcher.apis import ensure_apis
 from launcher.changes import Change
 from launcher.cloud import RETRY, Clients, retry_deadline_s
+from launcher.cloud_errors import explained
 from launcher.errors import UserError
 from launcher.settings import Settings
 

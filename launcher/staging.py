@@ -39,33 +39,23 @@ import shlex
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
 import google_crc32c
-import httpx2
 from google.api_core import exceptions
 from google.cloud import storage
-from google.cloud.storage.exceptions import DataCorruption
 from google.cloud.storage.retry import DEFAULT_RETRY
 from huggingface_hub import HfApi, constants
-from huggingface_hub.errors import (
-    GatedRepoError,
-    HfHubHTTPError,
-    HFValidationError,
-    RepositoryNotFoundError,
-    RevisionNotFoundError,
-)
 from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status
 from rich.console import Console
 
 from launcher import job as jobs
 from launcher import logs, overrides
-from launcher.api_errors import translate
 from launcher.cloud import Clients
+from launcher.cloud_errors import hub_errors, storage_errors
 from launcher.errors import UserError
 from launcher.settings import Settings
 from launcher.transfer import (
@@ -196,7 +186,7 @@ def choose_sources(
 
 def read_sources(client: storage.Client, bucket: str) -> dict[str, Any]:
     """The SOURCES record ({} when there is none, or no bucket yet)."""
-    with _storage_errors(bucket):
+    with storage_errors(bucket):
         try:
             document = json.loads(client.bucket(bucket).blob(SOURCES).download_as_bytes(retry=DEFAULT_RETRY))
         except (exceptions.NotFound, ValueError):
@@ -224,7 +214,7 @@ def _record_sources(
     }
     if read_sources(client, bucket.name) == document:
         return
-    with _storage_errors(bucket.name):
+    with storage_errors(bucket.name):
         bucket.blob(SOURCES).upload_from_string(
             json.dumps(document, indent=1), content_type="application/json", retry=DEFAULT_RETRY
         )
@@ -350,7 +340,7 @@ def _place(kind: str, source: str, stage_in: str, image: str | None) -> str:
 
 def lookup_bucket(client: storage.Client, name: str, dry_run: bool = False) -> storage.Bucket | None:
     """The bucket; None only in a dry run before it exists (otherwise a UserError that says run `up`)."""
-    with _storage_errors(name):
+    with storage_errors(name):
         bucket = client.lookup_bucket(name, retry=DEFAULT_RETRY)
     if bucket is None and not dry_run:
         raise UserError(
@@ -535,87 +525,6 @@ def hub_source(
     return Source(kind, repo_id, repo_id, prefix, commit, tuple(items), headers, page, splits)
 
 
-@contextmanager
-def hub_errors(kind: str, repo_id: str, revision: str | None, page: str, has_token: bool) -> Iterator[None]:
-    """Turn the Hub's answers into messages that say what to do."""
-    endpoint = constants.ENDPOINT
-    what = f"{kind} {repo_id}"
-    try:
-        yield
-    except GatedRepoError as error:
-        if has_token:
-            raise UserError(
-                f"The {what} is gated and the Hugging Face account of HF_TOKEN has not been granted access.",
-                f"Open {page} while logged in to that account, accept the licence (access is usually "
-                "granted at once), then run this again.",
-            ) from error
-        raise UserError(
-            f"The {what} is gated and no Hugging Face token was given.",
-            f"Accept the licence at {page}, then export HF_TOKEN=hf_... (a read token of that account, "
-            f"from {endpoint}/settings/tokens) and run this again.",
-        ) from error
-    except RevisionNotFoundError as error:
-        raise UserError(
-            f"Revision {revision} of the {what} does not exist.",
-            f"Pass --revision with a branch, tag or commit of {page} (or leave it out for main).",
-        ) from error
-    except RepositoryNotFoundError as error:
-        raise UserError(
-            f"The {what} was not found on the Hugging Face Hub ({endpoint}).",
-            "Check the id (owner/name); for a private repo HF_TOKEN must belong to an account that can "
-            "see it.",
-        ) from error
-    except HFValidationError as error:
-        raise UserError(
-            f"{repo_id!r} is not a valid Hugging Face {kind} id: {error}", "Use owner/name."
-        ) from error
-    except HfHubHTTPError as error:
-        status = error.response.status_code if error.response is not None else None
-        if status == 401:
-            raise UserError(
-                "The Hugging Face Hub rejected HF_TOKEN (401 Unauthorized): it is not a valid token.",
-                f"Create a read token at {endpoint}/settings/tokens and export HF_TOKEN=hf_..., "
-                "or run `hf auth login`.",
-            ) from error
-        if status == 403:
-            raise UserError(
-                f"The Hugging Face Hub refused access to the {what} (403 Forbidden).",
-                "A fine-grained token needs 'Read access to contents of all public gated repos you can "
-                f"access'; create one at {endpoint}/settings/tokens.",
-            ) from error
-        raise UserError(
-            f"The Hugging Face Hub answered {status} for the {what}.",
-            "It may be a transient problem: run again, staging resumes where it stopped.",
-        ) from error
-    except httpx2.TransportError as error:
-        raise UserError(
-            f"Cannot reach the Hugging Face Hub at {endpoint}: {error}.",
-            "Check the network (and HF_ENDPOINT if you use a mirror), then run again: staging resumes.",
-        ) from error
-
-
-@contextmanager
-def _storage_errors(bucket: str) -> Iterator[None]:
-    try:
-        yield
-    except exceptions.NotFound as error:
-        raise UserError(
-            f"Bucket {bucket} does not exist: {error.message}", "Run `gemma-launch up` to create it."
-        ) from error
-    except exceptions.Forbidden as error:
-        raise translate(error, None, f"bucket {bucket}") from error
-    except exceptions.GoogleAPICallError as error:
-        raise UserError(
-            f"Cloud Storage failed on bucket {bucket}: {error.message or error}",
-            "Run again: staging resumes where it stopped.",
-        ) from error
-    except DataCorruption as error:
-        raise UserError(
-            f"An upload to bucket {bucket} arrived corrupted (crc32c mismatch); the object was removed.",
-            "Run again: staging resumes where it stopped.",
-        ) from error
-
-
 # ---------------------------------------------------------------------------------------------- staging
 
 
@@ -637,7 +546,7 @@ def stage_source(
 
     if bucket is None:  # dry run before `up` created the bucket
         return staged("would create")
-    with _storage_errors(bucket.name):
+    with storage_errors(bucket.name):
         plan = _plan(client, bucket, source)
         if plan.unchanged:
             return staged("unchanged")
@@ -734,7 +643,7 @@ def _stage_in_cloud(
     for source in sources:
         plan = None
         if bucket is not None:
-            with _storage_errors(bucket.name):
+            with storage_errors(bucket.name):
                 plan = _plan(clients.storage, bucket, source)
         if plan is not None and plan.unchanged:
             results[source.kind] = _staged(source, "unchanged", "cloud")
@@ -765,7 +674,7 @@ def _stage_in_cloud(
     _run_staging_job(clients, stage_settings, args, todo, console)
     assert bucket is not None
     for source in todo:
-        with _storage_errors(bucket.name):
+        with storage_errors(bucket.name):
             plan = _plan(clients.storage, bucket, source)
         if not plan.unchanged:
             raise UserError(
@@ -992,7 +901,7 @@ def check_trainer_sizes(
 
 def staged_splits(client: storage.Client, bucket: str, prefix: str) -> dict[str, int] | None:
     """The split sizes recorded when the dataset under `prefix` was staged; None when unknown."""
-    with _storage_errors(bucket):
+    with storage_errors(bucket):
         splits = (read_marker(client, bucket, prefix) or {}).get("splits")
     return splits if isinstance(splits, dict) else None
 
