@@ -34,7 +34,8 @@ from launcher.settings import (
     parse_duration,
     template,
 )
-from launcher.transfer import human_bytes
+from launcher.staging.transfer import human_bytes
+from launcher.staging.view import StagingView
 
 # Rich assumes 80 columns when output is not a terminal; logs and CI captures read better unwrapped.
 _WIDTH = None if sys.stdout.isatty() else 160
@@ -399,7 +400,7 @@ def up(
             # With --skip-build the job's image, else the last one built, can still stage.
             image=image_uri or (jobs.latest_image(clients, settings) if stage_in != "local" else None),
             dry_run=dry_run,
-            console=err_console if as_json else console,
+            on_event=StagingView(err_console if as_json else console, verbose=verbose),
             on_job=lambda change: record(
                 "staging job",
                 change.name,
@@ -410,12 +411,11 @@ def up(
             verbose=verbose,
         )
         for item in staged:
-            command = "" if item.status == "unchanged" else staging.equivalent_command(item, settings.bucket)
             # One staging execution covers every Hub source: list its command once.
-            command = "" if any(entry["command"] == command for entry in report) else command
-            record(item.kind, f"gs://{settings.bucket}/{item.prefix}/", item.status, command, item.diff)
-        model_prefix = next(item.prefix for item in staged if item.kind == "model")
-        dataset_prefix = next(item.prefix for item in staged if item.kind == "dataset")
+            command = "" if any(entry["command"] == item.command for entry in report) else item.command
+            record(item.kind, item.name, item.status, command, item.diff)
+        model_prefix = next(item.detail["prefix"] for item in staged if item.kind == "model")
+        dataset_prefix = next(item.detail["prefix"] for item in staged if item.kind == "dataset")
 
     if image_uri is None:
         record("job", settings.job_name, "skipped", "")
@@ -964,8 +964,6 @@ def stage(
     interrupted run picks up where it stopped. With the project's image built (by `up`), Hub repos are
     staged by a short CPU job in the region, <job>-stage, whose progress is shown here.
     """
-    from dataclasses import asdict
-
     staging.check_named_sources(model_source, dataset_source)
     clients = Clients(settings.project_id)
     out = err_console if as_json else console
@@ -992,17 +990,16 @@ def stage(
         stage_in=stage_in,
         image=image,
         dry_run=dry_run,
-        console=out,
+        on_event=StagingView(out, verbose=verbose),
         on_job=on_job,
         verbose=verbose,
     )
     commands = [change.command for change in jobs_changed if change.status != "unchanged"]
     for item in staged:
-        command = staging.equivalent_command(item, settings.bucket) if item.status != "unchanged" else ""
-        if command and command not in commands:
-            commands.append(command)
+        if item.command and item.command not in commands:
+            commands.append(item.command)
     if as_json:
-        document = {"dry_run": dry_run, "staged": [asdict(item) for item in staged]}
+        document = {"dry_run": dry_run, "staged": [staging.document(item) for item in staged]}
         click.echo(json.dumps({**document, "commands": commands} if dry_run else document, indent=2))
         return
     if dry_run:
@@ -1010,10 +1007,10 @@ def stage(
         for change in jobs_changed:
             _print_change("staging job", change.name, change.status, change.diff)
     for item in staged:
-        where = "by the staging job" if item.staged_in == "cloud" else "from this machine"
+        where = "by the staging job" if item.detail["staged_in"] == "cloud" else "from this machine"
         _print_change(
             item.kind,
-            f"gs://{settings.bucket}/{item.prefix}/ ({item.files} files, {human_bytes(item.bytes)}, {where})",
+            f"{item.name} ({item.detail['files']} files, {human_bytes(item.detail['bytes'])}, {where})",
             item.status,
             item.diff,
         )
