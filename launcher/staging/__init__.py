@@ -27,21 +27,17 @@ from launcher.staging.bucket import (
     lookup_bucket,
     read_marker,
     stage_source,
-    staged_splits,
 )
 from launcher.staging.events import Note, OnEvent, ignore
 from launcher.staging.in_cloud import stage_in_cloud
 from launcher.staging.sources import (
     SOURCES,
     Source,
-    Sources,
     check_named_sources,
     choose_sources,
     dataset_prefix,
-    hub_source,
     is_local,
     model_prefix,
-    read_sources,
     record_sources,
     resolve_source,
 )
@@ -51,20 +47,16 @@ __all__ = [
     "MARKER",
     "SOURCES",
     "STAGE_IN",
-    "Sources",
     "check_named_sources",
     "check_trainer_sizes",
     "choose_sources",
     "dataset_prefix",
     "document",
-    "hub_source",
     "model_prefix",
     "read_marker",
-    "read_sources",
     "resolve_source",
     "stage",
     "stage_source",
-    "staged_splits",
 ]
 
 STAGE_IN = ("auto", "local", "cloud")
