@@ -11,9 +11,9 @@ import time
 
 from google.cloud import service_usage_v1
 
-from launcher.api_errors import explained
 from launcher.changes import Change
 from launcher.cloud import RETRY, Clients
+from launcher.cloud_errors import explained
 from launcher.settings import Settings
 
 # Each API and why gemma-launch needs it.

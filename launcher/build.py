@@ -23,10 +23,10 @@ from google.cloud.logging_v2.types import LogEntry
 from google.protobuf import json_format
 
 from launcher import logs
-from launcher.api_errors import explained
 from launcher.build_context import SourceArchive, pack_source
 from launcher.changes import Change
 from launcher.cloud import RETRY, Clients
+from launcher.cloud_errors import explained
 from launcher.errors import UserError
 from launcher.settings import Settings
 

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 
@@ -15,6 +16,9 @@ class Change:
     status: str
     command: str = ""  # the equivalent gcloud command, shown by --dry-run
     diff: tuple[str, ...] = ()  # what an update changes, one "field: before -> after" per line
+    # What else the step knows, for a command that shows it (staging: the source, its files and bytes,
+    # where the bytes flow; launcher.staging.document).
+    detail: Mapping[str, Any] = field(default_factory=dict, hash=False)
 
     def document(self) -> dict[str, Any]:
         """The change as `--json` shows it."""

@@ -9,7 +9,7 @@ import click
 from google.api_core import exceptions
 from rich.markup import escape
 
-from launcher.api_errors import translate
+from launcher.cloud_errors import translate
 from launcher.commands import cancel, doctor, emulator, init, logs, results, run, stage, status, up
 from launcher.commands.options import SETTINGS_KEY, Command
 from launcher.commands.render import err_console

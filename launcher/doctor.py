@@ -28,8 +28,8 @@ from collections.abc import Callable
 from google.api_core import exceptions
 
 from launcher import doctor_checks
-from launcher.api_errors import disabled_api, translate
 from launcher.cloud import Clients
+from launcher.cloud_errors import disabled_api, translate
 from launcher.doctor_checks import FAILED, TITLES, UNCHECKED, Check, Found, Step, unchecked
 from launcher.errors import UserError
 from launcher.settings import Settings

@@ -14,8 +14,8 @@ from google.api_core import exceptions
 from google.iam.v1 import iam_policy_pb2
 
 from launcher import apis, quota
-from launcher.api_errors import disabled_api
 from launcher.cloud import RETRY, Clients
+from launcher.cloud_errors import disabled_api
 from launcher.errors import UserError
 from launcher.iam_roles import smallest_role_with
 from launcher.settings import Settings

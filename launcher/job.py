@@ -5,7 +5,7 @@ The bucket is mounted at MOUNT_PATH, so the trainer reads the staged weights and
 checkpoints and results there: a retried task resumes from the checkpoints of its own execution.
 
 The staging job (`<job>-stage`, stage_job_spec) is its CPU-only sibling: the same image and service
-account, running launcher.stage_worker with arguments given per execution (launcher/staging.py).
+account, running launcher.staging.worker with arguments given per execution (launcher/staging/in_cloud.py).
 """
 
 from __future__ import annotations
@@ -50,11 +50,11 @@ MOUNT_OPTIONS = [
     f"gid={CONTAINER_UID}",
 ]
 
-# The staging job: a short CPU job in the region that runs launcher.stage_worker from the same image,
+# The staging job: a short CPU job in the region that runs launcher.staging.worker from the same image,
 # so Hub weights flow Hub -> region -> bucket instead of through the user's machine.
 STAGE_SUFFIX = "-stage"
 STAGE_CONTAINER = "stage"
-STAGE_COMMAND = ["python", "-m", "launcher.stage_worker"]
+STAGE_COMMAND = ["python", "-m", "launcher.staging.worker"]
 STAGE_CPU = "4"
 STAGE_MEMORY = "16Gi"
 STAGE_RETRIES = 3

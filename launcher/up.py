@@ -8,24 +8,21 @@ changes anything. Progress goes out through `Events`, which the CLI renders; thi
 from __future__ import annotations
 
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from google.cloud import run_v2
-from rich.console import Console
 
 from launcher import build, doctor, gpus, image_source, provision, quota, staging
 from launcher import job as jobs
 from launcher.changes import Change
 from launcher.cloud import Clients
 from launcher.settings import Settings
+from launcher.staging.events import Event
 
 
 class Events:
     """What `up` tells as it goes. Each is a no-op here; the CLI's subclass renders them."""
-
-    # Where staging shows its progress, until staging reports through events too (issue 16 §2).
-    staging_console: Console | None = None
 
     def change(self, change: Change) -> None:
         """A step's change, as soon as it is made (or planned, in a dry run)."""
@@ -49,6 +46,9 @@ class Events:
 
     def build_line(self, text: str) -> None:
         """A line of the build's log."""
+
+    def staging(self, event: Event) -> None:
+        """Staging's progress (from its worker threads too)."""
 
 
 @dataclass(frozen=True)
@@ -143,14 +143,17 @@ def up(
             # With --skip-build the job's image, else the last one built, can still stage.
             image=image_uri or (jobs.latest_image(clients, settings) if stage_in != "local" else None),
             dry_run=dry_run,
-            console=events.staging_console,
+            on_event=events.staging,
             on_job=report,
             verbose=verbose,
         )
         for item in staged:
-            report(_staged_change(item, settings.bucket, changes))
-        model_prefix = next(item.prefix for item in staged if item.kind == "model")
-        dataset_prefix = next(item.prefix for item in staged if item.kind == "dataset")
+            # One staging execution covers every Hub source: list its command once.
+            if any(change.command == item.command for change in changes):
+                item = replace(item, command="")
+            report(item)
+        model_prefix = next(item.detail["prefix"] for item in staged if item.kind == "model")
+        dataset_prefix = next(item.detail["prefix"] for item in staged if item.kind == "dataset")
 
     spec = None
     if image_uri is None:
@@ -167,12 +170,3 @@ def up(
         return Outcome(changes, spec, quota.read(clients, settings))
     except quota.QuotaUnknown as error:
         return Outcome(changes, spec, None, str(error))
-
-
-def _staged_change(item: staging.Staged, bucket: str, earlier: list[Change]) -> Change:
-    """What staging returns, as the Change every other step reports (the one seam for issue 16 §2)."""
-    command = "" if item.status == "unchanged" else staging.equivalent_command(item, bucket)
-    # One staging execution covers every Hub source: list its command once.
-    if any(change.command == command for change in earlier):
-        command = ""
-    return Change(item.kind, f"gs://{bucket}/{item.prefix}/", item.status, command, item.diff)

@@ -13,7 +13,8 @@ from launcher.cloud import Clients
 from launcher.commands.options import STAGE_SETTINGS, Command, settings_options, source_options
 from launcher.commands.render import console, err_console, print_change
 from launcher.settings import Settings
-from launcher.transfer import human_bytes
+from launcher.staging.transfer import human_bytes
+from launcher.staging.view import StagingView
 
 
 @click.command("stage", cls=Command)
@@ -43,7 +44,6 @@ def stage(
     interrupted run picks up where it stopped. With the project's image built (by `up`), Hub repos are
     staged by a short CPU job in the region, <job>-stage, whose progress is shown here.
     """
-    from dataclasses import asdict
 
     staging.check_named_sources(model_source, dataset_source)
     clients = Clients(settings.project_id)
@@ -71,17 +71,16 @@ def stage(
         stage_in=stage_in,
         image=image,
         dry_run=dry_run,
-        console=out,
+        on_event=StagingView(out, verbose=verbose),
         on_job=on_job,
         verbose=verbose,
     )
     commands = [change.command for change in jobs_changed if change.status != "unchanged"]
     for item in staged:
-        command = staging.equivalent_command(item, settings.bucket) if item.status != "unchanged" else ""
-        if command and command not in commands:
-            commands.append(command)
+        if item.command and item.command not in commands:
+            commands.append(item.command)
     if as_json:
-        document = {"dry_run": dry_run, "staged": [asdict(item) for item in staged]}
+        document = {"dry_run": dry_run, "staged": [staging.document(item) for item in staged]}
         click.echo(json.dumps({**document, "commands": commands} if dry_run else document, indent=2))
         return
     if dry_run:
@@ -89,10 +88,10 @@ def stage(
         for change in jobs_changed:
             print_change("staging job", change.name, change.status, change.diff)
     for item in staged:
-        where = "by the staging job" if item.staged_in == "cloud" else "from this machine"
+        where = "by the staging job" if item.detail["staged_in"] == "cloud" else "from this machine"
         print_change(
             item.kind,
-            f"gs://{settings.bucket}/{item.prefix}/ ({item.files} files, {human_bytes(item.bytes)}, {where})",
+            f"{item.name} ({item.detail['files']} files, {human_bytes(item.detail['bytes'])}, {where})",
             item.status,
             item.diff,
         )

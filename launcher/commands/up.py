@@ -18,6 +18,7 @@ from launcher.changes import Change
 from launcher.commands.options import Command, settings_options, source_options
 from launcher.commands.render import console, err_console, print_change, say_fit
 from launcher.settings import Settings
+from launcher.staging.view import StagingView
 
 
 @click.command("up", cls=Command)
@@ -99,8 +100,9 @@ class _UpView(workflow.Events):
 
     def __init__(self, as_json: bool, verbose: bool) -> None:
         self._json = as_json
-        self.staging_console = err_console if as_json else console
-        self._build = progress.BuildView(self.staging_console, verbose=verbose)
+        out = err_console if as_json else console
+        self._build = progress.BuildView(out, verbose=verbose)
+        self.staging = StagingView(out, verbose=verbose)
 
     def change(self, change: Change) -> None:
         if self._json:
