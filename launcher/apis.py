@@ -12,7 +12,7 @@ import time
 from google.cloud import service_usage_v1
 
 from launcher.changes import Change
-from launcher.cloud import RETRY, Clients
+from launcher.cloud import POLLING, RETRY, Clients
 from launcher.cloud_errors import explained
 from launcher.settings import Settings
 
@@ -66,7 +66,7 @@ def ensure_apis(clients: Clients, settings: Settings, *, dry_run: bool = False) 
                     parent=f"projects/{settings.project_id}", service_ids=missing
                 ),
                 retry=RETRY,
-            ).result(timeout=ENABLE_WAIT_S, retry=RETRY)
+            ).result(timeout=ENABLE_WAIT_S, retry=RETRY, polling=POLLING)
             _wait_until_enabled(clients, settings, missing)
     changes = []
     for api in REQUIRED:

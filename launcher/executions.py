@@ -23,7 +23,7 @@ from google.protobuf import duration_pb2
 
 from launcher import job as jobs
 from launcher import logs
-from launcher.cloud import RETRY, Clients
+from launcher.cloud import POLLING, RETRY, Clients
 from launcher.errors import UserError
 from launcher.overrides import apply as apply_settings
 from launcher.settings import Settings
@@ -174,7 +174,9 @@ def cancel(clients: Clients, settings: Settings, name: str, wait_s: float = 60.0
         return Cancelled(execution, "unchanged")
     # FailedPrecondition: it finished between our read and the cancel; the read below says how.
     with contextlib.suppress(exceptions.FailedPrecondition):
-        clients.executions.cancel_execution(name=name, retry=RETRY).result(timeout=300, retry=RETRY)
+        clients.executions.cancel_execution(name=name, retry=RETRY).result(
+            timeout=300, retry=RETRY, polling=POLLING
+        )
     deadline = time.monotonic() + wait_s
     while True:
         execution = get_execution(clients, settings, name)

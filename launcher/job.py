@@ -21,7 +21,7 @@ from google.protobuf import duration_pb2
 
 from launcher import gpus
 from launcher.changes import Change
-from launcher.cloud import RETRY, Clients
+from launcher.cloud import POLLING, RETRY, Clients
 from launcher.errors import UserError
 from launcher.overrides import apply as apply_settings
 from launcher.settings import Settings
@@ -316,7 +316,7 @@ def ensure_job(
         try:
             clients.jobs.create_job(
                 parent=settings.location, job=job, job_id=settings.job, retry=RETRY
-            ).result(timeout=300, retry=RETRY)
+            ).result(timeout=300, retry=RETRY, polling=POLLING)
         except exceptions.AlreadyExists:
             # Another `up`, or our own create whose reply was lost: converge with an update below.
             return ensure_job(clients, settings, job, dry_run=dry_run, describe=describe, kind=kind)
@@ -330,7 +330,7 @@ def ensure_job(
         return Change(kind, settings.job_name, "would update", command, diff)
     update = run_v2.Job(job)
     update.name = settings.job_name
-    clients.jobs.update_job(job=update, retry=RETRY).result(timeout=300, retry=RETRY)
+    clients.jobs.update_job(job=update, retry=RETRY).result(timeout=300, retry=RETRY, polling=POLLING)
     return Change(kind, settings.job_name, "updated", command, diff)
 
 

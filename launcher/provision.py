@@ -23,7 +23,7 @@ from google.cloud import artifactregistry_v1, iam_admin_v1, secretmanager_v1, st
 from launcher import iam_bindings
 from launcher.apis import ensure_apis
 from launcher.changes import Change
-from launcher.cloud import RETRY, Clients
+from launcher.cloud import POLLING, RETRY, Clients
 from launcher.cloud_errors import explained
 from launcher.errors import UserError
 from launcher.iam_bindings import (
@@ -168,7 +168,7 @@ def ensure_repository(clients: Clients, settings: Settings, *, dry_run: bool = F
                     ),
                 ),
                 retry=RETRY,
-            ).result(timeout=300, retry=RETRY)
+            ).result(timeout=300, retry=RETRY, polling=POLLING)
         return Change("repository", name, "created", command)
 
 
