@@ -526,6 +526,9 @@ def measure(
         if profiled:
             # After the row: the timed steps' number must not depend on the profile's analysis.
             write_profile(*profiled, bench, device, out / f"profile-{common['arch']}-{name}.txt")
+        # The next repeat's trainer must not find this one's optimizer state still on the GPU.
+        del trainer
+        gc.collect()
     del model, features
     gc.collect()
     if device == "cuda":
