@@ -18,6 +18,7 @@ OUT/gpu.jsonl, with the FLOP count behind the MFU column.
 
 import argparse
 import collections
+import dataclasses
 import datetime
 import gc
 import json
@@ -53,6 +54,7 @@ from trainer.modeling import LANGUAGE_MODEL_LINEAR, add_adapters, choose_precisi
 from trainer.speed import memory_budget  # noqa: E402
 from trainer.synthetic import BREEDS, LIST_HEADER  # noqa: E402
 from trainer.tiny import CHAT_TEMPLATE, build_tokenizer, tiny_shapes  # noqa: E402
+from trainer.train import RunState  # noqa: E402
 
 log = logging.getLogger("bench")
 
@@ -90,6 +92,8 @@ VARIANTS: dict[str, tuple[list[str], str, str]] = {
     "ours-no-compile": (["--compile", "off"], LANGUAGE_MODEL_LINEAR, "score"),
     "ours-no-feature-cache": (["--no-cache-image-features"], LANGUAGE_MODEL_LINEAR, "score"),
     "ours-b8": (["--batch-size", "8"], LANGUAGE_MODEL_LINEAR, "score"),
+    "ours-b32": (["--batch-size", "32"], LANGUAGE_MODEL_LINEAR, "score"),
+    "ours-bf16-b32": (["--quantization", "none", "--batch-size", "32"], LANGUAGE_MODEL_LINEAR, "score"),
     "ours-b16": (["--batch-size", "16"], LANGUAGE_MODEL_LINEAR, "score"),
     "ours-no-dropout": (["--lora-dropout", "0"], LANGUAGE_MODEL_LINEAR, "score"),
     # The smallest 27B training there is (an L4's 22 GiB): 4-bit, batch 1, every layer recomputed; image
@@ -460,10 +464,20 @@ def measure(
             row["feature_images_per_s"] = round(feature_rate, 2)
         record(out, row)
 
-    if "train" in phases:
+    # Each repeat trains the adapters from where the first started, so that their losses are comparable;
+    # kept on the host, so that the plan's memory is the same as without repeats.
+    initial = {key: value.to("cpu", copy=True) for key, value in model.state_dict().items() if "lora_" in key}
+    plan = None
+    for repeat in range(bench.repeats if "train" in phases else 0):
+        if repeat:
+            model.load_state_dict(initial, strict=False)
         run_dir = Path(tempfile.mkdtemp(prefix=f"bench-{name}-"))
+        # Later repeats reuse the first one's plan, as a retried task does: no memory probes.
+        state = RunState(run_dir, attempt=0)
+        if plan is not None:
+            state.save("plan", dataclasses.asdict(plan))
         start = time.perf_counter()
-        trainer, plan = build_trainer(args, model, processor, data, chat, device, run_dir, features)
+        trainer, plan = build_trainer(args, model, processor, data, chat, device, run_dir, features, state)
         plan_s = time.perf_counter() - start
         batch = trainer.args.per_device_train_batch_size
         timer = StepTimer(bench.warmup, bench.steps, device)
@@ -499,6 +513,7 @@ def measure(
                 "plan_s": round(plan_s, 1),
                 "train_call_s": round(total_s, 1),
                 "plan": plan.describe() if plan else None,
+                **({"repeat": repeat + 1, "repeats": bench.repeats} if bench.repeats > 1 else {}),
                 # Mean training loss over each logging window (every --logging-steps steps).
                 "losses": [
                     [entry["step"], round(entry["loss"], 4)]
@@ -511,6 +526,9 @@ def measure(
         if profiled:
             # After the row: the timed steps' number must not depend on the profile's analysis.
             write_profile(*profiled, bench, device, out / f"profile-{common['arch']}-{name}.txt")
+        # The next repeat's trainer must not find this one's optimizer state still on the GPU.
+        del trainer
+        gc.collect()
     del model, features
     gc.collect()
     if device == "cuda":
@@ -710,6 +728,13 @@ def main() -> None:
         help="log the mean loss every this many steps (into each row's losses); each log waits for the GPU",
     )
     parser.add_argument("--train-per-class", type=int, default=20)
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=1,
+        help="time training this many times on one model: each a fresh trainer from the initial adapters, "
+        "with the first one's plan; one row each",
+    )
     parser.add_argument(
         "--out", type=Path, help="where gpu.jsonl is appended (default: bench/results; --smoke: a temp dir)"
     )
