@@ -18,15 +18,17 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff format --check launcher trainer tests bench
 	$(VENV)/bin/hadolint Dockerfile
 
-# Four workers on CI's two cores: the suite mostly waits (emulated operations, subprocesses, sockets).
+# Four workers on CI's two cores: the suite mostly waits (emulated operations, subprocesses, sockets);
+# the CPU-bound trainer tests share one of them (tests/conftest.py).
 WORKERS ?= 4
+PYTEST_PARALLEL := -n $(WORKERS) --dist loadgroup
 
 test: lint
-	$(VENV)/bin/pytest -q -n $(WORKERS)
+	$(VENV)/bin/pytest -q $(PYTEST_PARALLEL)
 
 # The inner loop: every test not marked slow, without the lint.
 test-fast: $(STAMP)
-	$(VENV)/bin/pytest -q -n $(WORKERS) -m "not slow"
+	$(VENV)/bin/pytest -q $(PYTEST_PARALLEL) -m "not slow"
 
 # The real-cloud suite (tests/cloud): costs money, needs a project of yours and ADC.
 cloud-test: $(STAMP)

@@ -13,6 +13,18 @@ from launcher.apis import REQUIRED
 from launcher.settings_sources import ENV_VARS
 from tests.support.emulator import Local, emulated
 
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Under `make test`'s workers (--dist loadgroup) the trainer's tests run one after another on one
+    worker: they are the CPU-bound part of the suite, and there they share the session's trained models
+    instead of each worker training its own, while the rest, which mostly waits, shares the others."""
+    for item in items:
+        if item.path.is_relative_to(TRAINER_TESTS):
+            item.add_marker(pytest.mark.xdist_group("trainer"))
+
+
+TRAINER_TESTS = Path(__file__).parent / "trainer"
+
 # A project whose Cloud Run GPU quota request was granted, with room for two GPU tasks at once (a fresh
 # project has none: tests of that case set it to 0 with services["quotas"].set_gpu_quota).
 GPU_QUOTA = 2
