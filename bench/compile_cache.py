@@ -23,8 +23,8 @@ from transformers import Gemma3Config, Gemma3ForConditionalGeneration  # noqa: E
 from trainer.fp8_weights import Fp8Linear  # noqa: E402
 from trainer.int8_weights import quantize_linear_layers  # noqa: E402
 from trainer.modeling import LANGUAGE_MODEL_LINEAR, add_adapters  # noqa: E402
+from trainer.offline.tiny import tiny_shapes  # noqa: E402
 from trainer.speed import compile_layers, gemma_backbone  # noqa: E402
-from trainer.tiny import tiny_shapes  # noqa: E402
 
 
 def main() -> None:

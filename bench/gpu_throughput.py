@@ -51,9 +51,9 @@ from trainer.export import versions  # noqa: E402
 from trainer.fp8_weights import Fp8Linear  # noqa: E402
 from trainer.int8_weights import Int8Linear, quantize_linear_layers  # noqa: E402
 from trainer.modeling import LANGUAGE_MODEL_LINEAR, add_adapters, choose_precision  # noqa: E402
+from trainer.offline.synthetic import BREEDS, LIST_HEADER  # noqa: E402
+from trainer.offline.tiny import CHAT_TEMPLATE, build_tokenizer, tiny_shapes  # noqa: E402
 from trainer.speed import memory_budget  # noqa: E402
-from trainer.synthetic import BREEDS, LIST_HEADER  # noqa: E402
-from trainer.tiny import CHAT_TEMPLATE, build_tokenizer, tiny_shapes  # noqa: E402
 from trainer.train import RunState  # noqa: E402
 
 log = logging.getLogger("bench")
@@ -214,7 +214,7 @@ def build_model(arch: str, processor, device: str):
 
 
 def tiny_config(processor) -> dict:
-    """trainer.tiny's shapes, for --smoke (longer positions: the smoke run packs the 37 answers)."""
+    """trainer.offline.tiny's shapes, for --smoke (longer positions: the smoke run packs the 37 answers)."""
     return tiny_shapes(len(processor.tokenizer), max_positions=1024)
 
 
@@ -672,8 +672,8 @@ def build_tiny(processor):
 def quality(out: Path, extra: list[str], configs: list[str]) -> None:
     """The tiny model on synthetic pets, trained with every lever on, with int8 weights, and with all levers
     off: accuracies."""
-    from trainer.synthetic import write_dataset
-    from trainer.tiny import build
+    from trainer.offline.synthetic import write_dataset
+    from trainer.offline.tiny import build
 
     root = Path(tempfile.mkdtemp(prefix="bench-quality-"))
     build(root / "model")

@@ -143,9 +143,9 @@ def test_dry_run_formats_data_without_loading_weights(
 def test_module_commands_write_a_loadable_model_and_dataset(trainer_cli, tmp_path: Path) -> None:
     repo = Path(__file__).resolve().parents[2]
     for command, said in (
-        (["trainer.tiny", str(tmp_path / "m")], f"wrote a tiny Gemma 3 to {tmp_path / 'm'}\n"),
+        (["trainer.offline.tiny", str(tmp_path / "m")], f"wrote a tiny Gemma 3 to {tmp_path / 'm'}\n"),
         (
-            ["trainer.synthetic", str(tmp_path / "d"), "--per-class", "2", "--test-per-class", "1"],
+            ["trainer.offline.synthetic", str(tmp_path / "d"), "--per-class", "2", "--test-per-class", "1"],
             f"wrote 111 images to {tmp_path / 'd'}\n",
         ),
     ):
