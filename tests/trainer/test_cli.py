@@ -205,7 +205,7 @@ def test_running_out_of_gpu_memory_in_the_image_feature_pass_names_it_and_the_ev
     def features_on_a_full_gpu(backbone, pixels):
         raise torch.OutOfMemoryError(FULL_GPU)
 
-    monkeypatch.setattr("trainer.speed.image_features", features_on_a_full_gpu)
+    monkeypatch.setattr("trainer.speed.features.image_features", features_on_a_full_gpu)
     flags = ["--model-id", str(tiny_model), "--dataset", str(pets), "--device", "cpu"]
     flags += ["--train-size", "37", "--eval-size", "37", "--output-dir", str(tmp_path)]
     flags += ["--max-memory-gib", "22", "--quantization", "int8"]

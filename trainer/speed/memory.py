@@ -1,24 +1,18 @@
-"""GPU speed levers: a memory budget, a batch size and gradient-checkpointing plan measured against it,
-per-layer torch.compile, and the frozen image features computed once per image.
+"""The GPU memory budget, and batches planned against it from measured passes: a batch size and
+gradient-checkpointing plan for training, a batch for each no-grad pass (image features, evaluation).
 
 docs/benchmarks.md ("GPU training and evaluation") has the numbers behind each default.
 """
 
 import logging
 import math
-import os
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import datasets
 import torch
-from peft import PeftModel
-from torch import nn
-from torch.utils.data import DataLoader
-from transformers import PreTrainedModel, ProcessorMixin
+from transformers import PreTrainedModel
 
-from trainer.data import to_rgb
+from trainer.speed.layers import decoder_layers, set_checkpointed_layers
 
 log = logging.getLogger(__name__)
 
@@ -43,16 +37,6 @@ RAN_OUT = 1 << 50
 HOST_STEP_PASSES = 15.0
 
 
-def gemma_backbone(model: nn.Module) -> nn.Module:
-    """The Gemma3Model inside a Gemma3ForConditionalGeneration, with or without PEFT around it."""
-    base = model.get_base_model() if isinstance(model, PeftModel) else model
-    return base.model
-
-
-def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    return gemma_backbone(model).language_model.layers
-
-
 def memory_budget(max_memory_gib: float, device: str) -> int:
     """The budget in bytes: --max-memory-gib, or the GPU's size where that is smaller (an L4 under 85)."""
     return min(_gpu_bytes(device), int(max_memory_gib * GIB))
@@ -75,38 +59,6 @@ def _gpu_index(device: str) -> int:
 
 def _gpu_bytes(device: str) -> int:
     return torch.cuda.get_device_properties(_gpu_index(device)).total_memory
-
-
-def compile_layers(model: nn.Module) -> None:
-    """torch.compile each decoder layer on its own: one graph per layer kind, reused by all layers.
-
-    Compiling the whole model would trace PEFT's and Trainer's Python around the layers and break the graph
-    at each of them; one layer is a clean graph (attention, norms, GeGLU and LoRA fused). Shapes start
-    static (kernels specialised to the model's widths) and a dimension that changes, like the batch between
-    the memory probes and training, becomes dynamic after one recompile.
-    """
-    # Sliding and full attention layers, training and no-grad graphs: a few entries per layer code object.
-    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 32)
-    for layer in decoder_layers(model):
-        layer.compile()
-
-
-def set_checkpointed_layers(model: PreTrainedModel, count: int) -> None:
-    """Gradient checkpointing on `count` decoder layers spread evenly, none on the others.
-
-    Checkpointing a layer keeps only its input and runs its forward again in the backward pass: a third more
-    work for that layer, so the plan checkpoints only as many layers as the memory budget demands.
-    """
-    layers = decoder_layers(model)
-    if count > 0:
-        base = model.get_base_model() if isinstance(model, PeftModel) else model
-        base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        # The embeddings are frozen: without this, checkpointed layers would get inputs that need no
-        # gradient and LoRA would receive none.
-        base.enable_input_require_grads()
-    chosen = {i * len(layers) // count for i in range(count)} if count else set()
-    for index, layer in enumerate(layers):
-        layer.gradient_checkpointing = index in chosen
 
 
 @dataclass
@@ -275,136 +227,3 @@ def pass_batch(name: str, requested: int, memory: PassMemory) -> int:
     else:
         log.info("%s: batches of %d fit (%s)", name, batch, measured)
     return batch
-
-
-class ImageFeatures:
-    """The frozen vision tower's and projector's output for each image, computed once and reused.
-
-    Keys are the data's image_key column. Installed on the model, it lets batches carry `image_keys` instead
-    of pixel values: a forward pre-hook on the Gemma 3 backbone turns them into input embeddings with the
-    stored features in the image tokens' places, exactly what the backbone would compute from the pixels.
-    Only valid while the vision tower and projector are frozen.
-    """
-
-    def __init__(self) -> None:
-        self.features: dict[int, torch.Tensor] = {}
-        self.filled = 0  # images computed, and the seconds it took
-        self.fill_seconds = 0.0
-
-    def __contains__(self, key: int) -> bool:
-        return key in self.features
-
-    def has_all(self, keys: list[int]) -> bool:
-        return all(key in self.features for key in keys)
-
-    @torch.no_grad()
-    def measure(
-        self, model: PreTrainedModel, processor: ProcessorMixin, split: datasets.Dataset, budget: int
-    ) -> PassMemory:
-        """The feature pass's memory on this GPU, from batches of the split's first one and two images."""
-        backbone = gemma_backbone(model)
-        collate = PixelCollator(processor)
-
-        def run(count: int) -> None:
-            _, pixels = collate([split[index] for index in range(min(count, len(split)))])
-            image_features(backbone, pixels)
-
-        return measure_pass(run, budget)
-
-    @torch.no_grad()
-    def fill(
-        self,
-        model: PreTrainedModel,
-        processor: ProcessorMixin,
-        split: datasets.Dataset,
-        batch_size: int,
-        num_workers: int = 0,
-        memory: PassMemory | None = None,
-    ) -> int:
-        """Compute the features of the split's images not stored yet; returns how many were computed.
-
-        With the pass's measured `memory`, batches are the largest up to `batch_size` that fit it: SigLIP
-        runs 4,096 patches per image at once, and 16 images did not fit 27B's 4-bit weights in 22 GiB.
-        """
-        backbone = gemma_backbone(model)
-        frozen = all(
-            not p.requires_grad
-            for module in (backbone.vision_tower, backbone.multi_modal_projector)
-            for p in module.parameters()
-        )
-        if not frozen:
-            raise ValueError(
-                "image features are reusable only while the vision tower and projector are frozen"
-            )
-        todo = [index for index, key in enumerate(split["image_key"]) if key not in self.features]
-        if not todo:
-            return 0
-        start = time.perf_counter()
-        if memory is not None:
-            batch_size = pass_batch(f"image features of {len(todo)} images", batch_size, memory)
-        loader = DataLoader(
-            split.select(todo),
-            batch_size=batch_size,
-            num_workers=num_workers,
-            collate_fn=PixelCollator(processor),
-            worker_init_fn=single_thread,
-        )
-        for keys, pixels in loader:
-            features = image_features(backbone, pixels)
-            for key, feature in zip(keys, features.to("cpu"), strict=True):
-                self.features[key] = feature.clone()
-        self.filled += len(todo)
-        self.fill_seconds += time.perf_counter() - start
-        return len(todo)
-
-    def install(self, model: PreTrainedModel) -> None:
-        gemma_backbone(model).register_forward_pre_hook(self._pre_forward, with_kwargs=True)
-
-    def _pre_forward(self, backbone: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
-        keys = kwargs.pop("image_keys", None)
-        if keys is None:
-            return args, kwargs
-        input_ids = kwargs["input_ids"]
-        embeddings = backbone.get_input_embeddings()
-        image_token = backbone.config.image_token_id
-        is_image = input_ids == image_token
-        # The backbone maps an out-of-vocabulary image token id to 0 before the lookup; so do we.
-        lookup = input_ids.masked_fill(is_image, 0) if image_token >= embeddings.num_embeddings else input_ids
-        inputs_embeds = embeddings(lookup)
-        features = torch.stack([self.features[key] for key in keys])
-        features = features.to(inputs_embeds.device, inputs_embeds.dtype, non_blocking=True)
-        kwargs["inputs_embeds"] = inputs_embeds.masked_scatter(is_image[..., None], features)
-        kwargs["input_ids"] = None
-        return args, kwargs
-
-
-def image_features(backbone: nn.Module, pixels: torch.Tensor) -> torch.Tensor:
-    """The vision tower's and projector's output for a batch of pixel values, on the model's device."""
-    parameter = next(backbone.vision_tower.parameters())
-    return backbone.get_image_features(
-        pixels.to(parameter.device, parameter.dtype), return_dict=True
-    ).pooler_output
-
-
-class PixelCollator:
-    """(image keys, pixel values) of a batch, as the processor prepares images for the vision tower."""
-
-    def __init__(self, processor: ProcessorMixin) -> None:
-        self.image_processor = processor.image_processor
-
-    def __call__(self, examples: list[dict]) -> tuple[list[int], torch.Tensor]:
-        images = [to_rgb(example["image"]) for example in examples]
-        pixels = self.image_processor(images=images, return_tensors="pt")["pixel_values"]
-        return [example["image_key"] for example in examples], pixels
-
-
-def single_thread(_: int) -> None:
-    """Dataloader workers each resize one batch: PyTorch's threads per worker would only compete."""
-    torch.set_num_threads(1)
-
-
-def loader_workers(device: str) -> int:
-    """Dataloader workers that decode and resize images next to the GPU's work; none on CPU."""
-    if device == "cpu":
-        return 0
-    return max(1, min(8, (os.cpu_count() or 2) - 2))

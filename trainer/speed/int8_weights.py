@@ -91,8 +91,8 @@ class Int8Linear(nn.Linear):
 
 def quantize_linear_layers(model: nn.Module, pattern: str, layer: type[nn.Linear] = Int8Linear) -> int:
     """Replace each nn.Linear whose full name matches `pattern` by `layer` (Int8Linear, or Fp8Linear from
-    trainer.fp8_weights), in place, one at a time (the peak is one layer's float32 copy). Returns how many
-    were replaced."""
+    trainer.speed.fp8_weights), in place, one at a time (the peak is one layer's float32 copy). Returns how
+    many were replaced."""
     regex = re.compile(pattern)
     replaced = 0
     for parent_name, parent in list(model.named_modules()):
