@@ -3,11 +3,12 @@
     TORCHINDUCTOR_CACHE_DIR=$(mktemp -d) python bench/compile_cache.py save OUT.bin
     TORCHINDUCTOR_CACHE_DIR=$(mktemp -d) python bench/compile_cache.py load OUT.bin
 
-A tiny Gemma 3 with fp8 weights, the trainer's adapters and per-layer compile (trainer.speed.layers.compile_layers)
-runs two training steps of its language model; `save` then writes torch.compiler.save_cache_artifacts(),
-`load` reads them with torch.compiler.load_cache_artifacts() before compiling. Each prints the time of its
-two steps and Inductor's cache hits and misses. Each command needs its own empty Inductor cache directory,
-as a fresh instance has, or the local cache answers instead of the artifacts. CPU or CUDA.
+A tiny Gemma 3 with fp8 weights, the trainer's adapters and per-layer compile
+(trainer.speed.layers.compile_layers) runs two training steps of its language model; `save` then writes
+torch.compiler.save_cache_artifacts(), `load` reads them with torch.compiler.load_cache_artifacts() before
+compiling. Each prints the time of its two steps and Inductor's cache hits and misses. Each command needs
+its own empty Inductor cache directory, as a fresh instance has, or the local cache answers instead of the
+artifacts. CPU or CUDA.
 """
 
 import sys

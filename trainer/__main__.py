@@ -1,5 +1,9 @@
 """python -m trainer: fine-tune Gemma 3 on Oxford-IIIT Pet and evaluate it before and after.
 
+The story, top to bottom: run() checks the container, loads the data and the processor, then fine_tune()
+loads the model, evaluates the baseline, trains, evaluates again and saves; run() merges, prints the
+metrics and uploads; main() turns errors into exit codes. The speed levers come in through trainer.speed.
+
 Flags keep the reference script's names (trainer/flags.py). Outputs go to --output-dir, or to
 --output-dir/$CLOUD_RUN_EXECUTION inside a Cloud Run job, so a retried task resumes from its own
 checkpoints, and an error that a retry cannot fix is recorded there for the later attempts

@@ -56,7 +56,8 @@ class AnswerPack:
 
     Each answer token sees the whole prompt and the earlier tokens of its own answer only, at the positions
     it would have right after the prompt: one forward pass scores every answer, with no copy of the prompt's
-    KV cache per answer (37 copies of a 27B model's cache for a batch of 4 took 87 GiB).
+    KV cache per answer (37 copies of a large model's cache outgrow the GPU: docs/benchmarks.md, "Scoring
+    without copying the KV cache").
     """
 
     ids: torch.Tensor  # (answer tokens,) all answers concatenated

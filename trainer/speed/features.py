@@ -61,7 +61,8 @@ class ImageFeatures:
         """Compute the features of the split's images not stored yet; returns how many were computed.
 
         With the pass's measured `memory`, batches are the largest up to `batch_size` that fit it: SigLIP
-        runs 4,096 patches per image at once, and 16 images did not fit 27B's 4-bit weights in 22 GiB.
+        runs 4,096 patches per image at once, so a batch of --eval-batch-size images may not fit beside
+        large weights in a small budget (docs/benchmarks.md, "No-grad passes planned too").
         """
         backbone = gemma_backbone(model)
         frozen = all(

@@ -24,8 +24,8 @@ def expand(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 
 
 # Inside the custom op nothing is compiled, and on the GPU eager int8 x bf16 runs through a generic casting
-# kernel at a third of the memory bandwidth (233 us for a 27B MLP weight on the H200, 16 % of a training
-# step); the compiled kernel streams it.
+# kernel at a third of the memory bandwidth (docs/benchmarks.md, "int8 base weights"); the compiled kernel
+# streams it.
 _compiled_expand = torch.compile(expand, dynamic=False)
 
 

@@ -26,14 +26,10 @@ MAX_AUTO_BATCH = 32
 RAN_OUT = 1 << 50
 # The host's time per training step (running each layer's Python, launching its kernels and the adapters'
 # ops), in units of one sample's forward pass on the GPU (its backward costs as much). The GPU runs ahead
-# of the host only up to the host's pace, so a step takes the longer of the two. Fitted to 27B on the
-# H200 when LoRA dropout was still a custom op per adapter and 9.06 GiB per sample left room for batch 5
-# only: batch 5 with no layer checkpointed ran at 6.05 samples/s, batch 8 with 21 of 62 checkpointed at
-# 7.16 and batch 16 with 43 at 6.75 (docs/benchmarks.md). With the dropout traced into the compiled layers
-# (5.44 GiB per sample) the GPU's work is the longer at batch 9, which fits without checkpointing and ran
-# at 8.55-8.93, then 9.02-9.61 once no step waited for the GPU; at 4B the GPU's work is the longer at any
-# batch that fits. The host's share has shrunk since and was not fitted again: the value now only keeps
-# the plan from small batches with heavy checkpointing.
+# of the host only up to the host's pace, so a step takes the longer of the two. Fitted to 27B runs whose
+# small batches waited for the host (docs/benchmarks.md, "Memory plan"); where the GPU's work is the longer,
+# as it now is at the batches that fit, the value only keeps the plan from small batches with heavy
+# checkpointing.
 HOST_STEP_PASSES = 15.0
 
 
