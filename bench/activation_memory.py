@@ -4,8 +4,8 @@
     python bench/activation_memory.py --arch 27b --compile --lora-dropout 0 --quantization int8
 
 Builds the language model from the published config (bench/configs) with few layers and a small
-vocabulary, random bf16 weights, the trainer's adapters (trainer.modeling.add_adapters), int8 or fp8
-weights (trainer.int8_weights, trainer.fp8_weights) and per-layer compile (trainer.speed.compile_layers)
+vocabulary, random bf16 weights, the trainer's adapters (trainer.speed.with_adapters), int8 or fp8
+weights (trainer.speed.weights.store_weights) and per-layer compile (trainer.speed.layers.compile_layers)
 as asked, then runs one forward pass of one sample (470 tokens by default) under bf16 autocast, as TRL's
 trainer does, and records every tensor autograd saves (torch.autograd.graph.saved_tensors_hooks), each
 storage once and parameters never. Two models that differ by `--layers` layers give the bytes of one
@@ -25,10 +25,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch_settings  # noqa: E402
 
-from trainer.fp8_weights import Fp8Linear  # noqa: E402
-from trainer.int8_weights import Int8Linear, quantize_linear_layers  # noqa: E402
-from trainer.modeling import LANGUAGE_MODEL_LINEAR, add_adapters  # noqa: E402
-from trainer.speed import compile_layers, gemma_backbone  # noqa: E402
+from trainer.speed import with_adapters  # noqa: E402
+from trainer.speed.layers import compile_layers, gemma_backbone  # noqa: E402
+from trainer.speed.weights import store_weights  # noqa: E402
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
 MIB = 2**20
@@ -50,10 +49,8 @@ def build(arch: str, layers: int, args: argparse.Namespace):
             model = Gemma3ForConditionalGeneration(config).requires_grad_(False)
     finally:
         torch.set_default_dtype(previous)
-    if args.quantization != "none":
-        layer = Int8Linear if args.quantization == "int8" else Fp8Linear
-        quantize_linear_layers(model, LANGUAGE_MODEL_LINEAR, layer)
-    model = add_adapters(model, "bf16", 16, 32, args.lora_dropout)
+    store_weights(model, args.quantization)
+    model = with_adapters(model, "bf16", 16, 32, args.lora_dropout)
     model.train()
     if args.compile:
         compile_layers(model)

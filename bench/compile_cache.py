@@ -3,11 +3,12 @@
     TORCHINDUCTOR_CACHE_DIR=$(mktemp -d) python bench/compile_cache.py save OUT.bin
     TORCHINDUCTOR_CACHE_DIR=$(mktemp -d) python bench/compile_cache.py load OUT.bin
 
-A tiny Gemma 3 with fp8 weights, the trainer's adapters and per-layer compile (trainer.speed.compile_layers)
-runs two training steps of its language model; `save` then writes torch.compiler.save_cache_artifacts(),
-`load` reads them with torch.compiler.load_cache_artifacts() before compiling. Each prints the time of its
-two steps and Inductor's cache hits and misses. Each command needs its own empty Inductor cache directory,
-as a fresh instance has, or the local cache answers instead of the artifacts. CPU or CUDA.
+A tiny Gemma 3 with fp8 weights, the trainer's adapters and per-layer compile
+(trainer.speed.layers.compile_layers) runs two training steps of its language model; `save` then writes
+torch.compiler.save_cache_artifacts(), `load` reads them with torch.compiler.load_cache_artifacts() before
+compiling. Each prints the time of its two steps and Inductor's cache hits and misses. Each command needs
+its own empty Inductor cache directory, as a fresh instance has, or the local cache answers instead of the
+artifacts. CPU or CUDA.
 """
 
 import sys
@@ -20,11 +21,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from transformers import Gemma3Config, Gemma3ForConditionalGeneration  # noqa: E402
 
-from trainer.fp8_weights import Fp8Linear  # noqa: E402
-from trainer.int8_weights import quantize_linear_layers  # noqa: E402
-from trainer.modeling import LANGUAGE_MODEL_LINEAR, add_adapters  # noqa: E402
-from trainer.speed import compile_layers, gemma_backbone  # noqa: E402
-from trainer.tiny import tiny_shapes  # noqa: E402
+from trainer.offline.tiny import tiny_shapes  # noqa: E402
+from trainer.speed import with_adapters  # noqa: E402
+from trainer.speed.layers import compile_layers, gemma_backbone  # noqa: E402
+from trainer.speed.weights import store_weights  # noqa: E402
 
 
 def main() -> None:
@@ -40,8 +40,8 @@ def main() -> None:
     config = Gemma3Config(**tiny_shapes(1024))
     with torch.device(device):
         model = Gemma3ForConditionalGeneration(config).requires_grad_(False)
-    quantize_linear_layers(model, LANGUAGE_MODEL_LINEAR, Fp8Linear)
-    model = add_adapters(model, "bf16", 8, 16, 0.05)
+    store_weights(model, "fp8")
+    model = with_adapters(model, "bf16", 8, 16, 0.05)
     model.train()
     compile_layers(model)
     language_model = gemma_backbone(model).language_model

@@ -4,8 +4,8 @@
     python bench/fp8_layers.py --smoke                  # CPU: small shapes, errors only
 
 For each of 27B's linear shapes (M = 4,230 tokens: batch 9 x 470), the output and the input gradient of:
-bf16 (the weights and matmul in bf16), int8 (trainer.int8_weights: int8 storage, bf16 matmul), fp8
-(trainer.fp8_weights: e4m3 weights and activations, FP8 matmuls) and fp8-weights (e4m3 weights expanded
+bf16 (the weights and matmul in bf16), int8 (trainer.speed.int8_weights: int8 storage, bf16 matmul), fp8
+(trainer.speed.fp8_weights: e4m3 weights and activations, FP8 matmuls) and fp8-weights (e4m3 weights expanded
 to bf16, bf16 activations and matmul), each against a float32 reference with the bf16 weights. Errors are
 ||y - ref|| / ||ref|| over the tensor and the worst such ratio over rows (tokens), on two kinds of data:
 
@@ -33,8 +33,8 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from trainer.fp8_weights import Fp8Linear, dequantize, fp8_grad_input, fp8_linear, quantize_rows  # noqa: E402
-from trainer.int8_weights import Int8Linear  # noqa: E402
+from trainer.speed.fp8_weights import Fp8Linear, dequantize, fp8_grad_input, fp8_linear, quantize_rows  # noqa: E402
+from trainer.speed.int8_weights import Int8Linear  # noqa: E402
 
 # Gemma 3 27B's language model: hidden 5376, 32 query heads and 16 key/value heads of 128, MLP 21504.
 SHAPES = {

@@ -5,8 +5,8 @@
     python bench/gpu_throughput.py --smoke          # CPU, tiny config, every code path end to end
     python bench/gpu_throughput.py --quality        # tiny model trained with and without the levers
 
-Everything runs through the trainer's own code: its flags (trainer.__main__.parse_args), model setup
-(trainer.modeling.add_adapters), levers (trainer.__main__.speed_up / build_trainer: memory cap, image
+Everything runs through the trainer's own code: its flags (trainer.flags.parse_args), model setup
+(trainer.speed.with_adapters), levers (trainer.speed.speed_up / build_trainer: memory cap, image
 features, compiled layers, batch and checkpointing plan), TRL SFTTrainer with the answer-only collator, and
 the evaluation functions (trainer.evaluate.predict). Only the weights are random (their values do not change
 speed) and the data is synthetic: 896x896 JPEGs, and the prompt padded to the real sample length (470 tokens:
@@ -43,17 +43,22 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch_settings  # noqa: E402
 
-import trainer.data  # noqa: E402
-from trainer.__main__ import build_trainer, parse_args, speed_up  # noqa: E402
-from trainer.data import PetData, chat_format, load_pets, readable_name  # noqa: E402
-from trainer.evaluate import planned_batch, predict  # noqa: E402
+from trainer.data import PROMPT, PetData, chat_format, load_pets, readable_name  # noqa: E402
+from trainer.evaluate import predict  # noqa: E402
 from trainer.export import versions  # noqa: E402
-from trainer.fp8_weights import Fp8Linear  # noqa: E402
-from trainer.int8_weights import Int8Linear, quantize_linear_layers  # noqa: E402
-from trainer.modeling import LANGUAGE_MODEL_LINEAR, add_adapters, choose_precision  # noqa: E402
-from trainer.speed import memory_budget  # noqa: E402
-from trainer.synthetic import BREEDS, LIST_HEADER  # noqa: E402
-from trainer.tiny import CHAT_TEMPLATE, build_tokenizer, tiny_shapes  # noqa: E402
+from trainer.flags import parse_args  # noqa: E402
+from trainer.modeling import LANGUAGE_MODEL_LINEAR  # noqa: E402
+from trainer.offline.synthetic import BREEDS, LIST_HEADER  # noqa: E402
+from trainer.offline.tiny import CHAT_TEMPLATE, build_tokenizer, tiny_shapes  # noqa: E402
+from trainer.speed import (  # noqa: E402
+    build_trainer,
+    choose_precision,
+    memory_budget,
+    planned_batch,
+    speed_up,
+    with_adapters,
+)
+from trainer.speed.weights import store_weights  # noqa: E402
 from trainer.train import RunState  # noqa: E402
 
 log = logging.getLogger("bench")
@@ -154,16 +159,15 @@ def build_processor(image_size: int, tokens_per_image: int):
     )
 
 
-def pad_prompt(processor, class_names: list[str], target: int) -> int:
-    """Make trainer.data.PROMPT, as the chat template renders it with its image, exactly `target` tokens:
-    the question, the breeds to choose from (as the reference script lists them), then filler words."""
-    question = trainer.data.PROMPT
+def pad_prompt(processor, class_names: list[str], target: int) -> str:
+    """The trainer's question (trainer.data.PROMPT) made, as the chat template renders it with its image,
+    exactly `target` tokens: the question, the breeds to choose from (as the reference script lists them),
+    then filler words."""
     choices = " Choose one of: " + ", ".join(class_names) + "."
-    words = (question + choices).split(" ")
+    words = (PROMPT + choices).split(" ")
 
     def length(prompt: str) -> int:
-        trainer.data.PROMPT = prompt
-        chat = chat_format(processor, class_names)
+        chat = chat_format(processor, class_names, prompt)
         image = Image.new("RGB", (32, 32))
         encoded = processor(
             text=[chat.prompt], images=[[image]], add_special_tokens=False, return_tensors="pt"
@@ -177,7 +181,7 @@ def pad_prompt(processor, class_names: list[str], target: int) -> int:
         prompt += " ." * max(1, (target - current) // 2)
     if current != target:
         raise RuntimeError(f"prompt of {current} tokens, wanted {target}")
-    return current
+    return prompt
 
 
 def build_model(arch: str, processor, device: str):
@@ -214,7 +218,7 @@ def build_model(arch: str, processor, device: str):
 
 
 def tiny_config(processor) -> dict:
-    """trainer.tiny's shapes, for --smoke (longer positions: the smoke run packs the 37 answers)."""
+    """trainer.offline.tiny's shapes, for --smoke (longer positions: the smoke run packs the 37 answers)."""
     return tiny_shapes(len(processor.tokenizer), max_positions=1024)
 
 
@@ -373,7 +377,7 @@ def measure(
             "--eval-size", str(bench.eval_size), *flags, *bench.flags.split(),
         ]
     )  # fmt: skip
-    chat = chat_format(processor, data.class_names)
+    chat = chat_format(processor, data.class_names, bench.question)
     if device == "cuda":
         # An earlier configuration's --max-memory-gib cap stays on the process; the bf16 model is built
         # before this one's cap applies, as the trainer loads it before capping.
@@ -387,9 +391,8 @@ def measure(
         precision = choose_precision(args.quantization, device, config_dir, None, args.max_memory_gib)
     if precision == "4bit":
         quantize_nf4(model)
-    elif precision in ("int8", "fp8"):
-        quantize_linear_layers(model, LANGUAGE_MODEL_LINEAR, Fp8Linear if precision == "fp8" else Int8Linear)
-    model = add_adapters(model, precision, args.lora_r, args.lora_alpha, args.lora_dropout, targets, name)
+    store_weights(model, precision)
+    model = with_adapters(model, precision, args.lora_r, args.lora_alpha, args.lora_dropout, targets, name)
     log.info("%s: model ready in %.1f s", name, time.perf_counter() - start)
     flops = count_flops(model, PROMPT_TOKENS, chat.answers, targets == REFERENCE_TARGETS)
     common = {
@@ -672,8 +675,8 @@ def build_tiny(processor):
 def quality(out: Path, extra: list[str], configs: list[str]) -> None:
     """The tiny model on synthetic pets, trained with every lever on, with int8 weights, and with all levers
     off: accuracies."""
-    from trainer.synthetic import write_dataset
-    from trainer.tiny import build
+    from trainer.offline.synthetic import write_dataset
+    from trainer.offline.tiny import build
 
     root = Path(tempfile.mkdtemp(prefix="bench-quality-"))
     build(root / "model")
@@ -790,7 +793,8 @@ def main() -> None:
     if bench.smoke:
         PROMPT_TOKENS = 60
     names = [readable_name(breed) for breed in BREEDS]
-    log.info("prompt: %d tokens", pad_prompt(processor, names, PROMPT_TOKENS))
+    bench.question = pad_prompt(processor, names, PROMPT_TOKENS)
+    log.info("prompt: %d tokens", PROMPT_TOKENS)
     data = load_pets(str(dataset), bench.train_size, bench.eval_size, seed=42)
     random.seed(0)
     for name in bench.configs.split(","):

@@ -177,7 +177,7 @@ def write_checkpoint(arch: str, path: Path, device: str) -> dict:
     import torch
     from gpu_throughput import build_model, build_processor
 
-    from trainer.tiny import build
+    from trainer.offline.tiny import build
 
     start = time.perf_counter()
     if arch == "tiny":
@@ -261,12 +261,12 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     device = "cpu" if bench.smoke else "cuda"
     environment(bench.out)
-    from trainer.synthetic import write_dataset
+    from trainer.offline.synthetic import write_dataset
 
     # The tests' tiny run with compile on; alongside the checkpoint's writing, which is disk-bound.
     tiny = None
     if not bench.skip_tiny:
-        build_tiny = [sys.executable, "-m", "trainer.tiny", str(work / "tiny")]
+        build_tiny = [sys.executable, "-m", "trainer.offline.tiny", str(work / "tiny")]
         subprocess.run(build_tiny, cwd=REPO, check=True, capture_output=True)
         write_dataset(work / "tiny-pets", per_class=20, test_per_class=6)
         inductor = work / "inductor-cache"

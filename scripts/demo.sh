@@ -9,8 +9,8 @@ rm -rf "$DEMO"
 mkdir -p "$DEMO"
 
 echo "== Building a tiny Gemma 3 and a synthetic Oxford-IIIT Pet set (offline)"
-python -m trainer.tiny "$DEMO/tiny-gemma3"
-python -m trainer.synthetic "$DEMO/oxford-iiit-pet" --per-class 20 --test-per-class 6
+python -m trainer.offline.tiny "$DEMO/tiny-gemma3"
+python -m trainer.offline.synthetic "$DEMO/oxford-iiit-pet" --per-class 20 --test-per-class 6
 
 echo "== Starting the local emulator (a project granted one Cloud Run GPU)"
 gemma-launch emulator start --data-dir "$DEMO/cloud" --gpu-quota 1 >"$DEMO/emulator.env" 2>"$DEMO/emulator.log" &

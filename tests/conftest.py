@@ -82,7 +82,7 @@ def l4_image(monkeypatch: pytest.MonkeyPatch) -> None:
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny random Gemma 3 in a directory named like the demo's, as staging names the bucket prefix
     after it."""
-    from trainer.tiny import build
+    from trainer.offline.tiny import build
 
     path = tmp_path_factory.mktemp("tiny") / "tiny-gemma3"
     build(path)
@@ -103,7 +103,7 @@ def weightless_model(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory)
 def synthetic_pets(tmp_path_factory: pytest.TempPathFactory) -> Callable[[int, int], Path]:
     """synthetic_pets(per_class, test_per_class): a synthetic Oxford-IIIT Pet set in the official layout,
     in a directory named like the demo's, built once per size in the session. Copy it before changing it."""
-    from trainer.synthetic import write_dataset
+    from trainer.offline.synthetic import write_dataset
 
     built: dict[tuple[int, int], Path] = {}
 

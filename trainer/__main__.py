@@ -1,5 +1,9 @@
 """python -m trainer: fine-tune Gemma 3 on Oxford-IIIT Pet and evaluate it before and after.
 
+The story, top to bottom: run() checks the container, loads the data and the processor, then fine_tune()
+loads the model, evaluates the baseline, trains, evaluates again and saves; run() merges, prints the
+metrics and uploads; main() turns errors into exit codes. The speed levers come in through trainer.speed.
+
 Flags keep the reference script's names (trainer/flags.py). Outputs go to --output-dir, or to
 --output-dir/$CLOUD_RUN_EXECUTION inside a Cloud Run job, so a retried task resumes from its own
 checkpoints, and an error that a retry cannot fix is recorded there for the later attempts
@@ -7,7 +11,6 @@ checkpoints, and an error that a retry cannot fix is recorded there for the late
 """
 
 import argparse
-import dataclasses
 import json
 import logging
 import os
@@ -21,36 +24,26 @@ import datasets
 import huggingface_hub
 import torch
 import transformers
-from peft import PeftModel
 from transformers import ProcessorMixin, set_seed
-from trl import SFTTrainer
 
 from trainer import UserError, failure, flags
-from trainer.container import (
-    SharedMemory,
-    check_writable,
-    compile_toolchain_problem,
-    describe_platform,
-    pixel_bytes,
-)
+from trainer.container import SharedMemory, check_writable, describe_platform
 from trainer.data import ChatFormat, PetData, chat_format, load_pets
-from trainer.evaluate import (
-    per_class_metrics,
-    planned_batch,
-    predict,
-    save_confusion_matrix,
-    summary_metrics,
-)
+from trainer.evaluate import per_class_metrics, predict, save_confusion_matrix, summary_metrics
 from trainer.export import merge, run_settings, upload, versions, write_results
 from trainer.flags import FlagError, parse_args
-from trainer.modeling import (
-    check_model_id,
+from trainer.modeling import check_model_id, load_processor, resolve_device
+from trainer.speed import (
+    build_trainer,
+    check_compile,
     choose_precision,
+    eval_workers,
     load_model,
-    load_processor,
-    resolve_device,
+    memory_budget,
+    planned_batch,
+    speed_up,
 )
-from trainer.out_of_memory import (
+from trainer.speed.out_of_memory import (
     BASELINE,
     FINAL,
     IMAGE_FEATURES,
@@ -61,33 +54,9 @@ from trainer.out_of_memory import (
     describe,
     gpu_pass,
 )
-from trainer.speed import (
-    GIB,
-    ImageFeatures,
-    Plan,
-    apply_memory_budget,
-    compile_layers,
-    decoder_layers,
-    loader_workers,
-    memory_budget,
-    plan_memory,
-    set_checkpointed_layers,
-)
-from trainer.train import (
-    AnswerOnlyCollator,
-    RunState,
-    Stopped,
-    make_trainer,
-    probe_step,
-    set_batch_size,
-    sft_config,
-    train,
-)
+from trainer.train import AnswerOnlyCollator, RunState, Stopped, train
 
 log = logging.getLogger("trainer")
-
-# --batch-size auto without a GPU to measure: the batch the tiny model's CPU runs were tuned with.
-CPU_BATCH_SIZE = 8
 
 
 def setup_logging() -> None:
@@ -102,121 +71,6 @@ def setup_logging() -> None:
         transformers.utils.logging.disable_progress_bar()
         datasets.disable_progress_bars()
         huggingface_hub.utils.disable_progress_bars()
-
-
-def speed_up(
-    args: argparse.Namespace,
-    model: PeftModel,
-    processor: ProcessorMixin,
-    data: PetData,
-    device: str,
-    workers: int | None = None,
-) -> ImageFeatures | None:
-    """The levers that come before training: memory cap, image features of both splits, compiled layers.
-
-    `workers`: data-loader workers for batches of --eval-batch-size images (default: as many as fit).
-    """
-    if workers is None:
-        workers = eval_workers(args, processor, device, SharedMemory.measure())
-    if device == "cuda":
-        budget = apply_memory_budget(args.max_memory_gib, device)
-        log.info("GPU memory capped at %.1f GiB", budget / GIB)
-    features = None
-    if args.cache_image_features:
-        features = ImageFeatures()
-        features.install(model)
-        start = time.perf_counter()
-        # On a GPU the batches are planned from the pass's measured memory, up to --eval-batch-size.
-        memory = features.measure(model, processor, data.train, budget) if device == "cuda" else None
-        count = sum(
-            features.fill(model, processor, split, args.eval_batch_size, workers, memory)
-            for split in (data.train, data.test)
-        )
-        log.info("image features of %d images in %.1f s", count, time.perf_counter() - start)
-    if args.compile == "on" or (args.compile == "auto" and device == "cuda"):
-        compile_layers(model)
-    return features
-
-
-def build_trainer(
-    args: argparse.Namespace,
-    model: PeftModel,
-    processor: ProcessorMixin,
-    data: PetData,
-    chat: ChatFormat,
-    device: str,
-    run_dir: Path,
-    features: ImageFeatures | None,
-    state: RunState | None = None,
-    shm: SharedMemory | None = None,
-) -> tuple[SFTTrainer, Plan]:
-    """SFTTrainer with the batch and gradient checkpointing of the memory plan (measured on GPU), or of an
-    earlier attempt of the task (`state`)."""
-    state = state or RunState(run_dir, attempt=0)
-    train = data.train
-    workers = loader_workers(device)
-    if features is not None and features.has_all(train["image_key"]):
-        # Batches carry image keys: decoding the images would be wasted work.
-        train, workers = train.remove_columns("image"), 0
-    first_batch = args.batch_size or (1 if device == "cuda" else CPU_BATCH_SIZE)
-    config = sft_config(args, run_dir, device, first_batch, workers)
-    trainer = make_trainer(
-        model, processor, PetData(train, data.test, data.class_names), chat, config, features
-    )
-    layers = len(decoder_layers(model))
-    if state.get("plan"):
-        plan = Plan(**state.get("plan"))
-        log.info(
-            "batch %d, gradient checkpointing on %d layers: the plan of an earlier attempt",
-            plan.batch_size,
-            plan.checkpointed_layers,
-        )
-        set_checkpointed_layers(model, plan.checkpointed_layers)
-    elif device == "cuda" and not (args.batch_size and args.gradient_checkpointing != "auto"):
-        examples = [data.train[index] for index in range(min(2, len(data.train)))]
-        budget = memory_budget(args.max_memory_gib, device)
-        plan = plan_memory(
-            model, probe_step(trainer), examples, budget, args.batch_size, args.gradient_checkpointing
-        )
-    else:
-        plan = Plan(first_batch, layers if args.gradient_checkpointing == "on" else 0)
-        set_checkpointed_layers(model, plan.checkpointed_layers)
-    set_batch_size(trainer, plan.batch_size)
-    state.save("plan", dataclasses.asdict(plan))
-    if workers:
-        shm = shm or SharedMemory.measure()
-        batch_bytes = plan.batch_size * pixel_bytes(processor)
-        trainer.args.dataloader_num_workers = shm.workers(workers, batch_bytes, "training batches")
-    return trainer, plan
-
-
-def eval_workers(args: argparse.Namespace, processor: ProcessorMixin, device: str, shm: SharedMemory) -> int:
-    """Data-loader workers for batches of --eval-batch-size images (features, evaluation) fitting /dev/shm."""
-    batch_bytes = args.eval_batch_size * pixel_bytes(processor)
-    return shm.workers(loader_workers(device), batch_bytes, "evaluation batches")
-
-
-def check_compile(args: argparse.Namespace, device: str) -> None:
-    """torch.compile on CUDA needs a C compiler, Python headers and libcuda at run time (Triton).
-
-    Without them, --compile on is an error; auto goes on without compiling (slower, same results).
-    """
-    if device != "cuda" or args.compile == "off":
-        return
-    problem = compile_toolchain_problem()
-    if problem is None:
-        return
-    if args.compile == "on":
-        raise UserError(
-            f"--compile on: torch.compile cannot run here: {problem}",
-            "the image needs gcc (or $CC), the Python headers and the driver's libcuda.so.1 "
-            "(docs/container.md); or run with --compile off",
-        )
-    log.warning(
-        "torch.compile cannot run here (%s): training without it, slower (docs/container.md)",
-        problem,
-    )
-    args.compile = "off"
 
 
 def run_directory(output: str, execution: str | None) -> Path:

@@ -29,8 +29,8 @@ def readable_name(raw: str) -> str:
     return " ".join(word.capitalize() for word in raw.replace("-", "_").split("_"))
 
 
-def prompt_messages() -> list[dict]:
-    return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": PROMPT}]}]
+def prompt_messages(question: str = PROMPT) -> list[dict]:
+    return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
 
 
 @dataclass
@@ -42,18 +42,20 @@ class ChatFormat:
     end_of_turn: list[int]
 
 
-def chat_format(processor: ProcessorMixin, class_names: list[str]) -> ChatFormat:
+def chat_format(processor: ProcessorMixin, class_names: list[str], question: str = PROMPT) -> ChatFormat:
     """Render each answer through the template and keep the name and the turn's closing marker.
 
     Name and marker are tokenized on their own and appended to the prompt's tokens, so training, scoring
     and generation all see the same tokens for a breed, whatever the tokenizer would merge across them.
+    `question`: the user's text; the trainer always asks PROMPT (bench/ pads it to the real prompt length).
     """
-    prompt = processor.apply_chat_template(prompt_messages(), add_generation_prompt=True, tokenize=False)
+    messages = prompt_messages(question)
+    prompt = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     tokenizer = processor.tokenizer
     answers, end_of_turn = [], []
     for name in class_names:
         answer = {"role": "assistant", "content": [{"type": "text", "text": name}]}
-        full = processor.apply_chat_template([*prompt_messages(), answer], tokenize=False)
+        full = processor.apply_chat_template([*messages, answer], tokenize=False)
         if not full.startswith(prompt + name):
             raise ValueError(f"the chat template does not render the answer {name!r} right after the prompt")
         # What follows the name is the end-of-turn marker and then whitespace that only separates turns.
@@ -67,12 +69,17 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image if image.mode == "RGB" else image.convert("RGB")
 
 
+def single_thread(_: int) -> None:
+    """Dataloader workers each resize one batch: PyTorch's threads per worker would only compete."""
+    torch.set_num_threads(1)
+
+
 class PromptEncoder:
     """The prompt with its image as model inputs, for a batch of examples.
 
-    With `features` (the keys whose image features are stored, trainer.speed.ImageFeatures), a batch whose
-    images are all stored carries image_keys instead of pixel values and skips image decoding and resizing:
-    the prompt's tokens do not depend on the image, so they are rendered once.
+    With `features` (the keys whose image features are stored, trainer.speed.features.ImageFeatures), a
+    batch whose images are all stored carries image_keys instead of pixel values and skips image decoding
+    and resizing: the prompt's tokens do not depend on the image, so they are rendered once.
     """
 
     def __init__(self, processor: ProcessorMixin, chat: ChatFormat, features: Container[int] | None = None):

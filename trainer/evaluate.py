@@ -17,8 +17,7 @@ from sklearn.metrics import (
 from torch.utils.data import DataLoader
 from transformers import PreTrainedModel, ProcessorMixin
 
-from trainer.data import ChatFormat, PromptEncoder
-from trainer.speed import measure_pass, pass_batch, single_thread
+from trainer.data import ChatFormat, PromptEncoder, single_thread
 
 UNKNOWN = -1  # a generated answer that names no breed
 
@@ -57,7 +56,8 @@ class AnswerPack:
 
     Each answer token sees the whole prompt and the earlier tokens of its own answer only, at the positions
     it would have right after the prompt: one forward pass scores every answer, with no copy of the prompt's
-    KV cache per answer (37 copies of a 27B model's cache for a batch of 4 took 87 GiB).
+    KV cache per answer (37 copies of a large model's cache outgrow the GPU: docs/benchmarks.md, "Scoring
+    without copying the KV cache").
     """
 
     ids: torch.Tensor  # (answer tokens,) all answers concatenated
@@ -223,28 +223,6 @@ def predict(
     if method == "score":
         return score_classes(model, processor, chat, split, batch_size, features, num_workers)
     return generate_classes(model, processor, chat, split, class_names, batch_size, num_workers)
-
-
-def planned_batch(
-    method: str,
-    model: PreTrainedModel,
-    processor: ProcessorMixin,
-    chat: ChatFormat,
-    split: datasets.Dataset,
-    class_names: list[str],
-    requested: int,
-    features: Container[int] | None,
-    budget: int,
-) -> int:
-    """The largest evaluation batch up to `requested` that fits the GPU memory budget, measured by
-    predicting the split's first one and two images (scoring packs 37 answers behind each prompt, and
-    27B's 4-bit weights leave an L4 a few GiB)."""
-
-    def run(count: int) -> None:
-        probe = split.select(range(min(count, len(split))))
-        predict(method, model, processor, chat, probe, class_names, count, features)
-
-    return pass_batch(f"evaluation ({method})", requested, measure_pass(run, budget))
 
 
 def summary_metrics(labels: list[int], predictions: list[int]) -> dict[str, float]:

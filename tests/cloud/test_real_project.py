@@ -82,8 +82,8 @@ def test_doctor_up_run_results_and_a_second_up_on_a_real_project(tmp_path, monke
     monkeypatch.setenv("HF_TOKEN", "hf_gemma_launch_cloud_test_stand_in")
     model, dataset = tmp_path / "tiny-gemma3", tmp_path / "oxford-iiit-pet"
     for module, out, *extra in [
-        ("trainer.tiny", model),
-        ("trainer.synthetic", dataset, "--per-class", "2", "--test-per-class", "1"),
+        ("trainer.offline.tiny", model),
+        ("trainer.offline.synthetic", dataset, "--per-class", "2", "--test-per-class", "1"),
     ]:
         subprocess.run([sys.executable, "-m", module, str(out), *extra], cwd=REPO, check=True)
     sources = ["--model-source", str(model), "--dataset-source", str(dataset)]

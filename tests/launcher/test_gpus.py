@@ -155,8 +155,9 @@ def test_auto_weights_are_what_the_trainer_picks_within_each_gpus_budget():
     torch = pytest.importorskip("torch")
     from transformers import AutoModelForImageTextToText, Gemma3Config
 
-    from trainer.int8_weights import int8_weight_bytes
-    from trainer.modeling import LANGUAGE_MODEL_LINEAR, precision_for
+    from trainer.modeling import LANGUAGE_MODEL_LINEAR
+    from trainer.speed.int8_weights import int8_weight_bytes
+    from trainer.speed.weights import precision_for
 
     for size in gpus.MODELS:
         config = json.loads((REPO / f"bench/configs/gemma-3-{size}-it.json").read_text())

@@ -11,8 +11,8 @@ from pathlib import Path
 
 from launcher.emulator.server import Emulator
 from tests.support.reliability import REPO, cli, emulated
-from trainer.synthetic import write_dataset
-from trainer.tiny import build
+from trainer.offline.synthetic import write_dataset
+from trainer.offline.tiny import build
 
 BUCKET = "demo-project-gemma3-finetuning"
 

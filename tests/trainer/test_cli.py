@@ -143,9 +143,9 @@ def test_dry_run_formats_data_without_loading_weights(
 def test_module_commands_write_a_loadable_model_and_dataset(trainer_cli, tmp_path: Path) -> None:
     repo = Path(__file__).resolve().parents[2]
     for command, said in (
-        (["trainer.tiny", str(tmp_path / "m")], f"wrote a tiny Gemma 3 to {tmp_path / 'm'}\n"),
+        (["trainer.offline.tiny", str(tmp_path / "m")], f"wrote a tiny Gemma 3 to {tmp_path / 'm'}\n"),
         (
-            ["trainer.synthetic", str(tmp_path / "d"), "--per-class", "2", "--test-per-class", "1"],
+            ["trainer.offline.synthetic", str(tmp_path / "d"), "--per-class", "2", "--test-per-class", "1"],
             f"wrote 111 images to {tmp_path / 'd'}\n",
         ),
     ):
@@ -205,7 +205,7 @@ def test_running_out_of_gpu_memory_in_the_image_feature_pass_names_it_and_the_ev
     def features_on_a_full_gpu(backbone, pixels):
         raise torch.OutOfMemoryError(FULL_GPU)
 
-    monkeypatch.setattr("trainer.speed.image_features", features_on_a_full_gpu)
+    monkeypatch.setattr("trainer.speed.features.image_features", features_on_a_full_gpu)
     flags = ["--model-id", str(tiny_model), "--dataset", str(pets), "--device", "cpu"]
     flags += ["--train-size", "37", "--eval-size", "37", "--output-dir", str(tmp_path)]
     flags += ["--max-memory-gib", "22", "--quantization", "int8"]

@@ -202,7 +202,7 @@ def test_sigterm_saves_a_checkpoint_and_the_retry_reuses_baseline_and_batch(
 
     # The retry, in this process: auto would now pick batch 4, as a GPU's memory probes might; and every
     # evaluation is counted.
-    monkeypatch.setattr("trainer.__main__.CPU_BATCH_SIZE", 4)
+    monkeypatch.setattr("trainer.speed.CPU_BATCH_SIZE", 4)
     evaluations = []
 
     def counted_predict(*args, **kwargs):

@@ -9,8 +9,9 @@ import pytest
 import torch
 from torch import nn
 
-from trainer.fp8_weights import E4M3, E4M3_MAX, Fp8Linear, dequantize, quantize_rows
-from trainer.modeling import choose_precision, load_model, precision_for
+from trainer.speed import choose_precision, load_model
+from trainer.speed.fp8_weights import E4M3, E4M3_MAX, Fp8Linear, dequantize, quantize_rows
+from trainer.speed.weights import precision_for
 
 GIB = 2**30
 DEVICES = ["cpu", *(["cuda"] if torch.cuda.is_available() else [])]

@@ -8,8 +8,10 @@ import pytest
 import torch
 from torch import nn
 
-from trainer.int8_weights import Int8Linear, expand, int8_weight_bytes, quantize_linear_layers
-from trainer.modeling import LANGUAGE_MODEL_LINEAR, choose_precision, load_model, precision_for
+from trainer.modeling import LANGUAGE_MODEL_LINEAR
+from trainer.speed import choose_precision, load_model
+from trainer.speed.int8_weights import Int8Linear, expand, int8_weight_bytes, quantize_linear_layers
+from trainer.speed.weights import precision_for
 
 GIB = 2**30
 

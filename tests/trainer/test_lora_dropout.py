@@ -11,9 +11,10 @@ from torch.nn import functional
 from torch.utils.checkpoint import checkpoint
 
 from trainer.data import chat_format, load_pets
-from trainer.lora_dropout import DropoutLinear, draw_seed, dropout_linear, keep_mask
-from trainer.modeling import load_model, load_processor
-from trainer.speed import decoder_layers, set_checkpointed_layers
+from trainer.modeling import load_processor
+from trainer.speed import load_model
+from trainer.speed.layers import decoder_layers, set_checkpointed_layers
+from trainer.speed.lora_dropout import DropoutLinear, draw_seed, dropout_linear, keep_mask
 from trainer.train import AnswerOnlyCollator
 
 

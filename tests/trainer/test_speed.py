@@ -7,20 +7,14 @@ import pytest
 import torch
 from transformers import AutoModelForImageTextToText
 
-from trainer.__main__ import parse_args
 from trainer.data import chat_format, load_pets
 from trainer.evaluate import answer_log_likelihoods
-from trainer.modeling import load_model, load_processor
-from trainer.speed import (
-    GIB,
-    ImageFeatures,
-    PassMemory,
-    choose_plan,
-    decoder_layers,
-    gemma_backbone,
-    pass_batch,
-    set_checkpointed_layers,
-)
+from trainer.flags import parse_args
+from trainer.modeling import load_processor
+from trainer.speed import load_model
+from trainer.speed.features import ImageFeatures
+from trainer.speed.layers import decoder_layers, gemma_backbone, set_checkpointed_layers
+from trainer.speed.memory import GIB, PassMemory, choose_plan, pass_batch
 from trainer.train import AnswerOnlyCollator
 
 

@@ -8,9 +8,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import AutoModelForImageTextToText, TrainerCallback
 from trl import SFTTrainer
 
-from trainer.__main__ import build_trainer, parse_args, speed_up
 from trainer.data import chat_format, load_pets
+from trainer.flags import parse_args
 from trainer.modeling import add_adapters, load_processor
+from trainer.speed import build_trainer, speed_up
 from trainer.train import AnswerOnlyCollator, make_trainer, sft_config
 
 # Operators whose result the host must read back from the device: on a GPU each one waits for its queue.

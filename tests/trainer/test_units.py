@@ -12,8 +12,9 @@ from transformers import AutoModelForImageTextToText
 from trainer import UserError
 from trainer.data import chat_format, load_pets, readable_name, stratified_indices, to_rgb
 from trainer.evaluate import UNKNOWN, answer_log_likelihoods, match_name, summary_metrics
-from trainer.modeling import choose_precision, load_model, load_processor
-from trainer.synthetic import BREEDS
+from trainer.modeling import load_processor
+from trainer.offline.synthetic import BREEDS
+from trainer.speed import choose_precision, load_model
 from trainer.train import AnswerOnlyCollator, last_complete_checkpoint
 
 

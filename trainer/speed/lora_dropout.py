@@ -1,10 +1,11 @@
 """LoRA's input dropout fused with the adapter's first projection, keeping a seed instead of masks.
 
 PEFT computes lora_B(lora_A(dropout(x))), so autograd keeps, for every adapted linear, the dropout mask and
-the dropped copy of x: 3 bytes per input value, a quarter of the activation memory of 27B training (3.2 GiB
-per sample, docs/benchmarks.md). Here lora_A applies the dropout itself and keeps only x, which the adapters
-reading the same input (q, k and v; gate and up) share, and a seed: the mask is a hash of the seed and each
-value's index, so the backward pass computes it again. Same distribution as PEFT's dropout, other draws.
+the dropped copy of x: 3 bytes per input value, a quarter of the activation memory of 27B training
+(docs/benchmarks.md, "LoRA dropout hashed from a seed"). Here lora_A applies the dropout itself and keeps
+only x, which the adapters reading the same input (q, k and v; gate and up) share, and a seed: the mask is
+a hash of the seed and each value's index, so the backward pass computes it again. Same distribution as
+PEFT's dropout, other draws.
 
 The hash is plain tensor arithmetic rather than a random number generator, so torch.compile fuses the mask
 into the kernels that read x, in the forward and in the backward pass, and may recompute it wherever it

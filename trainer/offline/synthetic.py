@@ -1,6 +1,6 @@
 """A synthetic dataset in the exact Oxford-IIIT Pet layout, with breeds learnable from pixels.
 
-    python -m trainer.synthetic OUT_DIR [--per-class N] [--test-per-class M] [--seed S]
+    python -m trainer.offline.synthetic OUT_DIR [--per-class N] [--test-per-class M] [--seed S]
 
 Writes OUT_DIR/images/<Breed>_<n>.jpg and OUT_DIR/annotations/{list,trainval,test}.txt. Like the real set,
 cat breeds are capitalised and dog breeds lower case, and a few ".jpg" files are really grayscale,
@@ -93,7 +93,9 @@ def write_dataset(out_dir: Path, per_class: int = 20, test_per_class: int = 6, s
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(prog="python -m trainer.synthetic", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m trainer.offline.synthetic", description=__doc__.splitlines()[0]
+    )
     parser.add_argument("out_dir", type=Path)
     parser.add_argument("--per-class", type=int, default=20, help="trainval images per breed")
     parser.add_argument("--test-per-class", type=int, default=6, help="test images per breed")

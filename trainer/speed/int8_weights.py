@@ -24,8 +24,8 @@ def expand(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 
 
 # Inside the custom op nothing is compiled, and on the GPU eager int8 x bf16 runs through a generic casting
-# kernel at a third of the memory bandwidth (233 us for a 27B MLP weight on the H200, 16 % of a training
-# step); the compiled kernel streams it.
+# kernel at a third of the memory bandwidth (docs/benchmarks.md, "int8 base weights"); the compiled kernel
+# streams it.
 _compiled_expand = torch.compile(expand, dynamic=False)
 
 
@@ -91,8 +91,8 @@ class Int8Linear(nn.Linear):
 
 def quantize_linear_layers(model: nn.Module, pattern: str, layer: type[nn.Linear] = Int8Linear) -> int:
     """Replace each nn.Linear whose full name matches `pattern` by `layer` (Int8Linear, or Fp8Linear from
-    trainer.fp8_weights), in place, one at a time (the peak is one layer's float32 copy). Returns how many
-    were replaced."""
+    trainer.speed.fp8_weights), in place, one at a time (the peak is one layer's float32 copy). Returns how
+    many were replaced."""
     regex = re.compile(pattern)
     replaced = 0
     for parent_name, parent in list(model.named_modules()):

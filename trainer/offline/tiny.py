@@ -1,6 +1,6 @@
 """A tiny random Gemma 3 that loads with from_pretrained and learns the synthetic pets in seconds on CPU.
 
-    python -m trainer.tiny OUT_DIR
+    python -m trainer.offline.tiny OUT_DIR
 
 The tokenizer is a byte-level BPE trained here with the Gemma special tokens and the Gemma 3 chat
 template, so the trainer's prompt formatting and answer masking run the same code as with the real model.
@@ -23,7 +23,7 @@ from transformers import (
 )
 
 from trainer.data import PROMPT, readable_name
-from trainer.synthetic import BREEDS
+from trainer.offline.synthetic import BREEDS
 
 # google/gemma-3-4b-it's chat template.
 CHAT_TEMPLATE = """{{ bos_token }}
@@ -187,7 +187,9 @@ def build(out_dir: Path, seed: int = 0) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(prog="python -m trainer.tiny", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m trainer.offline.tiny", description=__doc__.splitlines()[0]
+    )
     parser.add_argument("out_dir", type=Path)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()

@@ -3,14 +3,14 @@
 The memory of int8 storage (one byte per weight), but where int8 expands each weight to bf16 for a bf16
 matmul, here the matmuls themselves run in FP8: the layer's input is quantized to e4m3 per row (one
 scale per token) and `torch._scaled_mm` multiplies it with the e4m3 weight, applying both scales to the
-fp32 accumulator. The H200 runs these matmuls 1.55-1.67x faster than bf16 at 27B's shapes
-(docs/benchmarks.md). LoRA, norms, attention and the loss stay in bf16.
+fp32 accumulator: faster than bf16 matmuls at 27B's shapes on Hopper (docs/benchmarks.md, "FP8 base
+weights"). LoRA, norms, attention and the loss stay in bf16.
 
 The input gradient, dX = dY @ W, runs in FP8 too. Its reduction runs over the output channels, the axis
 the weight scales belong to, so they cannot be applied to the product: they are folded into the gradient
 first (dY * s per column, then per-row scales for the e4m3 gradient). The tensor cores want both operands
-contiguous along the reduction, so the e4m3 weight is transposed for the call (a compiled copy, about
-30 ms of a 750 ms 27B step); keeping a transposed copy would double the weights' memory to bf16's.
+contiguous along the reduction, so the e4m3 weight is transposed for the call (a compiled copy, a few
+per cent of a step); keeping a transposed copy would double the weights' memory to bf16's.
 
 e4m3 keeps 3 mantissa bits from 2^-9 to 448 times its scale: coarser than int8 near a row's largest
 value, much finer for the small values of a row that holds an outlier.
@@ -30,9 +30,9 @@ def quantize_rows(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return (t.float() / scale).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3), scale
 
 
-# Eager, the quantization is several kernels over x (0.15-0.8 ms per 27B matmul on the H200); compiled, one
-# (0.03-0.2 ms). Dynamic shapes: the number of rows changes with the batch, and one kernel serves every
-# weight shape.
+# Eager, the quantization is several kernels over x; compiled, one, several times faster
+# (docs/benchmarks.md). Dynamic shapes: the number of rows changes with the batch, and one kernel serves
+# every weight shape.
 _compiled_quantize_rows = torch.compile(quantize_rows, dynamic=True)
 
 
@@ -46,8 +46,8 @@ def _quantize_on_device(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 # A custom op, opaque to torch.compile, as int8_linear is. Traced as plain ops into a compiled decoder layer,
 # the quantization fused with the norm before it, but the partitioner then kept a float32 copy of every
 # layer input (or the bf16 norm and GeGLU outputs it would otherwise recompute) for the backward pass:
-# 9.54 GiB per 27B training sample instead of int8's 5.44 on the H200 (batch 8 with 23 of 62 layers
-# checkpointed instead of batch 9 with none).
+# nearly twice int8's memory per sample, so a smaller batch with layers checkpointed (docs/benchmarks.md,
+# "A custom op, as int8").
 @torch.library.custom_op("gemma_launch::fp8_linear", mutates_args=())
 def fp8_linear(x: torch.Tensor, w8: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
     """x @ (w8 * w_scale).T in x's dtype, with x quantized per row: x [..., K], w8 [N, K] e4m3, w_scale
