@@ -18,7 +18,20 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from launcher import build, doctor, gpus, image_source, logs, overrides, progress, provision, quota, staging
+from launcher import (
+    build,
+    doctor,
+    gpus,
+    image_source,
+    leaderboard,
+    logs,
+    overrides,
+    progress,
+    provision,
+    quota,
+    staging,
+    sweep,
+)
 from launcher import job as jobs
 from launcher import results as run_results
 from launcher.api_errors import translate
@@ -617,21 +630,111 @@ def run_command(
         console.print(f"Follow it with: gemma-launch logs {short} --follow")
 
 
+@main.command("sweep")
+@settings_options(fields=(*JOB_SETTINGS, "gpu", "gpu_zonal_redundancy", "task_timeout"))
+@click.option(
+    "--grid",
+    "grids",
+    multiple=True,
+    required=True,
+    metavar="KEY=VALUE,VALUE,...",
+    help="A trainer setting and the values to try (repeatable); one task per combination, each value "
+    "checked as --set checks it.",
+)
+@click.option(
+    "--set",
+    "sets",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="A trainer setting for every task of the sweep (repeatable), as `run --set` takes it.",
+)
+@click.option(
+    "--parallelism",
+    type=click.IntRange(min=1),
+    help="Tasks running at once (default: as many as the GPU quota allows, each holding one GPU).",
+)
+@click.option(
+    "--follow",
+    "-f",
+    is_flag=True,
+    help="Stream the logs until the sweep ends; exit 0 only if every task succeeded.",
+)
+@click.option("--allow-concurrent", is_flag=True, help="Start even while another execution of the job runs.")
+@click.option("--json", "as_json", is_flag=True, help="Print the execution as JSON (as `run --json` does).")
+@click.option(
+    "--verbose", "-v", is_flag=True, help="With --follow: every log line, no progress bar of the steps."
+)
+def sweep_command(
+    settings: Settings,
+    grids: tuple[str, ...],
+    sets: tuple[str, ...],
+    parallelism: int | None,
+    follow: bool,
+    allow_concurrent: bool,
+    as_json: bool,
+    verbose: bool,
+) -> None:
+    """Try every combination of trainer settings as one execution of the job, a task per combination.
+
+    \b
+    e.g. gemma-launch sweep --grid learning-rate=1e-4,2e-4,5e-4 --grid lora-r=8,16   (6 tasks)
+    Task i trains combination i and writes under runs/<execution>/task-<i>/, where its retries resume
+    from its own checkpoints. `gemma-launch results` then ranks the tasks; `logs --task I` shows one.
+    Nothing starts when a value is not valid for the trainer, a combination does not fit the GPU or
+    the staged data, or the GPU quota cannot hold --parallelism tasks at once.
+    """
+    changes = overrides.parse_sets(sets)
+    grid = sweep.parse_grid(grids, changes)
+    clients = Clients(settings.project_id)
+    args, notes = sweep.check(clients, settings, grid, changes)
+    for note in notes:
+        _say_fit(note)
+    if not allow_concurrent:
+        jobs.refuse_concurrent(clients, settings)
+    tasks = len(grid.combinations())
+    chosen = sweep.choose_parallelism(clients, settings, tasks, parallelism)
+    out = err_console if as_json else console
+    out.print(f"{tasks} tasks, {chosen.tasks} at a time ({chosen.why}).", soft_wrap=True, markup=False)
+    execution = sweep.start(clients, settings, grid, args, chosen.tasks)
+    short = jobs.short_name(execution.name)
+    out.print(f"Started execution {short}")
+    if follow:
+        final = _follow(clients, settings, execution.name, verbose=verbose, quiet=as_json)
+        if as_json:
+            click.echo(json.dumps(_execution_document(final), indent=2))
+        _fail_unless_succeeded(clients, settings, final)
+    elif as_json:
+        click.echo(json.dumps(_execution_document(execution), indent=2))
+    else:
+        console.print(
+            f"Follow it with: gemma-launch logs {short} --follow; rank its tasks with: "
+            f"gemma-launch results {short}",
+            soft_wrap=True,
+        )
+
+
 def _execution_document(execution: run_v2.Execution) -> dict[str, Any]:
     """An execution for --json: its row of `status --json`, its full name and the job's."""
     return {**jobs.summary(execution), "name": execution.name, "job": execution.job}
 
 
 def _follow(
-    clients: Clients, settings: Settings, execution: str, *, verbose: bool = False, quiet: bool = False
+    clients: Clients,
+    settings: Settings,
+    execution: str,
+    *,
+    verbose: bool = False,
+    quiet: bool = False,
+    task: int | None = None,
 ) -> run_v2.Execution:
-    """Stream the log until the execution ends and say how it ended; returns it as it ended.
+    """Stream the log (`task`: that task's) until the execution ends and say how it ended; returns it as
+    it ended.
 
     `quiet`: everything to stderr (stdout is kept for JSON)."""
     out = err_console if quiet else console
     view = progress.TrainingView(out, lambda line: click.echo(line.render(), err=quiet), verbose=verbose)
     try:
-        logs.stream(clients, settings, execution, follow=True, emit=view)
+        logs.stream(clients, settings, execution, follow=True, emit=view, task=task)
     except KeyboardInterrupt:
         view.stop()
         err_console.print(
@@ -690,8 +793,13 @@ def _emit_json(line: logs.Line) -> None:
 @click.option(
     "--verbose", "-v", is_flag=True, help="With --follow: every log line, no progress bar of the steps."
 )
+@click.option(
+    "--task",
+    type=click.IntRange(min=0),
+    help="Only this task's lines (a sweep's task index, as `results` lists them).",
+)
 def logs_command(
-    settings: Settings, execution: str | None, follow: bool, as_json: bool, verbose: bool
+    settings: Settings, execution: str | None, follow: bool, as_json: bool, verbose: bool, task: int | None
 ) -> None:
     """Show an execution's logs (default: the newest), with the task index on each line.
 
@@ -699,14 +807,23 @@ def logs_command(
     or a line at each quarter of the steps; --verbose shows them all."""
     clients = Clients(settings.project_id)
     name = jobs.execution_name(clients, settings, execution)
+    if task is not None:
+        found = jobs.get_execution(clients, settings, name)
+        if task >= found.task_count:
+            raise UserError(
+                f"Execution {jobs.short_name(name)} has {found.task_count} task(s): there is no task {task}.",
+                f"Give --task 0 to {found.task_count - 1}, or leave it out for every task.",
+            )
     if as_json:
-        logs.stream(clients, settings, name, follow=follow, emit=_emit_json)
+        logs.stream(clients, settings, name, follow=follow, emit=_emit_json, task=task)
         if follow and not jobs.succeeded(jobs.get_execution(clients, settings, name)):
             raise SystemExit(1)
     elif follow:
-        _fail_unless_succeeded(clients, settings, _follow(clients, settings, name, verbose=verbose))
+        _fail_unless_succeeded(
+            clients, settings, _follow(clients, settings, name, verbose=verbose, task=task)
+        )
     else:
-        logs.stream(clients, settings, name, follow=False, emit=_emit)
+        logs.stream(clients, settings, name, follow=False, emit=_emit, task=task)
 
 
 @main.command()
@@ -747,18 +864,33 @@ def status(settings: Settings, limit: int, as_json: bool) -> None:
 
 @main.command()
 @settings_options(fields=(*JOB_SETTINGS, "bucket"))
-@click.argument("execution", required=False)
+@click.argument("executions", nargs=-1)
 @click.option(
     "--json",
     "as_json",
     is_flag=True,
-    help="Print results.json, with an added outputs list: where each output is and whether it exists.",
+    help="Print results.json, with an added outputs list: where each output is and whether it exists; "
+    "for a sweep or several executions, their rows.",
 )
-def results(settings: Settings, execution: str | None, as_json: bool) -> None:
+def results(settings: Settings, executions: tuple[str, ...], as_json: bool) -> None:
     """Baseline vs fine-tuned accuracy, macro-F1 and unknown rate of an execution (default: newest),
-    and where its adapter, merged model, results.json and confusion matrix are."""
+    and where its adapter, merged model, results.json and confusion matrix are.
+
+    \b
+    For a sweep: its leaderboard, a row per task, best final accuracy first.
+    With several executions: side by side, the trainer settings in which they differ and the metrics
+    (a sweep by its best task)."""
     clients = Clients(settings.project_id)
-    name = jobs.execution_name(clients, settings, execution)
+    if len(executions) > 1:
+        names = [jobs.execution_name(clients, settings, execution) for execution in executions]
+        _render_entries("Executions compared", leaderboard.compare(clients, settings, names), as_json)
+        return
+    name = jobs.execution_name(clients, settings, executions[0] if executions else None)
+    grid = sweep.grid_of(jobs.get_execution(clients, settings, name))
+    if grid is not None:
+        rows = leaderboard.leaderboard(clients, settings, jobs.get_execution(clients, settings, name), grid)
+        _render_entries(f"Sweep {jobs.short_name(name)}", rows, as_json)
+        return
     found = run_results.load(clients, settings, name)
     if found is None:
         raise run_results.no_results(clients, settings, name)
@@ -784,6 +916,34 @@ def results(settings: Settings, execution: str | None, as_json: bool) -> None:
             console.print(f"{'':<17} {out.console}", markup=False, soft_wrap=True)
         else:
             console.print(f"{out.label:<17} {out.note}", markup=False, soft_wrap=True)
+
+
+def _render_entries(title: str, entries: list[leaderboard.Entry], as_json: bool) -> None:
+    """A sweep's leaderboard or a comparison: a row per task or execution, its settings, then metrics."""
+    if as_json:
+        click.echo(json.dumps([entry.document() for entry in entries], indent=2))
+        return
+    keys = list(dict.fromkeys(key for entry in entries for key in entry.settings))
+    table = Table(title=title)
+    for column in ("", *keys, "state", "accuracy", "macro-F1", "duration", "cost"):
+        table.add_column(column, justify="left" if column in ("", "state") else "right")
+
+    def change(entry: leaderboard.Entry, metric: str) -> str:
+        if metric not in entry.final:
+            return "-"
+        return f"{entry.baseline.get(metric, 0.0):.1%} -> {entry.final[metric]:.1%}"
+
+    for entry in entries:
+        table.add_row(
+            entry.label,
+            *[entry.settings.get(key, "") for key in keys],
+            entry.state,
+            change(entry, "accuracy"),
+            change(entry, "macro_f1"),
+            leaderboard.duration(entry.duration_s),
+            "-" if entry.cost is None else f"${entry.cost:.2f}",
+        )
+    console.print(table)
 
 
 @main.command()

@@ -48,11 +48,13 @@ class Line:
         }
 
 
-def execution_filter(settings: Settings, execution: str) -> str:
-    return (
+def execution_filter(settings: Settings, execution: str, task: int | None = None) -> str:
+    """The execution's entries; `task`: only that task's (Cloud Run labels each with its index)."""
+    found = (
         f'resource.type="cloud_run_job" AND resource.labels.job_name="{settings.job}" '
         f'AND labels."{EXECUTION_LABEL}"="{jobs.short_name(execution)}"'
     )
+    return found if task is None else f'{found} AND labels."{TASK_LABEL}"="{task}"'
 
 
 def _line(entry: LogEntry) -> Line:
@@ -121,9 +123,11 @@ def stream(
     emit: Callable[[Line], None],
     poll_s: float = 2.0,
     grace_s: float = 2.0,
+    task: int | None = None,
 ) -> None:
-    """Emit every log line of `execution`; with `follow`, keep going until the execution has ended."""
-    log_filter = execution_filter(settings, execution)
+    """Emit every log line of `execution` (`task`: of that task only); with `follow`, keep going until the
+    execution has ended."""
+    log_filter = execution_filter(settings, execution, task)
     seen: set[str] = set()
 
     def show(entry: LogEntry) -> None:

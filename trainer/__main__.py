@@ -25,7 +25,7 @@ from peft import PeftModel
 from transformers import ProcessorMixin, set_seed
 from trl import SFTTrainer
 
-from trainer import UserError, failure, flags
+from trainer import UserError, failure, flags, sweep
 from trainer.container import (
     SharedMemory,
     check_writable,
@@ -219,9 +219,11 @@ def check_compile(args: argparse.Namespace, device: str) -> None:
     args.compile = "off"
 
 
-def run_directory(output: str, execution: str | None) -> Path:
-    """Where a run writes: --output-dir, or its subdirectory named for the Cloud Run execution."""
-    return Path(output) / execution if execution else Path(output)
+def run_directory(output: str, execution: str | None, task: int | None = None) -> Path:
+    """Where a run writes: --output-dir, or its subdirectory named for the Cloud Run execution; a sweep's
+    task in task-<index>/ below that, so that each task resumes its own checkpoints."""
+    run_dir = Path(output) / execution if execution else Path(output)
+    return run_dir if task is None else run_dir / f"task-{task}"
 
 
 def fine_tune(
@@ -328,13 +330,16 @@ def fine_tune(
     return by_method
 
 
-def run(args: argparse.Namespace) -> None:
+def run(args: argparse.Namespace, task: int | None = None) -> None:
+    """`task`: the index of a sweep's task, whose combination `args` already holds."""
     log.info("%s", describe_platform())
     token = args.hf_token or os.environ.get("HF_TOKEN") or None
     execution = os.environ.get("CLOUD_RUN_EXECUTION")
     attempt = int(os.environ.get("CLOUD_RUN_TASK_ATTEMPT", "0"))
     output_dir = Path(args.output_dir)
-    run_dir = run_directory(args.output_dir, execution)
+    run_dir = run_directory(args.output_dir, execution, task)
+    if task is not None:
+        log.info("sweep task %d: %s", task, sweep.combinations(args.sweep_grid)[task])
 
     check_model_id(args.model_id)
     # The adapter records the base model's path: keep it valid from any working directory.
@@ -390,7 +395,7 @@ def main(argv: list[str] | None = None) -> int:
     execution = os.environ.get("CLOUD_RUN_EXECUTION")
     attempt = int(os.environ.get("CLOUD_RUN_TASK_ATTEMPT", "0"))
     try:
-        args = parse_args(argv)
+        args, task = sweep.for_task(parse_args(argv), sys.argv[1:] if argv is None else argv)
     except FlagError as error:
         failure.report(error)
         output = flags.output_dir(sys.argv[1:] if argv is None else argv)
@@ -398,14 +403,14 @@ def main(argv: list[str] | None = None) -> int:
             failure.record(run_directory(output, execution), error, attempt)
         return 2
     setup_logging()
-    run_dir = run_directory(args.output_dir, execution)
+    run_dir = run_directory(args.output_dir, execution, task)
     earlier = failure.recorded(run_dir) if execution and attempt > 0 else None
     if earlier is not None:
         log.info("task attempt %d: an earlier attempt stopped on an error that a retry cannot fix", attempt)
         failure.report(earlier)
         return 2
     try:
-        run(args)
+        run(args, task)
     except UserError as error:
         failure.report(error)
         if execution and error.recurs:
