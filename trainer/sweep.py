@@ -2,7 +2,7 @@
 
 `gemma-launch sweep --grid KEY=V1,V2 ...` gives every task the same argv with `--sweep-grid
 "KEY=V1,V2;KEY2=W1,W2"`. Cloud Run gives each task its index, 0 to CLOUD_RUN_TASK_COUNT - 1, in
-CLOUD_RUN_TASK_INDEX (https://cloud.google.com/run/docs/container-contract#jobs-env-vars): task i trains
+CLOUD_RUN_TASK_INDEX (https://cloud.google.com/run/docs/container-contract#env-vars): task i trains
 combination i in itertools.product's order (the last key varies fastest) and writes under
 <run dir>/task-<i>/, so that each task's retries resume its own checkpoints. No torch here: the launcher
 imports this module (through trainer/flags.py) to name the combinations.
