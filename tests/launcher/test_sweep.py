@@ -91,6 +91,40 @@ def test_more_parallelism_than_the_gpu_quota_is_refused_before_anything_starts(e
     assert job.template.parallelism == 1
 
 
+def test_a_sweep_is_one_execution_of_a_task_per_combination_as_many_at_once_as_the_quota_allows(
+    env, tmp_path
+):
+    project = fake_project(tmp_path / "fake-project")
+    assert cli("up", "--skip-stage", "--source", str(project)).exit_code == 0
+    env.record_path.write_text("")
+
+    sweep = cli("sweep", "--grid", "learning-rate=0.125,0.25", "--set", "lora-r=8", "--follow")
+    assert sweep.exit_code == 0, sweep.output
+    assert (
+        "2 tasks, 2 at a time (what the GPU quota allows: "
+        "NvidiaRtxPro6000GpuAllocNoZonalRedundancyPerProjectRegion in europe-west4: 2 GPUs)."
+    ) in sweep.output
+    assert "2/2 tasks succeeded" in sweep.output
+    name = re.search(r"Started execution (\S+)", sweep.output)[1]
+    execution = env.clients(PROJECT).executions.get_execution(name=f"{JOB}/executions/{name}")
+    assert (execution.task_count, execution.parallelism) == (2, 2)
+    args = list(execution.template.containers[0].args)
+    assert args[args.index("--sweep-grid") + 1] == "learning-rate=0.125,0.25"
+    assert args[args.index("--lora-r") + 1] == "8"
+    # Parallelism is the job's: set for the RunJob, then put back, so `up` finds the job as it left it.
+    assert started(env) == ["UpdateJob", "RunJob", "UpdateJob"]
+    assert env.clients(PROJECT).jobs.get_job(name=JOB).template.parallelism == 1
+
+    one = cli("logs", name, "--task", "1")
+    assert one.exit_code == 0, one.output
+    lines = one.output.splitlines()
+    assert lines and all("[task 1] " in line for line in lines), one.output
+    assert any(" argv " in line for line in lines)
+    missing = cli("logs", name, "--task", "2")
+    assert missing.exit_code == 2
+    assert f"Error: Execution {name} has 2 task(s): there is no task 2." in missing.output
+
+
 @pytest.mark.slow
 def test_results_compares_executions_by_the_settings_that_differ(env, tmp_path):
     project = fake_project(tmp_path / "fake-project")
