@@ -11,7 +11,7 @@ keeps its own copy (Execution.parallelism), so that `up` still finds the job unc
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from google.cloud import run_v2
@@ -27,6 +27,8 @@ GRID_FLAG = "sweep-grid"
 # Cloud Run's limit on an execution's tasks (https://cloud.google.com/run/docs/configuring/task-count:
 # "up to 10,000 tasks"; the emulator holds run_validation.MAX_TASKS to it).
 MAX_TASKS = 10_000
+# The trainer settings that decide whether a task's model fits its GPU (jobs.check_fits).
+FIT_KEYS = {"quantization"}
 
 
 @dataclass(frozen=True)
@@ -102,7 +104,8 @@ def choose_parallelism(clients: Clients, settings: Settings, tasks: int, asked: 
             if asked
             else f"the GPU quota is unknown ({unknown}): one task at a time",
         )
-    assert found is not None
+    if found is None:  # no GPU quota applies to the job
+        return Parallelism(min(asked or tasks, tasks), "--parallelism" if asked else "every task at once")
     held = jobs.gpus_held(clients, settings)
     if found.gpus < held + 1:
         quota.require_for_run(clients, settings, held)  # raises, naming the quota to request
@@ -128,22 +131,22 @@ def check(
     sizes against the staged splits. Returns the execution's arguments and the notes to show."""
     base = overrides.apply(jobs.current_args(clients, settings), {**sets, GRID_FLAG: grid.argument()})
     notes: list[str] = []
-    for combination in grid.combinations():
+    # Each check reads the job or the bucket: once per combination only when the grid varies what it
+    # checks (a grid of learning rates fits as its first combination does).
+    varied = set(grid.values)
+    fits = grid.combinations() if varied & FIT_KEYS else grid.combinations()[:1]
+    for combination in fits:
         note = jobs.check_fits(clients, settings, {**sets, **combination})
         if note and note not in notes:
             notes.append(note)
+    sized = grid.combinations() if varied & {key for key, _ in overrides.SIZES} else grid.combinations()[:1]
+    for combination in sized:
         staging.check_trainer_sizes(clients, settings, overrides.apply(base, combination))
     return base, notes
 
 
 def start(
-    clients: Clients,
-    settings: Settings,
-    grid: Grid,
-    args: Sequence[str],
-    parallelism: int,
-    timeout_s: int | None = None,
-    run: Callable[..., run_v2.Execution] = jobs.run,
+    clients: Clients, settings: Settings, grid: Grid, args: Sequence[str], parallelism: int
 ) -> run_v2.Execution:
     """One execution, a task per combination, `parallelism` at once."""
     job = clients.jobs.get_job(name=settings.job_name, retry=RETRY)
@@ -151,9 +154,7 @@ def start(
     if own != parallelism:
         _set_parallelism(clients, job, parallelism)
     try:
-        return run(
-            clients, settings, sets={}, args=list(args), tasks=len(grid.combinations()), timeout_s=timeout_s
-        )
+        return jobs.run(clients, settings, sets={}, args=list(args), tasks=len(grid.combinations()))
     finally:
         if own != parallelism:
             _set_parallelism(clients, clients.jobs.get_job(name=settings.job_name, retry=RETRY), own)
