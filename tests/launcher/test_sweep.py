@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import textwrap
 import time
 from pathlib import Path
 
@@ -123,6 +124,58 @@ def test_a_sweep_is_one_execution_of_a_task_per_combination_as_many_at_once_as_t
     missing = cli("logs", name, "--task", "2")
     assert missing.exit_code == 2
     assert f"Error: Execution {name} has 2 task(s): there is no task 2." in missing.output
+
+
+# A trainer whose task 1 stops on an error a retry cannot fix, recording it as trainer/failure.py does,
+# in its own task directory; task 0 succeeds.
+TASK_1_FAILS = textwrap.dedent(
+    """
+    import json, os, pathlib, sys
+
+    args = sys.argv[1:]
+    flags = dict(zip(args[::2], args[1::2]))
+    task = os.environ["CLOUD_RUN_TASK_INDEX"]
+    run_dir = pathlib.Path(flags["--output-dir"]) / os.environ["CLOUD_RUN_EXECUTION"] / f"task-{task}"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if task == "1":
+        failure = {"error": "cannot read image Abyssinian_1.jpg", "hint": "Replace that image.", "attempt": 0}
+        (run_dir / "failure.json").write_text(json.dumps(failure))
+        sys.exit(2)
+    results = {
+        "baseline": {"accuracy": 0.05, "macro_f1": 0.02, "unknown_rate": 0.0},
+        "final": {"accuracy": 0.5, "macro_f1": 0.4, "unknown_rate": 0.0},
+    }
+    (run_dir / "results.json").write_text(json.dumps(results))
+    """
+)
+
+
+def test_a_task_that_stopped_on_an_unfixable_error_is_reported_and_ranked_last(env, tmp_path):
+    project = fake_project(tmp_path / "fake-project")
+    (project / "fake_trainer.py").write_text(TASK_1_FAILS)
+    assert cli("up", "--skip-stage", "--source", str(project), "--max-retries", "0").exit_code == 0
+
+    sweep = cli("sweep", "--grid", "lora-r=8,16", "--follow")
+    assert sweep.exit_code == 2, sweep.output
+    name = re.search(r"Started execution (\S+)", sweep.output)[1]
+    assert (
+        f"Error: Execution {name} stopped on an error a retry cannot fix: (task 1) cannot read image "
+        "Abyssinian_1.jpg"
+    ) in sweep.output
+    assert "Hint: Replace that image." in sweep.output
+
+    board = cli("results", name)
+    assert board.exit_code == 0, board.output
+    rows = [
+        [cell.strip() for cell in line.split("│")[1:-1]]
+        for line in board.output.splitlines()
+        if line.startswith("│ task ")
+    ]
+    # label, lora-r, state, accuracy, macro-F1 (duration aside), cost
+    assert [row[:5] + row[6:] for row in rows] == [
+        ["task 0", "8", "Succeeded", "5.0% -> 50.0%", "2.0% -> 40.0%", "-"],
+        ["task 1", "16", "Failed", "-", "-", "-"],
+    ]
 
 
 @pytest.mark.slow
