@@ -101,8 +101,14 @@ def leaderboard(clients: Clients, settings: Settings, execution: run_v2.Executio
     )
 
 
-def _flags(args: list[str]) -> dict[str, Any]:
-    parsed = vars(flags.parse_args(args))
+def _flags(args: list[str], short: str) -> dict[str, Any]:
+    try:
+        parsed = vars(flags.parse_args(args))
+    except flags.FlagError as error:
+        raise UserError(
+            f"Execution {short} ran with trainer arguments this gemma-launch cannot read: {error.message}.",
+            "Compare it with the gemma-launch that started it, or leave it out.",
+        ) from None
     shown = {name.replace("_", "-"): value for name, value in parsed.items()}
     return {name: value for name, value in shown.items() if name not in NOT_COMPARED}
 
@@ -137,7 +143,7 @@ def compare(clients: Clients, settings: Settings, names: list[str]) -> list[Entr
             entry = Entry(
                 f"{short} ({best.label})", {}, best.state, best.baseline, best.final, best.duration_s
             )
-        columns.append((entry, _flags(args)))
+        columns.append((entry, _flags(args, short)))
     keys = sorted({key for _, found in columns for key in found})
     differing = [key for key in keys if len({json.dumps(found.get(key)) for _, found in columns}) > 1]
     return [

@@ -1,9 +1,9 @@
 """python -m trainer: fine-tune Gemma 3 on Oxford-IIIT Pet and evaluate it before and after.
 
 Flags keep the reference script's names (trainer/flags.py). Outputs go to --output-dir, or to
---output-dir/$CLOUD_RUN_EXECUTION inside a Cloud Run job, so a retried task resumes from its own
-checkpoints, and an error that a retry cannot fix is recorded there for the later attempts
-(trainer/failure.py; docs/trainer.md).
+--output-dir/$CLOUD_RUN_EXECUTION inside a Cloud Run job (a sweep's task: its task-<index>/ below that,
+trainer/sweep.py), so a retried task resumes from its own checkpoints, and an error that a retry cannot
+fix is recorded there for the later attempts (trainer/failure.py; docs/trainer.md).
 """
 
 import argparse
