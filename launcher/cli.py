@@ -631,7 +631,7 @@ def run_command(
 
 
 @main.command("sweep")
-@settings_options(fields=(*JOB_SETTINGS, "gpu", "gpu_zonal_redundancy", "task_timeout"))
+@settings_options(fields=(*JOB_SETTINGS, "gpu", "gpu_zonal_redundancy"))
 @click.option(
     "--grid",
     "grids",
