@@ -14,7 +14,7 @@ from typing import Any
 from google.api_core import exceptions
 from google.cloud import run_v2
 
-from launcher import job as jobs
+from launcher import executions
 from launcher import results as run_results
 from launcher.cloud import RETRY, Clients
 from launcher.errors import UserError
@@ -120,22 +120,23 @@ def compare(clients: Clients, settings: Settings, names: list[str]) -> list[Entr
     defaults count too."""
     columns: list[tuple[Entry, dict[str, Any]]] = []
     for name in names:
-        execution = jobs.get_execution(clients, settings, name)
+        execution = executions.get_execution(clients, settings, name)
         args = list(execution.template.containers[0].args)
-        short = jobs.short_name(name)
+        short = executions.short_name(name)
         grid = grid_of(execution)
         if grid is None:
             found = run_results.load(clients, settings, name)
             if found is None:
                 raise run_results.no_results(clients, settings, name)
             entry = Entry(
-                short, {}, jobs.state(execution), found["baseline"], found["final"], _seconds(execution)
+                short, {}, executions.state(execution), found["baseline"], found["final"], _seconds(execution)
             )
         else:
             best = leaderboard(clients, settings, execution, grid)[0]
             if not best.final:
                 raise UserError(
-                    f"Sweep {short} has no finished task to compare yet ({jobs.state(execution).lower()}).",
+                    f"Sweep {short} has no finished task to compare yet "
+                    f"({executions.state(execution).lower()}).",
                     f"Follow it with `gemma-launch logs {short} --follow`; "
                     f"`gemma-launch results {short}` shows its tasks.",
                 )

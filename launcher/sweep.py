@@ -16,8 +16,8 @@ from dataclasses import dataclass
 
 from google.cloud import run_v2
 
+from launcher import executions, overrides, quota, staging
 from launcher import job as jobs
-from launcher import overrides, quota, staging
 from launcher.cloud import RETRY, Clients
 from launcher.errors import UserError
 from launcher.settings import Settings
@@ -106,7 +106,7 @@ def choose_parallelism(clients: Clients, settings: Settings, tasks: int, asked: 
         )
     if found is None:  # no GPU quota applies to the job
         return Parallelism(min(asked or tasks, tasks), "--parallelism" if asked else "every task at once")
-    held = jobs.gpus_held(clients, settings)
+    held = executions.gpus_held(clients, settings)
     if found.gpus < held + 1:
         quota.require_for_run(clients, settings, held)  # raises, naming the quota to request
     free = int(found.gpus) - held
@@ -154,7 +154,7 @@ def start(
     if own != parallelism:
         _set_parallelism(clients, job, parallelism)
     try:
-        return jobs.run(clients, settings, sets={}, args=list(args), tasks=len(grid.combinations()))
+        return executions.run(clients, settings, sets={}, args=list(args), tasks=len(grid.combinations()))
     finally:
         if own != parallelism:
             _set_parallelism(clients, clients.jobs.get_job(name=settings.job_name, retry=RETRY), own)
