@@ -10,7 +10,7 @@ from google.api_core import exceptions
 from rich.markup import escape
 
 from launcher.cloud_errors import translate
-from launcher.commands import cancel, doctor, emulator, init, logs, results, run, stage, status, up
+from launcher.commands import cancel, doctor, emulator, init, logs, results, run, stage, status, sweep, up
 from launcher.commands.options import SETTINGS_KEY, Command
 from launcher.commands.render import err_console
 from launcher.errors import UserError
@@ -57,6 +57,7 @@ for command in (
     up.up,
     doctor.doctor_command,
     run.run_command,
+    sweep.sweep_command,
     logs.logs_command,
     status.status,
     results.results,

@@ -51,6 +51,7 @@ from google.cloud.logging_v2.services.logging_service_v2.transports.grpc import 
 from google.cloud.resourcemanager_v3.services.projects.transports.grpc import ProjectsGrpcTransport
 from google.cloud.run_v2.services.executions.transports.grpc import ExecutionsGrpcTransport
 from google.cloud.run_v2.services.jobs.transports.grpc import JobsGrpcTransport
+from google.cloud.run_v2.services.tasks.transports.grpc import TasksGrpcTransport
 from google.cloud.secretmanager_v1.services.secret_manager_service.transports.grpc import (
     SecretManagerServiceGrpcTransport,
 )
@@ -224,6 +225,10 @@ class Clients:
     @cached_property
     def executions(self) -> run_v2.ExecutionsClient:
         return self._build(run_v2.ExecutionsClient, ExecutionsGrpcTransport)
+
+    @cached_property
+    def tasks(self) -> run_v2.TasksClient:
+        return self._build(run_v2.TasksClient, TasksGrpcTransport)
 
     @cached_property
     def quotas(self) -> cloudquotas_v1.CloudQuotasClient:

@@ -222,16 +222,24 @@ def summary(execution: run_v2.Execution) -> dict[str, Any]:
     }
 
 
-def execution_filter(settings: Settings, execution: str) -> str:
-    return (
+def execution_filter(settings: Settings, execution: str, task: int | None = None) -> str:
+    """The execution's entries; `task`: only that task's (Cloud Run labels each with its index)."""
+    found = (
         f'resource.type="cloud_run_job" AND resource.labels.job_name="{settings.job}" '
         f'AND labels."{EXECUTION_LABEL}"="{short_name(execution)}"'
     )
+    return found if task is None else f'{found} AND labels."{logs.TASK_LABEL}"="{task}"'
 
 
-def show_log(clients: Clients, settings: Settings, execution: str, emit: Callable[[logs.Line], None]) -> None:
-    """Emit every line `execution` has logged so far."""
-    reader = logs.Reader(clients, settings.project_id, execution_filter(settings, execution))
+def show_log(
+    clients: Clients,
+    settings: Settings,
+    execution: str,
+    emit: Callable[[logs.Line], None],
+    task: int | None = None,
+) -> None:
+    """Emit every line `execution` (`task`: that task of it) has logged so far."""
+    reader = logs.Reader(clients, settings.project_id, execution_filter(settings, execution, task))
     for entry in reader.poll():
         emit(logs.line(entry))
 
@@ -244,10 +252,11 @@ def follow(
     *,
     poll_s: float = 2.0,
     grace_s: float = 2.0,
+    task: int | None = None,
 ) -> run_v2.Execution:
-    """Emit every log line of `execution` until it has ended; returns it as it ended. A Ctrl-C
-    (KeyboardInterrupt) reaches the caller: it stops the following, not the execution."""
-    reader = logs.Reader(clients, settings.project_id, execution_filter(settings, execution))
+    """Emit every log line of `execution` (`task`: of that task only) until it has ended; returns it as
+    it ended. A Ctrl-C (KeyboardInterrupt) reaches the caller: it stops the following, not the execution."""
+    reader = logs.Reader(clients, settings.project_id, execution_filter(settings, execution, task))
     tail = reader.tail()
     try:
         for entry in reader.poll():

@@ -32,6 +32,10 @@ LAUNCHER_SET: dict[str, tuple[str, str]] = {
         "the job runs on its GPU (cuda), or on the CPU with --gpu none",
         "Choose the hardware with --gpu when running `gemma-launch up`.",
     ),
+    "sweep-grid": (
+        "`gemma-launch sweep` sets it from its --grid options",
+        "Run `gemma-launch sweep --grid KEY=VALUE,VALUE ...` to train one task per combination.",
+    ),
     "hf-token": (
         "the token reaches the job only from Secret Manager, never as an argument",
         "export HF_TOKEN=hf_... and run `gemma-launch up`: it updates the secret.",

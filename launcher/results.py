@@ -44,8 +44,21 @@ def load(clients: Clients, settings: Settings, execution: str) -> dict[str, Any]
 
 
 def recorded_failure(clients: Clients, settings: Settings, execution: str) -> UserError | None:
-    """The error a retry cannot fix that the trainer recorded for the execution (trainer/failure.py)."""
-    blob = clients.storage.bucket(settings.bucket).blob(f"{run_prefix(execution)}/{FAILURE}")
+    """The error a retry cannot fix that the trainer recorded for the execution (trainer/failure.py); for
+    a sweep, the first task's that recorded one, in its task-<i>/ directory (trainer/sweep.py)."""
+    found = _recorded(clients, settings, f"{run_prefix(execution)}/{FAILURE}")
+    if found is not None:
+        return found
+    tasks = executions.get_execution(clients, settings, execution).task_count
+    for index in range(tasks if tasks > 1 else 0):
+        found = _recorded(clients, settings, f"{run_prefix(execution)}/task-{index}/{FAILURE}")
+        if found is not None:
+            return UserError(f"(task {index}) {found.message}", found.hint)
+    return None
+
+
+def _recorded(clients: Clients, settings: Settings, name: str) -> UserError | None:
+    blob = clients.storage.bucket(settings.bucket).blob(name)
     try:
         document = json.loads(blob.download_as_bytes(retry=RETRY))
         return UserError(str(document["error"]), str(document.get("hint") or ""))

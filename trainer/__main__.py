@@ -5,9 +5,9 @@ loads the model, evaluates the baseline, trains, evaluates again and saves; run(
 metrics and uploads; main() turns errors into exit codes. The speed levers come in through trainer.speed.
 
 Flags keep the reference script's names (trainer/flags.py). Outputs go to --output-dir, or to
---output-dir/$CLOUD_RUN_EXECUTION inside a Cloud Run job, so a retried task resumes from its own
-checkpoints, and an error that a retry cannot fix is recorded there for the later attempts
-(trainer/failure.py; docs/trainer.md).
+--output-dir/$CLOUD_RUN_EXECUTION inside a Cloud Run job (a sweep's task: its task-<index>/ below that,
+trainer/sweep.py), so a retried task resumes from its own checkpoints, and an error that a retry cannot
+fix is recorded there for the later attempts (trainer/failure.py; docs/trainer.md).
 """
 
 import argparse
@@ -26,7 +26,7 @@ import torch
 import transformers
 from transformers import ProcessorMixin, set_seed
 
-from trainer import UserError, failure, flags
+from trainer import UserError, failure, flags, sweep
 from trainer.container import SharedMemory, check_writable, describe_platform
 from trainer.data import ChatFormat, PetData, chat_format, load_pets
 from trainer.evaluate import per_class_metrics, predict, save_confusion_matrix, summary_metrics
@@ -73,9 +73,11 @@ def setup_logging() -> None:
         huggingface_hub.utils.disable_progress_bars()
 
 
-def run_directory(output: str, execution: str | None) -> Path:
-    """Where a run writes: --output-dir, or its subdirectory named for the Cloud Run execution."""
-    return Path(output) / execution if execution else Path(output)
+def run_directory(output: str, execution: str | None, task: int | None = None) -> Path:
+    """Where a run writes: --output-dir, or its subdirectory named for the Cloud Run execution; a sweep's
+    task in task-<index>/ below that, so that each task resumes its own checkpoints."""
+    run_dir = Path(output) / execution if execution else Path(output)
+    return run_dir if task is None else run_dir / f"task-{task}"
 
 
 def fine_tune(
@@ -182,13 +184,16 @@ def fine_tune(
     return by_method
 
 
-def run(args: argparse.Namespace) -> None:
+def run(args: argparse.Namespace, task: int | None = None) -> None:
+    """`task`: the index of a sweep's task, whose combination `args` already holds."""
     log.info("%s", describe_platform())
     token = args.hf_token or os.environ.get("HF_TOKEN") or None
     execution = os.environ.get("CLOUD_RUN_EXECUTION")
     attempt = int(os.environ.get("CLOUD_RUN_TASK_ATTEMPT", "0"))
     output_dir = Path(args.output_dir)
-    run_dir = run_directory(args.output_dir, execution)
+    run_dir = run_directory(args.output_dir, execution, task)
+    if task is not None:
+        log.info("sweep task %d: %s", task, sweep.combinations(args.sweep_grid)[task])
 
     check_model_id(args.model_id)
     # The adapter records the base model's path: keep it valid from any working directory.
@@ -244,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     execution = os.environ.get("CLOUD_RUN_EXECUTION")
     attempt = int(os.environ.get("CLOUD_RUN_TASK_ATTEMPT", "0"))
     try:
-        args = parse_args(argv)
+        args, task = sweep.for_task(parse_args(argv), sys.argv[1:] if argv is None else argv)
     except FlagError as error:
         failure.report(error)
         output = flags.output_dir(sys.argv[1:] if argv is None else argv)
@@ -252,14 +257,14 @@ def main(argv: list[str] | None = None) -> int:
             failure.record(run_directory(output, execution), error, attempt)
         return 2
     setup_logging()
-    run_dir = run_directory(args.output_dir, execution)
+    run_dir = run_directory(args.output_dir, execution, task)
     earlier = failure.recorded(run_dir) if execution and attempt > 0 else None
     if earlier is not None:
         log.info("task attempt %d: an earlier attempt stopped on an error that a retry cannot fix", attempt)
         failure.report(earlier)
         return 2
     try:
-        run(args)
+        run(args, task)
     except UserError as error:
         failure.report(error)
         if execution and error.recurs:

@@ -64,6 +64,25 @@ def gcs_path(text: str) -> str:
     return text.rstrip("/")
 
 
+def sweep_grid(text: str) -> dict[str, list[str]]:
+    """KEY=V1,V2;KEY2=W1,W2 over the trainer's own flags, each value checked as that flag checks it."""
+    from trainer.sweep import parse_grid  # here: trainer/sweep.py builds on this module
+
+    try:
+        grid = parse_grid(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    for key, values in grid.items():
+        if key == "sweep-grid":
+            raise argparse.ArgumentTypeError("a grid cannot set sweep-grid")
+        for value in values:
+            try:
+                setting_argv(key, value)
+            except FlagError as error:
+                raise argparse.ArgumentTypeError(f"{key}={value}: {error.message}") from None
+    return grid
+
+
 # What each type accepts, in words, for hints.
 _EXPECTS: dict[Callable[[str], Any], str] = {
     positive_int: "a positive integer",
@@ -71,6 +90,7 @@ _EXPECTS: dict[Callable[[str], Any], str] = {
     dropout: "a number from 0 up to (not including) 1",
     batch_size: "auto or a positive integer",
     gcs_path: "a path like gs://BUCKET/PREFIX",
+    sweep_grid: "KEY=VALUE,VALUE;KEY=VALUE,... over the trainer's flags",
     int: "an integer",
 }
 _ARGUMENT = re.compile(r"^argument (?P<flags>[^:]+): ")
@@ -208,6 +228,12 @@ def build_parser() -> Parser:
         "epoch and both evaluations (host memory: 256 x hidden bf16 values per image, 2.6 MiB at 27B)",
     )
     p.add_argument("--seed", type=int, default=42)
+    p.add_argument(
+        "--sweep-grid",
+        type=sweep_grid,
+        help="KEY=V1,V2;KEY2=W1,W2 (set by `gemma-launch sweep`): task $CLOUD_RUN_TASK_INDEX of the "
+        "execution trains one combination of the values, under <run dir>/task-<index>/",
+    )
     p.add_argument("--dry-run", action="store_true", help="load and format the data, then exit")
     return p
 

@@ -14,15 +14,22 @@ from launcher.settings import Settings
 
 
 def follow_on_screen(
-    clients: Clients, settings: Settings, execution: str, *, verbose: bool = False, quiet: bool = False
+    clients: Clients,
+    settings: Settings,
+    execution: str,
+    *,
+    verbose: bool = False,
+    quiet: bool = False,
+    task: int | None = None,
 ) -> run_v2.Execution:
-    """Stream the log until the execution ends and say how it ended; returns it as it ended.
+    """Stream the log (`task`: that task's) until the execution ends and say how it ended; returns it as
+    it ended.
 
     `quiet`: everything to stderr (stdout is kept for JSON)."""
     out = err_console if quiet else console
     view = progress.TrainingView(out, lambda line: click.echo(line.render(), err=quiet), verbose=verbose)
     try:
-        final = executions.follow(clients, settings, execution, view)
+        final = executions.follow(clients, settings, execution, view, task=task)
     except KeyboardInterrupt:
         view.stop()
         err_console.print(

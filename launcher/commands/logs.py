@@ -10,6 +10,7 @@ from launcher import executions, logs
 from launcher.cloud import Clients
 from launcher.commands.follow import fail_unless_succeeded, follow_on_screen
 from launcher.commands.options import JOB_SETTINGS, Command, settings_options
+from launcher.errors import UserError
 from launcher.settings import Settings
 
 
@@ -37,8 +38,13 @@ def _emit_json(line: logs.Line) -> None:
 @click.option(
     "--verbose", "-v", is_flag=True, help="With --follow: every log line, no progress bar of the steps."
 )
+@click.option(
+    "--task",
+    type=click.IntRange(min=0),
+    help="Only this task's lines (a sweep's task index, as `results` lists them).",
+)
 def logs_command(
-    settings: Settings, execution: str | None, follow: bool, as_json: bool, verbose: bool
+    settings: Settings, execution: str | None, follow: bool, as_json: bool, verbose: bool, task: int | None
 ) -> None:
     """Show an execution's logs (default: the newest), with the task index on each line.
 
@@ -46,12 +52,21 @@ def logs_command(
     or a line at each quarter of the steps; --verbose shows them all."""
     clients = Clients(settings.project_id)
     name = executions.execution_name(clients, settings, execution)
+    if task is not None:
+        found = executions.get_execution(clients, settings, name)
+        if task >= found.task_count:
+            raise UserError(
+                f"Execution {executions.short_name(name)} has {found.task_count} task(s): there is no task "
+                f"{task}.",
+                f"Give --task 0 to {found.task_count - 1}, or leave it out for every task.",
+            )
     if as_json and follow:
-        if not executions.succeeded(executions.follow(clients, settings, name, _emit_json)):
+        if not executions.succeeded(executions.follow(clients, settings, name, _emit_json, task=task)):
             raise SystemExit(1)
     elif as_json:
-        executions.show_log(clients, settings, name, _emit_json)
+        executions.show_log(clients, settings, name, _emit_json, task)
     elif follow:
-        fail_unless_succeeded(clients, settings, follow_on_screen(clients, settings, name, verbose=verbose))
+        final = follow_on_screen(clients, settings, name, verbose=verbose, task=task)
+        fail_unless_succeeded(clients, settings, final)
     else:
-        executions.show_log(clients, settings, name, _emit)
+        executions.show_log(clients, settings, name, _emit, task)

@@ -1,4 +1,5 @@
-"""`gemma-launch results`: baseline vs fine-tuned metrics and where the outputs are."""
+"""`gemma-launch results`: baseline vs fine-tuned metrics and where the outputs are; a sweep's
+leaderboard; executions side by side."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import json
 import click
 from rich.table import Table
 
-from launcher import executions
+from launcher import executions, leaderboard, sweep
 from launcher import results as run_results
 from launcher.cloud import Clients
 from launcher.commands.options import JOB_SETTINGS, Command, settings_options
@@ -18,18 +19,34 @@ from launcher.settings import Settings
 
 @click.command("results", cls=Command)
 @settings_options(fields=(*JOB_SETTINGS, "bucket"))
-@click.argument("execution", required=False)
+@click.argument("names", metavar="[EXECUTION]...", nargs=-1)
 @click.option(
     "--json",
     "as_json",
     is_flag=True,
-    help="Print results.json, with an added outputs list: where each output is and whether it exists.",
+    help="Print results.json, with an added outputs list: where each output is and whether it exists; "
+    "for a sweep or several executions, their rows.",
 )
-def results(settings: Settings, execution: str | None, as_json: bool) -> None:
+def results(settings: Settings, names: tuple[str, ...], as_json: bool) -> None:
     """Baseline vs fine-tuned accuracy, macro-F1 and unknown rate of an execution (default: newest),
-    and where its adapter, merged model, results.json and confusion matrix are."""
+    and where its adapter, merged model, results.json and confusion matrix are.
+
+    \b
+    For a sweep: its leaderboard, a row per task, best final accuracy first.
+    With several executions: side by side, the trainer settings in which they differ and the metrics
+    (a sweep by its best task)."""
     clients = Clients(settings.project_id)
-    name = executions.execution_name(clients, settings, execution)
+    if len(names) > 1:
+        compared = [executions.execution_name(clients, settings, name) for name in names]
+        _render_entries("Executions compared", leaderboard.compare(clients, settings, compared), as_json)
+        return
+    name = executions.execution_name(clients, settings, names[0] if names else None)
+    execution = executions.get_execution(clients, settings, name)
+    grid = sweep.grid_of(execution)
+    if grid is not None:
+        rows = leaderboard.leaderboard(clients, settings, execution, grid)
+        _render_entries(f"Sweep {executions.short_name(name)}", rows, as_json)
+        return
     found = run_results.load(clients, settings, name)
     if found is None:
         raise run_results.no_results(clients, settings, name)
@@ -55,3 +72,31 @@ def results(settings: Settings, execution: str | None, as_json: bool) -> None:
             console.print(f"{'':<17} {out.console}", markup=False, soft_wrap=True)
         else:
             console.print(f"{out.label:<17} {out.note}", markup=False, soft_wrap=True)
+
+
+def _render_entries(title: str, entries: list[leaderboard.Entry], as_json: bool) -> None:
+    """A sweep's leaderboard or a comparison: a row per task or execution, its settings, then metrics."""
+    if as_json:
+        click.echo(json.dumps([entry.document() for entry in entries], indent=2))
+        return
+    keys = list(dict.fromkeys(key for entry in entries for key in entry.settings))
+    table = Table(title=title)
+    for column in ("", *keys, "state", "accuracy", "macro-F1", "duration", "cost"):
+        table.add_column(column, justify="left" if column in ("", "state") else "right")
+
+    def change(entry: leaderboard.Entry, metric: str) -> str:
+        if metric not in entry.final:
+            return "-"
+        return f"{entry.baseline.get(metric, 0.0):.1%} -> {entry.final[metric]:.1%}"
+
+    for entry in entries:
+        table.add_row(
+            entry.label,
+            *[entry.settings.get(key, "") for key in keys],
+            entry.state,
+            change(entry, "accuracy"),
+            change(entry, "macro_f1"),
+            leaderboard.duration(entry.duration_s),
+            "-" if entry.cost is None else f"${entry.cost:.2f}",
+        )
+    console.print(table)

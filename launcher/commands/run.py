@@ -105,15 +105,15 @@ def run_command(
         (err_console if as_json else console).print(f"Started execution {short}")
         final = follow_on_screen(clients, settings, execution.name, verbose=verbose, quiet=as_json)
         if as_json:
-            click.echo(json.dumps(_execution_document(final), indent=2))
+            click.echo(json.dumps(execution_document(final), indent=2))
         fail_unless_succeeded(clients, settings, final)
     elif as_json:
-        click.echo(json.dumps(_execution_document(execution), indent=2))
+        click.echo(json.dumps(execution_document(execution), indent=2))
     else:
         console.print(f"Started execution {short}")
         console.print(f"Follow it with: gemma-launch logs {short} --follow")
 
 
-def _execution_document(execution: run_v2.Execution) -> dict[str, Any]:
+def execution_document(execution: run_v2.Execution) -> dict[str, Any]:
     """An execution for --json: its row of `status --json`, its full name and the job's."""
     return {**executions.summary(execution), "name": execution.name, "job": execution.job}

@@ -63,7 +63,9 @@ class _Attempt:
 @dataclass
 class TaskRunner:
     count: int
-    parallelism: int  # 0: all tasks at once
+    # At most this many tasks run at once; 0: as many as possible, here all of them. The next task starts
+    # as one ends (https://cloud.google.com/run/docs/configuring/parallelism).
+    parallelism: int
     max_retries: int
     timeout_s: float
     launch: Callable[[int, int], Launch]

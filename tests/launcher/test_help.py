@@ -45,6 +45,7 @@ def sections(text: str) -> dict[str, list[str]]:
             ["run"],
             ["--config", "--project", "--region", "--job", "--gpu", "--task-timeout", "--zonal-redundancy"],
         ),
+        (["sweep"], ["--config", "--project", "--region", "--job", "--gpu", "--zonal-redundancy"]),
     ],
 )
 def test_help_lists_the_commands_own_options_first_then_only_the_settings_it_reads(command, settings):

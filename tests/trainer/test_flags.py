@@ -81,3 +81,45 @@ def test_the_output_dir_of_a_refused_command_line_is_still_found() -> None:
 def test_finding_the_output_dir_prints_nothing(capsys: pytest.CaptureFixture[str]) -> None:
     assert flags.output_dir(["--output-dir"]) is None
     assert capsys.readouterr() == ("", "")
+
+
+def test_each_sweep_task_parses_its_own_combination_after_the_shared_arguments() -> None:
+    from trainer import sweep
+
+    argv = [
+        "--learning-rate",
+        "1e-3",
+        "--sweep-grid",
+        "learning-rate=1e-4,2e-4,5e-4;lora-r=8,16;merge=false,true",
+    ]
+    args = parse_args(argv)
+    picked = [sweep.for_task(args, argv, {"CLOUD_RUN_TASK_INDEX": str(index)}) for index in range(12)]
+    assert [index for _, index in picked] == list(range(12))
+    # itertools.product's order: the last key varies fastest.
+    assert [(task.learning_rate, task.lora_r, task.merge) for task, _ in picked[:4]] == [
+        (1e-4, 8, False),
+        (1e-4, 8, True),
+        (1e-4, 16, False),
+        (1e-4, 16, True),
+    ]
+    assert (picked[11][0].learning_rate, picked[11][0].lora_r) == (5e-4, 16)
+    with pytest.raises(FlagError, match="task 12 has no combination: the sweep grid has 12"):
+        sweep.for_task(args, argv, {"CLOUD_RUN_TASK_INDEX": "12"})
+    assert sweep.for_task(parse_args([]), [], {"CLOUD_RUN_TASK_INDEX": "3"}) == (parse_args([]), None)
+
+
+@pytest.mark.parametrize(
+    ("grid", "message"),
+    [
+        ("lora-r=8,abc", "argument --sweep-grid: lora-r=abc: must be a positive integer, got 'abc'"),
+        ("lora-r=8;lora-r=16", "argument --sweep-grid: lora-r is given twice"),
+        ("lora-r", "argument --sweep-grid: 'lora-r' is not KEY=VALUE,VALUE..."),
+        ("lora_r=8", "argument --sweep-grid: lora_r=8: the trainer has no flag --lora_r"),
+        ("sweep-grid=a", "argument --sweep-grid: a grid cannot set sweep-grid"),
+    ],
+)
+def test_the_trainer_refuses_a_grid_it_cannot_run(grid: str, message: str) -> None:
+    with pytest.raises(FlagError) as refused:
+        parse_args(["--sweep-grid", grid])
+    assert refused.value.message == message
+    assert refused.value.hint == "--sweep-grid takes KEY=VALUE,VALUE;KEY=VALUE,... over the trainer's flags."

@@ -1,0 +1,98 @@
+"""`gemma-launch sweep`: one execution of the job, a task per combination of a grid of trainer settings."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+from launcher import executions, overrides, sweep
+from launcher.cloud import Clients
+from launcher.commands.follow import fail_unless_succeeded, follow_on_screen
+from launcher.commands.options import JOB_SETTINGS, Command, settings_options
+from launcher.commands.render import console, err_console, say_fit
+from launcher.commands.run import execution_document
+from launcher.settings import Settings
+
+
+@click.command("sweep", cls=Command)
+@settings_options(fields=(*JOB_SETTINGS, "gpu", "gpu_zonal_redundancy"))
+@click.option(
+    "--grid",
+    "grids",
+    multiple=True,
+    required=True,
+    metavar="KEY=VALUE,VALUE,...",
+    help="A trainer setting and the values to try (repeatable); one task per combination, each value "
+    "checked as --set checks it.",
+)
+@click.option(
+    "--set",
+    "sets",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="A trainer setting for every task of the sweep (repeatable), as `run --set` takes it.",
+)
+@click.option(
+    "--parallelism",
+    type=click.IntRange(min=1),
+    help="Tasks running at once (default: as many as the GPU quota allows, each holding one GPU).",
+)
+@click.option(
+    "--follow",
+    "-f",
+    is_flag=True,
+    help="Stream the logs until the sweep ends; exit 0 only if every task succeeded.",
+)
+@click.option("--allow-concurrent", is_flag=True, help="Start even while another execution of the job runs.")
+@click.option("--json", "as_json", is_flag=True, help="Print the execution as JSON (as `run --json` does).")
+@click.option(
+    "--verbose", "-v", is_flag=True, help="With --follow: every log line, no progress bar of the steps."
+)
+def sweep_command(
+    settings: Settings,
+    grids: tuple[str, ...],
+    sets: tuple[str, ...],
+    parallelism: int | None,
+    follow: bool,
+    allow_concurrent: bool,
+    as_json: bool,
+    verbose: bool,
+) -> None:
+    """Try every combination of trainer settings as one execution of the job, a task per combination.
+
+    \b
+    e.g. gemma-launch sweep --grid learning-rate=1e-4,2e-4,5e-4 --grid lora-r=8,16   (6 tasks)
+    Task i trains combination i and writes under runs/<execution>/task-<i>/, where its retries resume
+    from its own checkpoints. `gemma-launch results` then ranks the tasks; `logs --task I` shows one.
+    Nothing starts when a value is not valid for the trainer, a combination does not fit the GPU or
+    the staged data, or the GPU quota cannot hold --parallelism tasks at once.
+    """
+    changes = overrides.parse_sets(sets)
+    grid = sweep.parse_grid(grids, changes)
+    clients = Clients(settings.project_id)
+    args, notes = sweep.check(clients, settings, grid, changes)
+    for note in notes:
+        say_fit(note)
+    if not allow_concurrent:
+        executions.refuse_concurrent(clients, settings)
+    tasks = len(grid.combinations())
+    chosen = sweep.choose_parallelism(clients, settings, tasks, parallelism)
+    out = err_console if as_json else console
+    out.print(f"{tasks} tasks, {chosen.tasks} at a time ({chosen.why}).", soft_wrap=True, markup=False)
+    execution = sweep.start(clients, settings, grid, args, chosen.tasks)
+    short = executions.short_name(execution.name)
+    out.print(f"Started execution {short}")
+    if follow:
+        final = follow_on_screen(clients, settings, execution.name, verbose=verbose, quiet=as_json)
+        if as_json:
+            click.echo(json.dumps(execution_document(final), indent=2))
+        fail_unless_succeeded(clients, settings, final)
+    elif as_json:
+        click.echo(json.dumps(execution_document(execution), indent=2))
+    else:
+        console.print(
+            f"Follow it with: gemma-launch logs {short} --follow; rank its tasks with: "
+            f"gemma-launch results {short}",
+            soft_wrap=True,
+        )

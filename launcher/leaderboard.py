@@ -1,0 +1,175 @@
+"""What `results` shows beyond one run's table: a sweep's leaderboard (one row per task, best first) and
+executions side by side (the settings that differ, and the metrics).
+
+A sweep's task i writes under runs/<execution>/task-<i>/ (trainer/sweep.py). Cost is a seam: every row
+carries `cost`, None until the cost estimator fills it.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from google.api_core import exceptions
+from google.cloud import run_v2
+
+from launcher import executions
+from launcher import results as run_results
+from launcher.cloud import RETRY, Clients
+from launcher.errors import UserError
+from launcher.settings import Settings
+from launcher.sweep import Grid, grid_of
+from trainer import flags
+
+# Trainer flags that say where a run reads and writes, or are gemma-launch's own: not what makes two
+# runs' results differ.
+NOT_COMPARED = {"output-dir", "hf-token", "sweep-grid", "gcs-output-path", "dry-run"}
+
+
+def task_prefix(execution: str, index: int) -> str:
+    return f"{run_results.run_prefix(execution)}/task-{index}"
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One task of a sweep, or one execution in a comparison."""
+
+    label: str  # "task 2", or an execution's short name
+    settings: dict[str, str]  # the grid's values for a task; every differing flag in a comparison
+    state: str  # Succeeded, Failed, Running, Pending
+    baseline: dict[str, float] = field(default_factory=dict)  # accuracy, macro_f1, unknown_rate
+    final: dict[str, float] = field(default_factory=dict)
+    duration_s: float | None = None
+    cost: float | None = None  # USD; filled by the cost estimator (issue 17 §2)
+    task: int | None = None
+
+    def document(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @property
+    def ranked(self) -> tuple[float, float]:
+        return (self.final.get("accuracy", -1.0), self.final.get("macro_f1", -1.0))
+
+
+def _load(clients: Clients, settings: Settings, name: str) -> dict[str, Any] | None:
+    try:
+        return json.loads(clients.storage.bucket(settings.bucket).blob(name).download_as_bytes(retry=RETRY))
+    except exceptions.NotFound:
+        return None
+
+
+def _task_state(task: run_v2.Task | None) -> str:
+    if task is None or not task.start_time:
+        return "Pending"
+    if not task.completion_time:
+        return "Running"
+    succeeded = any(
+        c.type_ == "Completed" and c.state == run_v2.Condition.State.CONDITION_SUCCEEDED
+        for c in task.conditions
+    )
+    return "Succeeded" if succeeded else "Failed"
+
+
+def _seconds(resource: run_v2.Task | run_v2.Execution) -> float | None:
+    if not resource.start_time or not resource.completion_time:
+        return None
+    return (resource.completion_time - resource.start_time).total_seconds()
+
+
+def leaderboard(clients: Clients, settings: Settings, execution: run_v2.Execution, grid: Grid) -> list[Entry]:
+    """A row per task: its combination, state, metrics and duration; the best final accuracy (then
+    macro-F1) first, tasks without results last in task order."""
+    tasks = {task.index: task for task in clients.tasks.list_tasks(parent=execution.name, retry=RETRY)}
+    entries = []
+    for index, combination in enumerate(grid.combinations()):
+        found = _load(clients, settings, f"{task_prefix(execution.name, index)}/results.json") or {}
+        task = tasks.get(index)
+        entries.append(
+            Entry(
+                label=f"task {index}",
+                settings=combination,
+                state=_task_state(task),
+                baseline=found.get("baseline", {}),
+                final=found.get("final", {}),
+                duration_s=_seconds(task) if task is not None else None,
+                task=index,
+            )
+        )
+    return sorted(
+        entries, key=lambda entry: (not entry.final, [-value for value in entry.ranked], entry.task)
+    )
+
+
+def _flags(args: list[str], short: str) -> dict[str, Any]:
+    try:
+        parsed = vars(flags.parse_args(args))
+    except flags.FlagError as error:
+        raise UserError(
+            f"Execution {short} ran with trainer arguments this gemma-launch cannot read: {error.message}.",
+            "Compare it with the gemma-launch that started it, or leave it out.",
+        ) from None
+    shown = {name.replace("_", "-"): value for name, value in parsed.items()}
+    return {name: value for name, value in shown.items() if name not in NOT_COMPARED}
+
+
+def compare(clients: Clients, settings: Settings, names: list[str]) -> list[Entry]:
+    """Each execution's metrics and the trainer settings in which they differ (a sweep by its best task).
+
+    The settings are read from each execution's own arguments, with the trainer's parser, so that
+    defaults count too."""
+    columns: list[tuple[Entry, dict[str, Any]]] = []
+    for name in names:
+        execution = executions.get_execution(clients, settings, name)
+        args = list(execution.template.containers[0].args)
+        short = executions.short_name(name)
+        grid = grid_of(execution)
+        if grid is None:
+            found = run_results.load(clients, settings, name)
+            if found is None:
+                raise run_results.no_results(clients, settings, name)
+            entry = Entry(
+                short, {}, executions.state(execution), found["baseline"], found["final"], _seconds(execution)
+            )
+        else:
+            best = leaderboard(clients, settings, execution, grid)[0]
+            if not best.final:
+                raise UserError(
+                    f"Sweep {short} has no finished task to compare yet "
+                    f"({executions.state(execution).lower()}).",
+                    f"Follow it with `gemma-launch logs {short} --follow`; "
+                    f"`gemma-launch results {short}` shows its tasks.",
+                )
+            args += [arg for key, value in best.settings.items() for arg in flags.setting_argv(key, value)]
+            entry = Entry(
+                f"{short} ({best.label})", {}, best.state, best.baseline, best.final, best.duration_s
+            )
+        columns.append((entry, _flags(args, short)))
+    keys = sorted({key for _, found in columns for key in found})
+    differing = [key for key in keys if len({json.dumps(found.get(key)) for _, found in columns}) > 1]
+    return [
+        Entry(
+            entry.label,
+            {key: _shown(found.get(key)) for key in differing},
+            entry.state,
+            entry.baseline,
+            entry.final,
+            entry.duration_s,
+        )
+        for entry, found in columns
+    ]
+
+
+def _shown(value: Any) -> str:
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, float):
+        return f"{value:g}"
+    return "auto" if value is None else str(value)
+
+
+def duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    whole = int(seconds)
+    return f"{whole // 3600}h{whole % 3600 // 60:02d}m{whole % 60:02d}s"

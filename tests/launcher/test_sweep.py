@@ -1,0 +1,297 @@
+"""`sweep`: one execution, a task per combination of a grid, each checked before anything starts;
+`results` ranks a sweep's tasks and compares executions; `logs --task` shows one task."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from launcher.cli import main
+from tests.launcher.test_run import FAKE_TRAINER, JOB, PROJECT, TOKEN
+
+REPO = Path(__file__).resolve().parents[2]
+BUCKET = f"{PROJECT}-gemma3-finetuning"
+
+
+def cli(*args: str):
+    return CliRunner().invoke(main, list(args))
+
+
+def fake_project(root: Path) -> Path:
+    """A project whose image runs the fake trainer of test_run.py (fast, one results.json per run)."""
+    root.mkdir()
+    (root / "fake_trainer.py").write_text(FAKE_TRAINER)
+    (root / "Dockerfile").write_text(
+        'FROM python:3.11-slim\nWORKDIR /app\nCOPY . /app\nENTRYPOINT ["python", "fake_trainer.py"]\n'
+    )
+    shutil.copy(REPO / "cloudbuild.yaml", root / "cloudbuild.yaml")
+    return root
+
+
+@pytest.fixture
+def env(local, monkeypatch):
+    monkeypatch.setenv("PROJECT_ID", PROJECT)
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    return local
+
+
+def started(env) -> list[str]:
+    return [entry["method"] for entry in env.record() if entry["method"] in ("RunJob", "UpdateJob")]
+
+
+def test_grid_values_are_checked_as_run_set_checks_them(monkeypatch):
+    monkeypatch.setenv("PROJECT_ID", PROJECT)
+    cases = [
+        (["--grid", "learning-rate=1e-4,abc"], "Error: Invalid --grid learning-rate=abc: must be a positive"),
+        (["--grid", "learning_rate=1e-4"], "setting 'learning_rate' (--grid learning_rate=1e-4)."),
+        (["--grid", "lora-r=8,,16"], "Error: --grid 'lora-r=8,,16' is not KEY=VALUE,VALUE,..."),
+        (["--grid", "lora-r=8", "--grid", "lora-r=16"], "Error: --grid lora-r is given twice."),
+        (["--grid", "lora-r=8,8"], "Error: --grid lora-r=8,8 repeats a value."),
+        (["--grid", "lora-r=8,16", "--set", "lora-r=4"], "Error: lora-r is both a --set (lora-r=4) and"),
+        (["--grid", "output-dir=/a,/b"], "Error: --grid output-dir=/a: output-dir is not a setting"),
+        (["--grid", "sweep-grid=a"], "Error: --grid sweep-grid=a: sweep-grid is not a setting"),
+    ]  # fmt: skip
+    for args, error in cases:
+        result = cli("sweep", *args)
+        assert result.exit_code == 2, (args, result.output)
+        assert error in result.output, (args, result.output)
+        assert "Hint: " in result.output and "Traceback" not in result.output
+    did_you_mean = cli("sweep", "--grid", "learning_rate=1e-4")
+    assert "Hint: Did you mean learning-rate?" in did_you_mean.output
+    # `run` refuses the flag the sweep sets, naming the command that sets it.
+    refused = cli("run", "--set", "sweep-grid=lora-r=8,16")
+    assert "Hint: Run `gemma-launch sweep --grid KEY=VALUE,VALUE ...`" in refused.output
+
+
+def test_more_parallelism_than_the_gpu_quota_is_refused_before_anything_starts(env, tmp_path):
+    project = fake_project(tmp_path / "fake-project")
+    assert cli("up", "--skip-stage", "--source", str(project)).exit_code == 0
+    env.record_path.write_text("")
+
+    over = cli("sweep", "--grid", "learning-rate=1e-4,2e-4,5e-4", "--parallelism", "3")
+    assert over.exit_code == 2, over.output
+    assert (
+        "Error: --parallelism 3 needs 3 nvidia-rtx-pro-6000 GPUs at once; "
+        "NvidiaRtxPro6000GpuAllocNoZonalRedundancyPerProjectRegion in europe-west4: 2 GPUs leaves 2"
+    ) in over.output
+    assert "Hint: Use --parallelism 2 or leave it out" in over.output
+
+    env.emulator.services["quotas"].set_gpu_quota(0)
+    none = cli("sweep", "--grid", "learning-rate=1e-4,2e-4")
+    assert none.exit_code == 2, none.output
+    assert "Error: The project has no Cloud Run GPU quota for nvidia-rtx-pro-6000" in none.output
+    assert started(env) == []
+    job = env.clients(PROJECT).jobs.get_job(name=JOB)
+    assert job.template.parallelism == 1
+
+
+def test_a_sweep_is_one_execution_of_a_task_per_combination_as_many_at_once_as_the_quota_allows(
+    env, tmp_path
+):
+    project = fake_project(tmp_path / "fake-project")
+    assert cli("up", "--skip-stage", "--source", str(project)).exit_code == 0
+    env.record_path.write_text("")
+
+    sweep = cli("sweep", "--grid", "learning-rate=0.125,0.25", "--set", "lora-r=8", "--follow")
+    assert sweep.exit_code == 0, sweep.output
+    assert (
+        "2 tasks, 2 at a time (what the GPU quota allows: "
+        "NvidiaRtxPro6000GpuAllocNoZonalRedundancyPerProjectRegion in europe-west4: 2 GPUs)."
+    ) in sweep.output
+    assert "2/2 tasks succeeded" in sweep.output
+    name = re.search(r"Started execution (\S+)", sweep.output)[1]
+    execution = env.clients(PROJECT).executions.get_execution(name=f"{JOB}/executions/{name}")
+    assert (execution.task_count, execution.parallelism) == (2, 2)
+    args = list(execution.template.containers[0].args)
+    assert args[args.index("--sweep-grid") + 1] == "learning-rate=0.125,0.25"
+    assert args[args.index("--lora-r") + 1] == "8"
+    # Parallelism is the job's: set for the RunJob, then put back, so `up` finds the job as it left it.
+    assert started(env) == ["UpdateJob", "RunJob", "UpdateJob"]
+    assert env.clients(PROJECT).jobs.get_job(name=JOB).template.parallelism == 1
+
+    one = cli("logs", name, "--task", "1")
+    assert one.exit_code == 0, one.output
+    lines = one.output.splitlines()
+    assert lines and all("[task 1] " in line for line in lines), one.output
+    assert any(" argv " in line for line in lines)
+    missing = cli("logs", name, "--task", "2")
+    assert missing.exit_code == 2
+    assert f"Error: Execution {name} has 2 task(s): there is no task 2." in missing.output
+
+
+# A trainer whose task 1 stops on an error a retry cannot fix, recording it as trainer/failure.py does,
+# in its own task directory; task 0 succeeds.
+TASK_1_FAILS = textwrap.dedent(
+    """
+    import json, os, pathlib, sys
+
+    args = sys.argv[1:]
+    flags = dict(zip(args[::2], args[1::2]))
+    task = os.environ["CLOUD_RUN_TASK_INDEX"]
+    run_dir = pathlib.Path(flags["--output-dir"]) / os.environ["CLOUD_RUN_EXECUTION"] / f"task-{task}"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if task == "1":
+        failure = {"error": "cannot read image Abyssinian_1.jpg", "hint": "Replace that image.", "attempt": 0}
+        (run_dir / "failure.json").write_text(json.dumps(failure))
+        sys.exit(2)
+    results = {
+        "baseline": {"accuracy": 0.05, "macro_f1": 0.02, "unknown_rate": 0.0},
+        "final": {"accuracy": 0.5, "macro_f1": 0.4, "unknown_rate": 0.0},
+    }
+    (run_dir / "results.json").write_text(json.dumps(results))
+    """
+)
+
+
+def test_a_task_that_stopped_on_an_unfixable_error_is_reported_and_ranked_last(env, tmp_path):
+    project = fake_project(tmp_path / "fake-project")
+    (project / "fake_trainer.py").write_text(TASK_1_FAILS)
+    assert cli("up", "--skip-stage", "--source", str(project), "--max-retries", "0").exit_code == 0
+
+    sweep = cli("sweep", "--grid", "lora-r=8,16", "--follow")
+    assert sweep.exit_code == 2, sweep.output
+    name = re.search(r"Started execution (\S+)", sweep.output)[1]
+    assert (
+        f"Error: Execution {name} stopped on an error a retry cannot fix: (task 1) cannot read image "
+        "Abyssinian_1.jpg"
+    ) in sweep.output
+    assert "Hint: Replace that image." in sweep.output
+
+    board = cli("results", name)
+    assert board.exit_code == 0, board.output
+    rows = [
+        [cell.strip() for cell in line.split("│")[1:-1]]
+        for line in board.output.splitlines()
+        if line.startswith("│ task ")
+    ]
+    # label, lora-r, state, accuracy, macro-F1 (duration aside), cost
+    assert [row[:5] + row[6:] for row in rows] == [
+        ["task 0", "8", "Succeeded", "5.0% -> 50.0%", "2.0% -> 40.0%", "-"],
+        ["task 1", "16", "Failed", "-", "-", "-"],
+    ]
+
+
+@pytest.mark.slow
+def test_results_compares_executions_by_the_settings_that_differ(env, tmp_path):
+    project = fake_project(tmp_path / "fake-project")
+    assert cli("up", "--skip-stage", "--source", str(project)).exit_code == 0
+    names = []
+    for rate in ("0.125", "0.25"):
+        run = cli("run", "--set", f"learning-rate={rate}", "--set", "lora-r=8", "--follow")
+        assert run.exit_code == 0, run.output
+        names.append(re.search(r"Started execution (\S+)", run.output)[1])
+
+    table = cli("results", *names)
+    assert table.exit_code == 0, table.output
+    lines = table.output.splitlines()
+    header = next(line for line in lines if "learning-rate" in line)
+    assert "lora-r" not in header  # the same in both: not a difference
+    first, second = (next(line for line in lines if line.startswith(f"│ {name}")) for name in names)
+    assert "0.125" in first and "5.0% -> 80.0%" in first and "2.0% -> 87.5%" in first
+    assert "0.25" in second and "2.0% -> 100.0%" in second
+    as_json = json.loads(cli("results", *names, "--json").output)
+    assert [row["label"] for row in as_json] == names
+    assert [row["settings"] for row in as_json] == [{"learning-rate": "0.125"}, {"learning-rate": "0.25"}]
+    assert as_json[1]["final"]["macro_f1"] == pytest.approx(1.0)
+    assert all(row["cost"] is None and row["duration_s"] > 0 for row in as_json)
+
+    unknown = cli("results", names[0], "nope")
+    assert (
+        unknown.exit_code == 2
+        and "Error: Execution nope of job gemma3-finetuning-job does not exist." in (unknown.output)
+    )
+
+
+# The smallest real training the other emulated flows use: 74 images, batch 8; three epochs (30 steps)
+# are the fewest in which the grid's combinations end apart. A checkpoint every 3 steps gives a killed
+# task one to resume from.
+TRAINER = {
+    "train-size": 74,
+    "eval-size": 37,
+    "num-epochs": 3,
+    "batch-size": 8,
+    "eval-batch-size": 37,
+    "save-steps": 3,
+    "logging-steps": 1,
+    "seed": 0,
+    "eval-method": "score",
+}
+
+
+def wait_for(condition, what: str, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.1)
+
+
+@pytest.mark.slow
+def test_a_two_by_two_sweep_of_the_tiny_model_ranks_its_four_tasks(env, tmp_path, tiny_model, few_pets):
+    project = tmp_path / "project"
+    shutil.copytree(REPO / "trainer", project / "trainer", ignore=shutil.ignore_patterns("__pycache__"))
+    # One thread per task: two tiny trainers side by side on two cores run faster without OpenMP's
+    # threads spinning against each other.
+    (project / "Dockerfile").write_text(
+        "FROM python:3.11-slim\nENV OMP_NUM_THREADS=1\nWORKDIR /app\nCOPY . /app\n"
+        'ENTRYPOINT ["python", "-m", "trainer"]\n'
+    )
+    shutil.copy(REPO / "cloudbuild.yaml", project / "cloudbuild.yaml")
+    Path("gemma-launch.toml").write_text(
+        f'project_id = "{PROJECT}"\n\n[trainer]\n'
+        + "".join(f"{key} = {json.dumps(value)}\n" for key, value in TRAINER.items())
+    )
+    up_args = ["up", "--source", str(project), "--model-source", str(tiny_model)]
+    up_args += ["--dataset-source", str(few_pets), "--max-retries", "1"]
+    up = cli(*up_args)
+    assert up.exit_code == 0, up.output
+
+    sweep = cli("sweep", "--grid", "learning-rate=2e-2,5e-2", "--grid", "lora-r=4,16")
+    assert sweep.exit_code == 0, sweep.output
+    assert "4 tasks, 2 at a time (what the GPU quota allows: " in sweep.output
+    execution = re.search(r"Started execution (\S+)", sweep.output)[1]
+    # Task 1 is killed after its first checkpoint, as GPU host maintenance would: its retry resumes from
+    # its own checkpoints, under its own directory.
+    run_dir = env.emulator.bucket_dir(BUCKET) / "runs" / execution
+    wait_for(lambda: any((run_dir / "task-1").glob("checkpoint-*/trainer_state.json")), "task 1's checkpoint")
+    assert env.emulator.services["run"].kill_task(execution, 1)
+    followed = cli("logs", execution, "--follow")
+    assert followed.exit_code == 0, followed.output
+    assert "4/4 tasks succeeded, 1 retried." in followed.output
+
+    one_task = cli("logs", execution, "--task", "1")
+    assert one_task.exit_code == 0, one_task.output
+    task_lines = [line for line in one_task.output.splitlines() if line.strip()]
+    assert task_lines and all("[task 1]" in line for line in task_lines)
+    assert re.search(
+        rf"task attempt 1: resuming from \S*/runs/{execution}/task-1/checkpoint-\d+", one_task.output
+    )
+    assert "sweep task 1: {'learning-rate': '2e-2', 'lora-r': '16'}" in one_task.output
+
+    board = json.loads(cli("results", execution, "--json").output)
+    assert sorted(row["task"] for row in board) == [0, 1, 2, 3]
+    assert all(row["state"] == "Succeeded" and row["duration_s"] > 0 and row["cost"] is None for row in board)
+    ranks = [(row["final"]["accuracy"], row["final"]["macro_f1"]) for row in board]
+    assert ranks == sorted(ranks, reverse=True) and ranks[0] > ranks[-1], ranks
+    for row in board:
+        # Each task trained its own combination: the trainer recorded the flags it ran with.
+        recorded = json.loads((run_dir / f"task-{row['task']}" / "results.json").read_text())
+        flags = recorded["settings"]["flags"]
+        assert (flags["learning-rate"], flags["lora-r"]) == (
+            float(row["settings"]["learning-rate"]),
+            int(row["settings"]["lora-r"]),
+        )
+    table = cli("results", execution)
+    assert table.exit_code == 0, table.output
+    assert f"Sweep {execution}" in table.output
+    rows = [line for line in table.output.splitlines() if line.startswith("│ task ")]
+    assert [line.split()[1:3] for line in rows] == [["task", str(row["task"])] for row in board]
+    # The job kept its own parallelism: a second `up` changes nothing.
+    again = cli(*up_args)
+    assert "Everything was already in place" in again.output, again.output
