@@ -6,6 +6,7 @@ import dataclasses
 import functools
 import json
 import sys
+import webbrowser
 from collections.abc import Callable
 from contextlib import nullcontext
 from pathlib import Path
@@ -20,6 +21,7 @@ from rich.table import Table
 
 from launcher import build, doctor, gpus, image_source, logs, overrides, progress, provision, quota, staging
 from launcher import job as jobs
+from launcher import report as run_report
 from launcher import results as run_results
 from launcher.api_errors import translate
 from launcher.changes import Change
@@ -784,6 +786,32 @@ def results(settings: Settings, execution: str | None, as_json: bool) -> None:
             console.print(f"{'':<17} {out.console}", markup=False, soft_wrap=True)
         else:
             console.print(f"{out.label:<17} {out.note}", markup=False, soft_wrap=True)
+    if found.get("phases"):  # trainers that write report.html also record their phases
+        console.print(f"{'report':<17} {run_report.link(settings, name)}", markup=False, soft_wrap=True)
+
+
+@main.command()
+@settings_options(fields=(*JOB_SETTINGS, "bucket"))
+@click.argument("executions", metavar="[EXECUTION]...", nargs=-1)
+@click.option(
+    "--out",
+    "out_dir",
+    type=click.Path(path_type=Path, file_okay=False),
+    default=Path("."),
+    show_default="the current directory",
+    help="Directory to write the HTML file into.",
+)
+@click.option("--open", "open_page", is_flag=True, help="Open the page in the default web browser.")
+def report(settings: Settings, executions: tuple[str, ...], out_dir: Path, open_page: bool) -> None:
+    """Write one self-contained HTML report of executions (default: the newest): the run and its settings,
+    baseline vs fine-tuned, per-breed table, confusion heat map, training curve, gallery of mistakes;
+    with several, a leaderboard and a side-by-side comparison too. It works offline."""
+    clients = Clients(settings.project_id)
+    names = [jobs.execution_name(clients, settings, execution) for execution in executions or (None,)]
+    path = run_report.write(clients, settings, list(dict.fromkeys(names)), out_dir)
+    console.print(f"Wrote {path} ({human_bytes(path.stat().st_size)}).", markup=False, soft_wrap=True)
+    if open_page:
+        webbrowser.open(path.resolve().as_uri())
 
 
 @main.command()
