@@ -221,9 +221,9 @@ def predict(
     features: Container[int] | None = None,
     num_workers: int = 0,
 ) -> list[int]:
-    return predict_ranked(
-        method, model, processor, chat, split, class_names, batch_size, features, num_workers
-    )[0]
+    if method == "score":
+        return score_classes(model, processor, chat, split, batch_size, features, num_workers)
+    return generate_classes(model, processor, chat, split, class_names, batch_size, num_workers)
 
 
 def predict_ranked(

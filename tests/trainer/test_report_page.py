@@ -73,6 +73,9 @@ def test_the_launchers_page_is_the_trainers_report_html_and_small(trained_run, l
     predictions = json.loads((trained_run.run_dir / "predictions.json").read_text())
     first = predictions["images"][0]
     assert first["path"].startswith("images/") and len(first["final"]["top5"]) == 5
+    for image in predictions["images"]:  # class scoring: the prediction is the most likely breed
+        for stage in ("baseline", "final"):
+            assert image[stage]["top5"][0][0] == image[stage]["predicted"]
     results = json.loads((trained_run.run_dir / "results.json").read_text())
     assert tuple(results["phases"]) == PHASES
     assert all(value >= 0 for value in results["phases"].values()) and results["phases"]["train_s"] > 0
