@@ -787,7 +787,9 @@ def results(settings: Settings, execution: str | None, as_json: bool) -> None:
         else:
             console.print(f"{out.label:<17} {out.note}", markup=False, soft_wrap=True)
     if found.get("phases"):  # trainers that write report.html also record their phases
-        console.print(f"{'report':<17} {run_report.link(settings, name)}", markup=False, soft_wrap=True)
+        console.print(
+            f"{'report':<17} {run_report.link(settings, name, found)}", markup=False, soft_wrap=True
+        )
 
 
 @main.command()

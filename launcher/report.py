@@ -57,9 +57,15 @@ def write(clients: Clients, settings: Settings, executions: list[str], out_dir: 
     return path
 
 
-def link(settings: Settings, execution: str) -> str:
-    """Where a person opens the trainer's report.html of an execution: the authenticated console URL, or on
-    the emulator (whose bucket no browser reaches) the `gemma-launch report` command that writes it here."""
+def link(settings: Settings, execution: str, results: dict[str, Any]) -> str:
+    """Where a person opens the trainer's report.html of an execution: the authenticated console URL, or
+    on the emulator, whose bucket no browser reaches, the file itself: the emulated task wrote it into the
+    bucket's directory in the emulator's data dir, which results.json records as its --output-dir."""
     if os.environ.get(EMULATOR_ENV):
-        return f"gemma-launch report {jobs.short_name(execution)}  (the emulated bucket is local)"
+        output_dir = (
+            results.get("settings", {})
+            .get("flags", {})
+            .get("output-dir", f"{jobs.MOUNT_PATH}/{jobs.RUNS_PREFIX}")
+        )
+        return str(Path(output_dir) / jobs.short_name(execution) / PAGE)
     return f"{AUTHENTICATED}/{quote(settings.bucket)}/{quote(run_results.run_prefix(execution))}/{PAGE}"
