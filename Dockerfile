@@ -1,6 +1,6 @@
 # The project's image, for Cloud Run's NVIDIA RTX PRO 6000 (driver 580, CUDA 13.0). Not for its L4: driver
 # 535 runs CUDA 12 at most, and no torch >= 2.13 for CUDA 12 is on PyPI (docs/container.md). The GPU job
-# runs python -m trainer [flags] (docs/trainer.md); the staging job runs python -m launcher.stage_worker.
+# runs python -m trainer [flags] (docs/trainer.md); the staging job runs python -m launcher.staging.worker.
 #
 # Base images are pinned by digest, the tag kept beside it; a digest must be the tag's as published
 # (docs/container.md says where each was). Docker uses the digest and ignores the tag.

@@ -18,12 +18,15 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff format --check launcher trainer tests bench
 	$(VENV)/bin/hadolint Dockerfile
 
+# Four workers on CI's two cores: the suite mostly waits (emulated operations, subprocesses, sockets).
+WORKERS ?= 4
+
 test: lint
-	$(VENV)/bin/pytest -q
+	$(VENV)/bin/pytest -q -n $(WORKERS)
 
 # The inner loop: every test not marked slow, without the lint.
 test-fast: $(STAMP)
-	$(VENV)/bin/pytest -q -m "not slow"
+	$(VENV)/bin/pytest -q -n $(WORKERS) -m "not slow"
 
 # The real-cloud suite (tests/cloud): costs money, needs a project of yours and ADC.
 cloud-test: $(STAMP)

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import io
 import json
 import os
 import random
@@ -105,14 +104,12 @@ def reference(work: Path) -> None:
 
 
 def ours(work: Path) -> None:
-    from rich.console import Console
-
     from launcher import staging
     from launcher.cloud import Clients
 
     client = Clients(PROJECT).storage
     source = staging.resolve_source("model", REPO, None, TOKEN)
-    staging.stage_source(client, client.bucket(BUCKET), source, console=Console(file=io.StringIO()))
+    staging.stage_source(client, client.bucket(BUCKET), source)
 
 
 def measure(name: str, approach: Callable[[Path], None], manifest: dict[str, list]) -> float:

@@ -11,9 +11,9 @@ import time
 
 from google.cloud import service_usage_v1
 
-from launcher.api_errors import explained
 from launcher.changes import Change
-from launcher.cloud import RETRY, Clients
+from launcher.cloud import POLLING, RETRY, Clients
+from launcher.cloud_errors import explained
 from launcher.settings import Settings
 
 # Each API and why gemma-launch needs it.
@@ -66,7 +66,7 @@ def ensure_apis(clients: Clients, settings: Settings, *, dry_run: bool = False) 
                     parent=f"projects/{settings.project_id}", service_ids=missing
                 ),
                 retry=RETRY,
-            ).result(timeout=ENABLE_WAIT_S, retry=RETRY)
+            ).result(timeout=ENABLE_WAIT_S, retry=RETRY, polling=POLLING)
             _wait_until_enabled(clients, settings, missing)
     changes = []
     for api in REQUIRED:

@@ -1,4 +1,5 @@
-"""Source archive -> Cloud Storage -> Cloud Build -> Artifact Registry, with the build log streamed.
+"""Source archive (launcher/build_context.py) -> Cloud Storage -> Cloud Build -> Artifact Registry, with
+the build log streamed.
 
 The image is tagged with a hash of the source archive, so an unchanged tree is never rebuilt: the
 registry is asked first, and only a missing tag uploads the archive and starts a build from
@@ -7,53 +8,31 @@ cloudbuild.yaml (the same file `gcloud builds submit --config cloudbuild.yaml` r
 
 from __future__ import annotations
 
-import gzip
-import hashlib
 import json
-import os
-import stat
-import tarfile
-import tempfile
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 
-import pathspec
 import yaml
 from google.api_core import exceptions
 from google.cloud import artifactregistry_v1
 from google.cloud.devtools import cloudbuild_v1
-from google.cloud.logging_v2.types import ListLogEntriesRequest, LogEntry
+from google.cloud.logging_v2.types import LogEntry
 from google.protobuf import json_format
 
-from launcher.api_errors import explained
+from launcher import logs
+from launcher.build_context import SourceArchive, pack_source
+from launcher.changes import Change
 from launcher.cloud import RETRY, Clients
+from launcher.cloud_errors import explained
 from launcher.errors import UserError
 from launcher.settings import Settings
 
 CONFIG_FILE = "cloudbuild.yaml"
 SOURCE_PREFIX = "source/"
 TAG_LENGTH = 16
-
-# Left out of every archive whatever the ignore files say (a `!` pattern cannot bring them back):
-# version control, local environments, and the usual shapes of credentials.
-ALWAYS_EXCLUDED = (
-    ".git",
-    ".venv",
-    "__pycache__",
-    ".env",
-    ".env.*",
-    "*.pem",
-    "*.p12",
-    "*credentials*.json",
-    "*-key.json",
-)
-
-# A stand-in Hugging Face token for the emulator: random, so no file of the project can contain it.
-REHEARSAL_TOKEN = """export HF_TOKEN=hf_$(python -c 'import secrets; print(secrets.token_hex(17))')"""
 
 RUNNING = {
     cloudbuild_v1.Build.Status.PENDING,
@@ -73,160 +52,16 @@ TAIL_LINES = 20
 # Logging allows 60 read requests a minute per project; the emulator has no such quota.
 REAL_POLL_S = 2.0
 EMULATOR_POLL_S = 1.0
-# Cloud Logging may ingest an entry a little after later ones: each read looks this far behind the
-# newest entry seen, and entries already shown are skipped by insert id.
-LOG_LAG_NS = 10 * 1_000_000_000
 DRAIN_POLLS = 5
 # A build may sit in the queue before its own timeout starts counting.
 QUEUE_ALLOWANCE_S = 3600
 
 
 @dataclass(frozen=True)
-class SourceArchive:
-    path: Path
-    sha256: str
-    files: int
-    bytes: int  # size of the .tar.gz
-
-
-@dataclass(frozen=True)
 class BuiltImage:
     uri: str  # REGION-docker.pkg.dev/PROJECT/REPO/IMAGE@sha256:... (IMAGE:TAG when not built yet)
     tag: str
-    status: str  # created | unchanged | would create
-    command: str = ""
-
-
-# ---- the source archive ------------------------------------------------------------------------
-
-
-def _ignore_lines(root: Path) -> list[str]:
-    """.gcloudignore (with its `#!include:FILE` directive), else .dockerignore, else nothing."""
-    gcloudignore = root / ".gcloudignore"
-    if gcloudignore.is_file():
-        lines = []
-        for line in gcloudignore.read_text().splitlines():
-            if line.startswith("#!include:"):
-                included = root / line.removeprefix("#!include:").strip()
-                if not included.is_file():
-                    raise UserError(
-                        f"{gcloudignore} includes {included}, which does not exist.",
-                        "Create it or remove the #!include line.",
-                    )
-                lines += included.read_text().splitlines()
-            else:
-                lines.append(line)
-        return lines
-    dockerignore = root / ".dockerignore"
-    if dockerignore.is_file():
-        return [_anchored(line) for line in dockerignore.read_text().splitlines()]
-    return []
-
-
-def _anchored(line: str) -> str:
-    # .dockerignore patterns are relative to the context root (`*.pyc` is only the top level), while
-    # a gitignore pattern without a slash matches at any depth: anchor them to keep Docker's meaning.
-    text = line.strip()
-    if not text or text.startswith("#"):
-        return text
-    negated = text.startswith("!")
-    body = text.removeprefix("!").lstrip("/")
-    return ("!" if negated else "") + "/" + body
-
-
-def _members(root: Path) -> list[str]:
-    """Relative POSIX paths of the files and symlinks to pack, sorted."""
-    always = pathspec.GitIgnoreSpec.from_lines(ALWAYS_EXCLUDED)
-    user = pathspec.GitIgnoreSpec.from_lines(_ignore_lines(root))
-
-    def excluded(relative: str) -> bool:
-        return always.match_file(relative) or user.match_file(relative)
-
-    found = []
-    for directory, subdirectories, files in os.walk(root):
-        base = Path(directory).relative_to(root).as_posix()
-        prefix = "" if base == "." else f"{base}/"
-        descend = []
-        for name in subdirectories:
-            relative = prefix + name
-            if (Path(directory) / name).is_symlink():
-                files.append(name)
-            elif not excluded(relative + "/"):
-                descend.append(name)
-        subdirectories[:] = descend
-        for name in files:
-            relative = prefix + name
-            mode = (Path(directory) / name).lstat().st_mode
-            if (stat.S_ISREG(mode) or stat.S_ISLNK(mode)) and not excluded(relative):
-                found.append(relative)
-    return sorted(found)
-
-
-def _contains(path: Path, needles: Sequence[bytes]) -> bool:
-    overlap = max(len(needle) for needle in needles) - 1
-    tail = b""
-    with path.open("rb") as file:
-        while chunk := file.read(1 << 20):
-            window = tail + chunk
-            if any(needle in window for needle in needles):
-                return True
-            tail = window[-overlap:] if overlap else b""
-    return False
-
-
-def pack_source(
-    root: Path, destination: Path | None = None, *, forbidden: Sequence[str] = ()
-) -> SourceArchive:
-    """A reproducible .tar.gz of `root`: the same tree gives the same bytes, hence the same sha256.
-
-    Entries are sorted, owners and times zeroed and modes reduced to 644/755, so neither checkout
-    time nor umask changes the hash. A file containing any of the `forbidden` strings (the HF token)
-    stops the packing with a UserError naming the file. Without `destination`, the archive goes to a
-    temporary file that the caller deletes.
-    """
-    root = root.resolve()
-    if not root.is_dir():
-        raise UserError(f"Source directory {root} does not exist.", "Run the command from your project.")
-    needles = [secret.encode() for secret in forbidden if secret]
-    members = _members(root)
-    if destination is None:
-        handle, name = tempfile.mkstemp(prefix="gemma-launch-source-", suffix=".tar.gz")
-        os.close(handle)
-        destination = Path(name)
-    with (
-        destination.open("wb") as raw,
-        gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0) as compressed,
-        tarfile.open(fileobj=compressed, mode="w", format=tarfile.PAX_FORMAT) as tar,
-    ):
-        for relative in members:
-            path = root / relative
-            info = tarfile.TarInfo(relative)
-            info.mtime = 0
-            info.uid = info.gid = 0
-            info.uname = info.gname = ""
-            mode = path.lstat().st_mode
-            if stat.S_ISLNK(mode):
-                info.type = tarfile.SYMTYPE
-                info.linkname = os.readlink(path)
-                info.mode = 0o777
-                tar.addfile(info)
-                continue
-            if needles and _contains(path, needles):
-                raise UserError(
-                    f"{relative} contains your Hugging Face token; it must not be uploaded with the source.",
-                    f"Remove the token from {relative}, or add the file to .gcloudignore. If HF_TOKEN is a "
-                    "made-up one for a rehearsal, make up one that no file contains: "
-                    f"{REHEARSAL_TOKEN}",
-                )
-            info.size = path.stat().st_size
-            info.mode = 0o755 if mode & 0o111 else 0o644
-            with path.open("rb") as file:
-                tar.addfile(info, file)
-    digest = hashlib.sha256()
-    with destination.open("rb") as file:
-        while chunk := file.read(1 << 20):
-            digest.update(chunk)
-    return SourceArchive(destination, digest.hexdigest(), len(members), destination.stat().st_size)
+    change: Change  # kind "image": created | unchanged | would create, with the gcloud command
 
 
 # ---- cloudbuild.yaml ---------------------------------------------------------------------------
@@ -285,16 +120,6 @@ def _upload(clients: Clients, settings: Settings, archive: SourceArchive) -> tup
     return name, blob.generation or 0
 
 
-def _timestamp_ns(entry: LogEntry) -> int:
-    moment = entry.timestamp
-    return int(moment.timestamp()) * 1_000_000_000 + moment.nanosecond
-
-
-def _rfc3339(ns: int) -> str:
-    seconds, fraction = divmod(ns, 1_000_000_000)
-    return datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%dT%H:%M:%S") + f".{fraction:09d}Z"
-
-
 def _render(entry: LogEntry) -> str:
     text = entry.text_payload
     if not text and entry.json_payload:
@@ -304,39 +129,6 @@ def _render(entry: LogEntry) -> str:
     # the step as gcloud does, unless the text already starts with it.
     step = entry.labels.get("build_step", "MAIN")
     return f"{step}: {text}" if step != "MAIN" and not text.startswith(step) else text
-
-
-class BuildLog:
-    """Reads a build's log entries from Cloud Logging in order, each once, however often polled."""
-
-    def __init__(self, clients: Clients, project: str, build_id: str) -> None:
-        self._clients = clients
-        self._project = project
-        self._base = f'resource.type="build" AND resource.labels.build_id="{build_id}"'
-        self._newest_ns: int | None = None
-        self._seen: set[tuple[int, str]] = set()
-
-    def poll(self) -> list[str]:
-        query = self._base
-        if self._newest_ns is not None:
-            query += f' AND timestamp>="{_rfc3339(self._newest_ns - LOG_LAG_NS)}"'
-        lines = []
-        for entry in self._clients.logging.list_log_entries(
-            request=ListLogEntriesRequest(
-                resource_names=[f"projects/{self._project}"],
-                filter=query,
-                order_by="timestamp asc",
-                page_size=1000,
-            ),
-            retry=RETRY,
-        ):
-            key = (_timestamp_ns(entry), entry.insert_id)
-            if key in self._seen:
-                continue
-            self._seen.add(key)
-            self._newest_ns = max(self._newest_ns or key[0], key[0])
-            lines.append(_render(entry))
-        return lines
 
 
 def _log_url(build: cloudbuild_v1.Build, settings: Settings) -> str:
@@ -389,7 +181,9 @@ def _run_build(
     on_line(f"Cloud Build {started.id} started" + (f"; log: {page}" if page else ""))
     if on_steps is not None:
         on_steps([step.id or step.name for step in request.build.steps])
-    log = BuildLog(clients, settings.project_id, started.id)
+    log = logs.Reader(
+        clients, settings.project_id, f'resource.type="build" AND resource.labels.build_id="{started.id}"'
+    )
     last: deque[str] = deque(maxlen=TAIL_LINES)
 
     def show(lines: list[str]) -> bool:
@@ -401,7 +195,7 @@ def _run_build(
     interval = EMULATOR_POLL_S if clients.emulator else REAL_POLL_S
     deadline = time.monotonic() + request.build.timeout.total_seconds() + QUEUE_ALLOWANCE_S
     while (build := _get_build(clients, settings, started.id)).status in RUNNING:
-        show(log.poll())
+        show([_render(entry) for entry in log.poll()])
         if time.monotonic() > deadline:
             raise UserError(
                 f"Cloud Build {started.id} is still running after its timeout.",
@@ -410,7 +204,7 @@ def _run_build(
         time.sleep(interval)
     # Entries can reach Logging after the build ends: read until a poll brings nothing new.
     for _ in range(DRAIN_POLLS):
-        if not show(log.poll()):
+        if not show([_render(entry) for entry in log.poll()]):
             break
         time.sleep(interval)
     if build.status in FAILED:
@@ -551,14 +345,16 @@ def build_image(
                     ) from None
                 existing = None
         if existing is not None:
-            return BuiltImage(existing.uri, tag, "unchanged")
+            return BuiltImage(existing.uri, tag, Change("image", existing.uri, "unchanged"))
         if dry_run:
-            return BuiltImage(f"{settings.image_repository_uri}:{tag}", tag, "would create", command)
+            planned = f"{settings.image_repository_uri}:{tag}"
+            return BuiltImage(planned, tag, Change("image", planned, "would create", command))
         with explained("source archive", f"gs://{settings.bucket}/{SOURCE_PREFIX}", settings):
             source = _upload(clients, settings, archive)
         with explained("build", settings.image_repository_uri, settings):
             request = _build_request(settings, config, source, tag)
             build = _run_build(clients, settings, request, on_line, on_steps)
-        return BuiltImage(_pushed_uri(build, settings, tag), tag, "created", command)
+        uri = _pushed_uri(build, settings, tag)
+        return BuiltImage(uri, tag, Change("image", uri, "created", command))
     finally:
         archive.path.unlink(missing_ok=True)

@@ -25,6 +25,7 @@ import grpc
 import requests
 import urllib3
 from google.api_core import exceptions, retry
+from google.api_core.future import polling
 from google.auth.credentials import AnonymousCredentials, Credentials
 from google.cloud import (
     artifactregistry_v1,
@@ -104,6 +105,11 @@ RETRY = retry.Retry(
     multiplier=2.0,
     timeout=retry_deadline_s(),
 )
+
+# How a long-running operation is polled: google-api-core's default first waits a whole second, then
+# 1.5x longer each time; the operations `up` waits on (enabling APIs, a repository, a job create or
+# update, a cancel) usually finish within a second, so the first checks come sooner.
+POLLING = polling.DEFAULT_POLLING.with_delay(initial=0.1, maximum=10.0, multiplier=2.0)
 
 
 def _adc() -> Credentials | None:

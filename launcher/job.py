@@ -1,21 +1,18 @@
-"""The Cloud Run GPU job: Settings -> run_v2.Job, create-or-update, execute with overrides, wait.
+"""The Cloud Run GPU job: Settings -> run_v2.Job, and create-or-update with a field diff (its executions
+are launcher/executions.py's).
 
 The bucket is mounted at MOUNT_PATH, so the trainer reads the staged weights and dataset and writes its
 checkpoints and results there: a retried task resumes from the checkpoints of its own execution.
 
 The staging job (`<job>-stage`, stage_job_spec) is its CPU-only sibling: the same image and service
-account, running launcher.stage_worker with arguments given per execution (launcher/staging.py).
+account, running launcher.staging.worker with arguments given per execution (launcher/staging/in_cloud.py).
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import shlex
-import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any
 
 from google.api_core import exceptions
@@ -23,7 +20,8 @@ from google.cloud import artifactregistry_v1, run_v2
 from google.protobuf import duration_pb2
 
 from launcher import gpus
-from launcher.cloud import RETRY, Clients
+from launcher.changes import Change
+from launcher.cloud import POLLING, RETRY, Clients
 from launcher.errors import UserError
 from launcher.overrides import apply as apply_settings
 from launcher.settings import Settings
@@ -52,23 +50,15 @@ MOUNT_OPTIONS = [
     f"gid={CONTAINER_UID}",
 ]
 
-# The staging job: a short CPU job in the region that runs launcher.stage_worker from the same image,
+# The staging job: a short CPU job in the region that runs launcher.staging.worker from the same image,
 # so Hub weights flow Hub -> region -> bucket instead of through the user's machine.
 STAGE_SUFFIX = "-stage"
 STAGE_CONTAINER = "stage"
-STAGE_COMMAND = ["python", "-m", "launcher.stage_worker"]
+STAGE_COMMAND = ["python", "-m", "launcher.staging.worker"]
 STAGE_CPU = "4"
 STAGE_MEMORY = "16Gi"
 STAGE_RETRIES = 3
 STAGE_TIMEOUT_S = 2 * 3600
-
-
-@dataclass(frozen=True)
-class JobChange:
-    name: str
-    status: str  # created | updated | unchanged | would create | would update
-    command: str
-    diff: tuple[str, ...] = ()  # an update's changed fields: "path: before -> after"
 
 
 def trainer_args(settings: Settings, model_prefix: str, dataset_prefix: str) -> list[str]:
@@ -308,10 +298,12 @@ def ensure_job(
     *,
     dry_run: bool = False,
     describe: Callable[[Settings, run_v2.Job, str], str] = gcloud_command,
-) -> JobChange:
+    kind: str = "job",
+) -> Change:
     """Create the job, or update it when a field we manage differs; an unchanged spec is not rewritten.
 
-    `describe(settings, job, verb)` gives the equivalent gcloud command shown to the user.
+    `describe(settings, job, verb)` gives the equivalent gcloud command shown to the user (none when
+    unchanged); `kind` names the job in the Change ("job", "staging job").
     """
     try:
         existing = clients.jobs.get_job(name=settings.job_name, retry=RETRY)
@@ -320,26 +312,26 @@ def ensure_job(
     if existing is None:
         command = describe(settings, job, "create")
         if dry_run:
-            return JobChange(settings.job_name, "would create", command)
+            return Change(kind, settings.job_name, "would create", command)
         try:
             clients.jobs.create_job(
                 parent=settings.location, job=job, job_id=settings.job, retry=RETRY
-            ).result(timeout=300, retry=RETRY)
+            ).result(timeout=300, retry=RETRY, polling=POLLING)
         except exceptions.AlreadyExists:
             # Another `up`, or our own create whose reply was lost: converge with an update below.
-            return ensure_job(clients, settings, job, dry_run=dry_run, describe=describe)
-        return JobChange(settings.job_name, "created", command)
+            return ensure_job(clients, settings, job, dry_run=dry_run, describe=describe, kind=kind)
+        return Change(kind, settings.job_name, "created", command)
     command = describe(settings, job, "update")
     wanted, actual = _managed_fields(job), spec_dict(existing)
     diff = tuple(field_diff(wanted, {key: actual.get(key) for key in wanted}))
     if not diff:
-        return JobChange(settings.job_name, "unchanged", command)
+        return Change(kind, settings.job_name, "unchanged")
     if dry_run:
-        return JobChange(settings.job_name, "would update", command, diff)
+        return Change(kind, settings.job_name, "would update", command, diff)
     update = run_v2.Job(job)
     update.name = settings.job_name
-    clients.jobs.update_job(job=update, retry=RETRY).result(timeout=300, retry=RETRY)
-    return JobChange(settings.job_name, "updated", command, diff)
+    clients.jobs.update_job(job=update, retry=RETRY).result(timeout=300, retry=RETRY, polling=POLLING)
+    return Change(kind, settings.job_name, "updated", command, diff)
 
 
 def current_args(clients: Clients, settings: Settings) -> list[str]:
@@ -373,160 +365,6 @@ def _flag(args: Sequence[str], flag: str) -> str | None:
     return args[index + 1] if 0 <= index < len(args) - 1 else None
 
 
-def run(
-    clients: Clients,
-    settings: Settings,
-    *,
-    sets: Mapping[str, str],
-    tasks: int | None = None,
-    timeout_s: int | None = None,
-    args: Sequence[str] | None = None,
-    container: str = CONTAINER,
-) -> run_v2.Execution:
-    """Start one execution; `sets` override trainer flags for this execution only.
-
-    `args`, instead, replaces the arguments of `container` for this execution (the staging job's).
-    """
-    overrides = run_v2.RunJobRequest.Overrides()
-    if sets:
-        args = apply_settings(current_args(clients, settings), sets)
-    if args:
-        overrides.container_overrides = [
-            run_v2.RunJobRequest.Overrides.ContainerOverride(name=container, args=list(args))
-        ]
-    if tasks:
-        overrides.task_count = tasks
-    if timeout_s:
-        overrides.timeout = duration_pb2.Duration(seconds=timeout_s)
-    request = run_v2.RunJobRequest(name=settings.job_name, overrides=overrides)
-
-    def start(latest_before: str) -> run_v2.Execution:
-        # Retried as a whole, not per call: when a RunJob reply was lost the execution exists, and a
-        # blind retry would start a second one. A new latest execution is the one we started.
-        latest = clients.jobs.get_job(name=settings.job_name, retry=RETRY).latest_created_execution.name
-        if latest != latest_before:
-            return clients.executions.get_execution(name=latest, retry=RETRY)
-        return clients.jobs.run_job(request=request, retry=None).metadata
-
-    try:
-        before = clients.jobs.get_job(name=settings.job_name, retry=RETRY).latest_created_execution.name
-        return RETRY(start)(before)
-    except exceptions.NotFound:
-        raise UserError(
-            f"Job {settings.job} does not exist in {settings.region}.", "Run `gemma-launch up` first."
-        ) from None
-    except exceptions.FailedPrecondition as error:
-        raise UserError(
-            f"Cloud Run refused to run {settings.job}: {error.message}",
-            "Run `gemma-launch up` to repair the job.",
-        ) from None
-
-
-def short_name(execution: str) -> str:
-    return execution.rsplit("/", 1)[-1]
-
-
-def execution_name(clients: Clients, settings: Settings, execution: str | None) -> str:
-    """The full name of an existing execution given by short id or full name, or the job's newest."""
-    if not execution:
-        for found in list_executions(clients, settings, limit=1):
-            return found.name
-        raise UserError(f"Job {settings.job} has no executions yet.", "Start one with `gemma-launch run`.")
-    name = execution if execution.startswith("projects/") else f"{settings.job_name}/executions/{execution}"
-    return get_execution(clients, settings, name).name
-
-
-def get_execution(clients: Clients, settings: Settings, name: str) -> run_v2.Execution:
-    """The execution; one that does not exist is a UserError that lists the job's recent ones."""
-    try:
-        return clients.executions.get_execution(name=name, retry=RETRY)
-    except exceptions.NotFound:
-        pass
-    recent = [short_name(found.name) for found in list_executions(clients, settings, limit=5)]
-    hint = (
-        f"The job's recent executions, newest first: {', '.join(recent)} (`gemma-launch status` shows "
-        "their states); leave EXECUTION out for the newest."
-        if recent
-        else "Start one with `gemma-launch run`."
-    )
-    raise UserError(f"Execution {short_name(name)} of job {settings.job} does not exist.", hint) from None
-
-
-def is_done(execution: run_v2.Execution) -> bool:
-    return bool(execution.completion_time)
-
-
-def succeeded(execution: run_v2.Execution) -> bool:
-    return (
-        is_done(execution)
-        and execution.succeeded_count >= execution.task_count
-        and execution.failed_count == 0
-        and execution.cancelled_count == 0
-    )
-
-
-def state(execution: run_v2.Execution) -> str:
-    if not is_done(execution):
-        return "Running" if execution.start_time else "Pending"
-    if execution.cancelled_count:
-        return "Cancelled"
-    return "Succeeded" if succeeded(execution) else "Failed"
-
-
-def why(execution: run_v2.Execution) -> str:
-    """Why a finished execution did not succeed: its Completed condition's message; "" otherwise."""
-    if not is_done(execution) or succeeded(execution):
-        return ""
-    for condition in execution.conditions:
-        if condition.type_ == "Completed":
-            return condition.message
-    return ""
-
-
-def running(clients: Clients, settings: Settings) -> list[run_v2.Execution]:
-    """The job's executions that have not finished, newest first."""
-    return [found for found in list_executions(clients, settings, limit=100) if not is_done(found)]
-
-
-def refuse_concurrent(clients: Clients, settings: Settings) -> None:
-    """A UserError when an execution of the job is still running: two would train side by side, each
-    paying for its GPU, usually by accident (a Ctrl-C stops following, not the execution)."""
-    unfinished = running(clients, settings)
-    if not unfinished:
-        return
-    newest = short_name(unfinished[0].name)
-    others = f" (and {len(unfinished) - 1} more)" if len(unfinished) > 1 else ""
-    raise UserError(
-        f"Execution {newest}{others} of job {settings.job} is still {state(unfinished[0]).lower()}.",
-        f"Follow it with `gemma-launch logs {newest} --follow`, stop it with `gemma-launch cancel "
-        f"{newest}`, or pass --allow-concurrent to start another one alongside it.",
-    )
-
-
-@dataclass(frozen=True)
-class Cancelled:
-    execution: run_v2.Execution
-    status: str  # cancelled | cancelling (asked, not stopped yet) | unchanged (it had already finished)
-
-
-def cancel(clients: Clients, settings: Settings, name: str, wait_s: float = 60.0) -> Cancelled:
-    """Cancel an execution and wait up to `wait_s` for it to stop; one already finished is left alone."""
-    execution = get_execution(clients, settings, name)
-    if is_done(execution):
-        return Cancelled(execution, "unchanged")
-    # FailedPrecondition: it finished between our read and the cancel; the read below says how.
-    with contextlib.suppress(exceptions.FailedPrecondition):
-        clients.executions.cancel_execution(name=name, retry=RETRY).result(timeout=300, retry=RETRY)
-    deadline = time.monotonic() + wait_s
-    while True:
-        execution = get_execution(clients, settings, name)
-        if is_done(execution):
-            return Cancelled(execution, "cancelled" if execution.cancelled_count else "unchanged")
-        if time.monotonic() >= deadline:
-            return Cancelled(execution, "cancelling")
-        time.sleep(1.0)
-
-
 def current_image(clients: Clients, settings: Settings) -> str | None:
     try:
         return clients.jobs.get_job(name=settings.job_name, retry=RETRY).template.template.containers[0].image
@@ -546,38 +384,3 @@ def latest_image(clients: Clients, settings: Settings) -> str | None:
     except exceptions.NotFound:
         pass
     return None
-
-
-def list_executions(clients: Clients, settings: Settings, limit: int) -> list[run_v2.Execution]:
-    try:
-        pages = clients.executions.list_executions(parent=settings.job_name, retry=RETRY)
-        return [execution for _, execution in zip(range(limit), pages, strict=False)]
-    except exceptions.NotFound:
-        raise UserError(
-            f"Job {settings.job} does not exist in {settings.region}.", "Run `gemma-launch up` first."
-        ) from None
-
-
-def gpus_held(clients: Clients, settings: Settings) -> int:
-    """GPUs the job's unfinished executions hold: one per task running at once."""
-    return sum(e.parallelism for e in list_executions(clients, settings, limit=100) if not is_done(e))
-
-
-def summary(execution: run_v2.Execution) -> dict[str, Any]:
-    started = execution.start_time if execution.start_time else None
-    ended = execution.completion_time if execution.completion_time else None
-    duration = None
-    if started:
-        seconds = int(((ended or datetime.now(UTC)) - started).total_seconds())
-        duration = f"{seconds // 3600}h{seconds % 3600 // 60:02d}m{seconds % 60:02d}s"
-    return {
-        "execution": short_name(execution.name),
-        "state": state(execution),
-        "tasks": execution.task_count,
-        "succeeded": execution.succeeded_count,
-        "failed": execution.failed_count,
-        "retried": execution.retried_count,
-        "started": started.strftime("%Y-%m-%d %H:%M:%S") if started else None,
-        "duration": duration,
-        "why": why(execution),
-    }

@@ -1,18 +1,17 @@
-"""Logs of one execution: history through ListLogEntries, then live through TailLogEntries.
+"""Cloud Logging, read: the one reader of log entries, an execution's or a build's.
 
-The live tail is opened before the history is read, and entries are de-duplicated by insert id, so
-nothing is missed or shown twice at the switch. When the execution ends, the tail is closed and a last
-ListLogEntries drains whatever the tail's buffer window still held back.
+A Reader hands out each entry a filter matches once, in order, however it arrives: listed by
+ListLogEntries as often as polled, or live through TailLogEntries. launcher/executions.py follows an
+execution with both; launcher/build.py polls a build's log.
 """
 
 from __future__ import annotations
 
 import queue
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 import grpc
@@ -20,12 +19,12 @@ from google.api_core import exceptions
 from google.cloud.logging_v2.types import ListLogEntriesRequest, LogEntry, TailLogEntriesRequest
 from google.protobuf import duration_pb2
 
-from launcher import job as jobs
 from launcher.cloud import RETRY, Clients
-from launcher.settings import Settings
 
-EXECUTION_LABEL = "run.googleapis.com/execution_name"
 TASK_LABEL = "run.googleapis.com/task_index"
+# Cloud Logging may ingest an entry a little after later ones: each poll looks this far behind the
+# newest entry seen, and entries already handed out are skipped.
+LOG_LAG_NS = 10 * 1_000_000_000
 
 
 @dataclass(frozen=True)
@@ -48,14 +47,7 @@ class Line:
         }
 
 
-def execution_filter(settings: Settings, execution: str) -> str:
-    return (
-        f'resource.type="cloud_run_job" AND resource.labels.job_name="{settings.job}" '
-        f'AND labels."{EXECUTION_LABEL}"="{jobs.short_name(execution)}"'
-    )
-
-
-def _line(entry: LogEntry) -> Line:
+def line(entry: LogEntry) -> Line:
     text = entry.text_payload
     if not text and entry.json_payload:
         text = str(dict(entry.json_payload).get("message", dict(entry.json_payload)))
@@ -63,14 +55,58 @@ def _line(entry: LogEntry) -> Line:
     return Line(timestamp, entry.labels.get(TASK_LABEL, ""), text.rstrip("\n"))
 
 
-def history(clients: Clients, settings: Settings, log_filter: str) -> Iterator[LogEntry]:
-    request = ListLogEntriesRequest(
-        resource_names=[f"projects/{settings.project_id}"],
-        filter=log_filter,
-        order_by="timestamp asc",
-        page_size=1000,
-    )
-    yield from clients.logging.list_log_entries(request=request, retry=RETRY)
+def _timestamp_ns(entry: LogEntry) -> int:
+    moment = entry.timestamp
+    if not moment:
+        return 0
+    return int(moment.timestamp()) * 1_000_000_000 + moment.nanosecond
+
+
+def _rfc3339(ns: int) -> str:
+    seconds, fraction = divmod(ns, 1_000_000_000)
+    return datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%dT%H:%M:%S") + f".{fraction:09d}Z"
+
+
+class Reader:
+    """The entries `log_filter` matches in the project, each handed out once: by `poll`, as often as
+    called, and by `fresh`, which says whether an entry from a `tail` is new."""
+
+    def __init__(self, clients: Clients, project: str, log_filter: str) -> None:
+        self._clients = clients
+        self._project = project
+        self._filter = log_filter
+        self._newest_ns: int | None = None
+        self._seen: set[tuple[int, str]] = set()
+
+    def fresh(self, entry: LogEntry) -> bool:
+        """True the first time `entry` is seen, however it came."""
+        key = (_timestamp_ns(entry), entry.insert_id)
+        if key in self._seen:
+            return False
+        self._seen.add(key)
+        self._newest_ns = max(self._newest_ns or key[0], key[0])
+        return True
+
+    def poll(self, *, everything: bool = False) -> list[LogEntry]:
+        """The entries not handed out yet, oldest first. Each poll lists from a little before the newest
+        entry seen; `everything` lists them all again (what a broken tail may have missed)."""
+        query = self._filter
+        if self._newest_ns is not None and not everything:
+            query += f' AND timestamp>="{_rfc3339(self._newest_ns - LOG_LAG_NS)}"'
+        return [entry for entry in self._list(query) if self.fresh(entry)]
+
+    def _list(self, query: str) -> Iterator[LogEntry]:
+        request = ListLogEntriesRequest(
+            resource_names=[f"projects/{self._project}"],
+            filter=query,
+            order_by="timestamp asc",
+            page_size=1000,
+        )
+        yield from self._clients.logging.list_log_entries(request=request, retry=RETRY)
+
+    def tail(self) -> _Tail:
+        """The filter's new entries, live, on a background thread; close() it when done."""
+        return _Tail(self._clients, self._project, self._filter)
 
 
 class _Tail:
@@ -80,9 +116,9 @@ class _Tail:
     returning the stream, and an execution that logs nothing more would otherwise block the caller.
     """
 
-    def __init__(self, clients: Clients, settings: Settings, log_filter: str) -> None:
+    def __init__(self, clients: Clients, project: str, log_filter: str) -> None:
         self._request = TailLogEntriesRequest(
-            resource_names=[f"projects/{settings.project_id}"],
+            resource_names=[f"projects/{project}"],
             filter=log_filter,
             buffer_window=duration_pb2.Duration(seconds=1),
         )
@@ -110,56 +146,3 @@ class _Tail:
         self._closed.set()
         if self._stream is not None:
             self._stream.cancel()
-
-
-def stream(
-    clients: Clients,
-    settings: Settings,
-    execution: str,
-    *,
-    follow: bool,
-    emit: Callable[[Line], None],
-    poll_s: float = 2.0,
-    grace_s: float = 2.0,
-) -> None:
-    """Emit every log line of `execution`; with `follow`, keep going until the execution has ended."""
-    log_filter = execution_filter(settings, execution)
-    seen: set[str] = set()
-
-    def show(entry: LogEntry) -> None:
-        if entry.insert_id in seen:
-            return
-        seen.add(entry.insert_id)
-        emit(_line(entry))
-
-    tail = _Tail(clients, settings, log_filter) if follow else None
-    try:
-        for entry in history(clients, settings, log_filter):
-            show(entry)
-        if tail is None:
-            return
-        next_check = 0.0
-        done_at: float | None = None
-        while True:
-            now = time.monotonic()
-            if done_at is None and now >= next_check:
-                if jobs.is_done(jobs.get_execution(clients, settings, execution)):
-                    # Lines written just before the end may still sit in the tail's buffer window.
-                    done_at = now
-                next_check = now + poll_s
-            if done_at is not None and now - done_at >= grace_s:
-                break
-            try:
-                entry = tail.entries.get(timeout=0.2)
-            except queue.Empty:
-                continue
-            if entry is None:  # the stream ended on the server's side: reopen it, gently
-                time.sleep(poll_s)
-                tail = _Tail(clients, settings, log_filter)
-                continue
-            show(entry)
-    finally:
-        if tail is not None:
-            tail.close()
-    for entry in history(clients, settings, log_filter):
-        show(entry)

@@ -99,7 +99,7 @@ def check_sizes(
     args: Sequence[str], splits: Mapping[str, int], dataset: str, only: Sequence[str] | None = None
 ) -> None:
     """--train-size and --eval-size of the trainer's arguments (or its defaults) against the split sizes
-    recorded when the dataset was staged (launcher/staging.py); `only`: the size settings to check."""
+    recorded when the dataset was staged (launcher/staging/bucket.py); `only`: the size settings to check."""
     try:
         parsed = flags.parse_args(list(args))
     except flags.FlagError as error:

@@ -2,7 +2,7 @@
 a CI log, a file) a line at each quarter, so the output stays a few lines long however big the work.
 
 Used for a build's steps (launcher/build.py's log, summarised by the CLI), training steps read from
-the trainer's log during `run --follow`, and staged bytes (launcher/transfer.py's Reporter).
+the trainer's log during `run --follow`, and staged bytes (launcher/staging/view.py).
 """
 
 from __future__ import annotations

@@ -15,6 +15,7 @@ from urllib.parse import quote
 
 from google.api_core import exceptions
 
+from launcher import executions
 from launcher import job as jobs
 from launcher import results as run_results
 from launcher.cloud import EMULATOR_ENV, RETRY, Clients
@@ -43,13 +44,15 @@ def run_page(clients: Clients, settings: Settings, execution: str) -> dict[str, 
         raise run_results.no_results(clients, settings, execution)
     prefix = run_results.run_prefix(execution)
     predictions, curve, thumbnails = (_read_json(clients, settings, f"{prefix}/{name}") for name in EXTRAS)
-    return report_page.run_page(results, predictions, curve, thumbnails, name=jobs.short_name(execution))
+    return report_page.run_page(
+        results, predictions, curve, thumbnails, name=executions.short_name(execution)
+    )
 
 
-def write(clients: Clients, settings: Settings, executions: list[str], out_dir: Path) -> Path:
+def write(clients: Clients, settings: Settings, names: list[str], out_dir: Path) -> Path:
     """Render the executions (full names) into one file in out_dir; its path."""
-    pages = [run_page(clients, settings, execution) for execution in executions]
-    shorts = [jobs.short_name(execution) for execution in executions]
+    pages = [run_page(clients, settings, name) for name in names]
+    shorts = [executions.short_name(name) for name in names]
     name = f"report-{shorts[0]}.html" if len(shorts) == 1 else f"report-{len(shorts)}-executions.html"
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / name
@@ -67,5 +70,5 @@ def link(settings: Settings, execution: str, results: dict[str, Any]) -> str:
             .get("flags", {})
             .get("output-dir", f"{jobs.MOUNT_PATH}/{jobs.RUNS_PREFIX}")
         )
-        return str(Path(output_dir) / jobs.short_name(execution) / PAGE)
+        return str(Path(output_dir) / executions.short_name(execution) / PAGE)
     return f"{AUTHENTICATED}/{quote(settings.bucket)}/{quote(run_results.run_prefix(execution))}/{PAGE}"

@@ -10,6 +10,7 @@ from urllib.parse import quote
 
 from google.api_core import exceptions
 
+from launcher import executions
 from launcher import job as jobs
 from launcher.cloud import RETRY, Clients
 from launcher.errors import UserError
@@ -26,7 +27,7 @@ METRICS = (("accuracy", "Accuracy"), ("macro_f1", "Macro-F1"), ("unknown_rate", 
 
 def run_prefix(execution: str) -> str:
     """Where the trainer writes an execution's outputs: --output-dir /mnt/gcs/runs plus its name."""
-    return f"{jobs.RUNS_PREFIX}/{jobs.short_name(execution)}"
+    return f"{jobs.RUNS_PREFIX}/{executions.short_name(execution)}"
 
 
 def results_object(execution: str) -> str:
@@ -64,17 +65,18 @@ def rows(results: dict[str, Any]) -> list[tuple[str, float, float, float]]:
 
 def no_results(clients: Clients, settings: Settings, execution: str) -> UserError:
     """Why an execution has no results.json, from its state."""
-    found = jobs.get_execution(clients, settings, execution)
-    short = jobs.short_name(execution)
+    found = executions.get_execution(clients, settings, execution)
+    short = executions.short_name(execution)
     where = f"gs://{settings.bucket}/{results_object(execution)}"
-    if not jobs.is_done(found):
+    if not executions.is_done(found):
         return UserError(
-            f"Execution {short} is still {jobs.state(found).lower()}: it writes {where} when training ends.",
+            f"Execution {short} is still {executions.state(found).lower()}: it writes {where} when "
+            "training ends.",
             f"Follow it with `gemma-launch logs {short} --follow`, then run `gemma-launch results {short}`.",
         )
-    if not jobs.succeeded(found):
-        why = jobs.why(found)
-        verdict = jobs.state(found).lower()
+    if not executions.succeeded(found):
+        why = executions.why(found)
+        verdict = executions.state(found).lower()
         stopped = recorded_failure(clients, settings, execution)
         if stopped is not None:
             return UserError(

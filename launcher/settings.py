@@ -1,4 +1,5 @@
-"""One typed Settings model: defaults < gemma-launch.toml < environment variables < command-line flags.
+"""One typed Settings model, read from defaults < gemma-launch.toml < environment variables < command-line
+flags (launcher/settings_sources.py), checked against Google's rules (launcher/settings_rules.py).
 
 Every check that can be made without calling an API is made here, so a bad value fails before any
 request leaves the machine, with a message that names the value and a hint that says what to do.
@@ -6,13 +7,8 @@ request leaves the machine, with a message that names the value and a hint that 
 
 from __future__ import annotations
 
-import difflib
-import os
 import re
-import tomllib
-from collections.abc import Mapping
-from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 from pydantic import (
     BaseModel,
@@ -20,126 +16,43 @@ from pydantic import (
     Field,
     PrivateAttr,
     SecretStr,
-    ValidationError,
     field_validator,
     model_validator,
 )
 
-from launcher import overrides
 from launcher.errors import UserError
 from launcher.gpus import DEFAULT_MODEL, MODELS, default_model
+from launcher.settings_rules import (
+    DEFAULT_SHAPES,
+    GA_GPU_TIMEOUT_S,
+    GPU_MINIMUMS,
+    GPU_REGIONS,
+    JOB_MEMORY_GIB,
+    MAX_GPU_TIMEOUT_S,
+    MAX_TIMEOUT_S,
+    MIN_TIMEOUT_S,
+    NO_GPU,
+    PREVIEW_GPUS,
+    REGION,
+    RTX_CPUS,
+    RTX_GIB_PER_CPU,
+    check_bucket,
+    cpu_count,
+    memory_gib,
+    parse_duration,
+)
 
 CONFIG_FILE = "gemma-launch.toml"
-
-# `--gpu none`: the same job on CPU only, which needs no GPU quota (a rehearsal on real Cloud Run).
-NO_GPU = "none"
-GPU_REGIONS: dict[str, tuple[str, ...]] = {
-    "nvidia-rtx-pro-6000": ("us-central1", "europe-west4", "asia-southeast1"),
-    "nvidia-l4": ("us-central1", "europe-west1", "europe-west4", "asia-southeast1"),
-}
-# "Depending on usage, certain projects may be restricted to only use Cloud Build in the following
-# regions" (https://cloud.google.com/build/docs/locations#restricted_regions_for_some_projects); a new
-# project may be one of them. `global` works for every project.
-RESTRICTED_BUILD_REGIONS = (
-    "us-central1",
-    "us-west2",
-    "europe-west1",
-    "asia-east1",
-    "australia-southeast1",
-    "southamerica-east1",
-)
-# Cloud Run refuses a GPU instance below these (CPU count, GiB of memory): "For L4 GPUs, you must use a
-# minimum of 4 CPU and 16 GiB of memory", RTX PRO 6000 "a minimum of 20 CPU and 80 GiB"
-# (https://cloud.google.com/run/docs/configuring/jobs/gpu).
-GPU_MINIMUMS: dict[str, tuple[float, float]] = {
-    "nvidia-rtx-pro-6000": (20, 80),
-    "nvidia-l4": (4, 16),
-}
-# An RTX PRO 6000 instance takes 20 or 22 vCPU and at most 4 GiB per vCPU (Cloud Run's answers to
-# validateOnly requests; the docs give only the minimum). The emulator refuses the same
-# (emulator/run_validation.py).
-RTX_CPUS = (20.0, 22.0)
-RTX_GIB_PER_CPU = 4
-# Any other job: 1, 2, 4, 6 or 8 vCPU, each with its memory range in GiB ("vCPU and memory table",
-# https://cloud.google.com/run/docs/configuring/jobs/cpu; 512 MiB at least, 32 GiB at most,
-# https://cloud.google.com/run/docs/configuring/jobs/memory-limits).
-JOB_MEMORY_GIB: dict[float, tuple[float, float]] = {
-    1: (0.5, 4),
-    2: (0.5, 8),
-    4: (2, 16),
-    6: (4, 24),
-    8: (4, 32),
-}
-# (cpu, memory) when not set: the tutorial's RTX PRO 6000 shape, else the largest shape of the table.
-DEFAULT_SHAPES: dict[str, tuple[str, str]] = {
-    "nvidia-rtx-pro-6000": ("20", "80Gi"),
-    "nvidia-l4": ("8", "32Gi"),
-    NO_GPU: ("8", "32Gi"),
-}
-# Preview GPUs are only accepted on a job whose launch stage opts into preview features.
-PREVIEW_GPUS = {"nvidia-rtx-pro-6000"}
-# https://cloud.google.com/run/docs/configuring/task-timeout: 168 h for a task, but "For tasks using GPUs,
-# the maximum available timeout is 12 hours (preview)" ("Long running GPU jobs"), 1 hour at GA.
-GA_GPU_TIMEOUT_S = 3600
-MAX_GPU_TIMEOUT_S = 12 * 3600
-
-# Environment variables named as in the Cloud Run GPU fine-tuning tutorial, so its shell set-up works as is.
-ENV_VARS: dict[str, str] = {
-    "PROJECT_ID": "project_id",
-    "REGION": "region",
-    "SERVICE_ACCOUNT": "service_account",
-    "BUILD_SERVICE_ACCOUNT": "build_service_account",
-    "BUCKET_NAME": "bucket",
-    "AR_REPO": "repository",
-    "SECRET_ID": "secret_id",
-    "IMAGE_NAME": "image",
-    "JOB_NAME": "job",
-}
 
 # What `gemma-launch init` writes for project_id, commented out; refused if used as it is.
 PROJECT_PLACEHOLDER = "your-project-id"
 
-REGION = re.compile(r"^[a-z]+-[a-z]+\d+$")
 _PROJECT_ID = re.compile(r"^[a-z][a-z0-9-]{4,28}[a-z0-9]$")
 _ACCOUNT_ID = re.compile(r"^[a-z][-a-z0-9]{4,28}[a-z0-9]$")
 _REPOSITORY = re.compile(r"^[a-z]([-a-z0-9]{0,61}[a-z0-9])?$")
 _JOB = re.compile(r"^[a-z]([-a-z0-9]{0,47}[a-z0-9])?$")
 _IMAGE = re.compile(r"^[a-z0-9]+([._-][a-z0-9]+)*(/[a-z0-9]+([._-][a-z0-9]+)*)*$")
 _SECRET_ID = re.compile(r"^[A-Za-z0-9_-]{1,255}$")
-_BUCKET = re.compile(r"^[a-z0-9][a-z0-9._-]{1,61}[a-z0-9]$")
-_IPV4 = re.compile(r"^\d{1,3}(\.\d{1,3}){3}$")
-_MEMORY = re.compile(r"^(?P<number>\d+(\.\d+)?)(?P<unit>Gi|G|Mi|M)$")
-_CPU = re.compile(r"^(?P<number>\d+(\.\d+)?)(?P<milli>m?)$")
-_DURATION = re.compile(r"^(?:(?P<h>\d+)h)?(?:(?P<m>\d+)m)?(?:(?P<s>\d+)s)?$")
-
-MIN_TIMEOUT_S = 10
-MAX_TIMEOUT_S = 168 * 3600
-
-
-def parse_duration(text: str) -> int:
-    """'6h', '90m', '1h30m', '3600s' or '3600' -> seconds."""
-    text = text.strip()
-    if text.isdigit():
-        return int(text)
-    match = _DURATION.match(text)
-    if not text or not match:
-        raise ValueError(f"{text!r} is not a duration like 6h, 90m, 1h30m or 3600s")
-    return int(match["h"] or 0) * 3600 + int(match["m"] or 0) * 60 + int(match["s"] or 0)
-
-
-def memory_gib(text: str) -> float:
-    match = _MEMORY.match(text)
-    if not match:
-        raise ValueError(f"{text!r} is not a memory size like 80Gi, 32G or 16384Mi")
-    factor = {"Gi": 1.0, "G": 1e9 / 2**30, "Mi": 1 / 1024, "M": 1e6 / 2**30}[match["unit"]]
-    return float(match["number"]) * factor
-
-
-def cpu_count(text: str) -> float:
-    match = _CPU.match(text)
-    if not match:
-        raise ValueError(f"{text!r} is not a CPU count like 20 or 4000m")
-    return float(match["number"]) / (1000 if match["milli"] else 1)
 
 
 class Settings(BaseModel):
@@ -321,7 +234,7 @@ class Settings(BaseModel):
 
         `gpu_region=False` leaves out whether the GPU is offered in the region: `doctor` reports that as
         one of its checks instead of stopping before the others."""
-        _check_bucket(self.bucket)
+        check_bucket(self.bucket)
         if gpu_region and (problem := self.gpu_not_offered()):
             raise problem
         if self.uses_gpu:
@@ -477,229 +390,3 @@ def check_run_timeout(settings: Settings, timeout_s: int) -> None:
             "Use --timeout 1h or less, or run `gemma-launch up --task-timeout "
             f"{timeout_s // 3600}h` first: the job then opts into the Preview.",
         )
-
-
-def _check_bucket(name: str) -> None:
-    if (
-        not _BUCKET.match(name)
-        or ".." in name
-        or name.startswith("goog")
-        or "google" in name
-        or _IPV4.match(name)
-    ):
-        raise UserError(
-            f"Bucket name {name!r} is invalid: 3-63 lower-case letters, digits, '-', '_' and '.', starting "
-            "and ending with a letter or digit, not starting with 'goog' nor containing 'google'.",
-            "Choose another with --bucket or $BUCKET_NAME (the default is <project>-gemma3-finetuning).",
-        )
-
-
-def find_config(explicit: Path | None) -> Path | None:
-    if explicit is not None:
-        if not explicit.is_file():
-            raise UserError(f"Config file {explicit} does not exist.", "Create one with `gemma-launch init`.")
-        return explicit
-    # Relative, so messages name it as the user knows it: gemma-launch.toml.
-    candidate = Path(CONFIG_FILE)
-    return candidate if candidate.is_file() else None
-
-
-def _read_config(path: Path) -> dict[str, Any]:
-    try:
-        document = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as error:
-        raise UserError(
-            f"{path} is not valid TOML: {error}.",
-            "Fix the line named, or rewrite it with `gemma-launch init --force`.",
-        ) from error
-    if "hf_token" in document:
-        raise UserError(
-            f"{path} contains hf_token.",
-            "Remove it: the token belongs in the HF_TOKEN environment variable, and from there only in "
-            "Secret Manager.",
-        )
-    return document
-
-
-def _hf_token_from_environment() -> str | None:
-    token = os.environ.get("HF_TOKEN")
-    if token:
-        return token
-    from huggingface_hub import get_token
-
-    return get_token()
-
-
-def load_settings(
-    config: Path | None = None,
-    flags: dict[str, Any] | None = None,
-    *,
-    gpu_region: bool = True,
-    flag_names: Mapping[str, str] | None = None,
-) -> Settings:
-    """Merge the four sources and validate; any problem becomes a UserError naming its source.
-
-    `flag_names`: the command-line flag of each field in `flags` (default --field-name).
-    `gpu_region=False`: a GPU not offered in the region is left for the caller to report."""
-    values: dict[str, Any] = {}
-    origin: dict[str, Origin] = {}
-    path = find_config(config)
-    if path is not None:
-        for key, value in _read_config(path).items():
-            values[key] = value
-            origin[key] = Origin("file", str(path))
-    for env_name, field in ENV_VARS.items():
-        if os.environ.get(env_name):
-            values[field] = os.environ[env_name]
-            origin[field] = Origin("env", env_name)
-    for field, value in (flags or {}).items():
-        if value is None or value == ():
-            continue
-        if field == "trainer":
-            values["trainer"] = {**values.get("trainer", {}), **value}
-        else:
-            values[field] = value
-        name = (flag_names or {}).get(field) or "--" + field.replace("_", "-")
-        origin[field] = Origin("flag", name)
-    values["hf_token"] = _hf_token_from_environment()
-    try:
-        settings = Settings.model_validate(values)
-    except ValidationError as error:
-        raise _explain(error, origin, path) from None
-    overrides.check_table(settings.trainer, str(path or "the settings"))
-    settings.check_consistency(gpu_region=gpu_region)
-    return settings
-
-
-class Origin:
-    """Where a setting's value came from: a flag (--project), an environment variable (PROJECT_ID) or the
-    settings file (its path); it words the error and the fix."""
-
-    def __init__(self, kind: Literal["flag", "env", "file"], name: str) -> None:
-        self.kind, self.name = kind, name
-
-    def what(self, field: str) -> str:
-        if self.kind == "flag":
-            return self.name
-        if self.kind == "env":
-            return f"${self.name}"
-        return f"{field} in {self.name}"
-
-    def fix(self, field: str, example: Any) -> str:
-        if self.kind == "flag":
-            return f"Pass {self.name} {example}" if example != "" else f"Pass {self.name} VALUE"
-        if self.kind == "env":
-            return f"export {self.name}={example}"
-        return f"Write {field} = {_toml_value(example)} in {self.name}"
-
-
-# Pydantic's words for a value of the wrong type, said as what was expected.
-_EXPECTED = {
-    "string_type": "text in quotes",
-    "int_type": "a whole number",
-    "int_parsing": "a whole number",
-    "int_from_float": "a whole number",
-    "bool_type": "true or false",
-    "bool_parsing": "true or false",
-    "dict_type": "a table ([trainer] with KEY = VALUE lines)",
-}
-
-
-def _explain(error: ValidationError, origin: dict[str, Origin], path: Path | None) -> UserError:
-    problem = error.errors()[0]
-    field = str(problem["loc"][0]) if problem["loc"] else ""
-    if problem["type"] == "missing" and field == "project_id":
-        return UserError(
-            "No Google Cloud project set.",
-            "export PROJECT_ID=your-project, pass --project, or set project_id in gemma-launch.toml.",
-        )
-    if problem["type"] == "extra_forbidden":
-        return _unknown_setting(field, path)
-    source = origin.get(field) or Origin("flag", "--" + field.replace("_", "-"))
-    value = problem.get("input")
-    if problem["type"] in _EXPECTED:
-        reason = f"expected {_EXPECTED[problem['type']]}, got {value!r}"
-    elif problem["type"] == "literal_error":
-        reason = f"{value!r} is not one of {problem['ctx']['expected']}"
-    elif problem["type"] == "value_error":  # the field validators above, which name the value
-        reason = problem["msg"].removeprefix("Value error, ")
-    else:
-        reason = f"{problem['msg']}, got {value!r}"
-    info = Settings.model_fields[field]
-    example = (info.examples or [info.default])[0]
-    if problem["type"] == "literal_error" and isinstance(value, str):
-        example = _closest(value, re.findall(r"'([^']+)'", problem["ctx"]["expected"]), example)
-    about = info.description or ""
-    return UserError(
-        f"Invalid {source.what(field)}: {reason}.", f"{source.fix(field, example)}. {field}: {about}"
-    )
-
-
-def _closest(value: str, choices: list[str], default: Any) -> Any:
-    """The choice the user most likely meant: one that contains what they wrote ("l4"), else the most
-    similar, else `default`."""
-    containing = [choice for choice in choices if value and value.lower() in choice]
-    close = containing or difflib.get_close_matches(value, choices, n=1, cutoff=0.4)
-    return close[0] if close else default
-
-
-def _unknown_setting(field: str, path: Path | None) -> UserError:
-    known = [name for name in Settings.model_fields if name != "hf_token"]
-    where = path or "the settings"
-    if field in overrides.settable():
-        return UserError(
-            f"Unknown setting {field!r} in {where}: it is a trainer setting.",
-            f"Move it under the [trainer] table of {where}.",
-        )
-    close = difflib.get_close_matches(field, known, n=1)
-    guess = f"Did you mean {close[0]}? " if close else ""
-    return UserError(f"Unknown setting {field!r} in {where}.", f"{guess}Known settings: {', '.join(known)}.")
-
-
-def template() -> str:
-    """A commented gemma-launch.toml listing every setting with its default."""
-    lines = [
-        "# gemma-launch settings. Precedence: defaults < this file < environment variables < flags.",
-        "# The Hugging Face token is never read from this file: export HF_TOKEN, `gemma-launch up` puts it",
-        "# in Secret Manager.",
-        "",
-    ]
-    for name, field in Settings.model_fields.items():
-        if name in ("hf_token", "trainer"):
-            continue
-        env_name = next((env for env, target in ENV_VARS.items() if target == name), None)
-        lines.append(f"# {field.description}" + (f" Env: ${env_name}." if env_name else ""))
-        default = field.default
-        if name == "project_id":
-            # Commented, and refused if uncommented as it is: a placeholder must never reach Google.
-            lines.append("# Required: uncomment and set, or export PROJECT_ID.")
-            lines.append(f'# project_id = "{PROJECT_PLACEHOLDER}"')
-        elif name == "bucket":
-            lines.append('# bucket = "<project_id>-gemma3-finetuning"')
-        elif name in ("cpu", "memory"):
-            lines.append(f"# {name} = {_toml_value(Settings.shape_default(name))}")
-        elif name == "model_id":
-            lines.append(f"# model_id = {_toml_value(MODELS[DEFAULT_MODEL].hub_id)}")
-        else:
-            lines.append(f"# {name} = {_toml_value(default)}")
-        lines.append("")
-    lines.append("# Trainer flags for every run (override one run with `gemma-launch run --set KEY=VALUE`):")
-    lines.append(
-        "# any flag of `python -m trainer --help` but the ones gemma-launch sets: "
-        + ", ".join(overrides.LAUNCHER_SET)
-        + "."
-    )
-    lines.append("[trainer]")
-    lines.append("# train-size = 1000")
-    lines.append("# eval-size = 500")
-    lines.append("# learning-rate = 1e-4")
-    lines.append("# num-epochs = 1")
-    return "\n".join(lines) + "\n"
-
-
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int | float):
-        return str(value)
-    return f'"{value}"'

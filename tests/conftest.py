@@ -10,7 +10,7 @@ import pytest
 
 from launcher import gpus
 from launcher.apis import REQUIRED
-from launcher.settings import ENV_VARS
+from launcher.settings_sources import ENV_VARS
 from tests.support.emulator import Local, emulated
 
 # A project whose Cloud Run GPU quota request was granted, with room for two GPU tasks at once (a fresh

@@ -46,7 +46,7 @@ from launcher.emulator.rpc import (
 )
 from launcher.emulator.state import State
 from launcher.emulator.storage import CloudStorage
-from launcher.settings import RESTRICTED_BUILD_REGIONS
+from launcher.settings_rules import RESTRICTED_BUILD_REGIONS
 
 _RUNNING = (Status.PENDING, Status.QUEUED, Status.WORKING)
 _PARENT = re.compile(r"^projects/(?P<project>[^/]+)/locations/(?P<location>[^/]+)$")

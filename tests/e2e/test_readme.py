@@ -26,7 +26,7 @@ import click
 import pytest
 
 from launcher.cli import main
-from launcher.settings import ENV_VARS
+from launcher.settings_sources import ENV_VARS
 from tests.support.readme_blocks import Block, readme_blocks
 
 REPO = Path(__file__).resolve().parents[2]

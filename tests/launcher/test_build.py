@@ -14,7 +14,8 @@ from google.cloud.devtools import cloudbuild_v1
 from google.cloud.logging_v2.types import ListLogEntriesRequest
 
 from launcher import provision
-from launcher.build import build_image, load_build_config, pack_source
+from launcher.build import build_image, load_build_config
+from launcher.build_context import pack_source
 from launcher.errors import UserError
 from launcher.settings import Settings
 
@@ -269,7 +270,7 @@ def test_build_image_builds_pushes_and_then_skips_unchanged_source(local, cloud)
 
     built = build_image(clients, settings, root, on_line=on_line)
 
-    assert built.status == "created"
+    assert built.change.status == "created"
     repository_uri = "europe-west4-docker.pkg.dev/demo-project/gemma3-finetuning-repo/gemma3-finetune"
     assert built.uri.startswith(f"{repository_uri}@sha256:") and len(built.uri.split("@sha256:")[1]) == 64
     images = list(clients.registry.list_docker_images(parent=settings.repository_name))
@@ -309,7 +310,7 @@ def test_build_image_builds_pushes_and_then_skips_unchanged_source(local, cloud)
     assert ".env" not in _names(archive) and FAKE_TOKEN.encode() not in archive.read_bytes()
 
     again = build_image(clients, settings, root, on_line=lines.append)
-    assert (again.status, again.uri, again.tag) == ("unchanged", built.uri, built.tag)
+    assert (again.change.status, again.uri, again.tag) == ("unchanged", built.uri, built.tag)
     assert len(_calls(local, "CreateBuild")) == 1
     assert len(_calls(local, "objects.insert")) == 1
     assert FAKE_TOKEN not in (local.record_path.read_text())
@@ -318,10 +319,12 @@ def test_build_image_builds_pushes_and_then_skips_unchanged_source(local, cloud)
 def test_build_image_dry_run_changes_nothing(local, cloud) -> None:
     clients, settings, root = cloud
     planned = build_image(clients, settings, root, dry_run=True)
-    assert planned.status == "would create"
+    assert planned.change.status == "would create"
     assert planned.uri == f"{settings.image_repository_uri}:{planned.tag}"
-    assert f"_TAG={planned.tag}" in planned.command and "gcloud builds submit" in planned.command
-    assert " --region=global " in planned.command
+    assert (
+        f"_TAG={planned.tag}" in planned.change.command and "gcloud builds submit" in planned.change.command
+    )
+    assert " --region=global " in planned.change.command
     assert not _calls(local, "CreateBuild") and not _calls(local, "objects.insert")
 
 
@@ -365,7 +368,7 @@ def test_the_repositorys_dockerfile_builds_from_what_its_ignore_files_send(local
     )
     root = _write(tmp_path / "repository", files)
     built = build_image(clients, settings, root, on_line=lambda line: None)
-    assert built.status == "created"
+    assert built.change.status == "created"
     snapshot = local.emulator.services["builds"].image_dir(built.uri.split("@")[1])
     assert json.loads((snapshot / ".image.json").read_text())["entrypoint"] == ["python", "-m", "trainer"]
 

@@ -12,7 +12,7 @@ from google.iam.v1 import iam_policy_pb2, policy_pb2
 from google.oauth2.credentials import Credentials
 
 from launcher.cli import main
-from launcher.doctor import UP_PERMISSIONS
+from launcher.doctor_checks import UP_PERMISSIONS
 from tests.support.record import changes
 
 PROJECT = "demo-project"

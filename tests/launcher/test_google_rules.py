@@ -18,11 +18,11 @@ from google.cloud import storage
 from google.iam.v1 import iam_policy_pb2, policy_pb2
 from google.oauth2.credentials import Credentials
 
+from launcher import iam_bindings
 from launcher import job as jobs
-from launcher import provision
 from launcher.cli import main
 from launcher.emulator.server import Emulator
-from launcher.settings import load_settings
+from launcher.settings_sources import load_settings
 
 PROJECT = "demo-project"
 BUCKET = f"{PROJECT}-gemma3-finetuning"
@@ -167,4 +167,4 @@ def test_a_stale_bucket_policy_etag_is_refused_and_provisioning_reads_again(loca
     bucket.set_iam_policy(fresh_policy)
     with pytest.raises(exceptions.PreconditionFailed) as raced:
         bucket.set_iam_policy(stale)
-    assert provision._POLICY_RACE_RETRY._predicate(raced.value)
+    assert iam_bindings._POLICY_RACE_RETRY._predicate(raced.value)

@@ -15,7 +15,8 @@ from launcher import gpus, staging
 from launcher.cli import main
 from launcher.errors import UserError
 from launcher.job import trainer_args
-from launcher.settings import Settings, load_settings
+from launcher.settings import Settings
+from launcher.settings_sources import load_settings
 
 PROJECT = "demo-project"
 TOKEN = "hf_gpu_test_token_0123456789abcdef"

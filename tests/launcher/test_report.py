@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from launcher import report as run_report
 from launcher.cloud import EMULATOR_ENV
-from launcher.settings import load_settings
+from launcher.settings_sources import load_settings
 
 EXECUTION = "projects/demo-project/locations/europe-west4/jobs/gemma3-finetuning-job/executions/job-abc12"
 

@@ -5,7 +5,8 @@ from click.testing import CliRunner
 
 from launcher.cli import main
 from launcher.errors import UserError
-from launcher.settings import check_run_timeout, load_settings
+from launcher.settings import check_run_timeout
+from launcher.settings_sources import load_settings
 
 
 def test_defaults_follow_the_tutorial(monkeypatch):

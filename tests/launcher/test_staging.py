@@ -12,6 +12,7 @@ import threading
 from collections.abc import Iterator
 from functools import cache
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from click.testing import CliRunner
@@ -19,11 +20,14 @@ from huggingface_hub import constants
 from pydantic import SecretStr
 from rich.console import Console
 
-from launcher import staging, transfer
+from launcher import staging
 from launcher.cli import main
 from launcher.errors import UserError
 from launcher.settings import Settings
-from launcher.transfer import CRC32C_KEY
+from launcher.staging import transfer
+from launcher.staging.events import BytesMoved, Event
+from launcher.staging.transfer import CRC32C_KEY
+from launcher.staging.view import StagingView
 from tests.support.hub_standin import HubStandin
 
 TOKEN = "hf_StandinToken0123456789abcdefXYZ"
@@ -84,12 +88,18 @@ def settings(token: str | None = TOKEN, **values: str) -> Settings:
     )
 
 
-def run(local, token: str | None = TOKEN, **options) -> tuple[list[staging.Staged], str]:
+def run(local, token: str | None = TOKEN, on_bytes=None, **options) -> tuple[list[SimpleNamespace], str]:
+    """Stage; each source's outcome as `stage --json` shows it, and what the CLI would print."""
     out = io.StringIO()
-    staged = staging.stage(
-        local.clients(PROJECT), settings(token), console=Console(file=out, width=200), **options
-    )
-    return staged, out.getvalue()
+    view = StagingView(Console(file=out, width=200), verbose=options.get("verbose", False))
+
+    def on_event(event: Event) -> None:
+        view(event)
+        if on_bytes is not None and isinstance(event, BytesMoved):
+            on_bytes(event.path, event.count)
+
+    changes = staging.stage(local.clients(PROJECT), settings(token), on_event=on_event, **options)
+    return [SimpleNamespace(**staging.document(change)) for change in changes], out.getvalue()
 
 
 def bucket_files(local, prefix: str) -> dict[str, bytes]:

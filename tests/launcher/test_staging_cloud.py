@@ -1,11 +1,10 @@
 """Staging in the cloud: `up` builds the repository's real image, the emulated Cloud Run runs
-launcher.stage_worker from that image against the Hub stand-in, and the launcher follows it through
+launcher.staging.worker from that image against the Hub stand-in, and the launcher follows it through
 Logging. Assertions on the bucket, the request record, the job and execution resources, and the output."""
 
 from __future__ import annotations
 
 import base64
-import io
 import json
 import re
 
@@ -14,7 +13,6 @@ from click.testing import CliRunner
 from google.cloud import run_v2
 from huggingface_hub import constants
 from pydantic import SecretStr
-from rich.console import Console
 
 from launcher import staging
 from launcher.cli import main
@@ -119,7 +117,7 @@ def test_up_stages_hub_repos_in_the_cloud_like_local_staging_and_then_runs_nothi
     container = job.template.template.containers[0]
     image = clients.jobs.get_job(name=STAGE_JOB.removesuffix("-stage")).template.template.containers[0].image
     assert container.image == image and "@sha256:" in image
-    assert list(container.command) == ["python", "-m", "launcher.stage_worker"]
+    assert list(container.command) == ["python", "-m", "launcher.staging.worker"]
     assert dict(container.resources.limits) == {"cpu": "4", "memory": "16Gi"}
     task = job.template.template
     assert (task.max_retries, task.timeout.total_seconds()) == (3, 2 * 3600)
@@ -135,7 +133,7 @@ def test_up_stages_hub_repos_in_the_cloud_like_local_staging_and_then_runs_nothi
     settings = Settings(
         project_id=PROJECT, bucket=copy, model_id=MODEL, dataset_id=DATASET, hf_token=SecretStr(TOKEN)
     )
-    local_staged = staging.stage(clients, settings, stage_in="local", console=Console(file=io.StringIO()))
+    local_staged = staging.stage(clients, settings, stage_in="local")
     assert [item.status for item in local_staged] == ["created", "created"]
     for prefix in (MODEL, "datasets/oxford-iiit-pet"):
         assert objects(env, BUCKET, prefix) == objects(env, copy, prefix)

@@ -12,7 +12,7 @@ import pytest
 
 from launcher import report as run_report
 from launcher.cloud import Clients
-from launcher.settings import load_settings
+from launcher.settings_sources import load_settings
 from trainer import report_page
 from trainer.run_record import PHASES
 

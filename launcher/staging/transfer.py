@@ -22,12 +22,10 @@ import mimetypes
 import queue
 import re
 import threading
-import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import google_crc32c
 import httpx2
@@ -36,18 +34,6 @@ from google.api_core import exceptions
 from google.cloud import storage
 from google.cloud.storage.retry import DEFAULT_RETRY
 from huggingface_hub.utils import get_session, hf_raise_for_status
-from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    DownloadColumn,
-    Progress,
-    TaskID,
-    TextColumn,
-    TimeRemainingColumn,
-    TransferSpeedColumn,
-)
-
-from launcher.progress import QUARTERS, Pace, Quarters, duration
 
 PIECE = 1 << 20
 READ_AHEAD = 16 << 20  # per file being uploaded: what the reader thread may fetch ahead of the upload
@@ -61,7 +47,6 @@ _RETRYABLE_STATUS = (308, 408, 429, 500, 502, 503, 504)
 _PERSISTED = re.compile(r"^bytes=0-(?P<end>\d+)$")
 
 OnBytes = Callable[[str, int], None]
-T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -390,109 +375,6 @@ def _session_status(transport: Any, session: str, size: int) -> dict[str, Any] |
     if response.status_code in (404, 410):
         return None
     raise exceptions.from_http_response(response)
-
-
-def run_parallel(items: list[Item], work: Callable[[Item, threading.Event], T], workers: int) -> list[T]:
-    """Run `work` on every item, largest first; the first failure (or Ctrl-C) cancels the rest."""
-    cancel = threading.Event()
-    ordered = sorted(items, key=lambda item: item.size, reverse=True)
-    with ThreadPoolExecutor(max_workers=max(1, min(workers, len(items))), thread_name_prefix="stage") as pool:
-        futures: list[Future[T]] = [pool.submit(work, item, cancel) for item in ordered]
-        try:
-            done, pending = wait(futures, return_when=FIRST_EXCEPTION)
-            failed = [future for future in done if future.exception() is not None]
-            if failed:
-                raise _first_real_error(failed)
-        except BaseException:
-            cancel.set()
-            for future in futures:
-                future.cancel()
-            raise
-    return [future.result() for future in futures]
-
-
-def _first_real_error(failed: list[Future[Any]]) -> BaseException:
-    errors = [future.exception() for future in failed]
-    for error in errors:
-        if not isinstance(error, Cancelled):
-            return error  # type: ignore[return-value]
-    return errors[0]  # type: ignore[return-value]
-
-
-class Reporter:
-    """Progress: total bytes, rate and ETA on a terminal. Otherwise a line at each quarter of the bytes,
-    or with `verbose` one line per finished file."""
-
-    def __init__(self, console: Console, label: str, total: int, *, verbose: bool = False) -> None:
-        self._console = console
-        self._live = console.is_terminal
-        self._verbose = verbose
-        self._label = label
-        self._lock = threading.Lock()
-        self._started: dict[str, float] = {}
-        self._tasks: dict[str, TaskID] = {}
-        self._done = 0
-        self._quarters = Quarters(total, QUARTERS[:-1])  # the caller says when it is all done
-        self._pace = Pace()
-        self._progress = Progress(
-            TextColumn("{task.description}"),
-            BarColumn(),
-            DownloadColumn(),
-            TransferSpeedColumn(),
-            TimeRemainingColumn(),
-            console=console,
-            transient=False,
-            disable=not self._live,
-        )
-        self._total = self._progress.add_task(label, total=total)
-
-    def __enter__(self) -> Reporter:
-        self._progress.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._progress.stop()
-
-    def start(self, item: Item) -> None:
-        with self._lock:
-            self._started[item.path] = time.monotonic()
-            if self._live:
-                self._tasks[item.path] = self._progress.add_task(f"  {item.path}", total=item.size)
-
-    def advance(self, path: str, count: int) -> None:
-        self._progress.advance(self._total, count)
-        task = self._tasks.get(path)
-        if task is not None:
-            self._progress.advance(task, count)
-        if self._live or self._verbose:
-            return
-        with self._lock:
-            self._done += count
-            total = self._quarters.total
-            left = self._pace.left(self._done, total, time.monotonic())
-            reached = self._quarters.passed(self._done)
-            if reached is None:
-                return
-            eta = f", about {duration(left)} left" if left is not None and left >= 1 else ""
-            self._console.print(
-                f"  {self._label}: {reached:.0%} ({human_bytes(self._done)} of {human_bytes(total)}){eta}",
-                soft_wrap=True,
-                highlight=False,
-            )
-
-    def finish(self, item: Item) -> None:
-        with self._lock:
-            seconds = max(time.monotonic() - self._started.pop(item.path, time.monotonic()), 1e-6)
-            task = self._tasks.pop(item.path, None)
-        if task is not None:
-            self._progress.remove_task(task)
-        elif self._verbose:
-            self._console.print(
-                f"  uploaded {item.path} ({human_bytes(item.size)} in {seconds:.1f} s, "
-                f"{human_bytes(item.size / seconds)}/s)",
-                soft_wrap=True,
-                highlight=False,
-            )
 
 
 def human_bytes(count: float) -> str:

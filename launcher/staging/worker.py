@@ -1,12 +1,12 @@
-"""The staging job's program: `python -m launcher.stage_worker --project P --bucket B --kind model
+"""The staging job's program: `python -m launcher.staging.worker --project P --bucket B --kind model
 --source ID --revision COMMIT --prefix PREFIX [--kind dataset --source ...]`.
 
-It runs in the project's image as a short CPU Cloud Run job in the bucket's region (launcher/staging.py
-starts it), and moves each Hub repository into the bucket with the same code as local staging:
-`hub_source` lists the repo at the commit the launcher resolved, `stage_source` transfers, verifies and
-writes the completion marker. The Hub token comes only from HF_TOKEN, which Cloud Run sets from the
-secret; it is never an argument. Output is a line at each quarter of the bytes (with --verbose, one per
-file), read back by the launcher through Logging.
+It runs in the project's image as a short CPU Cloud Run job in the bucket's region (in_cloud.py starts
+it and writes this argv: `worker_args` there, `parse` here), and moves each Hub repository into the
+bucket with the same code as local staging: `hub_source` lists the repo at the commit the launcher
+resolved, `stage_source` transfers, verifies and writes the completion marker. The Hub token comes
+only from HF_TOKEN, which Cloud Run sets from the secret; it is never an argument. Output is a line at
+each quarter of the bytes (with --verbose, one per file), read back by the launcher through Logging.
 """
 
 from __future__ import annotations
@@ -17,20 +17,22 @@ import sys
 
 from rich.console import Console
 
-from launcher import staging
 from launcher.cloud import Clients
 from launcher.errors import UserError
+from launcher.staging.bucket import stage_source
+from launcher.staging.sources import hub_source
+from launcher.staging.view import StagingView
 
 KINDS = ("model", "dataset")
 
 
 def parse(argv: list[str]) -> tuple[argparse.Namespace, list[argparse.Namespace]]:
     """The common flags, then one group per `--kind` (each group starts at its --kind)."""
-    common = argparse.ArgumentParser(prog="python -m launcher.stage_worker")
+    common = argparse.ArgumentParser(prog="python -m launcher.staging.worker")
     common.add_argument("--project", required=True)
     common.add_argument("--bucket", required=True)
     common.add_argument("--verbose", action="store_true", help="a line per file staged")
-    group = argparse.ArgumentParser(prog="python -m launcher.stage_worker ... --kind")
+    group = argparse.ArgumentParser(prog="python -m launcher.staging.worker ... --kind")
     group.add_argument("--kind", required=True, choices=KINDS)
     group.add_argument("--source", required=True, help="Hub repo id")
     group.add_argument("--revision", required=True, help="commit to stage")
@@ -49,17 +51,18 @@ def main(argv: list[str] | None = None) -> int:
     token = os.environ.get("HF_TOKEN", "").strip() or None
     # Cloud Run's output is not a terminal, so staging prints lines instead of live bars.
     console = Console(file=sys.stdout, highlight=False, markup=False, no_color=True, force_terminal=False)
+    view = StagingView(console, verbose=options.verbose)
     client = Clients(options.project).storage
     try:
         # No GET of the bucket: the job's account holds roles/storage.objectAdmin on it, which has
         # storage.objects.* but not storage.buckets.get; objects calls are all staging makes.
         bucket = client.bucket(options.bucket)
         for group in groups:
-            source = staging.hub_source(group.kind, group.source, group.revision, token, group.prefix)
-            staged = staging.stage_source(client, bucket, source, console=console, verbose=options.verbose)
+            source = hub_source(group.kind, group.source, group.revision, token, group.prefix)
+            outcome = stage_source(client, bucket, source, on_event=view)
             console.print(
-                f"{staged.status}: {staged.kind} {staged.source} -> gs://{options.bucket}/{staged.prefix}/ "
-                f"({staged.files} files, {staged.bytes:,} bytes)",
+                f"{outcome.status}: {source.kind} {source.source} -> gs://{options.bucket}/{source.prefix}/ "
+                f"({len(source.items)} files, {source.bytes:,} bytes)",
                 soft_wrap=True,
             )
     except UserError as error:

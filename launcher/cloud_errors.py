@@ -1,4 +1,5 @@
-"""Google API errors -> one UserError (Error line + Hint line) that says what to do, for every command.
+"""Google API, Cloud Storage and Hugging Face Hub errors -> one UserError (Error line + Hint line) that
+says what to do, for every command.
 
 The causes a fresh project meets first, each recognised the way Google reports it:
 - an API not enabled: PERMISSION_DENIED (gRPC) or 403 (Cloud Storage) whose ErrorInfo reason is
@@ -9,6 +10,8 @@ The causes a fresh project meets first, each recognised the way Google reports i
 - no or expired credentials: UNAUTHENTICATED / 401;
 - paid APIs in a project without billing: FAILED_PRECONDITION, reason UREQ_PROJECT_BILLING_NOT_FOUND;
 - transient errors retried until the deadline (RetryError).
+Staging adds the bucket's own failures (`storage_errors`) and the Hub's answers (`hub_errors`): a gated
+repo, a missing revision or repo, a rejected token.
 """
 
 from __future__ import annotations
@@ -17,7 +20,17 @@ import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+import httpx2
 from google.api_core import exceptions
+from google.cloud.storage.exceptions import DataCorruption
+from huggingface_hub import constants
+from huggingface_hub.errors import (
+    GatedRepoError,
+    HfHubHTTPError,
+    HFValidationError,
+    RepositoryNotFoundError,
+    RevisionNotFoundError,
+)
 
 from launcher.cloud import retry_deadline_s
 from launcher.errors import UserError
@@ -114,3 +127,84 @@ def explained(kind: str, name: str, settings: Settings) -> Iterator[None]:
         yield
     except (exceptions.GoogleAPICallError, exceptions.RetryError) as error:
         raise translate(error, settings, f"{kind} {name}") from error
+
+
+@contextmanager
+def hub_errors(kind: str, repo_id: str, revision: str | None, page: str, has_token: bool) -> Iterator[None]:
+    """Turn the Hub's answers into messages that say what to do."""
+    endpoint = constants.ENDPOINT
+    what = f"{kind} {repo_id}"
+    try:
+        yield
+    except GatedRepoError as error:
+        if has_token:
+            raise UserError(
+                f"The {what} is gated and the Hugging Face account of HF_TOKEN has not been granted access.",
+                f"Open {page} while logged in to that account, accept the licence (access is usually "
+                "granted at once), then run this again.",
+            ) from error
+        raise UserError(
+            f"The {what} is gated and no Hugging Face token was given.",
+            f"Accept the licence at {page}, then export HF_TOKEN=hf_... (a read token of that account, "
+            f"from {endpoint}/settings/tokens) and run this again.",
+        ) from error
+    except RevisionNotFoundError as error:
+        raise UserError(
+            f"Revision {revision} of the {what} does not exist.",
+            f"Pass --revision with a branch, tag or commit of {page} (or leave it out for main).",
+        ) from error
+    except RepositoryNotFoundError as error:
+        raise UserError(
+            f"The {what} was not found on the Hugging Face Hub ({endpoint}).",
+            "Check the id (owner/name); for a private repo HF_TOKEN must belong to an account that can "
+            "see it.",
+        ) from error
+    except HFValidationError as error:
+        raise UserError(
+            f"{repo_id!r} is not a valid Hugging Face {kind} id: {error}", "Use owner/name."
+        ) from error
+    except HfHubHTTPError as error:
+        status = error.response.status_code if error.response is not None else None
+        if status == 401:
+            raise UserError(
+                "The Hugging Face Hub rejected HF_TOKEN (401 Unauthorized): it is not a valid token.",
+                f"Create a read token at {endpoint}/settings/tokens and export HF_TOKEN=hf_..., "
+                "or run `hf auth login`.",
+            ) from error
+        if status == 403:
+            raise UserError(
+                f"The Hugging Face Hub refused access to the {what} (403 Forbidden).",
+                "A fine-grained token needs 'Read access to contents of all public gated repos you can "
+                f"access'; create one at {endpoint}/settings/tokens.",
+            ) from error
+        raise UserError(
+            f"The Hugging Face Hub answered {status} for the {what}.",
+            "It may be a transient problem: run again, staging resumes where it stopped.",
+        ) from error
+    except httpx2.TransportError as error:
+        raise UserError(
+            f"Cannot reach the Hugging Face Hub at {endpoint}: {error}.",
+            "Check the network (and HF_ENDPOINT if you use a mirror), then run again: staging resumes.",
+        ) from error
+
+
+@contextmanager
+def storage_errors(bucket: str) -> Iterator[None]:
+    try:
+        yield
+    except exceptions.NotFound as error:
+        raise UserError(
+            f"Bucket {bucket} does not exist: {error.message}", "Run `gemma-launch up` to create it."
+        ) from error
+    except exceptions.Forbidden as error:
+        raise translate(error, None, f"bucket {bucket}") from error
+    except exceptions.GoogleAPICallError as error:
+        raise UserError(
+            f"Cloud Storage failed on bucket {bucket}: {error.message or error}",
+            "Run again: staging resumes where it stopped.",
+        ) from error
+    except DataCorruption as error:
+        raise UserError(
+            f"An upload to bucket {bucket} arrived corrupted (crc32c mismatch); the object was removed.",
+            "Run again: staging resumes where it stopped.",
+        ) from error

@@ -1,0 +1,57 @@
+"""`gemma-launch logs`: an execution's log, whole or followed, as text or JSON lines."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+from launcher import executions, logs
+from launcher.cloud import Clients
+from launcher.commands.follow import fail_unless_succeeded, follow_on_screen
+from launcher.commands.options import JOB_SETTINGS, Command, settings_options
+from launcher.settings import Settings
+
+
+def _emit(line: logs.Line) -> None:
+    click.echo(line.render())
+
+
+def _emit_json(line: logs.Line) -> None:
+    click.echo(json.dumps(line.document()))
+
+
+@click.command("logs", cls=Command)
+@settings_options(fields=JOB_SETTINGS)
+@click.argument("execution", required=False)
+@click.option(
+    "--follow", "-f", is_flag=True, help="Keep streaming until the execution ends; exit 1 if it failed."
+)
+@click.option(
+    "--json",
+    "as_json",
+    is_flag=True,
+    help='One JSON object per line: {"timestamp": RFC 3339 or null, "task": index or null, "text": ...}; '
+    "with --follow, every line and nothing else on stdout.",
+)
+@click.option(
+    "--verbose", "-v", is_flag=True, help="With --follow: every log line, no progress bar of the steps."
+)
+def logs_command(
+    settings: Settings, execution: str | None, follow: bool, as_json: bool, verbose: bool
+) -> None:
+    """Show an execution's logs (default: the newest), with the task index on each line.
+
+    With --follow, the trainer's step lines show as a progress bar with the time left (on a terminal)
+    or a line at each quarter of the steps; --verbose shows them all."""
+    clients = Clients(settings.project_id)
+    name = executions.execution_name(clients, settings, execution)
+    if as_json and follow:
+        if not executions.succeeded(executions.follow(clients, settings, name, _emit_json)):
+            raise SystemExit(1)
+    elif as_json:
+        executions.show_log(clients, settings, name, _emit_json)
+    elif follow:
+        fail_unless_succeeded(clients, settings, follow_on_screen(clients, settings, name, verbose=verbose))
+    else:
+        executions.show_log(clients, settings, name, _emit)

@@ -1,0 +1,166 @@
+"""The flags commands share: a flag per setting (settings_options), the staging sources, and the help
+that lists the settings a command reads apart from its own options."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+
+from launcher import staging
+from launcher.settings import CONFIG_FILE, Settings
+from launcher.settings_sources import load_settings
+
+# Where a command's settings wait for Cli.invoke, which names them in a translated Google error.
+SETTINGS_KEY = "gemma_launch.settings"
+
+
+class SettingOption(click.Option):
+    """A flag that sets one of the settings, which gemma-launch.toml and the environment can set too."""
+
+
+class Command(click.Command):
+    """Help lists the command's own options first, then the settings it reads, in a section of their own."""
+
+    def format_options(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        own, settings = [], []
+        for param in self.get_params(ctx):
+            record = param.get_help_record(ctx)
+            if record is not None:
+                (settings if isinstance(param, SettingOption) else own).append(record)
+        if own:
+            with formatter.section("Options"):
+                formatter.write_dl(own)
+        if settings:
+            with formatter.section("Settings (defaults < gemma-launch.toml < environment variables < flags)"):
+                formatter.write_dl(settings)
+
+
+# (flag, settings field, click type); each flag's help is the field's description in the Settings model.
+_SETTING_FLAGS: tuple[tuple[str, str, Any], ...] = (
+    ("--project", "project_id", str),
+    ("--region", "region", str),
+    ("--build-location", "build_location", str),
+    ("--service-account", "service_account", str),
+    ("--build-service-account", "build_service_account", str),
+    ("--bucket", "bucket", str),
+    ("--repository", "repository", str),
+    ("--secret-id", "secret_id", str),
+    ("--image", "image", str),
+    ("--job", "job", str),
+    ("--gpu", "gpu", click.Choice(["nvidia-rtx-pro-6000", "nvidia-l4", "none"])),
+    ("--cpu", "cpu", str),
+    ("--memory", "memory", str),
+    ("--task-timeout", "task_timeout", str),
+    ("--max-retries", "max_retries", int),
+    ("--network", "network", str),
+    ("--subnet", "subnet", str),
+    ("--vpc-egress", "vpc_egress", click.Choice(["all-traffic", "private-ranges-only"])),
+    ("--model-id", "model_id", str),
+)
+
+
+# The settings a command that only reads an execution of the job needs to find it.
+JOB_SETTINGS = ("project_id", "region", "job")
+# Staging reads and writes the bucket, with the project's image as the staging job <job>-stage.
+STAGE_SETTINGS = (
+    "project_id",
+    "region",
+    "service_account",
+    "bucket",
+    "repository",
+    "secret_id",
+    "image",
+    "job",
+    "model_id",
+)
+
+
+def settings_options(
+    command: Callable[..., Any] | None = None,
+    *,
+    gpu_region: bool = True,
+    fields: tuple[str, ...] | None = None,
+) -> Any:
+    """Add --config and a flag per setting the command reads; the command receives a validated
+    `settings` (the other settings still come from gemma-launch.toml, the environment and defaults).
+
+    `fields`: the settings flags to offer (default: all); `gpu_region=False`: a GPU not offered in the
+    region is left to the command. The flags come after the command's own in its help (Command)."""
+    if command is None:
+        return functools.partial(settings_options, gpu_region=gpu_region, fields=fields)
+    offered = [entry for entry in _SETTING_FLAGS if fields is None or entry[1] in fields]
+    zonal = fields is None or "gpu_zonal_redundancy" in fields
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, config: Path | None, **kwargs: Any) -> Any:
+        flags = {field: kwargs.pop(field) for _, field, _ in offered}
+        names = {field: flag for flag, field, _ in offered}
+        if zonal:
+            flags["gpu_zonal_redundancy"] = kwargs.pop("zonal_redundancy")
+            names["gpu_zonal_redundancy"] = "--zonal-redundancy"
+        settings = load_settings(config, flags, gpu_region=gpu_region, flag_names=names)
+        click.get_current_context().meta[SETTINGS_KEY] = settings
+        return command(*args, settings=settings, **kwargs)
+
+    options = [
+        click.option(
+            "--config",
+            cls=SettingOption,
+            type=click.Path(path_type=Path, dir_okay=False),
+            help=f"Settings file (default: ./{CONFIG_FILE} when present).",
+        )
+    ]
+    options += [
+        click.option(flag, field, cls=SettingOption, type=kind, help=Settings.model_fields[field].description)
+        for flag, field, kind in offered
+    ]
+    if zonal:
+        options.append(
+            click.option(
+                "--zonal-redundancy/--no-zonal-redundancy",
+                cls=SettingOption,
+                default=None,
+                help=Settings.model_fields["gpu_zonal_redundancy"].description,
+            )
+        )
+    for option in reversed(options):
+        wrapper = option(wrapper)
+    return wrapper
+
+
+def source_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """The staging flags `up` and `stage` share."""
+    for option in reversed(
+        (
+            click.option(
+                "--model-source",
+                help="Hugging Face model id or local model directory to stage (default: the one staged "
+                "last, recorded in the bucket, else model_id).",
+            ),
+            click.option(
+                "--dataset-source",
+                help="Hugging Face dataset id or local directory in the Oxford-IIIT Pet layout "
+                "(default: the one staged last, else dataset_id).",
+            ),
+            click.option(
+                "--revision",
+                help="Hub revision (branch, tag or commit) of the model; default main, or the one staged "
+                "last.",
+            ),
+            click.option(
+                "--stage-in",
+                type=click.Choice(staging.STAGE_IN),
+                default="auto",
+                show_default=True,
+                help="Where staged bytes flow: auto = Hub sources by a CPU Cloud Run job in the region when "
+                "the project's image exists, local directories from this machine; local = all from this "
+                "machine; cloud = the job.",
+            ),
+        )
+    ):
+        command = option(command)
+    return command

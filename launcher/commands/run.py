@@ -1,0 +1,119 @@
+"""`gemma-launch run`: refuse what cannot run, start one execution, optionally follow it."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import click
+from google.cloud import run_v2
+
+from launcher import executions, overrides, quota, staging
+from launcher import job as jobs
+from launcher.cloud import Clients
+from launcher.commands.follow import fail_unless_succeeded, follow_on_screen
+from launcher.commands.options import JOB_SETTINGS, Command, settings_options
+from launcher.commands.render import console, err_console, say_fit
+from launcher.errors import UserError
+from launcher.settings import Settings, check_run_timeout
+from launcher.settings_rules import parse_duration
+
+
+@click.command("run", cls=Command)
+@settings_options(fields=(*JOB_SETTINGS, "gpu", "gpu_zonal_redundancy", "task_timeout"))
+@click.option(
+    "--set",
+    "sets",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Override a trainer flag for this run (repeatable), checked against the trainer's own flags. "
+    f"Keys: {', '.join(overrides.settable())}.",
+)
+@click.option("--train-size", type=click.IntRange(min=1), help="Shortcut for --set train-size=N.")
+@click.option("--tasks", type=click.IntRange(min=1), help="Number of tasks for this execution.")
+@click.option(
+    "--timeout",
+    help="Task timeout for this execution, e.g. 2h or 45m. With a GPU at most 12h, and over 1h only when "
+    "the job's own task_timeout is over 1h (Cloud Run's Preview of long running GPU jobs).",
+)
+@click.option(
+    "--follow",
+    "-f",
+    is_flag=True,
+    help="Stream the logs until the execution ends; exit 0 only if it succeeded.",
+)
+@click.option(
+    "--allow-concurrent",
+    is_flag=True,
+    help="Start even while another execution of the job runs (each holds its own GPU).",
+)
+@click.option(
+    "--json",
+    "as_json",
+    is_flag=True,
+    help="Print the execution as JSON (as `status --json` shows one); with --follow once it has ended, "
+    "the log going to stderr.",
+)
+@click.option(
+    "--verbose", "-v", is_flag=True, help="With --follow: every log line, no progress bar of the steps."
+)
+def run_command(
+    settings: Settings,
+    sets: tuple[str, ...],
+    train_size: int | None,
+    tasks: int | None,
+    timeout: str | None,
+    follow: bool,
+    allow_concurrent: bool,
+    as_json: bool,
+    verbose: bool,
+) -> None:
+    """Execute the job once, optionally overriding trainer flags, and print the execution's name.
+
+    Nothing starts when the job's GPU cannot run the image or its model (with the --set given) does not
+    fit the GPU's memory, while another execution of the job is running (stop it with `gemma-launch
+    cancel`, or pass --allow-concurrent), nor when the project's Cloud Run GPU quota in the job's region
+    cannot give the execution its GPU: the error names the quota to request and where.
+
+    With --follow, the log streams until the execution ends; the trainer's step lines show as a
+    progress bar with the time left (on a terminal) or a line at each quarter of the steps.
+    """
+    changes = overrides.parse_sets(sets)
+    if train_size is not None:
+        changes["train-size"] = str(train_size)
+    timeout_s = None
+    if timeout:
+        try:
+            timeout_s = parse_duration(timeout)
+        except ValueError as error:
+            raise UserError(f"Invalid --timeout: {error}.", "Use a duration like 2h, 45m or 3600s.") from None
+        check_run_timeout(settings, timeout_s)
+    clients = Clients(settings.project_id)
+    say_fit(jobs.check_fits(clients, settings, changes))
+    # Before anything starts: an execution whose sizes exceed the staged splits would fail in the trainer.
+    args = overrides.apply(jobs.current_args(clients, settings), changes)
+    staging.check_trainer_sizes(clients, settings, args)
+    if not allow_concurrent:
+        executions.refuse_concurrent(clients, settings)
+    try:
+        quota.require_for_run(clients, settings, executions.gpus_held(clients, settings))
+    except quota.QuotaUnknown as unknown:
+        err_console.print(f"[yellow]Warning:[/] {unknown}; starting anyway.", soft_wrap=True)
+    execution = executions.run(clients, settings, sets=changes, tasks=tasks, timeout_s=timeout_s)
+    short = executions.short_name(execution.name)
+    if follow:
+        (err_console if as_json else console).print(f"Started execution {short}")
+        final = follow_on_screen(clients, settings, execution.name, verbose=verbose, quiet=as_json)
+        if as_json:
+            click.echo(json.dumps(_execution_document(final), indent=2))
+        fail_unless_succeeded(clients, settings, final)
+    elif as_json:
+        click.echo(json.dumps(_execution_document(execution), indent=2))
+    else:
+        console.print(f"Started execution {short}")
+        console.print(f"Follow it with: gemma-launch logs {short} --follow")
+
+
+def _execution_document(execution: run_v2.Execution) -> dict[str, Any]:
+    """An execution for --json: its row of `status --json`, its full name and the job's."""
+    return {**executions.summary(execution), "name": execution.name, "job": execution.job}
