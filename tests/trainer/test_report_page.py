@@ -16,6 +16,9 @@ from launcher.settings_sources import load_settings
 from trainer import report_page
 from trainer.run_record import PHASES
 
+# Every test reads the session's full training run of the tiny model.
+pytestmark = pytest.mark.slow
+
 REPO = Path(__file__).resolve().parents[2]
 CHROMIUM = "/usr/bin/chromium"
 SCREENSHOT = REPO / "docs" / "report.png"
