@@ -10,7 +10,20 @@ from google.api_core import exceptions
 from rich.markup import escape
 
 from launcher.cloud_errors import translate
-from launcher.commands import cancel, doctor, emulator, init, logs, results, run, stage, status, sweep, up
+from launcher.commands import (
+    cancel,
+    doctor,
+    emulator,
+    init,
+    logs,
+    report,
+    results,
+    run,
+    stage,
+    status,
+    sweep,
+    up,
+)
 from launcher.commands.options import SETTINGS_KEY, Command
 from launcher.commands.render import err_console
 from launcher.errors import UserError
@@ -61,6 +74,7 @@ for command in (
     logs.logs_command,
     status.status,
     results.results,
+    report.report,
     cancel.cancel,
     emulator.emulator,
     stage.stage,

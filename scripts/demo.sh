@@ -44,3 +44,6 @@ gemma-launch status
 
 echo "== gemma-launch results"
 gemma-launch results
+
+echo "== gemma-launch report"
+gemma-launch report

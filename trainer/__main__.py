@@ -26,10 +26,10 @@ import torch
 import transformers
 from transformers import ProcessorMixin, set_seed
 
-from trainer import UserError, failure, flags, sweep
+from trainer import UserError, failure, flags, report_page, run_record, sweep
 from trainer.container import SharedMemory, check_writable, describe_platform
 from trainer.data import ChatFormat, PetData, chat_format, load_pets
-from trainer.evaluate import per_class_metrics, predict, save_confusion_matrix, summary_metrics
+from trainer.evaluate import per_class_metrics, predict_ranked, save_confusion_matrix, summary_metrics
 from trainer.export import merge, run_settings, upload, versions, write_results
 from trainer.flags import FlagError, parse_args
 from trainer.modeling import check_model_id, load_processor, resolve_device
@@ -99,21 +99,23 @@ def fine_tune(
     Returns each evaluation method's baseline and final metrics. The model, the trainer and its optimizer
     state and the image features live only in here, so that nothing references them once it returns.
     """
+    clock = run_record.PhaseClock()
     start = time.perf_counter()
-    with gpu_pass(LOADING):
+    with gpu_pass(LOADING), clock.phase("load_s"):
         model = load_model(
             model_id, precision, device, token, args.lora_r, args.lora_alpha, args.lora_dropout
         )
     # What each task attempt pays before its first step (docs/benchmarks.md): load, features, compile, plan.
     log.info("model loaded in %.1f s", time.perf_counter() - start)
     workers = eval_workers(args, processor, device, shm)
-    with gpu_pass(IMAGE_FEATURES):
+    with gpu_pass(IMAGE_FEATURES), clock.phase("image_features_s"):
         features = speed_up(args, model, processor, data, device, workers)
     methods = ["score", "generate"] if args.eval_method == "both" else [args.eval_method]
     labels = data.test["label"]
 
-    def evaluate_all() -> dict[str, list[int]]:
-        predictions = {}
+    def evaluate_all() -> tuple[dict[str, list[int]], list | None]:
+        """Each method's predictions, and the first method's top-5 per image (None for generation)."""
+        predictions, ranked = {}, None
         for method in methods:
             batch = args.eval_batch_size
             if device == "cuda":
@@ -121,32 +123,49 @@ def fine_tune(
                 batch = planned_batch(
                     method, model, processor, chat, data.test, data.class_names, batch, features, budget
                 )
-            predictions[method] = predict(
+            predictions[method], top = predict_ranked(
                 method, model, processor, chat, data.test, data.class_names, batch, features, workers
             )
-        return predictions
+            ranked = top if method == methods[0] else ranked
+        return predictions, ranked
 
     state = RunState(run_dir, attempt)
-    baseline = state.get("baseline")
+    baseline, baseline_top = state.get("baseline"), state.get("baseline_top5")
     if baseline is None:
         start = time.perf_counter()
-        with gpu_pass(BASELINE):
-            baseline = evaluate_all()
+        with gpu_pass(BASELINE), clock.phase("baseline_s"):
+            baseline, baseline_top = evaluate_all()
         log.info("baseline evaluation of %d images in %.1f s", len(data.test), time.perf_counter() - start)
+        state.save("baseline_top5", baseline_top)
         state.save("baseline", baseline)
     else:
         log.info("task attempt %d: baseline predictions of an earlier attempt", attempt)
-    with gpu_pass(MEMORY_PLAN):
+    with gpu_pass(MEMORY_PLAN), clock.phase("memory_plan_s"):
         trainer, _ = build_trainer(args, model, processor, data, chat, device, run_dir, features, state, shm)
-    with gpu_pass(TRAINING):
+    with gpu_pass(TRAINING), clock.phase("train_s"):
         output = train(trainer, run_dir, attempt)
-    with gpu_pass(FINAL):
-        final = evaluate_all()
+    with gpu_pass(FINAL), clock.phase("final_eval_s"):
+        final, final_top = evaluate_all()
 
-    trainer.save_model(str(run_dir))  # adapter (PEFT format) + processor
-    (run_dir / "training_log.json").write_text(json.dumps(trainer.state.log_history, indent=1) + "\n")
     primary = methods[0]
-    save_confusion_matrix(labels, final[primary], data.class_names, run_dir / "confusion_matrix.png")
+    with clock.phase("save_s"):
+        trainer.save_model(str(run_dir))  # adapter (PEFT format) + processor
+        (run_dir / "training_log.json").write_text(json.dumps(trainer.state.log_history, indent=1) + "\n")
+        save_confusion_matrix(labels, final[primary], data.class_names, run_dir / "confusion_matrix.png")
+        paths = run_record.image_paths(data.test, args.dataset)
+        predictions = run_record.predictions_document(
+            paths,
+            labels,
+            data.class_names,
+            primary,
+            (baseline[primary], baseline_top),
+            (final[primary], final_top),
+        )
+        curve = run_record.training_curve(trainer.state.log_history)
+        thumbnails = run_record.thumbnails(data.test, predictions)
+        run_record.write(run_dir, "predictions.json", predictions)
+        run_record.write(run_dir, "training_curve.json", curve)
+        run_record.write(run_dir, "thumbnails.json", thumbnails)
     by_method = {
         method: {
             "baseline": summary_metrics(labels, baseline[method]),
@@ -170,6 +189,8 @@ def fine_tune(
             "samples_per_s": output.metrics["train_samples_per_second"],
         },
         "versions": versions(),
+        "platform": describe_platform(),
+        "phases": clock.rounded(),
         "execution": execution,
         "task_attempt": attempt,
         "settings": run_settings(
@@ -181,6 +202,8 @@ def fine_tune(
         ),
     }
     write_results(run_dir / "results.json", results)
+    page = report_page.run_page(results, predictions, curve, thumbnails)
+    (run_dir / "report.html").write_text(report_page.render([page]))
     return by_method
 
 

@@ -20,6 +20,7 @@ from transformers import PreTrainedModel, ProcessorMixin
 from trainer.data import ChatFormat, PromptEncoder, single_thread
 
 UNKNOWN = -1  # a generated answer that names no breed
+TOP_K = 5  # breeds recorded per image in predictions.json
 
 
 def prompt_batches(
@@ -223,6 +224,31 @@ def predict(
     if method == "score":
         return score_classes(model, processor, chat, split, batch_size, features, num_workers)
     return generate_classes(model, processor, chat, split, class_names, batch_size, num_workers)
+
+
+def predict_ranked(
+    method: str,
+    model: PreTrainedModel,
+    processor: ProcessorMixin,
+    chat: ChatFormat,
+    split: datasets.Dataset,
+    class_names: list[str],
+    batch_size: int,
+    features: Container[int] | None = None,
+    num_workers: int = 0,
+) -> tuple[list[int], list[list[list[float]]] | None]:
+    """Predictions, and per image the TOP_K most likely breeds as [class index, probability] (class
+    scoring only: generation yields one answer, no score per breed)."""
+    if method != "score":
+        return generate_classes(model, processor, chat, split, class_names, batch_size, num_workers), None
+    scores = answer_log_likelihoods(model, processor, chat, split, batch_size, features, num_workers)
+    # The answers' likelihoods renormalised over the breeds: how the model splits its belief among them.
+    top = scores.softmax(-1).topk(min(TOP_K, scores.shape[-1]), dim=-1)
+    ranked = [
+        [[int(index), round(float(value), 4)] for index, value in zip(indices, values, strict=True)]
+        for indices, values in zip(top.indices.tolist(), top.values.tolist(), strict=True)
+    ]
+    return scores.argmax(-1).tolist(), ranked
 
 
 def summary_metrics(labels: list[int], predictions: list[int]) -> dict[str, float]:

@@ -10,6 +10,7 @@ import click
 from rich.table import Table
 
 from launcher import executions, leaderboard, sweep
+from launcher import report as run_report
 from launcher import results as run_results
 from launcher.cloud import Clients
 from launcher.commands.options import JOB_SETTINGS, Command, settings_options
@@ -72,6 +73,10 @@ def results(settings: Settings, names: tuple[str, ...], as_json: bool) -> None:
             console.print(f"{'':<17} {out.console}", markup=False, soft_wrap=True)
         else:
             console.print(f"{out.label:<17} {out.note}", markup=False, soft_wrap=True)
+    if found.get("phases"):  # trainers that write report.html also record their phases
+        console.print(
+            f"{'report':<17} {run_report.link(settings, name, found)}", markup=False, soft_wrap=True
+        )
 
 
 def _render_entries(title: str, entries: list[leaderboard.Entry], as_json: bool) -> None:

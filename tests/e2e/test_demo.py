@@ -79,3 +79,8 @@ def test_demo_fine_tunes_well_above_the_baseline(tmp_path):
     blocks = readme_blocks((REPO / "README.md").read_text())
     (readme_table,) = [block for block in blocks if block.kind == "demo-output"]
     assert table(readme_table.text) == table(out), "README.md's demo table is out of date: paste the new one"
+    # It ends with the run's report page, the same one the trainer wrote, whose path `results` printed.
+    written = re.search(r"Wrote (report-gemma3-finetuning-job-\w+\.html) \(\d+\.\d KB\)\.", out)
+    assert written, out[-2000:]
+    trainers = Path(re.search(r"^report +(\S+report\.html)$", out, re.MULTILINE)[1])
+    assert trainers.read_text() == (tmp_path / "demo" / written[1]).read_text()

@@ -258,19 +258,24 @@ def test_a_failed_execution_says_why_in_run_status_and_results(env, project_dir)
     assert f"Error: Execution {row['execution']} failed, so it has no results: Task" in missing.output
     assert EXIT_3 in missing.output and f"gemma-launch logs {row['execution']}" in missing.output
     assert "may still be running" not in missing.output
+    page = cli("report", row["execution"])
+    assert page.exit_code == 2, page.output
+    assert f"Error: Execution {row['execution']} failed, so it has no results: Task" in page.output
+    assert "Hint: See what happened with" in page.output and "Traceback" not in page.output
+    assert not list(Path.cwd().glob("*.html"))
 
 
 @pytest.mark.slow
 def test_an_unknown_execution_is_an_error_that_lists_the_recent_ones(env, project_dir):
     assert up(project_dir).exit_code == 0
-    for command in ("logs", "results", "cancel"):
+    for command in ("logs", "results", "cancel", "report"):
         result = cli(command, "does-not-exist")
         assert result.exit_code == 2, (command, result.output)
         assert "Error: Execution does-not-exist of job gemma3-finetuning-job does not exist." in result.output
         assert "Hint: Start one with `gemma-launch run`." in result.output
     assert cli("run", "--follow").exit_code == 0
     (row,) = json.loads(cli("status", "--json").output)
-    for command in ("logs", "results", "cancel"):
+    for command in ("logs", "results", "cancel", "report"):
         result = cli(command, "does-not-exist")
         assert result.exit_code == 2, (command, result.output)
         assert f"Hint: The job's recent executions, newest first: {row['execution']} " in result.output
@@ -347,6 +352,16 @@ def test_results_says_where_each_output_is(env, project_dir):
         plain.output
     )
     assert "/merged/" not in plain.output
+    # Both executions on one page; this trainer wrote results.json only, as trainers before the report did.
+    both = cli("report", merged, "--out", "pages")
+    assert both.exit_code == 0, both.output
+    newest = cli("report", "--out", "pages")
+    assert newest.exit_code == 0, newest.output
+    (page,) = [path for path in Path("pages").iterdir() if path.name != f"report-{merged}.html"]
+    assert f"Wrote pages/{page.name} (" in newest.output
+    html = page.read_text()
+    assert "Baseline vs fine-tuned" in html and "80.0%" in html
+    assert "no predictions.json" in html
 
 
 def test_run_rejects_unknown_keys_with_the_closest_one(env, project_dir):
@@ -493,7 +508,7 @@ def test_a_wrong_source_directory_is_reported_before_anything_is_created(
 
 
 def test_commands_before_up_say_what_to_do(env):
-    for command in (["run"], ["logs"], ["status"], ["results"]):
+    for command in (["run"], ["logs"], ["status"], ["results"], ["report"]):
         result = cli(*command)
         assert result.exit_code == 2, (command, result.output)
         assert "Hint:" in result.output

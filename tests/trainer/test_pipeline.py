@@ -49,7 +49,7 @@ def test_results_json_schema(trained_run, tiny_model: Path, pets: Path) -> None:
     results = results_of(trained_run.run_dir)
     assert set(results) == {
         "model_id", "dataset", "train_size", "eval_size", "eval_method", "baseline", "final", "by_method",
-        "per_class", "train", "versions", "execution", "task_attempt", "settings",
+        "per_class", "train", "versions", "execution", "task_attempt", "settings", "platform", "phases",
     }  # fmt: skip
     assert results["model_id"] == str(tiny_model)
     assert results["dataset"] == str(pets)
@@ -304,6 +304,14 @@ def test_killed_run_resumes_and_ends_like_an_uninterrupted_one(
     assert resumed["task_attempt"] == 1
     assert resumed["by_method"] == reference["by_method"]
     assert resumed["per_class"] == reference["per_class"]
+    # The report's predictions too, the baseline's top-5 taken from the first attempt's run_state.json.
+    images = {
+        name: json.loads((d / "predictions.json").read_text())["images"]
+        for name, d in (("resumed", run_dir), ("reference", trained_run.run_dir))
+    }
+    for resumed_image, reference_image in zip(images["resumed"], images["reference"], strict=True):
+        assert resumed_image["baseline"] == reference_image["baseline"]
+        assert resumed_image["final"]["predicted"] == reference_image["final"]["predicted"]
     # The loss right after the resume point continues the uninterrupted curve: weights were really restored.
     losses = {
         name: {e["step"]: e["loss"] for e in json.loads((d / "training_log.json").read_text()) if "loss" in e}

@@ -1,0 +1,40 @@
+"""`gemma-launch report`: one self-contained HTML page of one or more executions."""
+
+from __future__ import annotations
+
+import webbrowser
+from pathlib import Path
+
+import click
+
+from launcher import executions
+from launcher import report as run_report
+from launcher.cloud import Clients
+from launcher.commands.options import JOB_SETTINGS, Command, settings_options
+from launcher.commands.render import console
+from launcher.settings import Settings
+from launcher.staging.transfer import human_bytes
+
+
+@click.command("report", cls=Command)
+@settings_options(fields=(*JOB_SETTINGS, "bucket"))
+@click.argument("names", metavar="[EXECUTION]...", nargs=-1)
+@click.option(
+    "--out",
+    "out_dir",
+    type=click.Path(path_type=Path, file_okay=False),
+    default=Path("."),
+    show_default="the current directory",
+    help="Directory to write the HTML file into.",
+)
+@click.option("--open", "open_page", is_flag=True, help="Open the page in the default web browser.")
+def report(settings: Settings, names: tuple[str, ...], out_dir: Path, open_page: bool) -> None:
+    """Write one self-contained HTML report of executions (default: the newest): the run and its settings,
+    baseline vs fine-tuned, per-breed table, confusion heat map, training curve, gallery of mistakes;
+    with several, a leaderboard and a side-by-side comparison too. It works offline."""
+    clients = Clients(settings.project_id)
+    found = [executions.execution_name(clients, settings, name) for name in names or (None,)]
+    path = run_report.write(clients, settings, list(dict.fromkeys(found)), out_dir)
+    console.print(f"Wrote {path} ({human_bytes(path.stat().st_size)}).", markup=False, soft_wrap=True)
+    if open_page:
+        webbrowser.open(path.resolve().as_uri())

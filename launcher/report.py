@@ -1,0 +1,74 @@
+"""`gemma-launch report`: the report page of one or more executions, from what their trainer wrote to the
+bucket (results.json, predictions.json, training_curve.json, thumbnails.json), into one HTML file.
+
+The page itself is trainer/report_page.py's, the renderer the trainer uses for its own report.html: it
+imports no torch, so the launcher can import it as it imports trainer.flags (docs/architecture.md).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+from google.api_core import exceptions
+
+from launcher import executions
+from launcher import job as jobs
+from launcher import results as run_results
+from launcher.cloud import EMULATOR_ENV, RETRY, Clients
+from launcher.settings import Settings
+from trainer import report_page
+
+PAGE = "report.html"
+# Beside results.json: each is optional, since a run of an older trainer has results.json only.
+EXTRAS = ("predictions.json", "training_curve.json", "thumbnails.json")
+# The authenticated download URL: it opens the object in a browser signed in to Google, from anywhere.
+AUTHENTICATED = "https://storage.cloud.google.com"
+
+
+def _read_json(clients: Clients, settings: Settings, name: str) -> Any:
+    blob = clients.storage.bucket(settings.bucket).blob(name)
+    try:
+        return json.loads(blob.download_as_bytes(retry=RETRY))
+    except exceptions.NotFound:
+        return None
+
+
+def run_page(clients: Clients, settings: Settings, execution: str) -> dict[str, Any]:
+    """The page data of one execution; an execution without results.json is the UserError `results` gives."""
+    results = run_results.load(clients, settings, execution)
+    if results is None:
+        raise run_results.no_results(clients, settings, execution)
+    prefix = run_results.run_prefix(execution)
+    predictions, curve, thumbnails = (_read_json(clients, settings, f"{prefix}/{name}") for name in EXTRAS)
+    return report_page.run_page(
+        results, predictions, curve, thumbnails, name=executions.short_name(execution)
+    )
+
+
+def write(clients: Clients, settings: Settings, names: list[str], out_dir: Path) -> Path:
+    """Render the executions (full names) into one file in out_dir; its path."""
+    pages = [run_page(clients, settings, name) for name in names]
+    shorts = [executions.short_name(name) for name in names]
+    name = f"report-{shorts[0]}.html" if len(shorts) == 1 else f"report-{len(shorts)}-executions.html"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / name
+    path.write_text(report_page.render(pages), encoding="utf-8")
+    return path
+
+
+def link(settings: Settings, execution: str, results: dict[str, Any]) -> str:
+    """Where a person opens the trainer's report.html of an execution: the authenticated console URL, or
+    on the emulator, whose bucket no browser reaches, the file itself: the emulated task wrote it into the
+    bucket's directory in the emulator's data dir, which results.json records as its --output-dir."""
+    if os.environ.get(EMULATOR_ENV):
+        output_dir = (
+            results.get("settings", {})
+            .get("flags", {})
+            .get("output-dir", f"{jobs.MOUNT_PATH}/{jobs.RUNS_PREFIX}")
+        )
+        return str(Path(output_dir) / executions.short_name(execution) / PAGE)
+    return f"{AUTHENTICATED}/{quote(settings.bucket)}/{quote(run_results.run_prefix(execution))}/{PAGE}"
