@@ -44,3 +44,6 @@ gemma-launch status
 
 echo "== gemma-launch results"
 gemma-launch results
+
+echo "== gemma-launch down (the bucket, with the results, stays)"
+gemma-launch down
