@@ -18,7 +18,20 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from launcher import build, doctor, gpus, image_source, logs, overrides, progress, provision, quota, staging
+from launcher import (
+    build,
+    cost,
+    doctor,
+    gpus,
+    image_source,
+    logs,
+    overrides,
+    pricing,
+    progress,
+    provision,
+    quota,
+    staging,
+)
 from launcher import down as teardown
 from launcher import job as jobs
 from launcher import results as run_results
@@ -567,6 +580,12 @@ def doctor_command(settings: Settings, as_json: bool) -> None:
 @click.option(
     "--verbose", "-v", is_flag=True, help="With --follow: every log line, no progress bar of the steps."
 )
+@click.option(
+    "--max-cost",
+    type=click.FloatRange(min=0),
+    metavar="USD",
+    help="Start nothing when the estimated cost is above this many US dollars.",
+)
 def run_command(
     settings: Settings,
     sets: tuple[str, ...],
@@ -577,6 +596,7 @@ def run_command(
     allow_concurrent: bool,
     as_json: bool,
     verbose: bool,
+    max_cost: float | None,
 ) -> None:
     """Execute the job once, optionally overriding trainer flags, and print the execution's name.
 
@@ -609,6 +629,9 @@ def run_command(
         quota.require_for_run(clients, settings, jobs.gpus_held(clients, settings))
     except quota.QuotaUnknown as unknown:
         err_console.print(f"[yellow]Warning:[/] {unknown}; starting anyway.", soft_wrap=True)
+    estimate = _estimate(clients, settings, clients.jobs.get_job(name=settings.job_name), args, tasks)
+    (err_console if as_json else console).print(f"Estimated cost: {estimate.describe()}", soft_wrap=True)
+    cost.check_max_cost(estimate, max_cost)
     execution = jobs.run(clients, settings, sets=changes, tasks=tasks, timeout_s=timeout_s)
     short = jobs.short_name(execution.name)
     if follow:
@@ -622,6 +645,29 @@ def run_command(
     else:
         console.print(f"Started execution {short}")
         console.print(f"Follow it with: gemma-launch logs {short} --follow")
+
+
+def _estimate(
+    clients: Clients, settings: Settings, job: run_v2.Job, args: list[str], tasks: int | None = None
+) -> cost.Estimate:
+    gpu, model = job.template.template.node_selector.accelerator, _arg(args, "--model-id")
+    rates = cost.history_rates(clients, settings, gpu, model, cost.built_in_rates(gpu, model))
+    return cost.estimate(job, args, pricing.prices(clients, settings.region, gpu), rates, tasks)
+
+
+def _actual_cost(
+    clients: Clients, settings: Settings, execution: run_v2.Execution, known: dict[str, pricing.Prices]
+) -> float | None:
+    """What a finished execution cost, in USD; None while it runs. `known`: prices already read, by GPU."""
+    gpu = execution.template.node_selector.accelerator
+    if gpu not in known:
+        known[gpu] = pricing.prices(clients, settings.region, gpu)
+    spent = cost.actual_usd(clients, execution, known[gpu])
+    return None if spent is None else round(spent, 4)
+
+
+def _arg(args: list[str], flag: str) -> str:
+    return args[args.index(flag) + 1] if flag in args and args.index(flag) + 1 < len(args) else ""
 
 
 def _execution_document(execution: run_v2.Execution) -> dict[str, Any]:
@@ -724,8 +770,10 @@ def logs_command(
 @click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
 def status(settings: Settings, limit: int, as_json: bool) -> None:
     """The job's executions, newest first: state, tasks, retries, start, duration, and why one failed."""
+    clients, known = Clients(settings.project_id), {}
     summaries = [
-        jobs.summary(found) for found in jobs.list_executions(Clients(settings.project_id), settings, limit)
+        {**jobs.summary(found), "cost_usd": _actual_cost(clients, settings, found, known)}
+        for found in jobs.list_executions(clients, settings, limit)
     ]
     if as_json:
         click.echo(json.dumps(summaries, indent=2))
@@ -734,7 +782,7 @@ def status(settings: Settings, limit: int, as_json: bool) -> None:
         console.print(f"Job {settings.job} has no executions yet. Start one with `gemma-launch run`.")
         return
     table = Table(title=f"{settings.job} ({settings.region})")
-    for column in ("execution", "state", "succeeded", "failed", "retried", "started", "duration"):
+    for column in ("execution", "state", "succeeded", "failed", "retried", "started", "duration", "cost"):
         table.add_column(column)
     for row in summaries:
         table.add_row(
@@ -745,6 +793,7 @@ def status(settings: Settings, limit: int, as_json: bool) -> None:
             str(row["retried"]),
             row["started"] or "-",
             row["duration"] or "-",
+            f"${row['cost_usd']:.2f}" if row["cost_usd"] is not None else "-",
         )
     console.print(table)
     for row in summaries:
@@ -770,8 +819,10 @@ def results(settings: Settings, execution: str | None, as_json: bool) -> None:
     if found is None:
         raise run_results.no_results(clients, settings, name)
     places = run_results.outputs(clients, settings, name)
+    spent = _actual_cost(clients, settings, jobs.get_execution(clients, settings, name), {})
     if as_json:
-        click.echo(json.dumps({**found, "outputs": [dataclasses.asdict(out) for out in places]}, indent=2))
+        outputs = [dataclasses.asdict(out) for out in places]
+        click.echo(json.dumps({**found, "outputs": outputs, "cost_usd": spent}, indent=2))
         return
     table = Table(title=f"Execution {jobs.short_name(name)}")
     for column in ("metric", "baseline", "fine-tuned", "change"):
@@ -785,6 +836,8 @@ def results(settings: Settings, execution: str | None, as_json: bool) -> None:
         f"test images, {found.get('train_size')} training images",
         soft_wrap=True,
     )
+    if spent is not None:
+        console.print(f"cost ≈ ${spent:.2f} (its tasks' run time at Cloud Run's prices)", soft_wrap=True)
     for out in places:
         if out.present:
             console.print(f"{out.label:<17} {out.url}  ({out.note})", markup=False, soft_wrap=True)

@@ -41,6 +41,7 @@ from google.cloud.artifactregistry_v1.services.artifact_registry.transports.grpc
     ArtifactRegistryGrpcTransport,
 )
 from google.cloud.billing_v1.services.cloud_billing.transports.grpc import CloudBillingGrpcTransport
+from google.cloud.billing_v1.services.cloud_catalog.transports.grpc import CloudCatalogGrpcTransport
 from google.cloud.cloudquotas_v1.services.cloud_quotas.transports.grpc import CloudQuotasGrpcTransport
 from google.cloud.devtools import cloudbuild_v1
 from google.cloud.devtools.cloudbuild_v1.services.cloud_build.transports.grpc import CloudBuildGrpcTransport
@@ -50,6 +51,7 @@ from google.cloud.logging_v2.services.logging_service_v2.transports.grpc import 
 from google.cloud.resourcemanager_v3.services.projects.transports.grpc import ProjectsGrpcTransport
 from google.cloud.run_v2.services.executions.transports.grpc import ExecutionsGrpcTransport
 from google.cloud.run_v2.services.jobs.transports.grpc import JobsGrpcTransport
+from google.cloud.run_v2.services.tasks.transports.grpc import TasksGrpcTransport
 from google.cloud.secretmanager_v1.services.secret_manager_service.transports.grpc import (
     SecretManagerServiceGrpcTransport,
 )
@@ -196,6 +198,10 @@ class Clients:
         return self._build(billing_v1.CloudBillingClient, CloudBillingGrpcTransport)
 
     @cached_property
+    def catalog(self) -> billing_v1.CloudCatalogClient:
+        return self._build(billing_v1.CloudCatalogClient, CloudCatalogGrpcTransport)
+
+    @cached_property
     def iam(self) -> iam_admin_v1.IAMClient:
         return self._build(iam_admin_v1.IAMClient, IAMGrpcTransport)
 
@@ -218,6 +224,10 @@ class Clients:
     @cached_property
     def executions(self) -> run_v2.ExecutionsClient:
         return self._build(run_v2.ExecutionsClient, ExecutionsGrpcTransport)
+
+    @cached_property
+    def tasks(self) -> run_v2.TasksClient:
+        return self._build(run_v2.TasksClient, TasksGrpcTransport)
 
     @cached_property
     def quotas(self) -> cloudquotas_v1.CloudQuotasClient:

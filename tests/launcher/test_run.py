@@ -731,3 +731,23 @@ def test_a_trainer_whose_dependencies_this_machine_lacks_fails_at_once_with_what
     assert "0 retried" in result.output
     summary = result.output.splitlines()[-1]
     assert summary.startswith("Hint: Rehearsing runs the trainer on this machine") and "'.[train]'" in summary
+
+
+@pytest.mark.slow
+def test_run_says_the_estimated_cost_refuses_above_max_cost_and_status_shows_what_it_cost(env, project_dir):
+    assert up(project_dir).exit_code == 0
+    refused = cli("run", "--max-cost", "0.01")
+    assert refused.exit_code == 2, refused.output
+    assert "Error: The estimated cost ≈ $" in refused.output and "above --max-cost $0.01" in refused.output
+    assert "Hint: Train on fewer images" in refused.output
+    assert run_jobs(env) == []
+
+    done = cli("run", "--train-size", "64", "--max-cost", "100", "--follow")
+    assert done.exit_code == 0, done.output
+    estimate = next(line for line in done.output.splitlines() if line.startswith("Estimated cost: ≈ $"))
+    assert "first run of this model on this GPU" in estimate and "±50%" in estimate
+    assert "prices: Cloud Billing Catalog API" in estimate
+    (row,) = json.loads(cli("status", "--json").output)
+    # The stand-in trainer runs for a moment: a cost above nothing, far below a real run's.
+    assert 0 < row["cost_usd"] < 0.5
+    assert f"cost ≈ ${row['cost_usd']:.2f}" in cli("results").output
