@@ -380,7 +380,7 @@ def up(
             )
         return
 
-    spec = None
+    spec, estimate = None, None
     if skip_build:
         image_uri = jobs.current_image(clients, settings)
     else:
@@ -449,6 +449,8 @@ def up(
         # `run`, which can override them.
         staging.check_trainer_sizes(clients, settings, args, only=list(settings.trainer))
         spec = jobs.job_spec(settings, image_uri, args)
+        if dry_run:
+            estimate = _estimate(clients, settings, spec, args)
         change = jobs.ensure_job(clients, settings, spec, dry_run=dry_run)
         record(
             "job",
@@ -462,7 +464,7 @@ def up(
         gpu_quota, unknown = quota.read(clients, settings), ""
     except quota.QuotaUnknown as error:
         gpu_quota, unknown = None, str(error)
-    _summarise_up(report, as_json, dry_run, spec, gpu_quota, unknown)
+    _summarise_up(report, as_json, dry_run, spec, gpu_quota, unknown, estimate)
 
 
 def _say_fit(line: str | None) -> None:
@@ -477,10 +479,14 @@ def _summarise_up(
     spec: run_v2.Job | None,
     gpu_quota: quota.GpuQuota | None,
     unknown: str,
+    estimate: cost.Estimate | None = None,
 ) -> None:
     if as_json:
         found = None if gpu_quota is None else dataclasses.asdict(gpu_quota)
-        click.echo(json.dumps({"dry_run": dry_run, "changes": report, "gpu_quota": found}, indent=2))
+        document = {"dry_run": dry_run, "changes": report, "gpu_quota": found}
+        if estimate is not None:
+            document["estimate"] = estimate.document()
+        click.echo(json.dumps(document, indent=2))
         return
     if gpu_quota is not None:
         console.print(f"GPU quota: {gpu_quota.describe()}", soft_wrap=True)
@@ -494,6 +500,8 @@ def _summarise_up(
         err_console.print(f"[yellow]Warning:[/] GPU quota {unknown}", soft_wrap=True)
     if dry_run:
         console.print("\nDry run: nothing was changed.")
+        if estimate is not None:
+            console.print(f"Estimated cost of `gemma-launch run`: {estimate.describe()}", soft_wrap=True)
         if spec is not None:
             console.print("Job spec:")
             click.echo(json.dumps(jobs.spec_dict(spec), indent=2))

@@ -180,6 +180,7 @@ def test_dry_run_shows_the_job_spec_and_gcloud_command(env, project_dir):
     assert "--set-secrets=HF_TOKEN=HF_TOKEN:latest" in result.output
     assert '"nvidia.com/gpu": "1"' in result.output
     assert '"launch_stage": "BETA"' in result.output  # enums by name, as gcloud and the API show them
+    assert "Estimated cost of `gemma-launch run`: ≈ $" in result.output  # the trainer's default sizes
     commands = result.output.split("Equivalent commands:")[1]
     assert "gcloud builds submit" in commands and "gcloud beta run jobs create" in commands
     assert not [
