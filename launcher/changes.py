@@ -1,4 +1,4 @@
-"""What a step of `up` did to one resource, as every step reports it."""
+"""What a step of `up` or `down` did to one resource, as every step reports it."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ from dataclasses import dataclass
 class Change:
     kind: str
     name: str
-    status: str  # created | updated | enabled | unchanged | would create | would update | would enable
+    # up: created | updated | enabled | unchanged | would create | would update | would enable;
+    # down: deleted | absent | kept | cancelled (an execution) | would delete | would cancel
+    status: str
     command: str = ""  # the equivalent gcloud command, shown by --dry-run
     diff: tuple[str, ...] = ()  # what an update changes, one "field: before -> after" per line

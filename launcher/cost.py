@@ -124,6 +124,13 @@ def _from_results(found: dict[str, Any], fallback: Rates) -> Rates | None:
     )
 
 
+def _same_model(recorded: str, model: str) -> bool:
+    """Whether a results.json's model_id is the job's --model-id: the same path under the bucket mount
+    (the emulator runs tasks with the mount at a local directory)."""
+    staged = model.removeprefix(jobs.MOUNT_PATH + "/")
+    return recorded == model or (staged != model and recorded.endswith("/" + staged))
+
+
 def history_rates(clients: Clients, settings: Settings, gpu: str, model: str, fallback: Rates) -> Rates:
     """The mean rates of the job's recent successful executions of `model` on `gpu`, else `fallback`."""
     found = []
@@ -133,7 +140,7 @@ def history_rates(clients: Clients, settings: Settings, gpu: str, model: str, fa
             if not jobs.succeeded(execution) or execution.template.node_selector.accelerator != gpu:
                 continue
             document = run_results.load(clients, settings, execution.name)
-            if document and document.get("model_id") == model:
+            if document and _same_model(str(document.get("model_id", "")), model):
                 rates = _from_results(document, fallback)
                 if rates is not None:
                     found.append(rates)

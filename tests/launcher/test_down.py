@@ -179,6 +179,8 @@ def test_down_refuses_while_an_execution_runs_and_force_cancels_it(env, project_
     assert refused.exit_code == 2
     assert "still running" in refused.output and "--force" in refused.output
     assert env.clients(PROJECT).jobs.get_job(name=JOB)
+    with pytest.raises(exceptions.FailedPrecondition):  # as Cloud Run refuses it, in the emulator's reading
+        env.clients(PROJECT).jobs.delete_job(name=JOB)
 
     forced = cli("down", "--force")
     assert forced.exit_code == 0, forced.output

@@ -61,6 +61,9 @@ FAKE_TRAINER = textwrap.dedent(
         "eval_method": "score",
         "baseline": {"accuracy": 0.05, "macro_f1": 0.02, "unknown_rate": 0.0},
         "final": {"accuracy": 0.8, "macro_f1": 0.75 + lr, "unknown_rate": 0.0},
+        "train": {"steps": 40, "runtime_s": 4.0, "samples_per_s": 16.0},
+        "phases": {"load_s": 1.0, "image_features_s": 1.0, "baseline_s": 1.0, "memory_plan_s": 1.0,
+                   "train_s": 4.0, "final_eval_s": 1.0, "save_s": 1.0},
     }
     (out / "results.json").write_text(json.dumps(results))
     (out / "adapter_model.safetensors").write_bytes(b"adapter")
@@ -752,3 +755,8 @@ def test_run_says_the_estimated_cost_refuses_above_max_cost_and_status_shows_wha
     # The stand-in trainer runs for a moment: a cost above nothing, far below a real run's.
     assert 0 < row["cost_usd"] < 0.5
     assert f"cost ≈ ${row['cost_usd']:.2f}" in cli("results").output
+    # That run's measured rates now make the estimate: 4 s fixed + 3680 / 16 s + 2 x 1000 / (10 / 2) s.
+    plan = up(project_dir, "--dry-run", "--json")
+    estimate = json.loads(plan.stdout)["estimate"]
+    assert estimate["basis"] == "from 1 finished run of this model on this GPU"
+    assert estimate["seconds"] == 4 + 230 + 400
