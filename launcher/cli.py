@@ -37,7 +37,7 @@ from launcher import job as jobs
 from launcher import results as run_results
 from launcher.api_errors import translate
 from launcher.changes import Change
-from launcher.cloud import Clients
+from launcher.cloud import RETRY, Clients
 from launcher.errors import UserError
 from launcher.settings import (
     CONFIG_FILE,
@@ -637,7 +637,9 @@ def run_command(
         quota.require_for_run(clients, settings, jobs.gpus_held(clients, settings))
     except quota.QuotaUnknown as unknown:
         err_console.print(f"[yellow]Warning:[/] {unknown}; starting anyway.", soft_wrap=True)
-    estimate = _estimate(clients, settings, clients.jobs.get_job(name=settings.job_name), args, tasks)
+    estimate = _estimate(
+        clients, settings, clients.jobs.get_job(name=settings.job_name, retry=RETRY), args, tasks
+    )
     (err_console if as_json else console).print(f"Estimated cost: {estimate.describe()}", soft_wrap=True)
     cost.check_max_cost(estimate, max_cost)
     execution = jobs.run(clients, settings, sets=changes, tasks=tasks, timeout_s=timeout_s)
