@@ -251,7 +251,12 @@ def _start(
             ),
             retry=RETRY,
         )
-        alive = [b for b in found if b.status in RUNNING or b.status == cloudbuild_v1.Build.Status.SUCCESS]
+        # A finished build counts only while the image it pushed is there: after `down` deleted the
+        # repository, the same source is built again rather than joined to a build of a deleted image.
+        done = [b for b in found if b.status == cloudbuild_v1.Build.Status.SUCCESS]
+        if done and _tagged_image(clients, settings, request.build.substitutions["_TAG"]) is None:
+            done = []
+        alive = [b for b in found if b.status in RUNNING] + done
         return sorted(alive, key=lambda build: (build.create_time, build.id))
 
     def start() -> cloudbuild_v1.Build:

@@ -1,4 +1,4 @@
-"""What a step of `up` did to one resource, as every step reports it."""
+"""What a step of `up` or `down` did to one resource, as every step reports it."""
 
 from __future__ import annotations
 
@@ -11,8 +11,9 @@ from typing import Any
 class Change:
     kind: str
     name: str
-    # created | updated | enabled | unchanged | skipped (the job, with no image) | would create | would
-    # update | would enable
+    # up: created | updated | enabled | unchanged | skipped (the job, with no image) | would create |
+    # would update | would enable; down: deleted | absent | kept | cancelled (an execution) | would delete |
+    # would cancel
     status: str
     command: str = ""  # the equivalent gcloud command, shown by --dry-run
     diff: tuple[str, ...] = ()  # what an update changes, one "field: before -> after" per line

@@ -13,6 +13,7 @@ from launcher.cloud_errors import translate
 from launcher.commands import (
     cancel,
     doctor,
+    down,
     emulator,
     init,
     logs,
@@ -76,6 +77,7 @@ for command in (
     results.results,
     report.report,
     cancel.cancel,
+    down.down,
     emulator.emulator,
     stage.stage,
 ):

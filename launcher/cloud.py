@@ -42,6 +42,7 @@ from google.cloud.artifactregistry_v1.services.artifact_registry.transports.grpc
     ArtifactRegistryGrpcTransport,
 )
 from google.cloud.billing_v1.services.cloud_billing.transports.grpc import CloudBillingGrpcTransport
+from google.cloud.billing_v1.services.cloud_catalog.transports.grpc import CloudCatalogGrpcTransport
 from google.cloud.cloudquotas_v1.services.cloud_quotas.transports.grpc import CloudQuotasGrpcTransport
 from google.cloud.devtools import cloudbuild_v1
 from google.cloud.devtools.cloudbuild_v1.services.cloud_build.transports.grpc import CloudBuildGrpcTransport
@@ -201,6 +202,10 @@ class Clients:
     @cached_property
     def billing(self) -> billing_v1.CloudBillingClient:
         return self._build(billing_v1.CloudBillingClient, CloudBillingGrpcTransport)
+
+    @cached_property
+    def catalog(self) -> billing_v1.CloudCatalogClient:
+        return self._build(billing_v1.CloudCatalogClient, CloudCatalogGrpcTransport)
 
     @cached_property
     def iam(self) -> iam_admin_v1.IAMClient:

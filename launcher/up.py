@@ -13,7 +13,7 @@ from pathlib import Path
 
 from google.cloud import run_v2
 
-from launcher import build, doctor, gpus, image_source, provision, quota, staging
+from launcher import build, cost, doctor, gpus, image_source, provision, quota, staging
 from launcher import job as jobs
 from launcher.changes import Change
 from launcher.cloud import Clients
@@ -58,6 +58,7 @@ class Outcome:
     gpu_quota: quota.GpuQuota | None  # None when the APIs are still off or it could not be read
     quota_unknown: str = ""  # why the quota could not be read
     apis_pending: bool = False  # a dry run stopped at the APIs: nothing behind them could be read
+    estimate: cost.Estimate | None = None  # a dry run's estimate of what `run` would cost
 
 
 def up(
@@ -165,8 +166,9 @@ def up(
         staging.check_trainer_sizes(clients, settings, args, only=list(settings.trainer))
         spec = jobs.job_spec(settings, image_uri, args)
         report(jobs.ensure_job(clients, settings, spec, dry_run=dry_run))
+    estimate = cost.for_job(clients, settings, spec, args) if dry_run and spec is not None else None
     # Read only: a pending quota request must not hold back provisioning, the build or staging.
     try:
-        return Outcome(changes, spec, quota.read(clients, settings))
+        return Outcome(changes, spec, quota.read(clients, settings), estimate=estimate)
     except quota.QuotaUnknown as error:
-        return Outcome(changes, spec, None, str(error))
+        return Outcome(changes, spec, None, str(error), estimate=estimate)

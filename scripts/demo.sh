@@ -47,3 +47,6 @@ gemma-launch results
 
 echo "== gemma-launch report"
 gemma-launch report
+
+echo "== gemma-launch down (the bucket, with the results, stays)"
+gemma-launch down

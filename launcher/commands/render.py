@@ -21,6 +21,12 @@ STATUS_STYLE = {
     "would create": "cyan",
     "would update": "cyan",
     "skipped": "dim",
+    "deleted": "red",
+    "cancelled": "red",
+    "would delete": "cyan",
+    "would cancel": "cyan",
+    "absent": "dim",
+    "kept": "dim",
 }
 
 

@@ -9,7 +9,7 @@ import json
 import click
 from rich.table import Table
 
-from launcher import executions, leaderboard, sweep
+from launcher import cost, executions, leaderboard, sweep
 from launcher import report as run_report
 from launcher import results as run_results
 from launcher.cloud import Clients
@@ -52,8 +52,10 @@ def results(settings: Settings, names: tuple[str, ...], as_json: bool) -> None:
     if found is None:
         raise run_results.no_results(clients, settings, name)
     places = run_results.outputs(clients, settings, name)
+    (spent,) = cost.actual_costs(clients, settings, [execution])
     if as_json:
-        click.echo(json.dumps({**found, "outputs": [dataclasses.asdict(out) for out in places]}, indent=2))
+        outputs = [dataclasses.asdict(out) for out in places]
+        click.echo(json.dumps({**found, "outputs": outputs, "cost_usd": spent}, indent=2))
         return
     table = Table(title=f"Execution {executions.short_name(name)}")
     for column in ("metric", "baseline", "fine-tuned", "change"):
@@ -67,6 +69,8 @@ def results(settings: Settings, names: tuple[str, ...], as_json: bool) -> None:
         f"test images, {found.get('train_size')} training images",
         soft_wrap=True,
     )
+    if spent is not None:
+        console.print(f"cost ≈ ${spent:.2f} (its tasks' run time at Cloud Run's prices)", soft_wrap=True)
     for out in places:
         if out.present:
             console.print(f"{out.label:<17} {out.url}  ({out.note})", markup=False, soft_wrap=True)

@@ -8,9 +8,9 @@ from typing import Any
 import click
 from google.cloud import run_v2
 
-from launcher import executions, overrides, quota, staging
+from launcher import cost, executions, overrides, quota, staging
 from launcher import job as jobs
-from launcher.cloud import Clients
+from launcher.cloud import RETRY, Clients
 from launcher.commands.follow import fail_unless_succeeded, follow_on_screen
 from launcher.commands.options import JOB_SETTINGS, Command, settings_options
 from launcher.commands.render import console, err_console, say_fit
@@ -57,6 +57,12 @@ from launcher.settings_rules import parse_duration
 @click.option(
     "--verbose", "-v", is_flag=True, help="With --follow: every log line, no progress bar of the steps."
 )
+@click.option(
+    "--max-cost",
+    type=click.FloatRange(min=0),
+    metavar="USD",
+    help="Start nothing when the estimated cost is above this many US dollars.",
+)
 def run_command(
     settings: Settings,
     sets: tuple[str, ...],
@@ -67,6 +73,7 @@ def run_command(
     allow_concurrent: bool,
     as_json: bool,
     verbose: bool,
+    max_cost: float | None,
 ) -> None:
     """Execute the job once, optionally overriding trainer flags, and print the execution's name.
 
@@ -99,6 +106,11 @@ def run_command(
         quota.require_for_run(clients, settings, executions.gpus_held(clients, settings))
     except quota.QuotaUnknown as unknown:
         err_console.print(f"[yellow]Warning:[/] {unknown}; starting anyway.", soft_wrap=True)
+    estimate = cost.for_job(
+        clients, settings, clients.jobs.get_job(name=settings.job_name, retry=RETRY), args, tasks
+    )
+    (err_console if as_json else console).print(f"Estimated cost: {estimate.describe()}", soft_wrap=True)
+    cost.check_max_cost(estimate, max_cost)
     execution = executions.run(clients, settings, sets=changes, tasks=tasks, timeout_s=timeout_s)
     short = executions.short_name(execution.name)
     if follow:

@@ -7,7 +7,7 @@ import json
 import click
 from rich.table import Table
 
-from launcher import executions
+from launcher import cost, executions
 from launcher.cloud import Clients
 from launcher.commands.options import JOB_SETTINGS, Command, settings_options
 from launcher.commands.render import console
@@ -22,9 +22,11 @@ from launcher.settings import Settings
 @click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
 def status(settings: Settings, limit: int, as_json: bool) -> None:
     """The job's executions, newest first: state, tasks, retries, start, duration, and why one failed."""
+    clients = Clients(settings.project_id)
+    found = executions.list_executions(clients, settings, limit)
     summaries = [
-        executions.summary(found)
-        for found in executions.list_executions(Clients(settings.project_id), settings, limit)
+        {**executions.summary(execution), "cost_usd": spent}
+        for execution, spent in zip(found, cost.actual_costs(clients, settings, found), strict=True)
     ]
     if as_json:
         click.echo(json.dumps(summaries, indent=2))
@@ -33,7 +35,7 @@ def status(settings: Settings, limit: int, as_json: bool) -> None:
         console.print(f"Job {settings.job} has no executions yet. Start one with `gemma-launch run`.")
         return
     table = Table(title=f"{settings.job} ({settings.region})")
-    for column in ("execution", "state", "succeeded", "failed", "retried", "started", "duration"):
+    for column in ("execution", "state", "succeeded", "failed", "retried", "started", "duration", "cost"):
         table.add_column(column)
     for row in summaries:
         table.add_row(
@@ -44,6 +46,7 @@ def status(settings: Settings, limit: int, as_json: bool) -> None:
             str(row["retried"]),
             row["started"] or "-",
             row["duration"] or "-",
+            "-" if row["cost_usd"] is None else f"${row['cost_usd']:.2f}",
         )
     console.print(table)
     for row in summaries:

@@ -143,8 +143,14 @@ def _summarise_up(outcome: workflow.Outcome, as_json: bool, dry_run: bool) -> No
     report, spec, gpu_quota = outcome.changes, outcome.spec, outcome.gpu_quota
     if as_json:
         found = None if gpu_quota is None else dataclasses.asdict(gpu_quota)
-        changes = [change.document() for change in report]
-        click.echo(json.dumps({"dry_run": dry_run, "changes": changes, "gpu_quota": found}, indent=2))
+        document = {
+            "dry_run": dry_run,
+            "changes": [change.document() for change in report],
+            "gpu_quota": found,
+        }
+        if outcome.estimate is not None:
+            document["estimate"] = outcome.estimate.document()
+        click.echo(json.dumps(document, indent=2))
         return
     if gpu_quota is not None:
         console.print(f"GPU quota: {gpu_quota.describe()}", soft_wrap=True)
@@ -158,6 +164,10 @@ def _summarise_up(outcome: workflow.Outcome, as_json: bool, dry_run: bool) -> No
         err_console.print(f"[yellow]Warning:[/] GPU quota {outcome.quota_unknown}", soft_wrap=True)
     if dry_run:
         console.print("\nDry run: nothing was changed.")
+        if outcome.estimate is not None:
+            console.print(
+                f"Estimated cost of `gemma-launch run`: {outcome.estimate.describe()}", soft_wrap=True
+            )
         if spec is not None:
             console.print("Job spec:")
             click.echo(json.dumps(jobs.spec_dict(spec), indent=2))

@@ -159,9 +159,13 @@ class ArtifactRegistry:
     def delete_repository(
         self, request: artifactregistry_v1.DeleteRepositoryRequest, context: grpc.ServicerContext
     ):
+        # A long-running operation that deletes every image in the repository with it
+        # (https://cloud.google.com/artifact-registry/docs/repositories/delete).
         self._repository(request.name)
         with self.state.transaction() as tables:
             tables["repositories"].pop(request.name, None)
+            # Its policy goes with it: a repository created again under the name starts with none.
+            tables["repository_policies"].pop(request.name, None)
             for image in [n for n in tables["docker_images"] if n.startswith(f"{request.name}/")]:
                 del tables["docker_images"][image]
         parent = _REPOSITORY.match(request.name)

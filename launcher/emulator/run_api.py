@@ -160,11 +160,23 @@ class RunService:
         where = match_name(JOB, request.name, "job")
         job = self.store.job(request.name)
         self.store.check_etag(job, request.etag)
+        # A job with an unfinished execution is refused (FAILED_PRECONDITION); finished executions go with
+        # their job. The DeleteJob reference (https://cloud.google.com/run/docs/reference/rest/v2/
+        # projects.locations.jobs/delete) does not say what becomes of running ones: refusing is the
+        # stricter reading, so a client that passes here cancels first (`gcloud run jobs executions
+        # cancel`) and never relies on a delete to stop a GPU task.
+        running = [
+            name
+            for name, stored in self.state.table("run_executions").items()
+            if name.startswith(job.name + "/") and "completion_time" not in stored
+        ]
+        if running:
+            raise failed_precondition(
+                f"Job {job.name} has running executions ({running[0].rsplit('/', 1)[-1]}): cancel them "
+                "before deleting the job."
+            )
         job.delete_time = utc_now()
         if not request.validate_only:
-            executions = [n for n in self.state.table("run_executions") if n.startswith(job.name + "/")]
-            for name in executions:
-                self.executions.cancel(name)
             with self.state.transaction() as tables:
                 tables["run_jobs"].pop(job.name, None)
                 for table in ("run_executions", "run_tasks"):

@@ -203,6 +203,8 @@ class SecretManager:
         return current
 
     def delete_secret(self, request: secretmanager_v1.DeleteSecretRequest, context: grpc.ServicerContext):
+        """The secret with all its versions and its policy, at once; a stale etag is refused
+        (https://cloud.google.com/secret-manager/docs/delete-secret)."""
         key = self._secret_key(request.name)
         with self.state.transaction() as tables:
             stored = tables["secrets"].get(key)

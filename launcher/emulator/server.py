@@ -22,6 +22,7 @@ from gcp_storage_emulator.server import RequestHandler, create_server
 
 from launcher.emulator.access import DEFAULT_ENABLED, DEFAULT_USER, Access
 from launcher.emulator.artifactregistry import ArtifactRegistry
+from launcher.emulator.billing_catalog import Catalog
 from launcher.emulator.cloudbuild import RESTRICTED_REGIONS, CloudBuild
 from launcher.emulator.faults import Faults
 from launcher.emulator.iam import Iam
@@ -112,6 +113,7 @@ class Emulator:
             "serviceusage": ServiceUsage(self.access, self.operations),
             "projects": Projects(self.access),
             "billing": Billing(self.access),
+            "catalog": Catalog(),
             "logging": logging,
             "secrets": secrets,
             "registry": registry,

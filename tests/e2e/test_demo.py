@@ -61,6 +61,9 @@ def test_demo_fine_tunes_well_above_the_baseline(tmp_path):
     baseline, final = map(float, re.search(r"Accuracy\s*│\s*([\d.]+)%\s*│\s*([\d.]+)%", out).groups())
     assert baseline < 15 and final > 50, out[-3000:]
     assert "hf_demo_" not in out + done.stderr
+    # The rehearsal leaves nothing behind but the bucket, which holds the results.
+    assert re.search(r"deleted\s+job\s+projects/demo-project/", out)
+    assert re.search(r"kept\s+bucket\s+gs://", out)
     # Output a person reads: each long step summarised (staging, build, training), no library noise.
     shown = (out + done.stderr).splitlines()
     assert len(shown) < 150, f"{len(shown)} lines:\n" + "\n".join(shown)

@@ -61,6 +61,9 @@ FAKE_TRAINER = textwrap.dedent(
         "eval_method": "score",
         "baseline": {"accuracy": 0.05, "macro_f1": 0.02, "unknown_rate": 0.0},
         "final": {"accuracy": 0.8, "macro_f1": 0.75 + lr, "unknown_rate": 0.0},
+        "train": {"steps": 40, "runtime_s": 4.0, "samples_per_s": 16.0},
+        "phases": {"load_s": 1.0, "image_features_s": 1.0, "baseline_s": 1.0, "memory_plan_s": 1.0,
+                   "train_s": 4.0, "final_eval_s": 1.0, "save_s": 1.0},
     }
     (out / "results.json").write_text(json.dumps(results))
     (out / "adapter_model.safetensors").write_bytes(b"adapter")
@@ -180,6 +183,7 @@ def test_dry_run_shows_the_job_spec_and_gcloud_command(env, project_dir):
     assert "--set-secrets=HF_TOKEN=HF_TOKEN:latest" in result.output
     assert '"nvidia.com/gpu": "1"' in result.output
     assert '"launch_stage": "BETA"' in result.output  # enums by name, as gcloud and the API show them
+    assert "Estimated cost of `gemma-launch run`: ≈ $" in result.output  # the trainer's default sizes
     commands = result.output.split("Equivalent commands:")[1]
     assert "gcloud builds submit" in commands and "gcloud beta run jobs create" in commands
     assert not [
@@ -746,3 +750,28 @@ def test_a_trainer_whose_dependencies_this_machine_lacks_fails_at_once_with_what
     assert "0 retried" in result.output
     summary = result.output.splitlines()[-1]
     assert summary.startswith("Hint: Rehearsing runs the trainer on this machine") and "'.[train]'" in summary
+
+
+@pytest.mark.slow
+def test_run_says_the_estimated_cost_refuses_above_max_cost_and_status_shows_what_it_cost(env, project_dir):
+    assert up(project_dir).exit_code == 0
+    refused = cli("run", "--max-cost", "0.01")
+    assert refused.exit_code == 2, refused.output
+    assert "Error: The estimated cost ≈ $" in refused.output and "above --max-cost $0.01" in refused.output
+    assert "Hint: Train on fewer images" in refused.output
+    assert run_jobs(env) == []
+
+    done = cli("run", "--train-size", "64", "--max-cost", "100", "--follow")
+    assert done.exit_code == 0, done.output
+    estimate = next(line for line in done.output.splitlines() if line.startswith("Estimated cost: ≈ $"))
+    assert "first run of this model on this GPU" in estimate and "±50%" in estimate
+    assert "prices: Cloud Billing Catalog API" in estimate
+    (row,) = json.loads(cli("status", "--json").output)
+    # The stand-in trainer runs for a moment: a cost above nothing, far below a real run's.
+    assert 0 < row["cost_usd"] < 0.5
+    assert f"cost ≈ ${row['cost_usd']:.2f}" in cli("results").output
+    # That run's measured rates now make the estimate: 4 s fixed + 3680 / 16 s + 2 x 1000 / (10 / 2) s.
+    plan = up(project_dir, "--dry-run", "--json")
+    estimate = json.loads(plan.stdout)["estimate"]
+    assert estimate["basis"] == "from 1 finished run of this model on this GPU"
+    assert estimate["seconds"] == 4 + 230 + 400

@@ -6,6 +6,7 @@ bench/reliability.py runs the same campaign over more seeds for docs/reliability
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import struct
@@ -233,3 +234,29 @@ def test_storage_calls_retry_a_reset_connection(tmp_path, monkeypatch):
         finally:
             proxy.close()
     assert proxy.resets_left == 0
+
+
+@pytest.mark.slow
+def test_down_converges_when_the_first_reply_of_every_delete_is_lost(tmp_path):
+    project = make_project(tmp_path / "project")
+    with emulated(tmp_path) as emulator:
+        for args in (up_args(project), ["run", "--follow"]):
+            assert cli(*args).exit_code == 0, args
+        # From here on, the first reply of each mutating method is lost: every delete, every policy
+        # write that takes a binding out, every object deleted from the bucket.
+        emulator.hub.faults = emulator.services["storage"].faults = FirstReplyLost()
+        first = cli("down", "--delete-bucket", "--yes", "--json")
+        assert first.exit_code == 0, first.output
+        assert emulator.hub.faults.injected["lost"] >= 8
+        # Each lost reply recognised: reported deleted, not absent (up --skip-stage made no staging job).
+        absent = [c["kind"] for c in json.loads(first.output)["changes"] if c["status"] == "absent"]
+        assert absent == ["staging job"]
+        second = cli("down", "--delete-bucket", "--yes", "--json")
+        assert second.exit_code == 0, second.output
+        assert {change["status"] for change in json.loads(second.output)["changes"]} == {"absent"}
+        assert [
+            name
+            for name in ("run_jobs", "repositories", "secrets", "service_accounts")
+            if emulator.state.table(name)
+        ] == []
+        assert emulator.services["storage"].storage.buckets == {}

@@ -1,0 +1,90 @@
+"""`gemma-launch down`: remove what `up` made, keeping the bucket unless asked; safe to run again."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+from launcher import down as teardown
+from launcher.changes import Change
+from launcher.cloud import Clients
+from launcher.commands.options import Command, settings_options
+from launcher.commands.render import console, print_change
+from launcher.errors import UserError
+from launcher.settings import Settings
+
+# What `down` reads and deletes: everything `up` made, found by the same names.
+DOWN_SETTINGS = (
+    "project_id",
+    "region",
+    "service_account",
+    "build_service_account",
+    "bucket",
+    "repository",
+    "secret_id",
+    "job",
+)
+
+
+@click.command("down", cls=Command)
+@settings_options(gpu_region=False, fields=DOWN_SETTINGS)
+@click.option(
+    "--delete-bucket",
+    is_flag=True,
+    help="Delete the bucket too, with the weights, data and results in it (asks you to type its name).",
+)
+@click.option("--yes", is_flag=True, help="With --delete-bucket: do not ask for the bucket's name.")
+@click.option("--force", is_flag=True, help="Cancel a running execution first instead of refusing.")
+@click.option(
+    "--dry-run", is_flag=True, help="Show what would be deleted and the gcloud commands; delete nothing."
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the outcome as JSON.")
+def down(
+    settings: Settings, delete_bucket: bool, yes: bool, force: bool, dry_run: bool, as_json: bool
+) -> None:
+    """Remove what `up` made; safe to run again.
+
+    \b
+    One line per resource, deleted, absent or kept: the job and the staging job with their
+    executions, every binding `up` granted, the repository with its images, the HF_TOKEN secret with
+    its versions, and the two service accounts. The bucket (weights, data, results) is kept unless
+    --delete-bucket. Nothing is deleted while an execution runs, unless --force, which cancels it.
+    """
+    if delete_bucket and not (yes or dry_run):
+        typed = click.prompt(
+            f"This deletes gs://{settings.bucket} and everything in it. Type the bucket name to confirm",
+            default="",
+            show_default=False,
+            err=True,
+        )
+        if typed.strip() != settings.bucket:
+            raise UserError(
+                f"The name typed does not match bucket {settings.bucket}: nothing was deleted.",
+                "Type the bucket name exactly, or pass --yes; leave out --delete-bucket to keep it.",
+            )
+    report: list[Change] = []
+
+    def on_change(change: Change) -> None:
+        report.append(change)
+        if not as_json:
+            print_change(change.kind, change.name, change.status, change.diff)
+
+    teardown.down(
+        Clients(settings.project_id),
+        settings,
+        delete_bucket_too=delete_bucket,
+        force=force,
+        dry_run=dry_run,
+        on_change=on_change,
+    )
+    if as_json:
+        document = {"dry_run": dry_run, "changes": [change.document() for change in report]}
+        click.echo(json.dumps(document, indent=2))
+    elif dry_run:
+        commands = [change.command for change in report if change.command]
+        console.print("\nDry run: nothing was deleted." + (" Equivalent commands:" if commands else ""))
+        for command in commands:
+            click.echo(f"  {command}")
+    elif all(change.status in ("absent", "kept") for change in report):
+        console.print("\nNothing left to delete.")

@@ -1,0 +1,198 @@
+"""`gemma-launch down`: real clients, the emulator, the CLI as a user runs it.
+
+The job comes from `up` building a small image that runs a stand-in trainer (as tests/launcher/
+test_run.py does), so the repository holds an image and the job executions can run."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import textwrap
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from google.api_core import exceptions
+from google.iam.v1 import iam_policy_pb2
+
+from launcher.cli import main
+
+PROJECT = "demo-project"
+TOKEN = "hf_down_test_token_0123456789abcdef"
+REPO = Path(__file__).resolve().parents[2]
+SA = f"gemma3-finetuning@{PROJECT}.iam.gserviceaccount.com"
+BUILD_SA = f"gemma3-finetuning-build@{PROJECT}.iam.gserviceaccount.com"
+REPOSITORY = f"projects/{PROJECT}/locations/europe-west4/repositories/gemma3-finetuning-repo"
+JOB = f"projects/{PROJECT}/locations/europe-west4/jobs/gemma3-finetuning-job"
+SECRET = f"projects/{PROJECT}/secrets/HF_TOKEN"
+BUCKET = f"{PROJECT}-gemma3-finetuning"
+
+# Sleeps when asked (--seed 103, a trainer flag `run --set` accepts), else writes results and ends.
+STAND_IN = textwrap.dedent(
+    """
+    import json, os, pathlib, sys, time
+
+    flags = dict(zip(*[iter(arg for arg in sys.argv[1:] if arg != "--merge")] * 2))
+    if flags.get("--seed") == "103":
+        time.sleep(120)
+    out = pathlib.Path(flags["--output-dir"]) / os.environ["CLOUD_RUN_EXECUTION"]
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps({"final": {"accuracy": 0.8}}))
+    """
+)
+
+
+@pytest.fixture
+def project_dir(tmp_path: Path) -> Path:
+    source = tmp_path / "stand-in"
+    source.mkdir()
+    (source / "trainer.py").write_text(STAND_IN)
+    (source / "Dockerfile").write_text(
+        'FROM python:3.11-slim\nWORKDIR /app\nCOPY . /app\nENTRYPOINT ["python", "trainer.py"]\n'
+    )
+    shutil.copy(REPO / "cloudbuild.yaml", source / "cloudbuild.yaml")
+    return source
+
+
+@pytest.fixture
+def env(local, monkeypatch):
+    monkeypatch.setenv("PROJECT_ID", PROJECT)
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    return local
+
+
+def cli(*args: str, input: str | None = None):
+    return CliRunner().invoke(main, list(args), input=input)
+
+
+def up(project_dir: Path):
+    result = cli("up", "--skip-stage", "--source", str(project_dir), "--max-retries", "0")
+    assert result.exit_code == 0, result.output
+    return result
+
+
+def statuses(output: str) -> dict[str, list[str]]:
+    """status -> the kinds that had it, from down's lines: status right-aligned in 12 columns, two
+    spaces, the kind in 16, the name."""
+    found: dict[str, list[str]] = {}
+    for line in output.splitlines():
+        status, kind = line[:12].strip(), line[14:30].strip()
+        if status in ("would delete", "deleted", "absent", "kept", "cancelled") and kind:
+            found.setdefault(status, []).append(kind)
+    return found
+
+
+def holds_nothing_up_made(clients) -> None:
+    for read in (
+        lambda: clients.jobs.get_job(name=JOB),
+        lambda: clients.jobs.get_job(name=JOB + "-stage"),
+        lambda: clients.registry.get_repository(name=REPOSITORY),
+        lambda: clients.secrets.get_secret(name=SECRET),
+        lambda: clients.iam.get_service_account(name=f"projects/{PROJECT}/serviceAccounts/{SA}"),
+        lambda: clients.iam.get_service_account(name=f"projects/{PROJECT}/serviceAccounts/{BUILD_SA}"),
+    ):
+        with pytest.raises(exceptions.NotFound):
+            read()
+    bucket_members = {
+        member
+        for binding in clients.storage.bucket(BUCKET).get_iam_policy(requested_policy_version=3).bindings
+        for member in binding["members"]
+    }
+    assert f"serviceAccount:{SA}" not in bucket_members
+    assert f"serviceAccount:{BUILD_SA}" not in bucket_members
+    project = clients.projects.get_iam_policy(
+        request=iam_policy_pb2.GetIamPolicyRequest(resource=f"projects/{PROJECT}")
+    )
+    assert {(b.role, m) for b in project.bindings for m in b.members} == {
+        ("roles/owner", "user:developer@example.com")
+    }
+
+
+@pytest.mark.slow
+def test_down_removes_what_up_made_keeps_the_bucket_and_a_second_down_deletes_nothing(env, project_dir):
+    up(project_dir)
+    assert cli("run", "--follow").exit_code == 0  # an execution, and results in the bucket
+    before = len(env.record())
+    plan = cli("down", "--dry-run")
+    assert plan.exit_code == 0, plan.output
+    assert "would delete" in plan.output
+    assert "gcloud artifacts repositories delete gemma3-finetuning-repo" in plan.output
+    assert "gcloud projects remove-iam-policy-binding demo-project" in plan.output
+    assert [entry for entry in env.record()[before:] if entry["mutating"]] == []
+
+    first = cli("down")
+    assert first.exit_code == 0, first.output
+    done = statuses(first.output)
+    assert sorted(done["deleted"]) == sorted(
+        [
+            "job",
+            "bucket IAM",
+            "bucket IAM",
+            "repository IAM",
+            "project IAM",
+            "secret IAM",
+            "repository",
+            "secret",
+            "service account",
+            "service account",
+        ]
+    )
+    assert done["absent"] == ["staging job"]  # --skip-stage: up never made it
+    assert done["kept"] == ["bucket"]
+    clients = env.clients(PROJECT)
+    holds_nothing_up_made(clients)
+    assert list(clients.storage.list_blobs(BUCKET, prefix="runs/"))  # the results stay
+
+    before = len(env.record())
+    second = cli("down")
+    assert second.exit_code == 0, second.output
+    assert "deleted" not in second.output
+    assert "Nothing left to delete." in second.output
+    assert [entry for entry in env.record()[before:] if entry["mutating"]] == []
+
+
+def test_delete_bucket_asks_for_its_name(env):
+    provisioned = cli("up", "--skip-stage", "--skip-build")  # no image: no job, only what provisioning makes
+    assert provisioned.exit_code == 0, provisioned.output
+    clients = env.clients(PROJECT)
+    clients.storage.bucket(BUCKET).blob("runs/x/results.json").upload_from_string("{}")
+    wrong = cli("down", "--delete-bucket", input="not-the-bucket\n")
+    assert wrong.exit_code == 2
+    assert "does not match" in wrong.output and "Hint:" in wrong.output
+    assert clients.secrets.get_secret(name=SECRET)  # nothing was deleted
+
+    typed = cli("down", "--delete-bucket", input=f"{BUCKET}\n")
+    assert typed.exit_code == 0, typed.output
+    assert "bucket" in statuses(typed.output)["deleted"]
+    assert clients.storage.lookup_bucket(BUCKET) is None
+    again = cli("down", "--delete-bucket", "--yes", "--json")
+    assert again.exit_code == 0, again.output
+    assert {change["status"] for change in json.loads(again.output)["changes"]} == {"absent"}
+
+
+@pytest.mark.slow
+def test_down_refuses_while_an_execution_runs_and_force_cancels_it(env, project_dir):
+    up(project_dir)
+    started = cli("run", "--set", "seed=103")
+    assert started.exit_code == 0, started.output
+    refused = cli("down")
+    assert refused.exit_code == 2
+    assert "still running" in refused.output and "--force" in refused.output
+    assert env.clients(PROJECT).jobs.get_job(name=JOB)
+    with pytest.raises(exceptions.FailedPrecondition):  # as Cloud Run refuses it, in the emulator's reading
+        env.clients(PROJECT).jobs.delete_job(name=JOB)
+
+    forced = cli("down", "--force")
+    assert forced.exit_code == 0, forced.output
+    assert statuses(forced.output)["cancelled"] == ["execution"]
+    holds_nothing_up_made(env.clients(PROJECT))
+
+
+@pytest.mark.slow
+def test_up_after_down_rebuilds_everything(env, project_dir):
+    up(project_dir)
+    assert cli("down").exit_code == 0
+    again = up(project_dir)
+    created = {line.split()[1] for line in again.output.splitlines() if line.split()[:1] == ["created"]}
+    assert {"service", "repository", "secret", "job"} <= created
+    assert cli("run", "--follow").exit_code == 0
