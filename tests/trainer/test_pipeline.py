@@ -81,7 +81,7 @@ def test_results_json_records_every_flag_and_what_auto_became(trained_run, tiny_
         "gradient-accumulation-steps", "eval-batch-size", "lora-r", "lora-alpha", "lora-dropout",
         "output-dir", "gcs-output-path", "merge", "checkpoint-strategy", "save-steps", "save-total-limit",
         "logging-steps", "device", "quantization", "eval-method", "max-memory-gib", "gradient-checkpointing",
-        "compile", "cache-image-features", "seed", "dry-run",
+        "compile", "cache-image-features", "seed", "dry-run", "sweep-grid",
     }  # fmt: skip
     assert (flags["learning-rate"], flags["num-epochs"], flags["seed"], flags["batch-size"]) == (
         0.02,
