@@ -13,14 +13,14 @@ The actual cost of a finished execution is each task's run time (start to comple
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from google.api_core import exceptions
 from google.cloud import run_v2
 
-from launcher import executions, gpus, pricing
+from launcher import executions, gpus, overrides, pricing
 from launcher import job as jobs
 from launcher import results as run_results
 from launcher.cloud import RETRY, Clients
@@ -212,6 +212,45 @@ def for_job(
     gpu, model = job.template.template.node_selector.accelerator, _flag(args, "--model-id", "")
     rates = history_rates(clients, settings, gpu, model, built_in_rates(gpu, model))
     return estimate(job, args, pricing.prices(clients, settings.region, gpu), rates, tasks)
+
+
+def for_sweep(
+    clients: Clients,
+    settings: Settings,
+    job: run_v2.Job,
+    args: Sequence[str],
+    combinations: Sequence[Mapping[str, str]],
+) -> Estimate:
+    """A sweep's estimate: the sum of its tasks', each with its combination's sizes and epochs (the
+    rates read once per model); `seconds` is a task's mean duration."""
+    gpu = job.template.template.node_selector.accelerator
+    prices = pricing.prices(clients, settings.region, gpu)
+    rates: dict[str, Rates] = {}
+    found = []
+    for combination in combinations:
+        task_args = overrides.apply(args, combination)
+        model = _flag(task_args, "--model-id", "")
+        if model not in rates:
+            rates[model] = history_rates(clients, settings, gpu, model, built_in_rates(gpu, model))
+        found.append(estimate(job, task_args, prices, rates[model], tasks=1))
+    return Estimate(
+        sum(one.usd for one in found),
+        sum(one.seconds for one in found) / len(found),
+        len(found),
+        found[0].rates,
+        prices,
+    )
+
+
+def task_costs(clients: Clients, settings: Settings, execution: run_v2.Execution) -> dict[int, float]:
+    """Each finished task's cost in USD, by task index: its start to completion at the region's prices."""
+    gpu = execution.template.node_selector.accelerator
+    per_second = task_price_per_s(execution.template, pricing.prices(clients, settings.region, gpu))
+    return {
+        task.index: (task.completion_time - task.start_time).total_seconds() * per_second
+        for task in clients.tasks.list_tasks(parent=execution.name, retry=RETRY)
+        if task.start_time and task.completion_time
+    }
 
 
 def actual_costs(

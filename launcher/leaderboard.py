@@ -1,8 +1,8 @@
 """What `results` shows beyond one run's table: a sweep's leaderboard (one row per task, best first) and
 executions side by side (the settings that differ, and the metrics).
 
-A sweep's task i writes under runs/<execution>/task-<i>/ (trainer/sweep.py). Cost is a seam: every row
-carries `cost`, None until the cost estimator fills it.
+A sweep's task i writes under runs/<execution>/task-<i>/ (trainer/sweep.py). Each row's `cost` is what
+its task (or execution) cost at Cloud Run's prices (launcher/cost.py), None while it runs.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import Any
 from google.api_core import exceptions
 from google.cloud import run_v2
 
-from launcher import executions
+from launcher import cost, executions
 from launcher import results as run_results
 from launcher.cloud import RETRY, Clients
 from launcher.errors import UserError
@@ -41,7 +41,7 @@ class Entry:
     baseline: dict[str, float] = field(default_factory=dict)  # accuracy, macro_f1, unknown_rate
     final: dict[str, float] = field(default_factory=dict)
     duration_s: float | None = None
-    cost: float | None = None  # USD; filled by the cost estimator (issue 17 §2)
+    cost: float | None = None  # USD, once finished
     task: int | None = None
 
     def document(self) -> dict[str, Any]:
@@ -81,6 +81,7 @@ def leaderboard(clients: Clients, settings: Settings, execution: run_v2.Executio
     """A row per task: its combination, state, metrics and duration; the best final accuracy (then
     macro-F1) first, tasks without results last in task order."""
     tasks = {task.index: task for task in clients.tasks.list_tasks(parent=execution.name, retry=RETRY)}
+    costs = cost.task_costs(clients, settings, execution)
     entries = []
     for index, combination in enumerate(grid.combinations()):
         found = _load(clients, settings, f"{task_prefix(execution.name, index)}/results.json") or {}
@@ -93,6 +94,7 @@ def leaderboard(clients: Clients, settings: Settings, execution: run_v2.Executio
                 baseline=found.get("baseline", {}),
                 final=found.get("final", {}),
                 duration_s=_seconds(task) if task is not None else None,
+                cost=costs.get(index),
                 task=index,
             )
         )
@@ -128,8 +130,15 @@ def compare(clients: Clients, settings: Settings, names: list[str]) -> list[Entr
             found = run_results.load(clients, settings, name)
             if found is None:
                 raise run_results.no_results(clients, settings, name)
+            (spent,) = cost.actual_costs(clients, settings, [execution])
             entry = Entry(
-                short, {}, executions.state(execution), found["baseline"], found["final"], _seconds(execution)
+                short,
+                {},
+                executions.state(execution),
+                found["baseline"],
+                found["final"],
+                _seconds(execution),
+                spent,
             )
         else:
             best = leaderboard(clients, settings, execution, grid)[0]
@@ -142,7 +151,13 @@ def compare(clients: Clients, settings: Settings, names: list[str]) -> list[Entr
                 )
             args += [arg for key, value in best.settings.items() for arg in flags.setting_argv(key, value)]
             entry = Entry(
-                f"{short} ({best.label})", {}, best.state, best.baseline, best.final, best.duration_s
+                f"{short} ({best.label})",
+                {},
+                best.state,
+                best.baseline,
+                best.final,
+                best.duration_s,
+                best.cost,
             )
         columns.append((entry, _flags(args, short)))
     keys = sorted({key for _, found in columns for key in found})
@@ -155,6 +170,7 @@ def compare(clients: Clients, settings: Settings, names: list[str]) -> list[Entr
             entry.baseline,
             entry.final,
             entry.duration_s,
+            entry.cost,
         )
         for entry, found in columns
     ]

@@ -6,8 +6,8 @@ import json
 
 import click
 
-from launcher import executions, overrides, sweep
-from launcher.cloud import Clients
+from launcher import cost, executions, overrides, sweep
+from launcher.cloud import RETRY, Clients
 from launcher.commands.follow import fail_unless_succeeded, follow_on_screen
 from launcher.commands.options import JOB_SETTINGS, Command, settings_options
 from launcher.commands.render import console, err_console, say_fit
@@ -49,6 +49,12 @@ from launcher.settings import Settings
 @click.option(
     "--verbose", "-v", is_flag=True, help="With --follow: every log line, no progress bar of the steps."
 )
+@click.option(
+    "--max-cost",
+    type=click.FloatRange(min=0),
+    metavar="USD",
+    help="Start nothing when the estimated cost of all the tasks is above this many US dollars.",
+)
 def sweep_command(
     settings: Settings,
     grids: tuple[str, ...],
@@ -58,6 +64,7 @@ def sweep_command(
     allow_concurrent: bool,
     as_json: bool,
     verbose: bool,
+    max_cost: float | None,
 ) -> None:
     """Try every combination of trainer settings as one execution of the job, a task per combination.
 
@@ -80,6 +87,10 @@ def sweep_command(
     chosen = sweep.choose_parallelism(clients, settings, tasks, parallelism)
     out = err_console if as_json else console
     out.print(f"{tasks} tasks, {chosen.tasks} at a time ({chosen.why}).", soft_wrap=True, markup=False)
+    job = clients.jobs.get_job(name=settings.job_name, retry=RETRY)
+    estimate = cost.for_sweep(clients, settings, job, args, grid.combinations())
+    out.print(f"Estimated cost: {estimate.describe()}", soft_wrap=True)
+    cost.check_max_cost(estimate, max_cost)
     execution = sweep.start(clients, settings, grid, args, chosen.tasks)
     short = executions.short_name(execution.name)
     out.print(f"Started execution {short}")

@@ -34,6 +34,17 @@ def test_the_estimate_is_the_catalogs_price_times_the_expected_duration(local, j
     assert "±50%" in found.describe() and "prices: Cloud Billing Catalog API" in found.describe()
 
 
+def test_a_sweeps_estimate_is_the_sum_of_its_tasks_each_with_its_own_sizes(local, job, monkeypatch):
+    monkeypatch.setenv("PROJECT_ID", "demo-project")
+    combinations = [{"train-size": "500"}, {"train-size": "1000", "num-epochs": "3"}]
+    found = cost.for_sweep(local.clients(), load_settings(None, {}), job, ARGS, combinations)
+    # By hand, as above: each task's 900 s + its training + the same two evaluations.
+    first, second = (900 + 500 * 2 / 4.71 + 400 / 5.2), (900 + 1000 * 3 / 4.71 + 400 / 5.2)
+    assert found.usd == pytest.approx((first + second) * 0.00102)
+    assert (found.tasks, found.seconds) == (2, pytest.approx((first + second) / 2))
+    assert " x 2 tasks" in found.describe()
+
+
 def test_a_finished_runs_measured_rates_replace_the_table(job):
     measured = {
         "eval_size": 200,

@@ -171,11 +171,12 @@ def test_a_task_that_stopped_on_an_unfixable_error_is_reported_and_ranked_last(e
         for line in board.output.splitlines()
         if line.startswith("│ task ")
     ]
-    # label, lora-r, state, accuracy, macro-F1 (duration aside), cost
-    assert [row[:5] + row[6:] for row in rows] == [
-        ["task 0", "8", "Succeeded", "5.0% -> 50.0%", "2.0% -> 40.0%", "-"],
-        ["task 1", "16", "Failed", "-", "-", "-"],
+    # label, lora-r, state, accuracy, macro-F1 (duration aside), then cost: a failed task cost too
+    assert [row[:5] for row in rows] == [
+        ["task 0", "8", "Succeeded", "5.0% -> 50.0%", "2.0% -> 40.0%"],
+        ["task 1", "16", "Failed", "-", "-"],
     ]
+    assert all(re.fullmatch(r"\$\d+\.\d\d", row[6]) for row in rows), rows
 
 
 @pytest.mark.slow
@@ -200,7 +201,7 @@ def test_results_compares_executions_by_the_settings_that_differ(env, tmp_path):
     assert [row["label"] for row in as_json] == names
     assert [row["settings"] for row in as_json] == [{"learning-rate": "0.125"}, {"learning-rate": "0.25"}]
     assert as_json[1]["final"]["macro_f1"] == pytest.approx(1.0)
-    assert all(row["cost"] is None and row["duration_s"] > 0 for row in as_json)
+    assert all(row["cost"] > 0 and row["duration_s"] > 0 for row in as_json)
 
     unknown = cli("results", names[0], "nope")
     assert (
@@ -276,7 +277,9 @@ def test_a_two_by_two_sweep_of_the_tiny_model_ranks_its_four_tasks(env, tmp_path
 
     board = json.loads(cli("results", execution, "--json").output)
     assert sorted(row["task"] for row in board) == [0, 1, 2, 3]
-    assert all(row["state"] == "Succeeded" and row["duration_s"] > 0 and row["cost"] is None for row in board)
+    assert all(row["state"] == "Succeeded" and row["duration_s"] > 0 and row["cost"] > 0 for row in board)
+    # Each task's cost is its own run time at the job's one price per second.
+    assert len({round(row["cost"] / row["duration_s"], 9) for row in board}) == 1
     ranks = [(row["final"]["accuracy"], row["final"]["macro_f1"]) for row in board]
     assert ranks == sorted(ranks, reverse=True) and ranks[0] > ranks[-1], ranks
     for row in board:
