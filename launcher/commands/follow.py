@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from typing import Any
+
 import click
 from google.cloud import run_v2
 
@@ -61,3 +64,32 @@ def fail_unless_succeeded(clients: Clients, settings: Settings, final: run_v2.Ex
             stopped.hint,
         )
     raise SystemExit(1)
+
+
+def execution_document(execution: run_v2.Execution) -> dict[str, Any]:
+    """An execution for --json: its row of `status --json`, its full name and the job's."""
+    return {**executions.summary(execution), "name": execution.name, "job": execution.job}
+
+
+def follow_or_show(
+    clients: Clients,
+    settings: Settings,
+    execution: run_v2.Execution,
+    *,
+    follow: bool,
+    as_json: bool,
+    verbose: bool,
+) -> bool:
+    """What `run` and `sweep` do once the execution started: with --follow, stream it until it ends (then
+    its JSON with --json) and exit unless it succeeded; else its JSON with --json. False when nothing was
+    shown: the caller then says how to follow it."""
+    if follow:
+        final = follow_on_screen(clients, settings, execution.name, verbose=verbose, quiet=as_json)
+        if as_json:
+            click.echo(json.dumps(execution_document(final), indent=2))
+        fail_unless_succeeded(clients, settings, final)
+        return True
+    if as_json:
+        click.echo(json.dumps(execution_document(execution), indent=2))
+        return True
+    return False

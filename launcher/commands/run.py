@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-import json
-from typing import Any
-
 import click
-from google.cloud import run_v2
 
 from launcher import cost, executions, overrides, quota, staging
 from launcher import job as jobs
 from launcher.cloud import RETRY, Clients
-from launcher.commands.follow import fail_unless_succeeded, follow_on_screen
+from launcher.commands.follow import follow_or_show
 from launcher.commands.options import JOB_SETTINGS, Command, settings_options
 from launcher.commands.render import console, err_console, say_fit
 from launcher.errors import UserError
@@ -115,17 +111,6 @@ def run_command(
     short = executions.short_name(execution.name)
     if follow:
         (err_console if as_json else console).print(f"Started execution {short}")
-        final = follow_on_screen(clients, settings, execution.name, verbose=verbose, quiet=as_json)
-        if as_json:
-            click.echo(json.dumps(execution_document(final), indent=2))
-        fail_unless_succeeded(clients, settings, final)
-    elif as_json:
-        click.echo(json.dumps(execution_document(execution), indent=2))
-    else:
+    if not follow_or_show(clients, settings, execution, follow=follow, as_json=as_json, verbose=verbose):
         console.print(f"Started execution {short}")
         console.print(f"Follow it with: gemma-launch logs {short} --follow")
-
-
-def execution_document(execution: run_v2.Execution) -> dict[str, Any]:
-    """An execution for --json: its row of `status --json`, its full name and the job's."""
-    return {**executions.summary(execution), "name": execution.name, "job": execution.job}

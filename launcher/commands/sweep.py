@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import json
-
 import click
 
 from launcher import cost, executions, overrides, sweep
 from launcher.cloud import RETRY, Clients
-from launcher.commands.follow import fail_unless_succeeded, follow_on_screen
+from launcher.commands.follow import follow_or_show
 from launcher.commands.options import JOB_SETTINGS, Command, settings_options
 from launcher.commands.render import console, err_console, say_fit
-from launcher.commands.run import execution_document
 from launcher.settings import Settings
 
 
@@ -94,14 +91,7 @@ def sweep_command(
     execution = sweep.start(clients, settings, grid, args, chosen.tasks)
     short = executions.short_name(execution.name)
     out.print(f"Started execution {short}")
-    if follow:
-        final = follow_on_screen(clients, settings, execution.name, verbose=verbose, quiet=as_json)
-        if as_json:
-            click.echo(json.dumps(execution_document(final), indent=2))
-        fail_unless_succeeded(clients, settings, final)
-    elif as_json:
-        click.echo(json.dumps(execution_document(execution), indent=2))
-    else:
+    if not follow_or_show(clients, settings, execution, follow=follow, as_json=as_json, verbose=verbose):
         console.print(
             f"Follow it with: gemma-launch logs {short} --follow; rank its tasks with: "
             f"gemma-launch results {short}",
