@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import logging
 import signal
 import sys
 import tempfile
@@ -37,6 +38,8 @@ from launcher.emulator.secretmanager import SecretManager
 from launcher.emulator.serviceusage import ServiceUsage
 from launcher.emulator.state import State
 from launcher.emulator.storage import CloudStorage
+
+_log = logging.getLogger(__name__)
 
 
 class Emulator:
@@ -176,10 +179,21 @@ class Emulator:
             self.stop()
 
 
+class _StorageServer(HTTPServer):
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """socketserver prints the traceback to whatever sys.stderr is at that moment: while a test runs a
+        command through click's CliRunner, into that command's output. A client hanging up mid-request (a
+        dropped keep-alive connection, an abandoned upload) is the client's business, not an error here."""
+        if isinstance(sys.exc_info()[1], ConnectionError):
+            _log.debug("storage client %s hung up", client_address, exc_info=True)
+        else:
+            _log.exception("storage request from %s failed", client_address)
+
+
 def _serve_storage(api: Any) -> None:
     """The storage package's APIThread.run, polling for shutdown every 20 ms instead of socketserver's
     default 0.5 s: every emulator stop waited that out, some 250 stops (two minutes) per test suite."""
-    api._httpd = HTTPServer((api._host, api._port), partial(RequestHandler, api._storage))
+    api._httpd = _StorageServer((api._host, api._port), partial(RequestHandler, api._storage))
     api.is_running.set()
     api._httpd.serve_forever(poll_interval=0.02)
 

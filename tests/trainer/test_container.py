@@ -209,8 +209,8 @@ def test_sigterm_saves_a_checkpoint_and_the_retry_reuses_baseline_and_batch(
         evaluations.append(args[0])
         return real_predict(*args, **kwargs)
 
-    real_predict = trainer_main.predict
-    monkeypatch.setattr("trainer.__main__.predict", counted_predict)
+    real_predict = trainer_main.predict_ranked
+    monkeypatch.setattr("trainer.__main__.predict_ranked", counted_predict)
     monkeypatch.setenv("CLOUD_RUN_EXECUTION", execution)
     monkeypatch.setenv("CLOUD_RUN_TASK_ATTEMPT", "1")
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
