@@ -9,7 +9,7 @@ import click
 from launcher import executions, logs
 from launcher.cloud import Clients
 from launcher.commands.follow import fail_unless_succeeded, follow_on_screen
-from launcher.commands.options import JOB_SETTINGS, Command, settings_options
+from launcher.commands.options import FOLLOW_VERBOSE, JOB_SETTINGS, Command, settings_options
 from launcher.errors import UserError
 from launcher.settings import Settings
 
@@ -35,9 +35,7 @@ def _emit_json(line: logs.Line) -> None:
     help='One JSON object per line: {"timestamp": RFC 3339 or null, "task": index or null, "text": ...}; '
     "with --follow, every line and nothing else on stdout.",
 )
-@click.option(
-    "--verbose", "-v", is_flag=True, help="With --follow: every log line, no progress bar of the steps."
-)
+@FOLLOW_VERBOSE
 @click.option(
     "--task",
     type=click.IntRange(min=0),

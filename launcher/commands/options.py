@@ -65,6 +65,22 @@ _SETTING_FLAGS: tuple[tuple[str, str, Any], ...] = (
 
 # The settings a command that only reads an execution of the job needs to find it.
 JOB_SETTINGS = ("project_id", "region", "job")
+
+# The options `run`, `sweep` and `logs` share.
+FOLLOW_VERBOSE = click.option(
+    "--verbose", "-v", is_flag=True, help="With --follow: every log line, no progress bar of the steps."
+)
+
+
+def max_cost_option(what: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    return click.option(
+        "--max-cost",
+        type=click.FloatRange(min=0),
+        metavar="USD",
+        help=f"Start nothing when the estimated cost{what} is above this many US dollars.",
+    )
+
+
 # Staging reads and writes the bucket, with the project's image as the staging job <job>-stage.
 STAGE_SETTINGS = (
     "project_id",

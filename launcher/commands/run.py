@@ -8,7 +8,7 @@ from launcher import cost, executions, overrides, quota, staging
 from launcher import job as jobs
 from launcher.cloud import RETRY, Clients
 from launcher.commands.follow import follow_or_show
-from launcher.commands.options import JOB_SETTINGS, Command, settings_options
+from launcher.commands.options import FOLLOW_VERBOSE, JOB_SETTINGS, Command, max_cost_option, settings_options
 from launcher.commands.render import console, err_console, say_fit
 from launcher.errors import UserError
 from launcher.settings import Settings, check_run_timeout
@@ -50,15 +50,8 @@ from launcher.settings_rules import parse_duration
     help="Print the execution as JSON (as `status --json` shows one); with --follow once it has ended, "
     "the log going to stderr.",
 )
-@click.option(
-    "--verbose", "-v", is_flag=True, help="With --follow: every log line, no progress bar of the steps."
-)
-@click.option(
-    "--max-cost",
-    type=click.FloatRange(min=0),
-    metavar="USD",
-    help="Start nothing when the estimated cost is above this many US dollars.",
-)
+@FOLLOW_VERBOSE
+@max_cost_option("")
 def run_command(
     settings: Settings,
     sets: tuple[str, ...],

@@ -7,7 +7,7 @@ import click
 from launcher import cost, executions, overrides, sweep
 from launcher.cloud import RETRY, Clients
 from launcher.commands.follow import follow_or_show
-from launcher.commands.options import JOB_SETTINGS, Command, settings_options
+from launcher.commands.options import FOLLOW_VERBOSE, JOB_SETTINGS, Command, max_cost_option, settings_options
 from launcher.commands.render import console, err_console, say_fit
 from launcher.settings import Settings
 
@@ -43,15 +43,8 @@ from launcher.settings import Settings
 )
 @click.option("--allow-concurrent", is_flag=True, help="Start even while another execution of the job runs.")
 @click.option("--json", "as_json", is_flag=True, help="Print the execution as JSON (as `run --json` does).")
-@click.option(
-    "--verbose", "-v", is_flag=True, help="With --follow: every log line, no progress bar of the steps."
-)
-@click.option(
-    "--max-cost",
-    type=click.FloatRange(min=0),
-    metavar="USD",
-    help="Start nothing when the estimated cost of all the tasks is above this many US dollars.",
-)
+@FOLLOW_VERBOSE
+@max_cost_option(" of all the tasks")
 def sweep_command(
     settings: Settings,
     grids: tuple[str, ...],

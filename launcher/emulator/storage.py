@@ -27,6 +27,7 @@ import hashlib
 import ipaddress
 import logging
 import mimetypes
+import os
 import re
 import threading
 import weakref
@@ -378,17 +379,25 @@ class CloudStorage:
             known = storage.objects.setdefault(bucket, {})
             changed: list[str] = []
             present: set[str] = set()
-            for path in sorted(root.rglob("*")):
+            # os.walk, not rglob: a directory a running task deletes mid-walk (an old checkpoint) is skipped.
+            listed = (Path(folder) / name for folder, _, names in os.walk(root) for name in names)
+            for path in sorted(listed):
                 if not path.is_file():
                     continue
                 name = path.relative_to(root).as_posix()
-                present.add(name)
-                stat = path.stat()
-                signature = (stat.st_size, stat.st_mtime_ns)
-                current = known.get(name)
-                if current is not None and self._seen.get((bucket, name)) == signature:
+                try:
+                    stat = path.stat()
+                    signature = (stat.st_size, stat.st_mtime_ns)
+                    current = known.get(name)
+                    if current is not None and self._seen.get((bucket, name)) == signature:
+                        present.add(name)
+                        continue
+                    md5, crc = _hashes(path)
+                except FileNotFoundError:
+                    # Deleted between the listing and the read by a task still writing to the mount (the
+                    # trainer rotating its checkpoints): gone, as a later listing would find it.
                     continue
-                md5, crc = _hashes(path)
+                present.add(name)
                 self._seen[(bucket, name)] = signature
                 if current is not None and (current.get("md5Hash"), current.get("crc32c")) == (md5, crc):
                     continue

@@ -120,7 +120,12 @@ class TaskRunner:
             if self.cancelled:
                 self.events.task_ended(index, "cancelled", None)
                 continue
-            self._run_task(index)
+            try:
+                self._run_task(index)
+            except Exception as error:
+                # The emulator's own failure: the task fails saying so, instead of vanishing with its thread
+                # and leaving the execution to end as if it had never been one of its tasks.
+                self.events.task_ended(index, "failed", Outcome(1, 0, error=f"emulator error: {error!r}"))
 
     def _run_task(self, index: int) -> None:
         attempt = 0

@@ -6,7 +6,6 @@ test_run.py does), so the repository holds an image and the job executions can r
 from __future__ import annotations
 
 import json
-import shutil
 import textwrap
 from pathlib import Path
 
@@ -16,6 +15,7 @@ from google.api_core import exceptions
 from google.iam.v1 import iam_policy_pb2
 
 from launcher.cli import main
+from tests.support.image_source import image_source
 
 PROJECT = "demo-project"
 TOKEN = "hf_down_test_token_0123456789abcdef"
@@ -44,14 +44,7 @@ STAND_IN = textwrap.dedent(
 
 @pytest.fixture
 def project_dir(tmp_path: Path) -> Path:
-    source = tmp_path / "stand-in"
-    source.mkdir()
-    (source / "trainer.py").write_text(STAND_IN)
-    (source / "Dockerfile").write_text(
-        'FROM python:3.11-slim\nWORKDIR /app\nCOPY . /app\nENTRYPOINT ["python", "trainer.py"]\n'
-    )
-    shutil.copy(REPO / "cloudbuild.yaml", source / "cloudbuild.yaml")
-    return source
+    return image_source(tmp_path / "stand-in", ["python", "trainer.py"], {"trainer.py": STAND_IN})
 
 
 @pytest.fixture

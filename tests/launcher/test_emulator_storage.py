@@ -1,6 +1,8 @@
 import base64
 import hashlib
 import json
+import os
+from pathlib import Path
 
 import pytest
 from google.api_core import exceptions
@@ -155,6 +157,29 @@ def test_import_tree_registers_changes_and_deletions_of_mounted_files(local):
         "out/results.json",
         "uploaded.txt",
     ]
+
+
+def test_import_tree_skips_a_file_a_running_task_deletes_while_it_reads(local, monkeypatch):
+    client = local.clients().storage
+    bucket = _bucket(client, location="europe-west4")
+    storage = local.emulator.services["storage"]
+    root = local.emulator.bucket_dir(bucket.name)
+    (root / "out" / "checkpoint-1").mkdir(parents=True)
+    (root / "out" / "checkpoint-1" / "optimizer.pt").write_bytes(b"\x00" * 100)
+    (root / "out" / "results.json").write_text("{}")
+    real_stat, looks = Path.stat, []
+
+    def rotated_away(path: Path, *args, **kwargs):
+        # The trainer drops its oldest checkpoint after import_tree found it a file, before it reads it.
+        if path.name == "optimizer.pt":
+            looks.append(path)
+            if len(looks) == 2:
+                os.remove(path)
+        return real_stat(path, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "stat", rotated_away)
+    assert storage.import_tree(bucket.name) == ["out/results.json"]
+    assert [blob.name for blob in client.list_blobs(bucket.name)] == ["out/results.json"]
 
 
 def test_import_tree_of_missing_bucket_is_not_found(local):

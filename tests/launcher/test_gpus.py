@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 import typing
 from pathlib import Path
 
@@ -17,6 +16,7 @@ from launcher.errors import UserError
 from launcher.job import trainer_args
 from launcher.settings import Settings
 from launcher.settings_sources import load_settings
+from tests.support.image_source import image_source
 
 PROJECT = "demo-project"
 TOKEN = "hf_gpu_test_token_0123456789abcdef"
@@ -100,10 +100,7 @@ def test_27b_on_an_l4_in_4bit_is_stated_as_slow_with_its_measured_speed_and_goes
 def test_run_checks_the_job_as_it_exists_before_starting_it(env, l4_image, tmp_path: Path):
     """A job made for an L4 and then pointed at 27B by hand: `run` checks it, with the --set that changes
     its weights, and refuses what cannot run before RunJob."""
-    source = tmp_path / "image"
-    source.mkdir()
-    (source / "Dockerfile").write_text('FROM python:3.11-slim\nCMD ["python", "-c", "print(1)"]\n')
-    shutil.copy(REPO / "cloudbuild.yaml", source / "cloudbuild.yaml")
+    source = image_source(tmp_path / "image", ["python", "-c", "print(1)"])
     made = CliRunner().invoke(main, ["up", "--skip-stage", "--source", str(source), "--gpu", "nvidia-l4"])
     assert made.exit_code == 0, made.output
     jobs = env.clients(PROJECT).jobs

@@ -24,6 +24,7 @@ from huggingface_hub import constants
 
 from launcher import overrides
 from launcher.cli import main
+from tests.support.image_source import image_source
 from trainer.flags import build_parser
 
 PROJECT = "demo-project"
@@ -82,14 +83,9 @@ FAIL_ONCE, ALWAYS_FAIL, SLEEP = "seed=101", "seed=102", "seed=103"
 
 @pytest.fixture
 def project_dir(tmp_path: Path) -> Path:
-    source = tmp_path / "fake-project"
-    source.mkdir()
-    (source / "fake_trainer.py").write_text(FAKE_TRAINER)
-    (source / "Dockerfile").write_text(
-        'FROM python:3.11-slim\nWORKDIR /app\nCOPY . /app\nENTRYPOINT ["python", "fake_trainer.py"]\n'
+    return image_source(
+        tmp_path / "fake-project", ["python", "fake_trainer.py"], {"fake_trainer.py": FAKE_TRAINER}
     )
-    shutil.copy(REPO / "cloudbuild.yaml", source / "cloudbuild.yaml")
-    return source
 
 
 @pytest.fixture

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import textwrap
 import time
 from pathlib import Path
@@ -15,6 +14,7 @@ from click.testing import CliRunner
 
 from launcher.cli import main
 from tests.launcher.test_run import FAKE_TRAINER, JOB, PROJECT, TOKEN
+from tests.support.image_source import image_source
 
 REPO = Path(__file__).resolve().parents[2]
 BUCKET = f"{PROJECT}-gemma3-finetuning"
@@ -26,13 +26,7 @@ def cli(*args: str):
 
 def fake_project(root: Path) -> Path:
     """A project whose image runs the fake trainer of test_run.py (fast, one results.json per run)."""
-    root.mkdir()
-    (root / "fake_trainer.py").write_text(FAKE_TRAINER)
-    (root / "Dockerfile").write_text(
-        'FROM python:3.11-slim\nWORKDIR /app\nCOPY . /app\nENTRYPOINT ["python", "fake_trainer.py"]\n'
-    )
-    shutil.copy(REPO / "cloudbuild.yaml", root / "cloudbuild.yaml")
-    return root
+    return image_source(root, ["python", "fake_trainer.py"], {"fake_trainer.py": FAKE_TRAINER})
 
 
 @pytest.fixture
@@ -235,15 +229,11 @@ def wait_for(condition, what: str, timeout: float = 300) -> None:
 
 @pytest.mark.slow
 def test_a_two_by_two_sweep_of_the_tiny_model_ranks_its_four_tasks(env, tmp_path, tiny_model, few_pets):
-    project = tmp_path / "project"
-    shutil.copytree(REPO / "trainer", project / "trainer", ignore=shutil.ignore_patterns("__pycache__"))
     # One thread per task: two tiny trainers side by side on two cores run faster without OpenMP's
     # threads spinning against each other.
-    (project / "Dockerfile").write_text(
-        "FROM python:3.11-slim\nENV OMP_NUM_THREADS=1\nWORKDIR /app\nCOPY . /app\n"
-        'ENTRYPOINT ["python", "-m", "trainer"]\n'
+    project = image_source(
+        tmp_path / "project", ["python", "-m", "trainer"], with_trainer=True, env={"OMP_NUM_THREADS": "1"}
     )
-    shutil.copy(REPO / "cloudbuild.yaml", project / "cloudbuild.yaml")
     Path("gemma-launch.toml").write_text(
         f'project_id = "{PROJECT}"\n\n[trainer]\n'
         + "".join(f"{key} = {json.dumps(value)}\n" for key, value in TRAINER.items())

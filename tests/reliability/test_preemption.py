@@ -8,14 +8,14 @@ from __future__ import annotations
 import json
 import random
 import re
-import shutil
 import time
 from pathlib import Path
 
 import pytest
 
 from launcher.emulator.server import Emulator
-from tests.support.reliability import REPO, cli, emulated
+from tests.support.image_source import image_source
+from tests.support.reliability import cli, emulated
 
 pytestmark = pytest.mark.slow
 
@@ -38,13 +38,7 @@ TRAINER = {
 @pytest.fixture
 def trainer_project(tmp_path: Path) -> Path:
     """The real trainer package behind a Dockerfile whose entrypoint is `python -m trainer`."""
-    root = tmp_path / "project"
-    shutil.copytree(REPO / "trainer", root / "trainer", ignore=shutil.ignore_patterns("__pycache__"))
-    (root / "Dockerfile").write_text(
-        'FROM python:3.11-slim\nWORKDIR /app\nCOPY . /app\nENTRYPOINT ["python", "-m", "trainer"]\n'
-    )
-    shutil.copy(REPO / "cloudbuild.yaml", root / "cloudbuild.yaml")
-    return root
+    return image_source(tmp_path / "project", ["python", "-m", "trainer"], with_trainer=True)
 
 
 def wait_for(condition, what: str, timeout: float = 240) -> None:

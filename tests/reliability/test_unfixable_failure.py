@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 from pathlib import Path
 
 from launcher.emulator.server import Emulator
-from tests.support.reliability import REPO, cli, emulated
+from tests.support.image_source import image_source
+from tests.support.reliability import cli, emulated
 from trainer.offline.synthetic import write_dataset
 from trainer.offline.tiny import build
 
@@ -29,12 +29,7 @@ def task_lines(emulator: Emulator, execution: str) -> list[tuple[str, str]]:
 
 
 def test_an_unreadable_image_fails_once_and_the_retry_exits_at_once_with_its_error(tmp_path: Path):
-    project = tmp_path / "project"
-    shutil.copytree(REPO / "trainer", project / "trainer", ignore=shutil.ignore_patterns("__pycache__"))
-    (project / "Dockerfile").write_text(
-        'FROM python:3.11-slim\nWORKDIR /app\nCOPY . /app\nENTRYPOINT ["python", "-m", "trainer"]\n'
-    )
-    shutil.copy(REPO / "cloudbuild.yaml", project / "cloudbuild.yaml")
+    project = image_source(tmp_path / "project", ["python", "-m", "trainer"], with_trainer=True)
     build(tmp_path / "tiny-gemma3")
     pets = tmp_path / "oxford-iiit-pet"
     write_dataset(pets, per_class=1, test_per_class=1)

@@ -7,7 +7,6 @@ from __future__ import annotations
 import base64
 import gzip
 import json
-import shutil
 import textwrap
 import time
 from collections import Counter
@@ -24,6 +23,7 @@ from launcher.cloud import Clients
 from launcher.emulator.record import read_record
 from launcher.emulator.server import Emulator
 from tests.support.emulator import emulated as support_emulated
+from tests.support.image_source import image_source
 
 REPO = Path(__file__).resolve().parents[2]
 PROJECT = "demo-project"
@@ -63,12 +63,7 @@ FAKE_TRAINER = textwrap.dedent(
 
 def make_project(root: Path) -> Path:
     """A small source tree with a Dockerfile running the fake trainer, and a .env holding the token."""
-    root.mkdir(parents=True, exist_ok=True)
-    (root / "fake_trainer.py").write_text(FAKE_TRAINER)
-    (root / "Dockerfile").write_text(
-        'FROM python:3.11-slim\nWORKDIR /app\nCOPY . /app\nENTRYPOINT ["python", "fake_trainer.py"]\n'
-    )
-    shutil.copy(REPO / "cloudbuild.yaml", root / "cloudbuild.yaml")
+    image_source(root, ["python", "fake_trainer.py"], {"fake_trainer.py": FAKE_TRAINER})
     # A user's local secrets file: the source archive must leave it out.
     (root / ".env").write_text(f"HF_TOKEN={TOKEN}\n")
     return root
