@@ -11,7 +11,6 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from google.api_core import exceptions
 from google.cloud import run_v2
 
 from launcher import cost, executions
@@ -52,13 +51,6 @@ class Entry:
         return (self.final.get("accuracy", -1.0), self.final.get("macro_f1", -1.0))
 
 
-def _load(clients: Clients, settings: Settings, name: str) -> dict[str, Any] | None:
-    try:
-        return json.loads(clients.storage.bucket(settings.bucket).blob(name).download_as_bytes(retry=RETRY))
-    except exceptions.NotFound:
-        return None
-
-
 def _task_state(task: run_v2.Task | None) -> str:
     if task is None or not task.start_time:
         return "Pending"
@@ -81,11 +73,15 @@ def leaderboard(clients: Clients, settings: Settings, execution: run_v2.Executio
     """A row per task: its combination, state, metrics and duration; the best final accuracy (then
     macro-F1) first, tasks without results last in task order."""
     tasks = {task.index: task for task in clients.tasks.list_tasks(parent=execution.name, retry=RETRY)}
-    costs = cost.task_costs(clients, settings, execution)
+    per_second = cost.price_per_s(clients, settings, execution)
     entries = []
     for index, combination in enumerate(grid.combinations()):
-        found = _load(clients, settings, f"{task_prefix(execution.name, index)}/results.json") or {}
+        found = (
+            run_results.read_json(clients, settings, f"{task_prefix(execution.name, index)}/results.json")
+            or {}
+        )
         task = tasks.get(index)
+        seconds = _seconds(task) if task is not None else None
         entries.append(
             Entry(
                 label=f"task {index}",
@@ -93,8 +89,8 @@ def leaderboard(clients: Clients, settings: Settings, execution: run_v2.Executio
                 state=_task_state(task),
                 baseline=found.get("baseline", {}),
                 final=found.get("final", {}),
-                duration_s=_seconds(task) if task is not None else None,
-                cost=costs.get(index),
+                duration_s=seconds,
+                cost=None if seconds is None else seconds * per_second,
                 task=index,
             )
         )

@@ -7,18 +7,15 @@ imports no torch, so the launcher can import it as it imports trainer.flags (doc
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-from google.api_core import exceptions
-
 from launcher import executions
 from launcher import job as jobs
 from launcher import results as run_results
-from launcher.cloud import EMULATOR_ENV, RETRY, Clients
+from launcher.cloud import EMULATOR_ENV, Clients
 from launcher.settings import Settings
 from trainer import report_page
 
@@ -29,21 +26,15 @@ EXTRAS = ("predictions.json", "training_curve.json", "thumbnails.json")
 AUTHENTICATED = "https://storage.cloud.google.com"
 
 
-def _read_json(clients: Clients, settings: Settings, name: str) -> Any:
-    blob = clients.storage.bucket(settings.bucket).blob(name)
-    try:
-        return json.loads(blob.download_as_bytes(retry=RETRY))
-    except exceptions.NotFound:
-        return None
-
-
 def run_page(clients: Clients, settings: Settings, execution: str) -> dict[str, Any]:
     """The page data of one execution; an execution without results.json is the UserError `results` gives."""
     results = run_results.load(clients, settings, execution)
     if results is None:
         raise run_results.no_results(clients, settings, execution)
     prefix = run_results.run_prefix(execution)
-    predictions, curve, thumbnails = (_read_json(clients, settings, f"{prefix}/{name}") for name in EXTRAS)
+    predictions, curve, thumbnails = (
+        run_results.read_json(clients, settings, f"{prefix}/{name}") for name in EXTRAS
+    )
     return report_page.run_page(
         results, predictions, curve, thumbnails, name=executions.short_name(execution)
     )

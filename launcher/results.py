@@ -34,13 +34,18 @@ def results_object(execution: str) -> str:
     return f"{run_prefix(execution)}/results.json"
 
 
-def load(clients: Clients, settings: Settings, execution: str) -> dict[str, Any] | None:
-    """The execution's results.json, or None when it has not been written (yet)."""
-    blob = clients.storage.bucket(settings.bucket).blob(results_object(execution))
+def read_json(clients: Clients, settings: Settings, name: str) -> Any:
+    """The JSON document at `name` in the bucket, or None when it has not been written (yet)."""
+    blob = clients.storage.bucket(settings.bucket).blob(name)
     try:
         return json.loads(blob.download_as_bytes(retry=RETRY))
     except exceptions.NotFound:
         return None
+
+
+def load(clients: Clients, settings: Settings, execution: str) -> dict[str, Any] | None:
+    """The execution's results.json, or None when it has not been written (yet)."""
+    return read_json(clients, settings, results_object(execution))
 
 
 def recorded_failure(clients: Clients, settings: Settings, execution: str) -> UserError | None:
