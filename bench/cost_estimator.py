@@ -47,7 +47,10 @@ def execution_rows(paths: list[Path], gpu: str) -> list[tuple[str, float, float]
     for path in paths:
         found = json.loads(path.read_text())
         flags = (found.get("settings") or {}).get("flags") or {}
-        args = [item for key, value in flags.items() for item in (f"--{key}", str(value))]
+        # The sizes the run used, as recorded: what the duration model reads (other recorded flags, such
+        # as booleans, are not in the form the trainer's parser takes back).
+        size_flags = ("train-size", "eval-size", "num-epochs")
+        args = [item for key in size_flags if key in flags for item in (f"--{key}", str(flags[key]))]
         rates = cost.built_in_rates(gpu, str(found.get("model_id", "")))
         phases = found.get("phases") or {}
         if phases:
@@ -55,7 +58,7 @@ def execution_rows(paths: list[Path], gpu: str) -> list[tuple[str, float, float]
                 (f"{path} (whole run)", cost.duration_s(rates, args), sum(map(float, phases.values())))
             )
         elif (found.get("train") or {}).get("runtime_s"):
-            train_size, _, epochs = cost._sizes(args)
+            train_size, _, epochs = cost.sizes(args)
             predicted = train_size * epochs / rates.train_per_s
             rows.append((f"{path} (training)", predicted, float(found["train"]["runtime_s"])))
     return rows

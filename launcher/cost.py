@@ -27,6 +27,7 @@ from launcher.cloud import RETRY, Clients
 from launcher.errors import UserError
 from launcher.pricing import Prices
 from launcher.settings import Settings, cpu_count, memory_gib
+from trainer import flags
 
 # docs/benchmarks.md, "ours" rows on an H200: training samples/s; evaluation images/s including its share
 # of the image-feature pass (27B: 10.4 as the page derives it; 4B: 1 / (1/54.23 + 0.5/35.5) = 31.4). The
@@ -79,17 +80,11 @@ class Estimate:
         }
 
 
-def _flag(args: Sequence[str], flag: str, default: str) -> str:
-    return args[args.index(flag) + 1] if flag in args and args.index(flag) + 1 < len(args) else default
-
-
-def _sizes(args: Sequence[str]) -> tuple[int, int, float]:
-    """(train size, eval size, epochs) as the trainer will read them (its defaults: trainer/flags.py)."""
-    return (
-        int(_flag(args, "--train-size", "3680")),
-        int(_flag(args, "--eval-size", "1000")),
-        float(_flag(args, "--num-epochs", "1.0")),
-    )
+def sizes(args: Sequence[str]) -> tuple[int, int, float]:
+    """(train size, eval size, epochs) as the trainer reads them from `args`, its defaults included; the
+    arguments were checked against the trainer's parser before any estimate (overrides.check_sizes)."""
+    parsed = flags.parse_args(list(args))
+    return parsed.train_size, parsed.eval_size, parsed.num_epochs
 
 
 def built_in_rates(gpu: str, model: str) -> Rates:
@@ -159,7 +154,7 @@ def history_rates(clients: Clients, settings: Settings, gpu: str, model: str, fa
 
 
 def duration_s(rates: Rates, args: Sequence[str]) -> float:
-    train_size, eval_size, epochs = _sizes(args)
+    train_size, eval_size, epochs = sizes(args)
     return rates.fixed_s + train_size * epochs / rates.train_per_s + 2 * eval_size / rates.eval_per_s
 
 
@@ -204,13 +199,18 @@ def actual_usd(clients: Clients, execution: run_v2.Execution, prices: Prices) ->
     return seconds * per_second if seconds else None
 
 
+def _rates(clients: Clients, settings: Settings, gpu: str, model: str) -> Rates:
+    """The rates of this job's finished runs of `model` on `gpu`, else the built-in table's."""
+    return history_rates(clients, settings, gpu, model, built_in_rates(gpu, model))
+
+
 def for_job(
     clients: Clients, settings: Settings, job: run_v2.Job, args: Sequence[str], tasks: int | None = None
 ) -> Estimate:
     """The estimate of one execution of `job` with trainer `args`, at the region's prices for its GPU and
     the rates of this job's finished runs of the same model (else the built-in table)."""
-    gpu, model = job.template.template.node_selector.accelerator, _flag(args, "--model-id", "")
-    rates = history_rates(clients, settings, gpu, model, built_in_rates(gpu, model))
+    gpu = job.template.template.node_selector.accelerator
+    rates = _rates(clients, settings, gpu, flags.parse_args(list(args)).model_id)
     return estimate(job, args, pricing.prices(clients, settings.region, gpu), rates, tasks)
 
 
@@ -229,9 +229,9 @@ def for_sweep(
     found = []
     for combination in combinations:
         task_args = overrides.apply(args, combination)
-        model = _flag(task_args, "--model-id", "")
+        model = flags.parse_args(task_args).model_id
         if model not in rates:
-            rates[model] = history_rates(clients, settings, gpu, model, built_in_rates(gpu, model))
+            rates[model] = _rates(clients, settings, gpu, model)
         found.append(estimate(job, task_args, prices, rates[model], tasks=1))
     return Estimate(
         sum(one.usd for one in found),
@@ -242,15 +242,10 @@ def for_sweep(
     )
 
 
-def task_costs(clients: Clients, settings: Settings, execution: run_v2.Execution) -> dict[int, float]:
-    """Each finished task's cost in USD, by task index: its start to completion at the region's prices."""
+def price_per_s(clients: Clients, settings: Settings, execution: run_v2.Execution) -> float:
+    """What one of the execution's tasks costs a second at the region's prices for its GPU."""
     gpu = execution.template.node_selector.accelerator
-    per_second = task_price_per_s(execution.template, pricing.prices(clients, settings.region, gpu))
-    return {
-        task.index: (task.completion_time - task.start_time).total_seconds() * per_second
-        for task in clients.tasks.list_tasks(parent=execution.name, retry=RETRY)
-        if task.start_time and task.completion_time
-    }
+    return task_price_per_s(execution.template, pricing.prices(clients, settings.region, gpu))
 
 
 def actual_costs(

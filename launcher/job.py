@@ -334,14 +334,22 @@ def ensure_job(
     return Change(kind, settings.job_name, "updated", command, diff)
 
 
-def current_args(clients: Clients, settings: Settings) -> list[str]:
+def current_job(clients: Clients, settings: Settings) -> run_v2.Job:
     try:
-        job = clients.jobs.get_job(name=settings.job_name, retry=RETRY)
+        return clients.jobs.get_job(name=settings.job_name, retry=RETRY)
     except exceptions.NotFound:
         raise UserError(
             f"Job {settings.job} does not exist in {settings.region}.", "Run `gemma-launch up` first."
         ) from None
+
+
+def job_args(job: run_v2.Job) -> list[str]:
+    """The trainer arguments the job's executions run with, unless overridden."""
     return list(job.template.template.containers[0].args)
+
+
+def current_args(clients: Clients, settings: Settings) -> list[str]:
+    return job_args(current_job(clients, settings))
 
 
 def check_fits(clients: Clients, settings: Settings, sets: Mapping[str, str]) -> str | None:

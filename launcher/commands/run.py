@@ -6,7 +6,7 @@ import click
 
 from launcher import cost, executions, overrides, quota, staging
 from launcher import job as jobs
-from launcher.cloud import RETRY, Clients
+from launcher.cloud import Clients
 from launcher.commands.follow import follow_or_show
 from launcher.commands.options import FOLLOW_VERBOSE, JOB_SETTINGS, Command, max_cost_option, settings_options
 from launcher.commands.render import console, err_console, say_fit
@@ -87,7 +87,8 @@ def run_command(
     clients = Clients(settings.project_id)
     say_fit(jobs.check_fits(clients, settings, changes))
     # Before anything starts: an execution whose sizes exceed the staged splits would fail in the trainer.
-    args = overrides.apply(jobs.current_args(clients, settings), changes)
+    job = jobs.current_job(clients, settings)
+    args = overrides.apply(jobs.job_args(job), changes)
     staging.check_trainer_sizes(clients, settings, args)
     if not allow_concurrent:
         executions.refuse_concurrent(clients, settings)
@@ -95,9 +96,7 @@ def run_command(
         quota.require_for_run(clients, settings, executions.gpus_held(clients, settings))
     except quota.QuotaUnknown as unknown:
         err_console.print(f"[yellow]Warning:[/] {unknown}; starting anyway.", soft_wrap=True)
-    estimate = cost.for_job(
-        clients, settings, clients.jobs.get_job(name=settings.job_name, retry=RETRY), args, tasks
-    )
+    estimate = cost.for_job(clients, settings, job, args, tasks)
     (err_console if as_json else console).print(f"Estimated cost: {estimate.describe()}", soft_wrap=True)
     cost.check_max_cost(estimate, max_cost)
     execution = executions.run(clients, settings, sets=changes, tasks=tasks, timeout_s=timeout_s)

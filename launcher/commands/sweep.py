@@ -5,7 +5,8 @@ from __future__ import annotations
 import click
 
 from launcher import cost, executions, overrides, sweep
-from launcher.cloud import RETRY, Clients
+from launcher import job as jobs
+from launcher.cloud import Clients
 from launcher.commands.follow import follow_or_show
 from launcher.commands.options import FOLLOW_VERBOSE, JOB_SETTINGS, Command, max_cost_option, settings_options
 from launcher.commands.render import console, err_console, say_fit
@@ -77,7 +78,7 @@ def sweep_command(
     chosen = sweep.choose_parallelism(clients, settings, tasks, parallelism)
     out = err_console if as_json else console
     out.print(f"{tasks} tasks, {chosen.tasks} at a time ({chosen.why}).", soft_wrap=True, markup=False)
-    job = clients.jobs.get_job(name=settings.job_name, retry=RETRY)
+    job = jobs.current_job(clients, settings)
     estimate = cost.for_sweep(clients, settings, job, args, grid.combinations())
     out.print(f"Estimated cost: {estimate.describe()}", soft_wrap=True)
     cost.check_max_cost(estimate, max_cost)

@@ -19,7 +19,6 @@ from tests.support.image_source import image_source
 
 PROJECT = "demo-project"
 TOKEN = "hf_down_test_token_0123456789abcdef"
-REPO = Path(__file__).resolve().parents[2]
 SA = f"gemma3-finetuning@{PROJECT}.iam.gserviceaccount.com"
 BUILD_SA = f"gemma3-finetuning-build@{PROJECT}.iam.gserviceaccount.com"
 REPOSITORY = f"projects/{PROJECT}/locations/europe-west4/repositories/gemma3-finetuning-repo"

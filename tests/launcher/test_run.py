@@ -29,7 +29,6 @@ from trainer.flags import build_parser
 
 PROJECT = "demo-project"
 TOKEN = "hf_run_test_token_abcdef0123456789"
-REPO = Path(__file__).resolve().parents[2]
 JOB = f"projects/{PROJECT}/locations/europe-west4/jobs/gemma3-finetuning-job"
 
 FAKE_TRAINER = textwrap.dedent(

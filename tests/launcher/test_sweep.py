@@ -16,7 +16,6 @@ from launcher.cli import main
 from tests.launcher.test_run import FAKE_TRAINER, JOB, PROJECT, TOKEN
 from tests.support.image_source import image_source
 
-REPO = Path(__file__).resolve().parents[2]
 BUCKET = f"{PROJECT}-gemma3-finetuning"
 
 

@@ -25,7 +25,6 @@ from launcher.emulator.server import Emulator
 from tests.support.emulator import emulated as support_emulated
 from tests.support.image_source import image_source
 
-REPO = Path(__file__).resolve().parents[2]
 PROJECT = "demo-project"
 TOKEN = "hf_reliabilityCanary7Qx3Zp9Lm2Wv8Rt5"
 SA = f"gemma3-finetuning@{PROJECT}.iam.gserviceaccount.com"
