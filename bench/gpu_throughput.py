@@ -20,6 +20,7 @@ import argparse
 import collections
 import dataclasses
 import datetime
+import functools
 import gc
 import json
 import logging
@@ -466,6 +467,12 @@ def measure(
             row["samples_per_s_with_feature_pass"] = round(1 / (1 / rate + 1 / feature_rate), 3)
             row["feature_images_per_s"] = round(feature_rate, 2)
         record(out, row)
+        if bench.profile:
+            profiled = split.select(range(min(2 * batch, len(split))))
+            path = out / f"profile-{common['arch']}-{name}-eval.txt"
+            run = functools.partial(predict, eval_method, model, processor, chat, profiled,
+                                    data.class_names, batch, features, workers)  # fmt: skip
+            profile_eval(path, device, run)
 
     # Each repeat trains the adapters from where the first started, so that their losses are comparable;
     # kept on the host, so that the plan's memory is the same as without repeats.
@@ -483,18 +490,19 @@ def measure(
         trainer, plan = build_trainer(args, model, processor, data, chat, device, run_dir, features, state)
         plan_s = time.perf_counter() - start
         batch = trainer.args.per_device_train_batch_size
-        timer = StepTimer(bench.warmup, bench.steps, device)
+        steps = bench.repeat_steps if repeat and bench.repeat_steps else bench.steps
+        timer = StepTimer(bench.warmup, steps, device)
         trainer.add_callback(timer.callback)
-        trainer.args.max_steps = bench.warmup + bench.steps
+        trainer.args.max_steps = bench.warmup + steps
         start = time.perf_counter()
         profiled = None
-        if bench.profile:
-            profiled = profile_steps(trainer, bench, device)
+        if bench.profile and repeat == bench.repeats - 1:
+            profiled = profile_steps(trainer, bench, device, steps)
         else:
             trainer.train()
         total_s = time.perf_counter() - start
         seconds = timer.end - timer.start
-        rate = bench.steps * batch / seconds
+        rate = steps * batch / seconds
         reserved, allocated = peak_gib(device)
         per_sample = flops.train + (0 if features is not None else flops.vision)
         record(
@@ -510,7 +518,7 @@ def measure(
                 "peak_allocated_gib": round(allocated, 2),
                 "mfu": round(rate * per_sample / PEAK_FLOPS, 4),
                 "flops_per_sample": per_sample,
-                "steps": bench.steps,
+                "steps": steps,
                 "warmup_steps": bench.warmup,
                 "setup_s": round(setup_s, 1),
                 "plan_s": round(plan_s, 1),
@@ -539,12 +547,12 @@ def measure(
         torch._dynamo.reset()
 
 
-def profile_steps(trainer, bench: argparse.Namespace, device: str):
+def profile_steps(trainer, bench: argparse.Namespace, device: str, steps: int):
     """Train through the timed steps, then profile `bench.profile` more steps (after one untimed step that
     starts the tracer, and in which the calls that wait for the GPU are recorded)."""
     from transformers import TrainerCallback
 
-    timed = bench.warmup + bench.steps
+    timed = bench.warmup + steps
     trainer.args.max_steps = timed + 1 + bench.profile
     activities = [torch.profiler.ProfilerActivity.CPU]
     if device == "cuda":
@@ -567,6 +575,31 @@ def profile_steps(trainer, bench: argparse.Namespace, device: str):
     return profiler, waits
 
 
+def profile_eval(path: Path, device: str, run) -> None:
+    """One more evaluation pass under the profiler: its kernel time by kind and the operator table."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as profiler:
+        run()
+        sync(device)
+    ranges = [event.time_range for event in profiler.events()]
+    wall_ms = (max(r.end for r in ranges) - min(r.start for r in ranges)) / 1000
+    busy_ms, gaps = gpu_idle(profiler.events())
+    idle = "\n".join(f"{gap:8.2f} ms after {before[:60]}, before {after[:60]}" for gap, before, after in gaps)
+    table = profiler.key_averages().table(
+        sort_by="self_device_time_total" if device == "cuda" else "self_cpu_time_total",
+        row_limit=40,
+        max_name_column_width=60,
+    )
+    kinds = describe_kinds(gpu_time_by_kind(profiler.events()), 1)
+    summary = f"evaluation pass: about {wall_ms:.1f} ms wall, GPU busy {busy_ms:.1f} ms"
+    path.write_text(
+        f"{summary}\n\nkernel time by kind:\n{kinds}\n\nlongest GPU idle gaps:\n{idle}\n\n{table}\n"
+    )
+    print(f"PROFILE {path.name}: {summary}", flush=True)
+
+
 def write_profile(profiler, waits, bench: argparse.Namespace, device: str, path: Path) -> None:
     """Where the profiled steps' time went: per step, wall time against the time the GPU was busy (the gap
     is the host's: launches, Python, synchronizations), the longest gaps, the calls that made the untimed
@@ -580,8 +613,9 @@ def write_profile(profiler, waits, bench: argparse.Namespace, device: str, path:
     idle = "\n".join(f"{gap:8.2f} ms after {before[:60]}, before {after[:60]}" for gap, before, after in gaps)
     table = events.table(sort_by="self_device_time_total" if device == "cuda" else "self_cpu_time_total",
                          row_limit=40, max_name_column_width=60)  # fmt: skip
+    kinds = describe_kinds(gpu_time_by_kind(profiler.events()), bench.profile)
     path.write_text(
-        f"{summary}\n\nlongest GPU idle gaps:\n{idle}\n\n"
+        f"{summary}\n\nkernel time per step by kind:\n{kinds}\n\nlongest GPU idle gaps:\n{idle}\n\n"
         "calls that waited for the GPU in one untimed step (torch.cuda.set_sync_debug_mode), innermost\n"
         "frame first:\n"
         f"{waits.report()}\n\n{table}\n"
@@ -650,6 +684,45 @@ def gpu_idle(events) -> tuple[float, list[tuple[float, str, str]]]:
             end, name = next_end, next_name
     busy_us += end - start
     return busy_us / 1000, sorted(gaps, reverse=True)[:15]
+
+
+# Where a profiled step's GPU time went, by what launched each kernel (the innermost op of these names above
+# its launch) or, for the compiler's own kernels, by what their names say they fuse.
+KERNEL_KINDS = (
+    ("fp8 matmul", lambda kernel, ops: "aten::_scaled_mm" in ops),
+    ("bf16 matmul", lambda kernel, ops: bool(ops & {"aten::mm", "aten::addmm", "aten::bmm", "aten::linear"})),
+    ("attention", lambda kernel, ops: "attention" in kernel or "sdpa" in kernel or "flash" in kernel
+        or any("attention" in op for op in ops)),
+    ("LoRA dropout mask, fused", lambda kernel, ops: kernel.startswith("triton") and "rshift" in kernel),
+    ("fp8 quantization, fused", lambda kernel, ops: kernel.startswith("triton") and "amax" in kernel),
+    ("other compiled kernels", lambda kernel, ops: kernel.startswith("triton")),
+    ("optimizer", lambda kernel, ops: "multi_tensor" in kernel
+        or any("_foreach" in op or "optimizer" in op.lower() for op in ops)),
+    ("copies", lambda kernel, ops: kernel.startswith("Memcpy") or kernel.startswith("Memset")),
+    ("other", lambda kernel, ops: True),
+)  # fmt: skip
+
+
+def gpu_time_by_kind(events) -> dict[str, float]:
+    """Milliseconds of kernel time per KERNEL_KINDS entry, summed over the events' kernels."""
+    totals = dict.fromkeys((kind for kind, _ in KERNEL_KINDS), 0.0)
+    for event in events:
+        kernels = getattr(event, "kernels", None)
+        if event.device_type != torch.autograd.DeviceType.CPU or not kernels:
+            continue
+        ops, parent = set(), event
+        while parent is not None:
+            ops.add(parent.name)
+            parent = parent.cpu_parent
+        for kernel in kernels:
+            kind = next(kind for kind, matches in KERNEL_KINDS if matches(kernel.name, ops))
+            totals[kind] += kernel.duration / 1000
+    return totals
+
+
+def describe_kinds(totals: dict[str, float], steps: int) -> str:
+    whole = sum(totals.values()) or 1.0
+    return "\n".join(f"{ms / steps:9.1f} ms {ms / whole:6.1%}  {kind}" for kind, ms in totals.items() if ms)
 
 
 def build_tiny(processor):
@@ -739,6 +812,12 @@ def main() -> None:
         "with the first one's plan; one row each",
     )
     parser.add_argument(
+        "--repeat-steps",
+        type=int,
+        metavar="N",
+        help="timed steps of each repeat after the first (default: --steps): the first gives the loss curve",
+    )
+    parser.add_argument(
         "--out", type=Path, help="where gpu.jsonl is appended (default: bench/results; --smoke: a temp dir)"
     )
     parser.add_argument(
@@ -746,7 +825,8 @@ def main() -> None:
         type=int,
         default=0,
         metavar="STEPS",
-        help="after the timed training steps, profile this many more: OUT/profile-ARCH-CONFIG.txt",
+        help="after the timed training steps (of the last repeat), profile this many more: "
+        "OUT/profile-ARCH-CONFIG.txt; and one more evaluation pass: OUT/profile-ARCH-CONFIG-eval.txt",
     )
     parser.add_argument(
         "--set",

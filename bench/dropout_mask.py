@@ -1,0 +1,125 @@
+"""What the LoRA dropout mask costs: one adapter's lora_A with dropout, forward and backward, at 27B's shapes.
+
+    python bench/dropout_mask.py --out bench/results     # GPU: OUT/dropout_mask.jsonl
+    python bench/dropout_mask.py --smoke                 # CPU: small shapes, the code paths only
+
+For M = 4,230 tokens (batch 9 x 470) and the widths an adapter reads in 27B (5,376 for q, k, v, gate, up;
+4,096 for o; 21,504 for down), the compiled function the trainer's compiled layers contain,
+linear(x * mask, A) / (1 - p) with A of rank 16, timed forward + backward (gradients of x and A) with:
+
+- none: p = 0, no mask (the floor);
+- rows-hashed-twice: the first version's mask (each row's counters started by two hashes of its index,
+  then a hash per value: three hashes per value inside a fused kernel);
+- trainer: trainer.speed.lora_dropout.keep_mask as it is now.
+
+Median milliseconds from triton's do_bench on a GPU (time.perf_counter on CPU).
+"""
+
+import argparse
+import datetime
+import functools
+import json
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch.nn import functional
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from trainer.speed.lora_dropout import _mix32, keep_mask  # noqa: E402
+
+RANK = 16
+P = 0.05
+WIDTHS = {"q, k, v, gate, up": 5376, "o": 4096, "down": 21504}
+TOKENS = 4230
+
+
+def rows_hashed_twice(x: torch.Tensor, p: float, seed: torch.Tensor) -> torch.Tensor:
+    """The first version's keep_mask (before 2026-12-04's change), for comparison."""
+    width = x.shape[-1]
+    rows = torch.arange(x.numel() // width, device=x.device, dtype=torch.int32)
+    seed = seed.to(torch.int32)
+    row_starts = _mix32(_mix32(rows ^ seed) ^ seed)
+    counters = row_starts[:, None] + torch.arange(width, device=x.device, dtype=torch.int32)
+    threshold = round((1 - p) * 2**32) - 2**31
+    return (_mix32(counters) < threshold).view(x.shape)
+
+
+MASKS: dict[str, Callable | None] = {
+    "none": None,
+    "rows-hashed-twice": rows_hashed_twice,
+    "trainer": keep_mask,
+}
+
+
+def adapter_input(mask: Callable | None) -> Callable:
+    def run(x: torch.Tensor, weight: torch.Tensor, seed: torch.Tensor) -> torch.Tensor:
+        if mask is None:
+            return functional.linear(x, weight)
+        return functional.linear(x * mask(x, P, seed), weight) / (1 - P)
+
+    return torch.compile(run)
+
+
+def forward_backward(function: Callable, x, weight, seed, grad) -> None:
+    out = function(x, weight, seed)
+    torch.autograd.grad(out, (x, weight), grad)
+
+
+def median_ms(step: Callable, device: str) -> float:
+    if device == "cuda":
+        from triton.testing import do_bench
+
+        return do_bench(step, warmup=50, rep=300, return_mode="median")
+    times = []
+    for _ in range(5):
+        start = time.perf_counter()
+        step()
+        times.append((time.perf_counter() - start) * 1000)
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path("bench/results"))
+    parser.add_argument("--smoke", action="store_true", help="CPU, small shapes")
+    bench = parser.parse_args()
+    device = "cuda" if torch.cuda.is_available() and not bench.smoke else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    tokens, widths = (64, {"small": 256}) if bench.smoke else (TOKENS, WIDTHS)
+    rows = []
+    for name, width in widths.items():
+        x = torch.randn(tokens, width, device=device, dtype=dtype, requires_grad=True)
+        weight = torch.randn(RANK, width, device=device, dtype=dtype, requires_grad=True)
+        grad = torch.randn(tokens, RANK, device=device, dtype=dtype)
+        seed = torch.randint(2**31, (), device=device, dtype=torch.int32)
+        times = {}
+        for variant, mask in MASKS.items():
+            function = adapter_input(mask)
+
+            step = functools.partial(forward_backward, function, x, weight, seed, grad)
+            times[variant] = round(median_ms(step, device), 4)
+        row = {
+            "date": datetime.date.today().isoformat(),
+            "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+            "torch": torch.__version__,
+            "adapters": name,
+            "tokens": tokens,
+            "width": width,
+            "p": P,
+            "forward_backward_ms": times,
+        }
+        print("RESULT " + json.dumps(row), flush=True)
+        rows.append(row)
+    if not bench.smoke:
+        bench.out.mkdir(parents=True, exist_ok=True)
+        with (bench.out / "dropout_mask.jsonl").open("a") as file:
+            file.writelines(json.dumps(row) + "\n" for row in rows)
+
+
+if __name__ == "__main__":
+    main()
