@@ -8,9 +8,7 @@ For M = 4,230 tokens (batch 9 x 470) and the widths an adapter reads in 27B (5,3
 linear(x * mask, A) / (1 - p) with A of rank 16, timed forward + backward (gradients of x and A) with:
 
 - none: p = 0, no mask (the floor);
-- rows-hashed-twice: the first version's mask (each row's counters started by two hashes of its index,
-  then a hash per value: three hashes per value inside a fused kernel);
-- trainer: trainer.speed.lora_dropout.keep_mask as it is now.
+- trainer: p = 0.05 with trainer.speed.lora_dropout.keep_mask.
 
 Median milliseconds from triton's do_bench on a GPU (time.perf_counter on CPU).
 """
@@ -30,7 +28,7 @@ from torch.nn import functional
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from trainer.speed.lora_dropout import _mix32, keep_mask  # noqa: E402
+from trainer.speed.lora_dropout import keep_mask  # noqa: E402
 
 RANK = 16
 P = 0.05
@@ -38,22 +36,7 @@ WIDTHS = {"q, k, v, gate, up": 5376, "o": 4096, "down": 21504}
 TOKENS = 4230
 
 
-def rows_hashed_twice(x: torch.Tensor, p: float, seed: torch.Tensor) -> torch.Tensor:
-    """The first version's keep_mask (before 2026-12-04's change), for comparison."""
-    width = x.shape[-1]
-    rows = torch.arange(x.numel() // width, device=x.device, dtype=torch.int32)
-    seed = seed.to(torch.int32)
-    row_starts = _mix32(_mix32(rows ^ seed) ^ seed)
-    counters = row_starts[:, None] + torch.arange(width, device=x.device, dtype=torch.int32)
-    threshold = round((1 - p) * 2**32) - 2**31
-    return (_mix32(counters) < threshold).view(x.shape)
-
-
-MASKS: dict[str, Callable | None] = {
-    "none": None,
-    "rows-hashed-twice": rows_hashed_twice,
-    "trainer": keep_mask,
-}
+MASKS: dict[str, Callable | None] = {"none": None, "trainer": keep_mask}
 
 
 def adapter_input(mask: Callable | None) -> Callable:

@@ -37,19 +37,14 @@ def _mix32(value: torch.Tensor) -> torch.Tensor:
 def keep_mask(x: torch.Tensor, p: float, seed: torch.Tensor) -> torch.Tensor:
     """True where x is kept (with probability 1 - p), False where dropped: a function of the seed, the shape
     and each value's position only, so computing it again gives the same mask."""
-    # One hash per value, of a counter: a mask costs the hash's 11 integer operations per value and a few to
-    # form the counter from the kernel's own position, on the GPU's integer units, which run at a fraction of
-    # its float rate. (The first version hashed each row's index twice to start the row's counters: three
-    # hashes per value, about a tenth of a 27B step; docs/benchmarks.md.) Rows of `inner` values, a power of
-    # two, so that the position splits into row and column with a shift and a mask. The seed moves every
-    # row's counters (row * inner ^ seed, then + column): two adapters reading one input read the hash's
-    # sequence at unrelated places, and only the small ranges are shared between them (a shared x-sized
-    # counter would be kept for the backward pass, 4 bytes per value). Counters wrap beyond 2**31 values.
     width = x.shape[-1]
-    inner = min(width & -width, 1024)
-    rows = torch.arange(x.numel() // inner, device=x.device, dtype=torch.int32)
-    row_starts = (rows * inner) ^ seed.to(torch.int32)
-    counters = row_starts[:, None] + torch.arange(inner, device=x.device, dtype=torch.int32)
+    rows = torch.arange(x.numel() // width, device=x.device, dtype=torch.int32)
+    # Each row of the last axis hashes its own run of 32-bit counters. Only the two small index ranges are
+    # shared between adapters: every x-sized value depends on the seed, so nothing x-sized is shared (and
+    # kept) between the checkpointed adapters of one compiled layer.
+    seed = seed.to(torch.int32)
+    row_starts = _mix32(_mix32(rows ^ seed) ^ seed)
+    counters = row_starts[:, None] + torch.arange(width, device=x.device, dtype=torch.int32)
     # int32 arithmetic wraps as the unsigned 32-bit hash needs; its values are uniform over the int32 range.
     threshold = round((1 - p) * 2**32) - 2**31
     return (_mix32(counters) < threshold).view(x.shape)
