@@ -36,6 +36,7 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+import datasets
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
@@ -429,14 +430,17 @@ def measure(
         warmup = split.select(range(min(batch, len(split))))
         predict(eval_method, model, processor, chat, warmup, data.class_names, batch, features,
                 workers)  # fmt: skip
+        # --eval-passes N times N passes over the images in one loader (its workers start once, as in the
+        # trainer's evaluation of a whole test split), without drawing other images.
+        timed = datasets.concatenate_datasets([split] * bench.eval_passes)
         reset_peak(device)
         sync(device)
         start = time.perf_counter()
-        predict(eval_method, model, processor, chat, split, data.class_names, batch, features,
+        predict(eval_method, model, processor, chat, timed, data.class_names, batch, features,
                 workers)  # fmt: skip
         sync(device)
         seconds = time.perf_counter() - start
-        rate = len(split) / seconds
+        rate = len(timed) / seconds
         reserved, allocated = peak_gib(device)
         if eval_method == "score":
             per_sample = flops.eval_score
@@ -460,7 +464,7 @@ def measure(
             "peak_allocated_gib": round(allocated, 2),
             "mfu": round(rate * per_sample / PEAK_FLOPS, 4),
             "flops_per_sample": per_sample,
-            "samples": len(split),
+            "samples": len(timed),
         }
         if feature_rate:
             # The first evaluation also pays for its images' features; later ones reuse them.
@@ -802,6 +806,12 @@ def main() -> None:
         type=int,
         default=1000,
         help="log the mean loss every this many steps (into each row's losses); each log waits for the GPU",
+    )
+    parser.add_argument(
+        "--eval-passes",
+        type=int,
+        default=1,
+        help="time this many passes over the --eval-samples images (one loader): more batches, same images",
     )
     parser.add_argument("--train-per-class", type=int, default=20)
     parser.add_argument(

@@ -110,6 +110,10 @@ class ImageFeatures:
         lookup = input_ids.masked_fill(is_image, 0) if image_token >= embeddings.num_embeddings else input_ids
         inputs_embeds = embeddings(lookup)
         features = torch.stack([self.features[key] for key in keys])
+        if inputs_embeds.is_cuda:
+            # From pageable memory the copy waits for the GPU's queue to drain; from pinned memory (torch's
+            # caching host allocator, which keeps the buffer until the copy is done) it does not.
+            features = features.pin_memory()
         features = features.to(inputs_embeds.device, inputs_embeds.dtype, non_blocking=True)
         kwargs["inputs_embeds"] = inputs_embeds.masked_scatter(is_image[..., None], features)
         kwargs["input_ids"] = None
