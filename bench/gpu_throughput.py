@@ -500,8 +500,11 @@ def measure(
         trainer.args.max_steps = bench.warmup + steps
         start = time.perf_counter()
         profiled = None
-        if bench.profile and repeat == bench.repeats - 1:
+        last = repeat == bench.repeats - 1
+        if bench.profile and last:
             profiled = profile_steps(trainer, bench, device, steps)
+        elif bench.host_profile and last:
+            host_profile_steps(trainer, bench, steps, out / f"host-profile-{common['arch']}-{name}.txt")
         else:
             trainer.train()
         total_s = time.perf_counter() - start
@@ -602,6 +605,40 @@ def profile_eval(path: Path, device: str, run) -> None:
         f"{summary}\n\nkernel time by kind:\n{kinds}\n\nlongest GPU idle gaps:\n{idle}\n\n{table}\n"
     )
     print(f"PROFILE {path.name}: {summary}", flush=True)
+
+
+def host_profile_steps(trainer, bench: argparse.Namespace, steps: int, path: Path) -> None:
+    """Train through the timed steps, then `bench.host_profile` more steps under yappi (CPU time of every
+    Python thread, the autograd engine's too): which Python functions keep the host busy."""
+    import yappi
+    from transformers import TrainerCallback
+
+    timed = bench.warmup + steps
+    trainer.args.max_steps = timed + bench.host_profile
+
+    class Step(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            if state.global_step == timed:
+                yappi.set_clock_type("cpu")
+                yappi.start(profile_threads=True)
+
+    trainer.add_callback(Step())
+    trainer.train()
+    yappi.stop()
+    functions = yappi.get_func_stats()
+    threads = yappi.get_thread_stats()
+    lines = [f"host CPU time over {bench.host_profile} steps, by thread:"]
+    lines += [f"{thread.ttot:9.3f} s  {thread.name} ({thread.id})" for thread in threads]
+    for key, title in (("tsub", "own time"), ("ttot", "time including callees")):
+        functions.sort(key, "desc")
+        lines += ["", f"functions by {title} (s, calls):"]
+        lines += [
+            f"{stat.tsub:8.3f} {stat.ttot:8.3f} {stat.ncall:8d}  {stat.full_name[-150:]}"
+            for stat in functions[:45]
+        ]
+    yappi.clear_stats()
+    path.write_text("\n".join(lines) + "\n")
+    print(f"HOST-PROFILE {path.name}", flush=True)
 
 
 def write_profile(profiler, waits, bench: argparse.Namespace, device: str, path: Path) -> None:
@@ -837,6 +874,14 @@ def main() -> None:
         metavar="STEPS",
         help="after the timed training steps (of the last repeat), profile this many more: "
         "OUT/profile-ARCH-CONFIG.txt; and one more evaluation pass: OUT/profile-ARCH-CONFIG-eval.txt",
+    )
+    parser.add_argument(
+        "--host-profile",
+        type=int,
+        default=0,
+        metavar="STEPS",
+        help="after the timed training steps (of the last repeat), this many more under yappi (every Python "
+        "thread's CPU time): OUT/host-profile-ARCH-CONFIG.txt",
     )
     parser.add_argument(
         "--set",
