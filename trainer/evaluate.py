@@ -59,8 +59,9 @@ def prompt_batches(
 
 def half_precision(model: PreTrainedModel) -> contextlib.AbstractContextManager:
     """Autocast to the model's 16-bit dtype, as training runs under: PEFT keeps the adapters in float32
-    and casts their input up to it, so without it every adapter runs a float32 matmul on a float32 copy of its
-    input (8 % of 27B's evaluation kernel time on the H200, docs/benchmarks.md). A float32 model runs as it is."""
+    and casts their input up to it, so without it every adapter runs a float32 matmul on a float32 copy of
+    its input (8 % of 27B's evaluation kernel time on the H200, docs/benchmarks.md). A float32 model runs
+    as it is."""
     if model.dtype not in (torch.bfloat16, torch.float16):
         return contextlib.nullcontext()
     return torch.autocast(model.device.type, dtype=model.dtype)

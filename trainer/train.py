@@ -142,6 +142,19 @@ class AnswerTrainer(SFTTrainer):
         self.metric_sums = sums if self.metric_sums is None else self.metric_sums + sums
         return (loss, outputs) if return_outputs else loss
 
+    # The model's parameter count without embeddings, for Trainer's FLOP estimate; counted once.
+    parameter_count: int | None = None
+
+    def floating_point_ops(self, inputs: dict) -> int:
+        """Trainer's estimate, 6 x input tokens x parameters, with the parameters counted once: Trainer counts
+        them at every step, a walk over every module and parameter (trainer.speed.host_work)."""
+        main_input = getattr(self.model, "main_input_name", "input_ids")
+        if main_input not in inputs or not hasattr(self.model, "num_parameters"):
+            return 0
+        if self.parameter_count is None:
+            self.parameter_count = self.model.num_parameters(exclude_embeddings=True)
+        return 6 * inputs[main_input].numel() * self.parameter_count
+
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if self.metric_sums is not None:
             entropy, correct, labelled, tokens = self.metric_sums.tolist()

@@ -6,7 +6,8 @@ from trainer.speed.
   `load_model`);
 - LoRA dropout fused into each adapter's first projection (`with_adapters`);
 - before training: the memory cap, the image features of both splits, compiled layers (`speed_up`);
-- the training batch and gradient checkpointing, planned from measured steps (`build_trainer`);
+- the training batch and gradient checkpointing, planned from measured steps, and Trainer's per-step walks
+  over the model cut (`build_trainer`);
 - evaluation batches planned from measured passes (`planned_batch`);
 - which GPU pass ran out of memory (`trainer.speed.out_of_memory`).
 
@@ -32,6 +33,7 @@ from trainer.data import ChatFormat, PetData
 from trainer.evaluate import predict
 from trainer.modeling import LANGUAGE_MODEL_LINEAR, add_adapters, load_base_model
 from trainer.speed.features import ImageFeatures
+from trainer.speed.host_work import skip_repeated_mode_switches, zero_only_trainable_grads
 from trainer.speed.layers import compile_layers, decoder_layers, set_checkpointed_layers
 from trainer.speed.lora_dropout import fuse_lora_dropout
 from trainer.speed.memory import (
@@ -184,6 +186,8 @@ def build_trainer(
     trainer = make_trainer(
         model, processor, PetData(train, data.test, data.class_names), chat, config, features
     )
+    skip_repeated_mode_switches(model)
+    zero_only_trainable_grads(model)
     layers = len(decoder_layers(model))
     if state.get("plan"):
         plan = Plan(**state.get("plan"))
