@@ -4,6 +4,7 @@
     python bench/gpu_throughput.py --arch 27b --configs reference,ours --max-memory-gib 85
     python bench/gpu_throughput.py --smoke          # CPU, tiny config, every code path end to end
     python bench/gpu_throughput.py --quality        # tiny model trained with and without the levers
+    python bench/gpu_throughput.py --arch 27b --configs ours --compile-cache DIR   # twice: cold, then warm
 
 Everything runs through the trainer's own code: its flags (trainer.flags.parse_args), model setup
 (trainer.speed.with_adapters), levers (trainer.speed.speed_up / build_trainer: memory cap, image
@@ -56,6 +57,7 @@ from trainer.speed import (  # noqa: E402
     build_trainer,
     choose_precision,
     memory_budget,
+    open_warm_start,
     planned_batch,
     speed_up,
     with_adapters,
@@ -376,7 +378,7 @@ def measure(
             "--model-id", "random-init", "--dataset", str(dataset), "--device", device,
             "--max-memory-gib", str(bench.max_memory_gib), "--checkpoint-strategy", "no",
             "--logging-steps", str(bench.logging_steps), "--train-size", str(bench.train_size),
-            "--eval-size", str(bench.eval_size), *flags, *bench.flags.split(),
+            "--eval-size", str(bench.eval_size), *warm_start_flags(bench), *flags, *bench.flags.split(),
         ]
     )  # fmt: skip
     chat = chat_format(processor, data.class_names, bench.question)
@@ -409,6 +411,8 @@ def measure(
     }
 
     start = time.perf_counter()
+    # Before anything compiles: a second process with the same --compile-cache starts warm.
+    warm = open_warm_start(args, model, precision, device)
     features = speed_up(args, model, processor, data, device)
     setup_s = time.perf_counter() - start
     feature_rate = None
@@ -491,8 +495,12 @@ def measure(
         if plan is not None:
             state.save("plan", dataclasses.asdict(plan))
         start = time.perf_counter()
-        trainer, plan = build_trainer(args, model, processor, data, chat, device, run_dir, features, state)
+        trainer, plan = build_trainer(
+            args, model, processor, data, chat, device, run_dir, features, state, warm=warm
+        )
         plan_s = time.perf_counter() - start
+        if not repeat:
+            trainer.add_callback(warm.callback())
         batch = trainer.args.per_device_train_batch_size
         steps = bench.repeat_steps if repeat and bench.repeat_steps else bench.steps
         timer = StepTimer(bench.warmup, steps, device)
@@ -531,6 +539,10 @@ def measure(
                 "plan_s": round(plan_s, 1),
                 "train_call_s": round(total_s, 1),
                 "plan": plan.describe() if plan else None,
+                "plan_source": warm.plan_source,
+                # What the first repeat's process found in --compile-cache: a warm start's evidence.
+                "compile_cache": warm.compile_cache,
+                "compile_cache_saved": warm.saved,
                 **({"repeat": repeat + 1, "repeats": bench.repeats} if bench.repeats > 1 else {}),
                 # Mean training loss over each logging window (every --logging-steps steps).
                 "losses": [
@@ -829,6 +841,13 @@ def quality(out: Path, extra: list[str], configs: list[str]) -> None:
             file.write(json.dumps(row) + "\n")
 
 
+def warm_start_flags(bench: argparse.Namespace) -> list[str]:
+    """The trainer's warm start in --compile-cache DIR (its --output-dir holds nothing else here), or none."""
+    if bench.compile_cache is None:
+        return ["--no-compile-cache"]
+    return ["--compile-cache", "--output-dir", str(bench.compile_cache)]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", choices=["4b", "27b"], default="4b")
@@ -895,6 +914,14 @@ def main() -> None:
         default="",
         help="trainer flags added after each configuration's own (they win), recorded in each row: "
         '--flags="--batch-size 9"',
+    )
+    parser.add_argument(
+        "--compile-cache",
+        type=Path,
+        metavar="DIR",
+        help="the trainer's warm start (--compile-cache) in DIR: compiled graphs and the memory plan of an "
+        "earlier bench process with the same DIR are reused, and this one's stored; rows record setup_s, "
+        "plan_s, compile_cache and plan_source. Default: no warm start",
     )
     parser.add_argument("--smoke", action="store_true", help="CPU, tiny config, 2 steps: the code paths only")
     parser.add_argument("--quality", action="store_true", help="tiny model, levers on vs off: accuracy")

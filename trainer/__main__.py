@@ -40,6 +40,7 @@ from trainer.speed import (
     eval_workers,
     load_model,
     memory_budget,
+    open_warm_start,
     planned_batch,
     speed_up,
 )
@@ -107,6 +108,7 @@ def fine_tune(
         )
     # What each task attempt pays before its first step (docs/benchmarks.md): load, features, compile, plan.
     log.info("model loaded in %.1f s", time.perf_counter() - start)
+    warm = open_warm_start(args, model, precision, device)
     workers = eval_workers(args, processor, device, shm)
     with gpu_pass(IMAGE_FEATURES), clock.phase("image_features_s"):
         features = speed_up(args, model, processor, data, device, workers)
@@ -141,11 +143,20 @@ def fine_tune(
     else:
         log.info("task attempt %d: baseline predictions of an earlier attempt", attempt)
     with gpu_pass(MEMORY_PLAN), clock.phase("memory_plan_s"):
-        trainer, _ = build_trainer(args, model, processor, data, chat, device, run_dir, features, state, shm)
+        trainer, _ = build_trainer(
+            args, model, processor, data, chat, device, run_dir, features, state, shm, warm
+        )
+    trainer.add_callback(warm.callback())
     with gpu_pass(TRAINING), clock.phase("train_s"):
-        output = train(trainer, run_dir, attempt)
+        try:
+            output = train(trainer, run_dir, attempt)
+        except torch.OutOfMemoryError:
+            # A stored plan that ran out of memory must not be every later execution's plan.
+            warm.drop_plans()
+            raise
     with gpu_pass(FINAL), clock.phase("final_eval_s"):
         final, final_top = evaluate_all()
+    warm.save_artifacts()  # only when the final evaluation compiled graphs the file lacks
 
     primary = methods[0]
     with clock.phase("save_s"):
@@ -191,6 +202,7 @@ def fine_tune(
         "versions": versions(),
         "platform": describe_platform(),
         "phases": clock.rounded(),
+        "warm_start": warm.record(),
         "execution": execution,
         "task_attempt": attempt,
         "settings": run_settings(
@@ -263,7 +275,12 @@ def run(args: argparse.Namespace, task: int | None = None) -> None:
     if execution:
         (output_dir / "LATEST").write_text(execution + "\n")
     if args.gcs_output_path:
-        files = [path.relative_to(output_dir) for path in sorted(run_dir.rglob("*")) if path.is_file()]
+        # Not the warm-start directory, which run_dir holds when it is --output-dir itself.
+        files = [
+            path.relative_to(output_dir)
+            for path in sorted(run_dir.rglob("*"))
+            if path.is_file() and path.relative_to(output_dir).parts[0] != ".cache"
+        ]
         upload(output_dir, files + ([Path("LATEST")] if execution else []), args.gcs_output_path)
     log.info("done: outputs in %s", run_dir)
 

@@ -227,6 +227,14 @@ def build_parser() -> Parser:
         help="run the frozen vision tower once per image before training and reuse its output in every "
         "epoch and both evaluations (host memory: 256 x hidden bf16 values per image, 2.6 MiB at 27B)",
     )
+    speed.add_argument(
+        "--compile-cache",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="reuse what earlier executions of the job compiled (torch.compile's cache artifacts, where "
+        "layers compile) and the memory plan they measured, from <output-dir>/.cache/warm-start/<key>/, "
+        "and store this run's there for the next",
+    )
     p.add_argument("--seed", type=int, default=42)
     p.add_argument(
         "--sweep-grid",

@@ -50,6 +50,7 @@ def test_results_json_schema(trained_run, tiny_model: Path, pets: Path) -> None:
     assert set(results) == {
         "model_id", "dataset", "train_size", "eval_size", "eval_method", "baseline", "final", "by_method",
         "per_class", "train", "versions", "execution", "task_attempt", "settings", "platform", "phases",
+        "warm_start",
     }  # fmt: skip
     assert results["model_id"] == str(tiny_model)
     assert results["dataset"] == str(pets)
@@ -81,7 +82,7 @@ def test_results_json_records_every_flag_and_what_auto_became(trained_run, tiny_
         "gradient-accumulation-steps", "eval-batch-size", "lora-r", "lora-alpha", "lora-dropout",
         "output-dir", "gcs-output-path", "merge", "checkpoint-strategy", "save-steps", "save-total-limit",
         "logging-steps", "device", "quantization", "eval-method", "max-memory-gib", "gradient-checkpointing",
-        "compile", "cache-image-features", "seed", "dry-run", "sweep-grid",
+        "compile", "cache-image-features", "compile-cache", "seed", "dry-run", "sweep-grid",
     }  # fmt: skip
     assert (flags["learning-rate"], flags["num-epochs"], flags["seed"], flags["batch-size"]) == (
         0.02,

@@ -9,7 +9,8 @@ from trainer.speed.
 - the training batch and gradient checkpointing, planned from measured steps, and Trainer's per-step walks
   over the model cut (`build_trainer`);
 - evaluation batches planned from measured passes (`planned_batch`);
-- which GPU pass ran out of memory (`trainer.speed.out_of_memory`).
+- which GPU pass ran out of memory (`trainer.speed.out_of_memory`);
+- compiled graphs and the memory plan reused from the job's earlier executions (`open_warm_start`).
 
 docs/benchmarks.md has the measurements behind each lever; docs/trainer.md the flags that switch them.
 """
@@ -45,6 +46,7 @@ from trainer.speed.memory import (
     pass_batch,
     plan_memory,
 )
+from trainer.speed.warm_start import WarmStart
 from trainer.speed.weights import choose_precision, store_weights
 from trainer.train import RunState, make_trainer, probe_step, set_batch_size, sft_config
 
@@ -53,6 +55,7 @@ __all__ = [
     "GIB",
     "ImageFeatures",
     "Plan",
+    "WarmStart",
     "build_trainer",
     "check_compile",
     "choose_precision",
@@ -60,6 +63,7 @@ __all__ = [
     "loader_workers",
     "load_model",
     "memory_budget",
+    "open_warm_start",
     "planned_batch",
     "speed_up",
     "with_adapters",
@@ -156,9 +160,24 @@ def speed_up(
             for split in (data.train, data.test)
         )
         log.info("image features of %d images in %.1f s", count, time.perf_counter() - start)
-    if args.compile == "on" or (args.compile == "auto" and device == "cuda"):
+    if compiles(args, device):
         compile_layers(model)
     return features
+
+
+def compiles(args: argparse.Namespace, device: str) -> bool:
+    return args.compile == "on" or (args.compile == "auto" and device == "cuda")
+
+
+def open_warm_start(args: argparse.Namespace, model: PeftModel, precision: str, device: str) -> WarmStart:
+    """The job's shared warm-start directory for this model and these settings (--compile-cache), with
+    the compiled graphs of earlier executions loaded: call it before anything compiles."""
+    lora = (args.lora_r, args.lora_alpha, args.lora_dropout)
+    warm = WarmStart.open(
+        args.output_dir, args.compile_cache, model, precision, device, lora, compiles(args, device)
+    )
+    warm.load_artifacts()
+    return warm
 
 
 def build_trainer(
@@ -172,10 +191,12 @@ def build_trainer(
     features: ImageFeatures | None,
     state: RunState | None = None,
     shm: SharedMemory | None = None,
+    warm: WarmStart | None = None,
 ) -> tuple[SFTTrainer, Plan]:
-    """SFTTrainer with the batch and gradient checkpointing of the memory plan (measured on GPU), or of an
-    earlier attempt of the task (`state`)."""
+    """SFTTrainer with the batch and gradient checkpointing of the memory plan (measured on GPU), of an
+    earlier attempt of the task (`state`), or of an earlier execution of the job (`warm`)."""
     state = state or RunState(run_dir, attempt=0)
+    warm = warm or WarmStart(None)
     train = data.train
     workers = loader_workers(device)
     if features is not None and features.has_all(train["image_key"]):
@@ -189,30 +210,53 @@ def build_trainer(
     skip_repeated_mode_switches(model)
     zero_only_trainable_grads(model)
     layers = len(decoder_layers(model))
+    examples = [data.train[index] for index in range(min(2, len(data.train)))]
+    request = plan_request(args, trainer, examples)
+    plan, warm.plan_source = None, None
     if state.get("plan"):
-        plan = Plan(**state.get("plan"))
+        plan, warm.plan_source = Plan(**state.get("plan")), "earlier attempt"
+    elif stored := warm.plan(request):
+        plan, warm.plan_source = stored, "earlier execution"
+    if plan is not None:
         log.info(
-            "batch %d, gradient checkpointing on %d layers: the plan of an earlier attempt",
+            "batch %d, gradient checkpointing on %d layers: the plan of an %s",
             plan.batch_size,
             plan.checkpointed_layers,
+            warm.plan_source,
         )
         set_checkpointed_layers(model, plan.checkpointed_layers)
     elif device == "cuda" and not (args.batch_size and args.gradient_checkpointing != "auto"):
-        examples = [data.train[index] for index in range(min(2, len(data.train)))]
         budget = memory_budget(args.max_memory_gib, device)
         plan = plan_memory(
             model, probe_step(trainer), examples, budget, args.batch_size, args.gradient_checkpointing
         )
+        warm.plan_source = "measured"
     else:
         plan = Plan(first_batch, layers if args.gradient_checkpointing == "on" else 0)
         set_checkpointed_layers(model, plan.checkpointed_layers)
+        warm.plan_source = "flags"
     set_batch_size(trainer, plan.batch_size)
     state.save("plan", dataclasses.asdict(plan))
+    if warm.plan_source != "earlier execution":
+        warm.keep_plan(request, plan)
     if workers:
         shm = shm or SharedMemory.measure()
         batch_bytes = plan.batch_size * pixel_bytes(processor)
         trainer.args.dataloader_num_workers = shm.workers(workers, batch_bytes, "training batches")
     return trainer, plan
+
+
+def plan_request(args: argparse.Namespace, trainer: SFTTrainer, examples: list[dict]) -> dict:
+    """What a stored plan must have been made for, besides the warm start's key: the budget, the batch and
+    checkpointing asked for, the image features' use and the sequence length of the training samples."""
+    length = trainer.data_collator(examples[:1])["input_ids"].shape[1] if examples else 0
+    return {
+        "max_memory_gib": args.max_memory_gib,
+        "batch_size": args.batch_size,
+        "gradient_checkpointing": args.gradient_checkpointing,
+        "cache_image_features": args.cache_image_features,
+        "tokens": int(length),
+    }
 
 
 def eval_workers(args: argparse.Namespace, processor: ProcessorMixin, device: str, shm: SharedMemory) -> int:
