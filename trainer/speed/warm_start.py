@@ -6,8 +6,9 @@ torch.compile's cache artifacts and the training memory plan.
     <output-dir>/.cache/warm-start/<key>/artifacts.bin     torch.compiler.save_cache_artifacts()
     <output-dir>/.cache/warm-start/<key>/plan-<request>.json   a memory plan and the request it answers
 
-The key covers what makes either unusable elsewhere: torch and triton, the GPU and its compute capability,
-the model's config, the base weights' precision, LoRA's r, alpha and dropout, and whether layers compile.
+The key covers what makes either unusable elsewhere: torch, triton, transformers and peft, the trainer's own
+code (a new image starts cold once), the GPU and its compute capability, the model's config, the base
+weights' precision, LoRA's r, alpha and dropout, and whether layers compile.
 Inductor also keys each graph by its content, so an artifact that other code made only misses. Reading is
 best effort: a missing, corrupt or foreign file logs a warning, and the run compiles or probes as usual.
 Files are written whole and renamed into place, so a task stopped mid-write leaves the previous file.
@@ -22,7 +23,9 @@ import logging
 import os
 from pathlib import Path
 
+import peft
 import torch
+import transformers
 from transformers import PreTrainedModel, TrainerCallback
 
 from trainer.speed.memory import Plan
@@ -52,6 +55,15 @@ def triton_version() -> str | None:
     except ImportError:
         return None
     return triton.__version__
+
+
+def code_identity() -> str:
+    """A digest of the trainer package's source: its layers and memory use change with it."""
+    package = Path(__file__).resolve().parents[1]
+    sources = sorted(package.rglob("*.py"))
+    return digest(
+        {str(path.relative_to(package)): hashlib.sha256(path.read_bytes()).hexdigest() for path in sources}
+    )
 
 
 def model_identity(model: PreTrainedModel) -> str:
@@ -94,6 +106,9 @@ class WarmStart:
         key = {
             "torch": torch.__version__,
             "triton": triton_version(),
+            "transformers": transformers.__version__,
+            "peft": peft.__version__,
+            "trainer": code_identity(),
             "device": describe_device(device),
             "model": model_identity(model),
             "precision": precision,
