@@ -24,14 +24,24 @@ def files_under(path: Path) -> dict[str, float]:
     return {str(file.relative_to(path)): file.stat().st_mtime for file in found}
 
 
+@pytest.fixture
+def one_thread():
+    """OMP_NUM_THREADS is read when torch loads, before these in-process runs: OpenMP threads spinning
+    against other processes on a shared 2-core machine made them many times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.mark.slow
+@pytest.mark.usefixtures("one_thread")
 def test_a_new_execution_reuses_the_stored_plan_until_training_runs_out_of_memory(
     tiny_model: Path, few_pets: Path, tmp_path: Path, monkeypatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     flags = ["--model-id", str(tiny_model), "--dataset", str(few_pets), "--output-dir", str(tmp_path)]
     flags += ["--train-size", "16", "--eval-size", "8", "--eval-batch-size", "8", "--num-epochs", "1"]
     flags += ["--eval-method", "score", "--checkpoint-strategy", "no", "--seed", "0", "--device", "cpu"]
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
     monkeypatch.setenv("CLOUD_RUN_TASK_ATTEMPT", "0")
     caplog.set_level(logging.INFO)
 
@@ -73,7 +83,6 @@ def test_a_new_execution_reuses_the_stored_plan_until_training_runs_out_of_memor
     # The plan that ran out of memory is not the next execution's: it measures (here: flags) again.
     assert not list(key.glob("plan-*.json"))
     monkeypatch.undo()
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
     monkeypatch.setattr("trainer.speed.CPU_BATCH_SIZE", 4)
     assert run("exec-6")["plan"] == "flags"
 
