@@ -41,6 +41,7 @@ from trainer.speed.memory import (
     GIB,
     Plan,
     apply_memory_budget,
+    compile_as_probes,
     measure_pass,
     memory_budget,
     pass_batch,
@@ -225,6 +226,8 @@ def build_trainer(
             warm.plan_source,
         )
         set_checkpointed_layers(model, plan.checkpointed_layers)
+        if device == "cuda" and warm.compile_cache == "loaded":
+            compile_as_probes(model, probe_step(trainer), examples, plan.checkpointed_layers)
     elif device == "cuda" and not (args.batch_size and args.gradient_checkpointing != "auto"):
         budget = memory_budget(args.max_memory_gib, device)
         plan = plan_memory(

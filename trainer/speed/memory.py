@@ -140,6 +140,37 @@ def measure_peak(run: Callable[[], object]) -> int:
     return peak if fitted else RAN_OUT
 
 
+def probe_steps(
+    model: PreTrainedModel, step: Callable[[list[dict]], None], examples: list[dict], run: Callable
+) -> tuple:
+    """The probes' three steps, each through `run`: 1 and 2 samples, then 2 with every layer checkpointed."""
+    layers = len(decoder_layers(model))
+    # The probes draw dropout masks: restore the generators, so training sees the same randomness as
+    # without a plan.
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):
+        set_checkpointed_layers(model, 0)
+        one = run(lambda: step(examples[:1]))
+        two = run(lambda: step(examples[:2]))
+        set_checkpointed_layers(model, layers)
+        two_checkpointed = run(lambda: step(examples[:2]))
+    return one, two, two_checkpointed
+
+
+def compile_as_probes(
+    model: PreTrainedModel, step: Callable[[list[dict]], None], examples: list[dict], checkpointed: int
+) -> None:
+    """Run the probes' steps unmeasured, for a reused plan whose compiled graphs were loaded.
+
+    The graphs a measured run stored were compiled in the probes' order: batch 1, then 2, at which the batch
+    dimension became dynamic, and the checkpointed variant. A first step at the plan's batch would instead
+    compile a graph specialised to it, which the stored ones are not (seen on the H200: 30 s of compiling
+    despite 60 MB of loaded artifacts, docs/benchmarks.md). Replayed, the three steps find their graphs.
+    """
+    probe_steps(model, step, examples, lambda run: run())
+    set_checkpointed_layers(model, checkpointed)
+
+
 def plan_memory(
     model: PreTrainedModel,
     step: Callable[[list[dict]], None],
@@ -157,14 +188,7 @@ def plan_memory(
     layers = len(decoder_layers(model))
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     optimizer_states = 8 * trainable
-    # The probes draw dropout masks: restore the generators, so training sees the same randomness as
-    # without a plan.
-    with torch.random.fork_rng(devices=[torch.cuda.current_device()]):
-        set_checkpointed_layers(model, 0)
-        one = measure_peak(lambda: step(examples[:1]))
-        two = measure_peak(lambda: step(examples[:2]))
-        set_checkpointed_layers(model, layers)
-        two_checkpointed = measure_peak(lambda: step(examples[:2]))
+    one, two, two_checkpointed = probe_steps(model, step, examples, measure_peak)
     per_sample = max(two - one, 1)
     fixed = max(one - per_sample, 0) + optimizer_states
     per_layer_saving = max((two - two_checkpointed) // (2 * layers), 0)
