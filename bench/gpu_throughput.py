@@ -900,7 +900,7 @@ def main() -> None:
         default=0,
         metavar="STEPS",
         help="after the timed training steps (of the last repeat), this many more under yappi (every Python "
-        "thread's CPU time): OUT/host-profile-ARCH-CONFIG.txt",
+        "thread's CPU time; pip install yappi): OUT/host-profile-ARCH-CONFIG.txt",
     )
     parser.add_argument(
         "--set",
