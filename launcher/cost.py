@@ -258,6 +258,6 @@ def actual_costs(
         gpu = execution.template.node_selector.accelerator
         if gpu not in known:
             known[gpu] = pricing.prices(clients, settings.region, gpu)
-        usd = actual_usd(clients, execution, known[gpu])
-        spent.append(None if usd is None else round(usd, 4))
+        # Unrounded: a short run's cost rounds to $0.0000 at four places; the renderers round for people.
+        spent.append(actual_usd(clients, execution, known[gpu]))
     return spent
