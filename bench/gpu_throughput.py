@@ -573,9 +573,7 @@ def profile_steps(trainer, bench: argparse.Namespace, device: str, steps: int):
 
     timed = bench.warmup + steps
     trainer.args.max_steps = timed + 1 + bench.profile
-    activities = [torch.profiler.ProfilerActivity.CPU]
-    if device == "cuda":
-        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    activities = profiler_activities(device)
     schedule = torch.profiler.schedule(wait=timed, warmup=1, active=bench.profile, repeat=1)
     waits = SynchronizingCalls()
 
@@ -594,24 +592,35 @@ def profile_steps(trainer, bench: argparse.Namespace, device: str, steps: int):
     return profiler, waits
 
 
-def profile_eval(path: Path, device: str, run) -> None:
-    """One more evaluation pass under the profiler: its kernel time by kind and the operator table."""
+def profiler_activities(device: str) -> list:
     activities = [torch.profiler.ProfilerActivity.CPU]
     if device == "cuda":
         activities.append(torch.profiler.ProfilerActivity.CUDA)
-    with torch.profiler.profile(activities=activities) as profiler:
-        run()
-        sync(device)
-    ranges = [event.time_range for event in profiler.events()]
-    wall_ms = (max(r.end for r in ranges) - min(r.start for r in ranges)) / 1000
+    return activities
+
+
+def profile_sections(profiler, device: str, steps: int) -> tuple[float, str, str, str]:
+    """Of a finished profile over `steps` steps: GPU-busy milliseconds per step, kernel time per step by
+    kind, the longest GPU idle gaps, and the operator table."""
     busy_ms, gaps = gpu_idle(profiler.events())
+    kinds = describe_kinds(gpu_time_by_kind(profiler.events()), steps)
     idle = "\n".join(f"{gap:8.2f} ms after {before[:60]}, before {after[:60]}" for gap, before, after in gaps)
     table = profiler.key_averages().table(
         sort_by="self_device_time_total" if device == "cuda" else "self_cpu_time_total",
         row_limit=40,
         max_name_column_width=60,
     )
-    kinds = describe_kinds(gpu_time_by_kind(profiler.events()), 1)
+    return busy_ms / steps, kinds, idle, table
+
+
+def profile_eval(path: Path, device: str, run) -> None:
+    """One more evaluation pass under the profiler: its kernel time by kind and the operator table."""
+    with torch.profiler.profile(activities=profiler_activities(device)) as profiler:
+        run()
+        sync(device)
+    ranges = [event.time_range for event in profiler.events()]
+    wall_ms = (max(r.end for r in ranges) - min(r.start for r in ranges)) / 1000
+    busy_ms, kinds, idle, table = profile_sections(profiler, device, 1)
     summary = f"evaluation pass: about {wall_ms:.1f} ms wall, GPU busy {busy_ms:.1f} ms"
     path.write_text(
         f"{summary}\n\nkernel time by kind:\n{kinds}\n\nlongest GPU idle gaps:\n{idle}\n\n{table}\n"
@@ -660,13 +669,8 @@ def write_profile(profiler, waits, bench: argparse.Namespace, device: str, path:
     events = profiler.key_averages()
     steps = [event for event in events if event.key.startswith("ProfilerStep")]
     wall_ms = sum(event.cpu_time_total for event in steps) / 1000 / bench.profile
-    busy_ms, gaps = gpu_idle(profiler.events())
-    busy_ms /= bench.profile
+    busy_ms, kinds, idle, table = profile_sections(profiler, device, bench.profile)
     summary = f"per step: {wall_ms:.1f} ms wall, GPU busy {busy_ms:.1f} ms ({busy_ms / wall_ms:.0%})"
-    idle = "\n".join(f"{gap:8.2f} ms after {before[:60]}, before {after[:60]}" for gap, before, after in gaps)
-    table = events.table(sort_by="self_device_time_total" if device == "cuda" else "self_cpu_time_total",
-                         row_limit=40, max_name_column_width=60)  # fmt: skip
-    kinds = describe_kinds(gpu_time_by_kind(profiler.events()), bench.profile)
     path.write_text(
         f"{summary}\n\nkernel time per step by kind:\n{kinds}\n\nlongest GPU idle gaps:\n{idle}\n\n"
         "calls that waited for the GPU in one untimed step (torch.cuda.set_sync_debug_mode), innermost\n"

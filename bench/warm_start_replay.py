@@ -5,7 +5,9 @@
     python bench/warm_start_replay.py warm-replay ARTIFACTS    # loads; the probes' steps, then batch 8
 
 Each with its own empty TORCHINDUCTOR_CACHE_DIR, as a fresh instance has. The tiny Gemma 3 with fp8 weights,
-LoRA and compiled layers, on CPU or GPU; prints Inductor's FX graph cache misses and hits of the batch-8 step.
+LoRA and compiled layers, on CPU or GPU; prints the seconds of all its steps (compiling included) and
+Inductor's FX graph cache misses and hits of the batch-8 step. (It replaces bench/compile_cache.py, whose
+save and load are the `cold` and `warm-replay` runs here.)
 A measured run stores the graphs the probes compiled, in which the batch dimension became dynamic at the
 second probe; a first step at the plan's batch compiles a graph specialised to it (gpu-call34,
 docs/benchmarks.md), unless trainer.speed.memory.compile_as_probes replays the probes first.
@@ -14,6 +16,7 @@ docs/benchmarks.md), unless trainer.speed.memory.compile_as_probes replays the p
 import argparse
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -47,6 +50,7 @@ def main() -> None:
         model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
         model.zero_grad(set_to_none=True)
 
+    start = time.perf_counter()
     if bench.mode in ("cold", "warm-replay"):
         compile_as_probes(model, step, [0, 1], checkpointed=0)
     before = dict(counters["inductor"])
@@ -56,7 +60,8 @@ def main() -> None:
         key: after.get(key, 0) - before.get(key, 0) for key in ("fxgraph_cache_miss", "fxgraph_cache_hit")
     }
     totals = {key: value for key, value in after.items() if key.startswith("fxgraph_cache")}
-    print(f"{bench.mode}: the batch-8 step {changes}; the whole process {totals}")
+    seconds = time.perf_counter() - start
+    print(f"{bench.mode}: steps in {seconds:.1f} s; the batch-8 step {changes}; the whole process {totals}")
     if bench.mode == "cold":
         bench.artifacts.write_bytes(torch.compiler.save_cache_artifacts()[0])
 
