@@ -94,6 +94,21 @@ def median_ms(step: Callable, device: str) -> float:
     return statistics.median(times)
 
 
+def result(adapters: str, tokens: int, width: int, times: dict[str, float], device: str) -> dict:
+    row = {
+        "date": datetime.date.today().isoformat(),
+        "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "adapters": adapters,
+        "tokens": tokens,
+        "width": width,
+        "p": P,
+        "forward_backward_ms": times,
+    }
+    print("RESULT " + json.dumps(row), flush=True)
+    return row
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
@@ -114,18 +129,7 @@ def main() -> None:
 
             step = functools.partial(forward_backward, function, x, weight, seed, grad)
             times[variant] = round(median_ms(step, device), 4)
-        row = {
-            "date": datetime.date.today().isoformat(),
-            "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
-            "torch": torch.__version__,
-            "adapters": name,
-            "tokens": tokens,
-            "width": width,
-            "p": P,
-            "forward_backward_ms": times,
-        }
-        print("RESULT " + json.dumps(row), flush=True)
-        rows.append(row)
+        rows.append(result(name, tokens, width, times, device))
     for name, count in SHARED_INPUTS.items():
         width = 256 if bench.smoke else WIDTHS["q, k, v, gate, up"]
         x = torch.randn(tokens, width, device=device, dtype=dtype, requires_grad=True)
@@ -140,18 +144,7 @@ def main() -> None:
                 forward_backward_all, adapters_of_one_input(variant), x, weights, seed, grad
             )
             times[variant] = round(median_ms(step, device), 4)
-        row = {
-            "date": datetime.date.today().isoformat(),
-            "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
-            "torch": torch.__version__,
-            "adapters": f"{name} (one input)",
-            "tokens": tokens,
-            "width": width,
-            "p": P,
-            "forward_backward_ms": times,
-        }
-        print("RESULT " + json.dumps(row), flush=True)
-        rows.append(row)
+        rows.append(result(f"{name} (one input)", tokens, width, times, device))
     if not bench.smoke:
         bench.out.mkdir(parents=True, exist_ok=True)
         with (bench.out / "dropout_mask.jsonl").open("a") as file:
