@@ -55,6 +55,7 @@ from trainer.speed.out_of_memory import (
     describe,
     gpu_pass,
 )
+from trainer.speed.warm_start import CACHE
 from trainer.train import AnswerOnlyCollator, RunState, Stopped, train
 
 log = logging.getLogger("trainer")
@@ -275,11 +276,11 @@ def run(args: argparse.Namespace, task: int | None = None) -> None:
     if execution:
         (output_dir / "LATEST").write_text(execution + "\n")
     if args.gcs_output_path:
-        # Not the warm-start directory, which run_dir holds when it is --output-dir itself.
+        # Not the job's cache (the warm start's), which run_dir holds when it is --output-dir itself.
         files = [
             path.relative_to(output_dir)
             for path in sorted(run_dir.rglob("*"))
-            if path.is_file() and path.relative_to(output_dir).parts[0] != ".cache"
+            if path.is_file() and not path.relative_to(output_dir).is_relative_to(CACHE)
         ]
         upload(output_dir, files + ([Path("LATEST")] if execution else []), args.gcs_output_path)
     log.info("done: outputs in %s", run_dir)

@@ -33,7 +33,9 @@ from trainer.speed.memory import Plan
 
 log = logging.getLogger(__name__)
 
-ROOT = Path(".cache") / "warm-start"
+# The job's cache under --output-dir, which uploads of a run's outputs leave out.
+CACHE = Path(".cache")
+ROOT = CACHE / "warm-start"
 ARTIFACTS = "artifacts.bin"
 
 
