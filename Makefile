@@ -2,7 +2,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-fast lint lock demo cloud-test clean
+.PHONY: install test test-fast lint lock demo cloud-test screenshot clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -29,6 +29,11 @@ test: lint
 # The inner loop: every test not marked slow, without the lint.
 test-fast: $(STAMP)
 	$(VENV)/bin/pytest -q $(PYTEST_PARALLEL) -m "not slow"
+
+# README.md's picture of the report page (docs/report.png), from the tiny model's real run.
+screenshot: $(STAMP)
+	GEMMA_LAUNCH_SCREENSHOT=$(abspath docs/report.png) $(VENV)/bin/pytest -q \
+		tests/trainer/test_report_page.py -k every_section
 
 # The real-cloud suite (tests/cloud): costs money, needs a project of yours and ADC.
 cloud-test: $(STAMP)
