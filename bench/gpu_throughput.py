@@ -46,6 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch_settings  # noqa: E402
 
+from trainer import UserError  # noqa: E402
 from trainer.data import PROMPT, PetData, chat_format, load_pets, readable_name  # noqa: E402
 from trainer.evaluate import predict  # noqa: E402
 from trainer.export import versions  # noqa: E402
@@ -966,6 +967,8 @@ def main() -> None:
     for name in bench.configs.split(","):
         try:
             measure(name, bench.arch, bench.phases.split(","), bench, dataset, data, processor, bench.out)
+        except UserError as refused:  # a configuration this machine cannot run, e.g. 4-bit without CUDA
+            print(f"SKIPPED {name}: {refused}", flush=True)
         except Exception:  # one configuration's failure must not cost the others' numbers
             print(f"FAILED {name}:\n{traceback.format_exc()}", flush=True)
             gc.collect()
