@@ -149,15 +149,12 @@ def write_images(root: Path, per_class: int, test_per_class: int, size: int, see
 
 
 def build_processor(image_size: int, tokens_per_image: int):
-    from transformers import Gemma3Processor
+    from transformers import Gemma3ImageProcessorPil, Gemma3Processor
 
-    try:  # the torchvision-backed processor, as on the GPU image; the PIL one elsewhere
-        import torchvision  # noqa: F401
-        from transformers import Gemma3ImageProcessor as ImageProcessor
-    except ImportError:
-        from transformers import Gemma3ImageProcessorPil as ImageProcessor
+    # The PIL processor even where torchvision is installed (the lent GPU machines have it): the image has
+    # no torchvision, so AutoProcessor resolves the checkpoints' "Gemma3ImageProcessor" to this one there.
     return Gemma3Processor(
-        image_processor=ImageProcessor(size={"height": image_size, "width": image_size}),
+        image_processor=Gemma3ImageProcessorPil(size={"height": image_size, "width": image_size}),
         tokenizer=build_tokenizer(),
         chat_template=CHAT_TEMPLATE,
         image_seq_length=tokens_per_image,
