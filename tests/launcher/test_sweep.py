@@ -191,6 +191,9 @@ def test_a_dry_run_shows_each_task_its_arguments_and_the_estimate_and_changes_no
     assert "is above --max-cost $0.00: nothing was started." in over.output
     refused = cli("sweep", *grid, "--max-cost", "0")
     assert refused.exit_code == 2 and errors(over.output) == errors(refused.output) != []
+    over_json = cli("sweep", *grid, "--max-cost", "0", "--dry-run", "--json")
+    assert over_json.exit_code == 2 and errors(over_json.stderr) == errors(refused.output)
+    assert json.loads(over_json.stdout)["max_cost"] == {"usd": 0.0, "within": False}
 
     # Nothing started, nothing changed: no call that may change something, in Cloud Run or the bucket.
     assert [entry["method"] for entry in env.record() if entry["mutating"]] == []
