@@ -42,6 +42,11 @@ class Grid:
     def argument(self) -> str:
         return trainer_sweep.format_grid(self.values)
 
+    def task_args(self, args: Sequence[str]) -> list[list[str]]:
+        """Each task's trainer arguments, in task index order, given the execution's `args`: what the
+        trainer's parser reads in that task."""
+        return [trainer_sweep.task_argv(args, combination) for combination in self.combinations()]
+
 
 def parse_grid(pairs: Sequence[str], sets: Mapping[str, str]) -> Grid:
     """`--grid KEY=V1,V2` options -> a Grid, each value checked as `run --set KEY=VALUE` is; `sets`: the

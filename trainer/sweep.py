@@ -62,5 +62,10 @@ def for_task(
             f"task {index} has no combination: the sweep grid has {len(choices)}",
             "Run a sweep with one task per combination (`gemma-launch sweep` does).",
         )
-    extra = [arg for key, value in choices[index].items() for arg in flags.setting_argv(key, value)]
-    return flags.parse_args([*argv, *extra]), index
+    return flags.parse_args(task_argv(argv, choices[index])), index
+
+
+def task_argv(argv: Sequence[str], combination: Mapping[str, str]) -> list[str]:
+    """What a task's parser reads: the execution's arguments, then its combination's, so that they win
+    (`gemma-launch sweep --dry-run` shows each task these)."""
+    return [*argv, *(arg for key, value in combination.items() for arg in flags.setting_argv(key, value))]

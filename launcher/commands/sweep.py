@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import json
+import shlex
+from collections.abc import Sequence
+
 import click
+from rich.markup import escape
+from rich.table import Table
 
 from launcher import cost, executions, overrides, sweep
 from launcher import job as jobs
@@ -43,7 +49,18 @@ from launcher.settings import Settings
     help="Stream the logs until the sweep ends; exit 0 only if every task succeeded.",
 )
 @click.option("--allow-concurrent", is_flag=True, help="Start even while another execution of the job runs.")
-@click.option("--json", "as_json", is_flag=True, help="Print the execution as JSON (as `run --json` does).")
+@click.option(
+    "--dry-run",
+    is_flag=True,
+    help="Check everything a sweep checks, then show each task's combination and trainer arguments, the "
+    "parallelism and the estimated cost (exit 2 above --max-cost); start nothing, change nothing.",
+)
+@click.option(
+    "--json",
+    "as_json",
+    is_flag=True,
+    help="Print the execution as JSON (as `run --json` does); with --dry-run, the plan.",
+)
 @FOLLOW_VERBOSE
 @max_cost_option(" of all the tasks")
 def sweep_command(
@@ -53,6 +70,7 @@ def sweep_command(
     parallelism: int | None,
     follow: bool,
     allow_concurrent: bool,
+    dry_run: bool,
     as_json: bool,
     verbose: bool,
     max_cost: float | None,
@@ -64,7 +82,8 @@ def sweep_command(
     Task i trains combination i and writes under runs/<execution>/task-<i>/, where its retries resume
     from its own checkpoints. `gemma-launch results` then ranks the tasks; `logs --task I` shows one.
     Nothing starts when a value is not valid for the trainer, a combination does not fit the GPU or
-    the staged data, or the GPU quota cannot hold --parallelism tasks at once.
+    the staged data, or the GPU quota cannot hold --parallelism tasks at once. --dry-run stops there,
+    after the same checks: its errors are the sweep's, and nothing starts or changes.
     """
     changes = overrides.parse_sets(sets)
     grid = sweep.parse_grid(grids, changes)
@@ -81,6 +100,12 @@ def sweep_command(
     job = jobs.current_job(clients, settings)
     estimate = cost.for_sweep(clients, settings, job, args, grid.combinations())
     out.print(f"Estimated cost: {estimate.describe()}", soft_wrap=True)
+    if dry_run:
+        _show_plan(grid, args, chosen, estimate, notes, max_cost, as_json)
+        cost.check_max_cost(estimate, max_cost)
+        if not as_json:
+            console.print("\nDry run: nothing was started or changed.")
+        return
     cost.check_max_cost(estimate, max_cost)
     execution = sweep.start(clients, settings, grid, args, chosen.tasks)
     short = executions.short_name(execution.name)
@@ -91,3 +116,43 @@ def sweep_command(
             f"gemma-launch results {short}",
             soft_wrap=True,
         )
+
+
+def _show_plan(
+    grid: sweep.Grid,
+    args: Sequence[str],
+    chosen: sweep.Parallelism,
+    estimate: cost.Estimate,
+    notes: Sequence[str],
+    max_cost: float | None,
+    as_json: bool,
+) -> None:
+    """What the sweep would run: each task's combination and the trainer arguments it parses."""
+    combinations = grid.combinations()
+    task_args = grid.task_args(args)
+    within = None if max_cost is None else estimate.usd <= max_cost
+    if as_json:
+        document = {
+            "dry_run": True,
+            "execution_args": list(args),
+            "tasks": [
+                {"task": index, "settings": combination, "args": argv}
+                for index, (combination, argv) in enumerate(zip(combinations, task_args, strict=True))
+            ],
+            "parallelism": {"tasks": chosen.tasks, "why": chosen.why},
+            "estimate": estimate.document(),
+            "max_cost": None if max_cost is None else {"usd": max_cost, "within": within},
+            "notes": list(notes),
+        }
+        click.echo(json.dumps(document, indent=2))
+        return
+    console.print(f"Trainer arguments of every task: {shlex.join(args)}", soft_wrap=True, markup=False)
+    table = Table(title="Then each task's own, parsed after them (its values win)")
+    for column in ("", *grid.values, "its arguments"):
+        table.add_column(escape(column))
+    for index, (combination, argv) in enumerate(zip(combinations, task_args, strict=True)):
+        cells = [*combination.values(), shlex.join(argv[len(args) :])]
+        table.add_row(f"task {index}", *map(escape, cells))
+    console.print(table)
+    if within:
+        console.print(f"Within --max-cost ${max_cost:.2f}.")

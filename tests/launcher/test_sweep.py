@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
 import textwrap
 import time
 from pathlib import Path
@@ -15,6 +16,9 @@ from click.testing import CliRunner
 from launcher.cli import main
 from tests.launcher.test_run import FAKE_TRAINER, JOB, PROJECT, TOKEN
 from tests.support.image_source import image_source
+from trainer import sweep as trainer_sweep
+from trainer.flags import parse_args
+from trainer.sweep import TASK_INDEX
 
 BUCKET = f"{PROJECT}-gemma3-finetuning"
 
@@ -56,6 +60,9 @@ def test_grid_values_are_checked_as_run_set_checks_them(monkeypatch):
         assert result.exit_code == 2, (args, result.output)
         assert error in result.output, (args, result.output)
         assert "Hint: " in result.output and "Traceback" not in result.output
+        # A dry run refuses it in the same words: one that passes means the sweep gets past its checks.
+        dry = cli("sweep", *args, "--dry-run")
+        assert (dry.exit_code, dry.output) == (2, result.output), args
     did_you_mean = cli("sweep", "--grid", "learning_rate=1e-4")
     assert "Hint: Did you mean learning-rate?" in did_you_mean.output
     # `run` refuses the flag the sweep sets, naming the command that sets it.
@@ -70,6 +77,8 @@ def test_more_parallelism_than_the_gpu_quota_is_refused_before_anything_starts(e
 
     over = cli("sweep", "--grid", "learning-rate=1e-4,2e-4,5e-4", "--parallelism", "3")
     assert over.exit_code == 2, over.output
+    dry = cli("sweep", "--grid", "learning-rate=1e-4,2e-4,5e-4", "--parallelism", "3", "--dry-run")
+    assert (dry.exit_code, dry.output) == (2, over.output)
     assert (
         "Error: --parallelism 3 needs 3 nvidia-rtx-pro-6000 GPUs at once; "
         "NvidiaRtxPro6000GpuAllocNoZonalRedundancyPerProjectRegion in europe-west4: 2 GPUs leaves 2"
@@ -80,6 +89,8 @@ def test_more_parallelism_than_the_gpu_quota_is_refused_before_anything_starts(e
     none = cli("sweep", "--grid", "learning-rate=1e-4,2e-4")
     assert none.exit_code == 2, none.output
     assert "Error: The project has no Cloud Run GPU quota for nvidia-rtx-pro-6000" in none.output
+    dry = cli("sweep", "--grid", "learning-rate=1e-4,2e-4", "--dry-run")
+    assert (dry.exit_code, dry.output) == (2, none.output)
     assert started(env) == []
     job = env.clients(PROJECT).jobs.get_job(name=JOB)
     assert job.template.parallelism == 1
@@ -117,6 +128,77 @@ def test_a_sweep_is_one_execution_of_a_task_per_combination_as_many_at_once_as_t
     missing = cli("logs", name, "--task", "2")
     assert missing.exit_code == 2
     assert f"Error: Execution {name} has 2 task(s): there is no task 2." in missing.output
+
+
+def errors(output: str) -> list[str]:
+    return [line for line in output.splitlines() if line.startswith(("Error: ", "Hint: "))]
+
+
+def test_a_dry_run_shows_each_task_its_arguments_and_the_estimate_and_changes_nothing(env, tmp_path):
+    project = fake_project(tmp_path / "fake-project")
+    assert cli("up", "--skip-stage", "--source", str(project)).exit_code == 0
+    assert cli("run", "--follow").exit_code == 0  # an execution to find unchanged, and a finished run's rates
+    clients = env.clients(PROJECT)
+    before = [found.name for found in clients.executions.list_executions(parent=JOB)]
+    generation = clients.jobs.get_job(name=JOB).generation
+    env.record_path.write_text("")
+    grid = ["--grid", "learning-rate=1e-4,2e-4", "--grid", "lora-r=8,16"]
+
+    dry = cli("sweep", *grid, "--set", "seed=7", "--max-cost", "1000", "--dry-run")
+    assert dry.exit_code == 0, dry.output
+    assert (
+        "4 tasks, 2 at a time (what the GPU quota allows: "
+        "NvidiaRtxPro6000GpuAllocNoZonalRedundancyPerProjectRegion in europe-west4: 2 GPUs)."
+    ) in dry.output
+    estimate = r"Estimated cost: ≈ \$\d+\.\d\d \(about \dh\d\dm x 4 tasks; from 1 finished run"
+    assert re.search(estimate, dry.output)
+    shared = re.search(r"Trainer arguments of every task: (.*)", dry.output)[1]
+    assert "--seed 7 --sweep-grid 'learning-rate=1e-4,2e-4;lora-r=8,16'" in shared
+    lines = [line for line in dry.output.splitlines() if line.startswith("│ task ")]
+    rows = [[cell.strip() for cell in line.split("│")[1:-1]] for line in lines]
+    assert rows == [
+        ["task 0", "1e-4", "8", "--learning-rate 1e-4 --lora-r 8"],
+        ["task 1", "1e-4", "16", "--learning-rate 1e-4 --lora-r 16"],
+        ["task 2", "2e-4", "8", "--learning-rate 2e-4 --lora-r 8"],
+        ["task 3", "2e-4", "16", "--learning-rate 2e-4 --lora-r 16"],
+    ]
+    assert "Within --max-cost $1000.00." in dry.output
+    assert "Dry run: nothing was started or changed." in dry.output
+
+    as_json = cli("sweep", *grid, "--set", "seed=7", "--dry-run", "--json")
+    assert as_json.exit_code == 0, as_json.output
+    plan = json.loads(as_json.stdout)
+    assert set(plan) == {"dry_run", "execution_args", "tasks", "parallelism", "estimate", "max_cost", "notes"}
+    assert plan["parallelism"] == {"tasks": 2, "why": re.search(r"at a time \((.*)\)\.", dry.output)[1]}
+    assert plan["estimate"]["tasks"] == 4 and plan["estimate"]["usd"] > 0 and plan["max_cost"] is None
+    shared_args = plan["execution_args"]
+    assert shlex.join(shared_args) == shared
+    # Each task's arguments are what the trainer's parser reads in that task.
+    for index, task in enumerate(plan["tasks"]):
+        assert task["task"] == index
+        environ = {TASK_INDEX: str(index)}
+        parsed, picked = trainer_sweep.for_task(parse_args(shared_args), shared_args, environ)
+        assert (parse_args(task["args"]), picked) == (parsed, index)
+        assert (parsed.learning_rate, parsed.lora_r, parsed.seed) == (
+            float(task["settings"]["learning-rate"]),
+            int(task["settings"]["lora-r"]),
+            7,
+        )
+
+    # Above --max-cost: the plan, then the sweep's own refusal.
+    over = cli("sweep", *grid, "--max-cost", "0", "--dry-run")
+    assert over.exit_code == 2 and "│ task 3" in over.output
+    assert "is above --max-cost $0.00: nothing was started." in over.output
+    refused = cli("sweep", *grid, "--max-cost", "0")
+    assert refused.exit_code == 2 and errors(over.output) == errors(refused.output) != []
+    over_json = cli("sweep", *grid, "--max-cost", "0", "--dry-run", "--json")
+    assert over_json.exit_code == 2 and errors(over_json.stderr) == errors(refused.output)
+    assert json.loads(over_json.stdout)["max_cost"] == {"usd": 0.0, "within": False}
+
+    # Nothing started, nothing changed: no call that may change something, in Cloud Run or the bucket.
+    assert [entry["method"] for entry in env.record() if entry["mutating"]] == []
+    assert [found.name for found in clients.executions.list_executions(parent=JOB)] == before
+    assert clients.jobs.get_job(name=JOB).generation == generation
 
 
 # A trainer whose task 1 stops on an error a retry cannot fix, recording it as trainer/failure.py does,
