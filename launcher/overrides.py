@@ -87,16 +87,9 @@ def check_table(table: Mapping[str, Any], path: str) -> None:
 
 
 def apply(args: Sequence[str], sets: Mapping[str, Any]) -> list[str]:
-    """`args` with each setting's arguments in place of the ones it had (settings checked before)."""
-    result = list(args)
-    for key, value in sets.items():
-        for option in (f"--{key}", f"--no-{key}"):
-            while option in result:
-                index = result.index(option)
-                has_value = index + 1 < len(result) and not result[index + 1].startswith("--")
-                del result[index : index + (2 if has_value else 1)]
-        result += flags.setting_argv(key, value)
-    return result
+    """`args` with each setting's arguments in place of the ones it had (settings checked before): the
+    trainer's own rule, which a sweep's task applies to its combination."""
+    return flags.with_settings(args, sets)
 
 
 def check_sizes(

@@ -11,7 +11,7 @@ import argparse
 import copy
 import difflib
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NoReturn
 
 from trainer import UserError
@@ -310,6 +310,20 @@ def setting_argv(name: str, value: Any) -> list[str]:
             error.message.removeprefix(f"argument {option}: "), f"{name} takes {describe(name)}."
         ) from None
     return argv
+
+
+def with_settings(argv: Sequence[str], sets: Mapping[str, Any]) -> list[str]:
+    """`argv` with each setting's arguments in place of the ones it had: a switch turned off must also
+    remove its earlier `--NAME`, which appending `setting_argv` alone would leave on."""
+    result = list(argv)
+    for key, value in sets.items():
+        for option in (f"--{key}", f"--no-{key}"):
+            while option in result:
+                index = result.index(option)
+                has_value = index + 1 < len(result) and not result[index + 1].startswith("--")
+                del result[index : index + (2 if has_value else 1)]
+        result += setting_argv(key, value)
+    return result
 
 
 def unknown_name(name: str) -> FlagError | None:

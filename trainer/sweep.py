@@ -66,6 +66,6 @@ def for_task(
 
 
 def task_argv(argv: Sequence[str], combination: Mapping[str, str]) -> list[str]:
-    """What a task's parser reads: the execution's arguments, then its combination's, so that they win
-    (`gemma-launch sweep --dry-run` shows each task these)."""
-    return [*argv, *(arg for key, value in combination.items() for arg in flags.setting_argv(key, value))]
+    """What a task's parser reads: the execution's arguments with its combination's in their place, so
+    that they win, switches turned off included (`gemma-launch sweep --dry-run` shows each task these)."""
+    return flags.with_settings(argv, combination)

@@ -108,6 +108,17 @@ def test_each_sweep_task_parses_its_own_combination_after_the_shared_arguments()
     assert sweep.for_task(parse_args([]), [], {"CLOUD_RUN_TASK_INDEX": "3"}) == (parse_args([]), None)
 
 
+def test_a_grid_turns_off_a_switch_the_executions_arguments_turned_on() -> None:
+    from trainer import sweep
+
+    # A job written with `merge = true` under [trainer] carries --merge; the grid's false must win.
+    argv = ["--merge", "--lora-r", "4", "--sweep-grid", "merge=true,false;lora-r=8"]
+    args = parse_args(argv)
+    tasks = [sweep.for_task(args, argv, {"CLOUD_RUN_TASK_INDEX": str(index)})[0] for index in range(2)]
+    assert [(task.merge, task.lora_r) for task in tasks] == [(True, 8), (False, 8)]
+    assert "--merge" not in sweep.task_argv(argv, {"merge": "false", "lora-r": "8"})
+
+
 @pytest.mark.parametrize(
     ("grid", "message"),
     [
