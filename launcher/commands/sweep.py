@@ -16,6 +16,7 @@ from launcher.cloud import Clients
 from launcher.commands.follow import follow_or_show
 from launcher.commands.options import FOLLOW_VERBOSE, JOB_SETTINGS, Command, max_cost_option, settings_options
 from launcher.commands.render import console, err_console, say_fit
+from launcher.errors import UserError
 from launcher.settings import Settings
 
 
@@ -85,6 +86,11 @@ def sweep_command(
     the staged data, or the GPU quota cannot hold --parallelism tasks at once. --dry-run stops there,
     after the same checks: its errors are the sweep's, and nothing starts or changes.
     """
+    if dry_run and follow:
+        raise UserError(
+            "--follow and --dry-run together: a dry run starts nothing to follow.",
+            "Drop --follow to see the plan, or --dry-run to start the sweep and follow it.",
+        )
     changes = overrides.parse_sets(sets)
     grid = sweep.parse_grid(grids, changes)
     clients = Clients(settings.project_id)

@@ -63,6 +63,8 @@ def test_grid_values_are_checked_as_run_set_checks_them(monkeypatch):
         # A dry run refuses it in the same words: one that passes means the sweep gets past its checks.
         dry = cli("sweep", *args, "--dry-run")
         assert (dry.exit_code, dry.output) == (2, result.output), args
+    both = cli("sweep", "--grid", "lora-r=8,16", "--dry-run", "--follow")
+    assert both.exit_code == 2 and "Error: --follow and --dry-run together" in both.output
     did_you_mean = cli("sweep", "--grid", "learning_rate=1e-4")
     assert "Hint: Did you mean learning-rate?" in did_you_mean.output
     # `run` refuses the flag the sweep sets, naming the command that sets it.
