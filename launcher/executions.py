@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import queue
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -25,7 +25,6 @@ from launcher import job as jobs
 from launcher import logs
 from launcher.cloud import POLLING, RETRY, Clients
 from launcher.errors import UserError
-from launcher.overrides import apply as apply_settings
 from launcher.settings import Settings
 
 EXECUTION_LABEL = "run.googleapis.com/execution_name"
@@ -35,19 +34,13 @@ def run(
     clients: Clients,
     settings: Settings,
     *,
-    sets: Mapping[str, str],
     tasks: int | None = None,
     timeout_s: int | None = None,
     args: Sequence[str] | None = None,
     container: str = jobs.CONTAINER,
 ) -> run_v2.Execution:
-    """Start one execution; `sets` override trainer flags for this execution only.
-
-    `args`, instead, replaces the arguments of `container` for this execution (the staging job's).
-    """
+    """Start one execution; `args` replace the arguments of `container` for this execution only."""
     overrides = run_v2.RunJobRequest.Overrides()
-    if sets:
-        args = apply_settings(jobs.current_args(clients, settings), sets)
     if args:
         overrides.container_overrides = [
             run_v2.RunJobRequest.Overrides.ContainerOverride(name=container, args=list(args))

@@ -352,14 +352,10 @@ def current_args(clients: Clients, settings: Settings) -> list[str]:
     return job_args(current_job(clients, settings))
 
 
-def check_fits(clients: Clients, settings: Settings, sets: Mapping[str, str]) -> str | None:
+def check_fits(job: run_v2.Job, sets: Mapping[str, str]) -> str | None:
     """The job's GPU, model and weights as an execution with `sets` would run them, checked against
     launcher.gpus: a UserError for a combination that cannot run, a line to show for one that runs slowly
-    or was not measured. A job that does not exist is left to run(), which says to create it."""
-    try:
-        job = clients.jobs.get_job(name=settings.job_name, retry=RETRY)
-    except exceptions.NotFound:
-        return None
+    or was not measured."""
     task = job.template.template
     args = apply_settings(list(task.containers[0].args), sets)
     model = _flag(args, "--model-id")

@@ -27,8 +27,6 @@ GRID_FLAG = "sweep-grid"
 # Cloud Run's limit on an execution's tasks (https://cloud.google.com/run/docs/configuring/task-count:
 # "up to 10,000 tasks"; the emulator holds run_validation.MAX_TASKS to it).
 MAX_TASKS = 10_000
-# The trainer settings that decide whether a task's model fits its GPU (jobs.check_fits).
-FIT_KEYS = {"quantization"}
 
 
 @dataclass(frozen=True)
@@ -134,16 +132,16 @@ def check(
 ) -> tuple[list[str], list[str]]:
     """Every task's arguments checked before anything starts: the GPU fit of each combination and the
     sizes against the staged splits. Returns the execution's arguments and the notes to show."""
-    base = overrides.apply(jobs.current_args(clients, settings), {**sets, GRID_FLAG: grid.argument()})
+    job = jobs.current_job(clients, settings)
+    base = overrides.apply(jobs.job_args(job), {**sets, GRID_FLAG: grid.argument()})
     notes: list[str] = []
-    # Each check reads the job or the bucket: once per combination only when the grid varies what it
-    # checks (a grid of learning rates fits as its first combination does).
-    varied = set(grid.values)
-    fits = grid.combinations() if varied & FIT_KEYS else grid.combinations()[:1]
-    for combination in fits:
-        note = jobs.check_fits(clients, settings, {**sets, **combination})
+    for combination in grid.combinations():
+        note = jobs.check_fits(job, {**sets, **combination})
         if note and note not in notes:
             notes.append(note)
+    # The size check reads the bucket: once per combination only when the grid varies a size (a grid of
+    # learning rates fits the staged splits as its first combination does).
+    varied = set(grid.values)
     sized = grid.combinations() if varied & {key for key, _ in overrides.SIZES} else grid.combinations()[:1]
     for combination in sized:
         staging.check_trainer_sizes(clients, settings, overrides.apply(base, combination))
@@ -159,7 +157,7 @@ def start(
     if own != parallelism:
         _set_parallelism(clients, job, parallelism)
     try:
-        return executions.run(clients, settings, sets={}, args=list(args), tasks=len(grid.combinations()))
+        return executions.run(clients, settings, args=list(args), tasks=len(grid.combinations()))
     finally:
         if own != parallelism:
             _set_parallelism(clients, clients.jobs.get_job(name=settings.job_name, retry=RETRY), own)

@@ -85,9 +85,9 @@ def run_command(
             raise UserError(f"Invalid --timeout: {error}.", "Use a duration like 2h, 45m or 3600s.") from None
         check_run_timeout(settings, timeout_s)
     clients = Clients(settings.project_id)
-    say_fit(jobs.check_fits(clients, settings, changes))
-    # Before anything starts: an execution whose sizes exceed the staged splits would fail in the trainer.
     job = jobs.current_job(clients, settings)
+    say_fit(jobs.check_fits(job, changes))
+    # Before anything starts: an execution whose sizes exceed the staged splits would fail in the trainer.
     args = overrides.apply(jobs.job_args(job), changes)
     staging.check_trainer_sizes(clients, settings, args)
     if not allow_concurrent:
@@ -99,7 +99,9 @@ def run_command(
     estimate = cost.for_job(clients, settings, job, args, tasks)
     (err_console if as_json else console).print(f"Estimated cost: {estimate.describe()}", soft_wrap=True)
     cost.check_max_cost(estimate, max_cost)
-    execution = executions.run(clients, settings, sets=changes, tasks=tasks, timeout_s=timeout_s)
+    execution = executions.run(
+        clients, settings, args=args if changes else None, tasks=tasks, timeout_s=timeout_s
+    )
     short = executions.short_name(execution.name)
     if follow:
         (err_console if as_json else console).print(f"Started execution {short}")

@@ -108,7 +108,7 @@ def stage_in_cloud(
 def _run_staging_job(
     clients: Clients, stage_settings: Settings, args: list[str], sources: list[Source], on_event: OnEvent
 ) -> None:
-    execution = executions.run(clients, stage_settings, sets={}, args=args, container=jobs.STAGE_CONTAINER)
+    execution = executions.run(clients, stage_settings, args=args, container=jobs.STAGE_CONTAINER)
     short = executions.short_name(execution.name)
     logs_command = f"gemma-launch logs {short} --job {stage_settings.job}"
     what = " and ".join(f"{source.kind} {source.source}" for source in sources)
