@@ -1,6 +1,7 @@
-"""Executions of a Cloud Run job: start one (run), read them (get, list, state, summary), stop one
-(cancel), and follow one's log until it ends (follow), for `run --follow`, `logs --follow` and the
-staging job alike. launcher/job.py owns the job they run: its spec and create-or-update.
+"""Executions of a Cloud Run job: start one (run), read them (get, list, state, summary) and their
+tasks (tasks_of, find_task, task_state), stop one (cancel), and follow one's log until it ends, or one
+task's until that task ends (follow), for `run --follow`, `logs --follow` and the staging job alike.
+launcher/job.py owns the job they run: its spec and create-or-update.
 
 follow() opens the live tail before reading the history, and each entry is shown once (launcher/logs.py's
 Reader), so nothing is missed or shown twice at the switch. When the execution ends, the tail is closed
@@ -134,6 +135,37 @@ def why(execution: run_v2.Execution) -> str:
     return ""
 
 
+def tasks_of(clients: Clients, execution: str) -> list[run_v2.Task]:
+    return list(clients.tasks.list_tasks(parent=execution, retry=RETRY))
+
+
+def find_task(tasks: list[run_v2.Task], index: int) -> run_v2.Task | None:
+    """Task `index` among an execution's tasks; None while Cloud Run has not created it yet."""
+    return next((task for task in tasks if task.index == index), None)
+
+
+# A Task's completion_time is set once it has completed, and its Completed condition says how, with the
+# error when it did not succeed (Task, https://cloud.google.com/run/docs/reference/rest/v2/
+# projects.locations.jobs.executions.tasks).
+def task_state(task: run_v2.Task | None) -> str:
+    if task is None or not task.start_time:
+        return "Pending"
+    if not task.completion_time:
+        return "Running"
+    succeeded = _task_completed(task).state == run_v2.Condition.State.CONDITION_SUCCEEDED
+    return "Succeeded" if succeeded else "Failed"
+
+
+def task_why(task: run_v2.Task | None) -> str:
+    """Why a finished task did not succeed: its Completed condition's message; "" otherwise."""
+    return _task_completed(task).message if task is not None and task_state(task) == "Failed" else ""
+
+
+def _task_completed(task: run_v2.Task) -> run_v2.Condition:
+    found = [condition for condition in task.conditions if condition.type_ == "Completed"]
+    return found[0] if found else run_v2.Condition()
+
+
 def running(clients: Clients, settings: Settings) -> list[run_v2.Execution]:
     """The job's executions that have not finished, newest first."""
     return [found for found in list_executions(clients, settings, limit=100) if not is_done(found)]
@@ -247,8 +279,10 @@ def follow(
     grace_s: float = 2.0,
     task: int | None = None,
 ) -> run_v2.Execution:
-    """Emit every log line of `execution` (`task`: of that task only) until it has ended; returns it as
-    it ended. A Ctrl-C (KeyboardInterrupt) reaches the caller: it stops the following, not the execution."""
+    """Emit every log line of `execution` until it has ended; returns it as it ended. With `task`: only
+    that task's lines, until that task has ended (in a sweep, long before the others may), and the
+    execution as it was then. A Ctrl-C (KeyboardInterrupt) reaches the caller: it stops the following,
+    not the execution."""
     reader = logs.Reader(clients, settings.project_id, execution_filter(settings, execution, task))
     tail = reader.tail()
     try:
@@ -259,7 +293,7 @@ def follow(
         while True:
             now = time.monotonic()
             if done_at is None and now >= next_check:
-                if is_done(get_execution(clients, settings, execution)):
+                if _ended(clients, settings, execution, task):
                     # Lines written just before the end may still sit in the tail's buffer window.
                     done_at = now
                 next_check = now + poll_s
@@ -280,3 +314,12 @@ def follow(
     for entry in reader.poll(everything=True):
         emit(logs.line(entry))
     return get_execution(clients, settings, execution)
+
+
+def _ended(clients: Clients, settings: Settings, execution: str, task: int | None) -> bool:
+    """Whether the execution has ended, or, with `task`, that task (an execution that ended without it,
+    cancelled before it started, ends it too)."""
+    ended = ("Succeeded", "Failed")
+    if task is not None and task_state(find_task(tasks_of(clients, execution), task)) in ended:
+        return True
+    return is_done(get_execution(clients, settings, execution))

@@ -51,18 +51,6 @@ class Entry:
         return (self.final.get("accuracy", -1.0), self.final.get("macro_f1", -1.0))
 
 
-def _task_state(task: run_v2.Task | None) -> str:
-    if task is None or not task.start_time:
-        return "Pending"
-    if not task.completion_time:
-        return "Running"
-    succeeded = any(
-        c.type_ == "Completed" and c.state == run_v2.Condition.State.CONDITION_SUCCEEDED
-        for c in task.conditions
-    )
-    return "Succeeded" if succeeded else "Failed"
-
-
 def _seconds(resource: run_v2.Task | run_v2.Execution) -> float | None:
     if not resource.start_time or not resource.completion_time:
         return None
@@ -86,7 +74,7 @@ def leaderboard(clients: Clients, settings: Settings, execution: run_v2.Executio
             Entry(
                 label=f"task {index}",
                 settings=combination,
-                state=_task_state(task),
+                state=executions.task_state(task),
                 baseline=found.get("baseline", {}),
                 final=found.get("final", {}),
                 duration_s=seconds,

@@ -48,17 +48,22 @@ def load(clients: Clients, settings: Settings, execution: str) -> dict[str, Any]
     return read_json(clients, settings, results_object(execution))
 
 
-def recorded_failure(clients: Clients, settings: Settings, execution: str) -> UserError | None:
+def recorded_failure(
+    clients: Clients, settings: Settings, execution: str, task: int | None = None
+) -> UserError | None:
     """The error a retry cannot fix that the trainer recorded for the execution (trainer/failure.py); for
-    a sweep, the first task's that recorded one, in its task-<i>/ directory (trainer/sweep.py)."""
+    a sweep, the first task's that recorded one, in its task-<i>/ directory (trainer/sweep.py), or with
+    `task`, that task's."""
     found = _recorded(clients, settings, f"{run_prefix(execution)}/{FAILURE}")
     if found is not None:
         return found
     tasks = executions.get_execution(clients, settings, execution).task_count
-    for index in range(tasks if tasks > 1 else 0):
+    if tasks == 1:
+        return None
+    for index in range(tasks) if task is None else (task,):
         found = _recorded(clients, settings, f"{run_prefix(execution)}/task-{index}/{FAILURE}")
         if found is not None:
-            return UserError(f"(task {index}) {found.message}", found.hint)
+            return found if task is not None else UserError(f"(task {index}) {found.message}", found.hint)
     return None
 
 

@@ -8,7 +8,7 @@ import click
 
 from launcher import executions, logs
 from launcher.cloud import Clients
-from launcher.commands.follow import fail_unless_succeeded, follow_on_screen
+from launcher.commands.follow import fail_unless_succeeded, follow_on_screen, task_succeeded
 from launcher.commands.options import FOLLOW_VERBOSE, JOB_SETTINGS, Command, settings_options
 from launcher.errors import UserError
 from launcher.settings import Settings
@@ -26,7 +26,10 @@ def _emit_json(line: logs.Line) -> None:
 @settings_options(fields=JOB_SETTINGS)
 @click.argument("execution", required=False)
 @click.option(
-    "--follow", "-f", is_flag=True, help="Keep streaming until the execution ends; exit 1 if it failed."
+    "--follow",
+    "-f",
+    is_flag=True,
+    help="Keep streaming until the execution ends (with --task: that task); exit 1 if it failed.",
 )
 @click.option(
     "--json",
@@ -47,7 +50,8 @@ def logs_command(
     """Show an execution's logs (default: the newest), with the task index on each line.
 
     With --follow, the trainer's step lines show as a progress bar with the time left (on a terminal)
-    or a line at each quarter of the steps; --verbose shows them all."""
+    or a line at each quarter of the steps; --verbose shows them all. With --task too, following ends
+    when that task has, and the exit status is that task's."""
     clients = Clients(settings.project_id)
     name = executions.execution_name(clients, settings, execution)
     if task is not None:
@@ -56,15 +60,17 @@ def logs_command(
             raise UserError(
                 f"Execution {executions.short_name(name)} has {found.task_count} task(s): there is no task "
                 f"{task}.",
-                f"Give --task 0 to {found.task_count - 1}, or leave it out for every task.",
+                ("Give --task 0" if found.task_count == 1 else f"Give --task 0 to {found.task_count - 1}")
+                + ", or leave it out for every task.",
             )
     if as_json and follow:
-        if not executions.succeeded(executions.follow(clients, settings, name, _emit_json, task=task)):
+        final = executions.follow(clients, settings, name, _emit_json, task=task)
+        if not (executions.succeeded(final) if task is None else task_succeeded(clients, final, task)):
             raise SystemExit(1)
     elif as_json:
         executions.show_log(clients, settings, name, _emit_json, task)
     elif follow:
         final = follow_on_screen(clients, settings, name, verbose=verbose, task=task)
-        fail_unless_succeeded(clients, settings, final)
+        fail_unless_succeeded(clients, settings, final, task)
     else:
         executions.show_log(clients, settings, name, _emit, task)

@@ -28,6 +28,10 @@ class Command(click.Command):
     def format_options(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
         own, settings = [], []
         for param in self.get_params(ctx):
+            # Since click 8.5.1 an argument has a help record too; the usage line and the command's help
+            # say what it is, as click's own format_options leaves arguments out of Options.
+            if isinstance(param, click.Argument):
+                continue
             record = param.get_help_record(ctx)
             if record is not None:
                 (settings if isinstance(param, SettingOption) else own).append(record)

@@ -55,6 +55,10 @@ elif mode == "sleep-first":
 elif mode == "lines":
     for n in range(3):
         print(f"line {n}")
+elif mode == "task-1-sleeps":
+    print("task", os.environ["CLOUD_RUN_TASK_INDEX"], flush=True)
+    if os.environ["CLOUD_RUN_TASK_INDEX"] == "1":
+        time.sleep(60)
 elif mode == "whoami":
     # What the trainer and the staging worker do: ADC, then a Cloud Storage call with it.
     import google.auth
@@ -718,6 +722,25 @@ def test_parallelism_one_runs_tasks_one_after_the_other(cloud, image):
     assert (execution.parallelism, execution.succeeded_count) == (1, 2)
     first, second = cloud.tasks.list_tasks(parent=execution.name)
     assert second.start_time >= first.completion_time
+
+
+def test_in_a_parallel_execution_a_task_completes_while_the_others_still_run(cloud, image):
+    # What `logs --task I --follow` waits for: task I's own completion_time and Completed condition.
+    spec = job_spec({"args": ["task-1-sleeps"]})
+    spec["template"] |= {"task_count": 2, "parallelism": 2}
+    cloud.create(spec)
+    name = cloud.start()
+    first = f"{name}/tasks/{name.rsplit('/', 1)[-1]}-task0"
+    wait_until(lambda: bool(cloud.tasks.get_task(name=first).completion_time))
+    done, running = cloud.tasks.list_tasks(parent=name)
+    assert completed(done).state == Condition.State.CONDITION_SUCCEEDED
+    assert running.start_time and not running.completion_time
+    execution = cloud.executions.get_execution(name=name)
+    assert not execution.completion_time
+    assert (execution.succeeded_count, execution.running_count) == (1, 1)
+    cloud.executions.cancel_execution(name=name).result(polling=FAST)
+    wait_until(lambda: bool(cloud.tasks.list_tasks(parent=name).tasks[1].completion_time))
+    assert "cancelled" in completed(cloud.tasks.list_tasks(parent=name).tasks[1]).message
 
 
 def test_executions_left_running_by_a_stopped_emulator_are_failed(cloud, image, local):

@@ -59,6 +59,14 @@ def test_help_lists_the_commands_own_options_first_then_only_the_settings_it_rea
         assert flag not in text
 
 
+@pytest.mark.parametrize("command", ["report", "results", "logs", "cancel"])
+def test_the_execution_argument_is_in_the_usage_line_not_an_option_line(command):
+    text = help_of(command)
+    assert f" {command} [OPTIONS] [EXECUTION]" in text.splitlines()[0], text
+    options = text.split("\nOptions:\n", 1)[1].split("\n\n", 1)[0]
+    assert all(line.startswith(("  -", "      ")) for line in options.splitlines()), options
+
+
 def test_up_and_doctor_offer_every_setting_after_their_own_options():
     for command in ("up", "doctor"):
         found = sections(help_of(command))

@@ -702,6 +702,9 @@ def test_run_and_logs_print_json(env, project_dir):
     assert all(datetime.fromisoformat(line["timestamp"]).tzinfo for line in lines)
     # Every step line: JSON is for machines, which want the whole log.
     assert sum(" epoch " in line["text"] for line in lines) == 4
+    no_task = cli("logs", execution["execution"], "--task", "1", "--follow", "--json")
+    assert no_task.exit_code == 2 and not no_task.stdout.startswith("{"), no_task.output
+    assert "Hint: Give --task 0, or leave it out for every task." in no_task.output
 
     ended = cli("run", "--follow", "--json")
     assert ended.exit_code == 0, ended.output

@@ -127,9 +127,11 @@ def test_a_sweep_is_one_execution_of_a_task_per_combination_as_many_at_once_as_t
     lines = one.output.splitlines()
     assert lines and all("[task 1] " in line for line in lines), one.output
     assert any(" argv " in line for line in lines)
-    missing = cli("logs", name, "--task", "2")
-    assert missing.exit_code == 2
-    assert f"Error: Execution {name} has 2 task(s): there is no task 2." in missing.output
+    for follow in ([], ["--follow"], ["--follow", "--json"]):
+        missing = cli("logs", name, "--task", "2", *follow)
+        assert missing.exit_code == 2, (follow, missing.output)
+        assert missing.output.startswith(f"Error: Execution {name} has 2 task(s): there is no task 2.\n")
+        assert "Hint: Give --task 0 to 1, or leave it out for every task." in missing.output
 
 
 def errors(output: str) -> list[str]:
@@ -240,6 +242,16 @@ def test_a_task_that_stopped_on_an_unfixable_error_is_reported_and_ranked_last(e
         "Abyssinian_1.jpg"
     ) in sweep.output
     assert "Hint: Replace that image." in sweep.output
+    # Following one task ends with that task's outcome, whatever the execution's.
+    unfixable = cli("logs", name, "--task", "1", "--follow")
+    assert unfixable.exit_code == 2, unfixable.output
+    assert (
+        f"Error: Task 1 of execution {name} stopped on an error a retry cannot fix: cannot read image "
+        "Abyssinian_1.jpg"
+    ) in unfixable.output
+    succeeded = cli("logs", name, "--task", "0", "--follow")
+    assert succeeded.exit_code == 0, succeeded.output
+    assert succeeded.output.endswith(f"Task 0 of execution {name} succeeded.\n")
 
     board = cli("results", name)
     assert board.exit_code == 0, board.output
@@ -254,6 +266,66 @@ def test_a_task_that_stopped_on_an_unfixable_error_is_reported_and_ranked_last(e
         ["task 1", "16", "Failed", "-", "-"],
     ]
     assert all(re.fullmatch(r"\$\d+\.\d\d", row[6]) for row in rows), rows
+
+
+# A trainer whose task 1 runs on for a minute after task 0 has ended; task 0 fails with --set seed=102.
+TASK_1_RUNS_ON = textwrap.dedent(
+    """
+    import os, sys, time
+
+    args = sys.argv[1:]
+    flags = dict(zip(*[iter(arg for arg in args if arg != "--merge")] * 2))
+    task = os.environ["CLOUD_RUN_TASK_INDEX"]
+    print(f"task {task} starts", flush=True)
+    if task == "1":
+        time.sleep(60)
+    if flags.get("--seed") == "102":
+        print("failing on purpose", file=sys.stderr, flush=True)
+        sys.exit(3)
+    print(f"task {task} done", flush=True)
+    """
+)
+
+
+def test_following_one_task_ends_with_that_task_while_the_others_run_on(env, tmp_path):
+    project = fake_project(tmp_path / "fake-project")
+    (project / "fake_trainer.py").write_text(TASK_1_RUNS_ON)
+    assert cli("up", "--skip-stage", "--source", str(project), "--max-retries", "0").exit_code == 0
+    tasks = env.clients(PROJECT).tasks
+
+    sweep = cli("sweep", "--grid", "lora-r=8,16")
+    assert sweep.exit_code == 0, sweep.output
+    name = re.search(r"Started execution (\S+)", sweep.output)[1]
+    followed = cli("logs", name, "--task", "0", "--follow")
+    assert followed.exit_code == 0, followed.output
+    *lines, ended, goes_on = followed.output.splitlines()
+    assert lines and all("[task 0] " in line for line in lines), followed.output
+    assert any(line.endswith("[task 0] task 0 done") for line in lines), followed.output
+    assert ended == f"Task 0 of execution {name} succeeded."
+    assert goes_on == (
+        f"Execution {name} goes on (1/2 tasks ended). Follow it with: gemma-launch logs {name} --follow"
+    )
+    first, second = tasks.list_tasks(parent=f"{JOB}/executions/{name}")
+    assert first.completion_time and second.start_time and not second.completion_time
+    as_json = cli("logs", name, "--task", "0", "--follow", "--json")
+    assert as_json.exit_code == 0, as_json.output
+    documents = [json.loads(line) for line in as_json.stdout.splitlines()]
+    assert {document["task"] for document in documents} == {0}
+    assert "task 0 done" in [document["text"] for document in documents]
+    assert cli("cancel", name).exit_code == 0
+
+    sweep = cli("sweep", "--grid", "lora-r=8,16", "--set", "seed=102")
+    assert sweep.exit_code == 0, sweep.output
+    name = re.search(r"Started execution (\S+)", sweep.output)[1]
+    failed = cli("logs", name, "--task", "0", "--follow")
+    assert failed.exit_code == 1, failed.output
+    assert (
+        f"Task 0 of execution {name} failed: The container exited with an error (exit code 3).\n"
+        f"Execution {name} goes on (1/2 tasks ended)."
+    ) in failed.output
+    assert "[task 1]" not in failed.output and "[task 0] failing on purpose" in failed.output
+    assert cli("logs", name, "--task", "0", "--follow", "--json").exit_code == 1
+    assert cli("cancel", name).exit_code == 0
 
 
 @pytest.mark.slow
