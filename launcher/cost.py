@@ -193,7 +193,7 @@ def actual_usd(clients: Clients, execution: run_v2.Execution, prices: Prices) ->
         return None
     per_second = task_price_per_s(execution.template, prices)
     seconds = 0.0
-    for task in clients.tasks.list_tasks(parent=execution.name, retry=RETRY):
+    for task in executions.tasks_of(clients, execution.name):
         if task.start_time and task.completion_time:
             seconds += (task.completion_time - task.start_time).total_seconds()
     return seconds * per_second if seconds else None

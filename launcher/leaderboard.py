@@ -15,7 +15,7 @@ from google.cloud import run_v2
 
 from launcher import cost, executions
 from launcher import results as run_results
-from launcher.cloud import RETRY, Clients
+from launcher.cloud import Clients
 from launcher.errors import UserError
 from launcher.settings import Settings
 from launcher.sweep import Grid, grid_of
@@ -60,7 +60,7 @@ def _seconds(resource: run_v2.Task | run_v2.Execution) -> float | None:
 def leaderboard(clients: Clients, settings: Settings, execution: run_v2.Execution, grid: Grid) -> list[Entry]:
     """A row per task: its combination, state, metrics and duration; the best final accuracy (then
     macro-F1) first, tasks without results last in task order."""
-    tasks = {task.index: task for task in clients.tasks.list_tasks(parent=execution.name, retry=RETRY)}
+    tasks = {task.index: task for task in executions.tasks_of(clients, execution.name)}
     per_second = cost.price_per_s(clients, settings, execution)
     entries = []
     for index, combination in enumerate(grid.combinations()):
