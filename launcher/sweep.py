@@ -6,7 +6,9 @@ RunJobRequest.Overrides.task_count set to the number of combinations. Parallelis
 job's ExecutionTemplate, not of the overrides (google/cloud/run/v2/job.proto, RunJobRequest.Overrides:
 container_overrides, task_count and timeout only; https://cloud.google.com/run/docs/configuring/parallelism):
 the job gets the sweep's parallelism for the RunJob and its own back once the execution exists, which
-keeps its own copy (Execution.parallelism), so that `up` still finds the job unchanged.
+keeps its own copy (Execution.parallelism), so that `up` still finds the job unchanged. Cloud Run holds
+a job's parallelism to its own task_count (same page: parallelism may not "exceed the number of tasks"),
+so the job's task_count goes along with it for the RunJob.
 """
 
 from __future__ import annotations
@@ -153,18 +155,21 @@ def start(
 ) -> run_v2.Execution:
     """One execution, a task per combination, `parallelism` at once."""
     job = clients.jobs.get_job(name=settings.job_name, retry=RETRY)
-    own = job.template.parallelism
-    if own != parallelism:
-        _set_parallelism(clients, job, parallelism)
+    own = (job.template.task_count, job.template.parallelism)
+    tasks = len(grid.combinations())
+    changed = own[1] != parallelism
+    if changed:
+        _set_tasks(clients, job, tasks, parallelism)
     try:
-        return executions.run(clients, settings, args=list(args), tasks=len(grid.combinations()))
+        return executions.run(clients, settings, args=list(args), tasks=tasks)
     finally:
-        if own != parallelism:
-            _set_parallelism(clients, clients.jobs.get_job(name=settings.job_name, retry=RETRY), own)
+        if changed:
+            _set_tasks(clients, clients.jobs.get_job(name=settings.job_name, retry=RETRY), *own)
 
 
-def _set_parallelism(clients: Clients, job: run_v2.Job, parallelism: int) -> None:
+def _set_tasks(clients: Clients, job: run_v2.Job, task_count: int, parallelism: int) -> None:
     update = run_v2.Job(job)
+    update.template.task_count = task_count
     update.template.parallelism = parallelism
     clients.jobs.update_job(job=update, retry=RETRY).result(timeout=300, retry=RETRY)
 

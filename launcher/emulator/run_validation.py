@@ -134,6 +134,13 @@ def validate_template(job: run_v2.Job) -> None:
         raise invalid(f"task_count must be between 1 and {MAX_TASKS}, got {template.task_count}.")
     if template.parallelism < 0:
         raise invalid(f"parallelism must not be negative, got {template.parallelism}.")
+    # https://cloud.google.com/run/docs/configuring/parallelism: "an integer between 0 and the maximum
+    # number of tasks running in parallel allowed by quota that don't exceed the number of tasks".
+    if template.parallelism > template.task_count:
+        raise invalid(
+            "spec.template.spec.parallelism: Invalid value specified for parallelism. Must not exceed the "
+            f"number of tasks ({template.task_count}), got {template.parallelism}."
+        )
     task = template.template
     if not 0 <= task.max_retries <= 10:
         raise invalid(f"max_retries must be between 0 and 10, got {task.max_retries}.")

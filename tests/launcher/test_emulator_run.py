@@ -351,6 +351,10 @@ REJECTED = {
     ),
     "deprecated launch stage": (job_spec() | {"launch_stage": "DEPRECATED"}, exceptions.InvalidArgument),
     "11 retries": (job_spec(max_retries=11), exceptions.InvalidArgument),
+    "parallelism over the task count": (
+        {"template": job_spec()["template"] | {"task_count": 2, "parallelism": 3}},
+        exceptions.InvalidArgument,
+    ),
     "timeout over 168 h": (job_spec(timeout={"seconds": 168 * 3600 + 1}), exceptions.InvalidArgument),
     "env set twice": (
         job_spec({"env": [{"name": "A", "value": "1"}, {"name": "A", "value": "2"}]}),

@@ -118,9 +118,11 @@ def test_a_sweep_is_one_execution_of_a_task_per_combination_as_many_at_once_as_t
     args = list(execution.template.containers[0].args)
     assert args[args.index("--sweep-grid") + 1] == "learning-rate=0.125,0.25"
     assert args[args.index("--lora-r") + 1] == "8"
-    # Parallelism is the job's: set for the RunJob, then put back, so `up` finds the job as it left it.
+    # Parallelism is the job's, and Cloud Run holds it to the job's own task count: both are set for the
+    # RunJob, then put back, so `up` finds the job as it left it.
     assert started(env) == ["UpdateJob", "RunJob", "UpdateJob"]
-    assert env.clients(PROJECT).jobs.get_job(name=JOB).template.parallelism == 1
+    template = env.clients(PROJECT).jobs.get_job(name=JOB).template
+    assert (template.task_count, template.parallelism) == (1, 1)
 
     one = cli("logs", name, "--task", "1")
     assert one.exit_code == 0, one.output
