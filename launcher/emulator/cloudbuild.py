@@ -66,6 +66,7 @@ _OWN_LOGS = (
     cloudbuild_v1.BuildOptions.LoggingMode.NONE,
 )
 _DEFAULT_PAGE_SIZE = 50
+_SERVICE_ACCOUNT = re.compile(r"^projects/[^/]+/serviceAccounts/[^/]+$")
 _LIST_FIELDS = (("status",), ("id",), ("tags",), ("images",))
 # How an ended build's operation fails (google.rpc.Code, message), as the service reports it.
 _OPERATION_ERRORS = {
@@ -73,6 +74,29 @@ _OPERATION_ERRORS = {
     Status.INTERNAL_ERROR: (13, "Build failed with an internal error"),
     Status.CANCELLED: (1, "Build was cancelled"),
 }
+
+
+def _check_steps(steps: list[cloudbuild_v1.BuildStep]) -> None:
+    """Each step names its builder; ids are unique and `wait_for` names earlier steps (or "-", the start).
+
+    The proto comment of BuildStep.id ("Unique identifier for this build step, used in wait_for"), and
+    https://cloud.google.com/build/docs/configuring-builds/configure-build-step-order: "Steps must be
+    defined with the id field prior to being used as waitFor dependencies"; "-" is the build's start.
+    """
+    ids: set[str] = set()
+    for index, step in enumerate(steps):
+        if not step.name:
+            raise invalid(f"invalid build: steps[{index}].name (the builder image) must be set.")
+        for wanted in step.wait_for:
+            if wanted != "-" and wanted not in ids:
+                raise invalid(
+                    f'invalid build: build step #{index} - "{step.id}": waitFor "{wanted}" is not the id '
+                    "of a previous build step"
+                )
+        if step.id in ids:
+            raise invalid(f'invalid build: build step #{index}: id "{step.id}" is not unique')
+        if step.id:
+            ids.add(step.id)
 
 
 class CloudBuild:
@@ -176,9 +200,14 @@ class CloudBuild:
         build = cloudbuild_v1.Build(request.build)
         if not build.steps:
             raise invalid("invalid build: a build must have at least one step.")
-        for index, step in enumerate(build.steps):
-            if not step.name:
-                raise invalid(f"invalid build: steps[{index}].name (the builder image) must be set.")
+        _check_steps(build.steps)
+        # The proto comment of Build.service_account: "Must be of the format
+        # projects/{PROJECT_ID}/serviceAccounts/{ACCOUNT}"; a bare email is refused.
+        if build.service_account and not _SERVICE_ACCOUNT.match(build.service_account):
+            raise invalid(
+                f"invalid value for 'build.service_account': {build.service_account!r} must be of the form "
+                "projects/{PROJECT_ID}/serviceAccounts/{ACCOUNT}"
+            )
         storage_source = build.source.storage_source
         if "source" in build and not (storage_source.bucket and storage_source.object_):
             raise invalid("invalid build: only source.storage_source {bucket, object} is supported here.")
@@ -202,7 +231,8 @@ class CloudBuild:
         build.status = Status.QUEUED
         build.create_time = utc_now()
         if "timeout" not in build:
-            build.timeout = {"seconds": 600}
+            # The proto comment of Build.timeout: "Default time is 60 minutes."
+            build.timeout = {"seconds": 3600}
         logging_mode = build.options.logging
         if not build.logs_bucket and logging_mode not in (
             cloudbuild_v1.BuildOptions.LoggingMode.CLOUD_LOGGING_ONLY,

@@ -296,6 +296,38 @@ def test_create_build_validates_substitutions(local, substitutions, args, messag
     assert message.replace('"', "'") in raised.value.message
 
 
+def test_a_build_account_is_a_resource_name_not_a_bare_email(local):
+    spec = build_spec(upload(local, archive(source())))
+    spec.service_account = BUILDER
+    with pytest.raises(exceptions.InvalidArgument, match="projects/{PROJECT_ID}/serviceAccounts/"):
+        local.clients().builds.create_build(project_id=PROJECT, build=spec)
+    assert list(local.clients().builds.list_builds(project_id=PROJECT)) == []
+
+
+@pytest.mark.parametrize(
+    ("steps", "message"),
+    [
+        ([{"id": "a"}, {"id": "a"}], 'id "a" is not unique'),
+        ([{"id": "a", "wait_for": ["b"]}, {"id": "b"}], 'waitFor "b" is not the id of a previous'),
+        ([{"id": "a"}, {"wait_for": ["nope"]}], 'waitFor "nope" is not the id of a previous'),
+    ],
+)
+def test_step_ids_are_unique_and_wait_for_names_earlier_steps(local, steps, message):
+    spec = cloudbuild_v1.Build(steps=[{"name": "gcr.io/cloud-builders/docker", **step} for step in steps])
+    with pytest.raises(exceptions.InvalidArgument, match=message):
+        local.clients().builds.create_build(project_id=PROJECT, build=spec)
+
+
+def test_a_build_without_a_timeout_gets_60_minutes_and_steps_may_start_with_the_build(local):
+    create_repository(local)
+    spec = build_spec(upload(local, archive(source())))
+    spec.steps[1].wait_for = ["-"]
+    spec.steps[1].id = "build"
+    built = run_build(local, spec)
+    assert built.status == Status.SUCCESS, built.failure_info.detail
+    assert built.timeout.total_seconds() == 3600
+
+
 def test_create_build_needs_steps(local):
     with pytest.raises(exceptions.InvalidArgument):
         local.clients().builds.create_build(project_id=PROJECT, build=cloudbuild_v1.Build())
