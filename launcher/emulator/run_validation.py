@@ -16,6 +16,13 @@ from google.protobuf import duration_pb2
 from launcher.emulator.rpc import invalid
 
 _ENV_NAME = re.compile(r"^[^=\s]+$")
+# The proto comments of google.cloud.run.v2.EnvVar: the name "Must not exceed 32768 characters", the
+# value's "maximum length is 32768 bytes"; https://cloud.google.com/run/docs/configuring/jobs/environment-variables:
+# "a maximum of 1000 environment variables per container".
+_ENV_MAX_LENGTH = 32768
+_ENV_MAX_COUNT = 1000
+# Container.name "specified as a DNS_LABEL (RFC 1123)" (proto comment of google.cloud.run.v2.Container).
+_DNS_LABEL = re.compile(r"^[a-z0-9](?:[-a-z0-9]{0,61}[a-z0-9])?$")
 _CPU = re.compile(r"^(?P<value>\d+(?:\.\d+)?)(?P<milli>m?)$")
 _MEMORY = re.compile(r"^(?P<value>\d+(?:\.\d+)?)(?P<unit>Ki|Mi|Gi|Ti|k|M|G|T)?$")
 _MEMORY_UNITS = {"": 1, "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}
@@ -158,6 +165,11 @@ def validate_template(job: run_v2.Job) -> None:
         where = f"containers[{number}]"
         if not container.image:
             raise invalid(f"{where}.image: a container image is required.")
+        if container.name and not _DNS_LABEL.match(container.name):
+            raise invalid(
+                f"{where}.name: {container.name!r} must be a DNS label (RFC 1123): at most 63 lower-case "
+                "letters, digits and hyphens, starting and ending with a letter or digit."
+            )
         validate_env(container.env, where)
         paths = set()
         for mount in container.volume_mounts:
@@ -165,6 +177,9 @@ def validate_template(job: run_v2.Job) -> None:
                 raise invalid(
                     f"{where}.volume_mounts: volume {mount.name!r} is not declared in the template."
                 )
+            # VolumeMount.mount_path proto comment: "Must not contain ':'".
+            if ":" in mount.mount_path:
+                raise invalid(f"{where}.volume_mounts: mount path {mount.mount_path!r} must not contain ':'.")
             if not mount.mount_path.startswith("/") or mount.mount_path in paths:
                 raise invalid(
                     f"{where}.volume_mounts: mount path {mount.mount_path!r} must be absolute and unique."
@@ -231,10 +246,19 @@ def _validate_resources(container: run_v2.Container, number: int, accelerator: s
 
 
 def validate_env(env: Any, where: str) -> None:
+    if len(env) > _ENV_MAX_COUNT:
+        raise invalid(
+            f"{where}.env: {len(env)} environment variables; a container takes at most {_ENV_MAX_COUNT}."
+        )
     seen = set()
     for var in env:
-        if not _ENV_NAME.match(var.name):
-            raise invalid(f"{where}.env: invalid variable name {var.name!r}.")
+        if not _ENV_NAME.match(var.name) or len(var.name) > _ENV_MAX_LENGTH:
+            raise invalid(f"{where}.env: invalid variable name {var.name[:64]!r}.")
+        if len(var.value.encode()) > _ENV_MAX_LENGTH:
+            raise invalid(
+                f"{where}.env: the value of {var.name} is {len(var.value.encode())} bytes; the maximum is "
+                f"{_ENV_MAX_LENGTH}."
+            )
         if var.name in seen:
             raise invalid(f"{where}.env: variable {var.name!r} is set twice.")
         if var.name in RESERVED_ENV:

@@ -365,6 +365,19 @@ REJECTED = {
         exceptions.InvalidArgument,
     ),
     "mount of an undeclared volume": (job_spec(volumes=[]), exceptions.InvalidArgument),
+    "mount path with a colon": (
+        job_spec({"volume_mounts": [{"name": "gcs", "mount_path": "/mnt/gcs:rw"}]}),
+        exceptions.InvalidArgument,
+    ),
+    "container name that is not a DNS label": (job_spec({"name": "Trainer_1"}), exceptions.InvalidArgument),
+    "env value over 32768 bytes": (
+        job_spec({"env": [{"name": "BIG", "value": "x" * 32769}]}),
+        exceptions.InvalidArgument,
+    ),
+    "1001 env vars": (
+        job_spec({"env": [{"name": f"V{n}", "value": "1"} for n in range(1001)]}),
+        exceptions.InvalidArgument,
+    ),
     "missing bucket": (
         job_spec(volumes=[{"name": "gcs", "gcs": {"bucket": "no-such-bucket"}}]),
         exceptions.FailedPrecondition,
