@@ -151,7 +151,8 @@ def ensure_repository(clients: Clients, settings: Settings, *, dry_run: bool = F
     )
     with explained("repository", name, settings):
         try:
-            clients.registry.get_repository(name=name, retry=RETRY)
+            found = clients.registry.get_repository(name=name, retry=RETRY)
+            _check_repository(found, settings)
             return Change("repository", name, "unchanged")
         except exceptions.NotFound:
             pass
@@ -170,6 +171,29 @@ def ensure_repository(clients: Clients, settings: Settings, *, dry_run: bool = F
                 retry=RETRY,
             ).result(timeout=300, retry=RETRY, polling=POLLING)
         return Change("repository", name, "created", command)
+
+
+def _check_repository(repository: artifactregistry_v1.Repository, settings: Settings) -> None:
+    """An existing repository that every build could not push to is refused before anything is built.
+
+    Each build tags its image `latest` too (cloudbuild.yaml), moving the tag from the previous build's
+    image, which a repository with immutable tags forbids: "prevents all tags from being modified, moved
+    or deleted" (the proto comment of DockerRepositoryConfig.immutable_tags).
+    """
+    where = f"Artifact Registry repository {settings.repository} in {settings.region}"
+    if repository.format_ != artifactregistry_v1.Repository.Format.DOCKER:
+        raise UserError(
+            f"The {where} holds {repository.format_.name} packages, not Docker images.",
+            "Choose another repository with --repository (or $AR_REPO); `up` creates it.",
+        )
+    if repository.docker_config.immutable_tags:
+        raise UserError(
+            f"The {where} has immutable tags, and each build of gemma-launch moves the tag `latest` to "
+            "its new image: the second build's push would fail.",
+            "Choose another repository with --repository (or $AR_REPO), which `up` creates, or turn "
+            f"immutable tags off: gcloud artifacts repositories update {settings.repository} "
+            f"--location={settings.region} --project={settings.project_id} --no-immutable-tags",
+        )
 
 
 def ensure_secret(clients: Clients, settings: Settings, *, dry_run: bool = False) -> Change:

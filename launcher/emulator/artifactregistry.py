@@ -232,7 +232,8 @@ class ArtifactRegistry:
         """Record a pushed image (as Cloud Build does); `tags` move here from older digests of `image`.
 
         Raises ApiError NOT_FOUND when the repository does not exist, FAILED_PRECONDITION when it is not
-        a Docker repository, INVALID_ARGUMENT for a malformed image path, digest or tag.
+        a Docker repository or a tag would move in a repository with immutable tags, INVALID_ARGUMENT for
+        a malformed image path, digest or tag.
         """
         match = _REPOSITORY.match(repository)
         found = self._repository(repository)
@@ -252,6 +253,21 @@ class ArtifactRegistry:
         now = _now()
         with self.state.transaction() as tables:
             images = tables["docker_images"]
+            # DockerRepositoryConfig.immutable_tags (proto comment): "prevents all tags from being
+            # modified, moved or deleted. This does not prevent tags from being created."
+            if found.docker_config.immutable_tags:
+                moved = [
+                    tag
+                    for other_name, stored in images.items()
+                    if other_name.startswith(same_image) and other_name != name
+                    for tag in stored.get("tags", [])
+                    if tag in tags
+                ]
+                if moved:
+                    raise failed_precondition(
+                        f"Tag {moved[0]!r} of image {image} already exists in repository {repository}, "
+                        "which has immutable tags: it cannot be moved to another image."
+                    )
             for other_name, stored in images.items():
                 if other_name.startswith(same_image) and other_name != name:
                     stored["tags"] = [tag for tag in stored.get("tags", []) if tag not in tags]

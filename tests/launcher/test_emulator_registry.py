@@ -131,3 +131,24 @@ def test_record_image_validates(local):
         assert bad.value.code.name == "INVALID_ARGUMENT"
     with pytest.raises(exceptions.NotFound):
         registry.get_docker_image(name=f"{REPO}/dockerImages/trainer@{DIGEST_A}")
+
+
+def test_a_repository_with_immutable_tags_creates_tags_but_never_moves_them(local):
+    registry = local.clients().registry
+    registry.create_repository(
+        request={
+            "parent": PARENT,
+            "repository_id": "gemma",
+            "repository": {
+                "format_": artifactregistry_v1.Repository.Format.DOCKER,
+                "docker_config": {"immutable_tags": True},
+            },
+        }
+    ).result(timeout=30)
+    assert registry.get_repository(name=REPO).docker_config.immutable_tags
+    service = local.emulator.services["registry"]
+    service.record_image(REPO, "trainer", DIGEST_A, ["latest", "abc"])
+    service.record_image(REPO, "trainer", DIGEST_B, ["def"])
+    with pytest.raises(ApiError, match="immutable tags"):
+        service.record_image(REPO, "trainer", DIGEST_B, ["latest"])
+    assert service.find_image(f"{HOST}/trainer:latest").name.endswith(DIGEST_A)

@@ -194,6 +194,26 @@ def test_bucket_in_another_region_is_refused_with_a_hint(env):
     assert "Hint:" in result.output
 
 
+@pytest.mark.parametrize(
+    ("repository", "said"),
+    [
+        ({"format_": "DOCKER", "docker_config": {"immutable_tags": True}}, "has immutable tags"),
+        ({"format_": "PYTHON"}, "holds PYTHON packages, not Docker images"),
+    ],
+)
+def test_a_repository_no_build_could_push_to_is_refused_before_building(env, local, repository, said):
+    registry = env.clients(PROJECT).registry
+    parent, _, repository_id = REPOSITORY.rpartition("/repositories/")
+    registry.create_repository(
+        request={"parent": parent, "repository_id": repository_id, "repository": repository}
+    ).result(timeout=30)
+    result = up()
+    assert result.exit_code == 2, result.output
+    assert said in result.output
+    assert "Hint: Choose another repository with --repository" in result.output
+    assert "Traceback" not in result.output
+
+
 def without_billing(env) -> None:
     env.emulator.access.update_project(PROJECT, lambda record: record.update(billing_enabled=False))
 
