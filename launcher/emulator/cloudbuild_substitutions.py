@@ -14,6 +14,7 @@ from launcher.emulator.rpc import invalid
 
 BUILD_NAME = re.compile(r"^projects/(?P<project>[^/]+)/locations/(?P<location>[^/]+)/builds/(?P<id>[^/]+)$")
 _SUBSTITUTION_KEY = re.compile(r"^_[A-Z0-9_]+$")
+_BUILD_TAG = re.compile(r"^[\w][\w.-]{0,127}$", re.ASCII)
 _REFERENCE = re.compile(r"\$(?:\$|\{([A-Za-z_][A-Za-z0-9_]*)\}|([A-Za-z_][A-Za-z0-9_]*))")
 _BUILT_INS = [
     "PROJECT_ID",
@@ -90,6 +91,15 @@ def resolved(build: cloudbuild_v1.Build) -> cloudbuild_v1.Build:
         step.dir_ = sub(step.dir_)
         step.entrypoint = sub(step.entrypoint)
     resolved.images = [sub(image) for image in resolved.images]
+    resolved.tags = [sub(tag) for tag in resolved.tags]
+    # Build tags (not image tags), checked once substituted, as CreateBuild answers, e.g.
+    # github.com/kubernetes/cloud-provider-gcp/pull/810 ("invalid build tag "ccm/v32.2.0": must match format
+    # ...") for the tags field of https://cloud.google.com/build/docs/build-config-file-schema#tags.
+    for tag in resolved.tags:
+        if not _BUILD_TAG.match(tag):
+            raise invalid(
+                f'invalid build: invalid build tag "{tag}": must match format "{_BUILD_TAG.pattern}"'
+            )
     unused = sorted(set(build.substitutions) - used)
     if unused and not loose:
         raise invalid(

@@ -318,6 +318,17 @@ def test_step_ids_are_unique_and_wait_for_names_earlier_steps(local, steps, mess
         local.clients().builds.create_build(project_id=PROJECT, build=spec)
 
 
+@pytest.mark.parametrize("tag", ["ccm/v32.2.0", "${_REF}", "-starts-with-a-dash", "t" * 129])
+def test_build_tags_are_words_dots_and_dashes_once_substituted(local, tag):
+    spec = cloudbuild_v1.Build(
+        steps=[{"name": "gcr.io/cloud-builders/docker", "args": ["version"]}],
+        tags=["gemma-launch-source-0123456789abcdef", tag],
+        substitutions={"_REF": "ccm/v32.2.0"} if "_REF" in tag else {},
+    )
+    with pytest.raises(exceptions.InvalidArgument, match="invalid build tag"):
+        local.clients().builds.create_build(project_id=PROJECT, build=spec)
+
+
 def test_a_build_without_a_timeout_gets_60_minutes_and_steps_may_start_with_the_build(local):
     create_repository(local)
     spec = build_spec(upload(local, archive(source())))
