@@ -23,6 +23,7 @@ from google.iam.v1 import iam_policy_pb2, policy_pb2
 from google.protobuf import empty_pb2, json_format
 
 from launcher.emulator.access import Access, project_number
+from launcher.emulator.resourcemanager import check_version_kept, check_versioned, policy_as_requested
 from launcher.emulator.rpc import (
     ApiError,
     Hub,
@@ -335,7 +336,7 @@ class SecretManager:
         return json_format.ParseDict(stored, policy_pb2.Policy())
 
     def get_iam_policy(self, request: iam_policy_pb2.GetIamPolicyRequest, context: grpc.ServicerContext):
-        return self._policy(self._secret_key(request.resource))
+        return policy_as_requested(self._policy(self._secret_key(request.resource)), request)
 
     def set_iam_policy(self, request: iam_policy_pb2.SetIamPolicyRequest, context: grpc.ServicerContext):
         key = self._secret_key(request.resource)
@@ -350,6 +351,7 @@ class SecretManager:
                     "There were concurrent policy changes. Please retry the whole read-modify-write with "
                     "exponential backoff.",
                 )
+            check_version_kept(current, policy)
             kept = [binding for binding in policy.bindings if binding.members]
             del policy.bindings[:]
             policy.bindings.extend(kept)
@@ -360,11 +362,10 @@ class SecretManager:
     def _validate_policy(self, policy: policy_pb2.Policy) -> None:
         if policy.version not in (0, 1, 3):
             raise invalid(f"Invalid policy version {policy.version}: use 1 or 3.")
+        check_versioned(policy)
         for binding in policy.bindings:
             if not _GRANTABLE_ROLE.match(binding.role):
                 raise invalid(f"Role {binding.role} is not supported for this resource.")
-            if binding.HasField("condition") and policy.version != 3:
-                raise invalid("A policy with conditional role bindings must have version 3.")
             for member in binding.members:
                 if not _MEMBER.match(member):
                     raise invalid(f"Invalid member {member!r} in the binding of {binding.role}.")

@@ -200,3 +200,31 @@ def test_every_call_is_recorded_and_marked_mutating_or_not(local):
     secrets.access_secret_version(name=f"{secret}/versions/1")
     methods = [(entry["method"], entry["mutating"]) for entry in local.record()]
     assert methods == [("CreateSecret", True), ("AddSecretVersion", True), ("AccessSecretVersion", False)]
+
+
+def test_a_secret_policy_with_conditions_is_read_and_written_only_as_version_3(local):
+    # google/iam/v1/policy.proto, Policy.version; https://cloud.google.com/iam/docs/troubleshooting-withcond
+    _service_account(local)
+    secrets = local.clients().secrets
+    secret = _create(secrets).name
+    member = f"serviceAccount:{ACCOUNT}"
+    expiring = {"title": "until 2030", "expression": "request.time < timestamp('2030-01-01T00:00:00Z')"}
+    conditional = policy_pb2.Policy(
+        bindings=[{"role": "roles/secretmanager.secretAccessor", "members": [member], "condition": expiring}]
+    )
+    with pytest.raises(exceptions.InvalidArgument, match="version 3"):
+        secrets.set_iam_policy(request={"resource": secret, "policy": conditional})
+    conditional.version = 3
+    secrets.set_iam_policy(request={"resource": secret, "policy": conditional})
+
+    v1 = secrets.get_iam_policy(request={"resource": secret})
+    assert v1.version == 1
+    assert v1.bindings[0].role.startswith("roles/secretmanager.secretAccessor_withcond_")
+    v1.bindings.add(role="roles/secretmanager.viewer", members=[member])
+    with pytest.raises(exceptions.InvalidArgument, match="version 3"):
+        secrets.set_iam_policy(request={"resource": secret, "policy": v1})
+
+    v3 = secrets.get_iam_policy(request={"resource": secret, "options": {"requested_policy_version": 3}})
+    assert v3.version == 3 and v3.bindings[0].condition.title == "until 2030"
+    with pytest.raises(exceptions.InvalidArgument, match="requested policy version"):
+        secrets.get_iam_policy(request={"resource": secret, "options": {"requested_policy_version": 2}})
