@@ -195,6 +195,18 @@ _METHODS: dict[Handler, str] = {
 }
 
 
+def _get_bucket_policy(request: Any, response: Any, storage: Storage, *args: Any, **kwargs: Any) -> None:
+    name = request.params.get("bucket_name")
+    if name and name in storage.buckets:
+        version = (request.query.get("optionsRequestedPolicyVersion") or [""])[0]
+        try:
+            storage_iam.readable_policy(storage, name, version)
+        except storage_iam.Denied as denied:
+            response.status = denied.status
+            return response.json(denied.body)
+    return buckets.get_iam_policy(request, response, storage, *args, **kwargs)
+
+
 def _set_bucket_policy(request: Any, response: Any, storage: Storage, *args: Any, **kwargs: Any) -> None:
     name = request.params.get("bucket_name")
     if not name or name not in storage.buckets:
@@ -226,6 +238,7 @@ def _test_bucket_permissions(
 
 _REPLACED: dict[Handler, Handler] = {
     buckets.insert: _insert_bucket,
+    buckets.get_iam_policy: _get_bucket_policy,
     buckets.set_iam_policy: _set_bucket_policy,
     buckets.test_iam_permissions: _test_bucket_permissions,
 }

@@ -115,6 +115,40 @@ def test_bucket_iam_policy_round_trips(local):
     assert iam_calls == ["buckets.getIamPolicy", "buckets.setIamPolicy", "buckets.getIamPolicy"]
 
 
+EXPIRING = {"title": "until 2030", "expression": "request.time < timestamp('2030-01-01T00:00:00Z')"}
+
+
+def test_a_bucket_policy_with_conditions_needs_version_3_and_uniform_access(local):
+    local.clients().iam.create_service_account(
+        request={"name": "projects/demo-project", "account_id": "gemma-trainer"}
+    )
+    client = local.clients().storage
+    fine_grained = _bucket(client, "demo-project-fine-grained")
+    policy = fine_grained.get_iam_policy(requested_policy_version=3)
+    policy.version = 3
+    policy.bindings.append(
+        {"role": "roles/storage.objectViewer", "members": {ACCOUNT}, "condition": EXPIRING}
+    )
+    with pytest.raises(exceptions.BadRequest, match="uniform bucket-level access"):
+        fine_grained.set_iam_policy(policy)
+
+    bucket = _bucket(client, uniform=True)
+    policy = bucket.get_iam_policy(requested_policy_version=3)
+    policy.bindings.append(
+        {"role": "roles/storage.objectViewer", "members": {ACCOUNT}, "condition": EXPIRING}
+    )
+    with pytest.raises(exceptions.BadRequest, match="version 3"):
+        bucket.set_iam_policy(policy)
+    policy.version = 3
+    bucket.set_iam_policy(policy)
+
+    # A reader unaware of conditions could drop them on write-back: only version 3 reads them.
+    with pytest.raises(exceptions.BadRequest, match="optionsRequestedPolicyVersion=3"):
+        bucket.get_iam_policy()
+    read = bucket.get_iam_policy(requested_policy_version=3)
+    assert [b["condition"]["title"] for b in read.bindings] == ["until 2030"]
+
+
 def _md5(data: bytes) -> str:
     return base64.b64encode(hashlib.md5(data).digest()).decode()
 
