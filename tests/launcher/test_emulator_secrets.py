@@ -55,6 +55,36 @@ def test_secret_id_rules(local, secret_id):
         _create(local.clients().secrets, secret_id)
 
 
+@pytest.mark.parametrize(
+    "labels",
+    [
+        {"Managed-By": "gemma-launch"},
+        {"managed-by": "Gemma"},
+        {"1st": "x"},
+        {"managed.by": "x"},
+        {"k" * 64: "x"},
+        {"k": "v" * 64},
+        {f"k{i}": "v" for i in range(65)},
+    ],
+)
+def test_secret_labels_follow_the_documented_rules(local, labels):
+    # resources.proto, Secret.labels: lower-case keys starting with a letter, lower-case values, <= 64.
+    secrets = local.clients().secrets
+    secret = {"replication": {"automatic": {}}, "labels": labels}
+    with pytest.raises(exceptions.InvalidArgument, match="label"):
+        secrets.create_secret(request={"parent": f"projects/{PROJECT}", "secret_id": "S", "secret": secret})
+    created = _create(secrets)
+    with pytest.raises(exceptions.InvalidArgument, match="label"):
+        secrets.update_secret(
+            request={"secret": {"name": created.name, "labels": labels}, "update_mask": {"paths": ["labels"]}}
+        )
+    fine = {"managed-by": "gemma-launch", "été": "clé_1", "empty": ""}
+    updated = secrets.update_secret(
+        request={"secret": {"name": created.name, "labels": fine}, "update_mask": {"paths": ["labels"]}}
+    )
+    assert dict(updated.labels) == fine
+
+
 def test_create_requires_replication(local):
     with pytest.raises(exceptions.InvalidArgument):
         local.clients().secrets.create_secret(
