@@ -165,6 +165,35 @@ def _insert_bucket(request: Any, response: Any, storage: Storage, *args: Any, **
     response.json(bucket)
 
 
+# Object naming (https://cloud.google.com/storage/docs/objects#naming): 1-1024 bytes of UTF-8, no
+# carriage return or line feed, not "." or "..", and not under ".well-known/acme-challenge/".
+_MAX_OBJECT_NAME_BYTES = 1024
+
+
+def _object_name_problem(name: str) -> str | None:
+    if not name:
+        return "Required object name."
+    if len(name.encode()) > _MAX_OBJECT_NAME_BYTES:
+        return f"The object name is {len(name.encode())} bytes long; the maximum is {_MAX_OBJECT_NAME_BYTES}."
+    if "\r" in name or "\n" in name:
+        return "Object names cannot contain carriage return or line feed characters."
+    if name in (".", "..") or name.startswith(".well-known/acme-challenge/"):
+        return f"Invalid object name: {name!r}."
+    return None
+
+
+def _new_object_name(request: Any) -> str | None:
+    """The name an objects.insert creates, None for the later requests of a resumable upload."""
+    if "upload_id" in request.query:
+        return None
+    data = request.data
+    if isinstance(data, dict):
+        meta = data.get("meta") if "meta" in data else data
+        if isinstance(meta, dict) and meta.get("name"):
+            return meta["name"]
+    return (request.query.get("name") or [""])[0]
+
+
 # ---- the request record ---------------------------------------------------------------------------
 
 _METHODS: dict[Handler, str] = {
@@ -271,6 +300,10 @@ def _recorded(handler: Handler, method: str) -> Handler:
             emulated.record.append("storage", method, _describe(request), outcome=denied.status.name)
             response.status = denied.status
             return response.json(denied.body)
+        name = _new_object_name(request) if method == "objects.insert" else None
+        if name is not None and (problem := _object_name_problem(name)):
+            emulated.record.append("storage", method, _describe(request), outcome=HTTPStatus.BAD_REQUEST.name)
+            return _error(response, HTTPStatus.BAD_REQUEST, "invalid", problem)
         # The storage server answers one request at a time; the lock keeps import_tree out meanwhile.
         with emulated.lock:
             try:

@@ -149,6 +149,30 @@ def test_a_bucket_policy_with_conditions_needs_version_3_and_uniform_access(loca
     assert [b["condition"]["title"] for b in read.bindings] == ["until 2030"]
 
 
+@pytest.mark.parametrize(
+    "name",
+    ["line\nfeed.txt", "carriage\rreturn", ".", "..", ".well-known/acme-challenge/x", "x" * 1025, "é" * 513],
+)
+def test_object_names_gcs_rejects(local, name):
+    # https://cloud.google.com/storage/docs/objects#naming
+    bucket = _bucket(local.clients().storage)
+    small, large = bucket.blob(name), bucket.blob(name, chunk_size=256 * 1024)
+    with pytest.raises(exceptions.BadRequest):
+        small.upload_from_string(b"data")
+    with pytest.raises(exceptions.BadRequest):
+        large.upload_from_string(b"x" * (300 * 1024))  # a resumable upload
+    assert not list(bucket.list_blobs())
+
+
+def test_object_names_gcs_accepts(local):
+    bucket = _bucket(local.clients().storage)
+    longest = "/".join(["d" * 200] * 5) + "/" + "f" * 19  # 1024 bytes, in parts the local disk can hold
+    names = [longest, "dir/.hidden", "sp ace/ünï/code.py", ".well-known/other"]
+    for name in names:
+        bucket.blob(name).upload_from_string(b"data")
+    assert sorted(blob.name for blob in bucket.list_blobs()) == sorted(names)
+
+
 def _md5(data: bytes) -> str:
     return base64.b64encode(hashlib.md5(data).digest()).decode()
 
