@@ -7,6 +7,7 @@ belongs to (creating a `CloudStorage` registers it), so several emulators can sh
 
 - every request is first checked like GCS checks it (launcher/emulator/storage_iam.py: credentials,
   the API enabled, IAM on the project and the bucket), and bucket policies are validated on write;
+- object names and request preconditions (ifGenerationMatch ...) are checked as GCS checks them;
 - buckets.insert validates names and locations like GCS and keeps location, uniform bucket-level
   access, labels and the project it was created in;
 - every JSON API request is appended to the emulator's record as service "storage", method like
@@ -191,7 +192,40 @@ def _new_object_name(request: Any) -> str | None:
         meta = data.get("meta") if "meta" in data else data
         if isinstance(meta, dict) and meta.get("name"):
             return meta["name"]
-    return (request.query.get("name") or [""])[0]
+    return (request.query.get("name") or [""])[0] or request.params.get("object_id") or ""
+
+
+# Request preconditions (https://cloud.google.com/storage/docs/request-preconditions and each object
+# method's query parameters in https://cloud.google.com/storage/docs/json_api/v1/objects):
+# ifGenerationMatch (0: only if no live object), ifGenerationNotMatch, ifMetagenerationMatch and
+# ifMetagenerationNotMatch; one that does not hold is 412 conditionNotMet
+# (https://cloud.google.com/storage/docs/json_api/v1/status-codes#412_Precondition_Failed).
+_PRECONDITION_METHODS = {"objects.insert", "objects.get", "objects.delete", "objects.patch"}
+
+
+def _precondition_failed(method: str, request: Any, storage: Storage) -> bool:
+    if method == "objects.insert":
+        name = _new_object_name(request)
+        if name is None:  # a later request of a resumable upload: checked when the session started
+            return False
+    else:
+        name = request.params.get("object_id") or ""
+    stored = storage.objects.get(request.params.get("bucket_name") or "", {}).get(name)
+    if stored is None and method != "objects.insert":
+        return False  # the handler answers 404
+    generation = str(stored.get("generation") or "0") if stored else "0"
+    metageneration = str(stored.get("metageneration") or "1") if stored else None
+
+    def asked(parameter: str) -> str | None:
+        return (request.query.get(parameter) or [None])[0]
+
+    checks = [
+        ("ifGenerationMatch", lambda value: value == generation),
+        ("ifGenerationNotMatch", lambda value: value != generation),
+        ("ifMetagenerationMatch", lambda value: value == metageneration),
+        ("ifMetagenerationNotMatch", lambda value: value != metageneration),
+    ]
+    return any((value := asked(parameter)) is not None and not holds(value) for parameter, holds in checks)
 
 
 # ---- the request record ---------------------------------------------------------------------------
@@ -304,6 +338,11 @@ def _recorded(handler: Handler, method: str) -> Handler:
         if name is not None and (problem := _object_name_problem(name)):
             emulated.record.append("storage", method, _describe(request), outcome=HTTPStatus.BAD_REQUEST.name)
             return _error(response, HTTPStatus.BAD_REQUEST, "invalid", problem)
+        if method in _PRECONDITION_METHODS and _precondition_failed(method, request, storage):
+            status = HTTPStatus.PRECONDITION_FAILED
+            emulated.record.append("storage", method, _describe(request), outcome=status.name)
+            message = "At least one of the pre-conditions you specified did not hold."
+            return _error(response, status, "conditionNotMet", message)
         # The storage server answers one request at a time; the lock keeps import_tree out meanwhile.
         with emulated.lock:
             try:

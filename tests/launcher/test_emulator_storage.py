@@ -173,6 +173,35 @@ def test_object_names_gcs_accepts(local):
     assert sorted(blob.name for blob in bucket.list_blobs()) == sorted(names)
 
 
+def test_request_preconditions_are_enforced(local):
+    # https://cloud.google.com/storage/docs/request-preconditions: a precondition that does not hold is 412.
+    bucket = _bucket(local.clients().storage)
+    blob = bucket.blob("runs/result.json")
+    blob.upload_from_string(b"first", if_generation_match=0)
+    with pytest.raises(exceptions.PreconditionFailed):
+        bucket.blob("runs/result.json").upload_from_string(b"second", if_generation_match=0)
+    resumable = bucket.blob("runs/result.json", chunk_size=256 * 1024)
+    with pytest.raises(exceptions.PreconditionFailed):
+        resumable.upload_from_string(b"x" * (300 * 1024), if_generation_match=0)
+    assert bucket.blob("runs/result.json").download_as_bytes() == b"first"
+
+    blob.reload()
+    with pytest.raises(exceptions.PreconditionFailed):
+        bucket.blob(blob.name).download_as_bytes(if_generation_match=blob.generation + 1)
+    blob.metadata = {"k": "v"}
+    with pytest.raises(exceptions.PreconditionFailed):
+        blob.patch(if_metageneration_match=blob.metageneration + 1)
+    with pytest.raises(exceptions.PreconditionFailed):
+        blob.delete(if_generation_not_match=blob.generation)
+
+    bucket.blob(blob.name).upload_from_string(b"second", if_generation_match=blob.generation)
+    assert bucket.blob(blob.name).download_as_bytes() == b"second"
+    with pytest.raises(exceptions.PreconditionFailed):
+        bucket.blob(blob.name).delete(if_generation_match=blob.generation)  # replaced since
+    bucket.get_blob(blob.name).delete(if_generation_match=bucket.get_blob(blob.name).generation)
+    assert not list(bucket.list_blobs())
+
+
 def _md5(data: bytes) -> str:
     return base64.b64encode(hashlib.md5(data).digest()).decode()
 
