@@ -226,3 +226,22 @@ def test_up_and_down_keep_the_projects_conditional_bindings(local):
     policy = clients.projects.get_iam_policy(request={"resource": f"projects/{PROJECT}", "options": v3})
     assert [b.condition.title for b in policy.bindings if b.role == "roles/viewer"] == [EXPIRING["title"]]
     assert not any(member in b.members for b in policy.bindings)
+
+
+def test_batch_get_services_reads_at_most_30_services_of_its_parent(local):
+    # serviceusage.proto, BatchGetServicesRequest: "A single request can get a maximum of 30 services",
+    # and each name's parent must match `parent`.
+    service_usage = local.clients(PROJECT).service_usage
+    parent = f"projects/{PROJECT}"
+    names = [f"{parent}/services/api{i}.googleapis.com" for i in range(31)]
+    with pytest.raises(exceptions.InvalidArgument, match="at most 30"):
+        service_usage.batch_get_services(request={"parent": parent, "names": names})
+    with pytest.raises(exceptions.InvalidArgument, match="not under the parent"):
+        service_usage.batch_get_services(
+            request={"parent": parent, "names": ["projects/another-project/services/run.googleapis.com"]}
+        )
+    number = local.emulator.access.project(PROJECT)["number"]
+    found = service_usage.batch_get_services(
+        request={"parent": parent, "names": [f"projects/{number}/services/run.googleapis.com"]}
+    )
+    assert [service.state.name for service in found.services] == ["ENABLED"]
