@@ -19,7 +19,7 @@ from contextlib import suppress
 from typing import Any
 
 from google.api_core import exceptions
-from google.iam.v1 import iam_policy_pb2, policy_pb2
+from google.iam.v1 import iam_policy_pb2, options_pb2, policy_pb2
 
 from launcher import executions, iam_bindings
 from launcher import job as jobs
@@ -167,15 +167,20 @@ def _grpc_binding(
     )
 
     def read() -> policy_pb2.Policy:
+        # Version 3: see iam_bindings._ensure_policy_binding.
         return client.get_iam_policy(
-            request=iam_policy_pb2.GetIamPolicyRequest(resource=resource), retry=RETRY
+            request=iam_policy_pb2.GetIamPolicyRequest(
+                resource=resource, options=options_pb2.GetPolicyOptions(requested_policy_version=3)
+            ),
+            retry=RETRY,
         )
 
     def matches(policy: policy_pb2.Policy) -> bool:
         held = False
         kept = []
         for binding in policy.bindings:
-            if binding.role == role and member in binding.members:
+            # Only the unconditional binding `up` made is ours to remove.
+            if binding.role == role and member in binding.members and not binding.HasField("condition"):
                 held = True
                 binding.members.remove(member)
             if binding.members:

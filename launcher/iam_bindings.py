@@ -12,7 +12,7 @@ from typing import Any
 
 from google.api_core import exceptions
 from google.api_core.retry import Retry, if_exception_type
-from google.iam.v1 import iam_policy_pb2, policy_pb2
+from google.iam.v1 import iam_policy_pb2, options_pb2, policy_pb2
 
 from launcher.changes import Change
 from launcher.cloud import RETRY, Clients, retry_deadline_s
@@ -96,11 +96,18 @@ def _ensure_policy_binding(client: Any, resource: str, role: str, member: str, *
     set_iam_policy (a read-modify-write with the policy's etag); True if it was (or would be) added."""
 
     def grant() -> bool:
+        # Version 3, or a policy with conditional bindings (common on projects) reads as version 1 with
+        # those bindings mangled, and writing it back is refused
+        # (https://cloud.google.com/iam/docs/troubleshooting-withcond).
         policy = client.get_iam_policy(
-            request=iam_policy_pb2.GetIamPolicyRequest(resource=resource), retry=RETRY
+            request=iam_policy_pb2.GetIamPolicyRequest(
+                resource=resource, options=options_pb2.GetPolicyOptions(requested_policy_version=3)
+            ),
+            retry=RETRY,
         )
         for binding in policy.bindings:
-            if binding.role == role and member in binding.members:
+            # A conditional binding (one that expires, say) is not the grant asked for.
+            if binding.role == role and member in binding.members and not binding.HasField("condition"):
                 return False
         if dry_run:
             return True

@@ -38,6 +38,13 @@ class Iam:
                 f"Invalid account id {request.account_id!r}: 6-30 characters, lower-case letters, digits "
                 "and hyphens, starting with a letter and not ending with a hyphen."
             )
+        # iam.proto, ServiceAccount.display_name and .description.
+        for field, limit in (("display_name", 100), ("description", 256)):
+            size = len(getattr(request.service_account, field).encode())
+            if size > limit:
+                raise invalid(
+                    f"service_account.{field} is {size} bytes; the maximum length is {limit} UTF-8 bytes."
+                )
         email = email_for(project, request.account_id)
         account = iam_admin_v1.ServiceAccount(
             name=f"projects/{project}/serviceAccounts/{email}",

@@ -38,6 +38,7 @@ _PARENT = re.compile(r"^(?:projects|organizations|folders|billingAccounts)/[^/]+
 _DEFAULT_PAGE_SIZE = 50
 _MAX_PAGE_SIZE = 1000
 _TAIL_SESSIONS_PER_PARENT = 10
+_MAX_BUFFER_WINDOW_MS = 60_000
 # How often an idle tail wakes to notice that its client has gone away.
 _TAIL_POLL_S = 0.1
 
@@ -403,8 +404,10 @@ class Logging:
     ) -> Iterator[logging_types.TailLogEntriesResponse]:
         parents = _parents(list(request.resource_names))
         matches = compile_filter(request.filter)
-        if logging_types.TailLogEntriesRequest.pb(request).buffer_window.seconds < 0:
-            raise invalid("buffer_window must not be negative.")
+        # logging.proto, TailLogEntriesRequest.buffer_window: "Valid values are between 0-60000 milliseconds."
+        window = logging_types.TailLogEntriesRequest.pb(request).buffer_window.ToMilliseconds()
+        if not 0 <= window <= _MAX_BUFFER_WINDOW_MS:
+            raise invalid(f"buffer_window must be between 0 and {_MAX_BUFFER_WINDOW_MS} milliseconds.")
         with self._changed:
             busy = [p for p in parents if self._tails.get(p, 0) >= _TAIL_SESSIONS_PER_PARENT]
             if busy:

@@ -10,6 +10,7 @@ started without it (https://cloud.google.com/billing/docs/reference/rest/v1/proj
 from __future__ import annotations
 
 import base64
+import hashlib
 import re
 import uuid
 
@@ -35,6 +36,7 @@ def validate_policy(
     """The checks SetIamPolicy makes on any resource: version, known roles, well-formed and known members."""
     if policy.version not in (0, 1, 3):
         raise invalid(f"Invalid policy version {policy.version}: use 1 or 3.")
+    check_versioned(policy)
     for binding in policy.bindings:
         if binding.role not in ROLES and not binding.role.startswith(("projects/", "organizations/")):
             raise invalid(f"Role {binding.role} does not exist.")
@@ -51,6 +53,58 @@ def policy_from(stored: dict) -> policy_pb2.Policy:
     return json_format.ParseDict(stored, policy_pb2.Policy())
 
 
+# Policy versions (google/iam/v1/policy.proto, Policy.version and GetPolicyOptions): "Any operation
+# that affects conditional role bindings must specify version 3", getting the policy included. A
+# reader asking for less gets version 1 with each conditional binding's role renamed ROLE_withcond_HASH
+# and its condition hidden (https://cloud.google.com/iam/docs/troubleshooting-withcond); writing such a
+# policy back, or any version 1 policy over one with conditions, is refused.
+VERSION_3_NEEDED = (
+    "Policies with conditional role bindings must specify version 3; request and set version 3 "
+    "(https://cloud.google.com/iam/docs/policies#versions)."
+)
+
+
+def has_conditions(policy: policy_pb2.Policy) -> bool:
+    return any(binding.HasField("condition") for binding in policy.bindings)
+
+
+def policy_as_requested(
+    policy: policy_pb2.Policy, request: iam_policy_pb2.GetIamPolicyRequest
+) -> policy_pb2.Policy:
+    """GetIamPolicy's answer: `policy` in the format `request.options.requested_policy_version` asks for."""
+    requested = request.options.requested_policy_version
+    if requested not in (0, 1, 3):
+        raise invalid(f"Invalid requested policy version {requested}: use 1 or 3.")
+    shown = policy_pb2.Policy()
+    shown.CopyFrom(policy)
+    if not has_conditions(policy):
+        shown.version = min(shown.version, 1)
+    elif requested == 3:
+        shown.version = 3
+    else:
+        shown.version = 1
+        for binding in shown.bindings:
+            if binding.HasField("condition"):
+                digest = hashlib.sha256(binding.condition.SerializeToString()).hexdigest()[:20]
+                binding.role = f"{binding.role}_withcond_{digest}"
+                binding.ClearField("condition")
+    return shown
+
+
+def check_versioned(policy: policy_pb2.Policy) -> None:
+    """Conditional bindings only in a version 3 policy, and no ROLE_withcond_HASH read from version 1."""
+    for binding in policy.bindings:
+        if (binding.HasField("condition") and policy.version != 3) or "_withcond_" in binding.role:
+            raise invalid(VERSION_3_NEEDED)
+
+
+def check_version_kept(current: policy_pb2.Policy, policy: policy_pb2.Policy) -> None:
+    """A read-modify-write (etag set) of a policy with conditions must stay version 3; without an etag
+    IAM lets a version 1 policy replace it, conditions and all (Policy.version's comment)."""
+    if policy.etag and policy.version != 3 and has_conditions(current):
+        raise invalid(VERSION_3_NEEDED)
+
+
 def replaced_policy(current: dict, policy: policy_pb2.Policy, name: str) -> dict:
     """The stored form of `policy` replacing `current`, refused when its etag is stale."""
     if policy.etag and base64.b64encode(policy.etag).decode() != current.get("etag"):
@@ -59,6 +113,7 @@ def replaced_policy(current: dict, policy: policy_pb2.Policy, name: str) -> dict
             f"There were concurrent policy changes on {name}. Please retry the whole read-modify-write "
             "with exponential backoff.",
         )
+    check_version_kept(policy_from(current), policy)
     updated = policy_pb2.Policy()
     updated.CopyFrom(policy)
     updated.etag = uuid.uuid4().bytes[:8]
@@ -86,7 +141,8 @@ class Projects:
         )
 
     def get_iam_policy(self, request: iam_policy_pb2.GetIamPolicyRequest, context: grpc.ServicerContext):
-        return policy_from(self.access.project(self._project_id(request.resource))["policy"])
+        stored = policy_from(self.access.project(self._project_id(request.resource))["policy"])
+        return policy_as_requested(stored, request)
 
     def set_iam_policy(self, request: iam_policy_pb2.SetIamPolicyRequest, context: grpc.ServicerContext):
         project_id = self._project_id(request.resource)

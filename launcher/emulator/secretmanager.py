@@ -23,6 +23,7 @@ from google.iam.v1 import iam_policy_pb2, policy_pb2
 from google.protobuf import empty_pb2, json_format
 
 from launcher.emulator.access import Access, project_number
+from launcher.emulator.resourcemanager import check_version_kept, check_versioned, policy_as_requested
 from launcher.emulator.rpc import (
     ApiError,
     Hub,
@@ -146,6 +147,7 @@ class SecretManager:
             )
         if "replication" not in request.secret:
             raise invalid("Secret.replication must be set (automatic or user_managed).")
+        _check_labels(dict(request.secret.labels))
         key = f"projects/{project_number(project['project'])}/secrets/{request.secret_id}"
         secret = request.secret
         secret.name = key
@@ -184,6 +186,8 @@ class SecretManager:
         mutable = {"labels", "annotations", "version_aliases", "topics", "rotation", "expire_time", "ttl"}
         if unknown := [path for path in paths if path not in mutable]:
             raise invalid(f"Field(s) {', '.join(unknown)} cannot be updated.")
+        if "labels" in paths:
+            _check_labels(dict(request.secret.labels))
         key = self._secret_key(request.secret.name)
         with self.state.transaction() as tables:
             stored = tables["secrets"].get(key)
@@ -335,7 +339,7 @@ class SecretManager:
         return json_format.ParseDict(stored, policy_pb2.Policy())
 
     def get_iam_policy(self, request: iam_policy_pb2.GetIamPolicyRequest, context: grpc.ServicerContext):
-        return self._policy(self._secret_key(request.resource))
+        return policy_as_requested(self._policy(self._secret_key(request.resource)), request)
 
     def set_iam_policy(self, request: iam_policy_pb2.SetIamPolicyRequest, context: grpc.ServicerContext):
         key = self._secret_key(request.resource)
@@ -350,6 +354,7 @@ class SecretManager:
                     "There were concurrent policy changes. Please retry the whole read-modify-write with "
                     "exponential backoff.",
                 )
+            check_version_kept(current, policy)
             kept = [binding for binding in policy.bindings if binding.members]
             del policy.bindings[:]
             policy.bindings.extend(kept)
@@ -360,11 +365,10 @@ class SecretManager:
     def _validate_policy(self, policy: policy_pb2.Policy) -> None:
         if policy.version not in (0, 1, 3):
             raise invalid(f"Invalid policy version {policy.version}: use 1 or 3.")
+        check_versioned(policy)
         for binding in policy.bindings:
             if not _GRANTABLE_ROLE.match(binding.role):
                 raise invalid(f"Role {binding.role} is not supported for this resource.")
-            if binding.HasField("condition") and policy.version != 3:
-                raise invalid("A policy with conditional role bindings must have version 3.")
             for member in binding.members:
                 if not _MEMBER.match(member):
                     raise invalid(f"Invalid member {member!r} in the binding of {binding.role}.")
@@ -460,6 +464,34 @@ class SecretManager:
             ],
             hub,
         )
+
+
+# resources.proto, Secret.labels: keys [\p{Ll}\p{Lo}][\p{Ll}\p{Lo}\p{N}_-]{0,62}, values
+# [\p{Ll}\p{Lo}\p{N}_-]{0,63}, each at most 128 UTF-8 bytes, and no more than 64 labels.
+# (\p{Ll}\p{Lo} is approximated by lower-case letters and letters without case, \p{N} by str.isnumeric.)
+_MAX_LABELS = 64
+
+
+def _label_char(char: str, *, first: bool = False) -> bool:
+    letter = char.isalpha() and not char.isupper() and not char.istitle()
+    return letter if first else letter or char.isnumeric() or char in "_-"
+
+
+def _check_labels(labels: dict[str, str]) -> None:
+    if len(labels) > _MAX_LABELS:
+        raise invalid(f"A secret has at most {_MAX_LABELS} labels; {len(labels)} were given.")
+    for key, value in labels.items():
+        key_ok = 1 <= len(key) <= 63 and _label_char(key[0], first=True) and all(map(_label_char, key))
+        if not key_ok or len(key.encode()) > 128:
+            raise invalid(
+                f"Invalid label key {key!r}: 1-63 lower-case letters, digits, underscores and hyphens, "
+                "starting with a letter."
+            )
+        if len(value) > 63 or len(value.encode()) > 128 or not all(map(_label_char, value)):
+            raise invalid(
+                f"Invalid value {value!r} of label {key!r}: up to 63 lower-case letters, digits, "
+                "underscores and hyphens."
+            )
 
 
 def _etag_mismatch(name: str) -> ApiError:

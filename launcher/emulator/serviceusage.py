@@ -20,6 +20,8 @@ _PARENT = re.compile(r"^projects/(?P<project>[^/]+)$")
 _SERVICE = re.compile(r"^projects/(?P<project>[^/]+)/services/(?P<service>[^/]+)$")
 # BatchEnableServices takes at most 20 services a call (its reference page).
 _BATCH_LIMIT = 20
+# BatchGetServices reads at most 30 (serviceusage.proto, BatchGetServicesRequest.names).
+_BATCH_GET_LIMIT = 30
 # APIs that bill: Service Usage refuses to enable them in a project without billing, FAILED_PRECONDITION
 # "Billing must be enabled for activation of service(s) ..." with reason UREQ_PROJECT_BILLING_NOT_FOUND
 # (https://cloud.google.com/service-usage/docs/troubleshooting; each API's pricing page says it bills).
@@ -124,6 +126,21 @@ class ServiceUsage:
         return self._service(match["project"], match["service"])
 
     def batch_get(self, request: service_usage_v1.BatchGetServicesRequest, context: grpc.ServicerContext):
+        """serviceusage.proto, BatchGetServicesRequest: at most 30 names, each under `parent` if set."""
+        if len(request.names) > _BATCH_GET_LIMIT:
+            raise invalid(
+                f"names: a single request can get at most {_BATCH_GET_LIMIT} services, "
+                f"got {len(request.names)}."
+            )
+        if request.parent:
+            parent = _PARENT.match(request.parent)
+            if not parent:
+                raise invalid(f"Invalid parent {request.parent!r}: projects/PROJECT.")
+            for name in request.names:
+                service = _SERVICE.match(name)
+                project = self.access.project_id(service["project"]) if service else None
+                if project != self.access.project_id(parent["project"]):
+                    raise invalid(f"Service {name!r} is not under the parent {request.parent!r}.")
         services = [
             self.get(service_usage_v1.GetServiceRequest(name=name), context) for name in request.names
         ]

@@ -7,6 +7,7 @@ belongs to (creating a `CloudStorage` registers it), so several emulators can sh
 
 - every request is first checked like GCS checks it (launcher/emulator/storage_iam.py: credentials,
   the API enabled, IAM on the project and the bucket), and bucket policies are validated on write;
+- object names and request preconditions (ifGenerationMatch ...) are checked as GCS checks them;
 - buckets.insert validates names and locations like GCS and keeps location, uniform bucket-level
   access, labels and the project it was created in;
 - every JSON API request is appended to the emulator's record as service "storage", method like
@@ -165,6 +166,68 @@ def _insert_bucket(request: Any, response: Any, storage: Storage, *args: Any, **
     response.json(bucket)
 
 
+# Object naming (https://cloud.google.com/storage/docs/objects#naming): 1-1024 bytes of UTF-8, no
+# carriage return or line feed, not "." or "..", and not under ".well-known/acme-challenge/".
+_MAX_OBJECT_NAME_BYTES = 1024
+
+
+def _object_name_problem(name: str) -> str | None:
+    if not name:
+        return "Required object name."
+    if len(name.encode()) > _MAX_OBJECT_NAME_BYTES:
+        return f"The object name is {len(name.encode())} bytes long; the maximum is {_MAX_OBJECT_NAME_BYTES}."
+    if "\r" in name or "\n" in name:
+        return "Object names cannot contain carriage return or line feed characters."
+    if name in (".", "..") or name.startswith(".well-known/acme-challenge/"):
+        return f"Invalid object name: {name!r}."
+    return None
+
+
+def _new_object_name(request: Any) -> str | None:
+    """The name an objects.insert creates, None for the later requests of a resumable upload."""
+    if "upload_id" in request.query:
+        return None
+    data = request.data
+    if isinstance(data, dict):
+        meta = data.get("meta") if "meta" in data else data
+        if isinstance(meta, dict) and meta.get("name"):
+            return meta["name"]
+    return (request.query.get("name") or [""])[0] or request.params.get("object_id") or ""
+
+
+# Request preconditions (https://cloud.google.com/storage/docs/request-preconditions and each object
+# method's query parameters in https://cloud.google.com/storage/docs/json_api/v1/objects):
+# ifGenerationMatch (0: only if no live object), ifGenerationNotMatch, ifMetagenerationMatch and
+# ifMetagenerationNotMatch; one that does not hold is 412 conditionNotMet
+# (https://cloud.google.com/storage/docs/json_api/v1/status-codes#412_Precondition_Failed).
+_PRECONDITION_METHODS = {"objects.insert", "objects.get", "objects.delete", "objects.patch"}
+
+
+def _precondition_failed(method: str, request: Any, storage: Storage) -> bool:
+    if method == "objects.insert":
+        name = _new_object_name(request)
+        if name is None:  # a later request of a resumable upload: checked when the session started
+            return False
+    else:
+        name = request.params.get("object_id") or ""
+    stored = storage.objects.get(request.params.get("bucket_name") or "", {}).get(name)
+    if stored is None and method != "objects.insert":
+        return False  # the handler answers 404
+    generation = str(stored.get("generation") or "0") if stored else "0"
+    metageneration = str(stored.get("metageneration") or "1") if stored else None
+
+    def asked(parameter: str) -> str | None:
+        return (request.query.get(parameter) or [None])[0]
+
+    checks = [
+        ("ifGenerationMatch", lambda value: value == generation),
+        ("ifGenerationNotMatch", lambda value: value != generation),
+        ("ifMetagenerationMatch", lambda value: value == metageneration),
+        ("ifMetagenerationNotMatch", lambda value: value != metageneration),
+    ]
+    return any((value := asked(parameter)) is not None and not holds(value) for parameter, holds in checks)
+
+
 # ---- the request record ---------------------------------------------------------------------------
 
 _METHODS: dict[Handler, str] = {
@@ -193,6 +256,18 @@ _METHODS: dict[Handler, str] = {
     objects.acl_list: "objectAccessControls.list",
     objects.batch: "batch",
 }
+
+
+def _get_bucket_policy(request: Any, response: Any, storage: Storage, *args: Any, **kwargs: Any) -> None:
+    name = request.params.get("bucket_name")
+    if name and name in storage.buckets:
+        version = (request.query.get("optionsRequestedPolicyVersion") or [""])[0]
+        try:
+            storage_iam.readable_policy(storage, name, version)
+        except storage_iam.Denied as denied:
+            response.status = denied.status
+            return response.json(denied.body)
+    return buckets.get_iam_policy(request, response, storage, *args, **kwargs)
 
 
 def _set_bucket_policy(request: Any, response: Any, storage: Storage, *args: Any, **kwargs: Any) -> None:
@@ -226,6 +301,7 @@ def _test_bucket_permissions(
 
 _REPLACED: dict[Handler, Handler] = {
     buckets.insert: _insert_bucket,
+    buckets.get_iam_policy: _get_bucket_policy,
     buckets.set_iam_policy: _set_bucket_policy,
     buckets.test_iam_permissions: _test_bucket_permissions,
 }
@@ -258,6 +334,15 @@ def _recorded(handler: Handler, method: str) -> Handler:
             emulated.record.append("storage", method, _describe(request), outcome=denied.status.name)
             response.status = denied.status
             return response.json(denied.body)
+        name = _new_object_name(request) if method == "objects.insert" else None
+        if name is not None and (problem := _object_name_problem(name)):
+            emulated.record.append("storage", method, _describe(request), outcome=HTTPStatus.BAD_REQUEST.name)
+            return _error(response, HTTPStatus.BAD_REQUEST, "invalid", problem)
+        if method in _PRECONDITION_METHODS and _precondition_failed(method, request, storage):
+            status = HTTPStatus.PRECONDITION_FAILED
+            emulated.record.append("storage", method, _describe(request), outcome=status.name)
+            message = "At least one of the pre-conditions you specified did not hold."
+            return _error(response, status, "conditionNotMet", message)
         # The storage server answers one request at a time; the lock keeps import_tree out meanwhile.
         with emulated.lock:
             try:

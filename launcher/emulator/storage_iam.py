@@ -9,7 +9,11 @@ Cloud Storage answers in its JSON API's own error format, not gRPC's
   raises as google.api_core.exceptions.Forbidden (not PermissionDenied);
 - a setIamPolicy naming a service account IAM does not know (yet): 400 "Service account X does not
   exist."; one carrying a stale etag: 412 conditionNotMet
-  (https://cloud.google.com/storage/docs/json_api/v1/buckets/setIamPolicy).
+  (https://cloud.google.com/storage/docs/json_api/v1/buckets/setIamPolicy);
+- IAM Conditions: a conditional binding needs policy version 3 (google/iam/v1/policy.proto) and a bucket
+  with uniform bucket-level access (https://cloud.google.com/storage/docs/access-control/iam#conditions),
+  else 400; a getIamPolicy of a policy with conditions without optionsRequestedPolicyVersion=3 fails,
+  400 (https://cloud.google.com/storage/docs/json_api/v1/buckets/getIamPolicy).
 The permission each method checks is in https://cloud.google.com/storage/docs/access-control/iam-json.
 """
 
@@ -128,7 +132,16 @@ def set_iam_policy(access: Access, storage: Storage, bucket: str, body: dict[str
                 "At least one of the pre-conditions you specified did not hold.",
             ),
         )
-    for binding in body.get("bindings") or []:
+    bindings = body.get("bindings") or []
+    if any(binding.get("condition") for binding in bindings):
+        if body.get("version") != 3:
+            raise _invalid("IAM policies with conditions must be version 3: set the policy's version to 3.")
+        uniform = storage.buckets[bucket].get("iamConfiguration", {}).get("uniformBucketLevelAccess", {})
+        if not uniform.get("enabled"):
+            raise _invalid(
+                "IAM Conditions can only be used on buckets with uniform bucket-level access enabled."
+            )
+    for binding in bindings:
         for member in binding.get("members") or []:
             if unknown := access.unknown_member(member):
                 raise Denied(HTTPStatus.BAD_REQUEST, _body(HTTPStatus.BAD_REQUEST, "invalid", unknown))
@@ -139,6 +152,19 @@ def set_iam_policy(access: Access, storage: Storage, bucket: str, body: dict[str
         "etag": base64.b64encode(uuid.uuid4().bytes[:8]).decode(),
         "bindings": body.get("bindings") or [],
     }
+
+
+def readable_policy(storage: Storage, bucket: str, requested_version: str) -> None:
+    """Denied (400) when the bucket's policy has conditions and the reader did not ask for version 3."""
+    policy = storage.get_bucket_iam_policy(bucket) or {}
+    if requested_version != "3" and any(b.get("condition") for b in policy.get("bindings") or []):
+        raise _invalid(
+            "The bucket's IAM policy contains conditions: request it with optionsRequestedPolicyVersion=3."
+        )
+
+
+def _invalid(message: str) -> Denied:
+    return Denied(HTTPStatus.BAD_REQUEST, _body(HTTPStatus.BAD_REQUEST, "invalid", message))
 
 
 def granted(access: Access, storage: Storage, member: str, bucket: str, permissions: list[str]) -> list[str]:

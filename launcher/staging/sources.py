@@ -281,12 +281,27 @@ def _card_splits(card: Any) -> dict[str, int] | None:
     return None
 
 
+# Cloud Storage refuses an object name over 1024 bytes of UTF-8 or with a line break in it
+# (https://cloud.google.com/storage/docs/objects#naming): said before anything is uploaded, not midway.
+_MAX_OBJECT_NAME_BYTES = 1024
+
+
+def _check_object_name(name: str, path: Path) -> None:
+    if "\r" in name or "\n" in name or len(name.encode()) > _MAX_OBJECT_NAME_BYTES:
+        raise UserError(
+            f"{str(path)!r} cannot be staged: Cloud Storage object names have no line breaks and are at "
+            f"most {_MAX_OBJECT_NAME_BYTES} bytes, and this file's would be {len(name.encode())} bytes.",
+            "Rename the file (or move it out of the directory), then stage again.",
+        )
+
+
 def _local_source(kind: str, source: str) -> Source:
     root = _check_local(kind, source)
     prefix = (model_prefix if kind == "model" else dataset_prefix)(source)
     items = []
     for path in _walk(root):
         relative = path.relative_to(root).as_posix()
+        _check_object_name(f"{prefix}/{relative}", path)
         size, sha256, crc32c = _hash_file(path)
         items.append(
             Item(relative, f"{prefix}/{relative}", size, "sha256", sha256, local=path, crc32c=crc32c)

@@ -28,3 +28,25 @@ def test_unknown_service_account_is_not_found(local):
         local.clients().iam.get_service_account(
             name="projects/demo-project/serviceAccounts/nobody@demo-project.iam.gserviceaccount.com"
         )
+
+
+@pytest.mark.parametrize(
+    "account", [{"display_name": "x" * 101}, {"display_name": "é" * 51}, {"description": "x" * 257}]
+)
+def test_service_account_display_name_and_description_have_byte_limits(local, account):
+    # iam.proto: display_name at most 100 UTF-8 bytes, description at most 256.
+    with pytest.raises(exceptions.InvalidArgument, match="UTF-8 bytes"):
+        local.clients().iam.create_service_account(
+            request={
+                "name": "projects/demo-project",
+                "account_id": "gemma-trainer",
+                "service_account": account,
+            }
+        )
+    local.clients().iam.create_service_account(
+        request={
+            "name": "projects/demo-project",
+            "account_id": "gemma-trainer",
+            "service_account": {"display_name": "x" * 100, "description": "x" * 256},
+        }
+    )

@@ -189,6 +189,14 @@ def test_tail_refuses_a_bad_filter(local):
         next(iter(local.clients().logging.tail_log_entries(requests=iter([request]))))
 
 
+@pytest.mark.parametrize("seconds", [-1, 61])
+def test_tail_refuses_a_buffer_window_outside_0_to_60_seconds(local, seconds):
+    # logging.proto, TailLogEntriesRequest.buffer_window: "Valid values are between 0-60000 milliseconds."
+    request = TailLogEntriesRequest(resource_names=[PROJECT], buffer_window={"seconds": seconds})
+    with pytest.raises(exceptions.InvalidArgument, match="buffer_window"):
+        next(iter(local.clients().logging.tail_log_entries(requests=iter([request]))))
+
+
 def test_entries_survive_a_restart_and_insert_ids_keep_increasing(tmp_path, monkeypatch):
     data_dir = tmp_path / "emulator"
     with Emulator(data_dir=data_dir) as first:

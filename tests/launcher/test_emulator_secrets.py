@@ -55,6 +55,36 @@ def test_secret_id_rules(local, secret_id):
         _create(local.clients().secrets, secret_id)
 
 
+@pytest.mark.parametrize(
+    "labels",
+    [
+        {"Managed-By": "gemma-launch"},
+        {"managed-by": "Gemma"},
+        {"1st": "x"},
+        {"managed.by": "x"},
+        {"k" * 64: "x"},
+        {"k": "v" * 64},
+        {f"k{i}": "v" for i in range(65)},
+    ],
+)
+def test_secret_labels_follow_the_documented_rules(local, labels):
+    # resources.proto, Secret.labels: lower-case keys starting with a letter, lower-case values, <= 64.
+    secrets = local.clients().secrets
+    secret = {"replication": {"automatic": {}}, "labels": labels}
+    with pytest.raises(exceptions.InvalidArgument, match="label"):
+        secrets.create_secret(request={"parent": f"projects/{PROJECT}", "secret_id": "S", "secret": secret})
+    created = _create(secrets)
+    with pytest.raises(exceptions.InvalidArgument, match="label"):
+        secrets.update_secret(
+            request={"secret": {"name": created.name, "labels": labels}, "update_mask": {"paths": ["labels"]}}
+        )
+    fine = {"managed-by": "gemma-launch", "été": "clé_1", "empty": ""}
+    updated = secrets.update_secret(
+        request={"secret": {"name": created.name, "labels": fine}, "update_mask": {"paths": ["labels"]}}
+    )
+    assert dict(updated.labels) == fine
+
+
 def test_create_requires_replication(local):
     with pytest.raises(exceptions.InvalidArgument):
         local.clients().secrets.create_secret(
@@ -200,3 +230,31 @@ def test_every_call_is_recorded_and_marked_mutating_or_not(local):
     secrets.access_secret_version(name=f"{secret}/versions/1")
     methods = [(entry["method"], entry["mutating"]) for entry in local.record()]
     assert methods == [("CreateSecret", True), ("AddSecretVersion", True), ("AccessSecretVersion", False)]
+
+
+def test_a_secret_policy_with_conditions_is_read_and_written_only_as_version_3(local):
+    # google/iam/v1/policy.proto, Policy.version; https://cloud.google.com/iam/docs/troubleshooting-withcond
+    _service_account(local)
+    secrets = local.clients().secrets
+    secret = _create(secrets).name
+    member = f"serviceAccount:{ACCOUNT}"
+    expiring = {"title": "until 2030", "expression": "request.time < timestamp('2030-01-01T00:00:00Z')"}
+    conditional = policy_pb2.Policy(
+        bindings=[{"role": "roles/secretmanager.secretAccessor", "members": [member], "condition": expiring}]
+    )
+    with pytest.raises(exceptions.InvalidArgument, match="version 3"):
+        secrets.set_iam_policy(request={"resource": secret, "policy": conditional})
+    conditional.version = 3
+    secrets.set_iam_policy(request={"resource": secret, "policy": conditional})
+
+    v1 = secrets.get_iam_policy(request={"resource": secret})
+    assert v1.version == 1
+    assert v1.bindings[0].role.startswith("roles/secretmanager.secretAccessor_withcond_")
+    v1.bindings.add(role="roles/secretmanager.viewer", members=[member])
+    with pytest.raises(exceptions.InvalidArgument, match="version 3"):
+        secrets.set_iam_policy(request={"resource": secret, "policy": v1})
+
+    v3 = secrets.get_iam_policy(request={"resource": secret, "options": {"requested_policy_version": 3}})
+    assert v3.version == 3 and v3.bindings[0].condition.title == "until 2030"
+    with pytest.raises(exceptions.InvalidArgument, match="requested policy version"):
+        secrets.get_iam_policy(request={"resource": secret, "options": {"requested_policy_version": 2}})

@@ -115,6 +115,93 @@ def test_bucket_iam_policy_round_trips(local):
     assert iam_calls == ["buckets.getIamPolicy", "buckets.setIamPolicy", "buckets.getIamPolicy"]
 
 
+EXPIRING = {"title": "until 2030", "expression": "request.time < timestamp('2030-01-01T00:00:00Z')"}
+
+
+def test_a_bucket_policy_with_conditions_needs_version_3_and_uniform_access(local):
+    local.clients().iam.create_service_account(
+        request={"name": "projects/demo-project", "account_id": "gemma-trainer"}
+    )
+    client = local.clients().storage
+    fine_grained = _bucket(client, "demo-project-fine-grained")
+    policy = fine_grained.get_iam_policy(requested_policy_version=3)
+    policy.version = 3
+    policy.bindings.append(
+        {"role": "roles/storage.objectViewer", "members": {ACCOUNT}, "condition": EXPIRING}
+    )
+    with pytest.raises(exceptions.BadRequest, match="uniform bucket-level access"):
+        fine_grained.set_iam_policy(policy)
+
+    bucket = _bucket(client, uniform=True)
+    policy = bucket.get_iam_policy(requested_policy_version=3)
+    policy.bindings.append(
+        {"role": "roles/storage.objectViewer", "members": {ACCOUNT}, "condition": EXPIRING}
+    )
+    with pytest.raises(exceptions.BadRequest, match="version 3"):
+        bucket.set_iam_policy(policy)
+    policy.version = 3
+    bucket.set_iam_policy(policy)
+
+    # A reader unaware of conditions could drop them on write-back: only version 3 reads them.
+    with pytest.raises(exceptions.BadRequest, match="optionsRequestedPolicyVersion=3"):
+        bucket.get_iam_policy()
+    read = bucket.get_iam_policy(requested_policy_version=3)
+    assert [b["condition"]["title"] for b in read.bindings] == ["until 2030"]
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["line\nfeed.txt", "carriage\rreturn", ".", "..", ".well-known/acme-challenge/x", "x" * 1025, "é" * 513],
+)
+def test_object_names_gcs_rejects(local, name):
+    # https://cloud.google.com/storage/docs/objects#naming
+    bucket = _bucket(local.clients().storage)
+    small, large = bucket.blob(name), bucket.blob(name, chunk_size=256 * 1024)
+    with pytest.raises(exceptions.BadRequest):
+        small.upload_from_string(b"data")
+    with pytest.raises(exceptions.BadRequest):
+        large.upload_from_string(b"x" * (300 * 1024))  # a resumable upload
+    assert not list(bucket.list_blobs())
+
+
+def test_object_names_gcs_accepts(local):
+    bucket = _bucket(local.clients().storage)
+    longest = "/".join(["d" * 200] * 5) + "/" + "f" * 19  # 1024 bytes, in parts the local disk can hold
+    names = [longest, "dir/.hidden", "sp ace/ünï/code.py", ".well-known/other"]
+    for name in names:
+        bucket.blob(name).upload_from_string(b"data")
+    assert sorted(blob.name for blob in bucket.list_blobs()) == sorted(names)
+
+
+def test_request_preconditions_are_enforced(local):
+    # https://cloud.google.com/storage/docs/request-preconditions: a precondition that does not hold is 412.
+    bucket = _bucket(local.clients().storage)
+    blob = bucket.blob("runs/result.json")
+    blob.upload_from_string(b"first", if_generation_match=0)
+    with pytest.raises(exceptions.PreconditionFailed):
+        bucket.blob("runs/result.json").upload_from_string(b"second", if_generation_match=0)
+    resumable = bucket.blob("runs/result.json", chunk_size=256 * 1024)
+    with pytest.raises(exceptions.PreconditionFailed):
+        resumable.upload_from_string(b"x" * (300 * 1024), if_generation_match=0)
+    assert bucket.blob("runs/result.json").download_as_bytes() == b"first"
+
+    blob.reload()
+    with pytest.raises(exceptions.PreconditionFailed):
+        bucket.blob(blob.name).download_as_bytes(if_generation_match=blob.generation + 1)
+    blob.metadata = {"k": "v"}
+    with pytest.raises(exceptions.PreconditionFailed):
+        blob.patch(if_metageneration_match=blob.metageneration + 1)
+    with pytest.raises(exceptions.PreconditionFailed):
+        blob.delete(if_generation_not_match=blob.generation)
+
+    bucket.blob(blob.name).upload_from_string(b"second", if_generation_match=blob.generation)
+    assert bucket.blob(blob.name).download_as_bytes() == b"second"
+    with pytest.raises(exceptions.PreconditionFailed):
+        bucket.blob(blob.name).delete(if_generation_match=blob.generation)  # replaced since
+    bucket.get_blob(blob.name).delete(if_generation_match=bucket.get_blob(blob.name).generation)
+    assert not list(bucket.list_blobs())
+
+
 def _md5(data: bytes) -> str:
     return base64.b64encode(hashlib.md5(data).digest()).decode()
 

@@ -18,7 +18,7 @@ from google.cloud import storage
 from google.iam.v1 import iam_policy_pb2, policy_pb2
 from google.oauth2.credentials import Credentials
 
-from launcher import iam_bindings
+from launcher import down, iam_bindings, provision
 from launcher import job as jobs
 from launcher.cli import main
 from launcher.emulator.server import Emulator
@@ -168,3 +168,80 @@ def test_a_stale_bucket_policy_etag_is_refused_and_provisioning_reads_again(loca
     with pytest.raises(exceptions.PreconditionFailed) as raced:
         bucket.set_iam_policy(stale)
     assert iam_bindings._POLICY_RACE_RETRY._predicate(raced.value)
+
+
+EXPIRING = {"title": "until 2030", "expression": "request.time < timestamp('2030-01-01T00:00:00Z')"}
+
+
+def _add_conditional_viewer(projects) -> None:
+    """What many projects carry: a grant with an IAM condition, which makes the policy version 3."""
+    resource = f"projects/{PROJECT}"
+    v3 = {"requested_policy_version": 3}
+    policy = projects.get_iam_policy(request={"resource": resource, "options": v3})
+    policy.version = 3
+    policy.bindings.add(role="roles/viewer", members=[STRANGER], condition=EXPIRING)
+    projects.set_iam_policy(request={"resource": resource, "policy": policy})
+
+
+def test_a_policy_with_conditions_must_be_read_and_written_as_version_3(local):
+    projects = local.clients(PROJECT).projects
+    resource = f"projects/{PROJECT}"
+    _add_conditional_viewer(projects)
+
+    # Read as version 1 (no options), the conditional binding hides its condition behind a mangled role.
+    v1 = projects.get_iam_policy(request={"resource": resource})
+    assert v1.version == 1
+    hidden = [b for b in v1.bindings if b.role.startswith("roles/viewer_withcond_")]
+    assert len(hidden) == 1 and not hidden[0].HasField("condition")
+    # Writing that back, even unchanged, would drop the condition: refused.
+    with pytest.raises(exceptions.InvalidArgument, match="version 3"):
+        projects.set_iam_policy(request={"resource": resource, "policy": v1})
+    # So is a conditional binding in a policy that does not say version 3.
+    v3 = projects.get_iam_policy(request={"resource": resource, "options": {"requested_policy_version": 3}})
+    assert v3.version == 3
+    v3.version = 1
+    with pytest.raises(exceptions.InvalidArgument, match="version 3"):
+        projects.set_iam_policy(request={"resource": resource, "policy": v3})
+
+
+def test_up_and_down_keep_the_projects_conditional_bindings(local):
+    # The build account's logWriter is granted on the project, whose policy often has conditions: the
+    # read-modify-write must use version 3 or the real API refuses it.
+    clients = local.clients(PROJECT)
+    settings = load_settings(None, {"project_id": PROJECT})
+    _add_conditional_viewer(clients.projects)
+    provision.ensure_build_account(clients, settings)
+
+    granted = iam_bindings.ensure_build_log_writer(clients, settings)
+    assert granted.status == "created"
+    assert iam_bindings.ensure_build_log_writer(clients, settings).status == "unchanged"
+    member = f"serviceAccount:{settings.build_service_account_email}"
+    v3 = {"requested_policy_version": 3}
+    policy = clients.projects.get_iam_policy(request={"resource": f"projects/{PROJECT}", "options": v3})
+    assert [b.condition.title for b in policy.bindings if b.role == "roles/viewer"] == [EXPIRING["title"]]
+    assert any(b.role == iam_bindings.LOG_WRITER and member in b.members for b in policy.bindings)
+
+    removed = [c for c in down.remove_bindings(clients, settings, dry_run=False) if c.kind == "project IAM"]
+    assert [c.status for c in removed] == ["deleted"]
+    policy = clients.projects.get_iam_policy(request={"resource": f"projects/{PROJECT}", "options": v3})
+    assert [b.condition.title for b in policy.bindings if b.role == "roles/viewer"] == [EXPIRING["title"]]
+    assert not any(member in b.members for b in policy.bindings)
+
+
+def test_batch_get_services_reads_at_most_30_services_of_its_parent(local):
+    # serviceusage.proto, BatchGetServicesRequest: "A single request can get a maximum of 30 services",
+    # and each name's parent must match `parent`.
+    service_usage = local.clients(PROJECT).service_usage
+    parent = f"projects/{PROJECT}"
+    names = [f"{parent}/services/api{i}.googleapis.com" for i in range(31)]
+    with pytest.raises(exceptions.InvalidArgument, match="at most 30"):
+        service_usage.batch_get_services(request={"parent": parent, "names": names})
+    with pytest.raises(exceptions.InvalidArgument, match="not under the parent"):
+        service_usage.batch_get_services(
+            request={"parent": parent, "names": ["projects/another-project/services/run.googleapis.com"]}
+        )
+    number = local.emulator.access.project(PROJECT)["number"]
+    found = service_usage.batch_get_services(
+        request={"parent": parent, "names": [f"projects/{number}/services/run.googleapis.com"]}
+    )
+    assert [service.state.name for service in found.services] == ["ENABLED"]

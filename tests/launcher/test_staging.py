@@ -450,6 +450,22 @@ def test_local_directories_that_are_not_a_model_or_the_pets_layout_are_refused(l
         run(local, model_source=str(tmp_path / "absent"))
 
 
+@pytest.mark.parametrize("name", ["line\nbreak.txt", "/".join(["d" * 250] * 5)])
+def test_a_local_file_whose_name_cloud_storage_refuses_stops_staging_before_any_upload(
+    local, hub, bucket, tmp_path, name
+):
+    # https://cloud.google.com/storage/docs/objects#naming: no CR/LF, at most 1024 bytes.
+    model_dir = tmp_path / "tiny-gemma"
+    model_dir.mkdir()
+    (model_dir / "config.json").write_bytes(b"{}")
+    (model_dir / name).parent.mkdir(parents=True, exist_ok=True)
+    (model_dir / name).write_bytes(b"x")
+    with pytest.raises(UserError, match="cannot be staged: Cloud Storage object names") as refused:
+        run(local, model_source=str(model_dir))
+    assert "\n" not in refused.value.message and "Rename the file" in refused.value.hint
+    assert uploads(local) == []
+
+
 def test_missing_bucket_says_run_up_and_dry_run_changes_nothing(local, hub):
     with pytest.raises(UserError) as raised:
         run(local)
