@@ -26,7 +26,15 @@ from launcher.settings_rules import parse_duration
     f"Keys: {', '.join(overrides.settable())}.",
 )
 @click.option("--train-size", type=click.IntRange(min=1), help="Shortcut for --set train-size=N.")
-@click.option("--tasks", type=click.IntRange(min=1), help="Number of tasks for this execution.")
+# Always sent, never the job's own count: a sweep whose restore of the job was cut off (the process
+# killed between its two UpdateJobs) leaves the job at the sweep's task count until `up` repairs it.
+@click.option(
+    "--tasks",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Tasks for this execution, each on its own GPU with the same settings.",
+)
 @click.option(
     "--timeout",
     help="Task timeout for this execution, e.g. 2h or 45m. With a GPU at most 12h, and over 1h only when "
@@ -56,7 +64,7 @@ def run_command(
     settings: Settings,
     sets: tuple[str, ...],
     train_size: int | None,
-    tasks: int | None,
+    tasks: int,
     timeout: str | None,
     follow: bool,
     allow_concurrent: bool,

@@ -529,6 +529,19 @@ def test_the_token_crosses_the_wire_only_in_add_secret_version(env, project_dir)
 QUOTA_ID = "NvidiaRtxPro6000GpuAllocNoZonalRedundancyPerProjectRegion"
 
 
+def test_run_starts_one_task_even_on_a_job_left_with_a_sweeps_task_count(env, project_dir):
+    assert up(project_dir).exit_code == 0
+    jobs = env.clients(PROJECT).jobs
+    left = jobs.get_job(name=JOB)  # as a sweep leaves it when killed before putting the job back
+    left.template.task_count, left.template.parallelism = 4, 4
+    jobs.update_job(job=left).result()
+    started = cli("run", "--set", SLEEP)
+    assert started.exit_code == 0, started.output
+    (row,) = json.loads(cli("status", "--json").output)
+    assert row["tasks"] == 1, row
+    assert cli("cancel").exit_code == 0
+
+
 def run_jobs(env) -> list[dict]:
     return [entry for entry in env.record() if entry["method"] == "RunJob"]
 
