@@ -20,7 +20,12 @@ from google.protobuf import empty_pb2
 
 from launcher.emulator.access import Access
 from launcher.emulator.operations import Operations
-from launcher.emulator.resourcemanager import policy_from, replaced_policy, validate_policy
+from launcher.emulator.resourcemanager import (
+    policy_as_requested,
+    policy_from,
+    replaced_policy,
+    validate_policy,
+)
 from launcher.emulator.rpc import (
     Hub,
     Method,
@@ -178,8 +183,10 @@ class ArtifactRegistry:
 
     def get_iam_policy(self, request: iam_policy_pb2.GetIamPolicyRequest, context: grpc.ServicerContext):
         self._repository(request.resource)
-        stored = self.state.table("repository_policies").get(request.resource)
-        return policy_from(stored) if stored else policy_from(_EMPTY_POLICY)
+        stored = self.state.table("repository_policies").get(request.resource) or _EMPTY_POLICY
+        # GetIamPolicyRequest.options (google/iam/v1/iam_policy.proto) applies to every IAM resource:
+        # below version 3 a conditional binding reads as ROLE_withcond_HASH, as for projects.
+        return policy_as_requested(policy_from(stored), request)
 
     def set_iam_policy(self, request: iam_policy_pb2.SetIamPolicyRequest, context: grpc.ServicerContext):
         self._repository(request.resource)

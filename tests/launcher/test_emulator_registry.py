@@ -152,3 +152,28 @@ def test_a_repository_with_immutable_tags_creates_tags_but_never_moves_them(loca
     with pytest.raises(ApiError, match="immutable tags"):
         service.record_image(REPO, "trainer", DIGEST_B, ["latest"])
     assert service.find_image(f"{HOST}/trainer:latest").name.endswith(DIGEST_A)
+
+
+def test_a_repository_policy_with_conditions_is_read_and_written_only_as_version_3(local):
+    # google/iam/v1/policy.proto, Policy.version; https://cloud.google.com/iam/docs/troubleshooting-withcond
+    registry = local.clients().registry
+    _create(registry).result()
+    reader = "user:reader@example.com"
+    expiring = {"title": "until 2030", "expression": "request.time < timestamp('2030-01-01T00:00:00Z')"}
+    v3 = {"requested_policy_version": 3}
+    policy = registry.get_iam_policy(request={"resource": REPO, "options": v3})
+    policy.version = 3
+    policy.bindings.add(role="roles/artifactregistry.reader", members=[reader], condition=expiring)
+    registry.set_iam_policy(request={"resource": REPO, "policy": policy})
+
+    v1 = registry.get_iam_policy(request={"resource": REPO})
+    assert v1.version == 1
+    assert v1.bindings[0].role.startswith("roles/artifactregistry.reader_withcond_")
+    assert not v1.bindings[0].HasField("condition")
+    with pytest.raises(exceptions.InvalidArgument, match="version 3"):
+        registry.set_iam_policy(request={"resource": REPO, "policy": v1})
+
+    read = registry.get_iam_policy(request={"resource": REPO, "options": v3})
+    assert read.version == 3 and read.bindings[0].condition.title == "until 2030"
+    with pytest.raises(exceptions.InvalidArgument, match="requested policy version"):
+        registry.get_iam_policy(request={"resource": REPO, "options": {"requested_policy_version": 2}})
