@@ -199,33 +199,41 @@ def _new_object_name(request: Any) -> str | None:
 # method's query parameters in https://cloud.google.com/storage/docs/json_api/v1/objects):
 # ifGenerationMatch (0: only if no live object), ifGenerationNotMatch, ifMetagenerationMatch and
 # ifMetagenerationNotMatch; one that does not hold is 412 conditionNotMet
-# (https://cloud.google.com/storage/docs/json_api/v1/status-codes#412_Precondition_Failed).
+# (https://cloud.google.com/storage/docs/json_api/v1/status-codes#412_Precondition_Failed), except a
+# read whose ...NotMatch condition fails: the object is the one the reader already has, so the answer
+# is 304 Not Modified with no body
+# (https://cloud.google.com/storage/docs/json_api/v1/status-codes#304_Not_Modified). As in HTTP's own
+# conditional requests (RFC 9110, section 13.2.2), a failed ...Match is checked first and stays 412.
 _PRECONDITION_METHODS = {"objects.insert", "objects.get", "objects.delete", "objects.patch"}
 
 
-def _precondition_failed(method: str, request: Any, storage: Storage) -> bool:
+def _precondition_refusal(method: str, request: Any, storage: Storage) -> HTTPStatus | None:
+    """PRECONDITION_FAILED or NOT_MODIFIED when a precondition of `request` does not hold, else None."""
     if method == "objects.insert":
         name = _new_object_name(request)
         if name is None:  # a later request of a resumable upload: checked when the session started
-            return False
+            return None
     else:
         name = request.params.get("object_id") or ""
     stored = storage.objects.get(request.params.get("bucket_name") or "", {}).get(name)
     if stored is None and method != "objects.insert":
-        return False  # the handler answers 404
+        return None  # the handler answers 404
     generation = str(stored.get("generation") or "0") if stored else "0"
     metageneration = str(stored.get("metageneration") or "1") if stored else None
 
-    def asked(parameter: str) -> str | None:
-        return (request.query.get(parameter) or [None])[0]
+    def failed(parameter: str, holds: Callable[[str], bool]) -> bool:
+        value = (request.query.get(parameter) or [None])[0]
+        return value is not None and not holds(value)
 
-    checks = [
-        ("ifGenerationMatch", lambda value: value == generation),
-        ("ifGenerationNotMatch", lambda value: value != generation),
-        ("ifMetagenerationMatch", lambda value: value == metageneration),
-        ("ifMetagenerationNotMatch", lambda value: value != metageneration),
-    ]
-    return any((value := asked(parameter)) is not None and not holds(value) for parameter, holds in checks)
+    if failed("ifGenerationMatch", lambda value: value == generation) or failed(
+        "ifMetagenerationMatch", lambda value: value == metageneration
+    ):
+        return HTTPStatus.PRECONDITION_FAILED
+    if failed("ifGenerationNotMatch", lambda value: value != generation) or failed(
+        "ifMetagenerationNotMatch", lambda value: value != metageneration
+    ):
+        return HTTPStatus.NOT_MODIFIED if method == "objects.get" else HTTPStatus.PRECONDITION_FAILED
+    return None
 
 
 # ---- the request record ---------------------------------------------------------------------------
@@ -338,9 +346,11 @@ def _recorded(handler: Handler, method: str) -> Handler:
         if name is not None and (problem := _object_name_problem(name)):
             emulated.record.append("storage", method, _describe(request), outcome=HTTPStatus.BAD_REQUEST.name)
             return _error(response, HTTPStatus.BAD_REQUEST, "invalid", problem)
-        if method in _PRECONDITION_METHODS and _precondition_failed(method, request, storage):
-            status = HTTPStatus.PRECONDITION_FAILED
+        if method in _PRECONDITION_METHODS and (status := _precondition_refusal(method, request, storage)):
             emulated.record.append("storage", method, _describe(request), outcome=status.name)
+            if status == HTTPStatus.NOT_MODIFIED:
+                response.status = status
+                return None
             message = "At least one of the pre-conditions you specified did not hold."
             return _error(response, status, "conditionNotMet", message)
         # The storage server answers one request at a time; the lock keeps import_tree out meanwhile.

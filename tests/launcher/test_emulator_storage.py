@@ -202,6 +202,28 @@ def test_request_preconditions_are_enforced(local):
     assert not list(bucket.list_blobs())
 
 
+def test_a_read_whose_not_match_precondition_fails_is_not_modified(local):
+    # https://cloud.google.com/storage/docs/json_api/v1/status-codes#304_Not_Modified: a GET whose
+    # ifGenerationNotMatch / ifMetagenerationNotMatch names the object as it is answers 304, not 412;
+    # writes keep 412 (test_request_preconditions_are_enforced).
+    bucket = _bucket(local.clients().storage)
+    blob = bucket.blob("runs/result.json")
+    blob.upload_from_string(b"first")
+    blob.reload()
+    with pytest.raises(exceptions.NotModified):
+        bucket.blob(blob.name).download_as_bytes(if_generation_not_match=blob.generation)
+    with pytest.raises(exceptions.NotModified):
+        bucket.get_blob(blob.name, if_metageneration_not_match=blob.metageneration)
+    # A failed ...Match condition is still 412, even when a ...NotMatch one fails too.
+    with pytest.raises(exceptions.PreconditionFailed):
+        bucket.blob(blob.name).download_as_bytes(
+            if_generation_match=blob.generation + 1, if_generation_not_match=blob.generation
+        )
+    assert bucket.blob(blob.name).download_as_bytes(if_generation_not_match=blob.generation + 1) == b"first"
+    with pytest.raises(exceptions.PreconditionFailed):
+        bucket.blob(blob.name).delete(if_metageneration_not_match=blob.metageneration)
+
+
 def _md5(data: bytes) -> str:
     return base64.b64encode(hashlib.md5(data).digest()).decode()
 
