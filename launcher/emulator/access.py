@@ -16,14 +16,22 @@ Google answers every request in this order, and so does the emulator:
 A service account made a moment ago is not yet known to other services' IAM: for `propagation_s`
 seconds a policy naming it is refused (https://cloud.google.com/iam/docs/service-accounts-create:
 "...it can take up to 60 seconds..."; https://cloud.google.com/iam/docs/troubleshooting-access).
+
+A deleted service account's member becomes `deleted:serviceAccount:EMAIL?uid=UNIQUE_ID` in every
+policy (google/iam/v1/policy.proto, Binding.members), which grants nothing: "If you delete a service
+account, then create a new service account with the same name, the new service account is treated as a
+separate identity; it does not inherit the roles granted to the deleted service account"
+(https://cloud.google.com/iam/docs/service-accounts-delete-undelete).
 """
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import re
 import secrets
 import time
+import uuid
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -170,6 +178,8 @@ _SERVICE_ACCOUNT_MEMBER = re.compile(
 )
 
 PolicySource = Callable[[str], "list[dict[str, Any]]"]
+# Renames a member (old, new) in every policy of one kind of resource.
+MemberRenamer = Callable[[str, str], None]
 
 
 def project_number(project: str) -> str:
@@ -206,6 +216,7 @@ class Access:
         self.billing_enabled = billing_enabled
         self._tokens: dict[str, str] = {}
         self._policy_sources: list[tuple[re.Pattern[str], PolicySource]] = []
+        self._member_renamers: list[MemberRenamer] = []
 
     # ---- callers
 
@@ -340,6 +351,20 @@ class Access:
                 ],
             )
 
+    def add_member_renamer(self, renamer: MemberRenamer) -> None:
+        """`renamer(old, new)` renames a member in the policies of resources that carry their own."""
+        self._member_renamers.append(renamer)
+
+    def service_account_deleted(self, email: str, unique_id: str) -> None:
+        """Every policy's grants to the account now name it as deleted (see the module's docstring)."""
+        old = f"serviceAccount:{email}"
+        new = f"deleted:{old}?uid={unique_id}"
+        with self.state.transaction() as tables:
+            for record in tables["projects"].values():
+                rename_member(record["policy"], old, new)
+        for renamer in self._member_renamers:
+            renamer(old, new)
+
     def unknown_member(self, member: str) -> str | None:
         """Why a policy may not name `member` yet (a service account unknown or too new), else None."""
         match = _SERVICE_ACCOUNT_MEMBER.match(member)
@@ -394,6 +419,22 @@ class Access:
                             )
                         ],
                     )
+
+
+def rename_member(policy: dict[str, Any] | None, old: str, new: str) -> bool:
+    """Rename `old` to `new` in a stored policy, giving it a new etag; True when it named `old`."""
+    if not policy:
+        return False
+    renamed = False
+    for binding in policy.get("bindings") or []:
+        members = binding.get("members") or []
+        if old in members:
+            binding["members"] = [new if member == old else member for member in members]
+            renamed = True
+    if renamed:
+        # The policy changed: a read-modify-write begun before must re-read it (ABORTED / 412).
+        policy["etag"] = base64.b64encode(uuid.uuid4().bytes[:8]).decode()
+    return renamed
 
 
 def _resource_of(request: dict[str, Any]) -> str:

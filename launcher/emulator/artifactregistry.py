@@ -18,7 +18,7 @@ from google.iam.v1 import iam_policy_pb2
 from google.longrunning import operations_pb2
 from google.protobuf import empty_pb2
 
-from launcher.emulator.access import Access
+from launcher.emulator.access import Access, rename_member
 from launcher.emulator.operations import Operations
 from launcher.emulator.resourcemanager import (
     policy_as_requested,
@@ -88,10 +88,16 @@ class ArtifactRegistry:
         self.operations = operations
         self.access = access
         access.add_policy_source(r"^projects/[^/]+/locations/[^/]+/repositories/[^/]+", self._policies_of)
+        access.add_member_renamer(self._rename_member)
 
     def _policies_of(self, name: str) -> list[dict[str, Any]]:
         policy = self.state.table("repository_policies").get(name)
         return [policy] if policy else []
+
+    def _rename_member(self, old: str, new: str) -> None:
+        with self.state.transaction() as tables:
+            for policy in tables["repository_policies"].values():
+                rename_member(policy, old, new)
 
     def _repository(self, name: str) -> artifactregistry_v1.Repository:
         if not _REPOSITORY.match(name):

@@ -1,9 +1,13 @@
-"""IAM Admin v1: service accounts (create, get, list, delete)."""
+"""IAM Admin v1: service accounts (create, get, list, delete).
+
+Each account gets a new unique id, so one created again under a deleted one's email is another
+identity; deleting one renames its grants in every policy (access.py says how and why).
+"""
 
 from __future__ import annotations
 
-import hashlib
 import re
+import secrets
 
 import grpc
 from google.cloud import iam_admin_v1
@@ -50,7 +54,8 @@ class Iam:
             name=f"projects/{project}/serviceAccounts/{email}",
             project_id=project,
             email=email,
-            unique_id=str(int(hashlib.sha256(email.encode()).hexdigest()[:15], 16)),
+            # 21 digits, as Google's (iam.proto, ServiceAccount.unique_id is "the unique, stable numeric ID").
+            unique_id=str(10**20 + secrets.randbelow(9 * 10**20)),
             display_name=request.service_account.display_name,
             description=request.service_account.description,
             etag=b"BwY=",
@@ -87,6 +92,7 @@ class Iam:
         account = self._lookup(request.name)
         with self.state.transaction() as tables:
             tables["service_accounts"].pop(account.email, None)
+        self.access.service_account_deleted(account.email, account.unique_id)
         return empty_pb2.Empty()
 
     def handler(self, hub: Hub) -> grpc.GenericRpcHandler:

@@ -25,8 +25,10 @@ from launcher.iam_roles import ROLES
 
 _PROJECT = re.compile(r"^projects/(?P<project>[^/]+)$")
 _BILLING = re.compile(r"^projects/(?P<project>[^/]+)(?:/billingInfo)?$")
+# policy.proto, Binding.members: a deleted principal stays in a policy as deleted:KIND:EMAIL?uid=ID.
 _MEMBER = re.compile(
-    r"^(?:allUsers|allAuthenticatedUsers|(?:user|serviceAccount|group):[^@\s]+@[^@\s]+|domain:\S+)$"
+    r"^(?:allUsers|allAuthenticatedUsers|(?:user|serviceAccount|group):[^@\s]+@[^@\s]+|domain:\S+"
+    r"|deleted:(?:user|serviceAccount|group):[^@\s]+@[^@\s?]+\?uid=\d+)$"
 )
 
 

@@ -22,7 +22,7 @@ from google.cloud import secretmanager_v1
 from google.iam.v1 import iam_policy_pb2, policy_pb2
 from google.protobuf import empty_pb2, json_format
 
-from launcher.emulator.access import Access, project_number
+from launcher.emulator.access import Access, project_number, rename_member
 from launcher.emulator.resourcemanager import check_version_kept, check_versioned, policy_as_requested
 from launcher.emulator.rpc import (
     ApiError,
@@ -81,10 +81,16 @@ class SecretManager:
         self.state = state
         self.access = access
         access.add_policy_source(r"^projects/[^/]+/secrets/[^/]+", self._policies_of)
+        access.add_member_renamer(self._rename_member)
 
     def _policies_of(self, name: str) -> list[dict[str, Any]]:
         stored = self.state.table("secrets").get(self._secret_key(name))
         return [stored["policy"]] if stored and stored["policy"] else []
+
+    def _rename_member(self, old: str, new: str) -> None:
+        with self.state.transaction() as tables:
+            for stored in tables["secrets"].values():
+                rename_member(stored["policy"], old, new)
 
     # ---- names ----------------------------------------------------------------------------------
 

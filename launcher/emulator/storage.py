@@ -46,7 +46,7 @@ from gcp_storage_emulator.handlers import buckets, objects
 from gcp_storage_emulator.storage import Storage
 
 from launcher.emulator import storage_iam
-from launcher.emulator.access import Access, project_number
+from launcher.emulator.access import Access, project_number, rename_member
 from launcher.emulator.faults import HTTP_STATUS, Faults
 from launcher.emulator.record import Record, mutates
 from launcher.emulator.rpc import Hub, not_found
@@ -422,6 +422,7 @@ class CloudStorage:
             r"^projects/_/buckets/[^/]+", lambda name: storage_iam.bucket_policies(storage, name)
         )
         self.lock = threading.RLock()
+        access.add_member_renamer(self._rename_member)
         # Replaced by the emulator's own when the server asks for this service's handler.
         self.faults = Faults()
         # (bucket, object) -> (size, mtime_ns) of the file when import_tree last matched it to its object.
@@ -429,6 +430,13 @@ class CloudStorage:
         _patch_routes()
         _EMULATED[storage] = self
         self._relink()
+
+    def _rename_member(self, old: str, new: str) -> None:
+        with self.lock:
+            for bucket in list(self.storage.buckets):
+                policy = self.storage.get_bucket_iam_policy(bucket)
+                if rename_member(policy, old, new):
+                    self.storage.set_bucket_iam_policy(bucket, policy)
 
     def _relink(self) -> None:
         """Point the media links that an earlier run stored at this server's address.

@@ -188,3 +188,45 @@ def test_up_after_down_rebuilds_everything(env, project_dir):
     created = {line.split()[1] for line in again.output.splitlines() if line.split()[:1] == ["created"]}
     assert {"service", "repository", "secret", "job"} <= created
     assert cli("run", "--follow").exit_code == 0
+
+
+def test_up_grants_again_to_accounts_deleted_by_hand_and_down_leaves_their_deleted_members(env, project_dir):
+    # A deleted account's grants stay as deleted:serviceAccount:EMAIL?uid=ID and are not inherited by a
+    # new account of the same email (https://cloud.google.com/iam/docs/service-accounts-delete-undelete).
+    up(project_dir)
+    clients = env.clients(PROJECT)
+    deleted = set()
+    for email in (SA, BUILD_SA):
+        name = f"projects/{PROJECT}/serviceAccounts/{email}"
+        unique_id = clients.iam.get_service_account(name=name).unique_id
+        clients.iam.delete_service_account(name=name)
+        deleted.add(f"deleted:serviceAccount:{email}?uid={unique_id}")
+
+    again = cli("up", "--skip-stage", "--source", str(project_dir), "--max-retries", "0", "--json")
+    assert again.exit_code == 0, again.output
+    created = [c["kind"] for c in json.loads(again.output)["changes"] if c["status"] == "created"]
+    assert created.count("service account") == 2
+    assert sorted(kind for kind in created if kind.endswith("IAM")) == sorted(
+        ["bucket IAM", "bucket IAM", "repository IAM", "project IAM", "secret IAM"]
+    )
+    assert cli("run", "--follow").exit_code == 0  # the new job account reads the secret and the bucket
+
+    done = cli("down")
+    assert done.exit_code == 0, done.output
+    assert statuses(done.output)["deleted"].count("bucket IAM") == 2
+    with pytest.raises(exceptions.NotFound):
+        clients.iam.get_service_account(name=f"projects/{PROJECT}/serviceAccounts/{SA}")
+    # Grants to a deleted account are left for IAM to purge: they grant nothing, and removing them
+    # would take its roles from the account should it be undeleted.
+    bucket_members = {
+        member
+        for binding in clients.storage.bucket(BUCKET).get_iam_policy(requested_policy_version=3).bindings
+        for member in binding["members"]
+    }
+    assert bucket_members & {f"serviceAccount:{SA}", f"serviceAccount:{BUILD_SA}"} == set()
+    assert bucket_members >= deleted
+    project = clients.projects.get_iam_policy(
+        request=iam_policy_pb2.GetIamPolicyRequest(resource=f"projects/{PROJECT}")
+    )
+    log_writers = [list(b.members) for b in project.bindings if b.role == "roles/logging.logWriter"]
+    assert log_writers == [[member for member in deleted if BUILD_SA in member]]

@@ -1,5 +1,29 @@
+import grpc
 import pytest
 from google.api_core import exceptions
+from google.cloud import artifactregistry_v1, secretmanager_v1
+from google.cloud.secretmanager_v1.services.secret_manager_service.transports import (
+    SecretManagerServiceGrpcTransport,
+)
+
+PROJECT = "demo-project"
+V3 = {"requested_policy_version": 3}
+
+
+def _access_as(local, member: str, version: str) -> bytes:
+    """The payload `member` reads with a token of its own, as a task running as it would."""
+    channel = grpc.insecure_channel(local.emulator.host)
+    client = secretmanager_v1.SecretManagerServiceClient(
+        transport=SecretManagerServiceGrpcTransport(channel=channel)
+    )
+    token = local.emulator.access.issue_token(member)
+    return client.access_secret_version(
+        name=version, metadata=[("authorization", f"Bearer {token}")]
+    ).payload.data
+
+
+def _members(policy, role: str) -> set[str]:
+    return {member for binding in policy.bindings if binding["role"] == role for member in binding["members"]}
 
 
 def test_service_account_create_get_and_conflict(local):
@@ -50,3 +74,66 @@ def test_service_account_display_name_and_description_have_byte_limits(local, ac
             "service_account": {"display_name": "x" * 100, "description": "x" * 256},
         }
     )
+
+
+def test_a_deleted_accounts_grants_name_it_deleted_and_a_new_account_of_its_email_inherits_none(local):
+    # https://cloud.google.com/iam/docs/service-accounts-delete-undelete: "If you delete a service
+    # account, then create a new service account with the same name, the new service account is treated
+    # as a separate identity; it does not inherit the roles granted to the deleted service account."
+    # Its members read deleted:serviceAccount:EMAIL?uid=ID (google/iam/v1/policy.proto, Binding.members).
+    clients = local.clients()
+    create = {"name": f"projects/{PROJECT}", "account_id": "gemma-trainer"}
+    account = clients.iam.create_service_account(request=create)
+    member = f"serviceAccount:{account.email}"
+    secret = clients.secrets.create_secret(
+        request={
+            "parent": f"projects/{PROJECT}",
+            "secret_id": "HF_TOKEN",
+            "secret": {"replication": {"automatic": {}}},
+        }
+    ).name
+    clients.secrets.add_secret_version(request={"parent": secret, "payload": {"data": b"hf_x"}})
+    repository = (
+        clients.registry.create_repository(
+            request={
+                "parent": f"projects/{PROJECT}/locations/europe-west4",
+                "repository_id": "gemma",
+                "repository": {"format_": artifactregistry_v1.Repository.Format.DOCKER},
+            }
+        )
+        .result()
+        .name
+    )
+    grpc_policies = {
+        clients.projects: (f"projects/{PROJECT}", "roles/logging.logWriter"),
+        clients.secrets: (secret, "roles/secretmanager.secretAccessor"),
+        clients.registry: (repository, "roles/artifactregistry.writer"),
+    }
+    for client, (resource, role) in grpc_policies.items():
+        policy = client.get_iam_policy(request={"resource": resource, "options": V3})
+        policy.bindings.add(role=role, members=[member])
+        client.set_iam_policy(request={"resource": resource, "policy": policy})
+    bucket = clients.storage.create_bucket("demo-project-gemma3")
+    bucket_policy = bucket.get_iam_policy(requested_policy_version=3)
+    bucket_policy.bindings.append({"role": "roles/storage.objectAdmin", "members": {member}})
+    bucket.set_iam_policy(bucket_policy)
+    assert _access_as(local, member, f"{secret}/versions/1") == b"hf_x"
+
+    clients.iam.delete_service_account(name=account.name)
+    deleted = f"deleted:{member}?uid={account.unique_id}"
+    for client, (resource, role) in grpc_policies.items():
+        policy = client.get_iam_policy(request={"resource": resource, "options": V3})
+        assert [list(b.members) for b in policy.bindings if b.role == role] == [[deleted]], resource
+    assert _members(bucket.get_iam_policy(requested_policy_version=3), "roles/storage.objectAdmin") == {
+        deleted
+    }
+
+    again = clients.iam.create_service_account(request=create)
+    assert again.email == account.email and again.unique_id != account.unique_id
+    with pytest.raises(exceptions.PermissionDenied):
+        _access_as(local, member, f"{secret}/versions/1")
+    # A read-modify-write of a policy holding the deleted member writes it back as it is.
+    policy = clients.secrets.get_iam_policy(request={"resource": secret, "options": V3})
+    policy.bindings.add(role="roles/secretmanager.secretAccessor", members=[member])
+    clients.secrets.set_iam_policy(request={"resource": secret, "policy": policy})
+    assert _access_as(local, member, f"{secret}/versions/1") == b"hf_x"
