@@ -52,6 +52,21 @@ def emulator() -> None:
     "project, whose GPU executions fail until quota is granted).",
 )
 @click.option(
+    "--log-read-quota",
+    type=click.IntRange(min=1),
+    default=60,
+    show_default=True,
+    help="ListLogEntries calls a project may make per --log-read-window, as Cloud Logging's read quota "
+    "(more are refused with RESOURCE_EXHAUSTED).",
+)
+@click.option(
+    "--log-read-window",
+    type=click.FloatRange(min=0, min_open=True),
+    default=60.0,
+    show_default=True,
+    help="Seconds over which --log-read-quota counts (Google's: a minute); shorter to rehearse the quota.",
+)
+@click.option(
     "--user",
     default="developer@example.com",
     show_default=True,
@@ -78,6 +93,8 @@ def emulator_start(
     record: Path | None,
     build_regions: str | None,
     gpu_quota: int,
+    log_read_quota: int,
+    log_read_window: float,
     user: str,
     billing: bool,
     iam_propagation: float,
@@ -89,7 +106,8 @@ def emulator_start(
 
     It starts as a new Google Cloud project is: only Google's default APIs enabled (`gemma-launch up`
     enables the rest), no Cloud Run GPU quota (--gpu-quota grants it), builds only in global and a few
-    regions, and every call checked against IAM (docs/reliability.md, "Google's rules").
+    regions, Cloud Logging's read quota of 60 ListLogEntries calls a minute, and every call checked
+    against IAM (docs/reliability.md, "Google's rules").
     """
     from launcher.emulator.faults import Faults
     from launcher.emulator.server import Emulator
@@ -102,6 +120,8 @@ def emulator_start(
         ) from None
     options: dict[str, Any] = {
         "gpu_quota": gpu_quota,
+        "log_read_quota": log_read_quota,
+        "log_read_window_s": log_read_window,
         "user": user,
         "billing": billing,
         "iam_propagation_s": iam_propagation,

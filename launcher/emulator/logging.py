@@ -9,6 +9,8 @@ Filters are parsed, not matched as text: the subset of the Logging query languag
 (comparisons joined by AND) is accepted, and anything else is refused with INVALID_ARGUMENT naming the
 part the emulator does not understand, so a launcher filter that would silently match nothing here is
 caught.
+
+ListLogEntries is held to Cloud Logging's read quota, per project and sliding window (`ReadQuota`).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import operator
 import re
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
@@ -30,6 +33,7 @@ from google.cloud.logging_v2.types import logging as logging_types
 from google.logging.type import log_severity_pb2
 from google.protobuf import json_format
 
+from launcher.emulator.access import error_info, project_number
 from launcher.emulator.rpc import ApiError, Hub, Method, invalid, service_handler
 
 _LogEntryPb = log_entry.LogEntry.pb()
@@ -39,6 +43,10 @@ _DEFAULT_PAGE_SIZE = 50
 _MAX_PAGE_SIZE = 1000
 _TAIL_SESSIONS_PER_PARENT = 10
 _MAX_BUFFER_WINDOW_MS = 60_000
+# https://cloud.google.com/logging/quotas, "Logging API quotas and limits": "Number of entries.list
+# requests: 60 per minute, per Google Cloud project" (ListLogEntries is entries.list over gRPC).
+READ_QUOTA = 60
+READ_WINDOW_S = 60.0
 # How often an idle tail wakes to notice that its client has gone away.
 _TAIL_POLL_S = 0.1
 
@@ -269,9 +277,60 @@ def _decode_token(token: str) -> tuple[int, int]:
         raise invalid(f"Invalid page_token {token!r}.") from None
 
 
+class ReadQuota:
+    """ListLogEntries calls a project may make in any `window_s` seconds: Google's 60 a minute by default;
+    tests shrink the window (`emulator start --log-read-quota/--log-read-window`)."""
+
+    def __init__(self, limit: int = READ_QUOTA, window_s: float = READ_WINDOW_S) -> None:
+        if limit < 1 or window_s <= 0:
+            raise ValueError("the read quota needs a limit of at least 1 and a window over 0 seconds")
+        self.limit = limit
+        self.window_s = window_s
+        self.refused = 0  # calls refused so far: what a test of a reader that outruns the quota reads
+        self._lock = threading.Lock()
+        self._reads: dict[str, deque[float]] = {}
+
+    def take(self, resource: str) -> None:
+        """Count one read by `resource`'s project, or refuse it as Google does when the window is full.
+
+        Refused calls are not counted, as with Google's quotas, so a caller that backs off gets through.
+        The message and the ErrorInfo are those of the real refusal, as field reports quote it (e.g.
+        https://github.com/snarfed/bridgy-fed/issues/620): reason RATE_LIMIT_EXCEEDED, quota_limit
+        ReadRequestsPerMinutePerProject, quota_metric logging.googleapis.com/read_requests.
+        """
+        project = resource.split("/", 1)[1]
+        now = time.monotonic()
+        with self._lock:
+            reads = self._reads.setdefault(project, deque())
+            while reads and reads[0] <= now - self.window_s:
+                reads.popleft()
+            if len(reads) < self.limit:
+                reads.append(now)
+                return
+            self.refused += 1
+        number = project_number(project)
+        raise ApiError(
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            "Quota exceeded for quota metric 'Read requests' and limit 'Read requests per minute' of "
+            f"service 'logging.googleapis.com' for consumer 'project_number:{number}'.",
+            [
+                error_info(
+                    "RATE_LIMIT_EXCEEDED",
+                    "googleapis.com",
+                    consumer=f"projects/{number}",
+                    quota_limit="ReadRequestsPerMinutePerProject",
+                    quota_limit_value=str(self.limit),
+                    quota_metric="logging.googleapis.com/read_requests",
+                    service="logging.googleapis.com",
+                )
+            ],
+        )
+
+
 class Logging:
-    def __init__(self, data_dir: Path) -> None:
+    def __init__(self, data_dir: Path, read_quota: ReadQuota | None = None) -> None:
         self._path = data_dir / "logging.jsonl"
+        self.read_quota = read_quota or ReadQuota()
         self._changed = threading.Condition()
         self._entries: list[_Stored] = self._load()
         self._file = self._path.open("a", encoding="utf-8")
@@ -373,6 +432,8 @@ class Logging:
 
     def list(self, request: logging_types.ListLogEntriesRequest, context: grpc.ServicerContext):
         parents = _parents(list(request.resource_names))
+        # The caller's project pays for the read; the emulator's callers read their own project.
+        self.read_quota.take(request.resource_names[0])
         matches = compile_filter(request.filter)
         order = " ".join(request.order_by.split()).lower()
         if order not in ("", "timestamp asc", "timestamp desc"):

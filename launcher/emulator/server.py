@@ -27,7 +27,7 @@ from launcher.emulator.billing_catalog import Catalog
 from launcher.emulator.cloudbuild import RESTRICTED_REGIONS, CloudBuild
 from launcher.emulator.faults import Faults
 from launcher.emulator.iam import Iam
-from launcher.emulator.logging import Logging
+from launcher.emulator.logging import READ_QUOTA, READ_WINDOW_S, Logging, ReadQuota
 from launcher.emulator.operations import Operations
 from launcher.emulator.quotas import Quotas
 from launcher.emulator.record import Record
@@ -58,10 +58,13 @@ class Emulator:
         billing: bool = True,
         build_regions: Collection[str] | None = RESTRICTED_REGIONS,
         gpu_quota: int = 0,
+        log_read_quota: int = READ_QUOTA,
+        log_read_window_s: float = READ_WINDOW_S,
     ) -> None:
         """A fresh project's rules: APIs off but Google's defaults, `user` the owner of every project it
         names, a new service account unknown to IAM policies for `iam_propagation_s`, billing on, and
-        CreateBuild accepted in `global` and `build_regions` only (None: everywhere)."""
+        CreateBuild accepted in `global` and `build_regions` only (None: everywhere), and at most
+        `log_read_quota` ListLogEntries calls per project in any `log_read_window_s` seconds."""
         if data_dir is None:
             data_dir = Path(tempfile.mkdtemp(prefix="gemma-launch-emulator-"))
         self.data_dir = data_dir.resolve()
@@ -84,7 +87,7 @@ class Emulator:
         self._grpc = grpc.server(futures.ThreadPoolExecutor(max_workers=32))
         self.port = self._grpc.add_insecure_port(f"127.0.0.1:{port}")
         iam = Iam(self.state, self.access)
-        logging = Logging(self.data_dir)
+        logging = Logging(self.data_dir, ReadQuota(log_read_quota, log_read_window_s))
         secrets = SecretManager(self.state, self.access)
         registry = ArtifactRegistry(self.state, self.operations, self.access)
         storage = CloudStorage(self._storage_server._storage, self.hub.record, self.storage_host, self.access)

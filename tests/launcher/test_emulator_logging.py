@@ -7,6 +7,7 @@ from google.api_core import exceptions
 from google.cloud.logging_v2.types import LogEntry, TailLogEntriesRequest
 
 from launcher.cloud import Clients
+from launcher.emulator.logging import ReadQuota
 from launcher.emulator.server import Emulator
 
 PROJECT = "projects/demo-project"
@@ -148,6 +149,38 @@ def test_order_and_paging(local):
     assert pages == [["D", "C"], ["B", "A"], ["E"]]
     asc = clients.logging.list_log_entries(request={"resource_names": [PROJECT], "page_size": 3})
     assert [texts(page.entries) for page in asc.pages] == [["E", "A", "B"], ["C", "D"]]
+
+
+def test_list_is_held_to_googles_read_quota_of_60_a_minute_per_project(local):
+    logging = local.clients().logging
+    for _ in range(60):
+        list(logging.list_log_entries(resource_names=[PROJECT]))
+    with pytest.raises(exceptions.ResourceExhausted) as refused:
+        list(logging.list_log_entries(resource_names=[PROJECT]))
+    assert refused.value.code == 429  # what google-api-core, and so cloud.RETRY, sees
+    assert refused.value.message.startswith(
+        "Quota exceeded for quota metric 'Read requests' and limit 'Read requests per minute' of service "
+        "'logging.googleapis.com' for consumer 'project_number:"
+    )
+    assert refused.value.reason == "RATE_LIMIT_EXCEEDED"
+    assert refused.value.metadata["quota_limit"] == "ReadRequestsPerMinutePerProject"
+    assert refused.value.metadata["quota_limit_value"] == "60"
+    # Each project has its own quota.
+    assert list(logging.list_log_entries(resource_names=["projects/other-project"])) == []
+
+
+def test_a_refused_read_is_not_counted_and_reads_resume_once_the_window_moves_on(local):
+    quota = local.emulator.services["logging"].read_quota = ReadQuota(2, window_s=0.5)
+    logging = local.clients().logging
+    write_sample(local.clients())
+    for _ in range(2):
+        assert len(list(logging.list_log_entries(resource_names=[PROJECT]))) == 5
+    for _ in range(3):
+        with pytest.raises(exceptions.ResourceExhausted):
+            list(logging.list_log_entries(resource_names=[PROJECT]))
+    assert quota.refused == 3
+    time.sleep(0.5)
+    assert len(list(logging.list_log_entries(resource_names=[PROJECT]))) == 5
 
 
 def test_tail_streams_entries_appended_after_it_started_until_cancelled(local):
