@@ -3,13 +3,19 @@
 A Reader hands out each entry a filter matches once, in order, however it arrives: listed by
 ListLogEntries as often as polled, or live through TailLogEntries. launcher/executions.py follows an
 execution with both; launcher/build.py polls a build's log.
+
+Every list counts against Cloud Logging's read quota, 60 ListLogEntries calls a minute per project,
+shared with every other reader of the project's logs (the Logs Explorer, another gemma-launch). A list
+refused for it is retried with backoff (cloud.RETRY, whose two minutes span two of the quota's windows),
+and the Reader says once, through `notice`, that it is waiting.
 """
 
 from __future__ import annotations
 
 import queue
+import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -19,12 +25,16 @@ from google.api_core import exceptions
 from google.cloud.logging_v2.types import ListLogEntriesRequest, LogEntry, TailLogEntriesRequest
 from google.protobuf import duration_pb2
 
-from launcher.cloud import RETRY, Clients
+from launcher.cloud import RETRY, Clients, is_transient
 
 TASK_LABEL = "run.googleapis.com/task_index"
 # Cloud Logging may ingest an entry a little after later ones: each poll looks this far behind the
 # newest entry seen, and entries already handed out are skipped.
 LOG_LAG_NS = 10 * 1_000_000_000
+QUOTA_NOTICE = (
+    "Waiting for Cloud Logging's read quota (60 log reads a minute per project, shared with every reader "
+    "of its logs); the log carries on once it allows."
+)
 
 
 @dataclass(frozen=True)
@@ -55,6 +65,10 @@ def line(entry: LogEntry) -> Line:
     return Line(timestamp, entry.labels.get(TASK_LABEL, ""), text.rstrip("\n"))
 
 
+def _to_stderr(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
 def _timestamp_ns(entry: LogEntry) -> int:
     moment = entry.timestamp
     if not moment:
@@ -69,14 +83,27 @@ def _rfc3339(ns: int) -> str:
 
 class Reader:
     """The entries `log_filter` matches in the project, each handed out once: by `poll`, as often as
-    called, and by `fresh`, which says whether an entry from a `tail` is new."""
+    called, and by `fresh`, which says whether an entry from a `tail` is new. `notice` hears, once, that
+    a list waits for the read quota (on stderr unless told otherwise: stdout may be JSON)."""
 
-    def __init__(self, clients: Clients, project: str, log_filter: str) -> None:
+    def __init__(
+        self, clients: Clients, project: str, log_filter: str, notice: Callable[[str], None] = _to_stderr
+    ) -> None:
         self._clients = clients
         self._project = project
         self._filter = log_filter
         self._newest_ns: int | None = None
         self._seen: set[tuple[int, str]] = set()
+        self._notice = notice
+        self.waited_for_quota = False
+        # RETRY's backoff and deadline; its predicate sees each error it retries, the quota's among them.
+        self._retry = RETRY.with_predicate(self._retryable)
+
+    def _retryable(self, error: Exception) -> bool:
+        if isinstance(error, exceptions.ResourceExhausted) and not self.waited_for_quota:
+            self.waited_for_quota = True
+            self._notice(QUOTA_NOTICE)
+        return is_transient(error)
 
     def fresh(self, entry: LogEntry) -> bool:
         """True the first time `entry` is seen, however it came."""
@@ -102,7 +129,8 @@ class Reader:
             order_by="timestamp asc",
             page_size=1000,
         )
-        yield from self._clients.logging.list_log_entries(request=request, retry=RETRY)
+        # Each page is a call of its own, retried alike (the pager passes the retry on).
+        yield from self._clients.logging.list_log_entries(request=request, retry=self._retry)
 
     def tail(self) -> _Tail:
         """The filter's new entries, live, on a background thread; close() it when done."""

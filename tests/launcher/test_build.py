@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import re
@@ -13,9 +14,10 @@ import pytest
 from google.cloud.devtools import cloudbuild_v1
 from google.cloud.logging_v2.types import ListLogEntriesRequest
 
-from launcher import provision
-from launcher.build import build_image, load_build_config
+from launcher import logs, provision
+from launcher.build import DRAIN_POLLS, build_image, load_build_config, poll_intervals
 from launcher.build_context import pack_source
+from launcher.emulator.logging import ReadQuota
 from launcher.errors import UserError
 from launcher.settings import Settings
 
@@ -314,6 +316,46 @@ def test_build_image_builds_pushes_and_then_skips_unchanged_source(local, cloud)
     assert len(_calls(local, "CreateBuild")) == 1
     assert len(_calls(local, "objects.insert")) == 1
     assert FAKE_TOKEN not in (local.record_path.read_text())
+
+
+def test_a_builds_log_is_read_well_under_loggings_quota_of_60_reads_a_minute_however_long_it_builds():
+    # One ListLogEntries call per poll, at these pauses; the drain after the build adds at most DRAIN_POLLS.
+    reads_at = [0.0, *itertools.accumulate(itertools.islice(poll_intervals(), 1000))]
+    busiest_minute = max(sum(1 for t in reads_at if start <= t < start + 60) for start in reads_at)
+    assert busiest_minute + DRAIN_POLLS <= 25
+    assert sum(1 for t in reads_at if 600 <= t < 660) == 12  # an hour-long build, minute after minute
+
+
+def test_a_build_whose_log_reads_hit_the_quota_waits_and_shows_every_line_once(local, cloud, capsys) -> None:
+    clients, settings, root = cloud
+    local.emulator.services["builds"].line_pause_s = 0.05
+    # Another reader of the project's logs takes the whole quota as the build starts, and again and again.
+    quota = local.emulator.services["logging"].read_quota = ReadQuota(1, window_s=1.5)
+    lines: list[str] = []
+
+    def on_line(line: str) -> None:
+        if not lines:
+            list(clients.logging.list_log_entries(resource_names=["projects/demo-project"]))
+        lines.append(line)
+
+    built = build_image(clients, settings, root, on_line=on_line)
+
+    assert built.change.status == "created"
+    assert quota.refused >= 1
+    build_id = lines[0].split()[2]
+    quota.window_s = 0.001
+    entries = list(
+        clients.logging.list_log_entries(
+            request=ListLogEntriesRequest(
+                resource_names=["projects/demo-project"],
+                filter=f'resource.type="build" AND resource.labels.build_id="{build_id}"',
+                page_size=1000,
+            )
+        )
+    )
+    assert len(entries) == len(lines) - 1 and entries[-1].text_payload == "DONE"
+    assert all(line.endswith(entry.text_payload) for line, entry in zip(lines[1:], entries, strict=True))
+    assert capsys.readouterr().err.splitlines() == [logs.QUOTA_NOTICE]
 
 
 def test_build_image_dry_run_changes_nothing(local, cloud) -> None:
