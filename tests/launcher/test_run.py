@@ -13,6 +13,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+from collections import Counter
 from datetime import datetime
 from pathlib import Path
 
@@ -22,8 +23,9 @@ from google.api import launch_stage_pb2
 from google.cloud import run_v2
 from huggingface_hub import constants
 
-from launcher import overrides
+from launcher import logs, overrides
 from launcher.cli import main
+from launcher.emulator.logging import ReadQuota
 from tests.support.image_source import image_source
 from trainer.flags import build_parser
 
@@ -786,3 +788,62 @@ def test_run_says_the_estimated_cost_refuses_above_max_cost_and_status_shows_wha
     estimate = json.loads(plan.stdout)["estimate"]
     assert estimate["basis"] == "from 1 finished run of this model on this GPU"
     assert estimate["seconds"] == 4 + 230 + 400
+
+
+def log_calls(env, since: int) -> Counter:
+    """The Cloud Logging reads in the record from entry `since` on, by method."""
+    return Counter(
+        entry["method"]
+        for entry in env.record()[since:]
+        if entry["method"] in ("ListLogEntries", "TailLogEntries")
+    )
+
+
+@pytest.mark.slow
+def test_following_an_execution_lists_its_log_twice_and_reading_it_once_however_long_it_runs(
+    env, project_dir
+):
+    # Logging allows 60 ListLogEntries a minute per project: a follow tails the log, listing it only at
+    # its start and its end, and the status checks it makes every 2 s meanwhile are Cloud Run's reads.
+    assert up(project_dir).exit_code == 0
+    before = len(env.record())
+    followed = cli("run", "--follow")
+    assert followed.exit_code == 0, followed.output
+    assert log_calls(env, before) == {"ListLogEntries": 2, "TailLogEntries": 1}
+    polls = [entry for entry in env.record()[before:] if entry["method"] == "GetExecution"]
+    assert len(polls) >= 2  # it ran through more than one status check, none with a list of its own
+    before = len(env.record())
+    assert cli("logs").exit_code == 0
+    assert log_calls(env, before) == {"ListLogEntries": 1}  # one page: up to 1000 lines a read
+    before = len(env.record())
+    assert cli("logs", "--follow").exit_code == 0  # of an execution that has ended
+    assert log_calls(env, before) == {"ListLogEntries": 2, "TailLogEntries": 1}
+
+
+@pytest.mark.slow
+def test_a_follow_that_outruns_the_log_read_quota_waits_and_shows_every_line_once(env, project_dir):
+    assert up(project_dir).exit_code == 0
+    # Another reader of the project's logs has just taken the whole quota, here one read per 2 s.
+    quota = env.emulator.services["logging"].read_quota = ReadQuota(1, window_s=2.0)
+    env.clients(PROJECT).logging.list_log_entries(resource_names=[f"projects/{PROJECT}"])
+    followed = cli("run", "--follow")
+    assert followed.exit_code == 0, followed.output
+    assert quota.refused >= 1
+    assert followed.stderr.splitlines() == [logs.QUOTA_NOTICE]  # one line, no traceback
+    assert "succeeded: 1/1 tasks succeeded" in followed.output
+    shown = [line.split("] ", 1)[1] for line in followed.stdout.splitlines() if "[task 0] " in line]
+    for start in ("argv ", "attempt 0 execution ", "token-present ", "done"):
+        assert sum(line.startswith(start) for line in shown) == 1, (start, shown)
+    assert [line.split(" (")[0] for line in shown if line.startswith("training: ")] == [
+        f"training: step {step}/40" for step in (10, 20, 30, 40)
+    ]
+
+    refused_before = quota.refused
+    history = cli("logs")  # right after the follow's last read: it waits too
+    assert history.exit_code == 0, history.output
+    assert quota.refused > refused_before and history.stderr.splitlines() == [logs.QUOTA_NOTICE]
+    every = [line.split("] ", 1)[1] for line in history.stdout.splitlines() if "[task 0] " in line]
+    assert [line for line in every if " epoch " not in line] == [
+        line for line in shown if not line.startswith("training: ")
+    ]
+    assert sum(" epoch " in line for line in every) == 4

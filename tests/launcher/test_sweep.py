@@ -112,6 +112,11 @@ def test_a_sweep_is_one_execution_of_a_task_per_combination_as_many_at_once_as_t
         "NvidiaRtxPro6000GpuAllocNoZonalRedundancyPerProjectRegion in europe-west4: 2 GPUs)."
     ) in sweep.output
     assert "2/2 tasks succeeded" in sweep.output
+    # Following tails the log and lists it twice, at its start and end, however many tasks log into it:
+    # far inside Logging's 60 ListLogEntries a minute.
+    reading = ("ListLogEntries", "TailLogEntries")
+    log_reads = [call["method"] for call in env.record() if call["method"] in reading]
+    assert sorted(log_reads) == ["ListLogEntries", "ListLogEntries", "TailLogEntries"]
     name = re.search(r"Started execution (\S+)", sweep.output)[1]
     execution = env.clients(PROJECT).executions.get_execution(name=f"{JOB}/executions/{name}")
     assert (execution.task_count, execution.parallelism) == (2, 2)
