@@ -9,7 +9,8 @@ The causes a fresh project meets first, each recognised the way Google reports i
   the hint names the smallest predefined role that holds it;
 - no or expired credentials: UNAUTHENTICATED / 401;
 - paid APIs in a project without billing: FAILED_PRECONDITION, reason UREQ_PROJECT_BILLING_NOT_FOUND;
-- transient errors retried until the deadline (RetryError).
+- transient errors retried until the deadline (RetryError); when they were Cloud Logging's read quota
+  (its ErrorInfo's quota_metric, logging.googleapis.com/read_requests), other readers took it all.
 Staging adds the bucket's own failures (`storage_errors`) and the Hub's answers (`hub_errors`): a gated
 repo, a missing revision or repo, a rejected token.
 """
@@ -61,6 +62,11 @@ def _api_in(text: str) -> str | None:
     return match["api"] if match else None
 
 
+def _log_read_quota(error: BaseException | None) -> bool:
+    metadata = getattr(error, "metadata", None) or {}
+    return metadata.get("quota_metric") == "logging.googleapis.com/read_requests"
+
+
 def denied_permission(error: exceptions.GoogleAPICallError) -> str | None:
     metadata = getattr(error, "metadata", None) or {}
     if metadata.get("permission"):
@@ -73,6 +79,13 @@ def translate(error: BaseException, settings: Settings | None, what: str = "") -
     """The UserError for a Google API error raised while working on `what` (e.g. "bucket b")."""
     project = settings.project_id if settings else "PROJECT_ID"
     on = f" on {what}" if what else ""
+    if isinstance(error, exceptions.RetryError) and _log_read_quota(error.cause):
+        return UserError(
+            f"Gave up{on} after waiting {retry_deadline_s():g} s for Cloud Logging's read quota (60 log "
+            f"reads a minute per project): other readers of project {project}'s logs use all of it.",
+            "Close the other readers (a Logs Explorer tab, another `gemma-launch logs --follow`) or wait a "
+            "minute, then run the same command again: builds and executions go on meanwhile.",
+        )
     if isinstance(error, exceptions.RetryError):
         return UserError(
             f"Gave up{on} after retrying transient errors for {retry_deadline_s():g} s: {error.cause}",

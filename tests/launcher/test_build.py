@@ -358,6 +358,26 @@ def test_a_build_whose_log_reads_hit_the_quota_waits_and_shows_every_line_once(l
     assert capsys.readouterr().err.splitlines() == [logs.QUOTA_NOTICE]
 
 
+def test_a_build_whose_log_reads_wait_past_the_deadline_says_the_quota_is_taken(
+    local, cloud, monkeypatch
+) -> None:
+    clients, settings, root = cloud
+    monkeypatch.setenv("GEMMA_LAUNCH_RETRY_DEADLINE", "1")
+    monkeypatch.setattr(logs, "RETRY", logs.RETRY.with_timeout(1.0))
+    local.emulator.services["logging"].read_quota = ReadQuota(1, window_s=60)
+    list(clients.logging.list_log_entries(resource_names=["projects/demo-project"]))  # another reader's
+
+    with pytest.raises(UserError) as raised:
+        build_image(clients, settings, root, on_line=lambda line: None)
+
+    assert raised.value.message.startswith(
+        "Gave up on build europe-west4-docker.pkg.dev/demo-project/gemma3-finetuning-repo/gemma3-finetune "
+        "after waiting 1 s for Cloud Logging's read quota (60 log reads a minute per project): other "
+        "readers of project demo-project's logs use all of it."
+    )
+    assert raised.value.hint.startswith("Close the other readers (a Logs Explorer tab")
+
+
 def test_build_image_dry_run_changes_nothing(local, cloud) -> None:
     clients, settings, root = cloud
     planned = build_image(clients, settings, root, dry_run=True)
