@@ -95,13 +95,13 @@ class Reader:
         self._newest_ns: int | None = None
         self._seen: set[tuple[int, str]] = set()
         self._notice = notice
-        self.waited_for_quota = False
+        self._waited = False
         # RETRY's backoff and deadline; its predicate sees each error it retries, the quota's among them.
         self._retry = RETRY.with_predicate(self._retryable)
 
     def _retryable(self, error: Exception) -> bool:
-        if isinstance(error, exceptions.ResourceExhausted) and not self.waited_for_quota:
-            self.waited_for_quota = True
+        if isinstance(error, exceptions.ResourceExhausted) and not self._waited:
+            self._waited = True
             self._notice(QUOTA_NOTICE)
         return is_transient(error)
 
