@@ -30,7 +30,7 @@ def run_page(clients: Clients, settings: Settings, execution: str) -> dict[str, 
     """The page data of one execution; an execution without results.json is the UserError `results` gives."""
     results = run_results.load(clients, settings, execution)
     if results is None:
-        raise run_results.no_results(clients, settings, execution)
+        raise run_results.no_results(clients, settings, execution, command="report")
     prefix = run_results.run_prefix(execution)
     predictions, curve, thumbnails = (
         run_results.read_json(clients, settings, f"{prefix}/{name}") for name in EXTRAS

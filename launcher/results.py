@@ -86,8 +86,8 @@ def rows(results: dict[str, Any]) -> list[tuple[str, float, float, float]]:
     ]
 
 
-def no_results(clients: Clients, settings: Settings, execution: str) -> UserError:
-    """Why an execution has no results.json, from its state."""
+def no_results(clients: Clients, settings: Settings, execution: str, command: str = "results") -> UserError:
+    """Why an execution has no results.json, from its state; `command`: the one to run again once it has."""
     found = executions.get_execution(clients, settings, execution)
     short = executions.short_name(execution)
     where = f"gs://{settings.bucket}/{results_object(execution)}"
@@ -95,7 +95,8 @@ def no_results(clients: Clients, settings: Settings, execution: str) -> UserErro
         return UserError(
             f"Execution {short} is still {executions.state(found).lower()}: it writes {where} when "
             "training ends.",
-            f"Follow it with `gemma-launch logs {short} --follow`, then run `gemma-launch results {short}`.",
+            f"Follow it with `gemma-launch logs {short} --follow`, then run "
+            f"`gemma-launch {command} {short}`.",
         )
     if not executions.succeeded(found):
         why = executions.why(found)

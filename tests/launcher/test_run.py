@@ -289,9 +289,14 @@ def test_cancel_stops_the_running_execution_and_run_refuses_to_start_a_second(en
     assert started.exit_code == 0, started.output
     (row,) = json.loads(cli("status", "--json").output)
     running = row["execution"]
-    early = cli("results")
-    assert early.exit_code == 2 and f"Error: Execution {running} is still " in early.output, early.output
-    assert f"gemma-launch logs {running} --follow" in early.output
+    # Each command's hint names itself as the one to run again once the execution has ended.
+    for command in ("results", "report"):
+        early = cli(command)
+        assert early.exit_code == 2 and f"Error: Execution {running} is still " in early.output, early.output
+        assert (
+            f"Hint: Follow it with `gemma-launch logs {running} --follow`, then run "
+            f"`gemma-launch {command} {running}`."
+        ) in early.output
 
     second = cli("run")
     assert second.exit_code == 2, second.output
