@@ -12,10 +12,11 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-from launcher import executions
+from launcher import executions, leaderboard, sweep
 from launcher import job as jobs
 from launcher import results as run_results
 from launcher.cloud import EMULATOR_ENV, Clients
+from launcher.errors import UserError
 from launcher.settings import Settings
 from trainer import report_page
 
@@ -31,23 +32,52 @@ def run_page(clients: Clients, settings: Settings, execution: str) -> dict[str, 
     results = run_results.load(clients, settings, execution)
     if results is None:
         raise run_results.no_results(clients, settings, execution, command="report")
-    prefix = run_results.run_prefix(execution)
+    return _page(
+        clients, settings, run_results.run_prefix(execution), results, executions.short_name(execution)
+    )
+
+
+def _page(
+    clients: Clients, settings: Settings, prefix: str, results: dict[str, Any], name: str
+) -> dict[str, Any]:
     predictions, curve, thumbnails = (
-        run_results.read_json(clients, settings, f"{prefix}/{name}") for name in EXTRAS
+        run_results.read_json(clients, settings, f"{prefix}/{extra}") for extra in EXTRAS
     )
-    return report_page.run_page(
-        results, predictions, curve, thumbnails, name=executions.short_name(execution)
-    )
+    return report_page.run_page(results, predictions, curve, thumbnails, name=name)
+
+
+def pages(clients: Clients, settings: Settings, execution: str) -> list[dict[str, Any]]:
+    """An execution's page; a sweep's, a page per task that wrote its results (in its own task-<i>/
+    directory, trainer/sweep.py), so that they are compared as executions are."""
+    found = executions.get_execution(clients, settings, execution)
+    grid = sweep.grid_of(found)
+    if grid is None:
+        return [run_page(clients, settings, execution)]
+    short = executions.short_name(execution)
+    tasks = []
+    for index, combination in enumerate(grid.combinations()):
+        prefix = leaderboard.task_prefix(execution, index)
+        results = run_results.read_json(clients, settings, f"{prefix}/results.json")
+        if results is not None:
+            shown = ", ".join(f"{key}={value}" for key, value in combination.items())
+            tasks.append(_page(clients, settings, prefix, results, f"{short} task {index} ({shown})"))
+    if not tasks:
+        raise UserError(
+            f"Sweep {short} has no task with results yet ({executions.state(found).lower()}).",
+            f"`gemma-launch results {short}` shows each task's state; `gemma-launch logs {short} --task I` "
+            "what one did.",
+        )
+    return tasks
 
 
 def write(clients: Clients, settings: Settings, names: list[str], out_dir: Path) -> Path:
-    """Render the executions (full names) into one file in out_dir; its path."""
-    pages = [run_page(clients, settings, name) for name in names]
+    """Render the executions (full names) into one file in out_dir, a sweep as its tasks; its path."""
+    rendered = [page for name in names for page in pages(clients, settings, name)]
     shorts = [executions.short_name(name) for name in names]
     name = f"report-{shorts[0]}.html" if len(shorts) == 1 else f"report-{len(shorts)}-executions.html"
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / name
-    path.write_text(report_page.render(pages), encoding="utf-8")
+    path.write_text(report_page.render(rendered), encoding="utf-8")
     return path
 
 

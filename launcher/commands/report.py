@@ -31,7 +31,8 @@ from launcher.staging.transfer import human_bytes
 def report(settings: Settings, names: tuple[str, ...], out_dir: Path, open_page: bool) -> None:
     """Write one self-contained HTML report of executions (default: the newest): the run and its settings,
     baseline vs fine-tuned, per-breed table, confusion heat map, training curve, gallery of mistakes;
-    with several, a leaderboard and a side-by-side comparison too. It works offline."""
+    with several, or a sweep's tasks that wrote results, a leaderboard and a side-by-side comparison too.
+    It works offline."""
     clients = Clients(settings.project_id)
     found = [executions.execution_name(clients, settings, name) for name in names or (None,)]
     path = run_report.write(clients, settings, list(dict.fromkeys(found)), out_dir)

@@ -274,6 +274,13 @@ def test_a_task_that_stopped_on_an_unfixable_error_is_reported_and_ranked_last(e
     ]
     assert all(re.fullmatch(r"\$\d+\.\d\d", row[6]) for row in rows), rows
 
+    # The report of a sweep is its tasks' pages, each read from its own task directory: the one that
+    # wrote results, named by its combination.
+    report = cli("report", name, "--out", str(tmp_path / "pages"))
+    assert report.exit_code == 0, report.output
+    page = (tmp_path / "pages" / f"report-{name}.html").read_text()
+    assert f"{name} task 0 (lora-r=8)" in page and f"{name} task 1" not in page
+
 
 # A trainer whose task 1 runs on for a minute after task 0 has ended; task 0 fails with --set seed=102.
 TASK_1_RUNS_ON = textwrap.dedent(
@@ -319,6 +326,10 @@ def test_following_one_task_ends_with_that_task_while_the_others_run_on(env, tmp
     documents = [json.loads(line) for line in as_json.stdout.splitlines()]
     assert {document["task"] for document in documents} == {0}
     assert "task 0 done" in [document["text"] for document in documents]
+    nothing = cli("report", name)  # this trainer writes no results.json
+    assert nothing.exit_code == 2, nothing.output
+    assert nothing.output.startswith(f"Error: Sweep {name} has no task with results yet (running).\n")
+    assert f"Hint: `gemma-launch results {name}` shows each task's state" in nothing.output
     assert cli("cancel", name).exit_code == 0
 
     sweep = cli("sweep", "--grid", "lora-r=8,16", "--set", "seed=102")
