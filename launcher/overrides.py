@@ -93,10 +93,15 @@ def apply(args: Sequence[str], sets: Mapping[str, Any]) -> list[str]:
 
 
 def check_sizes(
-    args: Sequence[str], splits: Mapping[str, int], dataset: str, only: Sequence[str] | None = None
+    args: Sequence[str],
+    splits: Mapping[str, int],
+    dataset: str,
+    only: Sequence[str] | None = None,
+    grid: Sequence[str] | None = None,
 ) -> None:
     """--train-size and --eval-size of the trainer's arguments (or its defaults) against the split sizes
-    recorded when the dataset was staged (launcher/staging/bucket.py); `only`: the size settings to check."""
+    recorded when the dataset was staged (launcher/staging/bucket.py); `only`: the size settings to check;
+    `grid`: a sweep's grid settings, so that the hint names the flag of `sweep` that sets the size."""
     try:
         parsed = flags.parse_args(list(args))
     except flags.FlagError as error:
@@ -110,9 +115,16 @@ def check_sizes(
             continue
         default = "" if f"--{key}" in args else " (the trainer's default)"
         drawn = "trainval (train)" if split == "train" else "test"
+        toml = f"{key} = {available} in [trainer] of gemma-launch.toml for every run"
+        if grid is not None and key in grid:
+            hint = f"Give --grid {key}= values of {available} or less."
+        else:
+            fix = f"run --set {key}={available}` for one run"
+            if grid is not None:
+                fix = f"sweep --set {key}={available}` for every task"
+            hint = f"Use {available} or less: `gemma-launch {fix}, or {toml}."
         raise UserError(
             f"{key} {size}{default} is larger than the {drawn} split of the staged dataset {dataset} "
             f"({available} images).",
-            f"Use {available} or less: `gemma-launch run --set {key}={available}` for one run, or "
-            f"{key} = {available} in [trainer] of gemma-launch.toml for every run.",
+            hint,
         )

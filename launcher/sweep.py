@@ -146,7 +146,7 @@ def check(
     varied = set(grid.values)
     sized = grid.combinations() if varied & {key for key, _ in overrides.SIZES} else grid.combinations()[:1]
     for combination in sized:
-        staging.check_trainer_sizes(clients, settings, overrides.apply(base, combination))
+        staging.check_trainer_sizes(clients, settings, overrides.apply(base, combination), grid=list(varied))
     return base, notes
 
 

@@ -300,16 +300,21 @@ def _write_marker(client: storage.Client, bucket: storage.Bucket, source: Source
 
 
 def check_trainer_sizes(
-    clients: Clients, settings: Settings, args: list[str], only: list[str] | None = None
+    clients: Clients,
+    settings: Settings,
+    args: list[str],
+    only: list[str] | None = None,
+    grid: list[str] | None = None,
 ) -> None:
     """The trainer's --train-size / --eval-size in `args` (the job's arguments) against the splits of the
-    dataset they read, as recorded when it was staged; nothing to check when they were not recorded."""
+    dataset they read, as recorded when it was staged; nothing to check when they were not recorded.
+    `grid`: a sweep's grid settings (overrides.check_sizes)."""
     if only is not None and not {key for key, _ in overrides.SIZES} & set(only):
         return  # no size to check: read nothing
     prefix = jobs.staged_prefix(args, "--dataset")
     splits = staged_splits(clients.storage, settings.bucket, prefix) if prefix else None
     if splits:
-        overrides.check_sizes(args, splits, f"gs://{settings.bucket}/{prefix}/", only)
+        overrides.check_sizes(args, splits, f"gs://{settings.bucket}/{prefix}/", only, grid)
 
 
 def staged_splits(client: storage.Client, bucket: str, prefix: str) -> dict[str, int] | None:

@@ -469,6 +469,18 @@ def test_sizes_are_checked_against_the_staged_splits_before_anything_starts(env,
     assert "Hint: Use 3 or less: `gemma-launch run --set train-size=3` for one run, or train-size = 3" in (
         default.output
     )
+    # A sweep's hint names the sweep's own flag: --set for a size its tasks share, --grid for one it varies.
+    shared = cli("sweep", "--grid", "lora-r=8,16")
+    assert (
+        shared.exit_code == 2 and "Error: train-size 3680 (the trainer's default) is larger" in shared.output
+    )
+    assert (
+        "Hint: Use 3 or less: `gemma-launch sweep --set train-size=3` for every task, or train-size = 3"
+        in (shared.output)
+    )
+    varied = cli("sweep", "--grid", "train-size=2,5", "--set", "eval-size=2")
+    assert varied.exit_code == 2 and "Error: train-size 5 is larger than the trainval" in varied.output
+    assert "Hint: Give --grid train-size= values of 3 or less." in varied.output
     too_many = cli("run", "--train-size", "3", "--set", "eval-size=5")
     assert too_many.exit_code == 2 and "eval-size 5 is larger than the test split" in too_many.output
     assert run_jobs(env) == []
