@@ -102,7 +102,8 @@ def sweep_command(
     tasks = len(grid.combinations())
     chosen = sweep.choose_parallelism(clients, settings, tasks, parallelism)
     out = err_console if as_json else console
-    out.print(f"{tasks} tasks, {chosen.tasks} at a time ({chosen.why}).", soft_wrap=True, markup=False)
+    counted = "1 task" if tasks == 1 else f"{tasks} tasks"
+    out.print(f"{counted}, {chosen.tasks} at a time ({chosen.why}).", soft_wrap=True, markup=False)
     job = jobs.current_job(clients, settings)
     estimate = cost.for_sweep(clients, settings, job, args, grid.combinations())
     out.print(f"Estimated cost: {estimate.describe()}", soft_wrap=True)
@@ -153,7 +154,9 @@ def _show_plan(
         click.echo(json.dumps(document, indent=2))
         return
     console.print(f"Trainer arguments of every task: {shlex.join(args)}", soft_wrap=True, markup=False)
-    table = Table(title="Then each task's own, parsed after them (its values win)")
+    # A line, not the table's title: a title wraps to the width of a narrow table.
+    console.print("Then each task's own, parsed after them (its values win):")
+    table = Table()
     for column in ("", *grid.values, "its arguments"):
         table.add_column(escape(column))
     for index, (combination, argv) in enumerate(zip(combinations, task_args, strict=True)):

@@ -175,6 +175,10 @@ def test_a_dry_run_shows_each_task_its_arguments_and_the_estimate_and_changes_no
     ]
     assert "Within --max-cost $1000.00." in dry.output
     assert "Dry run: nothing was started or changed." in dry.output
+    one = cli("sweep", "--grid", "lora-r=8", "--dry-run")
+    assert one.exit_code == 0, one.output
+    assert one.output.startswith("1 task, 1 at a time (what the GPU quota allows: "), one.output
+    assert "Then each task's own, parsed after them (its values win):\n" in one.output
 
     as_json = cli("sweep", *grid, "--set", "seed=7", "--dry-run", "--json")
     assert as_json.exit_code == 0, as_json.output
