@@ -43,7 +43,8 @@ class Command(click.Command):
                 formatter.write_dl(settings)
 
 
-# (flag, settings field, click type); each flag's help is the field's description in the Settings model.
+# (flag, settings field, click type); each flag's help is the field's description in the Settings model
+# and its default (_setting_help).
 _SETTING_FLAGS: tuple[tuple[str, str, Any], ...] = (
     ("--project", "project_id", str),
     ("--region", "region", str),
@@ -65,6 +66,24 @@ _SETTING_FLAGS: tuple[tuple[str, str, Any], ...] = (
     ("--vpc-egress", "vpc_egress", click.Choice(["all-traffic", "private-ranges-only"])),
     ("--model-id", "model_id", str),
 )
+
+
+def _setting_help(field: str) -> str:
+    """The setting's description, and its default where the description does not say it. The flag's own
+    default stays None, since gemma-launch.toml and the environment come before the built-in default:
+    click cannot show that one itself."""
+    info = Settings.model_fields[field]
+    described = info.description or ""
+    if info.is_required() or "default" in described:
+        return described
+    default = info.default
+    if field == "bucket":
+        default = "<project_id>-gemma3-finetuning"  # Settings._defaults derives it from the project
+    elif isinstance(default, bool):
+        default = "zonal-redundancy" if default else "no-zonal-redundancy"  # click's style for a flag pair
+    if default == "":
+        return described  # empty means none, as the description says
+    return f"{described}  [default: {default}]"
 
 
 # The settings a command that only reads an execution of the job needs to find it.
@@ -135,7 +154,7 @@ def settings_options(
         )
     ]
     options += [
-        click.option(flag, field, cls=SettingOption, type=kind, help=Settings.model_fields[field].description)
+        click.option(flag, field, cls=SettingOption, type=kind, help=_setting_help(field))
         for flag, field, kind in offered
     ]
     if zonal:
@@ -144,7 +163,7 @@ def settings_options(
                 "--zonal-redundancy/--no-zonal-redundancy",
                 cls=SettingOption,
                 default=None,
-                help=Settings.model_fields["gpu_zonal_redundancy"].description,
+                help=_setting_help("gpu_zonal_redundancy"),
             )
         )
     for option in reversed(options):

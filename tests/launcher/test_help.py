@@ -7,10 +7,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import click
 import pytest
 from click.testing import CliRunner
 
 from launcher.cli import main
+from launcher.commands.options import SettingOption
 
 PROVISIONING_ONLY = ("--memory", "--cpu", "--build-location", "--repository", "--network", "--secret-id")
 
@@ -113,3 +115,22 @@ def test_the_documented_completion_command_prints_a_bash_completion_script():
         timeout=60,
     )
     assert offered.stdout.split() == ["plain,stage", "plain,status"]
+
+
+# Settings with no default: the project must be named; an empty network or subnet means none.
+NO_DEFAULT = {"--project", "--network", "--subnet"}
+
+
+def test_each_setting_flag_says_its_default():
+    context = click.Context(main.commands["up"])
+    seen = set()
+    for param in main.commands["up"].get_params(context):
+        if isinstance(param, SettingOption) and param.opts[0] not in NO_DEFAULT:
+            _, help_text = param.get_help_record(context)
+            assert "default" in help_text, (param.opts, help_text)
+            seen.add(param.opts[0])
+    assert {"--region", "--bucket", "--job", "--gpu", "--task-timeout", "--max-retries"} <= seen
+    text = " ".join(help_of("up", width=200).split())
+    assert "--region TEXT Region of the bucket, repository and job (REGION). [default: europe-west4]" in text
+    assert "(BUCKET_NAME). [default: <project_id>-gemma3-finetuning]" in text
+    assert "off in the tutorial). [default: no-zonal-redundancy]" in text
