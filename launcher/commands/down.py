@@ -52,12 +52,18 @@ def down(
     --delete-bucket. Nothing is deleted while an execution runs, unless --force, which cancels it.
     """
     if delete_bucket and not (yes or dry_run):
-        typed = click.prompt(
-            f"This deletes gs://{settings.bucket} and everything in it. Type the bucket name to confirm",
-            default="",
-            show_default=False,
-            err=True,
-        )
+        try:
+            typed = click.prompt(
+                f"This deletes gs://{settings.bucket} and everything in it. Type the bucket name to confirm",
+                default="",
+                show_default=False,
+                err=True,
+            )
+        except click.Abort:  # no input to read (a script, stdin closed) or Ctrl-C: click's bare "Aborted!"
+            raise UserError(
+                f"No bucket name was typed: nothing was deleted, bucket {settings.bucket} included.",
+                "Type its name when asked, or pass --yes to delete it without asking (from a script).",
+            ) from None
         if typed.strip() != settings.bucket:
             raise UserError(
                 f"The name typed does not match bucket {settings.bucket}: nothing was deleted.",

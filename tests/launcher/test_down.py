@@ -143,6 +143,17 @@ def test_down_removes_what_up_made_keeps_the_bucket_and_a_second_down_deletes_no
     assert [entry for entry in env.record()[before:] if entry["mutating"]] == []
 
 
+def test_delete_bucket_with_no_name_to_read_deletes_nothing_and_says_to_pass_yes(monkeypatch):
+    monkeypatch.setenv("PROJECT_ID", PROJECT)
+    closed = cli(
+        "down", "--delete-bucket", input=""
+    )  # stdin at its end, as in a script: asked before any call
+    assert closed.exit_code == 2, closed.output
+    assert f"Error: No bucket name was typed: nothing was deleted, bucket {BUCKET} included." in closed.output
+    assert "Hint: Type its name when asked, or pass --yes" in closed.output
+    assert "Aborted!" not in closed.output
+
+
 def test_delete_bucket_asks_for_its_name(env):
     provisioned = cli("up", "--skip-stage", "--skip-build")  # no image: no job, only what provisioning makes
     assert provisioned.exit_code == 0, provisioned.output
