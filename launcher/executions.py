@@ -262,11 +262,13 @@ def show_log(
     execution: str,
     emit: Callable[[logs.Line], None],
     task: int | None = None,
-) -> None:
-    """Emit every line `execution` (`task`: that task of it) has logged so far."""
+) -> int:
+    """Emit every line `execution` (`task`: that task of it) has logged so far; how many."""
     reader = logs.Reader(clients, settings.project_id, execution_filter(settings, execution, task))
-    for entry in reader.poll():
+    entries = reader.poll()
+    for entry in entries:
         emit(logs.line(entry))
+    return len(entries)
 
 
 def follow(

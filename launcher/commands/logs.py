@@ -10,6 +10,7 @@ from launcher import executions, logs
 from launcher.cloud import Clients
 from launcher.commands.follow import fail_unless_succeeded, follow_on_screen, task_succeeded
 from launcher.commands.options import FOLLOW_VERBOSE, JOB_SETTINGS, Command, settings_options
+from launcher.commands.render import err_console
 from launcher.errors import UserError
 from launcher.settings import Settings
 
@@ -67,10 +68,20 @@ def logs_command(
         final = executions.follow(clients, settings, name, _emit_json, task=task)
         if not (executions.succeeded(final) if task is None else task_succeeded(clients, final, task)):
             raise SystemExit(1)
-    elif as_json:
-        executions.show_log(clients, settings, name, _emit_json, task)
     elif follow:
         final = follow_on_screen(clients, settings, name, verbose=verbose, task=task)
         fail_unless_succeeded(clients, settings, final, task)
-    else:
-        executions.show_log(clients, settings, name, _emit, task)
+    elif not executions.show_log(clients, settings, name, _emit_json if as_json else _emit, task):
+        _say_no_lines(clients, settings, name, task)
+
+
+def _say_no_lines(clients: Clients, settings: Settings, name: str, task: int | None) -> None:
+    """On stderr, so that stdout stays the log (or its JSON lines): an empty log is not a silent one."""
+    found = executions.get_execution(clients, settings, name)
+    what = f"execution {executions.short_name(name)}"
+    state = executions.state(found)
+    if task is not None:
+        what = f"task {task} of {what}"
+        state = executions.task_state(executions.find_task(executions.tasks_of(clients, name), task))
+    yet = "" if executions.is_done(found) or state in ("Succeeded", "Failed") else " yet"
+    err_console.print(f"No log lines{yet} from {what} ({state.lower()}).", soft_wrap=True, markup=False)

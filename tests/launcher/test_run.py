@@ -283,6 +283,19 @@ def test_an_unknown_execution_is_an_error_that_lists_the_recent_ones(env, projec
         assert "Traceback" not in result.output
 
 
+def test_logs_of_a_task_that_has_logged_nothing_yet_say_so_on_stderr(env, project_dir):
+    assert up(project_dir).exit_code == 0
+    started = cli("run", "--set", SLEEP, "--tasks", "2")  # one at a time: task 1 waits for task 0's minute
+    assert started.exit_code == 0, started.output
+    name = re.search(r"Started execution (\S+)", started.output)[1]
+    for as_json in ([], ["--json"]):
+        pending = cli("logs", "--task", "1", *as_json)
+        assert pending.exit_code == 0, pending.output
+        assert pending.stdout == ""
+        assert pending.stderr == f"No log lines yet from task 1 of execution {name} (pending).\n"
+    assert cli("cancel", name).exit_code == 0
+
+
 def test_cancel_stops_the_running_execution_and_run_refuses_to_start_a_second(env, project_dir):
     assert up(project_dir).exit_code == 0
     started = cli("run", "--set", SLEEP)
