@@ -107,12 +107,14 @@ class StagingView:
             self._done += count
             total = self._quarters.total
             left = self._pace.left(self._done, total, time.monotonic())
-            reached = self._quarters.passed(self._done)
-            if reached is None:
+            # A quarter passed, shown as the share actually moved: one large file passes several at once.
+            # The last bytes print nothing: TransferEnded's "Staged ..." line says it is all there.
+            if self._quarters.passed(self._done) is None or self._done >= total:
                 return
             eta = f", about {duration(left)} left" if left is not None and left >= 1 else ""
+            share = self._done / total
             self._console.print(
-                f"  {self._label}: {reached:.0%} ({human_bytes(self._done)} of {human_bytes(total)}){eta}",
+                f"  {self._label}: {share:.0%} ({human_bytes(self._done)} of {human_bytes(total)}){eta}",
                 soft_wrap=True,
                 highlight=False,
             )

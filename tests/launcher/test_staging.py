@@ -25,7 +25,7 @@ from launcher.cli import main
 from launcher.errors import UserError
 from launcher.settings import Settings
 from launcher.staging import transfer
-from launcher.staging.events import BytesMoved, Event
+from launcher.staging.events import BytesMoved, Event, TransferEnded, TransferStarted
 from launcher.staging.transfer import CRC32C_KEY
 from launcher.staging.view import StagingView
 from tests.support.hub_standin import HubStandin
@@ -527,6 +527,19 @@ def test_the_cli_stages_and_the_token_never_leaves_for_the_cloud(local, hub, buc
     for path in local.emulator.data_dir.rglob("*"):
         if path.is_file() and path.stat().st_size < 10 * MiB:
             assert TOKEN.encode() not in path.read_bytes(), path
+
+
+def test_a_quarter_line_shows_the_share_moved_and_none_comes_once_everything_has():
+    out = io.StringIO()
+    view = StagingView(Console(file=out, width=200))
+    view(TransferStarted("model", "model tiny -> gs://b/models/tiny/", 2, 4000))
+    view(BytesMoved("a.bin", 2400))  # passes the 25% and 50% marks at once
+    view(BytesMoved("b.bin", 1600))  # the rest, with the 75% mark: "Staged" says it
+    view(TransferEnded(4000, 1.0, True))
+    assert out.getvalue().splitlines()[1:] == [
+        "  model: 60% (2.4 KB of 4.0 KB)",
+        "Staged 4.0 KB in 1.0 s (4.0 KB/s)",
+    ]
 
 
 def test_the_cli_shows_a_plan_then_a_line_per_quarter_and_per_file_only_when_verbose(
