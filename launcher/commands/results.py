@@ -37,11 +37,12 @@ def results(settings: Settings, names: tuple[str, ...], as_json: bool) -> None:
     With several executions: side by side, the trainer settings in which they differ and the metrics
     (a sweep by its best task)."""
     clients = Clients(settings.project_id)
-    if len(names) > 1:
-        compared = [executions.execution_name(clients, settings, name) for name in names]
+    found = [executions.execution_name(clients, settings, name) for name in names or (None,)]
+    compared = list(dict.fromkeys(found))  # one named twice is shown once, as `report` does
+    if len(compared) > 1:
         _render_entries("Executions compared", leaderboard.compare(clients, settings, compared), as_json)
         return
-    name = executions.execution_name(clients, settings, names[0] if names else None)
+    (name,) = compared
     execution = executions.get_execution(clients, settings, name)
     grid = sweep.grid_of(execution)
     if grid is not None:

@@ -340,6 +340,8 @@ def test_results_says_where_each_output_is(env, project_dir):
     browser = "https://console.cloud.google.com/storage/browser"
     result = cli("results")
     assert result.exit_code == 0, result.output
+    # An execution named twice is shown once, as `report` does: not compared with itself.
+    assert cli("results", merged, merged).output == result.output
     for label, url, page in (
         ("adapter", f"gs://{run_dir}/", f"{browser}/{run_dir}?project={PROJECT}"),
         ("merged model", f"gs://{run_dir}/merged/", f"{browser}/{run_dir}/merged?project={PROJECT}"),
