@@ -98,6 +98,12 @@ def no_results(clients: Clients, settings: Settings, execution: str, command: st
             f"Follow it with `gemma-launch logs {short} --follow`, then run "
             f"`gemma-launch {command} {short}`.",
         )
+    if executions.state(found) == "Cancelled":  # someone stopped it: nothing to see in its log or to fix
+        return UserError(
+            f"Execution {short} was cancelled before it wrote results.",
+            f"`gemma-launch status` lists the job's executions, and `gemma-launch {command} EXECUTION` shows "
+            "one that succeeded; `gemma-launch run` starts a new one.",
+        )
     if not executions.succeeded(found):
         why = executions.why(found)
         verdict = executions.state(found).lower()

@@ -321,6 +321,14 @@ def test_cancel_stops_the_running_execution_and_run_refuses_to_start_a_second(en
     assert cancelled.exit_code == 0, cancelled.output
     assert json.loads(cancelled.output) == {"execution": running, "status": "cancelled", "state": "Cancelled"}
     assert json.loads(cli("status", "--json").output)[0]["state"] == "Cancelled"
+    for command in ("results", "report"):
+        none = cli(command)
+        assert none.exit_code == 2, none.output
+        assert none.output == (
+            f"Error: Execution {running} was cancelled before it wrote results.\n"
+            f"Hint: `gemma-launch status` lists the job's executions, and `gemma-launch {command} EXECUTION` "
+            "shows one that succeeded; `gemma-launch run` starts a new one.\n"
+        )
     again = cli("cancel")
     assert again.exit_code == 0, again.output
     assert "No execution of job gemma3-finetuning-job is running: nothing to cancel." in again.output
