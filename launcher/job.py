@@ -343,6 +343,26 @@ def current_job(clients: Clients, settings: Settings) -> run_v2.Job:
         ) from None
 
 
+def check_gpu(job: run_v2.Job, settings: Settings) -> None:
+    """The settings' GPU (and its zonal redundancy) is the job's. `run` and `sweep` read the quota of the
+    settings' GPU before they start an execution, which runs on the job's: a --gpu or a gemma-launch.toml
+    changed since `up` would check one quota (--gpu none: none at all) while Cloud Run asks another."""
+    task = job.template.template
+    gpu = task.node_selector.accelerator or "none"
+    zonal = gpu != "none" and not task.gpu_zonal_redundancy_disabled
+    asked = settings.uses_gpu and settings.gpu_zonal_redundancy
+    if (gpu, zonal) == (settings.gpu, asked):
+        return
+    wanted = settings.gpu + (" with zonal redundancy" if asked else "")
+    flags = f"--gpu {gpu}" + ("" if gpu == "none" else f" --{'' if zonal else 'no-'}zonal-redundancy")
+    raise UserError(
+        f"Job {settings.job} runs on {gpu}{' with zonal redundancy' if zonal else ''}, not {wanted}: an "
+        "execution runs on the job's GPU, as `up` made it.",
+        f"Run `gemma-launch up` with these settings to move the job to {wanted}, or start the execution "
+        f"with the job's: {flags}.",
+    )
+
+
 def job_args(job: run_v2.Job) -> list[str]:
     """The trainer arguments the job's executions run with, unless overridden."""
     return list(job.template.template.containers[0].args)

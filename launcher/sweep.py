@@ -135,6 +135,7 @@ def check(
     """Every task's arguments checked before anything starts: the GPU fit of each combination and the
     sizes against the staged splits. Returns the execution's arguments and the notes to show."""
     job = jobs.current_job(clients, settings)
+    jobs.check_gpu(job, settings)
     base = overrides.apply(jobs.job_args(job), {**sets, GRID_FLAG: grid.argument()})
     notes: list[str] = []
     for combination in grid.combinations():

@@ -94,6 +94,7 @@ def run_command(
         check_run_timeout(settings, timeout_s)
     clients = Clients(settings.project_id)
     job = jobs.current_job(clients, settings)
+    jobs.check_gpu(job, settings)
     say_fit(jobs.check_fits(job, changes))
     # Before anything starts: an execution whose sizes exceed the staged splits would fail in the trainer.
     args = overrides.apply(jobs.job_args(job), changes)

@@ -112,10 +112,11 @@ def test_run_checks_the_job_as_it_exists_before_starting_it(env, l4_image, tmp_p
     jobs.update_job(job=job).result()
     env.record_path.write_text("")
 
-    error, hint = error_and_hint(CliRunner().invoke(main, ["run", "--set", "quantization=int8"]))
+    l4 = ["run", "--gpu", "nvidia-l4"]  # the job's GPU (run refuses another)
+    error, hint = error_and_hint(CliRunner().invoke(main, [*l4, "--set", "quantization=int8"]))
     assert error.startswith("Error: Gemma 3 27B does not fit an L4 (24 GB) in int8: its weights alone take")
     assert hint.startswith("Hint: The job was made for this combination; make it anew with `gemma-launch up`")
-    error, _ = error_and_hint(CliRunner().invoke(main, ["run", "--set", "quantization=none"]))
+    error, _ = error_and_hint(CliRunner().invoke(main, [*l4, "--set", "quantization=none"]))
     assert "in bf16: its weights alone take 51.1 GiB" in error
     assert [entry["method"] for entry in env.record()] == ["GetJob", "GetJob"]
 

@@ -600,6 +600,24 @@ def test_run_without_gpu_quota_is_refused_before_any_run_job(env, project_dir):
     assert f"Hint: Request {QUOTA_ID} for region europe-west4 at " in result.output
     assert "https://console.cloud.google.com/iam-admin/quotas?project=demo-project" in result.output
     assert "Traceback" not in result.output
+    # Another GPU than the job's would read another quota (none: no quota at all) than Cloud Run asks for.
+    for command in (
+        ["run"],
+        ["sweep", "--grid", "lora-r=8,16"],
+        ["sweep", "--grid", "lora-r=8,16", "--dry-run"],
+    ):
+        for gpu, wanted in (
+            (["--gpu", "none"], "none"),
+            (["--zonal-redundancy"], "nvidia-rtx-pro-6000 with zonal redundancy"),
+        ):
+            other = cli(*command, *gpu)
+            assert other.exit_code == 2, (command, gpu, other.output)
+            assert other.output == (
+                f"Error: Job gemma3-finetuning-job runs on nvidia-rtx-pro-6000, not {wanted}: an "
+                "execution runs on the job's GPU, as `up` made it.\n"
+                f"Hint: Run `gemma-launch up` with these settings to move the job to {wanted}, or start the "
+                "execution with the job's: --gpu nvidia-rtx-pro-6000 --no-zonal-redundancy.\n"
+            )
     assert run_jobs(env) == []
 
 
