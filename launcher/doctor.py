@@ -8,7 +8,7 @@ Nothing here changes anything. In order, each check and what it calls:
 3. APIs: Service Usage BatchGetServices (serviceusage.services.get) for apis.REQUIRED;
 4. permissions: Resource Manager TestIamPermissions on the project (needs no permission) for
    UP_PERMISSIONS, each missing one named with the smallest predefined role that grants it;
-5. GPU region: settings_rules' GPU_REGIONS table, no call;
+5. GPU region: settings_rules' GPU_REGIONS table, and launcher.gpus (can the image use the GPU), no call;
 6. GPU quota: Cloud Quotas GetQuotaInfo (cloudquotas.quotas.get), through quota.read;
 7. build location: settings_rules' RESTRICTED_BUILD_REGIONS, no call;
 8. bucket: Cloud Storage buckets.get (storage.buckets.get): 404 = free, readable = ours when its

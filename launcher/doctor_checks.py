@@ -13,7 +13,7 @@ import google.auth.transport.requests
 from google.api_core import exceptions
 from google.iam.v1 import iam_policy_pb2
 
-from launcher import apis, quota
+from launcher import apis, gpus, quota
 from launcher.cloud import RETRY, Clients
 from launcher.cloud_errors import disabled_api
 from launcher.errors import UserError
@@ -253,6 +253,11 @@ def check_gpu_region(clients: Clients, settings: Settings, found: Found) -> Chec
     problem = settings.gpu_not_offered()
     if problem:
         return Check("gpu_region", FAILED, problem.message, problem.hint)
+    if not gpus.serves(settings.gpu):  # `up` refuses it before any request: say so here too
+        try:
+            gpus.check(settings.gpu, settings.model_id)
+        except UserError as refused:
+            return Check("gpu_region", FAILED, refused.message, refused.hint)
     return Check("gpu_region", OK, f"{settings.gpu} is offered in {settings.region}")
 
 

@@ -136,6 +136,12 @@ def test_a_gpu_not_offered_in_the_region_is_one_failing_check_among_the_others(l
     assert "Use --region with one of us-central1" in region
     assert line(result, "permissions").startswith("✓")
     assert doctor("--gpu", "none").exit_code == 0
+    # Offered in the region, but refused by `up` before any request: the image cannot use its driver.
+    l4 = doctor("--gpu", "nvidia-l4")
+    assert l4.exit_code == 2, l4.output
+    region = line(l4, "GPU region")
+    assert region.startswith("✗ GPU region") and "The image cannot use Cloud Run's L4" in region, region
+    assert "Use --gpu nvidia-rtx-pro-6000 (driver 580)" in region
 
 
 def test_no_gpu_quota_fails_with_the_request_link_and_a_cpu_job_needs_none(local):
