@@ -44,7 +44,10 @@ class Entry:
     task: int | None = None
 
     def document(self) -> dict[str, Any]:
-        return asdict(self)
+        """As `results --json` prints a row: the cost under the name `status --json` gives it."""
+        found = asdict(self)
+        found["cost_usd"] = found.pop("cost")
+        return found
 
     @property
     def ranked(self) -> tuple[float, float]:

@@ -277,6 +277,10 @@ def test_a_task_that_stopped_on_an_unfixable_error_is_reported_and_ranked_last(e
         ["task 1", "16", "Failed", "-", "-"],
     ]
     assert all(re.fullmatch(r"\$\d+\.\d\d", row[6]) for row in rows), rows
+    # Its JSON names the cost as `status --json` and a run's `results --json` do.
+    documents = json.loads(cli("results", name, "--json").stdout)
+    assert [(row["task"], row["cost_usd"] > 0) for row in documents] == [(0, True), (1, True)]
+    assert all("cost" not in row for row in documents)
 
     # The report of a sweep is its tasks' pages, each read from its own task directory: the one that
     # wrote results, named by its combination.
@@ -372,7 +376,7 @@ def test_results_compares_executions_by_the_settings_that_differ(env, tmp_path):
     assert [row["label"] for row in as_json] == names
     assert [row["settings"] for row in as_json] == [{"learning-rate": "0.125"}, {"learning-rate": "0.25"}]
     assert as_json[1]["final"]["macro_f1"] == pytest.approx(1.0)
-    assert all(row["cost"] > 0 and row["duration_s"] > 0 for row in as_json)
+    assert all(row["cost_usd"] > 0 and row["duration_s"] > 0 for row in as_json)
 
     unknown = cli("results", names[0], "nope")
     assert (
@@ -444,9 +448,9 @@ def test_a_two_by_two_sweep_of_the_tiny_model_ranks_its_four_tasks(env, tmp_path
 
     board = json.loads(cli("results", execution, "--json").output)
     assert sorted(row["task"] for row in board) == [0, 1, 2, 3]
-    assert all(row["state"] == "Succeeded" and row["duration_s"] > 0 and row["cost"] > 0 for row in board)
+    assert all(row["state"] == "Succeeded" and row["duration_s"] > 0 and row["cost_usd"] > 0 for row in board)
     # Each task's cost is its own run time at the job's one price per second.
-    assert len({round(row["cost"] / row["duration_s"], 9) for row in board}) == 1
+    assert len({round(row["cost_usd"] / row["duration_s"], 9) for row in board}) == 1
     ranks = [(row["final"]["accuracy"], row["final"]["macro_f1"]) for row in board]
     assert ranks == sorted(ranks, reverse=True) and ranks[0] > ranks[-1], ranks
     for row in board:
