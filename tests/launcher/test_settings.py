@@ -196,6 +196,11 @@ def test_init_writes_a_template_whose_project_placeholder_is_never_used(monkeypa
     assert again.exit_code == 2
     assert "already exists" in again.output and "--force" in again.output
     assert runner.invoke(main, ["init", "--force"]).exit_code == 0
+    # Written elsewhere, the file is read only through --config: the next command says so.
+    elsewhere = runner.invoke(main, ["init", "--path", "settings/demo.toml"])
+    assert elsewhere.exit_code == 0, elsewhere.output
+    assert elsewhere.output.endswith("then run `gemma-launch up --config settings/demo.toml`.\n")
+    assert "then run `gemma-launch up`." in runner.invoke(main, ["init", "--force"]).output
 
 
 @pytest.mark.parametrize(
