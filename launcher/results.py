@@ -119,6 +119,13 @@ def no_results(clients: Clients, settings: Settings, execution: str, command: st
             f"See what happened with `gemma-launch logs {short}`; once fixed, start a new execution with "
             "`gemma-launch run`.",
         )
+    mounted = [volume.gcs.bucket for volume in found.template.volumes if volume.gcs.bucket]
+    if mounted and settings.bucket not in mounted:  # the job wrote to its own bucket, not to this one
+        return UserError(
+            f"Execution {short} wrote its outputs to gs://{mounted[0]}/, not to bucket {settings.bucket}.",
+            f"Give --bucket {mounted[0]}, the bucket its job mounts (or set BUCKET_NAME or bucket in "
+            "gemma-launch.toml as `up` had it).",
+        )
     return UserError(
         f"Execution {short} succeeded but wrote no {where}.",
         f"Its trainer wrote its outputs elsewhere: the job's --output-dir shows in the argv at the top of "

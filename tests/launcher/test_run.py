@@ -348,6 +348,14 @@ def test_results_says_where_each_output_is(env, project_dir):
     browser = "https://console.cloud.google.com/storage/browser"
     result = cli("results")
     assert result.exit_code == 0, result.output
+    # Another bucket than the job's holds no results: the error names the job's.
+    for command in ("results", "report"):
+        elsewhere = cli(command, "--bucket", "another-bucket")
+        assert elsewhere.exit_code == 2, elsewhere.output
+        assert elsewhere.output.startswith(
+            f"Error: Execution {merged} wrote its outputs to gs://{PROJECT}-gemma3-finetuning/, not to "
+            "bucket another-bucket.\nHint: Give --bucket demo-project-gemma3-finetuning, the bucket its job"
+        )
     # An execution named twice is shown once, as `report` does: not compared with itself.
     assert cli("results", merged, merged).output == result.output
     for label, url, page in (
