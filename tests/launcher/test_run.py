@@ -285,7 +285,8 @@ def test_an_unknown_execution_is_an_error_that_lists_the_recent_ones(env, projec
 
 def test_logs_of_a_task_that_has_logged_nothing_yet_say_so_on_stderr(env, project_dir):
     assert up(project_dir).exit_code == 0
-    started = cli("run", "--set", SLEEP, "--tasks", "2")  # one at a time: task 1 waits for task 0's minute
+    # One task at a time: task 1 waits for task 0's minute.
+    started = cli("sweep", "--grid", "lora-r=8,16", "--set", SLEEP, "--parallelism", "1")
     assert started.exit_code == 0, started.output
     name = re.search(r"Started execution (\S+)", started.output)[1]
     for as_json in ([], ["--json"]):
