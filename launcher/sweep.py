@@ -95,7 +95,10 @@ class Parallelism:
 
 def choose_parallelism(clients: Clients, settings: Settings, tasks: int, asked: int | None) -> Parallelism:
     """How many tasks run at once: `asked`, else what the GPU quota leaves after the job's running
-    executions (each running task holds one GPU); more than that is refused before anything starts."""
+    executions (each running task holds one GPU); more than that is refused before anything starts.
+    More than the sweep's tasks is as many as its tasks, which is all they can hold at once."""
+    if asked is not None:
+        asked = min(asked, tasks)
     if not settings.uses_gpu:
         count = min(asked or tasks, tasks)
         return Parallelism(count, "--parallelism" if asked else "no GPU, so no GPU quota: every task at once")

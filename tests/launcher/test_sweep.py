@@ -86,6 +86,10 @@ def test_more_parallelism_than_the_gpu_quota_is_refused_before_anything_starts(e
         "NvidiaRtxPro6000GpuAllocNoZonalRedundancyPerProjectRegion in europe-west4: 2 GPUs leaves 2"
     ) in over.output
     assert "Hint: Use --parallelism 2 or leave it out" in over.output
+    # More than the sweep's tasks asks only for as many GPUs as it has tasks.
+    fewer = cli("sweep", "--grid", "learning-rate=1e-4,2e-4", "--parallelism", "3", "--dry-run")
+    assert fewer.exit_code == 0, fewer.output
+    assert fewer.output.startswith("2 tasks, 2 at a time (--parallelism, within "), fewer.output
 
     env.emulator.services["quotas"].set_gpu_quota(0)
     none = cli("sweep", "--grid", "learning-rate=1e-4,2e-4")
