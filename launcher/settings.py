@@ -21,7 +21,7 @@ from pydantic import (
 )
 
 from launcher.errors import UserError
-from launcher.gpus import DEFAULT_MODEL, MODELS, default_model
+from launcher.gpus import DEFAULT_MODEL, MODELS, default_model, serves
 from launcher.settings_rules import (
     DEFAULT_SHAPES,
     GA_GPU_TIMEOUT_S,
@@ -92,8 +92,11 @@ class Settings(BaseModel):
     job: str = Field("gemma3-finetuning-job", description="Cloud Run job name (JOB_NAME).")
     gpu: Literal["nvidia-rtx-pro-6000", "nvidia-l4", "none"] = Field(
         "nvidia-rtx-pro-6000",
-        description="GPU type: nvidia-rtx-pro-6000 (96 GB), nvidia-l4 (24 GB), or none: the same job on CPU "
-        "only, which needs no GPU quota (a rehearsal of the whole flow for cents).",
+        description="GPU type: nvidia-rtx-pro-6000 (96 GB), nvidia-l4 (24 GB"
+        # Said where the L4 is offered, so that nobody picks it to find `up` refuse it (launcher/gpus.py).
+        + ("" if serves("nvidia-l4") else "; refused today: its driver cannot run the image's torch")
+        + "), or none: the same job on CPU only, which needs no GPU quota (a rehearsal of the whole flow "
+        "for cents).",
     )
     gpu_zonal_redundancy: bool = Field(
         False, description="Reserve zonal-redundant GPU capacity (needs that quota; off in the tutorial)."

@@ -134,3 +134,10 @@ def test_each_setting_flag_says_its_default():
     assert "--region TEXT Region of the bucket, repository and job (REGION). [default: europe-west4]" in text
     assert "(BUCKET_NAME). [default: <project_id>-gemma3-finetuning]" in text
     assert "off in the tutorial). [default: no-zonal-redundancy]" in text
+
+
+def test_the_gpu_flag_says_the_l4_is_refused_while_the_image_cannot_use_it():
+    text = " ".join(help_of("up", width=200).split())
+    assert "nvidia-l4 (24 GB; refused today: its driver cannot run the image's torch)" in text
+    refused = CliRunner().invoke(main, ["up", "--gpu", "nvidia-l4", "--project", "my-project", "--dry-run"])
+    assert refused.exit_code == 2 and "Error: The image cannot use Cloud Run's L4" in refused.output
