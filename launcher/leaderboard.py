@@ -62,7 +62,11 @@ def _seconds(resource: run_v2.Task | run_v2.Execution) -> float | None:
 
 def leaderboard(clients: Clients, settings: Settings, execution: run_v2.Execution, grid: Grid) -> list[Entry]:
     """A row per task: its combination, state, metrics and duration; the best final accuracy (then
-    macro-F1) first, tasks without results last in task order."""
+    macro-F1) first, tasks without results last in task order; another bucket than the sweep's is an
+    error, not a row of dashes per task."""
+    elsewhere = run_results.other_bucket(settings, execution)
+    if elsewhere is not None:
+        raise elsewhere
     tasks = {task.index: task for task in executions.tasks_of(clients, execution.name)}
     per_second = cost.price_per_s(clients, settings, execution)
     entries = []

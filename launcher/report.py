@@ -53,6 +53,9 @@ def pages(clients: Clients, settings: Settings, execution: str) -> list[dict[str
     grid = sweep.grid_of(found)
     if grid is None:
         return [run_page(clients, settings, execution)]
+    elsewhere = run_results.other_bucket(settings, found)
+    if elsewhere is not None:
+        raise elsewhere
     short = executions.short_name(execution)
     tasks = []
     for index, combination in enumerate(grid.combinations()):

@@ -9,6 +9,7 @@ from typing import Any
 from urllib.parse import quote
 
 from google.api_core import exceptions
+from google.cloud import run_v2
 
 from launcher import executions
 from launcher import job as jobs
@@ -86,6 +87,20 @@ def rows(results: dict[str, Any]) -> list[tuple[str, float, float, float]]:
     ]
 
 
+def other_bucket(settings: Settings, execution: run_v2.Execution) -> UserError | None:
+    """The error to give when the execution's job mounts a bucket other than settings.bucket, where it
+    wrote its outputs; None when it mounts that one."""
+    mounted = [volume.gcs.bucket for volume in execution.template.volumes if volume.gcs.bucket]
+    if not mounted or settings.bucket in mounted:
+        return None
+    return UserError(
+        f"Execution {executions.short_name(execution.name)} wrote its outputs to gs://{mounted[0]}/, not to "
+        f"bucket {settings.bucket}.",
+        f"Give --bucket {mounted[0]}, the bucket its job mounts (or set BUCKET_NAME or bucket in "
+        "gemma-launch.toml as `up` had it).",
+    )
+
+
 def no_results(clients: Clients, settings: Settings, execution: str, command: str = "results") -> UserError:
     """Why an execution has no results.json, from its state; `command`: the one to run again once it has."""
     found = executions.get_execution(clients, settings, execution)
@@ -119,13 +134,9 @@ def no_results(clients: Clients, settings: Settings, execution: str, command: st
             f"See what happened with `gemma-launch logs {short}`; once fixed, start a new execution with "
             "`gemma-launch run`.",
         )
-    mounted = [volume.gcs.bucket for volume in found.template.volumes if volume.gcs.bucket]
-    if mounted and settings.bucket not in mounted:  # the job wrote to its own bucket, not to this one
-        return UserError(
-            f"Execution {short} wrote its outputs to gs://{mounted[0]}/, not to bucket {settings.bucket}.",
-            f"Give --bucket {mounted[0]}, the bucket its job mounts (or set BUCKET_NAME or bucket in "
-            "gemma-launch.toml as `up` had it).",
-        )
+    elsewhere = other_bucket(settings, found)
+    if elsewhere is not None:
+        return elsewhere
     return UserError(
         f"Execution {short} succeeded but wrote no {where}.",
         f"Its trainer wrote its outputs elsewhere: the job's --output-dir shows in the argv at the top of "

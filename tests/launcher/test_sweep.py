@@ -286,6 +286,14 @@ def test_a_task_that_stopped_on_an_unfixable_error_is_reported_and_ranked_last(e
     assert [(row["task"], row["cost_usd"] > 0) for row in documents] == [(0, True), (1, True)]
     assert all("cost" not in row for row in documents)
 
+    # Another bucket than the sweep's holds none of its tasks' results: an error, not a row of dashes each.
+    for command in ("results", "report"):
+        elsewhere = cli(command, name, "--bucket", "another-bucket")
+        assert elsewhere.exit_code == 2, elsewhere.output
+        assert elsewhere.output.startswith(
+            f"Error: Execution {name} wrote its outputs to gs://{BUCKET}/, not to bucket another-bucket.\n"
+        )
+
     # The report of a sweep is its tasks' pages, each read from its own task directory: the one that
     # wrote results, named by its combination.
     report = cli("report", name, "--out", str(tmp_path / "pages"))
