@@ -35,17 +35,16 @@ RUNS_PREFIX = "runs"
 # and ownership"), and Volume.gcs.mount_options passes gcsfuse flags without their leading "--" (the
 # proto comment of GCSVolumeSource.mount_options): uid/gid make the trainer the owner of the mount.
 CONTAINER_UID = 10001
-# gcsfuse options that suit large sequential weight reads and checkpoint writes, and the owner.
-# enable-buffered-read: gcsfuse (v3.3.0 on) prefetches the blocks ahead of a sequential reader in parallel
-# into memory, for "single-threaded applications reading large (> 100MB) files sequentially", such as
-# model weights, 2-5x the throughput, at most 640 MB of memory in all; it is ignored when the file cache is
-# on, which is off here (github.com/GoogleCloudPlatform/gcsfuse/releases/tag/v3.3.0). The file cache's
-# parallel downloads are not used: its cache directory would be in the task's memory, 55 GB at 27B.
+# gcsfuse options that suit large sequential weight reads and checkpoint writes, and the owner: each is a
+# gcsfuse flag of long standing (v2.0 and before). Cloud Run documents neither which gcsfuse version it
+# runs nor a list of the flags it passes on (https://cloud.google.com/run/docs/configuring/jobs/cloud-storage-volume-mounts),
+# so a newer flag such as enable-buffered-read (gcsfuse v3.3.0 on) could keep a user's first task from
+# mounting: it is left out until a job on Cloud Run shows it mounts. The file cache and its parallel
+# downloads are not used: its cache directory would be in the task's memory, 55 GB at 27B.
 MOUNT_OPTIONS = [
     "implicit-dirs",
     "metadata-cache-ttl-secs=-1",
     "file-cache-max-size-mb=0",
-    "enable-buffered-read",
     f"uid={CONTAINER_UID}",
     f"gid={CONTAINER_UID}",
 ]
