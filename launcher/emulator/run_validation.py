@@ -14,6 +14,7 @@ from google.cloud import run_v2
 from google.protobuf import duration_pb2
 
 from launcher.emulator.rpc import invalid
+from launcher.emulator.storage import bucket_name_ok
 
 _ENV_NAME = re.compile(r"^[^=\s]+$")
 # The proto comments of google.cloud.run.v2.EnvVar: the name "Must not exceed 32768 characters", the
@@ -62,6 +63,9 @@ JOB_MEMORY_RANGES = {
     8.0: (4 * 2**30, 32 * 2**30),
 }
 MAX_TASKS = 10_000
+# https://cloud.google.com/run/docs/configuring/jobs/cloud-storage-volume-mounts ("Disallowed paths"):
+# "Cloud Run does not allow you to mount a volume at /dev, /proc and /sys, or on their subdirectories."
+_DISALLOWED_MOUNT_PATHS = ("/dev", "/proc", "/sys")
 
 
 def parse_cpu(value: str) -> float:
@@ -158,8 +162,8 @@ def validate_template(job: run_v2.Job) -> None:
     for volume in task.volumes:
         if volume.name in volumes:
             raise invalid(f"Volume name {volume.name!r} is used twice.")
-        if "gcs" in volume and not volume.gcs.bucket:
-            raise invalid(f"Volume {volume.name!r}: gcs.bucket is required.")
+        if "gcs" in volume:
+            _validate_gcs_volume(volume)
         volumes[volume.name] = volume
     for number, container in enumerate(task.containers):
         where = f"containers[{number}]"
@@ -184,10 +188,41 @@ def validate_template(job: run_v2.Job) -> None:
                 raise invalid(
                     f"{where}.volume_mounts: mount path {mount.mount_path!r} must be absolute and unique."
                 )
+            if any(
+                mount.mount_path.rstrip("/") == path or mount.mount_path.startswith(path + "/")
+                for path in _DISALLOWED_MOUNT_PATHS
+            ):
+                raise invalid(
+                    f"{where}.volume_mounts: mount path {mount.mount_path!r} is not allowed: Cloud Run does "
+                    "not mount volumes at /dev, /proc or /sys, or below them."
+                )
             paths.add(mount.mount_path)
     _validate_gpu(job)
     for number, container in enumerate(task.containers):
         _validate_resources(container, number, task.node_selector.accelerator)
+
+
+def _validate_gcs_volume(volume: run_v2.Volume) -> None:
+    """A Cloud Storage volume: a bucket by its name, and gcsfuse flags as the proto asks for them."""
+    bucket = volume.gcs.bucket
+    if not bucket:
+        raise invalid(f"Volume {volume.name!r}: gcs.bucket is required.")
+    # GCSVolumeSource.bucket is a "Cloud Storage Bucket name" (run_v2 proto): the bucket itself, named
+    # by Cloud Storage's rules (https://cloud.google.com/storage/docs/buckets#naming), not a gs:// URL
+    # or a path inside it.
+    if not bucket_name_ok(bucket):
+        raise invalid(
+            f"Volume {volume.name!r}: gcs.bucket {bucket!r} is not a Cloud Storage bucket name (3-63 "
+            "lower-case letters, digits, '-', '_' and '.'; no gs:// and no path)."
+        )
+    # GCSVolumeSource.mount_options: "A list of additional flags to pass to the gcsfuse CLI. Options
+    # should be specified without the leading \"--\"" (run_v2 proto).
+    for option in volume.gcs.mount_options:
+        if not option or option.startswith("-") or any(c.isspace() for c in option):
+            raise invalid(
+                f"Volume {volume.name!r}: mount option {option!r} is not a gcsfuse flag as Cloud Run takes "
+                'it: one flag per entry, without the leading "--" (e.g. "implicit-dirs", "uid=1000").'
+            )
 
 
 def validate_timeout(timeout: Any, gpu: bool, stage: int) -> None:

@@ -92,7 +92,7 @@ def _error(response: Any, status: HTTPStatus, reason: str, message: str) -> None
     )
 
 
-def _bucket_name_ok(name: str) -> bool:
+def bucket_name_ok(name: str) -> bool:
     """GCS's bucket naming rules (https://cloud.google.com/storage/docs/buckets#naming)."""
     if not _BUCKET_NAME.match(name):
         return False
@@ -127,7 +127,7 @@ def _insert_bucket(request: Any, response: Any, storage: Storage, *args: Any, **
     project = (request.query.get("project") or [""])[0]
     if not project:
         return _error(response, HTTPStatus.BAD_REQUEST, "required", "Required parameter: project")
-    if not _bucket_name_ok(name):
+    if not bucket_name_ok(name):
         return _error(response, HTTPStatus.BAD_REQUEST, "invalid", f"Invalid bucket name: '{name}'")
     location = str(body.get("location") or "US").upper()
     location_type = _location_type(location)

@@ -369,6 +369,32 @@ REJECTED = {
         job_spec({"volume_mounts": [{"name": "gcs", "mount_path": "/mnt/gcs:rw"}]}),
         exceptions.InvalidArgument,
     ),
+    "mount under /proc": (
+        job_spec({"volume_mounts": [{"name": "gcs", "mount_path": "/proc/gcs"}]}),
+        exceptions.InvalidArgument,
+    ),
+    "mount at /dev": (
+        job_spec({"volume_mounts": [{"name": "gcs", "mount_path": "/dev"}]}),
+        exceptions.InvalidArgument,
+    ),
+    "bucket given as a gs:// URL": (
+        job_spec(volumes=[{"name": "gcs", "gcs": {"bucket": f"gs://{BUCKET}"}}]),
+        exceptions.InvalidArgument,
+    ),
+    "bucket with a path": (
+        job_spec(volumes=[{"name": "gcs", "gcs": {"bucket": f"{BUCKET}/models"}}]),
+        exceptions.InvalidArgument,
+    ),
+    "mount option with its leading --": (
+        job_spec(volumes=[{"name": "gcs", "gcs": {"bucket": BUCKET, "mount_options": ["--implicit-dirs"]}}]),
+        exceptions.InvalidArgument,
+    ),
+    "two gcsfuse flags in one mount option": (
+        job_spec(
+            volumes=[{"name": "gcs", "gcs": {"bucket": BUCKET, "mount_options": ["implicit-dirs uid=1"]}}]
+        ),
+        exceptions.InvalidArgument,
+    ),
     "container name that is not a DNS label": (job_spec({"name": "Trainer_1"}), exceptions.InvalidArgument),
     "env value over 32768 bytes": (
         job_spec({"env": [{"name": "BIG", "value": "x" * 32769}]}),
