@@ -577,6 +577,19 @@ def test_a_mount_the_jobs_account_cannot_write_fails_the_task_before_it_starts(c
     assert "Bad credentials" not in next(c for c in cloud.run().conditions if c.type_ == "Completed").message
 
 
+def test_a_writable_mount_needs_object_access_on_the_bucket_not_storage_admin(cloud, image, local):
+    # Cloud Run's page asks for roles/storage.admin for the service identity; gcsfuse's own page names
+    # roles/storage.objectUser on the bucket for a read-write mount, which is what a task needs.
+    bucket = local.clients(PROJECT).storage.bucket(BUCKET)
+    policy = bucket.get_iam_policy()
+    policy.bindings = [{"role": "roles/storage.objectUser", "members": {f"serviceAccount:{ACCOUNT}"}}]
+    bucket.set_iam_policy(policy)
+    cloud.create()
+    execution = cloud.run()
+    assert execution.succeeded_count == 1, execution.conditions
+    assert bucket.blob("out/result.txt").download_as_text() == "written through the mount"
+
+
 def test_a_non_root_image_needs_the_mounts_uid_to_write_to_it(cloud, image, local):
     config = json.loads((image / ".image.json").read_text())
     (image / ".image.json").write_text(json.dumps(config | {"user": "10001:10001"}))
