@@ -153,6 +153,14 @@ def validate_template(job: run_v2.Job) -> None:
             f"number of tasks ({template.task_count}), got {template.parallelism}."
         )
     task = template.template
+    # "Cloud Run jobs only use the second generation execution environment, and this cannot be changed
+    # for jobs" (https://cloud.google.com/run/docs/about-execution-environments); that environment is also
+    # the one with network file system support, which a Cloud Storage volume is.
+    if task.execution_environment == run_v2.ExecutionEnvironment.EXECUTION_ENVIRONMENT_GEN1:
+        raise invalid(
+            "execution_environment EXECUTION_ENVIRONMENT_GEN1: Cloud Run jobs run only in the second "
+            "generation execution environment."
+        )
     if not 0 <= task.max_retries <= 10:
         raise invalid(f"max_retries must be between 0 and 10, got {task.max_retries}.")
     validate_timeout(task.timeout, uses_gpu(task), job.launch_stage)

@@ -369,6 +369,10 @@ REJECTED = {
         job_spec({"volume_mounts": [{"name": "gcs", "mount_path": "/mnt/gcs:rw"}]}),
         exceptions.InvalidArgument,
     ),
+    "first generation execution environment": (
+        job_spec(execution_environment="EXECUTION_ENVIRONMENT_GEN1"),
+        exceptions.InvalidArgument,
+    ),
     "mount under /proc": (
         job_spec({"volume_mounts": [{"name": "gcs", "mount_path": "/proc/gcs"}]}),
         exceptions.InvalidArgument,
