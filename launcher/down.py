@@ -207,7 +207,10 @@ def _grpc_binding(
     return Change(kind, label, "deleted", command) if removed else Change(kind, label, "absent")
 
 
-def _bucket_binding(clients: Clients, settings: Settings, email: str, role: str, *, dry_run: bool) -> Change:
+def _bucket_binding(
+    clients: Clients, settings: Settings, email: str, role: str, *, dry_run: bool, also: str = ""
+) -> Change:
+    """Remove the member from `role` on the bucket, and from `also` (what up granted in its place before)."""
     member = f"serviceAccount:{email}"
     label = f"{role} on gs://{settings.bucket}"
     command = (
@@ -217,9 +220,9 @@ def _bucket_binding(clients: Clients, settings: Settings, email: str, role: str,
     bucket = clients.storage.bucket(settings.bucket)
 
     def matches(policy: Any) -> bool:
-        held = any(b["role"] == role and member in b["members"] for b in policy.bindings)
+        held = any(b["role"] in (role, also) and member in b["members"] for b in policy.bindings)
         for binding in policy.bindings:
-            if binding["role"] == role:
+            if binding["role"] in (role, also):
                 binding["members"].discard(member)
         policy.bindings = [b for b in policy.bindings if b["members"]]
         return held
@@ -241,7 +244,9 @@ def remove_bindings(clients: Clients, settings: Settings, *, dry_run: bool) -> I
     job, build = settings.service_account_email, settings.build_service_account_email
     project = f"projects/{settings.project_id}"
     where = f"--project={settings.project_id}"
-    yield _bucket_binding(clients, settings, job, iam_bindings.OBJECT_ADMIN, dry_run=dry_run)
+    yield _bucket_binding(
+        clients, settings, job, iam_bindings.OBJECT_USER, dry_run=dry_run, also=iam_bindings.OBJECT_ADMIN
+    )
     yield _bucket_binding(clients, settings, build, iam_bindings.OBJECT_VIEWER, dry_run=dry_run)
     yield _grpc_binding(
         clients.registry,

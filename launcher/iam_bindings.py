@@ -19,6 +19,9 @@ from launcher.cloud import RETRY, Clients, retry_deadline_s
 from launcher.cloud_errors import explained
 from launcher.settings import Settings
 
+OBJECT_USER = "roles/storage.objectUser"
+# What `up` granted the job's account before objectUser: the same object access plus setting IAM policies
+# on objects and managed folders, which the job never does. up replaces it, down removes it too.
 OBJECT_ADMIN = "roles/storage.objectAdmin"
 OBJECT_VIEWER = "roles/storage.objectViewer"
 SECRET_ACCESSOR = "roles/secretmanager.secretAccessor"
@@ -49,8 +52,9 @@ _POLICY_RACE_RETRY = Retry(
 
 
 def _ensure_bucket_role(
-    clients: Clients, settings: Settings, email: str, role: str, *, dry_run: bool
+    clients: Clients, settings: Settings, email: str, role: str, *, dry_run: bool, replaces: str = ""
 ) -> Change:
+    """Grant `role`, and take the member out of `replaces` (a wider role granted before) in the same write."""
     member = f"serviceAccount:{email}"
     label = f"{role} on gs://{settings.bucket}"
     command = (
@@ -64,12 +68,18 @@ def _ensure_bucket_role(
 
         def grant() -> bool:
             policy = bucket.get_iam_policy(requested_policy_version=3, retry=RETRY)
-            for binding in policy.bindings:
-                if binding["role"] == role and member in binding["members"]:
-                    return False
+            held = any(b["role"] == role and member in b["members"] for b in policy.bindings)
+            wider = any(b["role"] == replaces and member in b["members"] for b in policy.bindings)
+            if held and not wider:
+                return False
             if dry_run:
                 return True
-            policy.bindings.append({"role": role, "members": {member}})
+            for binding in policy.bindings:
+                if binding["role"] == replaces:
+                    binding["members"].discard(member)
+            policy.bindings = [b for b in policy.bindings if b["members"]]
+            if not held:
+                policy.bindings.append({"role": role, "members": {member}})
             bucket.set_iam_policy(policy, retry=RETRY)
             return True
 
@@ -78,9 +88,16 @@ def _ensure_bucket_role(
 
 
 def ensure_bucket_iam(clients: Clients, settings: Settings, *, dry_run: bool = False) -> Change:
-    """The job reads weights and data and writes checkpoints and results through the bucket mount."""
+    """The job reads weights and data and writes checkpoints and results through the bucket mount: the
+    object access gcsfuse needs (https://cloud.google.com/storage/docs/cloud-storage-fuse/mount-bucket),
+    not the project-wide roles/storage.admin Cloud Run's mount page asks for."""
     return _ensure_bucket_role(
-        clients, settings, settings.service_account_email, OBJECT_ADMIN, dry_run=dry_run
+        clients,
+        settings,
+        settings.service_account_email,
+        OBJECT_USER,
+        dry_run=dry_run,
+        replaces=OBJECT_ADMIN,
     )
 
 

@@ -1,7 +1,8 @@
 """Idempotent provisioning: each ensure_* reads first, changes only what differs, and says what it did.
 
 Two service accounts, each granted only what it needs, scoped as narrowly as Google allows:
-- the job's: storage.objectAdmin on its one bucket, secretAccessor on its one secret;
+- the job's: storage.objectUser on its one bucket (the object access a gcsfuse mount needs),
+  secretAccessor on its one secret;
 - the build's: storage.objectViewer on the bucket (the source archive), artifactregistry.writer on the
   one repository, and logging.logWriter on the project, the narrowest scope that role has. New
   projects run builds as the Compute Engine default account, which organisations created after May

@@ -60,7 +60,7 @@ def up(
     fails. Then, in order, each step saying created, enabled, updated or unchanged:
       0. the Google APIs it needs, enabled through Service Usage (a new project has them off)
       1. the job's and the build's service accounts; bucket (uniform access, in the job's region);
-         storage.objectAdmin for the job's account and storage.objectViewer for the build's on that
+         storage.objectUser for the job's account and storage.objectViewer for the build's on that
          bucket only; Artifact Registry Docker repository, writable by the build's account only;
          logging.logWriter for the build's account (project-wide: it has no narrower scope); the
          HF_TOKEN secret (a new version only when the token changed); secretAccessor on it only

@@ -54,8 +54,8 @@ def main(argv: list[str] | None = None) -> int:
     view = StagingView(console, verbose=options.verbose)
     client = Clients(options.project).storage
     try:
-        # No GET of the bucket: the job's account holds roles/storage.objectAdmin on it, which has
-        # storage.objects.* but not storage.buckets.get; objects calls are all staging makes.
+        # No GET of the bucket: the job's account holds roles/storage.objectUser on it, which has
+        # object access but not storage.buckets.get; objects calls are all staging makes.
         bucket = client.bucket(options.bucket)
         for group in groups:
             source = hub_source(group.kind, group.source, group.revision, token, group.prefix)

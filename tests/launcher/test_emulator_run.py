@@ -160,7 +160,7 @@ def cloud(local) -> Cloud:
     bucket = clients.storage.create_bucket(BUCKET, location=REGION)
     bucket_policy = bucket.get_iam_policy()
     bucket_policy.bindings.append(
-        {"role": "roles/storage.objectAdmin", "members": {f"serviceAccount:{ACCOUNT}"}}
+        {"role": "roles/storage.objectUser", "members": {f"serviceAccount:{ACCOUNT}"}}
     )
     bucket.set_iam_policy(bucket_policy)
     secret = clients.secrets.create_secret(
@@ -554,7 +554,7 @@ def test_service_account_without_secret_access_is_denied(cloud):
 def test_a_task_runs_as_the_jobs_service_account_found_through_the_metadata_server(cloud, image):
     cloud.create(job_spec({"args": ["whoami", BUCKET]}))
     execution = cloud.run()
-    # storage.objects.list is the job account's (objectAdmin on the bucket); storage.buckets.get is not,
+    # storage.objects.list is the job account's (objectUser on the bucket); storage.buckets.get is not,
     # and Cloud Storage answers the task's own bucket GET with 403 naming that account.
     assert execution.failed_count == 1
     identity = json.loads(cloud.log_texts(execution.name)[0])

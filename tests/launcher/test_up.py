@@ -48,7 +48,7 @@ def test_fresh_up_creates_the_resources_with_least_privilege(env):
         b["role"]: set(b["members"]) for b in bucket.get_iam_policy(requested_policy_version=3).bindings
     }
     assert bindings == {
-        "roles/storage.objectAdmin": {f"serviceAccount:{SA}"},
+        "roles/storage.objectUser": {f"serviceAccount:{SA}"},
         "roles/storage.objectViewer": {f"serviceAccount:{BUILD_SA}"},
     }
     repository = clients.registry.get_repository(name=REPOSITORY)
@@ -86,6 +86,34 @@ def test_second_up_changes_nothing_and_says_so(env):
     second = env.record()[before:]
     assert second, "the second run must still check every resource"
     assert [entry for entry in second if entry["mutating"]] == []
+
+
+def _bucket_roles(env, member: str) -> set[str]:
+    policy = env.clients(PROJECT).storage.bucket(BUCKET).get_iam_policy(requested_policy_version=3)
+    return {binding["role"] for binding in policy.bindings if member in binding["members"]}
+
+
+def test_up_takes_the_job_out_of_the_wider_object_admin_role_earlier_versions_granted(env):
+    member = f"serviceAccount:{SA}"
+    assert up().exit_code == 0
+    bucket = env.clients(PROJECT).storage.bucket(BUCKET)
+    policy = bucket.get_iam_policy(requested_policy_version=3)
+    policy.bindings = [b for b in policy.bindings if member not in b["members"]]
+    policy.bindings.append({"role": "roles/storage.objectAdmin", "members": {member}})
+    bucket.set_iam_policy(policy)
+
+    again = up()
+    assert again.exit_code == 0, again.output
+    assert "roles/storage.objectUser on gs://" in again.output
+    assert _bucket_roles(env, member) == {"roles/storage.objectUser"}
+    assert "Everything was already in place" in up().output
+    # down, after an up of an earlier version, removes the grant that version made.
+    policy = bucket.get_iam_policy(requested_policy_version=3)
+    policy.bindings.append({"role": "roles/storage.objectAdmin", "members": {member}})
+    bucket.set_iam_policy(policy)
+    down = CliRunner().invoke(main, ["down", "--yes"])
+    assert down.exit_code == 0, down.output
+    assert _bucket_roles(env, member) == set()
 
 
 def test_dry_run_on_a_fresh_project_lists_the_apis_to_enable_and_stops(env):

@@ -84,7 +84,7 @@ def test_the_service_account_holds_exactly_two_grants_on_one_resource_each(tmp_p
         record = read_record(tmp_path / "record.jsonl")
         state = json.loads((emulator.data_dir / "state.json").read_text())
     member = f"serviceAccount:{SA}"
-    assert [grant for grant in bucket_grants if SA in grant[1]] == [("roles/storage.objectAdmin", member)]
+    assert [grant for grant in bucket_grants if SA in grant[1]] == [("roles/storage.objectUser", member)]
     assert secret_grants == [("roles/secretmanager.secretAccessor", member)]
     # The job's account is named in no other policy: the other policy writes (repository, project) are
     # the build account's grants, and no other stored policy names the job's account.

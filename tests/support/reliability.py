@@ -132,7 +132,7 @@ def duplicates(emulator: Emulator, executions_expected: int | None = None) -> li
         found.append(f"{len(buckets)} buckets")
     policy = Clients(PROJECT).storage.bucket(BUCKET).get_iam_policy(requested_policy_version=3)
     granted = [(b["role"], member) for b in policy.bindings for member in b["members"] if SA in member]
-    if granted != [("roles/storage.objectAdmin", f"serviceAccount:{SA}")]:
+    if granted != [("roles/storage.objectUser", f"serviceAccount:{SA}")]:
         found.append(f"bucket grants {granted}")
     return found
 
