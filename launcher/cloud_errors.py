@@ -42,6 +42,7 @@ _PERMISSION = re.compile(
     r"Permission '(?P<permission>[\w.]+)' denied|does not have (?P<storage>[\w.]+) access"
 )
 _DENIED_ACCOUNT = re.compile(r"(?P<email>[\w.-]+@[\w.-]+\.gserviceaccount\.com) does not have")
+_ACTED_AS = re.compile(r"on service account (?P<email>[\w.-]+@[\w.-]+)")
 _API_URL = re.compile(r"/apis/api/(?P<api>[\w.-]+)/")
 _LOGIN = "Run `gcloud auth application-default login`, then run the command again."
 
@@ -114,6 +115,17 @@ def translate(error: BaseException, settings: Settings | None, what: str = "") -
         )
     if isinstance(error, exceptions.PermissionDenied | exceptions.Forbidden):
         permission = denied_permission(error)
+        acted_as = _ACTED_AS.search(message)
+        if acted_as and (permission or "").lower() == "iam.serviceaccounts.actas":
+            # IAM answers alike for a missing grant and a missing account ("(or it may not exist)").
+            email = acted_as["email"]
+            return UserError(
+                f"Permission denied{on}: {message}",
+                f"If {email} was deleted, run `gemma-launch up` to create it again with its roles. "
+                "Otherwise you need roles/iam.serviceAccountUser on it; a project owner can grant it: "
+                f"gcloud iam service-accounts add-iam-policy-binding {email} --member=user:YOUR_EMAIL "
+                f"--role=roles/iam.serviceAccountUser --project={project}",
+            )
         role = smallest_role_with(permission, on_project=True) if permission else None
         needed = f"a role with {permission}, e.g. {role}" if role else f"{permission or 'this permission'}"
         account = _DENIED_ACCOUNT.search(message)

@@ -362,6 +362,31 @@ def check_gpu(job: run_v2.Job, settings: Settings) -> None:
     )
 
 
+def require_service_account(clients: Clients, settings: Settings, job: run_v2.Job) -> None:
+    """Refuse to start an execution whose account was deleted after `up`: its tasks could not act as it.
+
+    Cloud Run checks the account only when a job is created or updated (actAs on the account as a
+    resource, https://cloud.google.com/run/docs/configuring/jobs/service-accounts), so a deletion after
+    that goes unnoticed until the tasks run without their identity. A caller who may not read accounts
+    is not stopped: the execution shows what happens.
+    """
+    account = job.template.template.service_account
+    if not account.endswith(".iam.gserviceaccount.com"):
+        return
+    try:
+        clients.iam.get_service_account(
+            name=f"projects/{settings.project_id}/serviceAccounts/{account}", retry=RETRY
+        )
+    except exceptions.NotFound:
+        raise UserError(
+            f"Job {settings.job} runs as service account {account}, which no longer exists (deleted after "
+            "`gemma-launch up`).",
+            "Run `gemma-launch up` to create it again and grant its roles, then run this again.",
+        ) from None
+    except exceptions.PermissionDenied:
+        return
+
+
 def job_args(job: run_v2.Job) -> list[str]:
     """The trainer arguments the job's executions run with, unless overridden."""
     return list(job.template.template.containers[0].args)

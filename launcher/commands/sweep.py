@@ -114,6 +114,7 @@ def sweep_command(
             console.print("\nDry run: nothing was started or changed.")
         return
     cost.check_max_cost(estimate, max_cost)
+    jobs.require_service_account(clients, settings, job)
     execution = sweep.start(clients, settings, grid, args, chosen.tasks)
     short = executions.short_name(execution.name)
     out.print(f"Started execution {short}")

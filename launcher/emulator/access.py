@@ -378,6 +378,12 @@ class Access:
             return f"Service account {email} does not exist."
         return None
 
+    def _missing_account(self, email: str) -> bool:
+        """Whether `email` is a user-managed account (the only kind IAM here keeps) that does not exist."""
+        return bool(
+            _SERVICE_ACCOUNT_MEMBER.match(f"serviceAccount:{email}")
+        ) and email not in self.state.table("service_accounts")
+
     def service_account_created(self, email: str) -> None:
         with self.state.transaction() as tables:
             tables["service_account_created"][email] = time.time()
@@ -405,7 +411,15 @@ class Access:
             account = _service_account_of(method, request)
             if account:
                 name = f"projects/{project}/serviceAccounts/{account}"
-                if not self.allowed(member, "iam.serviceAccounts.actAs", project, name):
+                # actAs is checked on the account as a resource, so one that does not exist (deleted by
+                # hand) is refused even to an owner, in the same words as a missing grant: "Permission
+                # 'iam.serviceaccounts.actAs' denied on service account X (or it may not exist)"
+                # (https://cloud.google.com/run/docs/configuring/services/service-accounts: "the deployer
+                # account must have access on the service identity resource";
+                # https://cloud.google.com/build/docs/securing-builds/configure-user-specified-service-accounts).
+                if self._missing_account(account) or not self.allowed(
+                    member, "iam.serviceAccounts.actAs", project, name
+                ):
                     raise ApiError(
                         grpc.StatusCode.PERMISSION_DENIED,
                         f"Permission 'iam.serviceaccounts.actAs' denied on service account {account} (or it "

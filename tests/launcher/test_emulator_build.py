@@ -10,6 +10,7 @@ from google.cloud import artifactregistry_v1
 from google.cloud.devtools import cloudbuild_v1
 
 from launcher.cloud import Clients
+from launcher.cloud_errors import translate
 from launcher.emulator import dockerfile, dockerignore
 from launcher.emulator.access import DEFAULT_ENABLED
 from launcher.emulator.server import Emulator
@@ -514,3 +515,25 @@ def test_the_image_config_keeps_the_user_it_runs_as():
     parsed = dockerfile.parse("FROM python:3.11-slim\nARG UID=10001\nUSER ${UID}:${UID}\n")
     assert parsed.config.user == "10001:10001"
     assert dockerfile.parse("FROM python:3.11-slim\n").config.user == ""
+
+
+def test_a_build_account_deleted_by_hand_is_refused_as_google_refuses_act_as(local):
+    # IAM checks actAs on the account as a resource: a deleted one is denied even to the project owner,
+    # in the words of a missing grant ("... (or it may not exist).").
+    clients = local.clients()
+    clients.iam.delete_service_account(name=f"projects/{PROJECT}/serviceAccounts/{BUILDER}")
+    spec = build_spec(upload(local, archive(source())))
+    with pytest.raises(exceptions.PermissionDenied) as raised:
+        clients.builds.create_build(project_id=PROJECT, build=spec)
+    assert raised.value.message == (
+        f"Permission 'iam.serviceaccounts.actAs' denied on service account {BUILDER} (or it may not exist)."
+    )
+    assert list(clients.builds.list_builds(project_id=PROJECT)) == []
+    # What the launcher makes of it: either cause, and what to do about each.
+    shown = translate(raised.value, None, "build")
+    assert shown.message.startswith("Permission denied on build: Permission 'iam.serviceaccounts.actAs'")
+    assert shown.hint.startswith(f"If {BUILDER} was deleted, run `gemma-launch up` to create it again")
+    assert (
+        f"add-iam-policy-binding {BUILDER} --member=user:YOUR_EMAIL --role=roles/iam.serviceAccountUser"
+        in (shown.hint)
+    )

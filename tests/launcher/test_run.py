@@ -630,6 +630,25 @@ def test_run_without_gpu_quota_is_refused_before_any_run_job(env, project_dir):
     assert run_jobs(env) == []
 
 
+def test_run_refuses_a_job_whose_account_was_deleted_after_up_and_up_makes_it_again(env, project_dir):
+    assert up(project_dir).exit_code == 0
+    account = f"gemma3-finetuning@{PROJECT}.iam.gserviceaccount.com"
+    env.clients(PROJECT).iam.delete_service_account(name=f"projects/{PROJECT}/serviceAccounts/{account}")
+    for command in (("run",), ("sweep", "--grid", "learning-rate=1e-4,2e-4")):
+        result = cli(*command)
+        assert result.exit_code == 2, result.output
+        assert (
+            f"Error: Job gemma3-finetuning-job runs as service account {account}, which no longer exists"
+            in (result.output)
+        )
+        assert "Hint: Run `gemma-launch up` to create it again and grant its roles" in result.output
+        assert "Traceback" not in result.output
+    assert run_jobs(env) == []
+    assert up(project_dir).exit_code == 0
+    assert cli("run").exit_code == 0
+    assert len(run_jobs(env)) == 1
+
+
 def test_run_is_refused_while_the_jobs_executions_hold_all_the_quota(env, project_dir):
     assert up(project_dir).exit_code == 0
     env.emulator.services["quotas"].set_gpu_quota(1)
