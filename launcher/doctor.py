@@ -12,7 +12,10 @@ Nothing here changes anything. In order, each check and what it calls:
 6. GPU quota: Cloud Quotas GetQuotaInfo (cloudquotas.quotas.get), through quota.read;
 7. build location: settings_rules' RESTRICTED_BUILD_REGIONS, no call;
 8. bucket: Cloud Storage buckets.get (storage.buckets.get): 404 = free, readable = ours when its
-   project number is this project's, 403 = another project's.
+   project number is this project's, 403 = another project's;
+9. service accounts: IAM GetServiceAccount (iam.serviceAccounts.get) for the job's and the build's,
+   and Cloud Run GetJob (run.jobs.get) when one is missing: missing while the job exists means it
+   was deleted after `up`, which `up` repairs.
 
 A check whose API is still off (a new project has Resource Manager, Cloud Billing and Cloud Quotas off)
 cannot be made: it fails with status "unchecked" and the fix "`gemma-launch up` enables the APIs".
@@ -44,6 +47,7 @@ STEPS: tuple[tuple[str, Step], ...] = (
     ("gpu_quota", doctor_checks.check_gpu_quota),
     ("build_location", doctor_checks.check_build_location),
     ("bucket", doctor_checks.check_bucket),
+    ("service_accounts", doctor_checks.check_service_accounts),
 )
 # Made without a call: they need no credentials.
 _OFFLINE = {"gpu_region", "build_location"}

@@ -108,6 +108,7 @@ TITLES = {
     "gpu_quota": "GPU quota",
     "build_location": "build location",
     "bucket": "bucket",
+    "service_accounts": "service accounts",
 }
 
 
@@ -358,3 +359,32 @@ def check_bucket(clients: Clients, settings: Settings, found: Found) -> Check:
             False,
         )
     return Check("bucket", OK, f"gs://{name} exists in this project, in {settings.region}")
+
+
+def check_service_accounts(clients: Clients, settings: Settings, found: Found) -> Check:
+    """After `up`, the job's and the build's accounts must still exist: one deleted by hand stops `run`."""
+    if {"iam.googleapis.com", "run.googleapis.com"} & set(found.disabled):
+        return Check("service_accounts", OK, "`up` creates them once it has enabled the APIs", stops_up=False)
+    emails = (settings.service_account_email, settings.build_service_account_email)
+    missing = []
+    for email in emails:
+        try:
+            clients.iam.get_service_account(
+                name=f"projects/{settings.project_id}/serviceAccounts/{email}", retry=RETRY
+            )
+        except exceptions.NotFound:
+            missing.append(email)
+    if not missing:
+        return Check("service_accounts", OK, f"{' and '.join(emails)} exist", stops_up=False)
+    try:
+        clients.jobs.get_job(name=settings.job_name, retry=RETRY)
+    except exceptions.NotFound:
+        return Check("service_accounts", OK, f"`up` creates {' and '.join(missing)}", stops_up=False)
+    return Check(
+        "service_accounts",
+        FAILED,
+        f"{' and '.join(missing)} no longer exist{'s' if len(missing) == 1 else ''}, but job {settings.job} "
+        "does: deleted after `up`, so `run` is refused.",
+        "Run `gemma-launch up`: it creates the accounts again and grants their roles.",
+        stops_up=False,
+    )

@@ -26,7 +26,8 @@ def doctor_command(settings: Settings, as_json: bool) -> None:
     One line per check, ✓ or ✗ with its fix:
       credentials and their account; the project and its billing; the APIs gemma-launch calls; the
       permissions `up` uses; the GPU type in the region, and usable by the image; the GPU quota; the
-      build location; the bucket name (free, or already this project's).
+      build location; the bucket name (free, or already this project's); the job's and the build's
+      service accounts (one deleted after `up` stops `run`).
     On a new project some checks need APIs that are still off: they fail as "cannot check until" the
     API is enabled, which `gemma-launch up` does first.
     """

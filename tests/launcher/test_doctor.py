@@ -29,6 +29,7 @@ NAMES = [
     "gpu_quota",
     "build_location",
     "bucket",
+    "service_accounts",
 ]
 
 
@@ -80,7 +81,7 @@ def test_a_fresh_project_says_what_cannot_be_checked_until_up_enables_the_apis(f
     apis = line(result, "APIs")
     assert apis.startswith("✗") and "gcloud services enable iam.googleapis.com" in apis
     assert line(result, "bucket").startswith("✓")
-    assert "Error: 5 of 9 checks failed: project, billing, APIs, permissions, GPU quota." in result.output
+    assert "Error: 5 of 10 checks failed: project, billing, APIs, permissions, GPU quota." in result.output
     assert "Hint:" in result.output
     assert checks(doctor("--json"))["billing"]["status"] == "unchecked"
     assert "no quota needed" in line(doctor("--gpu", "none"), "GPU quota")  # whatever the Quotas API
@@ -94,7 +95,7 @@ def test_billing_off_fails_with_the_console_link(local):
     billing = line(result, "billing")
     assert billing.startswith("✗") and "Billing is not enabled for project demo-project" in billing
     assert "https://console.cloud.google.com/billing/linkedaccount?project=demo-project" in billing
-    assert "Error: 1 of 9 checks failed: billing." in result.output
+    assert "Error: 1 of 10 checks failed: billing." in result.output
     as_json = doctor("--json")
     assert as_json.exit_code == 2
     assert json.loads(as_json.stdout)["ok"] is False
@@ -125,7 +126,7 @@ def test_missing_permissions_are_listed_with_the_smallest_role_grantable_on_the_
     assert "storage.buckets.create" not in permissions  # editors may create buckets
     assert "legacy" not in permissions  # bucket-only roles cannot be granted on a project
     assert "--member=user:developer@example.com" in permissions
-    assert "Error: 1 of 9 checks failed: permissions." in result.output
+    assert "Error: 1 of 10 checks failed: permissions." in result.output
 
 
 def test_a_gpu_not_offered_in_the_region_is_one_failing_check_among_the_others(local):
@@ -177,7 +178,7 @@ def test_a_build_region_outside_cloud_builds_restricted_list_is_a_warning_naming
     assert result.exit_code == 2
     build = line(result, "build location")
     assert build.startswith("✗") and "--build-location global" in build
-    assert "Error: 1 of 9 checks failed: build location." in result.output
+    assert "Error: 1 of 10 checks failed: build location." in result.output
     assert doctor("--build-location", "europe-west1").exit_code == 0
 
 

@@ -644,9 +644,20 @@ def test_run_refuses_a_job_whose_account_was_deleted_after_up_and_up_makes_it_ag
         assert "Hint: Run `gemma-launch up` to create it again and grant its roles" in result.output
         assert "Traceback" not in result.output
     assert run_jobs(env) == []
+    (doctor,) = [
+        line for line in cli("doctor").output.splitlines() if line[2:].startswith("service accounts")
+    ]
+    assert doctor.startswith(
+        f"✗ service accounts {account} no longer exists, but job gemma3-finetuning-job does: deleted after "
+        "`up`, so `run` is refused."
+    )
+    assert doctor.endswith(
+        "Fix: Run `gemma-launch up`: it creates the accounts again and grants their roles."
+    )
     assert up(project_dir).exit_code == 0
     assert cli("run").exit_code == 0
     assert len(run_jobs(env)) == 1
+    assert "✓ service accounts" in cli("doctor").output
 
 
 def test_run_is_refused_while_the_jobs_executions_hold_all_the_quota(env, project_dir):
