@@ -214,7 +214,8 @@ class Access:
         self.propagation_s = propagation_s
         self.default_enabled = frozenset(enabled_apis)
         self.billing_enabled = billing_enabled
-        self._tokens: dict[str, str] = {}
+        # token -> (member, the unique id of the service account it was issued to, None for others)
+        self._tokens: dict[str, tuple[str, str | None]] = {}
         self._policy_sources: list[tuple[re.Pattern[str], PolicySource]] = []
         self._member_renamers: list[MemberRenamer] = []
 
@@ -222,16 +223,29 @@ class Access:
 
     def issue_token(self, member: str) -> str:
         token = "ya29.emulator-" + secrets.token_urlsafe(24)
-        self._tokens[token] = member
+        self._tokens[token] = (member, self._unique_id(member))
         return token
+
+    def _unique_id(self, member: str) -> str | None:
+        match = _SERVICE_ACCOUNT_MEMBER.match(member)
+        stored = self.state.table("service_accounts").get(match["email"]) if match else None
+        return stored["unique_id"] if stored else None
 
     def caller(self, authorization: str | None) -> str:
         """The member (user:x or serviceAccount:x) behind an Authorization header."""
         if not authorization:
             return self.user
         scheme, _, token = authorization.partition(" ")
-        member = self._tokens.get(token.strip()) if scheme.lower() == "bearer" else None
-        if member is None:
+        member, unique_id = (
+            self._tokens.get(token.strip(), ("", None)) if scheme.lower() == "bearer" else ("", None)
+        )
+        # A token of a service account since deleted (or deleted and made again: another identity) is
+        # refused: "Existing access tokens for the service account are rejected" is what IAM documents for
+        # a disabled one (https://cloud.google.com/iam/docs/reference/rest/v1/projects.serviceAccounts/
+        # disable), and a deleted one can no longer authenticate at all
+        # (https://cloud.google.com/iam/docs/service-accounts-delete-undelete). Rejected credentials are
+        # UNAUTHENTICATED (https://cloud.google.com/apis/design/errors).
+        if not member or (unique_id is not None and self._unique_id(member) != unique_id):
             raise ApiError(
                 grpc.StatusCode.UNAUTHENTICATED,
                 "Request had invalid authentication credentials. Expected OAuth 2 access token, login "

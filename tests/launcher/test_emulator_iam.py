@@ -137,3 +137,29 @@ def test_a_deleted_accounts_grants_name_it_deleted_and_a_new_account_of_its_emai
     policy.bindings.add(role="roles/secretmanager.secretAccessor", members=[member])
     clients.secrets.set_iam_policy(request={"resource": secret, "policy": policy})
     assert _access_as(local, member, f"{secret}/versions/1") == b"hf_x"
+
+
+def test_a_token_issued_before_its_account_was_deleted_is_rejected_even_after_the_email_is_reused(local):
+    # A token names the identity it was issued to: once that account is gone (deleted, or deleted and
+    # made again under its email, a separate identity) the token is rejected, UNAUTHENTICATED.
+    clients = local.clients()
+    create = {"name": f"projects/{PROJECT}", "account_id": "gemma-trainer"}
+    account = clients.iam.create_service_account(request=create)
+    member = f"serviceAccount:{account.email}"
+    policy = clients.projects.get_iam_policy(request={"resource": f"projects/{PROJECT}", "options": V3})
+    policy.bindings.add(role="roles/iam.serviceAccountUser", members=[member])
+    clients.projects.set_iam_policy(request={"resource": f"projects/{PROJECT}", "policy": policy})
+    token = local.emulator.access.issue_token(member)
+
+    def get_as_token():
+        return clients.iam.get_service_account(
+            name=account.name, metadata=[("authorization", f"Bearer {token}")]
+        )
+
+    assert get_as_token().unique_id == account.unique_id
+    clients.iam.delete_service_account(name=account.name)
+    with pytest.raises(exceptions.Unauthenticated, match="invalid authentication credentials"):
+        get_as_token()
+    clients.iam.create_service_account(request=create)
+    with pytest.raises(exceptions.Unauthenticated):
+        get_as_token()
