@@ -48,7 +48,12 @@ def _page(
 
 def pages(clients: Clients, settings: Settings, execution: str) -> list[dict[str, Any]]:
     """An execution's page; a sweep's, a page per task that wrote its results (in its own task-<i>/
-    directory, trainer/sweep.py), so that they are compared as executions are."""
+    directory, trainer/sweep.py), so that they are compared as executions are. The bucket is read first:
+    an execution with its own results.json is a run, whose page needs nothing from Cloud Run."""
+    results = run_results.load(clients, settings, execution)
+    if results is not None:
+        prefix = run_results.run_prefix(execution)
+        return [_page(clients, settings, prefix, results, executions.short_name(execution))]
     found = executions.get_execution(clients, settings, execution)
     grid = sweep.grid_of(found)
     if grid is None:

@@ -95,8 +95,8 @@ def run_command(
     clients = Clients(settings.project_id)
     job = jobs.current_job(clients, settings)
     jobs.check_gpu(job, settings)
-    jobs.require_service_account(clients, settings, job)
     say_fit(jobs.check_fits(job, changes))
+    jobs.require_service_account(clients, settings, job)
     # Before anything starts: an execution whose sizes exceed the staged splits would fail in the trainer.
     args = overrides.apply(jobs.job_args(job), changes)
     staging.check_trainer_sizes(clients, settings, args)
