@@ -1,6 +1,6 @@
 """FP8 frozen linear layers at Gemma 3 27B's shapes: error against bf16 and time, layer by layer.
 
-    python bench/fp8_layers.py --out bench/results      # GPU: errors and timings, OUT/fp8-layers.jsonl
+    python bench/fp8_layers.py --out bench/results      # GPU: errors and timings, OUT/fp8_layers.jsonl
     python bench/fp8_layers.py --smoke                  # CPU: small shapes, errors only
 
 For each of 27B's linear shapes (M = 4,230 tokens: batch 9 x 470), the output and the input gradient of:
@@ -16,9 +16,7 @@ to bf16, bf16 activations and matmul), each against a float32 reference with the
   "massive activations" of LLMs' residual streams); gradients with log-normal token scales (sigma 2),
   since only a few tokens carry loss.
 
-Timings (GPU, triton's do_bench, median ms): the per-row quantization of x as the trainer compiles it (one
-kernel for every shape, both dimensions dynamic) and compiled for one width (the rows dynamic: a candidate
-that lets the compiler fit a row in one block), the forward matmul in bf16, in fp8 as the trainer runs it
+Timings (GPU, triton's do_bench, median ms): the forward matmul in bf16, in fp8 as the trainer runs it
 (the per-row quantization of x as its own compiled kernel, then the FP8 matmul) and the FP8 matmul alone,
 and three input gradients, compiled as in the trainer's compiled layers: fp8 with the weight transposed
 for the call (the trainer's), fp8 from a transposed copy kept in memory (twice the weight memory), and
@@ -35,14 +33,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from trainer.speed.fp8_weights import (  # noqa: E402
-    Fp8Linear,
-    dequantize,
-    fp8_grad_input,
-    fp8_matmul,
-    fp8_quantize_rows,
-    quantize_rows,
-)
+from trainer.speed.fp8_weights import Fp8Linear, dequantize, fp8_grad_input, fp8_linear, quantize_rows  # noqa: E402
 from trainer.speed.int8_weights import Int8Linear  # noqa: E402
 
 # Gemma 3 27B's language model: hidden 5376, 32 query heads and 16 key/value heads of 128, MLP 21504.
@@ -147,14 +138,9 @@ def timings(k: int, n: int, m: int) -> dict[str, float]:
 
     stored, expanded = torch.compile(stored, dynamic=False), torch.compile(expanded, dynamic=False)
     transpose = torch.compile(lambda t: t.t().contiguous(), dynamic=False)
-    one_width = torch.compile(quantize_rows, dynamic=False)
-    x_rows_dynamic = x.clone()
-    torch._dynamo.mark_dynamic(x_rows_dynamic, 0)
     return {
-        "quantize_rows_ms": bench(lambda: fp8_quantize_rows(x)),
-        "quantize_rows_static_width_ms": bench(lambda: one_width(x_rows_dynamic)),
         "forward_bf16_ms": bench(lambda: x @ w.t()),
-        "forward_fp8_ms": bench(lambda: fp8_matmul(x, w8, w_scale)),
+        "forward_fp8_ms": bench(lambda: fp8_linear(x, w8, w_scale)),
         "forward_fp8_matmul_only_ms": bench(
             lambda: torch._scaled_mm(
                 x8, w8.t(), scale_a=x_scale, scale_b=w_scale.t(), out_dtype=torch.bfloat16
@@ -193,7 +179,7 @@ def main() -> None:
         if device == "cuda":
             row.update(timings(k, n, m))
         print("FP8LAYER " + json.dumps(row), flush=True)
-        with (bench.out / "fp8-layers.jsonl").open("a") as file:
+        with (bench.out / "fp8_layers.jsonl").open("a") as file:
             file.write(json.dumps(row) + "\n")
         table.append(row)
     print(

@@ -1,7 +1,6 @@
 """fp8 weight storage: the e4m3 rounding, outputs and input gradients equal to a reference computation of the
 same quantized matmuls (on CPU; on CUDA when a GPU is there), nothing but the e4m3 weight kept for the
-backward pass (also compiled), one quantization of an input several layers read (compiled), the automatic
-choice, and training as well as fp32."""
+backward pass (also compiled), the automatic choice, and training as well as fp32."""
 
 import json
 from pathlib import Path
@@ -10,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from trainer.speed import choose_precision, fp8_weights, load_model
+from trainer.speed import choose_precision, load_model
 from trainer.speed.fp8_weights import E4M3, E4M3_MAX, Fp8Linear, dequantize, quantize_rows
 from trainer.speed.weights import precision_for
 
@@ -91,38 +90,6 @@ def test_backward_keeps_only_the_e4m3_weight(compiled: bool, forward_saving) -> 
     assert {t.data_ptr() for t in fp8} == weights and all(t.shape in {(512, 128), (128, 512)} for t in fp8)
     # The one activation kept is GELU's input, for GELU's own backward; nothing of the first layer's input.
     assert not any(t.shape == x.shape for t in saved)
-
-
-class QKV(nn.Module):
-    """Three fp8 layers reading one input, as q, k and v do."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.q, self.k, self.v = (Fp8Linear(nn.Linear(128, n, bias=False)) for n in (64, 32, 32))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.cat([self.q(x), self.k(x), self.v(x)], dim=-1)
-
-
-@pytest.mark.slow
-def test_a_compiled_layer_quantizes_an_input_several_layers_read_once(monkeypatch) -> None:
-    quantized: list[torch.Size] = []
-    quantize = fp8_weights._quantize_on_device
-    monkeypatch.setattr(
-        fp8_weights, "_quantize_on_device", lambda t: quantized.append(t.shape) or quantize(t)
-    )
-    torch.manual_seed(0)
-    block = QKV()
-    x = torch.randn(2, 8, 128, requires_grad=True)
-    eager = block(x)
-    (eager_grad,) = torch.autograd.grad(eager.square().sum(), x)
-    assert len(quantized) == 3
-    quantized.clear()
-    compiled = torch.compile(block, dynamic=False, fullgraph=True)(x)
-    assert len(quantized) == 1
-    (compiled_grad,) = torch.autograd.grad(compiled.square().sum(), x)
-    torch.testing.assert_close(compiled, eager)
-    torch.testing.assert_close(compiled_grad, eager_grad)
 
 
 def test_quantize_replaces_the_language_model_linears(tiny_model: Path) -> None:

@@ -43,51 +43,24 @@ def _quantize_on_device(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return _compiled_quantize_rows(t)
 
 
-# Custom ops, opaque to torch.compile, as int8_linear is. Traced as plain ops into a compiled decoder layer,
+# A custom op, opaque to torch.compile, as int8_linear is. Traced as plain ops into a compiled decoder layer,
 # the quantization fused with the norm before it, but the partitioner then kept a float32 copy of every
 # layer input (or the bf16 norm and GeGLU outputs it would otherwise recompute) for the backward pass:
 # nearly twice int8's memory per sample, so a smaller batch with layers checkpointed (docs/benchmarks.md,
 # "A custom op, as int8").
-#
-# The quantization is an op of its own, not part of the matmul's: q, k and v (and gate and up) read one
-# input, and in a compiled layer their three quantizations of it are one computation, which the compiler's
-# common-subexpression pass merges into one kernel (docs/benchmarks.md, "One mask and one quantization per
-# input").
-@torch.library.custom_op("gemma_launch::fp8_quantize_rows", mutates_args=())
-def fp8_quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [..., K] as e4m3 rows [rows, K] and their float32 scales [rows, 1] (quantize_rows)."""
-    return _quantize_on_device(x.reshape(-1, x.shape[-1]))
-
-
-@fp8_quantize_rows.register_fake
-def _(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    rows = x.numel() // x.shape[-1]
-    return x.new_empty((rows, x.shape[-1]), dtype=E4M3), x.new_empty((rows, 1), dtype=torch.float32)
-
-
 @torch.library.custom_op("gemma_launch::fp8_linear", mutates_args=())
-def fp8_linear(
-    x: torch.Tensor, x8: torch.Tensor, x_scale: torch.Tensor, w8: torch.Tensor, w_scale: torch.Tensor
-) -> torch.Tensor:
-    """x @ (w8 * w_scale).T in x's dtype from x's quantized rows (x8, x_scale = fp8_quantize_rows(x)):
-    x [..., K], w8 [N, K] e4m3, w_scale [N, 1] float32. x itself is read for its shape only: it is the input
-    the gradient flows to."""
+def fp8_linear(x: torch.Tensor, w8: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
+    """x @ (w8 * w_scale).T in x's dtype, with x quantized per row: x [..., K], w8 [N, K] e4m3, w_scale
+    [N, 1] float32."""
+    x8, x_scale = _quantize_on_device(x.reshape(-1, x.shape[-1]))
     # _scaled_mm takes its second operand column-major: w8.t() is, as a view of the row-major weight.
     out = torch._scaled_mm(x8, w8.t(), scale_a=x_scale, scale_b=w_scale.t(), out_dtype=x.dtype)
     return out.reshape(*x.shape[:-1], w8.shape[0])
 
 
 @fp8_linear.register_fake
-def _(
-    x: torch.Tensor, x8: torch.Tensor, x_scale: torch.Tensor, w8: torch.Tensor, w_scale: torch.Tensor
-) -> torch.Tensor:
+def _(x: torch.Tensor, w8: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
     return x.new_empty((*x.shape[:-1], w8.shape[0]))
-
-
-def fp8_matmul(x: torch.Tensor, w8: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
-    """x @ (w8 * w_scale).T with x quantized per row, differentiable in x."""
-    x8, x_scale = fp8_quantize_rows(x.detach())
-    return fp8_linear(x, x8, x_scale, w8, w_scale)
 
 
 def fp8_grad_input(grad: torch.Tensor, w8: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
@@ -100,7 +73,7 @@ def fp8_grad_input(grad: torch.Tensor, w8: torch.Tensor, w_scale: torch.Tensor) 
 
 
 def _save_weights(ctx, inputs: tuple, output: torch.Tensor) -> None:
-    x, x8, x_scale, w8, w_scale = inputs
+    x, w8, w_scale = inputs
     ctx.save_for_backward(w8, w_scale)
 
 
@@ -110,8 +83,7 @@ def _grad_input(ctx, grad: torch.Tensor) -> tuple:
     # graph, where the compiler fuses the fold and quantization with the kernels that produce the gradient,
     # and makes the transposed weight with its own kernel (eager, that copy runs at 300 GB/s).
     rows = grad.reshape(-1, grad.shape[-1])
-    grad_input = fp8_grad_input(rows, w8, w_scale).reshape(*grad.shape[:-1], w8.shape[1])
-    return grad_input, None, None, None, None
+    return fp8_grad_input(rows, w8, w_scale).reshape(*grad.shape[:-1], w8.shape[1]), None, None
 
 
 fp8_linear.register_autograd(_grad_input, setup_context=_save_weights)
@@ -134,7 +106,7 @@ class Fp8Linear(nn.Linear):
         self.compute_dtype = weight.dtype
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = fp8_matmul(x.to(self.compute_dtype), self.weight, self.scale)
+        out = fp8_linear(x.to(self.compute_dtype), self.weight, self.scale)
         return out if self.bias is None else out + self.bias
 
 
