@@ -3,21 +3,14 @@
 PEFT computes lora_B(lora_A(dropout(x))), so autograd keeps, for every adapted linear, the dropout mask and
 the dropped copy of x: 3 bytes per input value, a quarter of the activation memory of 27B training
 (docs/benchmarks.md, "LoRA dropout hashed from a seed"). Here lora_A applies the dropout itself and keeps
-only x and a seed: the mask is a hash of the seed and each value's index, so the backward pass computes it
-again. Same distribution as PEFT's dropout, other draws.
+only x, which the adapters reading the same input (q, k and v; gate and up) share, and a seed: the mask is
+a hash of the seed and each value's index, so the backward pass computes it again. Same distribution as
+PEFT's dropout, other draws.
 
 The hash is plain tensor arithmetic rather than a random number generator, so torch.compile fuses the mask
 into the kernels that read x, in the forward and in the backward pass, and may recompute it wherever it
 likes: the same seed always gives the same mask.
-
-The adapters that read one input (q, k and v; gate and up) share its mask, as PEFT's one dropout does on a
-model whose q, k and v are one fused projection (Phi-3's qkv_proj, GPT-NeoX's query_key_value). Their seeds
-are then the same computation on the same tensors, which the compiler's common-subexpression pass merges:
-one mask and one dropped copy of x per input instead of one per adapter, in the forward and in the
-backward pass (docs/benchmarks.md, "One mask and one quantization per input").
 """
-
-import zlib
 
 import torch
 from peft.tuners.lora import LoraLayer
@@ -57,48 +50,10 @@ def keep_mask(x: torch.Tensor, p: float, seed: torch.Tensor) -> torch.Tensor:
     return (_mix32(counters) < threshold).view(x.shape)
 
 
-class DropoutSeeds:
-    """The seeds of the masks: one drawn per forward pass of the model, mixed with a fixed key per input.
-
-    The draw comes from the device's default generator, so seeded runs repeat. It happens outside the
-    compiled layers (a forward pre-hook on the model), so gradient checkpointing, which runs a layer's forward
-    again inside the backward pass, reads the same seed and recomputes the same masks.
-
-    Each input's key is a tensor, not a Python number or name: those would be constants of the compiled
-    layer's graph, different in every layer, and each layer would compile its own graph.
-    """
-
-    def __init__(self) -> None:
-        self.drawn: torch.Tensor | None = None
-        self.keys: dict[str, torch.Tensor] = {}
-
-    def key(self, input_name: str, device: torch.device) -> torch.Tensor:
-        """The key of one input: the same tensor for every adapter that reads it."""
-        if input_name not in self.keys:
-            # A hash of the name: stable across processes, and unrelated for neighbouring layers.
-            name_hash = zlib.crc32(input_name.encode()) & 0x7FFFFFFF
-            self.keys[input_name] = torch.tensor(name_hash, dtype=torch.int32, device=device)
-        return self.keys[input_name]
-
-    def draw(self, device: torch.device) -> None:
-        if self.drawn is None or self.drawn.device != device:
-            self.drawn = torch.zeros((), dtype=torch.int32, device=device)
-        # In place: the compiled layers read the same tensor at every step.
-        self.drawn.random_(0, 2**31)
-
-    def seed(self, key: torch.Tensor) -> torch.Tensor:
-        if self.drawn is None:
-            raise RuntimeError("LoRA dropout has no seed yet: the hooked model's forward pass draws it")
-        return _mix32(self.drawn ^ key)
-
-    def attach(self, model: nn.Module, device: torch.device) -> None:
-        """Draw a new seed on device before every forward pass of model in training mode."""
-
-        def draw_before_forward(module: nn.Module, args: tuple) -> None:
-            if module.training:
-                self.draw(device)
-
-        model.register_forward_pre_hook(draw_before_forward)
+def draw_seed(device: torch.device) -> torch.Tensor:
+    """A seed for one dropout mask, from the device's default generator: seeded runs repeat, and gradient
+    checkpointing restores that generator before it recomputes a layer. No host-device copy, no wait."""
+    return torch.randint(2**31, (), device=device, dtype=torch.int32)
 
 
 def _dropout_linear(x: torch.Tensor, weight: torch.Tensor, seed: torch.Tensor, p: float) -> torch.Tensor:
@@ -133,16 +88,12 @@ def dropout_linear(x: torch.Tensor, weight: torch.Tensor, p: float, seed: torch.
 
 class DropoutLinear(nn.Linear):
     """An adapter's lora_A that applies the adapter's dropout itself while training (an nn.Linear with the
-    same weight, so checkpoints, merging and PEFT's code see the usual layer). Adapters given the same
-    input_name draw the same masks."""
+    same weight, so checkpoints, merging and PEFT's code see the usual layer)."""
 
-    def __init__(self, linear: nn.Linear, p: float, seeds: DropoutSeeds, input_name: str) -> None:
+    def __init__(self, linear: nn.Linear, p: float) -> None:
         super().__init__(linear.in_features, linear.out_features, bias=False, device="meta")
         self.weight = linear.weight
         self.p = p
-        self.seeds = seeds
-        self.input_name = input_name
-        self.key = seeds.key(input_name, linear.weight.device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training:
@@ -151,43 +102,18 @@ class DropoutLinear(nn.Linear):
         # would in nn.Linear; the checkpointed function computes in one dtype.
         device = x.device.type
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else self.weight.dtype
-        return dropout_linear(x.to(dtype), self.weight.to(dtype), self.p, self.seeds.seed(self.key))
+        return dropout_linear(x.to(dtype), self.weight.to(dtype), self.p, draw_seed(x.device))
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, p={self.p}, input={self.input_name}"
-
-
-# Projections that read the same input in Gemma 3's decoder layers (and Llama-style ones): the attention's
-# q, k and v read the normed hidden states, the MLP's gate and up its normed input.
-SHARED_INPUTS = {
-    "q_proj": "qkv",
-    "k_proj": "qkv",
-    "v_proj": "qkv",
-    "gate_proj": "gate_up",
-    "up_proj": "gate_up",
-}
-
-
-def input_name(module_name: str) -> str:
-    """The name of the input an adapted linear reads: its parent's name and the group its own name is in."""
-    parent, _, own = module_name.rpartition(".")
-    return f"{parent}.{SHARED_INPUTS.get(own, own)}"
+        return f"{super().extra_repr()}, p={self.p}"
 
 
 def fuse_lora_dropout(model: nn.Module) -> None:
-    """Move each LoRA layer's dropout into its lora_A (DropoutLinear), in place; model's forward pass draws
-    the masks' seed."""
-    seeds = DropoutSeeds()
-    devices = set()
-    for module_name, layer in model.named_modules():
+    """Move each LoRA layer's dropout into its lora_A (DropoutLinear), in place."""
+    for layer in model.modules():
         if not isinstance(layer, LoraLayer):
             continue
         for name, dropout in list(layer.lora_dropout.items()):
             if isinstance(dropout, nn.Dropout) and dropout.p > 0 and name in layer.lora_A:
-                lora_a = DropoutLinear(layer.lora_A[name], dropout.p, seeds, input_name(module_name))
-                layer.lora_A[name] = lora_a
+                layer.lora_A[name] = DropoutLinear(layer.lora_A[name], dropout.p)
                 layer.lora_dropout[name] = nn.Identity()
-                devices.add(lora_a.weight.device)
-    if devices:
-        (device,) = devices
-        seeds.attach(model, device)
