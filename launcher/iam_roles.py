@@ -134,6 +134,8 @@ PREDEFINED: dict[str, frozenset[str]] = {
         | {
             "iam.serviceAccounts.create",
             "iam.serviceAccounts.delete",
+            "iam.serviceAccounts.disable",
+            "iam.serviceAccounts.enable",
             "iam.serviceAccounts.update",
             "iam.serviceAccounts.getIamPolicy",
             "iam.serviceAccounts.setIamPolicy",

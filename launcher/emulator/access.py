@@ -17,6 +17,11 @@ A service account made a moment ago is not yet known to other services' IAM: for
 seconds a policy naming it is refused (https://cloud.google.com/iam/docs/service-accounts-create:
 "...it can take up to 60 seconds..."; https://cloud.google.com/iam/docs/troubleshooting-access).
 
+A disabled service account keeps its grants, but its tokens are refused until it is enabled again
+(iam.py says what IAM documents); what would run as it (a Cloud Run task, a build) fails as it starts.
+Attaching it (actAs on CreateJob, UpdateJob, CreateBuild) is not refused: the account exists, and IAM
+documents no refusal for a disabled one.
+
 A deleted service account's member becomes `deleted:serviceAccount:EMAIL?uid=UNIQUE_ID` in every
 policy (google/iam/v1/policy.proto, Binding.members), which grants nothing: "If you delete a service
 account, then create a new service account with the same name, the new service account is treated as a
@@ -131,6 +136,8 @@ _BY_SERVICE: dict[str, dict[str, str]] = {
         "GetServiceAccount": "iam.serviceAccounts.get",
         "ListServiceAccounts": "iam.serviceAccounts.list",
         "DeleteServiceAccount": "iam.serviceAccounts.delete",
+        "DisableServiceAccount": "iam.serviceAccounts.disable",
+        "EnableServiceAccount": "iam.serviceAccounts.enable",
     },
     "google.logging.v2.LoggingServiceV2": {
         "WriteLogEntries": "logging.logEntries.create",
@@ -227,9 +234,29 @@ class Access:
         return token
 
     def _unique_id(self, member: str) -> str | None:
-        match = _SERVICE_ACCOUNT_MEMBER.match(member)
-        stored = self.state.table("service_accounts").get(match["email"]) if match else None
+        stored = self._stored_account(member)
         return stored["unique_id"] if stored else None
+
+    def _stored_account(self, member: str) -> dict[str, Any] | None:
+        match = _SERVICE_ACCOUNT_MEMBER.match(member)
+        return self.state.table("service_accounts").get(match["email"]) if match else None
+
+    def unusable_account(self, email: str) -> str | None:
+        """Why nothing can run as the user-managed account `email` (deleted, or disabled), else None.
+
+        Running as an account means getting access tokens for it, which fail for a disabled one
+        ("requests for new access tokens will fail", iam.py) as for one that no longer exists. Google's
+        own accounts (the Compute Engine default one) are not kept here: None.
+        """
+        member = f"serviceAccount:{email}"
+        if not _SERVICE_ACCOUNT_MEMBER.match(member):
+            return None
+        stored = self._stored_account(member)
+        if stored is None:
+            return f"service account {email} does not exist"
+        if stored.get("disabled"):
+            return f"service account {email} is disabled"
+        return None
 
     def caller(self, authorization: str | None) -> str:
         """The member (user:x or serviceAccount:x) behind an Authorization header."""
@@ -239,13 +266,18 @@ class Access:
         member, unique_id = (
             self._tokens.get(token.strip(), ("", None)) if scheme.lower() == "bearer" else ("", None)
         )
-        # A token of a service account since deleted (or deleted and made again: another identity) is
-        # refused: "Existing access tokens for the service account are rejected" is what IAM documents for
-        # a disabled one (https://cloud.google.com/iam/docs/reference/rest/v1/projects.serviceAccounts/
-        # disable), and a deleted one can no longer authenticate at all
+        # A token of a service account disabled, or since deleted (or deleted and made again: another
+        # identity) is refused: "Existing access tokens for the service account are rejected" is what IAM
+        # documents for a disabled one, accepted again once it is enabled
+        # (https://cloud.google.com/iam/docs/reference/rest/v1/projects.serviceAccounts/disable), and a
+        # deleted one can no longer authenticate at all
         # (https://cloud.google.com/iam/docs/service-accounts-delete-undelete). Rejected credentials are
         # UNAUTHENTICATED (https://cloud.google.com/apis/design/errors).
-        if not member or (unique_id is not None and self._unique_id(member) != unique_id):
+        stored = self._stored_account(member) if unique_id is not None else None
+        if not member or (
+            unique_id is not None
+            and (stored is None or stored["unique_id"] != unique_id or stored.get("disabled", False))
+        ):
             raise ApiError(
                 grpc.StatusCode.UNAUTHENTICATED,
                 "Request had invalid authentication credentials. Expected OAuth 2 access token, login "

@@ -99,7 +99,11 @@ class BuildRun:
         self.account = account
         self.member = f"serviceAccount:{account}"
         self.access = access
-        self.may_log = self.access.allowed(
+        # A build acts with access tokens of its account: none are issued for one deleted or disabled
+        # since the build was created (https://cloud.google.com/iam/docs/reference/rest/v1/
+        # projects.serviceAccounts/disable), so it fails at its start and writes no log.
+        self.unusable = access.unusable_account(account)
+        self.may_log = not self.unusable and self.access.allowed(
             self.member, "logging.logEntries.create", self.project, f"projects/{self.project}"
         )
         self.step_label = "MAIN"
@@ -131,6 +135,12 @@ class BuildRun:
     def execute(self, build: cloudbuild_v1.Build, save: Callable[[], object]) -> None:
         """Run every step, then push `images`; `build` (the stored form) gets statuses and results."""
         self.log(f'starting build "{self.build.id}"')
+        if self.unusable:
+            raise BuildFailed(
+                FailureType.FAILURE_TYPE_UNSPECIFIED,
+                f"The build runs as {self.account}, but {self.unusable}: no access token can be issued "
+                "for it.",
+            )
         self.fetch_source()
         self.log("BUILD")
         step_images = []

@@ -1,7 +1,18 @@
-"""IAM Admin v1: service accounts (create, get, list, delete).
+"""IAM Admin v1: service accounts (create, get, list, delete, disable, enable).
 
 Each account gets a new unique id, so one created again under a deleted one's email is another
 identity; deleting one renames its grants in every policy (access.py says how and why).
+
+Disabling keeps the account and its grants but cuts it off: "Existing access tokens for the service
+account are rejected, and requests for new access tokens will fail"; enabling it again makes "its
+existing access tokens ... accepted" (https://cloud.google.com/iam/docs/reference/rest/v1/
+projects.serviceAccounts/disable). Each is a no-op on an account already in that state ("If the service
+account is already enabled, then this method has no effect", .../projects.serviceAccounts/enable;
+https://cloud.google.com/iam/docs/service-accounts-disable-enable says the same of disabling a disabled
+one). Either on an account that does not exist is PERMISSION_DENIED, not NOT_FOUND
+(https://cloud.google.com/sdk/gcloud/reference/iam/service-accounts/disable: "If the service account
+does not exist, this command returns a PERMISSION_DENIED error."). access.py refuses a disabled
+account's tokens; run_process.py and cloudbuild_builder.py fail what would run as it.
 """
 
 from __future__ import annotations
@@ -14,7 +25,16 @@ from google.cloud import iam_admin_v1
 from google.protobuf import empty_pb2
 
 from launcher.emulator.access import Access
-from launcher.emulator.rpc import Hub, Method, already_exists, invalid, not_found, service_handler
+from launcher.emulator.rpc import (
+    ApiError,
+    Hub,
+    Method,
+    already_exists,
+    invalid,
+    not_found,
+    permission_denied,
+    service_handler,
+)
 from launcher.emulator.state import State
 
 _ACCOUNT_ID = re.compile(r"^[a-z](?:[-a-z0-9]{4,28}[a-z0-9])$")
@@ -95,6 +115,27 @@ class Iam:
         self.access.service_account_deleted(account.email, account.unique_id)
         return empty_pb2.Empty()
 
+    def disable(self, request: iam_admin_v1.DisableServiceAccountRequest, context: grpc.ServicerContext):
+        return self._set_disabled(request.name, True, "iam.serviceAccounts.disable")
+
+    def enable(self, request: iam_admin_v1.EnableServiceAccountRequest, context: grpc.ServicerContext):
+        return self._set_disabled(request.name, False, "iam.serviceAccounts.enable")
+
+    def _set_disabled(self, name: str, disabled: bool, permission: str) -> empty_pb2.Empty:
+        try:
+            account = self._lookup(name)
+        except ApiError as error:
+            if error.code != grpc.StatusCode.NOT_FOUND:
+                raise
+            raise permission_denied(
+                f"Permission '{permission}' denied on resource '{name}' (or it may not exist)."
+            ) from None
+        with self.state.transaction() as tables:
+            stored = tables["service_accounts"].get(account.email)
+            if stored is not None:
+                stored["disabled"] = disabled
+        return empty_pb2.Empty()
+
     def handler(self, hub: Hub) -> grpc.GenericRpcHandler:
         return service_handler(
             "google.iam.admin.v1.IAM",
@@ -121,6 +162,18 @@ class Iam:
                     "DeleteServiceAccount",
                     self.delete,
                     iam_admin_v1.DeleteServiceAccountRequest,
+                    empty_pb2.Empty,
+                ),
+                Method(
+                    "DisableServiceAccount",
+                    self.disable,
+                    iam_admin_v1.DisableServiceAccountRequest,
+                    empty_pb2.Empty,
+                ),
+                Method(
+                    "EnableServiceAccount",
+                    self.enable,
+                    iam_admin_v1.EnableServiceAccountRequest,
                     empty_pb2.Empty,
                 ),
             ],

@@ -93,6 +93,16 @@ class TaskProcess:
         if workdir not in ("", "/"):
             self._rewrites[workdir.rstrip("/")] = str(snapshot)
         account = self.execution.template.service_account or compute_default_account(self.context.project)
+        # The job's account is checked when the job is created or updated (actAs), not by RunJob, whose
+        # caller needs only run.jobs.run (roles/run.invoker, https://cloud.google.com/run/docs/execute/
+        # jobs). One deleted or disabled since cannot get access tokens (iam.py), which Cloud Run needs
+        # to give a task its identity: the execution is accepted and fails before any task starts.
+        # Google does not document this case in so many words; this is the nearest documented reading.
+        if problem := self.access.unusable_account(account):
+            raise RunFailure(
+                f"The job's tasks run as service account {account}, but {problem}: no access token can be "
+                "issued for it, so no task can start."
+            )
         mounts = {mount.name: mount.mount_path for mount in container.volume_mounts}
         for volume in self.execution.template.volumes:
             if "gcs" in volume and volume.name in mounts:

@@ -537,3 +537,22 @@ def test_a_build_account_deleted_by_hand_is_refused_as_google_refuses_act_as(loc
         f"add-iam-policy-binding {BUILDER} --member=user:YOUR_EMAIL --role=roles/iam.serviceAccountUser"
         in (shown.hint)
     )
+
+
+def test_a_build_whose_account_is_disabled_is_accepted_and_fails_at_its_start_without_a_log(local):
+    # A disabled account still exists (actAs passes), but no access token is issued for it, so the build
+    # can neither fetch its source nor write its log; enabled again, the same build runs.
+    create_repository(local)
+    clients = local.clients()
+    name = f"projects/{PROJECT}/serviceAccounts/{BUILDER}"
+    clients.iam.disable_service_account(request={"name": name})
+    spec = build_spec(upload(local, archive(source())))
+    built = run_build(local, spec)
+    assert built.status == Status.FAILURE
+    assert built.failure_info.detail == (
+        f"The build runs as {BUILDER}, but service account {BUILDER} is disabled: no access token can be "
+        "issued for it."
+    )
+    assert build_log(local, built.id) == []
+    clients.iam.enable_service_account(request={"name": name})
+    assert run_build(local, spec).status == Status.SUCCESS

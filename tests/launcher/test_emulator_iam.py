@@ -163,3 +163,62 @@ def test_a_token_issued_before_its_account_was_deleted_is_rejected_even_after_th
     clients.iam.create_service_account(request=create)
     with pytest.raises(exceptions.Unauthenticated):
         get_as_token()
+
+
+def test_a_disabled_account_keeps_its_grants_its_tokens_are_refused_until_it_is_enabled_again(local):
+    # https://cloud.google.com/iam/docs/reference/rest/v1/projects.serviceAccounts/disable: "Existing
+    # access tokens for the service account are rejected"; after enable "its existing access tokens will
+    # be accepted". Disabling or enabling twice has no further effect.
+    clients = local.clients()
+    account = clients.iam.create_service_account(
+        request={"name": f"projects/{PROJECT}", "account_id": "gemma-trainer"}
+    )
+    member = f"serviceAccount:{account.email}"
+    secret = clients.secrets.create_secret(
+        request={
+            "parent": f"projects/{PROJECT}",
+            "secret_id": "HF_TOKEN",
+            "secret": {"replication": {"automatic": {}}},
+        }
+    ).name
+    clients.secrets.add_secret_version(request={"parent": secret, "payload": {"data": b"hf_x"}})
+    policy = clients.secrets.get_iam_policy(request={"resource": secret, "options": V3})
+    policy.bindings.add(role="roles/secretmanager.secretAccessor", members=[member])
+    clients.secrets.set_iam_policy(request={"resource": secret, "policy": policy})
+    channel = grpc.insecure_channel(local.emulator.host)
+    as_account = secretmanager_v1.SecretManagerServiceClient(
+        transport=SecretManagerServiceGrpcTransport(channel=channel)
+    )
+    token = local.emulator.access.issue_token(member)
+
+    def read():
+        return as_account.access_secret_version(
+            name=f"{secret}/versions/1", metadata=[("authorization", f"Bearer {token}")]
+        ).payload.data
+
+    assert read() == b"hf_x"
+    assert clients.iam.get_service_account(name=account.name).disabled is False
+    for _ in range(2):
+        clients.iam.disable_service_account(request={"name": account.name})
+        assert clients.iam.get_service_account(name=account.name).disabled is True
+        with pytest.raises(exceptions.Unauthenticated, match="invalid authentication credentials"):
+            read()
+    policy = clients.secrets.get_iam_policy(request={"resource": secret, "options": V3})
+    assert [list(b.members) for b in policy.bindings if b.role == "roles/secretmanager.secretAccessor"] == [
+        [member]
+    ]
+    for _ in range(2):
+        clients.iam.enable_service_account(request={"name": account.name})
+        assert clients.iam.get_service_account(name=account.name).disabled is False
+        assert read() == b"hf_x"
+
+
+def test_disabling_or_enabling_an_account_that_does_not_exist_is_permission_denied(local):
+    # gcloud iam service-accounts disable: "If the service account does not exist, this command returns
+    # a PERMISSION_DENIED error."
+    name = f"projects/{PROJECT}/serviceAccounts/nobody@{PROJECT}.iam.gserviceaccount.com"
+    iam = local.clients().iam
+    with pytest.raises(exceptions.PermissionDenied, match="iam.serviceAccounts.disable"):
+        iam.disable_service_account(request={"name": name})
+    with pytest.raises(exceptions.PermissionDenied, match="iam.serviceAccounts.enable"):
+        iam.enable_service_account(request={"name": name})

@@ -901,3 +901,27 @@ def test_a_python_module_whose_imports_this_machine_lacks_fails_before_a_task_st
     error, hint = system.splitlines()
     assert error.startswith("Error: python -m trainer imports torch, which ")  # PIL is installed
     assert hint.startswith("Hint: Rehearsing runs the trainer on this machine") and "'.[train]'" in hint
+
+
+@pytest.mark.parametrize("change", ["delete", "disable"])
+def test_run_job_accepts_a_job_whose_account_is_gone_and_the_execution_fails_before_any_task(
+    cloud, image, local, change
+):
+    # RunJob needs only run.jobs.run on the job (roles/run.invoker), not actAs: the account is checked when
+    # the job is created or updated. Deleted or disabled since, it gets no access tokens, so no task of
+    # the execution can start with its identity.
+    cloud.create(job_spec({"args": ["whoami", BUCKET]}))
+    iam = local.clients(PROJECT).iam
+    name = f"projects/{PROJECT}/serviceAccounts/{ACCOUNT}"
+    getattr(iam, f"{change}_service_account")(request={"name": name})
+    execution = cloud.run()
+    completed = next(c for c in execution.conditions if c.type_ == "Completed")
+    assert completed.state == Condition.State.CONDITION_FAILED
+    why = "does not exist" if change == "delete" else "is disabled"
+    assert f"run as service account {ACCOUNT}, but service account {ACCOUNT} {why}" in completed.message
+    assert execution.failed_count == 1 and execution.succeeded_count == 0
+    assert cloud.log_texts(execution.name) == []  # the task never ran
+    if change == "disable":
+        iam.enable_service_account(request={"name": name})
+        again = cloud.run()
+        assert json.loads(cloud.log_texts(again.name)[0]) == {"email": ACCOUNT, "project": PROJECT}
