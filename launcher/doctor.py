@@ -15,7 +15,7 @@ Nothing here changes anything. In order, each check and what it calls:
    project number is this project's, 403 = another project's;
 9. service accounts: IAM GetServiceAccount (iam.serviceAccounts.get) for the job's and the build's,
    and Cloud Run GetJob (run.jobs.get) when one is missing: missing while the job exists means it
-   was deleted after `up`, which `up` repairs.
+   was deleted after `up`, which `up` repairs; a disabled one stops `up`, which leaves it disabled.
 
 A check whose API is still off (a new project has Resource Manager, Cloud Billing and Cloud Quotas off)
 cannot be made: it fails with status "unchecked" and the fix "`gemma-launch up` enables the APIs".
@@ -51,8 +51,9 @@ STEPS: tuple[tuple[str, Step], ...] = (
 )
 # Made without a call: they need no credentials.
 _OFFLINE = {"gpu_region", "build_location"}
-# What `up` cannot fix itself; it enables the APIs and only warns about the GPU quota.
-UP_CHECKS = ("credentials", "project", "billing", "permissions", "gpu_region", "bucket")
+# What `up` cannot fix itself; it enables the APIs and only warns about the GPU quota. Of the service
+# accounts, only a disabled one stops it (a missing one it creates).
+UP_CHECKS = ("credentials", "project", "billing", "permissions", "gpu_region", "bucket", "service_accounts")
 
 
 def _run(clients: Clients, settings: Settings, names: tuple[str, ...], found: Found) -> list[Check]:

@@ -14,6 +14,7 @@ from google.api_core import exceptions
 from google.iam.v1 import iam_policy_pb2
 
 from launcher import apis, gpus, quota
+from launcher import job as jobs
 from launcher.cloud import RETRY, Clients
 from launcher.cloud_errors import disabled_api
 from launcher.errors import UserError
@@ -362,20 +363,35 @@ def check_bucket(clients: Clients, settings: Settings, found: Found) -> Check:
 
 
 def check_service_accounts(clients: Clients, settings: Settings, found: Found) -> Check:
-    """After `up`, the job's and the build's accounts must still exist: one deleted by hand stops `run`."""
+    """After `up`, the job's and the build's accounts must still exist and be enabled: one deleted by hand
+    stops `run` (and `up` makes it again); one disabled stops `run` and `up`, which leaves it disabled."""
     if {"iam.googleapis.com", "run.googleapis.com"} & set(found.disabled):
         return Check("service_accounts", OK, "`up` creates them once it has enabled the APIs", stops_up=False)
-    emails = (settings.service_account_email, settings.build_service_account_email)
-    missing = []
-    for email in emails:
+    uses = {
+        settings.service_account_email: "the job's tasks could not start",
+        settings.build_service_account_email: "image builds would fail",
+    }
+    missing, disabled = [], []
+    for email in uses:
         try:
-            clients.iam.get_service_account(
+            account = clients.iam.get_service_account(
                 name=f"projects/{settings.project_id}/serviceAccounts/{email}", retry=RETRY
             )
         except exceptions.NotFound:
             missing.append(email)
+            continue
+        if account.disabled:
+            disabled.append(email)
+    if disabled:
+        return Check(
+            "service_accounts",
+            FAILED,
+            "; ".join(f"{email} is disabled, so {uses[email]}" for email in disabled)
+            + ": `run` and `up` are refused.",
+            jobs.enable_hint(disabled, settings.project_id) + ".",
+        )
     if not missing:
-        return Check("service_accounts", OK, f"{' and '.join(emails)} exist", stops_up=False)
+        return Check("service_accounts", OK, f"{' and '.join(uses)} exist", stops_up=False)
     try:
         clients.jobs.get_job(name=settings.job_name, retry=RETRY)
     except exceptions.NotFound:

@@ -363,18 +363,20 @@ def check_gpu(job: run_v2.Job, settings: Settings) -> None:
 
 
 def require_service_account(clients: Clients, settings: Settings, job: run_v2.Job) -> None:
-    """Refuse to start an execution whose account was deleted after `up`: its tasks could not act as it.
+    """Refuse to start an execution whose account was deleted or disabled after `up`: its tasks could
+    not act as it.
 
     Cloud Run checks the account only when a job is created or updated (actAs on the account as a
-    resource, https://cloud.google.com/run/docs/configuring/jobs/service-accounts), so a deletion after
-    that goes unnoticed until the tasks run without their identity. A caller who may not read accounts
-    is not stopped: the execution shows what happens.
+    resource, https://cloud.google.com/run/docs/configuring/jobs/service-accounts), so a change after
+    that goes unnoticed until the execution fails: an account deleted or disabled gets no access tokens
+    (https://cloud.google.com/iam/docs/reference/rest/v1/projects.serviceAccounts/disable), and no task
+    can start as it. A caller who may not read accounts is not stopped: the execution shows what happens.
     """
     account = job.template.template.service_account
     if not account.endswith(".iam.gserviceaccount.com"):
         return
     try:
-        clients.iam.get_service_account(
+        found = clients.iam.get_service_account(
             name=f"projects/{settings.project_id}/serviceAccounts/{account}", retry=RETRY
         )
     except exceptions.NotFound:
@@ -385,6 +387,25 @@ def require_service_account(clients: Clients, settings: Settings, job: run_v2.Jo
         ) from None
     except exceptions.PermissionDenied:
         return
+    if found.disabled:
+        raise UserError(
+            f"Job {settings.job} runs as service account {account}, which is disabled: no task can start "
+            "as it.",
+            enable_hint([account], settings.project_id) + ", then run this again.",
+        )
+
+
+def enable_hint(emails: Sequence[str], project: str) -> str:
+    """How to enable disabled accounts again. `up` does not: disabling an account is how an administrator
+    cuts it off, while investigating it or before deleting it (IAM's advice), and is theirs to undo."""
+    commands = " and ".join(
+        f"`gcloud iam service-accounts enable {email} --project {project}`" for email in emails
+    )
+    they, them, were = ("it", "it", "was") if len(emails) == 1 else ("they", "them", "were")
+    return (
+        f"`gemma-launch up` does not enable an account someone disabled: if {they} {were} not disabled on "
+        f"purpose, enable {them} with {commands}"
+    )
 
 
 def job_args(job: run_v2.Job) -> list[str]:

@@ -27,6 +27,7 @@ from launcher import logs, overrides
 from launcher.cli import main
 from launcher.emulator.logging import ReadQuota
 from tests.support.image_source import image_source
+from tests.support.record import changes
 from trainer.flags import build_parser
 
 PROJECT = "demo-project"
@@ -655,6 +656,55 @@ def test_run_refuses_a_job_whose_account_was_deleted_after_up_and_up_makes_it_ag
         "Fix: Run `gemma-launch up`: it creates the accounts again and grants their roles."
     )
     assert up(project_dir).exit_code == 0
+    assert cli("run").exit_code == 0
+    assert len(run_jobs(env)) == 1
+    assert "✓ service accounts" in cli("doctor").output
+
+
+def test_a_disabled_account_stops_run_sweep_and_up_which_leave_it_disabled_until_enabled(env, project_dir):
+    assert up(project_dir).exit_code == 0
+    account = f"gemma3-finetuning@{PROJECT}.iam.gserviceaccount.com"
+    builder = f"gemma3-finetuning-build@{PROJECT}.iam.gserviceaccount.com"
+    iam = env.clients(PROJECT).iam
+    iam.disable_service_account(request={"name": f"projects/{PROJECT}/serviceAccounts/{account}"})
+    for command in (("run",), ("sweep", "--grid", "learning-rate=1e-4,2e-4")):
+        result = cli(*command)
+        assert result.exit_code == 2, result.output
+        assert result.output.endswith(
+            f"Error: Job gemma3-finetuning-job runs as service account {account}, which is disabled: no task "
+            "can start as it.\n"
+            "Hint: `gemma-launch up` does not enable an account someone disabled: if it was not disabled on "
+            f"purpose, enable it with `gcloud iam service-accounts enable {account} --project {PROJECT}`, "
+            "then run this again.\n"
+        )
+    assert run_jobs(env) == []
+    iam.disable_service_account(request={"name": f"projects/{PROJECT}/serviceAccounts/{builder}"})
+    (doctor,) = [
+        line for line in cli("doctor").output.splitlines() if line[2:].startswith("service accounts")
+    ]
+    assert doctor.startswith(
+        f"✗ service accounts {account} is disabled, so the job's tasks could not start; {builder} is "
+        "disabled, so image builds would fail: `run` and `up` are refused."
+    )
+    assert doctor.endswith(
+        "if they were not disabled on purpose, enable them with "
+        f"`gcloud iam service-accounts enable {account} --project {PROJECT}` and "
+        f"`gcloud iam service-accounts enable {builder} --project {PROJECT}`."
+    )
+    env.record_path.write_text("")
+    refused = up(project_dir)
+    assert refused.exit_code == 2, refused.output
+    assert refused.output.startswith(
+        f"Error: Stopped before creating anything: service accounts: {account} is disabled"
+    )
+    assert "Hint: `gemma-launch up` does not enable an account someone disabled" in refused.output
+    assert changes(env) == []
+    for email in (account, builder):
+        assert iam.get_service_account(name=f"projects/{PROJECT}/serviceAccounts/{email}").disabled
+        iam.enable_service_account(request={"name": f"projects/{PROJECT}/serviceAccounts/{email}"})
+    again = up(project_dir)
+    assert again.exit_code == 0, again.output
+    assert f"unchanged  service account  {account}" in again.output
     assert cli("run").exit_code == 0
     assert len(run_jobs(env)) == 1
     assert "✓ service accounts" in cli("doctor").output
