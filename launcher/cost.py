@@ -1,12 +1,12 @@
 """What an execution will cost before it starts, and what a finished one cost.
 
 Estimate = (vCPU, GiB and GPU of the task) x their prices per second (launcher/pricing.py) x the expected
-duration x the tasks. The duration is a fixed part (model load, memory plan, image features, saving and
-upload) plus training (train size x epochs / samples per second) plus two evaluations (baseline and final,
-eval size / samples per second each). The rates come from this project's own finished executions of the
-same model on the same GPU (their results.json: `train.samples_per_s`, and `phases` where the trainer
-recorded them), else from BUILT_IN, which docs/benchmarks.md measured on an H200, scaled to each Cloud
-Run GPU by GPU_SCALE.
+duration; a run is one task, a sweep the sum of its tasks'. The duration is a fixed part (model load,
+memory plan, image features, saving and upload) plus training (train size x epochs / samples per second)
+plus two evaluations (baseline and final, eval size / samples per second each). The rates come from this
+project's own finished executions of the same model on the same GPU (their results.json:
+`train.samples_per_s`, and `phases` where the trainer recorded them), else from BUILT_IN, which
+docs/benchmarks.md measured on an H200, scaled to each Cloud Run GPU by GPU_SCALE.
 
 The actual cost of a finished execution is each task's run time (start to completion) at the same prices.
 """
@@ -167,14 +167,12 @@ def task_price_per_s(task: run_v2.TaskTemplate, prices: Prices) -> float:
     )
 
 
-def estimate(
-    job: run_v2.Job, args: Sequence[str], prices: Prices, rates: Rates, tasks: int | None = None
-) -> Estimate:
-    """The cost of one execution of `job` with trainer `args`."""
-    count = tasks or job.template.task_count or 1
+def estimate(job: run_v2.Job, args: Sequence[str], prices: Prices, rates: Rates) -> Estimate:
+    """The cost of one task of `job` with trainer `args`: a run's execution is one task (not the job's
+    own count, which a cut-off sweep may have left above 1), a sweep's the sum of its tasks'."""
     seconds = duration_s(rates, args)
-    usd = seconds * task_price_per_s(job.template.template, prices) * count
-    return Estimate(usd, seconds, count, rates, prices)
+    usd = seconds * task_price_per_s(job.template.template, prices)
+    return Estimate(usd, seconds, 1, rates, prices)
 
 
 def check_max_cost(found: Estimate, max_cost: float | None) -> None:
@@ -204,14 +202,12 @@ def _rates(clients: Clients, settings: Settings, gpu: str, model: str) -> Rates:
     return history_rates(clients, settings, gpu, model, built_in_rates(gpu, model))
 
 
-def for_job(
-    clients: Clients, settings: Settings, job: run_v2.Job, args: Sequence[str], tasks: int | None = None
-) -> Estimate:
-    """The estimate of one execution of `job` with trainer `args`, at the region's prices for its GPU and
-    the rates of this job's finished runs of the same model (else the built-in table)."""
+def for_job(clients: Clients, settings: Settings, job: run_v2.Job, args: Sequence[str]) -> Estimate:
+    """The estimate of a run of `job` (one task) with trainer `args`, at the region's prices for its GPU
+    and the rates of this job's finished runs of the same model (else the built-in table)."""
     gpu = job.template.template.node_selector.accelerator
     rates = _rates(clients, settings, gpu, flags.parse_args(list(args)).model_id)
-    return estimate(job, args, pricing.prices(clients, settings.region, gpu), rates, tasks)
+    return estimate(job, args, pricing.prices(clients, settings.region, gpu), rates)
 
 
 def for_sweep(
@@ -232,7 +228,7 @@ def for_sweep(
         model = flags.parse_args(task_args).model_id
         if model not in rates:
             rates[model] = _rates(clients, settings, gpu, model)
-        found.append(estimate(job, task_args, prices, rates[model], tasks=1))
+        found.append(estimate(job, task_args, prices, rates[model]))
     return Estimate(
         sum(one.usd for one in found),
         sum(one.seconds for one in found) / len(found),

@@ -26,15 +26,6 @@ from launcher.settings_rules import parse_duration
     f"Keys: {', '.join(overrides.settable())}.",
 )
 @click.option("--train-size", type=click.IntRange(min=1), help="Shortcut for --set train-size=N.")
-# Always sent, never the job's own count: a sweep whose restore of the job was cut off (the process
-# killed between its two UpdateJobs) leaves the job at the sweep's task count until `up` repairs it.
-@click.option(
-    "--tasks",
-    type=click.IntRange(min=1),
-    default=1,
-    show_default=True,
-    help="Tasks for this execution, each on its own GPU with the same settings.",
-)
 @click.option(
     "--timeout",
     help="Task timeout for this execution, e.g. 2h or 45m. With a GPU at most 12h, and over 1h only when "
@@ -64,7 +55,6 @@ def run_command(
     settings: Settings,
     sets: tuple[str, ...],
     train_size: int | None,
-    tasks: int,
     timeout: str | None,
     follow: bool,
     allow_concurrent: bool,
@@ -81,6 +71,9 @@ def run_command(
 
     With --follow, the log streams until the execution ends; the trainer's step lines show as a
     progress bar with the time left (on a terminal) or a line at each quarter of the steps.
+
+    An execution is one training on one GPU. For replicates or several settings at once, run a sweep:
+    `gemma-launch sweep --grid seed=1,2,3`.
     """
     changes = overrides.parse_sets(sets)
     if train_size is not None:
@@ -106,11 +99,14 @@ def run_command(
         quota.require_for_run(clients, settings, executions.gpus_held(clients, settings))
     except quota.QuotaUnknown as unknown:
         err_console.print(f"[yellow]Warning:[/] {unknown}; starting anyway.", soft_wrap=True)
-    estimate = cost.for_job(clients, settings, job, args, tasks)
+    estimate = cost.for_job(clients, settings, job, args)
     (err_console if as_json else console).print(f"Estimated cost: {estimate.describe()}", soft_wrap=True)
     cost.check_max_cost(estimate, max_cost)
+    # One task, always sent, never the job's own count: a sweep whose restore of the job was cut off (the
+    # process killed between its two UpdateJobs) leaves the job at the sweep's task count until `up`
+    # repairs it. More tasks would only train the same settings again into the same runs/<execution>/.
     execution = executions.run(
-        clients, settings, args=args if changes else None, tasks=tasks, timeout_s=timeout_s
+        clients, settings, args=args if changes else None, tasks=1, timeout_s=timeout_s
     )
     short = executions.short_name(execution.name)
     if follow:

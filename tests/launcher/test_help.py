@@ -141,3 +141,15 @@ def test_the_gpu_flag_says_the_l4_is_refused_while_the_image_cannot_use_it():
     assert "nvidia-l4 (24 GB; refused today: its driver cannot run the image's torch)" in text
     refused = CliRunner().invoke(main, ["up", "--gpu", "nvidia-l4", "--project", "my-project", "--dry-run"])
     assert refused.exit_code == 2 and "Error: The image cannot use Cloud Run's L4" in refused.output
+
+
+def test_run_is_one_training_and_its_help_sends_replicates_to_a_sweep():
+    text = " ".join(help_of("run", width=200).split())
+    assert (
+        "For replicates or several settings at once, run a sweep: `gemma-launch sweep --grid seed=1,2,3`."
+        in text
+    )
+    assert "--tasks" not in sections(help_of("run"))["Options"]
+    # N tasks of one run would train the same settings N times into one output directory.
+    refused = CliRunner().invoke(main, ["run", "--tasks", "3", "--project", "my-project"])
+    assert refused.exit_code == 2 and "Error: No such option '--tasks'" in refused.output

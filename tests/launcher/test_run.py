@@ -581,7 +581,7 @@ def test_the_token_crosses_the_wire_only_in_add_secret_version(env, project_dir)
 QUOTA_ID = "NvidiaRtxPro6000GpuAllocNoZonalRedundancyPerProjectRegion"
 
 
-def test_run_starts_one_task_even_on_a_job_left_with_a_sweeps_task_count(env, project_dir):
+def test_run_starts_and_bills_one_task_even_on_a_job_left_with_a_sweeps_task_count(env, project_dir):
     assert up(project_dir).exit_code == 0
     jobs = env.clients(PROJECT).jobs
     left = jobs.get_job(name=JOB)  # as a sweep leaves it when killed before putting the job back
@@ -589,6 +589,10 @@ def test_run_starts_one_task_even_on_a_job_left_with_a_sweeps_task_count(env, pr
     jobs.update_job(job=left).result()
     started = cli("run", "--set", SLEEP)
     assert started.exit_code == 0, started.output
+    # The estimate is one task's: the job's own count of 4 would bill four GPUs for one training.
+    assert "Estimated cost: ≈ $" in started.output and "x 4 tasks" not in started.output
+    (sent,) = run_jobs(env)
+    assert sent["request"]["overrides"]["taskCount"] == 1
     (row,) = json.loads(cli("status", "--json").output)
     assert row["tasks"] == 1, row
     assert cli("cancel").exit_code == 0
