@@ -30,21 +30,44 @@ from launcher.commands.render import err_console
 from launcher.errors import UserError
 
 
+def _say(error: UserError) -> None:
+    # Escaped: messages quote what the user wrote, such as "[trainer]", which is not markup.
+    err_console.print(f"[bold red]Error:[/] {escape(error.message)}", soft_wrap=True)
+    if error.hint:
+        err_console.print(f"[bold]Hint:[/] {escape(error.hint)}", soft_wrap=True)
+
+
+def _usage_failure(caught: click.UsageError) -> click.exceptions.Exit:
+    """Click's usage line, then the house `Error:` / `Hint:` pair in place of its "Try ... for help"."""
+    ctx = caught.ctx
+    if ctx:
+        err_console.print(ctx.get_usage(), markup=False, soft_wrap=True)
+    command = ctx.command_path if ctx else "gemma-launch"
+    offers = "commands" if ctx and isinstance(ctx.command, click.Group) else "options"
+    _say(UserError(caught.format_message(), f"Run `{command} --help` for the {offers}."))
+    return click.exceptions.Exit(2)
+
+
 class Cli(click.Group):
-    """Turns a UserError, or any Google API error no step explained, into `Error:` / `Hint:` lines and
-    exit status 2, with no traceback."""
+    """Turns a UserError, a click usage error, or any Google API error no step explained, into
+    `Error:` / `Hint:` lines and exit status 2, with no traceback."""
 
     command_class = Command
+
+    def make_context(self, *args: Any, **kwargs: Any) -> click.Context:
+        # The group's own options (`gemma-launch --bogus`) are parsed here, before invoke.
+        try:
+            return super().make_context(*args, **kwargs)
+        except click.UsageError as caught:
+            raise _usage_failure(caught) from None
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
+        except click.UsageError as caught:
+            raise _usage_failure(caught) from None
         except (UserError, exceptions.GoogleAPICallError, exceptions.RetryError) as caught:
-            error = caught if isinstance(caught, UserError) else translate(caught, ctx.meta.get(SETTINGS_KEY))
-            # Escaped: messages quote what the user wrote, such as "[trainer]", which is not markup.
-            err_console.print(f"[bold red]Error:[/] {escape(error.message)}", soft_wrap=True)
-            if error.hint:
-                err_console.print(f"[bold]Hint:[/] {escape(error.hint)}", soft_wrap=True)
+            _say(caught if isinstance(caught, UserError) else translate(caught, ctx.meta.get(SETTINGS_KEY)))
             ctx.exit(2)
 
 

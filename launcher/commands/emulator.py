@@ -7,6 +7,7 @@ from typing import Any
 
 import click
 
+from launcher.commands.options import Command
 from launcher.errors import UserError
 from launcher.settings_rules import REGION
 
@@ -16,7 +17,7 @@ def emulator() -> None:
     """A local stand-in for the Google Cloud APIs gemma-launch uses, for rehearsals and tests."""
 
 
-@emulator.command("start")
+@emulator.command("start", cls=Command)
 @click.option("--port", type=int, default=0, show_default=True, help="gRPC port (0: a free one).")
 @click.option("--storage-port", type=int, default=0, show_default=True, help="Storage port (0: a free one).")
 @click.option(

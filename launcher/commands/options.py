@@ -25,6 +25,15 @@ class SettingOption(click.Option):
 class Command(click.Command):
     """Help lists the command's own options first, then the settings it reads, in a section of their own."""
 
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        try:
+            return super().parse_args(ctx, args)
+        except click.UsageError as caught:
+            # Click's parser leaves the context off an option missing its value; the usage line and the
+            # hint's `--help` need it.
+            caught.ctx = caught.ctx or ctx
+            raise
+
     def format_options(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
         own, settings = [], []
         for param in self.get_params(ctx):

@@ -153,3 +153,43 @@ def test_run_is_one_training_and_its_help_sends_replicates_to_a_sweep():
     # N tasks of one run would train the same settings N times into one output directory.
     refused = CliRunner().invoke(main, ["run", "--tasks", "3", "--project", "my-project"])
     assert refused.exit_code == 2 and "Error: No such option '--tasks'" in refused.output
+
+
+@pytest.mark.parametrize(
+    ("argv", "error", "hint"),
+    [
+        (
+            ["run", "--bogus"],
+            "Error: No such option '--bogus'",
+            "Hint: Run `gemma-launch run --help` for the options.",
+        ),
+        (
+            ["run", "--gpu", "nvidia-a100"],
+            "Error: Invalid value for '--gpu': 'nvidia-a100' is not one of",
+            "Hint: Run `gemma-launch run --help` for the options.",
+        ),
+        (
+            ["emulator", "start", "--port"],
+            "Error: Option '--port' requires an argument.",
+            "Hint: Run `gemma-launch emulator start --help`",
+        ),
+        (
+            ["status", "extra"],
+            "Error: Got unexpected extra argument (extra)",
+            "Hint: Run `gemma-launch status --help`",
+        ),
+        (
+            ["emulator", "stop-it"],
+            "Error: No such command 'stop-it'.",
+            "Hint: Run `gemma-launch emulator --help` for the commands.",
+        ),
+        (["--bogus"], "Error: No such option '--bogus'", "Hint: Run `gemma-launch --help` for the commands."),
+    ],
+)
+def test_a_usage_error_ends_with_one_error_line_and_a_hint_and_exits_2(argv, error, hint):
+    result = CliRunner().invoke(main, argv, prog_name="gemma-launch")
+    lines = result.output.splitlines()
+    assert result.exit_code == 2, result.output
+    assert lines[0].startswith("Usage: gemma-launch"), result.output
+    assert lines[-2].startswith(error) and lines[-1].startswith(hint), result.output
+    assert sum(line.startswith("Error:") for line in lines) == 1 and "Try '" not in result.output
