@@ -250,11 +250,11 @@ def check_permissions(clients: Clients, settings: Settings, found: Found) -> Che
 
 
 def check_gpu_region(clients: Clients, settings: Settings, found: Found) -> Check:
-    if not settings.uses_gpu:
-        return Check("gpu_region", OK, "no GPU (--gpu none): any Cloud Run region will do")
     problem = settings.gpu_not_offered()
     if problem:
         return Check("gpu_region", FAILED, problem.message, problem.hint)
+    if not settings.uses_gpu:
+        return Check("gpu_region", OK, "no GPU (--gpu none): any Cloud Run region will do")
     if not gpus.serves(settings.gpu):  # `up` refuses it before any request: say so here too
         try:
             gpus.check(settings.gpu, settings.model_id)

@@ -292,13 +292,24 @@ class Settings(BaseModel):
             )
 
     def gpu_not_offered(self) -> UserError | None:
-        """Why Cloud Run cannot give the job its GPU in the region (GPU_REGIONS), else None."""
-        if not self.uses_gpu or self.region in GPU_REGIONS[self.gpu]:
+        """Why Cloud Run cannot give the job its GPU in the region (GPU_REGIONS), or why the region is no
+        region at all, else None."""
+        well_formed = bool(REGION.match(self.region))
+        if well_formed and (not self.uses_gpu or self.region in GPU_REGIONS[self.gpu]):
             return None
-        regions = GPU_REGIONS[self.gpu]
+        # A CPU-only job runs in any region; those of the default GPU are as good an example as any.
+        gpu = self.gpu if self.uses_gpu else Settings.model_fields["gpu"].default
+        regions = ", ".join(GPU_REGIONS[gpu])
+        how = "(or set REGION, or region in gemma-launch.toml)"
+        if not well_formed:
+            offered = f" Cloud Run Jobs offers {gpu} GPUs in {regions}." if self.uses_gpu else ""
+            return UserError(
+                f"{self.region!r} is not a Google Cloud region: regions are named like us-central1.{offered}",
+                f"Use --region with one of {regions} {how}.",
+            )
         return UserError(
-            f"{self.gpu} GPUs are not offered in {self.region}.",
-            f"Use --region with one of {', '.join(regions)}, or another --gpu.",
+            f"{self.gpu} GPUs are not offered in {self.region}: Cloud Run Jobs offers them in {regions}.",
+            f"Use --region with one of {regions} {how}, or another --gpu.",
         )
 
     @property

@@ -97,6 +97,24 @@ def test_config_in_working_directory_is_found(monkeypatch):
             "not offered",
             "us-central1",
         ),
+        (
+            {"PROJECT_ID": "my-project"},
+            {"region": "mars-central1"},
+            "offers them in us-central1, europe-west4, asia-southeast1",
+            "region in gemma-launch.toml",
+        ),
+        (
+            {"PROJECT_ID": "my-project", "REGION": "mars-1"},
+            {},
+            "'mars-1' is not a Google Cloud region",
+            "--region",
+        ),
+        (
+            {"PROJECT_ID": "my-project"},
+            {"region": "mars", "gpu": "none"},
+            "'mars' is not a Google",
+            "--region",
+        ),
         ({"PROJECT_ID": "my-project"}, {"cpu": "8"}, "at least 20 CPUs", "--cpu 20"),
         ({"PROJECT_ID": "my-project"}, {"memory": "64Gi"}, "at least 80Gi", "--memory 80Gi"),
         ({"PROJECT_ID": "my-project"}, {"gpu": "nvidia-l4", "cpu": "2"}, "at least 4 CPUs", "--cpu 4"),
@@ -321,6 +339,20 @@ def test_cli_reports_bad_settings_with_error_and_hint_and_exit_2(monkeypatch):
     assert "Error: Cloud Run needs at least 16Gi" in result.output
     assert "Hint: Use --memory 16Gi" in result.output
     assert "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("command", [["up", "--dry-run"], ["run"], ["status"], ["doctor"]])
+def test_an_unknown_region_names_where_the_gpu_is_offered_in_every_command(monkeypatch, command):
+    monkeypatch.setenv("PROJECT_ID", "my-project")
+    Path("gemma-launch.toml").write_text('gpu = "nvidia-l4"\n')  # status takes no --gpu flag
+    result = CliRunner().invoke(main, [*command, "--region", "mars-1"])
+    assert result.exit_code == 2, result.output
+    where = "us-central1, europe-west1, europe-west4, asia-southeast1"
+    assert (
+        "'mars-1' is not a Google Cloud region: regions are named like us-central1. "
+        f"Cloud Run Jobs offers nvidia-l4 GPUs in {where}." in result.output
+    )
+    assert f"Use --region with one of {where} (or set REGION" in result.output  # doctor: "Fix:"
 
 
 def test_emulator_start_refuses_a_build_region_list_it_cannot_read():
