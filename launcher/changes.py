@@ -13,7 +13,7 @@ class Change:
     name: str
     # up: created | updated | enabled | unchanged | skipped (the job, with no image) | would create |
     # would update | would enable; down: deleted | absent | kept | cancelled (an execution) | would delete |
-    # would cancel
+    # would cancel | not checked (its API is off)
     status: str
     command: str = ""  # the equivalent gcloud command, shown by --dry-run
     diff: tuple[str, ...] = ()  # what an update changes, one "field: before -> after" per line

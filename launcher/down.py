@@ -6,6 +6,9 @@ the repository (its images go with it), the secret (its versions go with it), th
 the bucket, which holds the weights, data and results, only when asked. Nothing is deleted while an
 execution runs, unless `force`, which cancels it first.
 
+A step whose API is not enabled (a project where `up` never ran) cannot see its resource: it is reported
+"not checked", naming the API, and `down` goes on, so a fresh project is torn down without an error.
+
 Every step reads first, so a second `down` deletes nothing. A delete whose reply was lost is retried,
 meets NotFound and is reported deleted, since the resource was there when we read it; a step that fails
 stops `down` before its line is printed, so nothing half-deleted is reported as done, and running it
@@ -25,13 +28,35 @@ from launcher import executions, iam_bindings
 from launcher import job as jobs
 from launcher.changes import Change
 from launcher.cloud import POLLING, RETRY, Clients
-from launcher.cloud_errors import explained
+from launcher.cloud_errors import disabled_api, explained
 from launcher.errors import UserError
 from launcher.settings import Settings
 
 
 def _done(dry_run: bool) -> str:
     return "would delete" if dry_run else "deleted"
+
+
+NOT_CHECKED = "not checked"
+
+
+def _unless_api_off(kind: str, name: str, step: Callable[[], Change]) -> Change:
+    """The step's change, or "not checked" when its API is off: Google answers SERVICE_DISABLED for every
+    read then, whether the resource exists or not (https://cloud.google.com/apis/design/errors#error_info)."""
+    try:
+        return step()
+    except UserError as error:
+        cause = error.__cause__
+        api = disabled_api(cause) if isinstance(cause, exceptions.GoogleAPICallError) else None
+        if not api:
+            raise
+        return Change(
+            kind,
+            name,
+            NOT_CHECKED,
+            diff=(f"{api} is not enabled: cannot tell whether it exists",),
+            detail={"api": api},
+        )
 
 
 def _delete(
@@ -46,14 +71,18 @@ def _delete(
 ) -> Change:
     """Read, then delete; NotFound from the delete means a retried call whose first reply was lost
     (or another `down`) already removed it."""
-    with explained(kind, name, settings):
-        if not exists():
-            return Change(kind, name, "absent")
-        if dry_run:
-            return Change(kind, name, "would delete", command)
-        with suppress(exceptions.NotFound):
-            delete()
-    return Change(kind, name, "deleted", command)
+
+    def step() -> Change:
+        with explained(kind, name, settings):
+            if not exists():
+                return Change(kind, name, "absent")
+            if dry_run:
+                return Change(kind, name, "would delete", command)
+            with suppress(exceptions.NotFound):
+                delete()
+        return Change(kind, name, "deleted", command)
+
+    return _unless_api_off(kind, name, step)
 
 
 def _found(read: Callable[[], Any]) -> Callable[[], bool]:
@@ -77,7 +106,13 @@ def _job_settings(settings: Settings) -> list[tuple[str, Settings]]:
 def _unfinished(clients: Clients, settings: Settings) -> list[tuple[Settings, str]]:
     found = []
     for _, job_settings in _job_settings(settings):
-        if _found(lambda s=job_settings: clients.jobs.get_job(name=s.job_name, retry=RETRY))():
+        try:
+            there = _found(lambda s=job_settings: clients.jobs.get_job(name=s.job_name, retry=RETRY))()
+        except exceptions.PermissionDenied as error:
+            if disabled_api(error):  # nothing of Cloud Run can be seen: its job's line says so
+                return []
+            raise
+        if there:
             found += [(job_settings, e.name) for e in executions.running(clients, job_settings)]
     return found
 
@@ -197,14 +232,17 @@ def _grpc_binding(
             request=iam_policy_pb2.SetIamPolicyRequest(resource=resource, policy=policy), retry=RETRY
         )
 
-    with explained(kind, label, settings):
-        try:
-            if dry_run:
-                return Change(kind, label, "would delete" if matches(read()) else "absent", command)
-            removed = _revoke(read, write, matches)
-        except exceptions.NotFound:  # the resource itself is gone, and its policy with it
-            return Change(kind, label, "absent")
-    return Change(kind, label, "deleted", command) if removed else Change(kind, label, "absent")
+    def step() -> Change:
+        with explained(kind, label, settings):
+            try:
+                if dry_run:
+                    return Change(kind, label, "would delete" if matches(read()) else "absent", command)
+                removed = _revoke(read, write, matches)
+            except exceptions.NotFound:  # the resource itself is gone, and its policy with it
+                return Change(kind, label, "absent")
+        return Change(kind, label, "deleted", command) if removed else Change(kind, label, "absent")
+
+    return _unless_api_off(kind, label, step)
 
 
 def _bucket_binding(
@@ -227,16 +265,21 @@ def _bucket_binding(
         policy.bindings = [b for b in policy.bindings if b["members"]]
         return held
 
-    with explained("bucket IAM", label, settings):
-        if clients.storage.lookup_bucket(settings.bucket, retry=RETRY) is None:
-            return Change("bucket IAM", label, "absent")
-        read = lambda: bucket.get_iam_policy(requested_policy_version=3, retry=RETRY)  # noqa: E731
-        if dry_run:
-            return Change("bucket IAM", label, "would delete" if matches(read()) else "absent", command)
-        removed = _revoke(read, lambda policy: bucket.set_iam_policy(policy, retry=RETRY), matches)
-    return (
-        Change("bucket IAM", label, "deleted", command) if removed else Change("bucket IAM", label, "absent")
-    )
+    def step() -> Change:
+        with explained("bucket IAM", label, settings):
+            if clients.storage.lookup_bucket(settings.bucket, retry=RETRY) is None:
+                return Change("bucket IAM", label, "absent")
+            read = lambda: bucket.get_iam_policy(requested_policy_version=3, retry=RETRY)  # noqa: E731
+            if dry_run:
+                return Change("bucket IAM", label, "would delete" if matches(read()) else "absent", command)
+            removed = _revoke(read, lambda policy: bucket.set_iam_policy(policy, retry=RETRY), matches)
+        return (
+            Change("bucket IAM", label, "deleted", command)
+            if removed
+            else Change("bucket IAM", label, "absent")
+        )
+
+    return _unless_api_off("bucket IAM", label, step)
 
 
 def remove_bindings(clients: Clients, settings: Settings, *, dry_run: bool) -> Iterator[Change]:

@@ -10,7 +10,7 @@ from launcher import down as teardown
 from launcher.changes import Change
 from launcher.cloud import Clients
 from launcher.commands.options import Command, settings_options
-from launcher.commands.render import console, print_change
+from launcher.commands.render import console, err_console, print_change
 from launcher.errors import UserError
 from launcher.settings import Settings
 
@@ -84,13 +84,32 @@ def down(
         dry_run=dry_run,
         on_change=on_change,
     )
+    # Each API once, in the order of the steps that could not look.
+    apis_off = list(dict.fromkeys(c.detail["api"] for c in report if c.status == teardown.NOT_CHECKED))
     if as_json:
-        document = {"dry_run": dry_run, "changes": [change.document() for change in report]}
+        document = {
+            "dry_run": dry_run,
+            "changes": [change.document() for change in report],
+            "apis_not_enabled": apis_off,
+        }
         click.echo(json.dumps(document, indent=2))
-    elif dry_run:
+        return
+    if dry_run:
         commands = [change.command for change in report if change.command]
         console.print("\nDry run: nothing was deleted." + (" Equivalent commands:" if commands else ""))
         for command in commands:
             click.echo(f"  {command}")
-    elif all(change.status in ("absent", "kept") for change in report):
-        console.print("\nNothing left to delete.")
+    elif all(change.status in ("absent", "kept", teardown.NOT_CHECKED) for change in report):
+        console.print("\nNothing left to delete" + (" that down could see." if apis_off else "."))
+    if apis_off:
+        err_console.print(
+            f"[yellow]Note:[/] {', '.join(apis_off)} {'is' if len(apis_off) == 1 else 'are'} not enabled in "
+            f"project {settings.project_id}, so down could not look for the resources marked not checked.",
+            soft_wrap=True,
+        )
+        err_console.print(
+            "[bold]Hint:[/] If `gemma-launch up` never ran in this project, there is nothing to delete. "
+            f"Otherwise enable them (gcloud services enable {' '.join(apis_off)} "
+            f"--project={settings.project_id}) and run `gemma-launch down` again.",
+            soft_wrap=True,
+        )

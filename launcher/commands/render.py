@@ -27,6 +27,7 @@ STATUS_STYLE = {
     "would cancel": "cyan",
     "absent": "dim",
     "kept": "dim",
+    "not checked": "yellow",
 }
 
 

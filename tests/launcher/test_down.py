@@ -241,3 +241,28 @@ def test_up_grants_again_to_accounts_deleted_by_hand_and_down_leaves_their_delet
     )
     log_writers = [list(b.members) for b in project.bindings if b.role == "roles/logging.logWriter"]
     assert log_writers == [[member for member in deleted if BUILD_SA in member]]
+
+
+def test_down_in_a_fresh_project_with_its_apis_off_exits_0_enables_nothing_and_says_what_it_could_not_see(
+    fresh, monkeypatch
+):
+    monkeypatch.setenv("PROJECT_ID", PROJECT)
+    services = list(fresh.emulator.access.project(PROJECT)["services"])
+    result = cli("down")
+    assert result.exit_code == 0, result.output
+    lines = {line.split()[-1]: line for line in result.output.splitlines() if line.startswith(" ")}
+    assert lines[JOB].split()[:2] == ["not", "checked"]
+    assert "run.googleapis.com is not enabled: cannot tell whether it exists" in result.output
+    assert (
+        lines[SA].split()[:2] == ["not", "checked"] and "iam.googleapis.com is not enabled" in result.output
+    )
+    assert "Error:" not in result.output and "gemma-launch up`, which enables" not in result.output
+    assert "Nothing left to delete that down could see." in result.output
+    assert (
+        "Hint: If `gemma-launch up` never ran in this project, there is nothing to delete." in result.output
+    )
+    assert "gcloud services enable run.googleapis.com" in result.output
+    as_json = json.loads(cli("down", "--json").output)
+    assert "run.googleapis.com" in as_json["apis_not_enabled"]
+    assert {change["status"] for change in as_json["changes"]} == {"not checked", "absent", "kept"}
+    assert fresh.emulator.access.project(PROJECT)["services"] == services  # down enabled nothing
