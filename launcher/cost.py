@@ -71,8 +71,8 @@ class Estimate:
 
     def document(self) -> dict[str, Any]:
         return {
-            "usd": round(self.usd, 4),
-            "seconds": round(self.seconds),
+            "cost_usd": round(self.usd, 4),
+            "duration_s": round(self.seconds),
             "tasks": self.tasks,
             "basis": self.rates.basis,
             "spread": self.rates.spread,

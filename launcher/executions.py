@@ -228,12 +228,11 @@ def gpus_held(clients: Clients, settings: Settings) -> int:
 
 
 def summary(execution: run_v2.Execution) -> dict[str, Any]:
+    """The execution as every --json shows it: times ISO 8601 in UTC, durations in whole seconds (`_s`),
+    money in USD (`_usd`), as README.md describes `--json`."""
     started = execution.start_time if execution.start_time else None
     ended = execution.completion_time if execution.completion_time else None
-    duration = None
-    if started:
-        seconds = int(((ended or datetime.now(UTC)) - started).total_seconds())
-        duration = f"{seconds // 3600}h{seconds % 3600 // 60:02d}m{seconds % 60:02d}s"
+    duration_s = int(((ended or datetime.now(UTC)) - started).total_seconds()) if started else None
     return {
         "execution": short_name(execution.name),
         "state": state(execution),
@@ -241,8 +240,8 @@ def summary(execution: run_v2.Execution) -> dict[str, Any]:
         "succeeded": execution.succeeded_count,
         "failed": execution.failed_count,
         "retried": execution.retried_count,
-        "started": started.strftime("%Y-%m-%d %H:%M:%S") if started else None,
-        "duration": duration,
+        "started": started.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ") if started else None,
+        "duration_s": duration_s,
         "why": why(execution),
     }
 

@@ -42,6 +42,7 @@ class Entry:
     duration_s: float | None = None
     cost: float | None = None  # USD, once finished
     task: int | None = None
+    execution: str | None = None  # its short name, as `status --json` names it; a task's is the sweep's
 
     def document(self) -> dict[str, Any]:
         """As `results --json` prints a row: the cost under the name `status --json` gives it."""
@@ -87,6 +88,7 @@ def leaderboard(clients: Clients, settings: Settings, execution: run_v2.Executio
                 duration_s=seconds,
                 cost=None if seconds is None else seconds * per_second,
                 task=index,
+                execution=executions.short_name(execution.name),
             )
         )
     return sorted(
@@ -130,6 +132,7 @@ def compare(clients: Clients, settings: Settings, names: list[str]) -> list[Entr
                 found["final"],
                 _seconds(execution),
                 spent,
+                execution=short,
             )
         else:
             best = leaderboard(clients, settings, execution, grid)[0]
@@ -149,6 +152,8 @@ def compare(clients: Clients, settings: Settings, names: list[str]) -> list[Entr
                 best.final,
                 best.duration_s,
                 best.cost,
+                best.task,
+                short,
             )
         columns.append((entry, _flags(args, short)))
     keys = sorted({key for _, found in columns for key in found})
@@ -162,6 +167,8 @@ def compare(clients: Clients, settings: Settings, names: list[str]) -> list[Entr
             entry.final,
             entry.duration_s,
             entry.cost,
+            entry.task,
+            entry.execution,
         )
         for entry, found in columns
     ]

@@ -8,7 +8,7 @@ from typing import Any
 import click
 from google.cloud import run_v2
 
-from launcher import executions, progress
+from launcher import cost, executions, progress
 from launcher import results as run_results
 from launcher.cloud import Clients
 from launcher.commands.render import console, err_console
@@ -107,15 +107,26 @@ def fail_unless_succeeded(
     raise SystemExit(1)
 
 
-def execution_document(execution: run_v2.Execution) -> dict[str, Any]:
-    """An execution for --json: its row of `status --json`, its full name and the job's."""
-    return {**executions.summary(execution), "name": execution.name, "job": execution.job}
+def execution_document(
+    clients: Clients, settings: Settings, execution: run_v2.Execution, estimate: cost.Estimate
+) -> dict[str, Any]:
+    """An execution for --json: its row of `status --json` (cost_usd null until it ends), its full name,
+    the job's, and the estimate made before it started."""
+    (spent,) = cost.actual_costs(clients, settings, [execution])
+    return {
+        **executions.summary(execution),
+        "cost_usd": spent,
+        "name": execution.name,
+        "job": execution.job,
+        "estimate": estimate.document(),
+    }
 
 
 def follow_or_show(
     clients: Clients,
     settings: Settings,
     execution: run_v2.Execution,
+    estimate: cost.Estimate,
     *,
     follow: bool,
     as_json: bool,
@@ -127,10 +138,10 @@ def follow_or_show(
     if follow:
         final = follow_on_screen(clients, settings, execution.name, verbose=verbose, quiet=as_json)
         if as_json:
-            click.echo(json.dumps(execution_document(final), indent=2))
+            click.echo(json.dumps(execution_document(clients, settings, final, estimate), indent=2))
         fail_unless_succeeded(clients, settings, final)
         return True
     if as_json:
-        click.echo(json.dumps(execution_document(execution), indent=2))
+        click.echo(json.dumps(execution_document(clients, settings, execution, estimate), indent=2))
         return True
     return False

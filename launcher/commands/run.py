@@ -111,6 +111,8 @@ def run_command(
     short = executions.short_name(execution.name)
     if follow:
         (err_console if as_json else console).print(f"Started execution {short}")
-    if not follow_or_show(clients, settings, execution, follow=follow, as_json=as_json, verbose=verbose):
+    if not follow_or_show(
+        clients, settings, execution, estimate, follow=follow, as_json=as_json, verbose=verbose
+    ):
         console.print(f"Started execution {short}")
         console.print(f"Follow it with: gemma-launch logs {short} --follow")

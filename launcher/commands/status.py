@@ -7,7 +7,7 @@ import json
 import click
 from rich.table import Table
 
-from launcher import cost, executions
+from launcher import cost, executions, leaderboard
 from launcher.cloud import Clients
 from launcher.commands.options import JOB_SETTINGS, Command, settings_options
 from launcher.commands.render import console
@@ -44,8 +44,8 @@ def status(settings: Settings, limit: int, as_json: bool) -> None:
             f"{row['succeeded']}/{row['tasks']}",
             str(row["failed"]),
             str(row["retried"]),
-            row["started"] or "-",
-            row["duration"] or "-",
+            row["started"].replace("T", " ").removesuffix("Z") if row["started"] else "-",
+            leaderboard.duration(row["duration_s"]),
             "-" if row["cost_usd"] is None else f"${row['cost_usd']:.2f}",
         )
     console.print(table)

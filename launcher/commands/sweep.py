@@ -118,7 +118,9 @@ def sweep_command(
     execution = sweep.start(clients, settings, grid, args, chosen.tasks)
     short = executions.short_name(execution.name)
     out.print(f"Started execution {short}")
-    if not follow_or_show(clients, settings, execution, follow=follow, as_json=as_json, verbose=verbose):
+    if not follow_or_show(
+        clients, settings, execution, estimate, follow=follow, as_json=as_json, verbose=verbose
+    ):
         console.print(
             f"Follow it with: gemma-launch logs {short} --follow; rank its tasks with: "
             f"gemma-launch results {short}",
@@ -149,7 +151,7 @@ def _show_plan(
             ],
             "parallelism": {"tasks": chosen.tasks, "why": chosen.why},
             "estimate": estimate.document(),
-            "max_cost": None if max_cost is None else {"usd": max_cost, "within": within},
+            "max_cost": None if max_cost is None else {"cost_usd": max_cost, "within": within},
             "notes": list(notes),
         }
         click.echo(json.dumps(document, indent=2))

@@ -853,9 +853,13 @@ def test_run_and_logs_print_json(env, project_dir):
         "failed",
         "retried",
         "started",
-        "duration",
+        "duration_s",
         "why",
+        "cost_usd",
+        "estimate",
     }
+    assert execution["cost_usd"] is None  # known once it ends
+    assert {"cost_usd", "duration_s", "tasks"} <= set(execution["estimate"])
     assert execution["name"] == f"{JOB}/executions/{execution['execution']}"
     assert execution["job"] == "gemma3-finetuning-job" and execution["tasks"] == 1
 
@@ -877,6 +881,13 @@ def test_run_and_logs_print_json(env, project_dir):
     final = json.loads(ended.stdout)  # stdout holds the JSON alone; the log went to stderr
     assert (final["state"], final["succeeded"]) == ("Succeeded", 1)
     assert "[task 0] done" in ended.stderr
+
+    # One execution, the same keys and values whichever command shows it.
+    newest = json.loads(cli("status", "--json").output)[0]
+    assert {key: final[key] for key in newest} == newest
+    assert datetime.fromisoformat(final["started"]).tzinfo and isinstance(final["duration_s"], int)
+    assert final["cost_usd"] > 0
+    assert json.loads(cli("results", final["execution"], "--json").output)["cost_usd"] == final["cost_usd"]
 
 
 def test_on_a_terminal_the_build_and_the_training_steps_show_as_progress_bars(env, project_dir):
@@ -938,7 +949,7 @@ def test_run_says_the_estimated_cost_refuses_above_max_cost_and_status_shows_wha
     plan = up(project_dir, "--dry-run", "--json")
     estimate = json.loads(plan.stdout)["estimate"]
     assert estimate["basis"] == "from 1 finished run of this model on this GPU"
-    assert estimate["seconds"] == 4 + 230 + 400
+    assert estimate["duration_s"] == 4 + 230 + 400
 
 
 def log_calls(env, since: int) -> Counter:

@@ -189,7 +189,7 @@ def test_a_dry_run_shows_each_task_its_arguments_and_the_estimate_and_changes_no
     plan = json.loads(as_json.stdout)
     assert set(plan) == {"dry_run", "execution_args", "tasks", "parallelism", "estimate", "max_cost", "notes"}
     assert plan["parallelism"] == {"tasks": 2, "why": re.search(r"at a time \((.*)\)\.", dry.output)[1]}
-    assert plan["estimate"]["tasks"] == 4 and plan["estimate"]["usd"] > 0 and plan["max_cost"] is None
+    assert plan["estimate"]["tasks"] == 4 and plan["estimate"]["cost_usd"] > 0 and plan["max_cost"] is None
     shared_args = plan["execution_args"]
     assert shlex.join(shared_args) == shared
     # Each task's arguments are what the trainer's parser reads in that task.
@@ -212,7 +212,7 @@ def test_a_dry_run_shows_each_task_its_arguments_and_the_estimate_and_changes_no
     assert refused.exit_code == 2 and errors(over.output) == errors(refused.output) != []
     over_json = cli("sweep", *grid, "--max-cost", "0", "--dry-run", "--json")
     assert over_json.exit_code == 2 and errors(over_json.stderr) == errors(refused.output)
-    assert json.loads(over_json.stdout)["max_cost"] == {"usd": 0.0, "within": False}
+    assert json.loads(over_json.stdout)["max_cost"] == {"cost_usd": 0.0, "within": False}
 
     # Nothing started, nothing changed: no call that may change something, in Cloud Run or the bucket.
     assert [entry["method"] for entry in env.record() if entry["mutating"]] == []
@@ -385,7 +385,10 @@ def test_results_compares_executions_by_the_settings_that_differ(env, tmp_path):
     assert "0.125" in first and "5.0% -> 80.0%" in first and "2.0% -> 87.5%" in first
     assert "0.25" in second and "2.0% -> 100.0%" in second
     as_json = json.loads(cli("results", *names, "--json").output)
-    assert [row["label"] for row in as_json] == names
+    assert [row["label"] for row in as_json] == [row["execution"] for row in as_json] == names
+    # The same execution's cost under the same key in `status --json`.
+    spent = {row["execution"]: row["cost_usd"] for row in json.loads(cli("status", "--json").output)}
+    assert [row["cost_usd"] for row in as_json] == [spent[name] for name in names]
     assert [row["settings"] for row in as_json] == [{"learning-rate": "0.125"}, {"learning-rate": "0.25"}]
     assert as_json[1]["final"]["macro_f1"] == pytest.approx(1.0)
     assert all(row["cost_usd"] > 0 and row["duration_s"] > 0 for row in as_json)
@@ -460,6 +463,7 @@ def test_a_two_by_two_sweep_of_the_tiny_model_ranks_its_four_tasks(env, tmp_path
 
     board = json.loads(cli("results", execution, "--json").output)
     assert sorted(row["task"] for row in board) == [0, 1, 2, 3]
+    assert {row["execution"] for row in board} == {execution}
     assert all(row["state"] == "Succeeded" and row["duration_s"] > 0 and row["cost_usd"] > 0 for row in board)
     # Each task's cost is its own run time at the job's one price per second.
     assert len({round(row["cost_usd"] / row["duration_s"], 9) for row in board}) == 1
