@@ -255,6 +255,9 @@ def test_a_failed_execution_says_why_in_run_status_and_results(env, project_dir)
     assert row["state"] == "Failed" and row["why"].endswith(EXIT_3)
     table = cli("status")
     assert f"{row['execution']} failed: Task {row['execution']}-task0 {EXIT_3}" in table.output, table.output
+    # For people, the JSON's ISO time and seconds as a date and hours, minutes, seconds.
+    assert f"{row['started'][:10]} {row['started'][11:19]}" in table.output, table.output
+    assert re.search(r"\b\dh\d\dm\d\ds\b", table.output), table.output
     missing = cli("results")
     assert missing.exit_code == 2
     assert f"Error: Execution {row['execution']} failed, so it has no results: Task" in missing.output
