@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-from launcher import executions, leaderboard, sweep
+from launcher import executions, leaderboard, past_runs, sweep
 from launcher import job as jobs
 from launcher import results as run_results
 from launcher.cloud import EMULATOR_ENV, Clients
@@ -54,9 +54,9 @@ def pages(clients: Clients, settings: Settings, execution: str) -> list[dict[str
     if results is not None:
         prefix = run_results.run_prefix(execution)
         return [_page(clients, settings, prefix, results, executions.short_name(execution))]
-    found = executions.get_execution(clients, settings, execution)
-    grid = sweep.grid_of(found)
-    if grid is None:
+    found = past_runs.record(clients, settings, execution)
+    grid = sweep.grid_of(found) if found is not None else None
+    if found is None or grid is None:
         return [run_page(clients, settings, execution)]
     elsewhere = run_results.other_bucket(settings, found)
     if elsewhere is not None:

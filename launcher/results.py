@@ -11,7 +11,7 @@ from urllib.parse import quote
 from google.api_core import exceptions
 from google.cloud import run_v2
 
-from launcher import executions
+from launcher import executions, past_runs
 from launcher import job as jobs
 from launcher.cloud import RETRY, Clients
 from launcher.errors import UserError
@@ -103,9 +103,11 @@ def other_bucket(settings: Settings, execution: run_v2.Execution) -> UserError |
 
 def no_results(clients: Clients, settings: Settings, execution: str, command: str = "results") -> UserError:
     """Why an execution has no results.json, from its state; `command`: the one to run again once it has."""
-    found = executions.get_execution(clients, settings, execution)
+    found = past_runs.record(clients, settings, execution)
     short = executions.short_name(execution)
     where = f"gs://{settings.bucket}/{results_object(execution)}"
+    if found is None:
+        return _no_results_left(clients, settings, execution, where)
     if not executions.is_done(found):
         return UserError(
             f"Execution {short} is still {executions.state(found).lower()}: it writes {where} when "
@@ -141,6 +143,26 @@ def no_results(clients: Clients, settings: Settings, execution: str, command: st
         f"Execution {short} succeeded but wrote no {where}.",
         f"Its trainer wrote its outputs elsewhere: the job's --output-dir shows in the argv at the top of "
         f"`gemma-launch logs {short}`; `gemma-launch up` sets it back to /mnt/gcs/runs.",
+    )
+
+
+def _no_results_left(clients: Clients, settings: Settings, execution: str, where: str) -> UserError:
+    """Why an execution whose record is gone (its job deleted) has no results.json: what the trainer
+    recorded when it failed, else that the bucket cannot tell how it ended."""
+    short = executions.short_name(execution)
+    gone = past_runs.why_gone(clients, settings)
+    stopped = _recorded(clients, settings, f"{run_prefix(execution)}/{FAILURE}")
+    if stopped is not None:
+        return UserError(
+            f"Execution {short} failed, so it has no results (its execution record is gone: {gone}): the "
+            f"trainer stopped on an error a retry cannot fix: {stopped.message}",
+            f"{stopped.hint} Then start a new execution with `gemma-launch run`.".strip(),
+        )
+    return UserError(
+        f"Execution {short} wrote no {where}, and its execution record is gone ({gone}): how it ended is "
+        "not known.",
+        f"`gemma-launch logs {short}` shows its log, which Cloud Logging keeps (30 days by default); "
+        "`gemma-launch status` lists the runs the bucket keeps.",
     )
 
 

@@ -6,7 +6,7 @@ import json
 
 import click
 
-from launcher import executions
+from launcher import executions, past_runs
 from launcher.cloud import Clients
 from launcher.commands.options import JOB_SETTINGS, Command, settings_options
 from launcher.commands.render import console
@@ -25,9 +25,13 @@ def cancel(settings: Settings, execution: str | None, as_json: bool) -> None:
     """
     clients = Clients(settings.project_id)
     if execution:
-        name = executions.execution_name(clients, settings, execution)
+        found = past_runs.find(clients, settings, execution)
+        if found.execution is None:  # a record goes only with its job, which runs nothing then
+            _say_ended(found, as_json)
+            return
+        name = found.name
     else:
-        unfinished = executions.running(clients, settings)
+        unfinished = executions.running(clients, settings) if past_runs.job_exists(clients, settings) else []
         if not unfinished:
             if as_json:
                 click.echo(json.dumps({"execution": None, "status": "unchanged", "state": None}, indent=2))
@@ -47,3 +51,10 @@ def cancel(settings: Settings, execution: str | None, as_json: bool) -> None:
         )
     else:
         console.print(f"Execution {short} had already finished ({verdict.lower()}): nothing to cancel.")
+
+
+def _say_ended(found: past_runs.Found, as_json: bool) -> None:
+    if as_json:
+        click.echo(json.dumps({"execution": found.short, "status": "unchanged", "state": None}, indent=2))
+    else:
+        console.print(found.note("it has ended: nothing to cancel."), markup=False, soft_wrap=True)

@@ -6,7 +6,7 @@ import json
 
 import click
 
-from launcher import executions, logs
+from launcher import executions, logs, past_runs
 from launcher.cloud import Clients
 from launcher.commands.follow import fail_unless_succeeded, follow_on_screen, task_succeeded
 from launcher.commands.options import FOLLOW_VERBOSE, JOB_SETTINGS, Command, settings_options
@@ -54,7 +54,11 @@ def logs_command(
     or a line at each quarter of the steps; --verbose shows them all. With --task too, following ends
     when that task has, and the exit status is that task's."""
     clients = Clients(settings.project_id)
-    name = executions.execution_name(clients, settings, execution)
+    found = past_runs.find(clients, settings, execution, logs_too=True)
+    name = found.name
+    if found.execution is None:
+        _show_kept_log(clients, settings, found, as_json, follow, task)
+        return
     if task is not None:
         found = executions.get_execution(clients, settings, name)
         if task >= found.task_count:
@@ -85,3 +89,35 @@ def _say_no_lines(clients: Clients, settings: Settings, name: str, task: int | N
         state = executions.task_state(executions.find_task(executions.tasks_of(clients, name), task))
     yet = "" if executions.is_done(found) or state in ("Succeeded", "Failed") else " yet"
     err_console.print(f"No log lines{yet} from {what} ({state.lower()}).", soft_wrap=True, markup=False)
+
+
+def _show_kept_log(
+    clients: Clients,
+    settings: Settings,
+    found: past_runs.Found,
+    as_json: bool,
+    follow: bool,
+    task: int | None,
+) -> None:
+    """The log of an execution whose record is gone: it has ended, so --follow shows what there is and
+    exits with what the bucket says of it (1 unless its results say it succeeded)."""
+    emit = _emit_json if as_json else _emit
+    shown = 0
+
+    def noted(line: logs.Line) -> None:
+        # The note comes before the first line: a run found nowhere gets the error alone.
+        nonlocal shown
+        if not shown:
+            err_console.print(found.note("its log from Cloud Logging"), soft_wrap=True, markup=False)
+        shown += 1
+        emit(line)
+
+    if not past_runs.show_log(clients, settings, found, noted, task):
+        what = found.short if task is None else f"task {task} of {found.short}"
+        err_console.print(
+            found.note(f"no log lines from {what} in Cloud Logging, which keeps them 30 days by default."),
+            soft_wrap=True,
+            markup=False,
+        )
+    if follow and not past_runs.succeeded(clients, settings, found.name):
+        raise SystemExit(1)

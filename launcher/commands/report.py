@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from launcher import executions
+from launcher import past_runs
 from launcher import report as run_report
 from launcher.cloud import Clients
 from launcher.commands.options import JOB_SETTINGS, Command, settings_options
@@ -34,8 +34,14 @@ def report(settings: Settings, names: tuple[str, ...], out_dir: Path, open_page:
     with several, or a sweep's tasks that wrote results, a leaderboard and a side-by-side comparison too.
     It works offline."""
     clients = Clients(settings.project_id)
-    found = [executions.execution_name(clients, settings, name) for name in names or (None,)]
-    path = run_report.write(clients, settings, list(dict.fromkeys(found)), out_dir)
+    looked_up = {
+        one.name: one for one in (past_runs.find(clients, settings, name) for name in names or (None,))
+    }
+    for one in looked_up.values():
+        if one.execution is None:
+            source = f"its page from {one.outputs_url(settings)}"
+            console.print(one.note(source), markup=False, soft_wrap=True)
+    path = run_report.write(clients, settings, list(looked_up), out_dir)
     console.print(f"Wrote {path} ({human_bytes(path.stat().st_size)}).", markup=False, soft_wrap=True)
     if open_page:
         webbrowser.open(path.resolve().as_uri())

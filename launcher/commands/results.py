@@ -9,7 +9,7 @@ import json
 import click
 from rich.table import Table
 
-from launcher import cost, executions, leaderboard, sweep
+from launcher import cost, executions, leaderboard, past_runs, sweep
 from launcher import report as run_report
 from launcher import results as run_results
 from launcher.cloud import Clients
@@ -37,14 +37,17 @@ def results(settings: Settings, names: tuple[str, ...], as_json: bool) -> None:
     With several executions: side by side, the trainer settings in which they differ and the metrics
     (a sweep by its best task)."""
     clients = Clients(settings.project_id)
-    found = [executions.execution_name(clients, settings, name) for name in names or (None,)]
-    compared = list(dict.fromkeys(found))  # one named twice is shown once, as `report` does
+    # One named twice is shown once, as `report` does.
+    looked_up = {
+        one.name: one for one in (past_runs.find(clients, settings, name) for name in names or (None,))
+    }
+    compared = list(looked_up)
     if len(compared) > 1:
         _render_entries("Executions compared", leaderboard.compare(clients, settings, compared), as_json)
         return
     (name,) = compared
-    execution = executions.get_execution(clients, settings, name)
-    grid = sweep.grid_of(execution)
+    execution = looked_up[name].execution
+    grid = sweep.grid_of(execution) if execution is not None else None
     if grid is not None:
         rows = leaderboard.leaderboard(clients, settings, execution, grid)
         _render_entries(f"Sweep {executions.short_name(name)}", rows, as_json)
@@ -53,11 +56,18 @@ def results(settings: Settings, names: tuple[str, ...], as_json: bool) -> None:
     if found is None:
         raise run_results.no_results(clients, settings, name)
     places = run_results.outputs(clients, settings, name)
-    (spent,) = cost.actual_costs(clients, settings, [execution])
+    # The cost comes from the execution's tasks, which went with its record.
+    (spent,) = cost.actual_costs(clients, settings, [execution]) if execution is not None else (None,)
     if as_json:
         outputs = [dataclasses.asdict(out) for out in places]
-        click.echo(json.dumps({**found, "outputs": outputs, "cost_usd": spent}, indent=2))
+        record = execution is not None
+        click.echo(
+            json.dumps({**found, "outputs": outputs, "cost_usd": spent, "execution_record": record}, indent=2)
+        )
         return
+    if execution is None:
+        source = f"results from {looked_up[name].outputs_url(settings)}"
+        console.print(looked_up[name].note(source), markup=False, soft_wrap=True)
     table = Table(title=f"Execution {executions.short_name(name)}")
     for column in ("metric", "baseline", "fine-tuned", "change"):
         table.add_column(column, justify="left" if column == "metric" else "right")

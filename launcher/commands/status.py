@@ -7,7 +7,8 @@ import json
 import click
 from rich.table import Table
 
-from launcher import cost, executions, leaderboard
+from launcher import cost, executions, leaderboard, past_runs
+from launcher import job as jobs
 from launcher.cloud import Clients
 from launcher.commands.options import JOB_SETTINGS, Command, settings_options
 from launcher.commands.render import console
@@ -21,18 +22,28 @@ from launcher.settings import Settings
 )
 @click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
 def status(settings: Settings, limit: int, as_json: bool) -> None:
-    """The job's executions, newest first: state, tasks, retries, start, duration, and why one failed."""
+    """The job's executions, newest first: state, tasks, retries, start, duration, and why one failed;
+    then the runs the bucket keeps whose record went with a deleted job (their state from their results).
+    """
     clients = Clients(settings.project_id)
-    found = executions.list_executions(clients, settings, limit)
+    job_exists = past_runs.job_exists(clients, settings)
+    found = executions.list_executions(clients, settings, limit) if job_exists else []
     summaries = [
-        {**executions.summary(execution), "cost_usd": spent}
+        {**executions.summary(execution), "cost_usd": spent, "execution_record": True}
         for execution, spent in zip(found, cost.actual_costs(clients, settings, found), strict=True)
     ]
+    kept = past_runs.without_record(clients, settings, job_exists)[: limit - len(summaries)]
+    summaries += [{**run.summary(), "cost_usd": None, "execution_record": False} for run in kept]
+    if not job_exists and not kept:
+        raise past_runs.nothing_at_all(settings)
     if as_json:
         click.echo(json.dumps(summaries, indent=2))
         return
-    if not summaries:
+    if not job_exists:
+        console.print(f"Job {settings.job} does not exist in {settings.region} (`down` deleted it?).")
+    elif not found:
         console.print(f"Job {settings.job} has no executions yet. Start one with `gemma-launch run`.")
+    if not summaries:
         return
     table = Table(title=f"{settings.job} ({settings.region})")
     for column in ("execution", "state", "succeeded", "failed", "retried", "started", "duration", "cost"):
@@ -41,14 +52,22 @@ def status(settings: Settings, limit: int, as_json: bool) -> None:
         table.add_row(
             row["execution"],
             row["state"],
-            f"{row['succeeded']}/{row['tasks']}",
-            str(row["failed"]),
-            str(row["retried"]),
+            f"{row['succeeded']}/{row['tasks']}" if row["execution_record"] else "-",
+            str(row["failed"]) if row["execution_record"] else "-",
+            str(row["retried"]) if row["execution_record"] else "-",
             row["started"].replace("T", " ").removesuffix("Z") if row["started"] else "-",
             leaderboard.duration(row["duration_s"]),
             "-" if row["cost_usd"] is None else f"${row['cost_usd']:.2f}",
         )
     console.print(table)
+    if kept:
+        gone = past_runs.why_gone(clients, settings)
+        console.print(
+            f"{', '.join(run.name for run in kept)}: execution record gone ({gone}); "
+            f"state from their results in gs://{settings.bucket}/{jobs.RUNS_PREFIX}/",
+            markup=False,
+            soft_wrap=True,
+        )
     for row in summaries:
         if row["why"]:
             console.print(f"{row['execution']} {row['state'].lower()}: {row['why']}", soft_wrap=True)

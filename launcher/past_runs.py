@@ -1,0 +1,254 @@
+"""Executions whose record Cloud Run no longer keeps, found from what outlives them.
+
+`down` deletes the job, and its executions with it; a job that `up` makes again starts with none. What
+an execution wrote stays: its outputs under runs/<execution>/ in the bucket, which `down` keeps, and its
+log in Cloud Logging, which keeps the logs of executions Cloud Run no longer lists, for as long as its
+retention (30 days by default) ("The logs and monitoring data for older executions remain available in
+Cloud Logging and Cloud Monitoring", https://cloud.google.com/run/docs/execute/jobs). `results`,
+`report`, `logs` and `status` fall back on them here, and say that the record is gone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+
+from google.api_core import exceptions
+from google.cloud import run_v2
+
+from launcher import executions, logs
+from launcher import job as jobs
+from launcher.cloud import RETRY, Clients
+from launcher.errors import UserError
+from launcher.settings import Settings
+
+# What the trainer writes when a run ends (docs/trainer.md): results.json when it succeeded (a sweep's
+# tasks, in task-<i>/), failure.json when it stopped on an error a retry cannot fix. The glob syntax of
+# objects.list's matchGlob: https://cloud.google.com/storage/docs/json_api/v1/objects/list#list-object-glob
+ENDINGS = f"{jobs.RUNS_PREFIX}/**/{{results,failure}}.json"
+
+
+@dataclass(frozen=True)
+class Kept:
+    """A run the bucket keeps, as its outputs tell it."""
+
+    name: str  # the execution's short name
+    state: str  # Succeeded (results.json), Failed (failure.json), else Unknown
+    written: datetime | None  # when the newest of those files was written
+    tasks_with_results: tuple[int, ...]  # a sweep's tasks that wrote results.json; () for a run
+
+    def summary(self) -> dict[str, object]:
+        """As `status --json` shows an execution, with what the bucket cannot tell as None."""
+        return {
+            "execution": self.name,
+            "state": self.state,
+            "tasks": None,
+            "succeeded": len(self.tasks_with_results) or None,
+            "failed": None,
+            "retried": None,
+            "started": None,
+            "duration_s": None,
+            "why": "",
+        }
+
+
+@dataclass(frozen=True)
+class Found:
+    """An execution named by a user, or the newest: its record, or why the record is gone."""
+
+    name: str  # the full name, projects/.../executions/<short>
+    execution: run_v2.Execution | None
+    gone: str = ""  # why there is no record: "job ... deleted" or "job ... made again since"
+
+    @property
+    def short(self) -> str:
+        return executions.short_name(self.name)
+
+    def note(self, source: str) -> str:
+        """The one line that says where what follows comes from, when the record is gone."""
+        return f"Execution {self.short}: execution record gone ({self.gone}); {source}"
+
+    def outputs_url(self, settings: Settings) -> str:
+        return f"gs://{settings.bucket}/{prefix(self.name)}/"
+
+
+def prefix(execution: str) -> str:
+    return f"{jobs.RUNS_PREFIX}/{executions.short_name(execution)}"
+
+
+def full_name(settings: Settings, execution: str) -> str:
+    return execution if execution.startswith("projects/") else f"{settings.job_name}/executions/{execution}"
+
+
+def job_exists(clients: Clients, settings: Settings) -> bool:
+    try:
+        clients.jobs.get_job(name=settings.job_name, retry=RETRY)
+    except exceptions.NotFound:
+        return False
+    return True
+
+
+def why_gone(clients: Clients, settings: Settings) -> str:
+    if job_exists(clients, settings):
+        return f"job {settings.job} made again since"
+    return f"job {settings.job} deleted"
+
+
+def record(clients: Clients, settings: Settings, execution: str) -> run_v2.Execution | None:
+    """Cloud Run's record of the execution, or None when it has none (its job was deleted)."""
+    try:
+        return clients.executions.get_execution(name=full_name(settings, execution), retry=RETRY)
+    except exceptions.NotFound:
+        return None
+
+
+def kept(clients: Clients, settings: Settings) -> list[Kept]:
+    """The runs whose results.json or failure.json the bucket holds, newest first; none when the bucket
+    itself is gone (`down --delete-bucket`)."""
+    found: dict[str, list[tuple[str, datetime | None]]] = {}
+    try:
+        blobs = clients.storage.list_blobs(
+            settings.bucket, prefix=f"{jobs.RUNS_PREFIX}/", match_glob=ENDINGS, retry=RETRY
+        )
+        for blob in blobs:
+            name, _, rest = blob.name.removeprefix(f"{jobs.RUNS_PREFIX}/").partition("/")
+            if not name.startswith("."):  # .cache/: the warm start, no run's
+                found.setdefault(name, []).append((rest, blob.updated))
+    except exceptions.NotFound:
+        return []
+    runs = [_kept(name, files) for name, files in found.items()]
+    return sorted(runs, key=lambda run: run.written.timestamp() if run.written else 0.0, reverse=True)
+
+
+def _kept(name: str, files: list[tuple[str, datetime | None]]) -> Kept:
+    names = {rest for rest, _ in files}
+    tasks = sorted(
+        int(rest.split("/")[0].removeprefix("task-"))
+        for rest in names
+        if rest.endswith("/results.json") and rest.startswith("task-") and rest.split("/")[0][5:].isdigit()
+    )
+    if "results.json" in names or (tasks and not any(rest.endswith("failure.json") for rest in names)):
+        state = "Succeeded"
+    elif any(rest.endswith("failure.json") for rest in names):
+        state = "Failed"
+    else:
+        state = "Unknown"
+    times = [when for _, when in files if when is not None]
+    return Kept(name, state, max(times) if times else None, tuple(tasks))
+
+
+def kept_one(clients: Clients, settings: Settings, execution: str) -> Kept | None:
+    """What the bucket keeps of one run, or None when it holds nothing under its directory."""
+    for run in kept(clients, settings):
+        if run.name == executions.short_name(execution):
+            return run
+    if _holds_anything(clients, settings, execution):
+        return Kept(executions.short_name(execution), "Unknown", None, ())
+    return None
+
+
+def _holds_anything(clients: Clients, settings: Settings, execution: str) -> bool:
+    try:
+        blobs = clients.storage.list_blobs(
+            settings.bucket, prefix=f"{prefix(execution)}/", max_results=1, retry=RETRY
+        )
+        return any(True for _ in blobs)
+    except exceptions.NotFound:
+        return False
+
+
+def find(clients: Clients, settings: Settings, execution: str | None, *, logs_too: bool = False) -> Found:
+    """The execution given by short id or full name, or the newest: Cloud Run's record, else, with the
+    record gone, the run the bucket keeps (the newest: the one written last). `logs_too`: a run the
+    bucket keeps nothing of may still have its log, so it is found by name alone.
+
+    Nothing found anywhere is a UserError that names what was looked at."""
+    if execution:
+        name = full_name(settings, execution)
+        found = record(clients, settings, name)
+        if found is not None:
+            return Found(found.name, found)
+        if logs_too or kept_one(clients, settings, name) is not None:
+            return Found(name, None, why_gone(clients, settings))
+        raise nothing_left(clients, settings, name)
+    if job_exists(clients, settings):
+        for newest in executions.list_executions(clients, settings, limit=1):
+            return Found(newest.name, newest)
+    runs = kept(clients, settings)
+    if runs:
+        return Found(full_name(settings, runs[0].name), None, why_gone(clients, settings))
+    where = f"gs://{settings.bucket}/{jobs.RUNS_PREFIX}/"
+    if job_exists(clients, settings):
+        raise UserError(
+            f"Job {settings.job} has no executions yet, and {where} holds no earlier run.",
+            "Start one with `gemma-launch run`.",
+        )
+    raise nothing_at_all(settings)
+
+
+def nothing_at_all(settings: Settings) -> UserError:
+    """The error when the job does not exist and the bucket keeps no run of it either."""
+    return UserError(
+        f"Job {settings.job} does not exist in {settings.region}, and gs://{settings.bucket}/"
+        f"{jobs.RUNS_PREFIX}/ holds no earlier run.",
+        "Run `gemma-launch up`, then `gemma-launch run` (give --bucket if `up` used another bucket).",
+    )
+
+
+def nothing_left(clients: Clients, settings: Settings, execution: str, logs: bool = False) -> UserError:
+    """The error for an execution of which neither Cloud Run, the bucket nor (`logs`) Cloud Logging
+    holds anything: most likely a mistyped name."""
+    short = executions.short_name(execution)
+    places = f"job {settings.job}'s executions, gs://{settings.bucket}/{prefix(execution)}/"
+    places += " and Cloud Logging" if logs else ""
+    recent = [short_name for short_name in _recent(clients, settings) if short_name != short][:5]
+    listed = f"Recent runs, newest first: {', '.join(recent)}; " if recent else ""
+    return UserError(
+        f"Execution {short} is nowhere to be found: looked in {places}.",
+        f"{listed}`gemma-launch status` lists the job's executions and the runs the bucket keeps "
+        "(give --bucket if `up` used another).",
+    )
+
+
+def _recent(clients: Clients, settings: Settings) -> list[str]:
+    names = []
+    if job_exists(clients, settings):
+        names = [executions.short_name(e.name) for e in executions.list_executions(clients, settings, 5)]
+    return list(dict.fromkeys([*names, *(run.name for run in kept(clients, settings))]))
+
+
+def show_log(
+    clients: Clients,
+    settings: Settings,
+    found: Found,
+    emit: Callable[[logs.Line], None],
+    task: int | None = None,
+) -> int:
+    """Emit the log lines Cloud Logging keeps of an execution whose record is gone (they are found by
+    its name's label, which needs no record); how many. One that neither the bucket nor Cloud Logging
+    holds anything of is the UserError that names where it was looked for."""
+    count = executions.show_log(clients, settings, found.name, emit, task)
+    if not count and kept_one(clients, settings, found.name) is None:
+        raise nothing_left(clients, settings, found.name, logs=True)
+    return count
+
+
+def succeeded(clients: Clients, settings: Settings, execution: str) -> bool:
+    """Whether the bucket says the run succeeded: it wrote its results (a sweep: every task that wrote
+    any, and none recorded a failure)."""
+    run = kept_one(clients, settings, execution)
+    return run is not None and run.state == "Succeeded"
+
+
+# Cloud Run keeps the record of a job's last 1,000 executions (https://cloud.google.com/run/docs/execute/jobs).
+RECORDS_KEPT = 1000
+
+
+def without_record(clients: Clients, settings: Settings, job_exists_now: bool) -> list[Kept]:
+    """The runs the bucket keeps that the job has no record of (made before `down`), newest first."""
+    recorded = set()
+    if job_exists_now:
+        listed = executions.list_executions(clients, settings, RECORDS_KEPT)
+        recorded = {executions.short_name(execution.name) for execution in listed}
+    return [run for run in kept(clients, settings) if run.name not in recorded]

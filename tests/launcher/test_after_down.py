@@ -1,0 +1,191 @@
+"""What a user reads of past executions once `down` deleted the job (and their records with it), and once
+`up` made the job again: results, report, logs, status and cancel, from the bucket and Cloud Logging.
+
+Real clients, the emulator, the CLI as a user runs it; the job runs a stand-in trainer (as tests/launcher/
+test_down.py does)."""
+
+from __future__ import annotations
+
+import json
+import re
+import textwrap
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from launcher import past_runs
+from launcher.cli import main
+from launcher.settings_sources import load_settings
+from tests.support.image_source import image_source
+
+PROJECT = "demo-project"
+TOKEN = "hf_after_down_test_token_0123456789ab"
+BUCKET = f"{PROJECT}-gemma3-finetuning"
+
+# Writes results and logs a line; with --seed 7 it stops as the trainer does on an error a retry cannot
+# fix: failure.json (trainer/failure.py) and exit 2.
+STAND_IN = textwrap.dedent(
+    """
+    import json, os, pathlib, sys
+
+    flags = dict(zip(*[iter(sys.argv[1:])] * 2))
+    out = pathlib.Path(flags["--output-dir"]) / os.environ["CLOUD_RUN_EXECUTION"]
+    out.mkdir(parents=True, exist_ok=True)
+    if flags.get("--seed") == "7":
+        failure = {"error": "image 12 cannot be decoded.", "hint": "Remove it from the dataset."}
+        (out / "failure.json").write_text(json.dumps(failure))
+        print("Error: image 12 cannot be decoded.", flush=True)
+        sys.exit(2)
+    print("stand-in trained on every pet", flush=True)
+    results = {"baseline": {"accuracy": 0.1, "macro_f1": 0.05}, "final": {"accuracy": 0.8, "macro_f1": 0.75}}
+    (out / "results.json").write_text(json.dumps(results))
+    """
+)
+
+
+@pytest.fixture
+def project_dir(tmp_path: Path) -> Path:
+    return image_source(tmp_path / "stand-in", ["python", "trainer.py"], {"trainer.py": STAND_IN})
+
+
+@pytest.fixture
+def env(local, monkeypatch):
+    monkeypatch.setenv("PROJECT_ID", PROJECT)
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    return local
+
+
+def cli(*args: str):
+    return CliRunner().invoke(main, list(args))
+
+
+def up(project_dir: Path) -> None:
+    result = cli("up", "--skip-stage", "--source", str(project_dir), "--max-retries", "0")
+    assert result.exit_code == 0, result.output
+
+
+def execution_of(output: str) -> str:
+    return re.search(r"Execution (\S+) (?:succeeded|failed)", output).group(1)
+
+
+@pytest.mark.slow
+def test_after_down_and_after_up_again_past_runs_are_read_from_the_bucket_and_cloud_logging(env, project_dir):
+    up(project_dir)
+    failed_run = cli("run", "--set", "seed=7", "--follow")
+    assert failed_run.exit_code == 2, failed_run.output
+    failed = execution_of(failed_run.output)
+    good_run = cli("run", "--follow")
+    assert good_run.exit_code == 0, good_run.output
+    good = execution_of(good_run.output)
+    assert cli("down").exit_code == 0
+
+    gone = (
+        f"execution record gone (job gemma3-finetuning-job deleted); results from gs://{BUCKET}/runs/{good}/"
+    )
+    newest = cli("results")  # the newest run the bucket keeps
+    assert newest.exit_code == 0, newest.output
+    assert newest.output.splitlines()[0] == f"Execution {good}: {gone}"
+    assert "Accuracy" in newest.output and "80.0%" in newest.output and "+70.0 pp" in newest.output
+    as_json = json.loads(cli("results", good, "--json").output)
+    assert as_json["final"]["accuracy"] == 0.8
+    assert as_json["execution_record"] is False and as_json["cost_usd"] is None
+
+    no_results = cli("results", failed)
+    assert no_results.exit_code == 2
+    assert "Error: Execution " + failed + " failed, so it has no results" in no_results.output
+    assert "image 12 cannot be decoded" in no_results.output
+    assert "Hint: Remove it from the dataset." in no_results.output
+
+    page = cli("report", good)
+    assert page.exit_code == 0, page.output
+    assert "execution record gone (job gemma3-finetuning-job deleted)" in page.output
+    assert Path(f"report-{good}.html").is_file()
+
+    log = cli("logs", good)
+    assert log.exit_code == 0, log.output
+    assert "[task 0] stand-in trained on every pet" in log.stdout
+    assert "execution record gone" in log.stderr and "its log from Cloud Logging" in log.stderr
+    assert cli("logs", failed, "--follow").exit_code == 1  # its exit status: how the bucket says it ended
+    assert cli("logs", good, "--follow").exit_code == 0
+
+    status = cli("status", "--json")
+    assert status.exit_code == 0, status.output
+    rows = {row["execution"]: row for row in json.loads(status.output)}
+    assert {name: (row["state"], row["execution_record"]) for name, row in rows.items()} == {
+        good: ("Succeeded", False),
+        failed: ("Failed", False),
+    }
+    table = cli("status")
+    assert "Job gemma3-finetuning-job does not exist in europe-west4" in table.output
+    assert "execution record gone (job gemma3-finetuning-job deleted)" in table.output
+
+    cancel = cli("cancel", good)
+    assert cancel.exit_code == 0 and "nothing to cancel" in cancel.output
+    typo = cli("results", "gemma3-finetuning-job-typo1")
+    assert typo.exit_code == 2
+    assert "Error: Execution gemma3-finetuning-job-typo1 is nowhere to be found" in typo.output
+    assert f"gs://{BUCKET}/runs/gemma3-finetuning-job-typo1/" in typo.output
+    assert f"Recent runs, newest first: {good}, {failed}" in typo.output
+
+    # A job made again has none of the old executions: the bucket still has their runs.
+    up(project_dir)
+    again = cli("results")
+    assert again.exit_code == 0, again.output
+    assert (
+        f"Execution {good}: execution record gone (job gemma3-finetuning-job made again since)"
+        in again.output
+    )
+    assert "stand-in trained on every pet" in cli("logs").stdout
+    status = cli("status")
+    assert "has no executions yet" in status.output and good in status.output and failed in status.output
+
+    # Its own executions come first again, with their records.
+    assert cli("run", "--follow").exit_code == 0
+    latest = json.loads(cli("results", "--json").output)
+    assert latest["execution_record"] is True
+    rows = json.loads(cli("status", "--json").output)
+    assert [row["execution_record"] for row in rows] == [True, False, False]
+    assert [row["execution"] for row in rows][1:] == [good, failed]
+
+
+def test_with_no_job_and_no_run_in_the_bucket_each_command_says_where_it_looked(env):
+    for args in (["status"], ["results"], ["report"], ["logs"]):
+        result = cli(*args)
+        assert result.exit_code == 2, (args, result.output)
+        assert result.output.splitlines() == [
+            "Error: Job gemma3-finetuning-job does not exist in europe-west4, and "
+            f"gs://{BUCKET}/runs/ holds no earlier run.",
+            "Hint: Run `gemma-launch up`, then `gemma-launch run` (give --bucket if `up` used another "
+            "bucket).",
+        ]
+    named = cli("logs", "gemma3-finetuning-job-abcde")
+    assert named.exit_code == 2
+    assert "looked in job gemma3-finetuning-job's executions, gs://" in named.output
+    assert "and Cloud Logging" in named.output
+
+
+def test_the_bucket_lists_its_runs_newest_first_with_the_state_their_files_say(env):
+    clients = env.clients(PROJECT)
+    bucket = clients.storage.create_bucket(clients.storage.bucket(BUCKET), location="europe-west4")
+    for name in (
+        "runs/run-a/results.json",
+        "runs/run-a/adapter_model.safetensors",
+        "runs/run-b/failure.json",
+        "runs/sweep-c/task-0/results.json",
+        "runs/sweep-c/task-2/results.json",
+        "runs/run-d/checkpoint-10/trainer_state.json",
+        "runs/.cache/warm-start/k/results.json",
+    ):
+        bucket.blob(name).upload_from_string("{}")
+    settings = load_settings(flags={"project_id": PROJECT})
+
+    kept = past_runs.kept(clients, settings)
+    assert [(run.name, run.state, run.tasks_with_results) for run in kept] == [
+        ("sweep-c", "Succeeded", (0, 2)),
+        ("run-b", "Failed", ()),
+        ("run-a", "Succeeded", ()),
+    ]
+    # A run that wrote neither file yet is still the bucket's: how it ended is unknown.
+    assert past_runs.kept_one(clients, settings, "run-d").state == "Unknown"
+    assert past_runs.kept_one(clients, settings, "run-e") is None
