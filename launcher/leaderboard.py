@@ -13,13 +13,14 @@ from typing import Any
 
 from google.cloud import run_v2
 
-from launcher import cost, executions
+from launcher import cost, executions, past_runs
 from launcher import results as run_results
 from launcher.cloud import Clients
 from launcher.errors import UserError
 from launcher.settings import Settings
-from launcher.sweep import Grid, grid_of
+from launcher.sweep import GRID_FLAG, Grid, grid_of
 from trainer import flags
+from trainer import sweep as trainer_sweep
 
 # Trainer flags that say where a run reads and writes, or are gemma-launch's own: not what makes two
 # runs' results differ.
@@ -91,8 +92,51 @@ def leaderboard(clients: Clients, settings: Settings, execution: run_v2.Executio
                 execution=executions.short_name(execution.name),
             )
         )
+    return _best_first(entries)
+
+
+def _best_first(entries: list[Entry]) -> list[Entry]:
     return sorted(
         entries, key=lambda entry: (not entry.final, [-value for value in entry.ranked], entry.task)
+    )
+
+
+def kept_combinations(results: dict[str, Any]) -> list[dict[str, str]]:
+    """The combinations of the sweep a task's results.json came from, in task order, read from the
+    --sweep-grid it records among its flags; none when it was no sweep's."""
+    grid = results.get("settings", {}).get("flags", {}).get(GRID_FLAG)
+    try:
+        return Grid(trainer_sweep.parse_grid(grid)).combinations() if isinstance(grid, str) else []
+    except ValueError:
+        return []
+
+
+def kept_sweep(clients: Clients, settings: Settings, execution: str) -> list[Entry] | None:
+    """The leaderboard of a sweep whose execution record is gone (its job deleted), from what its tasks
+    wrote to the bucket: a row per combination of the grid their results.json records, Succeeded where
+    the task wrote results, else Unknown; durations and costs went with the record. None when the
+    bucket keeps no sweep of that name."""
+    kept = past_runs.kept_one(clients, settings, execution)
+    if kept is None or not kept.tasks_with_results:
+        return None
+    written = {
+        index: run_results.read_json(clients, settings, f"{task_prefix(execution, index)}/results.json") or {}
+        for index in kept.tasks_with_results
+    }
+    combinations = next((found for found in map(kept_combinations, written.values()) if found), [])
+    indices = sorted({*range(len(combinations)), *written})
+    return _best_first(
+        [
+            Entry(
+                label=f"task {index}",
+                settings=combinations[index] if index < len(combinations) else {},
+                state="Succeeded" if index in written else "Unknown",
+                baseline=written.get(index, {}).get("baseline", {}),
+                final=written.get(index, {}).get("final", {}),
+                task=index,
+            )
+            for index in indices
+        ]
     )
 
 
@@ -115,7 +159,10 @@ def compare(clients: Clients, settings: Settings, names: list[str]) -> list[Entr
     defaults count too."""
     columns: list[tuple[Entry, dict[str, Any]]] = []
     for name in names:
-        execution = executions.get_execution(clients, settings, name)
+        execution = past_runs.record(clients, settings, name)
+        if execution is None:
+            columns.append(_kept_column(clients, settings, name))
+            continue
         args = list(execution.template.containers[0].args)
         short = executions.short_name(name)
         grid = grid_of(execution)
@@ -172,6 +219,37 @@ def compare(clients: Clients, settings: Settings, names: list[str]) -> list[Entr
         )
         for entry, found in columns
     ]
+
+
+def _kept_column(clients: Clients, settings: Settings, name: str) -> tuple[Entry, dict[str, Any]]:
+    """An execution whose record is gone (its job deleted), compared from what it wrote: its results.json
+    (a sweep's: its best task's), whose flags are the arguments it ran with; no duration or cost, which
+    went with the record."""
+    short = executions.short_name(name)
+    rows = kept_sweep(clients, settings, name)
+    if rows is None:
+        found = run_results.load(clients, settings, name)
+        if found is None:
+            raise run_results.no_results(clients, settings, name)
+        entry = Entry(short, {}, "Succeeded", found.get("baseline", {}), found.get("final", {}))
+    else:
+        best = rows[0]
+        found = run_results.read_json(clients, settings, f"{task_prefix(name, best.task or 0)}/results.json")
+        entry = Entry(f"{short} ({best.label})", {}, best.state, best.baseline, best.final)
+    recorded = (found or {}).get("settings", {}).get("flags", {})
+    try:
+        args = [
+            arg
+            for key, value in recorded.items()
+            if value is not None and key not in NOT_COMPARED
+            for arg in flags.setting_argv(key, value)
+        ]
+    except flags.FlagError as error:
+        raise UserError(
+            f"Execution {short} ran with trainer settings this gemma-launch cannot read: {error.message}.",
+            "Compare it with the gemma-launch that started it, or leave it out.",
+        ) from None
+    return entry, _flags(args, short)
 
 
 def _shown(value: Any) -> str:

@@ -198,24 +198,33 @@ def nothing_at_all(settings: Settings) -> UserError:
 
 def nothing_left(clients: Clients, settings: Settings, execution: str, logs: bool = False) -> UserError:
     """The error for an execution of which neither Cloud Run, the bucket nor (`logs`) Cloud Logging
-    holds anything: most likely a mistyped name."""
+    holds anything: most likely a mistyped name. The hint names the executions and runs there are."""
     short = executions.short_name(execution)
-    places = f"job {settings.job}'s executions, gs://{settings.bucket}/{prefix(execution)}/"
-    places += " and Cloud Logging" if logs else ""
-    recent = [short_name for short_name in _recent(clients, settings) if short_name != short][:5]
-    listed = f"Recent runs, newest first: {', '.join(recent)}; " if recent else ""
+    exists = job_exists(clients, settings)
+    where = f"gs://{settings.bucket}/{prefix(execution)}/"
+    nor = "; nor does Cloud Logging hold a line of it" if logs else ""
+    recorded = []
+    if exists:
+        recorded = [executions.short_name(e.name) for e in executions.list_executions(clients, settings, 5)]
+    others = [run.name for run in kept(clients, settings) if run.name not in recorded][:5]
+    hints = []
+    if recorded:
+        hints.append(
+            f"The job's recent executions, newest first: {', '.join(recorded)} (`gemma-launch status` shows "
+            "their states); leave EXECUTION out for the newest."
+        )
+    if others:
+        hints.append(f"Runs the bucket keeps without a record, newest first: {', '.join(others)}.")
+    if not hints:
+        hints.append(
+            "Start one with `gemma-launch run`."
+            if exists
+            else "Run `gemma-launch up`, then `gemma-launch run` (give --bucket if `up` used another bucket)."
+        )
+    job = f"job {settings.job}" if exists else f"job {settings.job} (which does not exist now)"
     return UserError(
-        f"Execution {short} is nowhere to be found: looked in {places}.",
-        f"{listed}`gemma-launch status` lists the job's executions and the runs the bucket keeps "
-        "(give --bucket if `up` used another).",
+        f"Execution {short} of {job} does not exist, and {where} holds nothing of it{nor}.", " ".join(hints)
     )
-
-
-def _recent(clients: Clients, settings: Settings) -> list[str]:
-    names = []
-    if job_exists(clients, settings):
-        names = [executions.short_name(e.name) for e in executions.list_executions(clients, settings, 5)]
-    return list(dict.fromkeys([*names, *(run.name for run in kept(clients, settings))]))
 
 
 def show_log(

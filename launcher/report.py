@@ -55,8 +55,10 @@ def pages(clients: Clients, settings: Settings, execution: str) -> list[dict[str
         prefix = run_results.run_prefix(execution)
         return [_page(clients, settings, prefix, results, executions.short_name(execution))]
     found = past_runs.record(clients, settings, execution)
-    grid = sweep.grid_of(found) if found is not None else None
-    if found is None or grid is None:
+    if found is None:
+        return _kept_pages(clients, settings, execution)
+    grid = sweep.grid_of(found)
+    if grid is None:
         return [run_page(clients, settings, execution)]
     elsewhere = run_results.other_bucket(settings, found)
     if elsewhere is not None:
@@ -76,6 +78,33 @@ def pages(clients: Clients, settings: Settings, execution: str) -> list[dict[str
             "what one did.",
         )
     return tasks
+
+
+def _kept_pages(clients: Clients, settings: Settings, execution: str) -> list[dict[str, Any]]:
+    """The pages of an execution whose record is gone (its job deleted): a sweep's, a page per task that
+    wrote results, named by the combination its results.json records; else the run's, or why it has none."""
+    kept = past_runs.kept_one(clients, settings, execution)
+    if kept is None or not kept.tasks_with_results:
+        return [run_page(clients, settings, execution)]
+    short = executions.short_name(execution)
+    tasks = []
+    for index in kept.tasks_with_results:
+        prefix = leaderboard.task_prefix(execution, index)
+        results = run_results.read_json(clients, settings, f"{prefix}/results.json")
+        if results is not None:
+            combinations = leaderboard.kept_combinations(results)
+            combination = combinations[index] if index < len(combinations) else {}
+            shown = ", ".join(f"{key}={value}" for key, value in combination.items())
+            tasks.append(
+                _page(
+                    clients,
+                    settings,
+                    prefix,
+                    results,
+                    f"{short} task {index}" + (f" ({shown})" if shown else ""),
+                )
+            )
+    return tasks or [run_page(clients, settings, execution)]
 
 
 def write(clients: Clients, settings: Settings, names: list[str], out_dir: Path) -> Path:

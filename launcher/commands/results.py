@@ -53,6 +53,15 @@ def results(settings: Settings, names: tuple[str, ...], as_json: bool) -> None:
         _render_entries(f"Sweep {executions.short_name(name)}", rows, as_json)
         return
     found = run_results.load(clients, settings, name)
+    kept_sweep = (
+        leaderboard.kept_sweep(clients, settings, name) if execution is None and found is None else None
+    )
+    if kept_sweep is not None:
+        if not as_json:
+            source = f"its tasks' results from {looked_up[name].outputs_url(settings)}"
+            console.print(looked_up[name].note(source), markup=False, soft_wrap=True)
+        _render_entries(f"Sweep {executions.short_name(name)}", kept_sweep, as_json)
+        return
     if found is None:
         raise run_results.no_results(clients, settings, name)
     places = run_results.outputs(clients, settings, name)

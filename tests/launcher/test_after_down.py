@@ -122,11 +122,13 @@ def test_after_down_and_after_up_again_past_runs_are_read_from_the_bucket_and_cl
 
     cancel = cli("cancel", good)
     assert cancel.exit_code == 0 and "nothing to cancel" in cancel.output
-    typo = cli("results", "gemma3-finetuning-job-typo1")
+    typo = cli("results", "typo1")
     assert typo.exit_code == 2
-    assert "Error: Execution gemma3-finetuning-job-typo1 is nowhere to be found" in typo.output
-    assert f"gs://{BUCKET}/runs/gemma3-finetuning-job-typo1/" in typo.output
-    assert f"Recent runs, newest first: {good}, {failed}" in typo.output
+    assert typo.output.splitlines() == [
+        "Error: Execution typo1 of job gemma3-finetuning-job (which does not exist now) "
+        f"does not exist, and gs://{BUCKET}/runs/typo1/ holds nothing of it.",
+        f"Hint: Runs the bucket keeps without a record, newest first: {good}, {failed}.",
+    ]
 
     # A job made again has none of the old executions: the bucket still has their runs.
     up(project_dir)
@@ -159,10 +161,13 @@ def test_with_no_job_and_no_run_in_the_bucket_each_command_says_where_it_looked(
             "Hint: Run `gemma-launch up`, then `gemma-launch run` (give --bucket if `up` used another "
             "bucket).",
         ]
-    named = cli("logs", "gemma3-finetuning-job-abcde")
+    named = cli("logs", "abcde")
     assert named.exit_code == 2
-    assert "looked in job gemma3-finetuning-job's executions, gs://" in named.output
-    assert "and Cloud Logging" in named.output
+    assert named.output.splitlines()[0] == (
+        "Error: Execution abcde of job gemma3-finetuning-job (which does not exist now) "
+        f"does not exist, and gs://{BUCKET}/runs/abcde/ holds nothing of it; nor does "
+        "Cloud Logging hold a line of it."
+    )
 
 
 def test_the_bucket_lists_its_runs_newest_first_with_the_state_their_files_say(env):
@@ -189,3 +194,51 @@ def test_the_bucket_lists_its_runs_newest_first_with_the_state_their_files_say(e
     # A run that wrote neither file yet is still the bucket's: how it ended is unknown.
     assert past_runs.kept_one(clients, settings, "run-d").state == "Unknown"
     assert past_runs.kept_one(clients, settings, "run-e") is None
+
+
+def test_a_sweep_whose_record_is_gone_is_ranked_and_reported_from_its_tasks_results(env):
+    clients = env.clients(PROJECT)
+    bucket = clients.storage.create_bucket(clients.storage.bucket(BUCKET), location="europe-west4")
+    flags = {"sweep-grid": "learning-rate=1e-4,2e-4,5e-4", "seed": 42}
+    for index, accuracy in ((0, 0.6), (1, 0.9)):  # task 2 wrote nothing
+        results = {
+            "baseline": {"accuracy": 0.1, "macro_f1": 0.1, "unknown_rate": 0.0},
+            "final": {"accuracy": accuracy, "macro_f1": accuracy - 0.05, "unknown_rate": 0.0},
+            "settings": {"flags": flags},
+        }
+        bucket.blob(f"runs/sweep-x/task-{index}/results.json").upload_from_string(json.dumps(results))
+
+    shown = cli("results", "sweep-x", "--json")
+    assert shown.exit_code == 0, shown.output
+    assert [(row["label"], row["settings"], row["state"]) for row in json.loads(shown.output)] == [
+        ("task 1", {"learning-rate": "2e-4"}, "Succeeded"),
+        ("task 0", {"learning-rate": "1e-4"}, "Succeeded"),
+        ("task 2", {"learning-rate": "5e-4"}, "Unknown"),
+    ]
+    table = cli("results", "sweep-x")
+    assert table.exit_code == 0, table.output
+    assert table.output.splitlines()[0] == (
+        "Execution sweep-x: execution record gone (job gemma3-finetuning-job deleted); its tasks' results "
+        f"from gs://{BUCKET}/runs/sweep-x/"
+    )
+    assert "Sweep sweep-x" in table.output and "10.0% -> 90.0%" in table.output
+
+    run = {
+        "baseline": {"accuracy": 0.1, "macro_f1": 0.1, "unknown_rate": 0.0},
+        "final": {"accuracy": 0.7, "macro_f1": 0.6, "unknown_rate": 0.0},
+        "settings": {"flags": {"learning-rate": 1e-3, "seed": 42, "output-dir": "/mnt/gcs/runs"}},
+    }
+    bucket.blob("runs/run-y/results.json").upload_from_string(json.dumps(run))
+    compared = cli("results", "sweep-x", "run-y", "--json")
+    assert compared.exit_code == 0, compared.output
+    assert [
+        (row["label"], row["settings"], row["final"]["accuracy"]) for row in json.loads(compared.output)
+    ] == [
+        ("sweep-x (task 1)", {"learning-rate": "0.0002"}, 0.9),
+        ("run-y", {"learning-rate": "0.001"}, 0.7),
+    ]
+
+    page = cli("report", "sweep-x")
+    assert page.exit_code == 0, page.output
+    html = Path("report-sweep-x.html").read_text()
+    assert "sweep-x task 1 (learning-rate=2e-4)" in html and "sweep-x task 0 (learning-rate=1e-4)" in html

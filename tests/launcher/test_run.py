@@ -276,7 +276,10 @@ def test_an_unknown_execution_is_an_error_that_lists_the_recent_ones(env, projec
     for command in ("logs", "results", "cancel", "report"):
         result = cli(command, "does-not-exist")
         assert result.exit_code == 2, (command, result.output)
-        assert "Error: Execution does-not-exist of job gemma3-finetuning-job does not exist." in result.output
+        assert (
+            "Error: Execution does-not-exist of job gemma3-finetuning-job does not exist, and "
+            "gs://demo-project-gemma3-finetuning/runs/does-not-exist/ holds nothing of it"
+        ) in result.output
         assert "Hint: Start one with `gemma-launch run`." in result.output
     assert cli("run", "--follow").exit_code == 0
     (row,) = json.loads(cli("status", "--json").output)

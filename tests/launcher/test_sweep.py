@@ -396,7 +396,7 @@ def test_results_compares_executions_by_the_settings_that_differ(env, tmp_path):
     unknown = cli("results", names[0], "nope")
     assert (
         unknown.exit_code == 2
-        and "Error: Execution nope of job gemma3-finetuning-job does not exist." in (unknown.output)
+        and "Error: Execution nope of job gemma3-finetuning-job does not exist, and gs://" in (unknown.output)
     )
 
 
