@@ -78,16 +78,6 @@ def short_name(execution: str) -> str:
     return execution.rsplit("/", 1)[-1]
 
 
-def execution_name(clients: Clients, settings: Settings, execution: str | None) -> str:
-    """The full name of an existing execution given by short id or full name, or the job's newest."""
-    if not execution:
-        for found in list_executions(clients, settings, limit=1):
-            return found.name
-        raise UserError(f"Job {settings.job} has no executions yet.", "Start one with `gemma-launch run`.")
-    name = execution if execution.startswith("projects/") else f"{settings.job_name}/executions/{execution}"
-    return get_execution(clients, settings, name).name
-
-
 def get_execution(clients: Clients, settings: Settings, name: str) -> run_v2.Execution:
     """The execution; one that does not exist is a UserError that lists the job's recent ones."""
     try:

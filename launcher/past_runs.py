@@ -10,6 +10,7 @@ Cloud Logging and Cloud Monitoring", https://cloud.google.com/run/docs/execute/j
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
@@ -59,7 +60,7 @@ class Found:
 
     name: str  # the full name, projects/.../executions/<short>
     execution: run_v2.Execution | None
-    gone: str = ""  # why there is no record: "job ... deleted" or "job ... made again since"
+    gone: str = ""  # why there is no record: "job ... deleted" or "job ... keeps no record of it"
 
     @property
     def short(self) -> str:
@@ -90,13 +91,16 @@ def job_exists(clients: Clients, settings: Settings) -> bool:
 
 
 def why_gone(clients: Clients, settings: Settings) -> str:
+    # A job that exists may have been made again by `up` since, or may have outlived the record: Cloud
+    # Run keeps those of its last 1,000 executions and of every one from the last seven days.
     if job_exists(clients, settings):
-        return f"job {settings.job} made again since"
+        return f"job {settings.job} keeps no record of it"
     return f"job {settings.job} deleted"
 
 
 def record(clients: Clients, settings: Settings, execution: str) -> run_v2.Execution | None:
-    """Cloud Run's record of the execution, or None when it has none (its job was deleted)."""
+    """Cloud Run's record of the execution, or None when it has none (its job was deleted, or it is
+    older than the records Cloud Run keeps)."""
     try:
         return clients.executions.get_execution(name=full_name(settings, execution), retry=RETRY)
     except exceptions.NotFound:
@@ -104,21 +108,27 @@ def record(clients: Clients, settings: Settings, execution: str) -> run_v2.Execu
 
 
 def kept(clients: Clients, settings: Settings) -> list[Kept]:
-    """The runs whose results.json or failure.json the bucket holds, newest first; none when the bucket
-    itself is gone (`down --delete-bucket`)."""
+    """The job's runs whose results.json or failure.json the bucket holds, newest first; none when the
+    bucket itself is gone (`down --delete-bucket`). A run is the job's by its name: Cloud Run names an
+    execution after its job, `<job>-` and five letters or digits (CLOUD_RUN_EXECUTION,
+    https://cloud.google.com/run/docs/container-contract#jobs-env-vars), so another job sharing the
+    bucket (or `.cache/`, the warm start) is left out."""
+    ours = re.compile(rf"{re.escape(settings.job)}-[a-z0-9]+")
+    runs = [run for run in _listed(clients, settings, f"{jobs.RUNS_PREFIX}/") if ours.fullmatch(run.name)]
+    return sorted(runs, key=lambda run: run.written.timestamp() if run.written else 0.0, reverse=True)
+
+
+def _listed(clients: Clients, settings: Settings, under: str) -> list[Kept]:
     found: dict[str, list[tuple[str, datetime | None]]] = {}
     try:
-        blobs = clients.storage.list_blobs(
-            settings.bucket, prefix=f"{jobs.RUNS_PREFIX}/", match_glob=ENDINGS, retry=RETRY
-        )
-        for blob in blobs:
+        for blob in clients.storage.list_blobs(
+            settings.bucket, prefix=under, match_glob=ENDINGS, retry=RETRY
+        ):
             name, _, rest = blob.name.removeprefix(f"{jobs.RUNS_PREFIX}/").partition("/")
-            if not name.startswith("."):  # .cache/: the warm start, no run's
-                found.setdefault(name, []).append((rest, blob.updated))
+            found.setdefault(name, []).append((rest, blob.updated))
     except exceptions.NotFound:
         return []
-    runs = [_kept(name, files) for name, files in found.items()]
-    return sorted(runs, key=lambda run: run.written.timestamp() if run.written else 0.0, reverse=True)
+    return [_kept(name, files) for name, files in found.items()]
 
 
 def _kept(name: str, files: list[tuple[str, datetime | None]]) -> Kept:
@@ -139,10 +149,11 @@ def _kept(name: str, files: list[tuple[str, datetime | None]]) -> Kept:
 
 
 def kept_one(clients: Clients, settings: Settings, execution: str) -> Kept | None:
-    """What the bucket keeps of one run, or None when it holds nothing under its directory."""
-    for run in kept(clients, settings):
-        if run.name == executions.short_name(execution):
-            return run
+    """What the bucket keeps of one run, whatever its name, or None when it holds nothing under its
+    directory."""
+    found = next(iter(_listed(clients, settings, f"{prefix(execution)}/")), None)
+    if found is not None:
+        return found
     if _holds_anything(clients, settings, execution):
         return Kept(executions.short_name(execution), "Unknown", None, ())
     return None
@@ -172,14 +183,15 @@ def find(clients: Clients, settings: Settings, execution: str | None, *, logs_to
         if logs_too or kept_one(clients, settings, name) is not None:
             return Found(name, None, why_gone(clients, settings))
         raise nothing_left(clients, settings, name)
-    if job_exists(clients, settings):
+    exists = job_exists(clients, settings)
+    if exists:
         for newest in executions.list_executions(clients, settings, limit=1):
             return Found(newest.name, newest)
     runs = kept(clients, settings)
     if runs:
         return Found(full_name(settings, runs[0].name), None, why_gone(clients, settings))
     where = f"gs://{settings.bucket}/{jobs.RUNS_PREFIX}/"
-    if job_exists(clients, settings):
+    if exists:
         raise UserError(
             f"Job {settings.job} has no executions yet, and {where} holds no earlier run.",
             "Start one with `gemma-launch run`.",
@@ -250,7 +262,8 @@ def succeeded(clients: Clients, settings: Settings, execution: str) -> bool:
     return run is not None and run.state == "Succeeded"
 
 
-# Cloud Run keeps the record of a job's last 1,000 executions (https://cloud.google.com/run/docs/execute/jobs).
+# Cloud Run keeps the record of a job's last 1,000 executions, and of every one from the last seven days
+# (https://cloud.google.com/run/docs/execute/jobs).
 RECORDS_KEPT = 1000
 
 

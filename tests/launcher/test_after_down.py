@@ -135,7 +135,7 @@ def test_after_down_and_after_up_again_past_runs_are_read_from_the_bucket_and_cl
     again = cli("results")
     assert again.exit_code == 0, again.output
     assert (
-        f"Execution {good}: execution record gone (job gemma3-finetuning-job made again since)"
+        f"Execution {good}: execution record gone (job gemma3-finetuning-job keeps no record of it)"
         in again.output
     )
     assert "stand-in trained on every pet" in cli("logs").stdout
@@ -173,27 +173,30 @@ def test_with_no_job_and_no_run_in_the_bucket_each_command_says_where_it_looked(
 def test_the_bucket_lists_its_runs_newest_first_with_the_state_their_files_say(env):
     clients = env.clients(PROJECT)
     bucket = clients.storage.create_bucket(clients.storage.bucket(BUCKET), location="europe-west4")
+    job = "gemma3-finetuning-job"
     for name in (
-        "runs/run-a/results.json",
-        "runs/run-a/adapter_model.safetensors",
-        "runs/run-b/failure.json",
-        "runs/sweep-c/task-0/results.json",
-        "runs/sweep-c/task-2/results.json",
-        "runs/run-d/checkpoint-10/trainer_state.json",
+        f"runs/{job}-aaaaa/results.json",
+        f"runs/{job}-aaaaa/adapter_model.safetensors",
+        f"runs/{job}-bbbbb/failure.json",
+        f"runs/{job}-ccccc/task-0/results.json",
+        f"runs/{job}-ccccc/task-2/results.json",
+        f"runs/{job}-ddddd/checkpoint-10/trainer_state.json",
         "runs/.cache/warm-start/k/results.json",
+        "runs/other-job-eeeee/results.json",  # another job's, sharing the bucket
     ):
         bucket.blob(name).upload_from_string("{}")
     settings = load_settings(flags={"project_id": PROJECT})
 
     kept = past_runs.kept(clients, settings)
     assert [(run.name, run.state, run.tasks_with_results) for run in kept] == [
-        ("sweep-c", "Succeeded", (0, 2)),
-        ("run-b", "Failed", ()),
-        ("run-a", "Succeeded", ()),
+        (f"{job}-ccccc", "Succeeded", (0, 2)),
+        (f"{job}-bbbbb", "Failed", ()),
+        (f"{job}-aaaaa", "Succeeded", ()),
     ]
     # A run that wrote neither file yet is still the bucket's: how it ended is unknown.
-    assert past_runs.kept_one(clients, settings, "run-d").state == "Unknown"
-    assert past_runs.kept_one(clients, settings, "run-e") is None
+    assert past_runs.kept_one(clients, settings, f"{job}-ddddd").state == "Unknown"
+    assert past_runs.kept_one(clients, settings, f"{job}-zzzzz") is None
+    assert past_runs.kept_one(clients, settings, "other-job-eeeee").state == "Succeeded"  # named: found
 
 
 def test_a_sweep_whose_record_is_gone_is_ranked_and_reported_from_its_tasks_results(env):
