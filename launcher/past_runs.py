@@ -10,6 +10,7 @@ Cloud Logging and Cloud Monitoring", https://cloud.google.com/run/docs/execute/j
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -39,8 +40,9 @@ class Kept:
     written: datetime | None  # when the newest of those files was written
     tasks_with_results: tuple[int, ...]  # a sweep's tasks that wrote results.json; () for a run
 
-    def summary(self) -> dict[str, object]:
-        """As `status --json` shows an execution, with what the bucket cannot tell as None."""
+    def summary(self, why: str = "") -> dict[str, object]:
+        """As `status --json` shows an execution, with what the bucket cannot tell as None; `why`: the
+        error a failed run recorded."""
         return {
             "execution": self.name,
             "state": self.state,
@@ -50,7 +52,7 @@ class Kept:
             "retried": None,
             "started": None,
             "duration_s": None,
-            "why": "",
+            "why": why,
         }
 
 
@@ -274,3 +276,19 @@ def without_record(clients: Clients, settings: Settings, job_exists_now: bool) -
         listed = executions.list_executions(clients, settings, RECORDS_KEPT)
         recorded = {executions.short_name(execution.name) for execution in listed}
     return [run for run in kept(clients, settings) if run.name not in recorded]
+
+
+def summaries(clients: Clients, settings: Settings, runs: list[Kept]) -> list[dict[str, object]]:
+    """The runs as `status` shows them, a failed one with the error its trainer recorded in failure.json
+    (trainer/failure.py)."""
+    return [
+        run.summary(_failure(clients, settings, run.name) if run.state == "Failed" else "") for run in runs
+    ]
+
+
+def _failure(clients: Clients, settings: Settings, execution: str) -> str:
+    blob = clients.storage.bucket(settings.bucket).blob(f"{prefix(execution)}/failure.json")
+    try:
+        return str(json.loads(blob.download_as_bytes(retry=RETRY))["error"])
+    except (exceptions.NotFound, ValueError, KeyError, TypeError):
+        return ""

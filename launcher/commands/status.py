@@ -33,7 +33,10 @@ def status(settings: Settings, limit: int, as_json: bool) -> None:
         for execution, spent in zip(found, cost.actual_costs(clients, settings, found), strict=True)
     ]
     kept = past_runs.without_record(clients, settings, job_exists)[: limit - len(summaries)]
-    summaries += [{**run.summary(), "cost_usd": None, "execution_record": False} for run in kept]
+    summaries += [
+        {**row, "cost_usd": None, "execution_record": False}
+        for row in past_runs.summaries(clients, settings, kept)
+    ]
     if not job_exists and not kept:
         raise past_runs.nothing_at_all(settings)
     if as_json:

@@ -116,8 +116,10 @@ def test_after_down_and_after_up_again_past_runs_are_read_from_the_bucket_and_cl
         good: ("Succeeded", False),
         failed: ("Failed", False),
     }
+    assert rows[failed]["why"] == "image 12 cannot be decoded."  # what its trainer recorded
     table = cli("status")
     assert "Job gemma3-finetuning-job does not exist in europe-west4" in table.output
+    assert f"{failed} failed: image 12 cannot be decoded." in table.output
     assert "execution record gone (job gemma3-finetuning-job deleted)" in table.output
 
     cancel = cli("cancel", good)
