@@ -264,17 +264,9 @@ def succeeded(clients: Clients, settings: Settings, execution: str) -> bool:
     return run is not None and run.state == "Succeeded"
 
 
-# Cloud Run keeps the record of a job's last 1,000 executions, and of every one from the last seven days
-# (https://cloud.google.com/run/docs/execute/jobs).
-RECORDS_KEPT = 1000
-
-
-def without_record(clients: Clients, settings: Settings, job_exists_now: bool) -> list[Kept]:
-    """The runs the bucket keeps that the job has no record of (made before `down`), newest first."""
-    recorded = set()
-    if job_exists_now:
-        listed = executions.list_executions(clients, settings, RECORDS_KEPT)
-        recorded = {executions.short_name(execution.name) for execution in listed}
+def without_record(clients: Clients, settings: Settings, recorded: list[str]) -> list[Kept]:
+    """The runs the bucket keeps that are not among `recorded`, every execution the job has a record of
+    (as short names): those made before `down`, newest first."""
     return [run for run in kept(clients, settings) if run.name not in recorded]
 
 

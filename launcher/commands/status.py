@@ -32,7 +32,10 @@ def status(settings: Settings, limit: int, as_json: bool) -> None:
         {**executions.summary(execution), "cost_usd": spent, "execution_record": True}
         for execution, spent in zip(found, cost.actual_costs(clients, settings, found), strict=True)
     ]
-    kept = past_runs.without_record(clients, settings, job_exists)[: limit - len(summaries)]
+    # Fewer executions than the limit are all the job has: any other run in the bucket has no record.
+    room = limit - len(found)
+    recorded = [row["execution"] for row in summaries]
+    kept = past_runs.without_record(clients, settings, recorded)[:room] if room else []
     summaries += [
         {**row, "cost_usd": None, "execution_record": False}
         for row in past_runs.summaries(clients, settings, kept)
