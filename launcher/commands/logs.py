@@ -52,7 +52,10 @@ def logs_command(
 
     With --follow, the trainer's step lines show as a progress bar with the time left (on a terminal)
     or a line at each quarter of the steps; --verbose shows them all. With --task too, following ends
-    when that task has, and the exit status is that task's."""
+    when that task has, and the exit status is that task's.
+
+    After `down`, an execution whose record went with its job is still found in Cloud Logging, which
+    keeps its lines (30 days by default)."""
     clients = Clients(settings.project_id)
     found = past_runs.find(clients, settings, execution, logs_too=True)
     name = found.name

@@ -32,7 +32,8 @@ def report(settings: Settings, names: tuple[str, ...], out_dir: Path, open_page:
     """Write one self-contained HTML report of executions (default: the newest): the run and its settings,
     baseline vs fine-tuned, per-breed table, confusion heat map, training curve, gallery of mistakes;
     with several, or a sweep's tasks that wrote results, a leaderboard and a side-by-side comparison too.
-    It works offline."""
+    It works offline. After `down`, an execution whose record went with its job is read from the bucket,
+    which keeps its outputs."""
     clients = Clients(settings.project_id)
     looked_up = {
         one.name: one for one in (past_runs.find(clients, settings, name) for name in names or (None,))

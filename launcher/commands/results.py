@@ -35,7 +35,10 @@ def results(settings: Settings, names: tuple[str, ...], as_json: bool) -> None:
     \b
     For a sweep: its leaderboard, a row per task, best final accuracy first.
     With several executions: side by side, the trainer settings in which they differ and the metrics
-    (a sweep by its best task)."""
+    (a sweep by its best task).
+
+    After `down`, an execution whose record went with its job is read from the bucket, which keeps its
+    results."""
     clients = Clients(settings.project_id)
     # One named twice is shown once, as `report` does.
     looked_up = {
