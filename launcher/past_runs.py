@@ -192,22 +192,29 @@ def find(clients: Clients, settings: Settings, execution: str | None, *, logs_to
     runs = kept(clients, settings)
     if runs:
         return Found(full_name(settings, runs[0].name), None, why_gone(clients, settings))
-    where = f"gs://{settings.bucket}/{jobs.RUNS_PREFIX}/"
     if exists:
         raise UserError(
-            f"Job {settings.job} has no executions yet, and {where} holds no earlier run.",
+            f"Job {settings.job} has no executions yet, and {_no_runs(clients, settings)}.",
             "Start one with `gemma-launch run`.",
         )
-    raise nothing_at_all(settings)
+    raise nothing_at_all(clients, settings)
 
 
-def nothing_at_all(settings: Settings) -> UserError:
+def nothing_at_all(clients: Clients, settings: Settings) -> UserError:
     """The error when the job does not exist and the bucket keeps no run of it either."""
     return UserError(
-        f"Job {settings.job} does not exist in {settings.region}, and gs://{settings.bucket}/"
-        f"{jobs.RUNS_PREFIX}/ holds no earlier run.",
+        f"Job {settings.job} does not exist in {settings.region}, and {_no_runs(clients, settings)}.",
         "Run `gemma-launch up`, then `gemma-launch run` (give --bucket if `up` used another bucket).",
     )
+
+
+def _no_runs(clients: Clients, settings: Settings, execution: str = "") -> str:
+    """Why the bucket holds no run (of `execution`): it has none there, or it is gone itself."""
+    if clients.storage.lookup_bucket(settings.bucket, retry=RETRY) is None:
+        return f"bucket gs://{settings.bucket} does not exist (`down --delete-bucket` deletes it)"
+    if execution:
+        return f"gs://{settings.bucket}/{prefix(execution)}/ holds nothing of it"
+    return f"gs://{settings.bucket}/{jobs.RUNS_PREFIX}/ holds no earlier run"
 
 
 def nothing_left(clients: Clients, settings: Settings, execution: str, logs: bool = False) -> UserError:
@@ -215,7 +222,6 @@ def nothing_left(clients: Clients, settings: Settings, execution: str, logs: boo
     holds anything: most likely a mistyped name. The hint names the executions and runs there are."""
     short = executions.short_name(execution)
     exists = job_exists(clients, settings)
-    where = f"gs://{settings.bucket}/{prefix(execution)}/"
     nor = "; nor does Cloud Logging hold a line of it" if logs else ""
     recorded = []
     if exists:
@@ -237,7 +243,8 @@ def nothing_left(clients: Clients, settings: Settings, execution: str, logs: boo
         )
     job = f"job {settings.job}" if exists else f"job {settings.job} (which does not exist now)"
     return UserError(
-        f"Execution {short} of {job} does not exist, and {where} holds nothing of it{nor}.", " ".join(hints)
+        f"Execution {short} of {job} does not exist, and {_no_runs(clients, settings, execution)}{nor}.",
+        " ".join(hints),
     )
 
 

@@ -41,7 +41,7 @@ def status(settings: Settings, limit: int, as_json: bool) -> None:
         for row in past_runs.summaries(clients, settings, kept)
     ]
     if not job_exists and not kept:
-        raise past_runs.nothing_at_all(settings)
+        raise past_runs.nothing_at_all(clients, settings)
     if as_json:
         click.echo(json.dumps(summaries, indent=2))
         return

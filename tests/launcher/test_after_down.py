@@ -154,22 +154,27 @@ def test_after_down_and_after_up_again_past_runs_are_read_from_the_bucket_and_cl
 
 
 def test_with_no_job_and_no_run_in_the_bucket_each_command_says_where_it_looked(env):
+    hint = "Hint: Run `gemma-launch up`, then `gemma-launch run` (give --bucket if `up` used another bucket)."
+    no_job = "Error: Job gemma3-finetuning-job does not exist in europe-west4, and "
     for args in (["status"], ["results"], ["report"], ["logs"]):
         result = cli(*args)
         assert result.exit_code == 2, (args, result.output)
         assert result.output.splitlines() == [
-            "Error: Job gemma3-finetuning-job does not exist in europe-west4, and "
-            f"gs://{BUCKET}/runs/ holds no earlier run.",
-            "Hint: Run `gemma-launch up`, then `gemma-launch run` (give --bucket if `up` used another "
-            "bucket).",
+            f"{no_job}bucket gs://{BUCKET} does not exist (`down --delete-bucket` deletes it).",
+            hint,
         ]
     named = cli("logs", "abcde")
     assert named.exit_code == 2
     assert named.output.splitlines()[0] == (
-        "Error: Execution abcde of job gemma3-finetuning-job (which does not exist now) "
-        f"does not exist, and gs://{BUCKET}/runs/abcde/ holds nothing of it; nor does "
-        "Cloud Logging hold a line of it."
+        "Error: Execution abcde of job gemma3-finetuning-job (which does not exist now) does not exist, "
+        f"and bucket gs://{BUCKET} does not exist (`down --delete-bucket` deletes it); nor does Cloud "
+        "Logging hold a line of it."
     )
+
+    clients = env.clients(PROJECT)
+    clients.storage.create_bucket(clients.storage.bucket(BUCKET), location="europe-west4")
+    result = cli("results")
+    assert result.output.splitlines() == [f"{no_job}gs://{BUCKET}/runs/ holds no earlier run.", hint]
 
 
 def test_the_bucket_lists_its_runs_newest_first_with_the_state_their_files_say(env):
