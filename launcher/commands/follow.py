@@ -116,6 +116,7 @@ def execution_document(
     return {
         **executions.summary(execution),
         "cost_usd": spent,
+        "execution_record": True,
         "name": execution.name,
         "job": execution.job,
         "estimate": estimate.document(),

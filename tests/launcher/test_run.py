@@ -862,6 +862,7 @@ def test_run_and_logs_print_json(env, project_dir):
         "duration_s",
         "why",
         "cost_usd",
+        "execution_record",
         "estimate",
     }
     assert execution["cost_usd"] is None  # known once it ends
