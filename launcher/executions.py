@@ -78,12 +78,29 @@ def short_name(execution: str) -> str:
     return execution.rsplit("/", 1)[-1]
 
 
-def get_execution(clients: Clients, settings: Settings, name: str) -> run_v2.Execution:
-    """The execution; one that does not exist is a UserError that lists the job's recent ones."""
+def find_execution(clients: Clients, name: str) -> run_v2.Execution | None:
+    """Cloud Run's record of the execution (full name), or None when it has none: its job was deleted, or
+    it is older than the records Cloud Run keeps."""
     try:
         return clients.executions.get_execution(name=name, retry=RETRY)
     except exceptions.NotFound:
-        pass
+        return None
+
+
+def why_no_record(clients: Clients, settings: Settings) -> str:
+    """Why Cloud Run has no record of an execution of the job."""
+    # A job that exists may have been made again by `up` since, or may have outlived the record: Cloud
+    # Run keeps those of its last 1,000 executions and of every one from the last seven days.
+    if jobs.exists(clients, settings):
+        return f"job {settings.job} keeps no record of it"
+    return f"job {settings.job} deleted"
+
+
+def get_execution(clients: Clients, settings: Settings, name: str) -> run_v2.Execution:
+    """The execution; one that does not exist is a UserError that lists the job's recent ones."""
+    found = find_execution(clients, name)
+    if found is not None:
+        return found
     recent = [short_name(found.name) for found in list_executions(clients, settings, limit=5)]
     hint = (
         f"The job's recent executions, newest first: {', '.join(recent)} (`gemma-launch status` shows "

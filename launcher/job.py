@@ -333,6 +333,14 @@ def ensure_job(
     return Change(kind, settings.job_name, "updated", command, diff)
 
 
+def exists(clients: Clients, settings: Settings) -> bool:
+    try:
+        clients.jobs.get_job(name=settings.job_name, retry=RETRY)
+    except exceptions.NotFound:
+        return False
+    return True
+
+
 def current_job(clients: Clients, settings: Settings) -> run_v2.Job:
     try:
         return clients.jobs.get_job(name=settings.job_name, retry=RETRY)

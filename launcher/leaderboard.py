@@ -159,7 +159,7 @@ def compare(clients: Clients, settings: Settings, names: list[str]) -> list[Entr
     defaults count too."""
     columns: list[tuple[Entry, dict[str, Any]]] = []
     for name in names:
-        execution = past_runs.record(clients, settings, name)
+        execution = executions.find_execution(clients, name)
         if execution is None:
             columns.append(_kept_column(clients, settings, name))
             continue

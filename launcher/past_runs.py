@@ -10,7 +10,6 @@ Cloud Logging and Cloud Monitoring", https://cloud.google.com/run/docs/execute/j
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -19,7 +18,7 @@ from datetime import datetime
 from google.api_core import exceptions
 from google.cloud import run_v2
 
-from launcher import executions, logs
+from launcher import executions, logs, results
 from launcher import job as jobs
 from launcher.cloud import RETRY, Clients
 from launcher.errors import UserError
@@ -73,40 +72,11 @@ class Found:
         return f"Execution {self.short}: execution record gone ({self.gone}); {source}"
 
     def outputs_url(self, settings: Settings) -> str:
-        return f"gs://{settings.bucket}/{prefix(self.name)}/"
-
-
-def prefix(execution: str) -> str:
-    return f"{jobs.RUNS_PREFIX}/{executions.short_name(execution)}"
+        return f"gs://{settings.bucket}/{results.run_prefix(self.name)}/"
 
 
 def full_name(settings: Settings, execution: str) -> str:
     return execution if execution.startswith("projects/") else f"{settings.job_name}/executions/{execution}"
-
-
-def job_exists(clients: Clients, settings: Settings) -> bool:
-    try:
-        clients.jobs.get_job(name=settings.job_name, retry=RETRY)
-    except exceptions.NotFound:
-        return False
-    return True
-
-
-def why_gone(clients: Clients, settings: Settings) -> str:
-    # A job that exists may have been made again by `up` since, or may have outlived the record: Cloud
-    # Run keeps those of its last 1,000 executions and of every one from the last seven days.
-    if job_exists(clients, settings):
-        return f"job {settings.job} keeps no record of it"
-    return f"job {settings.job} deleted"
-
-
-def record(clients: Clients, settings: Settings, execution: str) -> run_v2.Execution | None:
-    """Cloud Run's record of the execution, or None when it has none (its job was deleted, or it is
-    older than the records Cloud Run keeps)."""
-    try:
-        return clients.executions.get_execution(name=full_name(settings, execution), retry=RETRY)
-    except exceptions.NotFound:
-        return None
 
 
 def kept(clients: Clients, settings: Settings) -> list[Kept]:
@@ -153,7 +123,7 @@ def _kept(name: str, files: list[tuple[str, datetime | None]]) -> Kept:
 def kept_one(clients: Clients, settings: Settings, execution: str) -> Kept | None:
     """What the bucket keeps of one run, whatever its name, or None when it holds nothing under its
     directory."""
-    found = next(iter(_listed(clients, settings, f"{prefix(execution)}/")), None)
+    found = next(iter(_listed(clients, settings, f"{results.run_prefix(execution)}/")), None)
     if found is not None:
         return found
     if _holds_anything(clients, settings, execution):
@@ -164,7 +134,7 @@ def kept_one(clients: Clients, settings: Settings, execution: str) -> Kept | Non
 def _holds_anything(clients: Clients, settings: Settings, execution: str) -> bool:
     try:
         blobs = clients.storage.list_blobs(
-            settings.bucket, prefix=f"{prefix(execution)}/", max_results=1, retry=RETRY
+            settings.bucket, prefix=f"{results.run_prefix(execution)}/", max_results=1, retry=RETRY
         )
         return any(True for _ in blobs)
     except exceptions.NotFound:
@@ -179,19 +149,19 @@ def find(clients: Clients, settings: Settings, execution: str | None, *, logs_to
     Nothing found anywhere is a UserError that names what was looked at."""
     if execution:
         name = full_name(settings, execution)
-        found = record(clients, settings, name)
+        found = executions.find_execution(clients, name)
         if found is not None:
             return Found(found.name, found)
         if logs_too or kept_one(clients, settings, name) is not None:
-            return Found(name, None, why_gone(clients, settings))
+            return Found(name, None, executions.why_no_record(clients, settings))
         raise nothing_left(clients, settings, name)
-    exists = job_exists(clients, settings)
+    exists = jobs.exists(clients, settings)
     if exists:
         for newest in executions.list_executions(clients, settings, limit=1):
             return Found(newest.name, newest)
     runs = kept(clients, settings)
     if runs:
-        return Found(full_name(settings, runs[0].name), None, why_gone(clients, settings))
+        return Found(full_name(settings, runs[0].name), None, executions.why_no_record(clients, settings))
     if exists:
         raise UserError(
             f"Job {settings.job} has no executions yet, and {_no_runs(clients, settings)}.",
@@ -213,7 +183,7 @@ def _no_runs(clients: Clients, settings: Settings, execution: str = "") -> str:
     if clients.storage.lookup_bucket(settings.bucket, retry=RETRY) is None:
         return f"bucket gs://{settings.bucket} does not exist (`down --delete-bucket` deletes it)"
     if execution:
-        return f"gs://{settings.bucket}/{prefix(execution)}/ holds nothing of it"
+        return f"gs://{settings.bucket}/{results.run_prefix(execution)}/ holds nothing of it"
     return f"gs://{settings.bucket}/{jobs.RUNS_PREFIX}/ holds no earlier run"
 
 
@@ -221,7 +191,7 @@ def nothing_left(clients: Clients, settings: Settings, execution: str, logs: boo
     """The error for an execution of which neither Cloud Run, the bucket nor (`logs`) Cloud Logging
     holds anything: most likely a mistyped name. The hint names the executions and runs there are."""
     short = executions.short_name(execution)
-    exists = job_exists(clients, settings)
+    exists = jobs.exists(clients, settings)
     nor = "; nor does Cloud Logging hold a line of it" if logs else ""
     recorded = []
     if exists:
@@ -286,8 +256,5 @@ def summaries(clients: Clients, settings: Settings, runs: list[Kept]) -> list[di
 
 
 def _failure(clients: Clients, settings: Settings, execution: str) -> str:
-    blob = clients.storage.bucket(settings.bucket).blob(f"{prefix(execution)}/failure.json")
-    try:
-        return str(json.loads(blob.download_as_bytes(retry=RETRY))["error"])
-    except (exceptions.NotFound, ValueError, KeyError, TypeError):
-        return ""
+    stopped = results.recorded_at(clients, settings, f"{results.run_prefix(execution)}/{results.FAILURE}")
+    return "" if stopped is None else stopped.message

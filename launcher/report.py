@@ -54,7 +54,7 @@ def pages(clients: Clients, settings: Settings, execution: str) -> list[dict[str
     if results is not None:
         prefix = run_results.run_prefix(execution)
         return [_page(clients, settings, prefix, results, executions.short_name(execution))]
-    found = past_runs.record(clients, settings, execution)
+    found = executions.find_execution(clients, execution)
     if found is None:
         return _kept_pages(clients, settings, execution)
     grid = sweep.grid_of(found)

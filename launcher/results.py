@@ -11,7 +11,7 @@ from urllib.parse import quote
 from google.api_core import exceptions
 from google.cloud import run_v2
 
-from launcher import executions, past_runs
+from launcher import executions
 from launcher import job as jobs
 from launcher.cloud import RETRY, Clients
 from launcher.errors import UserError
@@ -55,20 +55,21 @@ def recorded_failure(
     """The error a retry cannot fix that the trainer recorded for the execution (trainer/failure.py); for
     a sweep, the first task's that recorded one, in its task-<i>/ directory (trainer/sweep.py), or with
     `task`, that task's."""
-    found = _recorded(clients, settings, f"{run_prefix(execution)}/{FAILURE}")
+    found = recorded_at(clients, settings, f"{run_prefix(execution)}/{FAILURE}")
     if found is not None:
         return found
     tasks = executions.get_execution(clients, settings, execution).task_count
     if tasks == 1:
         return None
     for index in range(tasks) if task is None else (task,):
-        found = _recorded(clients, settings, f"{run_prefix(execution)}/task-{index}/{FAILURE}")
+        found = recorded_at(clients, settings, f"{run_prefix(execution)}/task-{index}/{FAILURE}")
         if found is not None:
             return found if task is not None else UserError(f"(task {index}) {found.message}", found.hint)
     return None
 
 
-def _recorded(clients: Clients, settings: Settings, name: str) -> UserError | None:
+def recorded_at(clients: Clients, settings: Settings, name: str) -> UserError | None:
+    """The error (and hint) a failure.json at `name` in the bucket records, or None when there is none."""
     blob = clients.storage.bucket(settings.bucket).blob(name)
     try:
         document = json.loads(blob.download_as_bytes(retry=RETRY))
@@ -103,7 +104,7 @@ def other_bucket(settings: Settings, execution: run_v2.Execution) -> UserError |
 
 def no_results(clients: Clients, settings: Settings, execution: str, command: str = "results") -> UserError:
     """Why an execution has no results.json, from its state; `command`: the one to run again once it has."""
-    found = past_runs.record(clients, settings, execution)
+    found = executions.find_execution(clients, execution)
     short = executions.short_name(execution)
     where = f"gs://{settings.bucket}/{results_object(execution)}"
     if found is None:
@@ -150,8 +151,8 @@ def _no_results_left(clients: Clients, settings: Settings, execution: str, where
     """Why an execution whose record is gone (its job deleted) has no results.json: what the trainer
     recorded when it failed, else that the bucket cannot tell how it ended."""
     short = executions.short_name(execution)
-    gone = past_runs.why_gone(clients, settings)
-    stopped = _recorded(clients, settings, f"{run_prefix(execution)}/{FAILURE}")
+    gone = executions.why_no_record(clients, settings)
+    stopped = recorded_at(clients, settings, f"{run_prefix(execution)}/{FAILURE}")
     if stopped is not None:
         return UserError(
             f"Execution {short} failed, so it has no results (its execution record is gone: {gone}): the "

@@ -7,6 +7,7 @@ import json
 import click
 
 from launcher import executions, past_runs
+from launcher import job as jobs
 from launcher.cloud import Clients
 from launcher.commands.options import JOB_SETTINGS, Command, settings_options
 from launcher.commands.render import console
@@ -31,7 +32,7 @@ def cancel(settings: Settings, execution: str | None, as_json: bool) -> None:
             return
         name = found.name
     else:
-        unfinished = executions.running(clients, settings) if past_runs.job_exists(clients, settings) else []
+        unfinished = executions.running(clients, settings) if jobs.exists(clients, settings) else []
         if not unfinished:
             if as_json:
                 click.echo(json.dumps({"execution": None, "status": "unchanged", "state": None}, indent=2))

@@ -26,7 +26,7 @@ def status(settings: Settings, limit: int, as_json: bool) -> None:
     then the runs the bucket keeps whose record went with a deleted job (their state from their results).
     """
     clients = Clients(settings.project_id)
-    job_exists = past_runs.job_exists(clients, settings)
+    job_exists = jobs.exists(clients, settings)
     found = executions.list_executions(clients, settings, limit) if job_exists else []
     summaries = [
         {**executions.summary(execution), "cost_usd": spent, "execution_record": True}
@@ -67,7 +67,7 @@ def status(settings: Settings, limit: int, as_json: bool) -> None:
         )
     console.print(table)
     if kept:
-        gone = past_runs.why_gone(clients, settings)
+        gone = executions.why_no_record(clients, settings)
         console.print(
             f"{', '.join(run.name for run in kept)}: execution record gone ({gone}); "
             f"state from their results in gs://{settings.bucket}/{jobs.RUNS_PREFIX}/",
