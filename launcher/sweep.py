@@ -18,8 +18,7 @@ from dataclasses import dataclass
 
 from google.cloud import run_v2
 
-from launcher import executions, overrides, quota, staging
-from launcher import job as jobs
+from launcher import executions, overrides, quota
 from launcher.cloud import RETRY, Clients
 from launcher.errors import UserError
 from launcher.settings import Settings
@@ -130,28 +129,6 @@ def choose_parallelism(clients: Clients, settings: Settings, tasks: int, asked: 
     if asked:
         return Parallelism(count, f"--parallelism, within {found.describe()}{taken}")
     return Parallelism(count, f"what the GPU quota allows: {found.describe()}{taken}")
-
-
-def check(
-    clients: Clients, settings: Settings, grid: Grid, sets: Mapping[str, str]
-) -> tuple[list[str], list[str]]:
-    """Every task's arguments checked before anything starts: the GPU fit of each combination and the
-    sizes against the staged splits. Returns the execution's arguments and the notes to show."""
-    job = jobs.current_job(clients, settings)
-    jobs.check_gpu(job, settings)
-    base = overrides.apply(jobs.job_args(job), {**sets, GRID_FLAG: grid.argument()})
-    notes: list[str] = []
-    for combination in grid.combinations():
-        note = jobs.check_fits(job, {**sets, **combination})
-        if note and note not in notes:
-            notes.append(note)
-    # The size check reads the bucket: once per combination only when the grid varies a size (a grid of
-    # learning rates fits the staged splits as its first combination does).
-    varied = set(grid.values)
-    sized = grid.combinations() if varied & {key for key, _ in overrides.SIZES} else grid.combinations()[:1]
-    for combination in sized:
-        staging.check_trainer_sizes(clients, settings, overrides.apply(base, combination), grid=list(varied))
-    return base, notes
 
 
 def start(

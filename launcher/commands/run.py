@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import click
 
-from launcher import cost, executions, overrides, quota, staging
-from launcher import job as jobs
+from launcher import cost, executions, overrides, quota, start_checks
 from launcher.cloud import Clients
 from launcher.commands.follow import follow_or_show
 from launcher.commands.options import FOLLOW_VERBOSE, JOB_SETTINGS, Command, max_cost_option, settings_options
@@ -86,20 +85,15 @@ def run_command(
             raise UserError(f"Invalid --timeout: {error}.", "Use a duration like 2h, 45m or 3600s.") from None
         check_run_timeout(settings, timeout_s)
     clients = Clients(settings.project_id)
-    job = jobs.current_job(clients, settings)
-    jobs.check_gpu(job, settings)
-    say_fit(jobs.check_fits(job, changes))
-    jobs.require_service_account(clients, settings, job)
-    # Before anything starts: an execution whose sizes exceed the staged splits would fail in the trainer.
-    args = overrides.apply(jobs.job_args(job), changes)
-    staging.check_trainer_sizes(clients, settings, args)
-    if not allow_concurrent:
-        executions.refuse_concurrent(clients, settings)
+    ready = start_checks.check(clients, settings, changes, allow_concurrent=allow_concurrent)
+    for note in ready.notes:
+        say_fit(note)
+    args = ready.args
     try:
         quota.require_for_run(clients, settings, executions.gpus_held(clients, settings))
     except quota.QuotaUnknown as unknown:
         err_console.print(f"[yellow]Warning:[/] {unknown}; starting anyway.", soft_wrap=True)
-    estimate = cost.for_job(clients, settings, job, args)
+    estimate = cost.for_job(clients, settings, ready.job, args)
     (err_console if as_json else console).print(f"Estimated cost: {estimate.describe()}", soft_wrap=True)
     cost.check_max_cost(estimate, max_cost)
     # One task, always sent, never the job's own count: a sweep whose restore of the job was cut off (the

@@ -10,8 +10,7 @@ import click
 from rich.markup import escape
 from rich.table import Table
 
-from launcher import cost, executions, overrides, sweep
-from launcher import job as jobs
+from launcher import cost, executions, overrides, start_checks, sweep
 from launcher.cloud import Clients
 from launcher.commands.follow import follow_or_show
 from launcher.commands.options import FOLLOW_VERBOSE, JOB_SETTINGS, Command, max_cost_option, settings_options
@@ -94,18 +93,18 @@ def sweep_command(
     changes = overrides.parse_sets(sets)
     grid = sweep.parse_grid(grids, changes)
     clients = Clients(settings.project_id)
-    args, notes = sweep.check(clients, settings, grid, changes)
+    # The same checks, in the same order, for a dry run as for the sweep: a dry run that passes them
+    # means the sweep gets past them too.
+    ready = start_checks.check(clients, settings, changes, grid, allow_concurrent=allow_concurrent)
+    args, notes = ready.args, ready.notes
     for note in notes:
         say_fit(note)
-    if not allow_concurrent:
-        executions.refuse_concurrent(clients, settings)
     tasks = len(grid.combinations())
     chosen = sweep.choose_parallelism(clients, settings, tasks, parallelism)
     out = err_console if as_json else console
     counted = "1 task" if tasks == 1 else f"{tasks} tasks"
     out.print(f"{counted}, {chosen.tasks} at a time ({chosen.why}).", soft_wrap=True, markup=False)
-    job = jobs.current_job(clients, settings)
-    estimate = cost.for_sweep(clients, settings, job, args, grid.combinations())
+    estimate = cost.for_sweep(clients, settings, ready.job, args, grid.combinations())
     out.print(f"Estimated cost: {estimate.describe()}", soft_wrap=True)
     if dry_run:
         _show_plan(grid, args, chosen, estimate, notes, max_cost, as_json)
@@ -114,7 +113,6 @@ def sweep_command(
             console.print("\nDry run: nothing was started or changed.")
         return
     cost.check_max_cost(estimate, max_cost)
-    jobs.require_service_account(clients, settings, job)
     execution = sweep.start(clients, settings, grid, args, chosen.tasks)
     short = executions.short_name(execution.name)
     out.print(f"Started execution {short}")

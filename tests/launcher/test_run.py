@@ -645,7 +645,8 @@ def test_run_refuses_a_job_whose_account_was_deleted_after_up_and_up_makes_it_ag
     assert up(project_dir).exit_code == 0
     account = f"gemma3-finetuning@{PROJECT}.iam.gserviceaccount.com"
     env.clients(PROJECT).iam.delete_service_account(name=f"projects/{PROJECT}/serviceAccounts/{account}")
-    for command in (("run",), ("sweep", "--grid", "learning-rate=1e-4,2e-4")):
+    sweep = ("sweep", "--grid", "learning-rate=1e-4,2e-4")
+    for command in (("run",), sweep, (*sweep, "--dry-run")):
         result = cli(*command)
         assert result.exit_code == 2, result.output
         assert (
@@ -677,7 +678,9 @@ def test_a_disabled_account_stops_run_sweep_and_up_which_leave_it_disabled_until
     builder = f"gemma3-finetuning-build@{PROJECT}.iam.gserviceaccount.com"
     iam = env.clients(PROJECT).iam
     iam.disable_service_account(request={"name": f"projects/{PROJECT}/serviceAccounts/{account}"})
-    for command in (("run",), ("sweep", "--grid", "learning-rate=1e-4,2e-4")):
+    env.record_path.write_text("")
+    sweep = ("sweep", "--grid", "learning-rate=1e-4,2e-4")
+    for command in (("run",), sweep, (*sweep, "--dry-run"), (*sweep, "--dry-run", "--json")):
         result = cli(*command)
         assert result.exit_code == 2, result.output
         assert result.output.endswith(
@@ -687,7 +690,7 @@ def test_a_disabled_account_stops_run_sweep_and_up_which_leave_it_disabled_until
             f"purpose, enable it with `gcloud iam service-accounts enable {account} --project {PROJECT}`, "
             "then run this again.\n"
         )
-    assert run_jobs(env) == []
+    assert changes(env) == []  # the dry runs too: refused before they show a plan, as the sweep is
     iam.disable_service_account(request={"name": f"projects/{PROJECT}/serviceAccounts/{builder}"})
     (doctor,) = [
         line for line in cli("doctor").output.splitlines() if line[2:].startswith("service accounts")
