@@ -116,13 +116,23 @@ def kept_sweep(clients: Clients, settings: Settings, execution: str) -> list[Ent
     wrote to the bucket: a row per combination of the grid their results.json records, Succeeded where
     the task wrote results, else Unknown; durations and costs went with the record. None when the
     bucket keeps no sweep of that name."""
+    written = _kept_tasks(clients, settings, execution)
+    return None if written is None else _kept_rows(written)
+
+
+def _kept_tasks(clients: Clients, settings: Settings, execution: str) -> dict[int, dict[str, Any]] | None:
+    """The results.json of each task of a kept sweep that wrote one, by task index; None when the bucket
+    keeps no sweep of that name."""
     kept = past_runs.kept_one(clients, settings, execution)
     if kept is None or not kept.tasks_with_results:
         return None
-    written = {
+    return {
         index: run_results.read_json(clients, settings, f"{task_prefix(execution, index)}/results.json") or {}
         for index in kept.tasks_with_results
     }
+
+
+def _kept_rows(written: dict[int, dict[str, Any]]) -> list[Entry]:
     combinations = next((found for found in map(kept_combinations, written.values()) if found), [])
     indices = sorted({*range(len(combinations)), *written})
     return _best_first(
@@ -226,17 +236,17 @@ def _kept_column(clients: Clients, settings: Settings, name: str) -> tuple[Entry
     (a sweep's: its best task's), whose flags are the arguments it ran with; no duration or cost, which
     went with the record."""
     short = executions.short_name(name)
-    rows = kept_sweep(clients, settings, name)
-    if rows is None:
+    written = _kept_tasks(clients, settings, name)
+    if written is None:
         found = run_results.load(clients, settings, name)
         if found is None:
             raise run_results.no_results(clients, settings, name)
         entry = Entry(short, {}, "Succeeded", found.get("baseline", {}), found.get("final", {}))
     else:
-        best = rows[0]
-        found = run_results.read_json(clients, settings, f"{task_prefix(name, best.task or 0)}/results.json")
+        best = _kept_rows(written)[0]
+        found = written.get(best.task or 0, {})
         entry = Entry(f"{short} ({best.label})", {}, best.state, best.baseline, best.final)
-    recorded = (found or {}).get("settings", {}).get("flags", {})
+    recorded = found.get("settings", {}).get("flags", {})
     try:
         args = [
             arg

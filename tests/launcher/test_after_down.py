@@ -239,8 +239,16 @@ def test_a_sweep_whose_record_is_gone_is_ranked_and_reported_from_its_tasks_resu
         "settings": {"flags": {"learning-rate": 1e-3, "seed": 42, "output-dir": "/mnt/gcs/runs"}},
     }
     bucket.blob("runs/run-y/results.json").upload_from_string(json.dumps(run))
+    env.record_path.write_text("")
     compared = cli("results", "sweep-x", "run-y", "--json")
     assert compared.exit_code == 0, compared.output
+    # Each results.json read once: the best task's flags come from the read that ranked it.
+    read = [e["request"]["params"]["object_id"] for e in env.record() if e["method"] == "objects.get"]
+    assert sorted(read) == [
+        "runs/run-y/results.json",
+        "runs/sweep-x/task-0/results.json",
+        "runs/sweep-x/task-1/results.json",
+    ]
     assert [
         (row["label"], row["settings"], row["final"]["accuracy"]) for row in json.loads(compared.output)
     ] == [
