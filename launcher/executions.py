@@ -102,13 +102,16 @@ def get_execution(clients: Clients, settings: Settings, name: str) -> run_v2.Exe
     if found is not None:
         return found
     recent = [short_name(found.name) for found in list_executions(clients, settings, limit=5)]
-    hint = (
+    hint = recent_hint(recent) if recent else "Start one with `gemma-launch run`."
+    raise UserError(f"Execution {short_name(name)} of job {settings.job} does not exist.", hint) from None
+
+
+def recent_hint(recent: Sequence[str]) -> str:
+    """The hint that names the job's recent executions (short names, newest first) for one mistyped."""
+    return (
         f"The job's recent executions, newest first: {', '.join(recent)} (`gemma-launch status` shows "
         "their states); leave EXECUTION out for the newest."
-        if recent
-        else "Start one with `gemma-launch run`."
     )
-    raise UserError(f"Execution {short_name(name)} of job {settings.job} does not exist.", hint) from None
 
 
 def is_done(execution: run_v2.Execution) -> bool:

@@ -199,10 +199,7 @@ def nothing_left(clients: Clients, settings: Settings, execution: str, logs: boo
     others = [run.name for run in kept(clients, settings) if run.name not in recorded][:5]
     hints = []
     if recorded:
-        hints.append(
-            f"The job's recent executions, newest first: {', '.join(recorded)} (`gemma-launch status` shows "
-            "their states); leave EXECUTION out for the newest."
-        )
+        hints.append(executions.recent_hint(recorded))
     if others:
         hints.append(f"Runs the bucket keeps without a record, newest first: {', '.join(others)}.")
     if not hints:
