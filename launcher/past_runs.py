@@ -110,9 +110,10 @@ def _kept(name: str, files: list[tuple[str, datetime | None]]) -> Kept:
         for rest in names
         if rest.endswith("/results.json") and rest.startswith("task-") and rest.split("/")[0][5:].isdigit()
     )
-    if "results.json" in names or (tasks and not any(rest.endswith("failure.json") for rest in names)):
+    failed = any(rest.endswith("failure.json") for rest in names)
+    if "results.json" in names or (tasks and not failed):
         state = "Succeeded"
-    elif any(rest.endswith("failure.json") for rest in names):
+    elif failed:
         state = "Failed"
     else:
         state = "Unknown"
