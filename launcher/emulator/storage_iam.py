@@ -59,10 +59,11 @@ class Denied(Exception):
         self.body = body
 
 
-def _body(status: HTTPStatus, reason: str, message: str, **extra: Any) -> dict[str, Any]:
+def _body(code: HTTPStatus, reason: str, message: str, **extra: Any) -> dict[str, Any]:
+    """Cloud Storage's error body; `extra` may carry the gRPC-style `status` that some errors add."""
     return {
         "error": {
-            "code": status.value,
+            "code": code.value,
             "message": message,
             "errors": [{"message": message, "domain": "global", "reason": reason}],
             **extra,

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 from google.api_core import exceptions
 
+from launcher.cloud_errors import disabled_api
 from launcher.emulator.rpc import ApiError
 
 ACCOUNT = "serviceAccount:gemma-trainer@demo-project.iam.gserviceaccount.com"
@@ -33,6 +34,17 @@ def test_bucket_keeps_location_uniform_access_and_labels(local):
     assert plain.location == "US"
     assert plain.location_type == "multi-region"
     assert not plain.iam_configuration.uniform_bucket_level_access_enabled
+
+
+def test_a_bucket_of_a_project_with_cloud_storage_off_is_forbidden_naming_the_api(local):
+    client = local.clients().storage
+    _bucket(client)
+    local.emulator.access.update_project(
+        "demo-project", lambda record: record["services"].remove("storage.googleapis.com")
+    )
+    with pytest.raises(exceptions.Forbidden) as denied:
+        client.lookup_bucket("demo-project-gemma3")
+    assert disabled_api(denied.value) == "storage.googleapis.com"
 
 
 def test_duplicate_bucket_is_a_conflict(local):
