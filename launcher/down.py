@@ -394,6 +394,19 @@ def delete_bucket(clients: Clients, settings: Settings, *, dry_run: bool) -> Cha
     )
 
 
+def keep_bucket(clients: Clients, settings: Settings) -> Change:
+    """The bucket left in place: kept when it is there, absent when it is not (an earlier `down
+    --delete-bucket`, or deleted by hand), as every other step reports what it did not find."""
+    name = f"gs://{settings.bucket}"
+
+    def step() -> Change:
+        with explained("bucket", name, settings):
+            there = clients.storage.lookup_bucket(settings.bucket, retry=RETRY) is not None
+        return Change("bucket", name, "kept" if there else "absent")
+
+    return _unless_api_off("bucket", name, step)
+
+
 def down(
     clients: Clients,
     settings: Settings,
@@ -423,5 +436,5 @@ def down(
     if delete_bucket_too:
         step(delete_bucket(clients, settings, dry_run=dry_run))
     else:
-        step(Change("bucket", f"gs://{settings.bucket}", "kept"))
+        step(keep_bucket(clients, settings))
     return changes

@@ -49,7 +49,8 @@ def down(
     One line per resource, deleted, absent or kept: the job and the staging job with their
     executions, every binding `up` granted, the repository with its images, the HF_TOKEN secret with
     its versions, and the two service accounts. The bucket (weights, data, results) is kept unless
-    --delete-bucket. Nothing is deleted while an execution runs, unless --force, which cancels it.
+    --delete-bucket (absent when it is already gone). Nothing is deleted while an execution runs,
+    unless --force, which cancels it.
     """
     if delete_bucket and not (yes or dry_run):
         try:

@@ -171,6 +171,15 @@ def test_delete_bucket_asks_for_its_name(env):
     again = cli("down", "--delete-bucket", "--yes", "--json")
     assert again.exit_code == 0, again.output
     assert {change["status"] for change in json.loads(again.output)["changes"]} == {"absent"}
+    # Without --delete-bucket, a bucket that is gone is absent too, not kept.
+    plain = cli("down")
+    assert plain.exit_code == 0, plain.output
+    assert f"      absent  bucket           gs://{BUCKET}" in plain.output.splitlines()
+    assert "kept" not in plain.output and "Nothing left to delete." in plain.output
+    as_json = cli("down", "--json")
+    assert as_json.exit_code == 0, as_json.output
+    (bucket,) = [change for change in json.loads(as_json.output)["changes"] if change["kind"] == "bucket"]
+    assert (bucket["name"], bucket["status"]) == (f"gs://{BUCKET}", "absent")
 
 
 @pytest.mark.slow
@@ -264,5 +273,15 @@ def test_down_in_a_fresh_project_with_its_apis_off_exits_0_enables_nothing_and_s
     assert "gcloud services enable run.googleapis.com" in result.output
     as_json = json.loads(cli("down", "--json").output)
     assert "run.googleapis.com" in as_json["apis_not_enabled"]
-    assert {change["status"] for change in as_json["changes"]} == {"not checked", "absent", "kept"}
+    # Nothing to keep either: the bucket `up` would make is not there.
+    assert {change["status"] for change in as_json["changes"]} == {"not checked", "absent"}
     assert fresh.emulator.access.project(PROJECT)["services"] == services  # down enabled nothing
+    # With Cloud Storage off too, down cannot tell whether the bucket is there: neither kept nor absent.
+    storage = fresh.clients(PROJECT).storage
+    storage.create_bucket(storage.bucket(BUCKET), location="europe-west4")
+    fresh.emulator.access.update_project(
+        PROJECT, lambda record: record["services"].remove("storage.googleapis.com")
+    )
+    unseen = json.loads(cli("down", "--json").output)
+    (bucket,) = [change for change in unseen["changes"] if change["kind"] == "bucket"]
+    assert bucket["status"] == "not checked" and "storage.googleapis.com" in unseen["apis_not_enabled"]
