@@ -5,7 +5,8 @@ duration; a run is one task, a sweep the sum of its tasks'. The duration is a fi
 memory plan, image features, saving and upload) plus training (train size x epochs / samples per second)
 plus two evaluations (baseline and final, eval size / samples per second each). The rates come from this
 project's own finished executions of the same model on the same GPU (their results.json:
-`train.samples_per_s`, and `phases` where the trainer recorded them), else from BUILT_IN, which
+`train.samples_per_s`, and `phases` where the trainer recorded them), those whose record went with a
+deleted job included (found in the bucket, their GPU the one results.json names), else from BUILT_IN, which
 docs/benchmarks.md measured on an H200, scaled to each Cloud Run GPU by GPU_SCALE.
 
 The actual cost of a finished execution is each task's run time (start to completion) at the same prices.
@@ -20,7 +21,7 @@ from typing import Any
 from google.api_core import exceptions
 from google.cloud import run_v2
 
-from launcher import executions, gpus, overrides, pricing
+from launcher import executions, gpus, kept_costs, overrides, past_runs, pricing
 from launcher import job as jobs
 from launcher import results as run_results
 from launcher.cloud import RETRY, Clients
@@ -127,11 +128,15 @@ def _same_model(recorded: str, model: str) -> bool:
 
 
 def history_rates(clients: Clients, settings: Settings, gpu: str, model: str, fallback: Rates) -> Rates:
-    """The mean rates of the job's recent successful executions of `model` on `gpu`, else `fallback`."""
+    """The mean rates of the job's recent successful executions of `model` on `gpu`, and of the runs the
+    bucket keeps of it whose record is gone (those of before `down`), each run counted once; else
+    `fallback`."""
     found = []
+    recorded: set[str] = set()
     try:
         recent = clients.executions.list_executions(parent=settings.job_name, retry=RETRY)
         for _, execution in zip(range(HISTORY_LIMIT), recent, strict=False):
+            recorded.add(executions.short_name(execution.name))
             if not executions.succeeded(execution) or execution.template.node_selector.accelerator != gpu:
                 continue
             document = run_results.load(clients, settings, execution.name)
@@ -140,15 +145,24 @@ def history_rates(clients: Clients, settings: Settings, gpu: str, model: str, fa
                 if rates is not None:
                     found.append(rates)
     except exceptions.NotFound:
-        return fallback
+        pass  # no job: no record of any run, and the bucket may still keep some
+    from_bucket = 0
+    for document in past_runs.finished(clients, settings, HISTORY_LIMIT, recorded):
+        # Without the record, the GPU is the one its results.json names (launcher/kept_costs.py).
+        if kept_costs.recorded_gpu(document) == gpu and _same_model(str(document.get("model_id", "")), model):
+            rates = _from_results(document, fallback)
+            if rates is not None:
+                found.append(rates)
+                from_bucket += 1
     if not found:
         return fallback
     count = len(found)
+    kept = f" ({from_bucket} of them from the bucket, without a record)" if from_bucket else ""
     return Rates(
         sum(r.train_per_s for r in found) / count,
         sum(r.eval_per_s for r in found) / count,
         sum(r.fixed_s for r in found) / count,
-        f"from {count} finished run{'s' if count > 1 else ''} of this model on this GPU",
+        f"from {count} finished run{'s' if count > 1 else ''} of this model on this GPU{kept}",
         0.1 if count >= 3 else 0.2,
     )
 

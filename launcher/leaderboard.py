@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field
+from datetime import datetime
 from typing import Any
 
 from google.cloud import run_v2
 
-from launcher import cost, executions, past_runs
+from launcher import cost, executions, kept_costs, past_runs
 from launcher import results as run_results
 from launcher.cloud import Clients
 from launcher.errors import UserError
@@ -114,25 +115,39 @@ def kept_combinations(results: dict[str, Any]) -> list[dict[str, str]]:
 def kept_sweep(clients: Clients, settings: Settings, execution: str) -> list[Entry] | None:
     """The leaderboard of a sweep whose execution record is gone (its job deleted), from what its tasks
     wrote to the bucket: a row per combination of the grid their results.json records, Succeeded where
-    the task wrote results, else Unknown; durations and costs went with the record. None when the
-    bucket keeps no sweep of that name."""
-    written = _kept_tasks(clients, settings, execution)
-    return None if written is None else _kept_rows(written)
+    the task wrote results, else Unknown; durations and costs, which went with the record, estimated from
+    each task's results (launcher/kept_costs.py). None when the bucket keeps no sweep of that name."""
+    kept = _kept_tasks(clients, settings, execution)
+    return None if kept is None else _kept_rows(clients, settings, execution, *kept)
 
 
-def _kept_tasks(clients: Clients, settings: Settings, execution: str) -> dict[int, dict[str, Any]] | None:
-    """The results.json of each task of a kept sweep that wrote one, by task index; None when the bucket
-    keeps no sweep of that name."""
+def _kept_tasks(
+    clients: Clients, settings: Settings, execution: str
+) -> tuple[dict[int, dict[str, Any]], dict[str, Any]] | None:
+    """The results.json of each task of a kept sweep that wrote one, by task index, and when the bucket
+    wrote each file; None when the bucket keeps no sweep of that name."""
     kept = past_runs.kept_one(clients, settings, execution)
     if kept is None or not kept.tasks_with_results:
         return None
-    return {
+    written = {
         index: run_results.read_json(clients, settings, f"{task_prefix(execution, index)}/results.json") or {}
         for index in kept.tasks_with_results
     }
+    return written, kept.written_at
 
 
-def _kept_rows(written: dict[int, dict[str, Any]]) -> list[Entry]:
+def _kept_rows(
+    clients: Clients,
+    settings: Settings,
+    execution: str,
+    written: dict[int, dict[str, Any]],
+    written_at: dict[str, datetime | None],
+) -> list[Entry]:
+    per_second = kept_costs.PerSecond(clients, settings)
+    numbers = {
+        index: kept_costs.rebuild(found, written_at.get(f"task-{index}/results.json"), per_second)
+        for index, found in written.items()
+    }
     combinations = next((found for found in map(kept_combinations, written.values()) if found), [])
     indices = sorted({*range(len(combinations)), *written})
     return _best_first(
@@ -143,7 +158,10 @@ def _kept_rows(written: dict[int, dict[str, Any]]) -> list[Entry]:
                 state="Succeeded" if index in written else "Unknown",
                 baseline=written.get(index, {}).get("baseline", {}),
                 final=written.get(index, {}).get("final", {}),
+                duration_s=numbers.get(index, kept_costs.NOTHING).seconds,
+                cost=numbers.get(index, kept_costs.NOTHING).usd,
                 task=index,
+                execution=executions.short_name(execution),
             )
             for index in indices
         ]
@@ -233,19 +251,39 @@ def compare(clients: Clients, settings: Settings, names: list[str]) -> list[Entr
 
 def _kept_column(clients: Clients, settings: Settings, name: str) -> tuple[Entry, dict[str, Any]]:
     """An execution whose record is gone (its job deleted), compared from what it wrote: its results.json
-    (a sweep's: its best task's), whose flags are the arguments it ran with; no duration or cost, which
-    went with the record."""
+    (a sweep's: its best task's), whose flags are the arguments it ran with; its duration and cost, which
+    went with the record, estimated from those results (launcher/kept_costs.py)."""
     short = executions.short_name(name)
-    written = _kept_tasks(clients, settings, name)
-    if written is None:
+    kept = _kept_tasks(clients, settings, name)
+    if kept is None:
         found = run_results.load(clients, settings, name)
         if found is None:
             raise run_results.no_results(clients, settings, name)
-        entry = Entry(short, {}, "Succeeded", found.get("baseline", {}), found.get("final", {}))
+        numbers = past_runs.numbers_of(clients, settings, name, found)
+        entry = Entry(
+            short,
+            {},
+            "Succeeded",
+            found.get("baseline", {}),
+            found.get("final", {}),
+            numbers.seconds,
+            numbers.usd,
+            execution=short,
+        )
     else:
-        best = _kept_rows(written)[0]
-        found = written.get(best.task or 0, {})
-        entry = Entry(f"{short} ({best.label})", {}, best.state, best.baseline, best.final)
+        best = _kept_rows(clients, settings, name, *kept)[0]
+        found = kept[0].get(best.task or 0, {})
+        entry = Entry(
+            f"{short} ({best.label})",
+            {},
+            best.state,
+            best.baseline,
+            best.final,
+            best.duration_s,
+            best.cost,
+            best.task,
+            short,
+        )
     recorded = found.get("settings", {}).get("flags", {})
     try:
         args = [

@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Any
 
 from google.api_core import exceptions
 from google.cloud import run_v2
 
-from launcher import executions, logs, results
+from launcher import executions, kept_costs, logs, results
 from launcher import job as jobs
 from launcher.cloud import RETRY, Clients
 from launcher.errors import UserError
@@ -38,10 +39,14 @@ class Kept:
     state: str  # Succeeded (results.json), Failed (failure.json), else Unknown
     written: datetime | None  # when the newest of those files was written
     tasks_with_results: tuple[int, ...]  # a sweep's tasks that wrote results.json; () for a run
+    # When each of those files was written, by its path under the run's directory ("results.json",
+    # "task-0/results.json", "failure.json").
+    written_at: dict[str, datetime | None] = field(default_factory=dict, compare=False)
 
-    def summary(self, why: str = "") -> dict[str, object]:
+    def summary(self, why: str = "", numbers: kept_costs.Rebuilt = kept_costs.NOTHING) -> dict[str, object]:
         """As `status --json` shows an execution, with what the bucket cannot tell as None; `why`: the
-        error a failed run recorded."""
+        error a failed run recorded; `numbers`: its start, run time and cost as its results tell them."""
+        rebuilt = numbers.document()
         return {
             "execution": self.name,
             "state": self.state,
@@ -49,9 +54,10 @@ class Kept:
             "succeeded": len(self.tasks_with_results) or None,
             "failed": None,
             "retried": None,
-            "started": None,
-            "duration_s": None,
+            "started": rebuilt["started"],
+            "duration_s": rebuilt["duration_s"],
             "why": why,
+            "cost_usd": rebuilt["cost_usd"],
         }
 
 
@@ -118,7 +124,7 @@ def _kept(name: str, files: list[tuple[str, datetime | None]]) -> Kept:
     else:
         state = "Unknown"
     times = [when for _, when in files if when is not None]
-    return Kept(name, state, max(times) if times else None, tuple(tasks))
+    return Kept(name, state, max(times) if times else None, tuple(tasks), dict(files))
 
 
 def kept_one(clients: Clients, settings: Settings, execution: str) -> Kept | None:
@@ -140,6 +146,31 @@ def _holds_anything(clients: Clients, settings: Settings, execution: str) -> boo
         return any(True for _ in blobs)
     except exceptions.NotFound:
         return False
+
+
+def finished(clients: Clients, settings: Settings, limit: int, skip: set[str]) -> list[dict[str, Any]]:
+    """The results.json of the job's runs (not a sweep's tasks) that the bucket keeps, but those of the
+    runs `skip` names (short names): one listing of at most `limit` of them, then a read of each."""
+    runs = f"{jobs.RUNS_PREFIX}/{settings.job}-"
+    try:
+        listed = list(
+            clients.storage.list_blobs(
+                settings.bucket,
+                prefix=runs,
+                match_glob=f"{runs}*/{results.RESULTS}",
+                max_results=limit,
+                retry=RETRY,
+            )
+        )
+    except exceptions.NotFound:
+        return []
+    found = []
+    for blob in listed:
+        name = blob.name.removeprefix(f"{jobs.RUNS_PREFIX}/").partition("/")[0]
+        document = None if name in skip else results.load(clients, settings, name)
+        if isinstance(document, dict):
+            found.append(document)
+    return found
 
 
 def find(clients: Clients, settings: Settings, execution: str | None, *, logs_too: bool = False) -> Found:
@@ -245,12 +276,47 @@ def without_record(clients: Clients, settings: Settings, recorded: list[str]) ->
     return [run for run in kept(clients, settings) if run.name not in recorded]
 
 
-def summaries(clients: Clients, settings: Settings, runs: list[Kept]) -> list[dict[str, object]]:
+def summaries(clients: Clients, settings: Settings, runs: list[Kept]) -> list[tuple[dict[str, object], str]]:
     """The runs as `status` shows them, a failed one with the error its trainer recorded in failure.json
-    (trainer/failure.py)."""
-    return [
-        run.summary(_failure(clients, settings, run.name) if run.state == "Failed" else "") for run in runs
-    ]
+    (trainer/failure.py), each with its start, run time and cost rebuilt from its results
+    (launcher/kept_costs.py), and why those are not known where they are not."""
+    per_second = kept_costs.PerSecond(clients, settings)
+    found = []
+    for run in runs:
+        numbers = _rebuilt(clients, settings, run, per_second)
+        why = _failure(clients, settings, run.name) if run.state == "Failed" else ""
+        found.append((run.summary(why, numbers), numbers.missing))
+    return found
+
+
+def _rebuilt(
+    clients: Clients, settings: Settings, run: Kept, per_second: kept_costs.PerSecond
+) -> kept_costs.Rebuilt:
+    """A run's numbers from its results.json; a sweep's from each of its tasks' (one read per task)."""
+    prefix = results.run_prefix(run.name)
+    if not run.tasks_with_results:
+        if results.RESULTS not in run.written_at:
+            return kept_costs.NOTHING
+        found = results.load(clients, settings, run.name)
+        return kept_costs.rebuild(found, run.written_at[results.RESULTS], per_second)
+    tasks = []
+    expected = None
+    for index in run.tasks_with_results:
+        name = f"task-{index}/{results.RESULTS}"
+        found = results.read_json(clients, settings, f"{prefix}/{name}")
+        expected = expected or (kept_costs.sweep_tasks(found) if found else None)
+        tasks.append(kept_costs.rebuild(found, run.written_at.get(name), per_second))
+    return kept_costs.combined(tasks, expected)
+
+
+def numbers_of(
+    clients: Clients, settings: Settings, execution: str, found: dict[str, Any]
+) -> kept_costs.Rebuilt:
+    """The start, run time and cost of a run whose record is gone, from its results.json `found` and the
+    time the bucket wrote it (one read of its metadata)."""
+    blob = clients.storage.bucket(settings.bucket).get_blob(results.results_object(execution), retry=RETRY)
+    written = blob.updated if blob is not None else None
+    return kept_costs.rebuild(found, written, kept_costs.PerSecond(clients, settings))
 
 
 def _failure(clients: Clients, settings: Settings, execution: str) -> str:

@@ -22,6 +22,8 @@ CONSOLE = "https://console.cloud.google.com/storage/browser"
 # What the trainer writes in the run directory when it stops on an error a retry cannot fix
 # (trainer/failure.py: {"error", "hint", "attempt"}).
 FAILURE = "failure.json"
+# What it writes when it succeeds (docs/trainer.md, "results.json").
+RESULTS = "results.json"
 
 METRICS = (("accuracy", "Accuracy"), ("macro_f1", "Macro-F1"), ("unknown_rate", "Unknown rate"))
 
@@ -32,7 +34,7 @@ def run_prefix(execution: str) -> str:
 
 
 def results_object(execution: str) -> str:
-    return f"{run_prefix(execution)}/results.json"
+    return f"{run_prefix(execution)}/{RESULTS}"
 
 
 def read_json(clients: Clients, settings: Settings, name: str) -> Any:

@@ -9,13 +9,16 @@ import json
 import click
 from rich.table import Table
 
-from launcher import cost, executions, leaderboard, past_runs, sweep
+from launcher import cost, executions, kept_costs, leaderboard, past_runs, sweep
 from launcher import report as run_report
 from launcher import results as run_results
 from launcher.cloud import Clients
 from launcher.commands.options import JOB_SETTINGS, Command, settings_options
 from launcher.commands.render import console
 from launcher.settings import Settings
+
+# What a run without a record shows of its duration and cost (launcher/kept_costs.py).
+ESTIMATED = f"durations and costs {kept_costs.ESTIMATED}"
 
 
 @click.command("results", cls=Command)
@@ -38,7 +41,7 @@ def results(settings: Settings, names: tuple[str, ...], as_json: bool) -> None:
     (a sweep by its best task).
 
     After `down`, an execution whose record went with its job is read from the bucket, which keeps its
-    results."""
+    results; its duration and cost are then estimated from the phases they record."""
     clients = Clients(settings.project_id)
     # One named twice is shown once, as `report` does.
     looked_up = {
@@ -46,7 +49,12 @@ def results(settings: Settings, names: tuple[str, ...], as_json: bool) -> None:
     }
     compared = list(looked_up)
     if len(compared) > 1:
-        _render_entries("Executions compared", leaderboard.compare(clients, settings, compared), as_json)
+        rows = leaderboard.compare(clients, settings, compared)
+        for one in looked_up.values():
+            if one.execution is None and not as_json:
+                source = f"results from {one.outputs_url(settings)}; {ESTIMATED}"
+                console.print(one.note(source), markup=False, soft_wrap=True)
+        _render_entries("Executions compared", rows, as_json)
         return
     (name,) = compared
     execution = looked_up[name].execution
@@ -61,15 +69,19 @@ def results(settings: Settings, names: tuple[str, ...], as_json: bool) -> None:
     )
     if kept_sweep is not None:
         if not as_json:
-            source = f"its tasks' results from {looked_up[name].outputs_url(settings)}"
+            source = f"its tasks' results from {looked_up[name].outputs_url(settings)}; {ESTIMATED}"
             console.print(looked_up[name].note(source), markup=False, soft_wrap=True)
         _render_entries(f"Sweep {executions.short_name(name)}", kept_sweep, as_json)
         return
     if found is None:
         raise run_results.no_results(clients, settings, name)
     places = run_results.outputs(clients, settings, name)
-    # The cost comes from the execution's tasks, which went with its record.
-    (spent,) = cost.actual_costs(clients, settings, [execution]) if execution is not None else (None,)
+    # The cost comes from the execution's tasks; with the record gone, it is rebuilt from results.json.
+    rebuilt = past_runs.numbers_of(clients, settings, name, found) if execution is None else None
+    if rebuilt is None:
+        (spent,) = cost.actual_costs(clients, settings, [execution])
+    else:
+        spent = rebuilt.usd
     if as_json:
         outputs = [dataclasses.asdict(out) for out in places]
         record = execution is not None
@@ -92,7 +104,9 @@ def results(settings: Settings, names: tuple[str, ...], as_json: bool) -> None:
         f"test images, {found.get('train_size')} training images",
         soft_wrap=True,
     )
-    if spent is not None:
+    if rebuilt is not None:
+        console.print(_rebuilt_line(rebuilt), soft_wrap=True)
+    elif spent is not None:
         console.print(f"cost ≈ ${spent:.2f} (its tasks' run time at Cloud Run's prices)", soft_wrap=True)
     for out in places:
         if out.present:
@@ -104,6 +118,16 @@ def results(settings: Settings, names: tuple[str, ...], as_json: bool) -> None:
         console.print(
             f"{'report':<17} {run_report.link(settings, name, found)}", markup=False, soft_wrap=True
         )
+
+
+def _rebuilt_line(rebuilt: kept_costs.Rebuilt) -> str:
+    """What a run without a record cost, as its results.json tells it, and where that comes from."""
+    if rebuilt.seconds is None:
+        return rebuilt.missing
+    took = f"ran ≈ {leaderboard.duration(rebuilt.seconds)}"
+    if rebuilt.usd is None:
+        return f"{took}; {rebuilt.missing}"
+    return f"cost ≈ ${rebuilt.usd:.2f}, {took} ({kept_costs.ESTIMATED})"
 
 
 def _render_entries(title: str, entries: list[leaderboard.Entry], as_json: bool) -> None:
@@ -121,6 +145,10 @@ def _render_entries(title: str, entries: list[leaderboard.Entry], as_json: bool)
             return "-"
         return f"{entry.baseline.get(metric, 0.0):.1%} -> {entry.final[metric]:.1%}"
 
+    def unknown(entry: leaderboard.Entry) -> str:
+        # Not yet while it runs; once ended, a number its record or results should have given.
+        return "-" if entry.state in ("Pending", "Running") else "unknown"
+
     for entry in entries:
         table.add_row(
             entry.label,
@@ -128,7 +156,7 @@ def _render_entries(title: str, entries: list[leaderboard.Entry], as_json: bool)
             entry.state,
             change(entry, "accuracy"),
             change(entry, "macro_f1"),
-            leaderboard.duration(entry.duration_s),
-            "-" if entry.cost is None else f"${entry.cost:.2f}",
+            unknown(entry) if entry.duration_s is None else leaderboard.duration(entry.duration_s),
+            unknown(entry) if entry.cost is None else f"${entry.cost:.2f}",
         )
     console.print(table)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import re
 import textwrap
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -229,7 +230,8 @@ def test_a_sweep_whose_record_is_gone_is_ranked_and_reported_from_its_tasks_resu
     assert table.exit_code == 0, table.output
     assert table.output.splitlines()[0] == (
         "Execution sweep-x: execution record gone (job gemma3-finetuning-job deleted); its tasks' results "
-        f"from gs://{BUCKET}/runs/sweep-x/"
+        f"from gs://{BUCKET}/runs/sweep-x/; durations and costs estimated from the phases in results.json at "
+        "the region's prices: a lower bound (no container start, upload or earlier attempt)"
     )
     assert "Sweep sweep-x" in table.output and "10.0% -> 90.0%" in table.output
 
@@ -260,3 +262,147 @@ def test_a_sweep_whose_record_is_gone_is_ranked_and_reported_from_its_tasks_resu
     assert page.exit_code == 0, page.output
     html = Path("report-sweep-x.html").read_text()
     assert "sweep-x task 1 (learning-rate=2e-4)" in html and "sweep-x task 0 (learning-rate=1e-4)" in html
+
+
+# A run as the trainer records it on an RTX PRO 6000 (docs/trainer.md, "results.json"): 1000 s of phases,
+# the GPU its platform line names, its model and measured rates (8 training samples/s; 200 images
+# evaluated in 200 s; 300 s of load, image features, memory plan and save). With --seed 7 it fails as
+# STAND_IN does.
+MEASURED = textwrap.dedent(
+    """
+    import json, os, pathlib, sys
+
+    flags = dict(zip(*[iter(sys.argv[1:])] * 2))
+    out = pathlib.Path(flags["--output-dir"]) / os.environ["CLOUD_RUN_EXECUTION"]
+    out.mkdir(parents=True, exist_ok=True)
+    if flags.get("--seed") == "7":
+        (out / "failure.json").write_text(json.dumps({"error": "image 12 cannot be decoded.", "hint": ""}))
+        sys.exit(2)
+    results = {
+        "model_id": flags["--model-id"],
+        "eval_size": 100,
+        "baseline": {"accuracy": 0.1, "macro_f1": 0.05},
+        "final": {"accuracy": 0.8, "macro_f1": 0.75},
+        "train": {"steps": 10, "runtime_s": 500.0, "samples_per_s": 8.0},
+        "platform": "torch 2.13.0 (CUDA 13.0), NVIDIA driver 580.95.05, NVIDIA RTX PRO 6000 Blackwell "
+        "Server Edition (sm_120), Python 3.12.3",
+        "phases": {"load_s": 150.0, "image_features_s": 50.0, "baseline_s": 100.0, "memory_plan_s": 50.0,
+                   "train_s": 500.0, "final_eval_s": 100.0, "save_s": 50.0},
+    }
+    (out / "results.json").write_text(json.dumps(results))
+    """
+)
+# The catalog's prices of the default shape: 20 vCPU, 80 GiB, an RTX PRO 6000 (tests/launcher/test_cost.py).
+PER_SECOND = 20 * 0.000018 + 80 * 0.000002 + 0.0005
+
+
+@pytest.mark.slow
+def test_after_down_a_runs_cost_is_rebuilt_from_its_results_and_calibrates_the_next_estimate(env, tmp_path):
+    source = image_source(tmp_path / "measured", ["python", "trainer.py"], {"trainer.py": MEASURED})
+    up(source)
+    failed = execution_of(cli("run", "--set", "seed=7", "--follow").output)
+    done = cli("run", "--follow")
+    assert done.exit_code == 0, done.output
+    good = execution_of(done.output)
+    assert cli("down").exit_code == 0
+
+    rows = {row["execution"]: row for row in json.loads(cli("status", "--json").output)}
+    clients = env.clients(PROJECT)
+    written = clients.storage.bucket(BUCKET).get_blob(f"runs/{good}/results.json").updated
+    # The phases' 1000 s, ending when the bucket wrote results.json, at the prices of the GPU it names.
+    assert rows[good]["execution_record"] is False
+    assert rows[good]["duration_s"] == 1000
+    assert rows[good]["started"] == (written - timedelta(seconds=1000)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    assert rows[good]["cost_usd"] == pytest.approx(1000 * PER_SECOND)
+    # A failed run wrote no timings: nothing is made up.
+    assert (rows[failed]["started"], rows[failed]["duration_s"], rows[failed]["cost_usd"]) == (
+        None,
+        None,
+        None,
+    )
+    table = cli("status").output
+    assert re.search(rf"{good} .*≈ 0h16m40s .*≈ \$1\.02", table), table
+    assert re.search(rf"{failed} .*unknown .*unknown .*unknown", table), table
+    assert "starts, durations and costs (≈) estimated from the phases in results.json" in table
+    assert f"{failed}: started, duration and cost not known: it wrote no results.json" in table
+
+    assert json.loads(cli("results", good, "--json").output)["cost_usd"] == pytest.approx(1000 * PER_SECOND)
+    assert "cost ≈ $1.02, ran ≈ 0h16m40s (estimated from the phases" in cli("results", good).output
+
+    # After `up`, the job has no execution: the estimate still learns from the run the bucket keeps, with
+    # one bounded listing of the bucket: 300 s + 3680 / 8 s of training + 2 x 1000 / 1 s of evaluation.
+    up(source)
+
+    def estimate() -> dict:
+        plan = cli("up", "--skip-stage", "--source", str(source), "--dry-run", "--json")
+        assert plan.exit_code == 0, plan.output
+        return json.loads(plan.stdout)["estimate"]
+
+    before = len(env.record())
+    plan = estimate()
+    assert plan["basis"] == (
+        "from 1 finished run of this model on this GPU (1 of them from the bucket, without a record)"
+    )
+    assert plan["duration_s"] == 300 + 460 + 2000
+    listings = [entry for entry in env.record()[before:] if entry["method"] == "objects.list"]
+    assert [entry["request"]["query"].get("maxResults") for entry in listings] == [["20"]], listings
+    # A run with both a record and results counts once.
+    assert cli("run", "--follow").exit_code == 0
+    plan = estimate()
+    assert plan["basis"] == (
+        "from 2 finished runs of this model on this GPU (1 of them from the bucket, without a record)"
+    )
+
+
+def test_a_sweeps_tasks_costs_are_rebuilt_from_their_results_and_what_they_do_not_tell_is_unknown(env):
+    clients = env.clients(PROJECT)
+    bucket = clients.storage.create_bucket(clients.storage.bucket(BUCKET), location="europe-west4")
+    job = "gemma3-finetuning-job"
+    # Task 0 as the emulator runs it, on its CPU with the budget the launcher gives an RTX PRO 6000; task 1
+    # on the GPU itself, which its platform line names. Their phases: 100 s and 200 s.
+    on_cpu = {"platform": "torch 2.13.0 (CUDA none), NVIDIA driver none, no GPU visible, Python 3.12.3"}
+    on_gpu = {
+        "platform": "torch 2.13.0 (CUDA 13.0), NVIDIA driver 580, NVIDIA RTX PRO 6000 (sm_120), Python 3"
+    }
+    for name, grid, tasks in (
+        (f"{job}-swp01", "seed=1,2", ((on_cpu, 100.0), (on_gpu, 200.0))),
+        (f"{job}-swp02", "seed=1,2,3", ((on_cpu, 100.0), (on_gpu, 200.0))),  # task 2 wrote nothing
+    ):
+        for index, (where, seconds) in enumerate(tasks):
+            results = {
+                "final": {"accuracy": 0.5 + index / 10},
+                "phases": {"load_s": seconds / 2, "train_s": seconds / 2},
+                "settings": {"flags": {"sweep-grid": grid, "max-memory-gib": 85}},
+                **where,
+            }
+            bucket.blob(f"runs/{name}/task-{index}/results.json").upload_from_string(json.dumps(results))
+    older = {"final": {"accuracy": 0.7}, **on_gpu}  # an older trainer's: no phases
+    bucket.blob(f"runs/{job}-old01/results.json").upload_from_string(json.dumps(older))
+
+    board = {row["task"]: row for row in json.loads(cli("results", f"{job}-swp02", "--json").output)}
+    assert [(board[i]["duration_s"], board[i]["cost_usd"]) for i in (0, 1)] == [
+        (100, pytest.approx(100 * PER_SECOND)),
+        (200, pytest.approx(200 * PER_SECOND)),
+    ]
+    assert (board[2]["duration_s"], board[2]["cost_usd"]) == (None, None)
+    table = cli("results", f"{job}-swp02").output
+    assert "durations and costs estimated from the phases in results.json" in table.splitlines()[0]
+    assert re.search(r"task 2 .* Unknown .* unknown .* unknown", table), table
+
+    rows = {row["execution"]: row for row in json.loads(cli("status", "--json").output)}
+    # A sweep's tasks run side by side: from the first one's start to the last one's end, the sum of costs.
+    written = [bucket.get_blob(f"runs/{job}-swp01/task-{i}/results.json").updated for i in (0, 1)]
+    first = min(written[0] - timedelta(seconds=100), written[1] - timedelta(seconds=200))
+    assert rows[f"{job}-swp01"]["started"] == first.strftime("%Y-%m-%dT%H:%M:%SZ")
+    assert rows[f"{job}-swp01"]["duration_s"] == round((max(written) - first).total_seconds())
+    assert rows[f"{job}-swp01"]["cost_usd"] == pytest.approx(300 * PER_SECOND)
+    for name in (f"{job}-swp02", f"{job}-old01"):
+        assert (rows[name]["started"], rows[name]["duration_s"], rows[name]["cost_usd"]) == (None, None, None)
+    status = cli("status").output
+    assert (
+        f"{job}-swp02: started, duration and cost not known: 1 of its 3 tasks wrote no results.json" in status
+    )
+    assert (
+        f"{job}-old01: started, duration and cost not known: its results.json records no phases (an older "
+        "trainer's)" in status
+    )
