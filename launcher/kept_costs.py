@@ -17,6 +17,7 @@ or without a GPU, or a failure.json alone, leaves those numbers unknown, and say
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -62,7 +63,8 @@ def recorded_gpu(results: dict[str, Any]) -> str | None:
     """The Cloud Run GPU a results.json was written on: the one its platform line names, else, where the
     trainer saw no GPU (the emulator), the one whose budget the launcher passed; None when neither says."""
     platform = str(results.get("platform") or "")
-    named = [gpu for gpu, found in gpus.GPUS.items() if found.name in platform]
+    # A whole word: "NVIDIA L4 (sm_89)" names an L4, "NVIDIA L40S" does not.
+    named = [gpu for gpu, found in gpus.GPUS.items() if re.search(rf"\b{re.escape(found.name)}\b", platform)]
     if named:
         return named[0]
     if platform and "no GPU visible" not in platform:

@@ -378,6 +378,8 @@ def test_a_sweeps_tasks_costs_are_rebuilt_from_their_results_and_what_they_do_no
             bucket.blob(f"runs/{name}/task-{index}/results.json").upload_from_string(json.dumps(results))
     older = {"final": {"accuracy": 0.7}, **on_gpu}  # an older trainer's: no phases
     bucket.blob(f"runs/{job}-old01/results.json").upload_from_string(json.dumps(older))
+    elsewhere = {"final": {"accuracy": 0.7}, "phases": {"train_s": 50.0}, "platform": "NVIDIA L40S (sm_89)"}
+    bucket.blob(f"runs/{job}-l40s1/results.json").upload_from_string(json.dumps(elsewhere))
 
     board = {row["task"]: row for row in json.loads(cli("results", f"{job}-swp02", "--json").output)}
     assert [(board[i]["duration_s"], board[i]["cost_usd"]) for i in (0, 1)] == [
@@ -398,7 +400,12 @@ def test_a_sweeps_tasks_costs_are_rebuilt_from_their_results_and_what_they_do_no
     assert rows[f"{job}-swp01"]["cost_usd"] == pytest.approx(300 * PER_SECOND)
     for name in (f"{job}-swp02", f"{job}-old01"):
         assert (rows[name]["started"], rows[name]["duration_s"], rows[name]["cost_usd"]) == (None, None, None)
+    # A GPU Cloud Run does not offer has no price here; its duration is still what its phases say.
+    assert (rows[f"{job}-l40s1"]["duration_s"], rows[f"{job}-l40s1"]["cost_usd"]) == (50, None)
+    unpriced = "cost not known: its results.json names no GPU that Cloud Run offers"
+    assert f"ran ≈ 0h00m50s; {unpriced}" in cli("results", f"{job}-l40s1").output
     status = cli("status").output
+    assert f"{job}-l40s1: {unpriced}" in status
     assert (
         f"{job}-swp02: started, duration and cost not known: 1 of its 3 tasks wrote no results.json" in status
     )
