@@ -43,7 +43,7 @@ class Kept:
     # "task-0/results.json", "failure.json").
     written_at: dict[str, datetime | None] = field(default_factory=dict, compare=False)
 
-    def summary(self, why: str = "", numbers: kept_costs.Rebuilt = kept_costs.NOTHING) -> dict[str, object]:
+    def summary(self, why: str, numbers: kept_costs.Rebuilt) -> dict[str, object]:
         """As `status --json` shows an execution, with what the bucket cannot tell as None; `why`: the
         error a failed run recorded; `numbers`: its start, run time and cost as its results tell them."""
         rebuilt = numbers.document()
