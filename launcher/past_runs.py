@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from google.api_core import exceptions
@@ -149,25 +149,28 @@ def _holds_anything(clients: Clients, settings: Settings, execution: str) -> boo
 
 
 def finished(clients: Clients, settings: Settings, limit: int, skip: set[str]) -> list[dict[str, Any]]:
-    """The results.json of the job's runs (not a sweep's tasks) that the bucket keeps, but those of the
-    runs `skip` names (short names): one listing of at most `limit` of them, then a read of each."""
+    """The results.json of the job's newest `limit` runs (not a sweep's tasks) that the bucket keeps, but
+    those of the runs `skip` names (short names): one listing of the names (a request per thousand runs;
+    the bucket lists names in alphabetical order, which for Cloud Run's random execution suffixes is no
+    order in time, so the newest are chosen by when each file was written), then a read of each."""
     runs = f"{jobs.RUNS_PREFIX}/{settings.job}-"
     try:
         listed = list(
             clients.storage.list_blobs(
-                settings.bucket,
-                prefix=runs,
-                match_glob=f"{runs}*/{results.RESULTS}",
-                max_results=limit,
-                retry=RETRY,
+                settings.bucket, prefix=runs, match_glob=f"{runs}*/{results.RESULTS}", retry=RETRY
             )
         )
     except exceptions.NotFound:
         return []
+    names = {blob.name: blob.name.removeprefix(f"{jobs.RUNS_PREFIX}/").partition("/")[0] for blob in listed}
+    newest = sorted(
+        (blob for blob in listed if names[blob.name] not in skip),
+        key=lambda blob: blob.updated or datetime.min.replace(tzinfo=UTC),
+        reverse=True,
+    )
     found = []
-    for blob in listed:
-        name = blob.name.removeprefix(f"{jobs.RUNS_PREFIX}/").partition("/")[0]
-        document = None if name in skip else results.load(clients, settings, name)
+    for blob in newest[:limit]:
+        document = results.load(clients, settings, names[blob.name])
         if isinstance(document, dict):
             found.append(document)
     return found
