@@ -8,7 +8,7 @@ its task (or execution) cost at Cloud Run's prices (launcher/cost.py), None whil
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime
 from typing import Any
 
@@ -219,32 +219,12 @@ def compare(clients: Clients, settings: Settings, names: list[str]) -> list[Entr
                     f"`gemma-launch results {short}` shows its tasks.",
                 )
             args += [arg for key, value in best.settings.items() for arg in flags.setting_argv(key, value)]
-            entry = Entry(
-                f"{short} ({best.label})",
-                {},
-                best.state,
-                best.baseline,
-                best.final,
-                best.duration_s,
-                best.cost,
-                best.task,
-                short,
-            )
+            entry = replace(best, label=f"{short} ({best.label})", settings={}, execution=short)
         columns.append((entry, _flags(args, short)))
     keys = sorted({key for _, found in columns for key in found})
     differing = [key for key in keys if len({json.dumps(found.get(key)) for _, found in columns}) > 1]
     return [
-        Entry(
-            entry.label,
-            {key: _shown(found.get(key)) for key in differing},
-            entry.state,
-            entry.baseline,
-            entry.final,
-            entry.duration_s,
-            entry.cost,
-            entry.task,
-            entry.execution,
-        )
+        replace(entry, settings={key: _shown(found.get(key)) for key in differing})
         for entry, found in columns
     ]
 
@@ -273,17 +253,7 @@ def _kept_column(clients: Clients, settings: Settings, name: str) -> tuple[Entry
     else:
         best = _kept_rows(clients, settings, name, *kept)[0]
         found = kept[0].get(best.task or 0, {})
-        entry = Entry(
-            f"{short} ({best.label})",
-            {},
-            best.state,
-            best.baseline,
-            best.final,
-            best.duration_s,
-            best.cost,
-            best.task,
-            short,
-        )
+        entry = replace(best, label=f"{short} ({best.label})", settings={}, execution=short)
     recorded = found.get("settings", {}).get("flags", {})
     try:
         args = [
