@@ -79,6 +79,9 @@ def stage_in_cloud(
     # A Hub mirror is not a secret: the job reaches the same Hub as this machine.
     env = {"HF_ENDPOINT": os.environ["HF_ENDPOINT"]} if os.environ.get("HF_ENDPOINT") else {}
     spec = jobs.stage_job_spec(stage_settings, image, env)
+    # The staging job's tasks act as the job's account: one disabled or deleted since `up` would fail the
+    # execution at its start, after the job was updated, so refuse first (as `run` and `sweep` do).
+    jobs.require_service_account(clients, stage_settings, spec)
     change = jobs.ensure_job(
         clients, stage_settings, spec, dry_run=dry_run, describe=jobs.stage_gcloud_command, kind="staging job"
     )

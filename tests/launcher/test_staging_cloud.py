@@ -226,6 +226,31 @@ def test_local_directories_stage_from_this_machine_and_cloud_refuses_them(env, h
     assert str(model_dir) not in json.dumps(run)
 
 
+@pytest.mark.slow
+def test_a_disabled_account_stops_staging_in_the_cloud_before_the_staging_job_changes(env, hub):
+    assert cli("up", "--skip-stage").exit_code == 0
+    account = f"gemma3-finetuning@{PROJECT}.iam.gserviceaccount.com"
+    iam = env.clients(PROJECT).iam
+    iam.disable_service_account(request={"name": f"projects/{PROJECT}/serviceAccounts/{account}"})
+    env.record_path.write_text("")
+    for dry_run in ((), ("--dry-run",)):
+        refused = cli(
+            "stage", "--stage-in", "cloud", "--model-source", MODEL, "--dataset-source", DATASET, *dry_run
+        )
+        assert refused.exit_code == 2, refused.output
+        assert (
+            f"Error: Job gemma3-finetuning-job-stage runs as service account {account}, which is disabled"
+            in (refused.output)
+        )
+        assert f"gcloud iam service-accounts enable {account}" in refused.output
+    assert [e["method"] for e in env.record() if e["mutating"]] == []
+
+    iam.enable_service_account(request={"name": f"projects/{PROJECT}/serviceAccounts/{account}"})
+    staged = cli("stage", "--stage-in", "cloud", "--model-source", MODEL, "--dataset-source", DATASET)
+    assert staged.exit_code == 0, staged.output
+    assert len(stage_runs(env)) == 1
+
+
 def test_without_an_image_auto_stages_locally_and_cloud_says_run_up(env, hub):
     env.clients(PROJECT).storage.create_bucket(BUCKET, location="europe-west4")
 
