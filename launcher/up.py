@@ -147,6 +147,7 @@ def up(
             on_event=events.staging,
             on_job=report,
             verbose=verbose,
+            check_account=False,  # checked (or made) above
         )
         for item in staged:
             # One staging execution covers every Hub source: list its command once.

@@ -75,6 +75,7 @@ def stage(
     on_event: OnEvent = ignore,
     on_job: Callable[[Change], None] | None = None,
     verbose: bool = False,
+    check_account: bool = True,
 ) -> list[Change]:
     """Stage the model and the dataset into settings.bucket; safe to run again, resumes after a failure.
 
@@ -82,7 +83,8 @@ def stage(
     region with `image` (the project's image) for Hub sources; "auto" is cloud for Hub sources when there
     is an image, local otherwise (a job cannot read this machine's directories). `on_job` hears how the
     staging job was created or updated, when one is needed. `on_event` hears the progress (from worker
-    threads too). `verbose`: the staging job logs a line per file.
+    threads too). `verbose`: the staging job logs a line per file. `check_account`: refuse a staging job
+    whose account was disabled or deleted (off for `up`, which checks or makes the account itself).
 
     One Change per source, model first: its name is the staged copy's gs:// prefix, its command what
     copies it (none when unchanged), its detail what `stage` shows (`document`).
@@ -112,7 +114,9 @@ def stage(
     done: dict[str, tuple[Outcome, str]] = {}
     if in_cloud:
         assert image is not None
-        done = stage_in_cloud(clients, settings, bucket, in_cloud, image, dry_run, on_event, on_job, verbose)
+        done = stage_in_cloud(
+            clients, settings, bucket, in_cloud, image, dry_run, on_event, on_job, verbose, check_account
+        )
     changes = []
     for source in sources:
         if source.kind in done:

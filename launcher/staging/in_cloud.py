@@ -49,6 +49,7 @@ def stage_in_cloud(
     on_event: OnEvent,
     on_job: Callable[[Change], None] | None,
     verbose: bool = False,
+    check_account: bool = True,
 ) -> dict[str, tuple[Outcome, str]]:
     """Stage Hub sources with one execution of the staging job; what is already complete runs nothing.
 
@@ -80,8 +81,10 @@ def stage_in_cloud(
     env = {"HF_ENDPOINT": os.environ["HF_ENDPOINT"]} if os.environ.get("HF_ENDPOINT") else {}
     spec = jobs.stage_job_spec(stage_settings, image, env)
     # The staging job's tasks act as the job's account: one disabled or deleted since `up` would fail the
-    # execution at its start, after the job was updated, so refuse first (as `run` and `sweep` do).
-    jobs.require_service_account(clients, stage_settings, spec)
+    # execution at its start, after the job was updated, so refuse first (as `run` and `sweep` do). `up`
+    # checks, or makes, the account itself before it stages (check_account=False).
+    if check_account:
+        jobs.require_service_account(clients, stage_settings, spec)
     change = jobs.ensure_job(
         clients, stage_settings, spec, dry_run=dry_run, describe=jobs.stage_gcloud_command, kind="staging job"
     )
