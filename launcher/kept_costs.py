@@ -16,7 +16,6 @@ or without a GPU, or a failure.json alone, leaves those numbers unknown, and say
 
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -27,7 +26,6 @@ from launcher.cloud import Clients
 from launcher.pricing import Prices
 from launcher.settings import Settings, cpu_count, memory_gib
 from launcher.settings_rules import DEFAULT_SHAPES
-from trainer import sweep as trainer_sweep
 
 # How the output says where these numbers come from.
 ESTIMATED = (
@@ -109,17 +107,6 @@ def rebuild(results: dict[str, Any] | None, written: datetime | None, per_second
             started, seconds, None, "cost not known: its results.json names no GPU that Cloud Run offers"
         )
     return Rebuilt(started, seconds, seconds * per_second(gpu))
-
-
-def sweep_tasks(results: dict[str, Any]) -> int | None:
-    """How many tasks the sweep a task's results.json came from had: the combinations of the grid it
-    records; None when it records none."""
-    grid = (results.get("settings") or {}).get("flags", {}).get("sweep-grid")
-    try:
-        parsed = trainer_sweep.parse_grid(grid) if isinstance(grid, str) else None
-    except ValueError:
-        return None
-    return None if parsed is None else math.prod(len(values) for values in parsed.values())
 
 
 def combined(tasks: list[Rebuilt], expected: int | None) -> Rebuilt:

@@ -19,9 +19,8 @@ from launcher import results as run_results
 from launcher.cloud import Clients
 from launcher.errors import UserError
 from launcher.settings import Settings
-from launcher.sweep import GRID_FLAG, Grid, grid_of
+from launcher.sweep import Grid, grid_of, recorded_combinations
 from trainer import flags
-from trainer import sweep as trainer_sweep
 
 # Trainer flags that say where a run reads and writes, or are gemma-launch's own: not what makes two
 # runs' results differ.
@@ -102,16 +101,6 @@ def _best_first(entries: list[Entry]) -> list[Entry]:
     )
 
 
-def kept_combinations(results: dict[str, Any]) -> list[dict[str, str]]:
-    """The combinations of the sweep a task's results.json came from, in task order, read from the
-    --sweep-grid it records among its flags; none when it was no sweep's."""
-    grid = results.get("settings", {}).get("flags", {}).get(GRID_FLAG)
-    try:
-        return Grid(trainer_sweep.parse_grid(grid)).combinations() if isinstance(grid, str) else []
-    except ValueError:
-        return []
-
-
 def kept_sweep(clients: Clients, settings: Settings, execution: str) -> list[Entry] | None:
     """The leaderboard of a sweep whose execution record is gone (its job deleted), from what its tasks
     wrote to the bucket: a row per combination of the grid their results.json records, Succeeded where
@@ -148,7 +137,7 @@ def _kept_rows(
         index: kept_costs.rebuild(found, written_at.get(f"task-{index}/results.json"), per_second)
         for index, found in written.items()
     }
-    combinations = next((found for found in map(kept_combinations, written.values()) if found), [])
+    combinations = next((found for found in map(recorded_combinations, written.values()) if found), [])
     indices = sorted({*range(len(combinations)), *written})
     return _best_first(
         [

@@ -19,7 +19,7 @@ from typing import Any
 from google.api_core import exceptions
 from google.cloud import run_v2
 
-from launcher import executions, kept_costs, logs, results
+from launcher import executions, kept_costs, logs, results, sweep
 from launcher import job as jobs
 from launcher.cloud import RETRY, Clients
 from launcher.errors import UserError
@@ -307,7 +307,8 @@ def _rebuilt(
     for index in run.tasks_with_results:
         name = f"task-{index}/{results.RESULTS}"
         found = results.read_json(clients, settings, f"{prefix}/{name}")
-        expected = expected or (kept_costs.sweep_tasks(found) if found else None)
+        if expected is None and found:
+            expected = len(sweep.recorded_combinations(found)) or None
         tasks.append(kept_costs.rebuild(found, run.written_at.get(name), per_second))
     return kept_costs.combined(tasks, expected)
 

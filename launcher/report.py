@@ -92,7 +92,7 @@ def _kept_pages(clients: Clients, settings: Settings, execution: str) -> list[di
         prefix = leaderboard.task_prefix(execution, index)
         results = run_results.read_json(clients, settings, f"{prefix}/results.json")
         if results is not None:
-            combinations = leaderboard.kept_combinations(results)
+            combinations = sweep.recorded_combinations(results)
             combination = combinations[index] if index < len(combinations) else {}
             shown = ", ".join(f"{key}={value}" for key, value in combination.items())
             tasks.append(

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from google.cloud import run_v2
 
@@ -166,3 +167,13 @@ def grid_of(execution: run_v2.Execution) -> Grid | None:
         return Grid(trainer_sweep.parse_grid(args[args.index(option) + 1]))
     except ValueError:
         return None
+
+
+def recorded_combinations(results: Mapping[str, Any]) -> list[dict[str, str]]:
+    """The combinations of the sweep a task's results.json came from, in task order, read from the
+    --sweep-grid it records among its flags; none when it was no sweep's."""
+    grid = (results.get("settings") or {}).get("flags", {}).get(GRID_FLAG)
+    try:
+        return Grid(trainer_sweep.parse_grid(grid)).combinations() if isinstance(grid, str) else []
+    except ValueError:
+        return []
