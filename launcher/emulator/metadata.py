@@ -15,8 +15,13 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlparse
 
 from launcher.emulator.access import Access
+from launcher.emulator.http_errors import LoggedErrors
 
 _TOKEN_LIFETIME_S = 3599
+
+
+class _Server(LoggedErrors, ThreadingHTTPServer):
+    pass
 
 
 class MetadataServer:
@@ -48,7 +53,7 @@ class MetadataServer:
                 "token_type": "Bearer",
             },
         }
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        self._server = _Server(("127.0.0.1", 0), self._handler())
         self._server.daemon_threads = True
         self._thread = threading.Thread(target=self._server.serve_forever, name="metadata", daemon=True)
 

@@ -5,7 +5,6 @@
 
 from __future__ import annotations
 
-import logging
 import signal
 import sys
 import tempfile
@@ -26,6 +25,7 @@ from launcher.emulator.artifactregistry import ArtifactRegistry
 from launcher.emulator.billing_catalog import Catalog
 from launcher.emulator.cloudbuild import RESTRICTED_REGIONS, CloudBuild
 from launcher.emulator.faults import Faults
+from launcher.emulator.http_errors import LoggedErrors
 from launcher.emulator.iam import Iam
 from launcher.emulator.logging import READ_QUOTA, READ_WINDOW_S, Logging, ReadQuota
 from launcher.emulator.operations import Operations
@@ -38,8 +38,6 @@ from launcher.emulator.secretmanager import SecretManager
 from launcher.emulator.serviceusage import ServiceUsage
 from launcher.emulator.state import State
 from launcher.emulator.storage import CloudStorage
-
-_log = logging.getLogger(__name__)
 
 
 class Emulator:
@@ -182,15 +180,8 @@ class Emulator:
             self.stop()
 
 
-class _StorageServer(HTTPServer):
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        """socketserver prints the traceback to whatever sys.stderr is at that moment: while a test runs a
-        command through click's CliRunner, into that command's output. A client hanging up mid-request (a
-        dropped keep-alive connection, an abandoned upload) is the client's business, not an error here."""
-        if isinstance(sys.exc_info()[1], ConnectionError):
-            _log.debug("storage client %s hung up", client_address, exc_info=True)
-        else:
-            _log.exception("storage request from %s failed", client_address)
+class _StorageServer(LoggedErrors, HTTPServer):
+    pass
 
 
 def _serve_storage(api: Any) -> None:

@@ -173,7 +173,9 @@ def test_bad_trainer_input_is_an_error_and_a_hint_and_exit_2(
         code = exit_.code
     stderr = capsys.readouterr().err
     assert code == 2
-    error, hint = stderr.splitlines()
+    lines = stderr.splitlines()
+    assert len(lines) == 2, stderr
+    error, hint = lines
     assert error.startswith("Error: ") and hint.startswith("Hint: "), stderr
     assert message in error
     assert "Traceback" not in stderr

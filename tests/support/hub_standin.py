@@ -24,6 +24,8 @@ from urllib.parse import parse_qs, unquote, urlparse
 
 import yaml
 
+from launcher.emulator.http_errors import LoggedErrors
+
 _REPO = r"(?P<repo>[^/]+/[^/]+|[^/]+)"
 _INFO = re.compile(rf"^/api/(?P<type>models|datasets)/{_REPO}(?:/revision/(?P<rev>[^/]+))?$")
 _TREE = re.compile(rf"^/api/(?P<type>models|datasets)/{_REPO}/tree/(?P<rev>[^/]+)(?:/(?P<path>.*))?$")
@@ -84,7 +86,7 @@ class HubStandin:
         self.requests: list[Request] = []
         self._cuts: dict[str, int] = {}
         self._lock = threading.Lock()
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self))
+        self._server = _Server(("127.0.0.1", 0), _handler(self))
         self._server.daemon_threads = True
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
 
@@ -138,6 +140,10 @@ class HubStandin:
     def _take_cut(self, path: str) -> int | None:
         with self._lock:
             return self._cuts.pop(path, None)
+
+
+class _Server(LoggedErrors, ThreadingHTTPServer):
+    pass
 
 
 class _Reply(Exception):

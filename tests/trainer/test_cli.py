@@ -82,7 +82,9 @@ def test_bad_flags_exit_2_with_an_error_and_a_hint(
         code = exit_.code
     stderr = capsys.readouterr().err
     assert code == 2
-    error, hint = stderr.splitlines()
+    lines = stderr.splitlines()
+    assert len(lines) == 2, stderr
+    error, hint = lines
     assert error.startswith("Error: ") and hint.startswith("Hint: "), stderr
     assert message.format(**paths) in error
     # Nothing written: at most the empty output directory, which the trainer creates before loading data.
