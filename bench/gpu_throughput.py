@@ -9,9 +9,9 @@
 Everything runs through the trainer's own code: its flags (trainer.flags.parse_args), model setup
 (trainer.speed.with_adapters), levers (trainer.speed.speed_up / build_trainer: memory cap, image
 features, compiled layers, batch and checkpointing plan), TRL SFTTrainer with the answer-only collator, and
-the evaluation functions (trainer.evaluate.predict). Only the weights are random (their values do not change
-speed) and the data is synthetic: 896x896 JPEGs, and the prompt padded to the real sample length (470 tokens:
-256 image tokens, 208 prompt and template tokens, answer + end of turn, docs/benchmarks.md).
+the evaluation function (trainer.evaluate.predict_ranked). Only the weights are random (their values do not
+change speed) and the data is synthetic: 896x896 JPEGs, and the prompt padded to the real sample length
+(470 tokens: 256 image tokens, 208 prompt and template tokens, answer + end of turn, docs/benchmarks.md).
 
 Each configuration builds a fresh model; one JSON line per measured (configuration, phase) goes to
 OUT/gpu.jsonl, with the FLOP count behind the MFU column.
@@ -48,7 +48,7 @@ import torch_settings  # noqa: E402
 
 from trainer import UserError  # noqa: E402
 from trainer.data import PROMPT, PetData, chat_format, load_pets, readable_name  # noqa: E402
-from trainer.evaluate import predict  # noqa: E402
+from trainer.evaluate import predict_ranked  # noqa: E402
 from trainer.export import versions  # noqa: E402
 from trainer.flags import parse_args  # noqa: E402
 from trainer.modeling import LANGUAGE_MODEL_LINEAR  # noqa: E402
@@ -430,7 +430,7 @@ def measure(
                                   features, budget)  # fmt: skip
         # Warm-up on one batch (kernels, compiled graphs), then the timed pass.
         warmup = split.select(range(min(batch, len(split))))
-        predict(eval_method, model, processor, chat, warmup, data.class_names, batch, features,
+        predict_ranked(eval_method, model, processor, chat, warmup, data.class_names, batch, features,
                 workers)  # fmt: skip
         # --eval-passes N times N passes over the images in one loader (its workers start once, as in the
         # trainer's evaluation of a whole test split), without drawing other images.
@@ -438,7 +438,7 @@ def measure(
         reset_peak(device)
         sync(device)
         start = time.perf_counter()
-        predict(eval_method, model, processor, chat, timed, data.class_names, batch, features,
+        predict_ranked(eval_method, model, processor, chat, timed, data.class_names, batch, features,
                 workers)  # fmt: skip
         sync(device)
         seconds = time.perf_counter() - start
@@ -476,7 +476,7 @@ def measure(
         if bench.profile:
             profiled = split.select(range(min(2 * batch, len(split))))
             path = out / f"profile-{common['arch']}-{name}-eval.txt"
-            run = functools.partial(predict, eval_method, model, processor, chat, profiled,
+            run = functools.partial(predict_ranked, eval_method, model, processor, chat, profiled,
                                     data.class_names, batch, features, workers)  # fmt: skip
             profile_eval(path, device, run)
 

@@ -179,20 +179,6 @@ def answer_log_likelihoods(
     return torch.cat(scores).cpu()
 
 
-def score_classes(
-    model: PreTrainedModel,
-    processor: ProcessorMixin,
-    chat: ChatFormat,
-    split: datasets.Dataset,
-    batch_size: int,
-    features: Container[int] | None = None,
-    num_workers: int = 0,
-) -> list[int]:
-    """The most likely breed: never UNKNOWN."""
-    scores = answer_log_likelihoods(model, processor, chat, split, batch_size, features, num_workers)
-    return scores.argmax(-1).tolist()
-
-
 def match_name(text: str, class_names: list[str]) -> int:
     """The longest breed name in the text, case-insensitively (as the reference script matches)."""
     text = text.lower().replace("_", " ")
@@ -231,22 +217,6 @@ def generate_classes(
         texts = processor.batch_decode(output[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
         predictions += [match_name(text, class_names) for text in texts]
     return predictions
-
-
-def predict(
-    method: str,
-    model: PreTrainedModel,
-    processor: ProcessorMixin,
-    chat: ChatFormat,
-    split: datasets.Dataset,
-    class_names: list[str],
-    batch_size: int,
-    features: Container[int] | None = None,
-    num_workers: int = 0,
-) -> list[int]:
-    if method == "score":
-        return score_classes(model, processor, chat, split, batch_size, features, num_workers)
-    return generate_classes(model, processor, chat, split, class_names, batch_size, num_workers)
 
 
 def predict_ranked(

@@ -31,7 +31,7 @@ from trl import SFTTrainer
 from trainer import UserError
 from trainer.container import SharedMemory, compile_toolchain_problem, pixel_bytes
 from trainer.data import ChatFormat, PetData
-from trainer.evaluate import predict
+from trainer.evaluate import predict_ranked
 from trainer.modeling import LANGUAGE_MODEL_LINEAR, add_adapters, load_base_model
 from trainer.speed.features import ImageFeatures
 from trainer.speed.host_work import skip_repeated_mode_switches, zero_only_trainable_grads
@@ -285,7 +285,7 @@ def planned_batch(
 
     def run(count: int) -> None:
         probe = split.select(range(min(count, len(split))))
-        predict(method, model, processor, chat, probe, class_names, count, features)
+        predict_ranked(method, model, processor, chat, probe, class_names, count, features)
 
     return pass_batch(f"evaluation ({method})", requested, measure_pass(run, budget))
 
