@@ -3,6 +3,7 @@
 A new project has only Google's default services on
 (https://cloud.google.com/service-usage/docs/enabled-service#default); every other call would answer
 SERVICE_DISABLED. Enabling is idempotent: what is on is left alone, and a second `up` enables nothing.
+An API just enabled may answer SERVICE_DISABLED a while longer: for those, RETRY waits it out (cloud.py).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import time
 from google.cloud import service_usage_v1
 
 from launcher.changes import Change
-from launcher.cloud import POLLING, RETRY, Clients
+from launcher.cloud import POLLING, RETRY, Clients, enabled_now
 from launcher.cloud_errors import explained
 from launcher.settings import Settings
 
@@ -68,6 +69,7 @@ def ensure_apis(clients: Clients, settings: Settings, *, dry_run: bool = False) 
                 retry=RETRY,
             ).result(timeout=ENABLE_WAIT_S, retry=RETRY, polling=POLLING)
             _wait_until_enabled(clients, settings, missing)
+            enabled_now(missing)
     changes = []
     for api in REQUIRED:
         if api not in missing:

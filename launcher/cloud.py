@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 from functools import cached_property
 from urllib.parse import urlsplit
 
@@ -84,10 +85,30 @@ TRANSIENT = (
 _TRANSIENT_HTTP = {408, 429, 500, 502, 503, 504}
 
 
+# An API just enabled is not served at once: its calls may answer SERVICE_DISABLED for a few minutes,
+# as that answer's own message says ("If you enabled this API recently, wait a few minutes for the
+# action to propagate to our systems and retry"). For APIs this process enabled (`up`), that answer
+# is transient; for any other API it means what it says, and is reported at once.
+API_PROPAGATION_S = 300.0
+_enabled_at: dict[str, float] = {}
+
+
+def enabled_now(apis: list[str]) -> None:
+    """Service Usage has just enabled `apis`: their SERVICE_DISABLED answers are retried for a while."""
+    _enabled_at.update(dict.fromkeys(apis, time.monotonic()))
+
+
+def _still_propagating(error: BaseException) -> bool:
+    if getattr(error, "reason", None) != "SERVICE_DISABLED":
+        return False
+    enabled_at = _enabled_at.get((getattr(error, "metadata", None) or {}).get("service", ""))
+    return enabled_at is not None and time.monotonic() - enabled_at < API_PROPAGATION_S
+
+
 def is_transient(error: BaseException) -> bool:
     if isinstance(error, InvalidResponse):
         return error.response.status_code in _TRANSIENT_HTTP
-    return isinstance(error, TRANSIENT)
+    return isinstance(error, TRANSIENT) or _still_propagating(error)
 
 
 def retry_deadline_s() -> float:

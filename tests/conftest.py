@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from launcher import gpus
+from launcher import cloud, gpus
 from launcher.apis import REQUIRED
 from launcher.settings_sources import ENV_VARS
 from tests.support.emulator import Local, emulated
@@ -45,12 +45,15 @@ def isolated_environment(tmp_path_factory: pytest.TempPathFactory, monkeypatch: 
     monkeypatch.setenv("GCE_METADATA_IP", "127.0.0.1:9")
     monkeypatch.setenv("GCE_METADATA_HOST", "127.0.0.1:9")
     monkeypatch.chdir(tmp_path_factory.mktemp("cwd"))
+    # Nor an API that an earlier test's `up` enabled in this process: its SERVICE_DISABLED would be retried.
+    monkeypatch.setattr(cloud, "_enabled_at", {})
 
 
 @pytest.fixture
 def fresh(tmp_path: Path) -> Iterator[Local]:
-    """The emulator as a new project is: only Google's default APIs on, the caller its owner."""
-    with emulated(tmp_path, iam_propagation_s=0.5, gpu_quota=GPU_QUOTA) as emulator:
+    """The emulator as a new project is: only Google's default APIs on, the caller its owner; a new
+    service account and a just-enabled API each take a moment to be usable, as in Google Cloud."""
+    with emulated(tmp_path, iam_propagation_s=0.5, api_propagation_s=0.5, gpu_quota=GPU_QUOTA) as emulator:
         yield Local(emulator, tmp_path / "record.jsonl")
 
 

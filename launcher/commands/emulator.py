@@ -86,6 +86,13 @@ def emulator() -> None:
     show_default=True,
     help="Seconds a new service account stays unknown to IAM policies, as in Google Cloud.",
 )
+@click.option(
+    "--api-propagation",
+    type=click.FloatRange(min=0),
+    default=2.0,
+    show_default=True,
+    help="Seconds a just-enabled API still answers SERVICE_DISABLED, as in Google Cloud.",
+)
 def emulator_start(
     port: int,
     storage_port: int,
@@ -99,6 +106,7 @@ def emulator_start(
     user: str,
     billing: bool,
     iam_propagation: float,
+    api_propagation: float,
 ) -> None:
     """Run the local cloud in the foreground until Ctrl-C.
 
@@ -126,6 +134,7 @@ def emulator_start(
         "user": user,
         "billing": billing,
         "iam_propagation_s": iam_propagation,
+        "api_propagation_s": api_propagation,
     }
     if build_regions is not None:
         options["build_regions"] = _build_regions(build_regions)

@@ -13,6 +13,11 @@ Google answers every request in this order, and so does the emulator:
    resource 'R' (or it may not exist)." with reason IAM_PERMISSION_DENIED
    (https://cloud.google.com/iam/docs/overview#policy-hierarchy).
 
+An API enabled a moment ago is not yet served: for `api_propagation_s` seconds after Service Usage
+enabled it (and reports it ENABLED), its calls still answer SERVICE_DISABLED, whose message says as
+much: "If you enabled this API recently, wait a few minutes for the action to propagate to our systems
+and retry" (https://cloud.google.com/apis/design/errors#error_info shows the error).
+
 A service account made a moment ago is not yet known to other services' IAM: for `propagation_s`
 seconds a policy naming it is refused (https://cloud.google.com/iam/docs/service-accounts-create:
 "...it can take up to 60 seconds..."; https://cloud.google.com/iam/docs/troubleshooting-access).
@@ -213,12 +218,14 @@ class Access:
         *,
         user: str = DEFAULT_USER,
         propagation_s: float = 0.0,
+        api_propagation_s: float = 0.0,
         enabled_apis: Iterable[str] = DEFAULT_ENABLED,
         billing_enabled: bool = True,
     ) -> None:
         self.state = state
         self.user = f"user:{user}"
         self.propagation_s = propagation_s
+        self.api_propagation_s = api_propagation_s
         self.default_enabled = frozenset(enabled_apis)
         self.billing_enabled = billing_enabled
         # token -> (member, the unique id of the service account it was issued to, None for others)
@@ -334,9 +341,23 @@ class Access:
 
     # ---- APIs
 
+    def apis_enabled(self, project: str, apis: Iterable[str]) -> None:
+        """Service Usage enabled `apis` now: on, and served once `api_propagation_s` has passed."""
+        now = time.time()
+
+        def add(record: dict[str, Any]) -> None:
+            newly = set(apis) - set(record["services"])
+            record["services"] = sorted(set(record["services"]) | newly)
+            record["enabled_at"] = {**record.get("enabled_at", {}), **dict.fromkeys(newly, now)}
+
+        self.update_project(project, add)
+
     def require_enabled(self, project: str, api: str, title: str) -> None:
         record = self.project(project)
-        if api in record["services"]:
+        enabled_at = record.get("enabled_at", {}).get(api)
+        if api in record["services"] and (
+            enabled_at is None or time.time() - enabled_at >= self.api_propagation_s
+        ):
             return
         number = record["number"]
         url = f"https://console.developers.google.com/apis/api/{api}/overview?project={number}"

@@ -52,6 +52,7 @@ class Emulator:
         operation_delay_s: float = 0.2,
         user: str = DEFAULT_USER,
         iam_propagation_s: float = 2.0,
+        api_propagation_s: float = 0.0,
         enabled_apis: tuple[str, ...] = tuple(DEFAULT_ENABLED),
         billing: bool = True,
         build_regions: Collection[str] | None = RESTRICTED_REGIONS,
@@ -60,7 +61,8 @@ class Emulator:
         log_read_window_s: float = READ_WINDOW_S,
     ) -> None:
         """A fresh project's rules: APIs off but Google's defaults, `user` the owner of every project it
-        names, a new service account unknown to IAM policies for `iam_propagation_s`, billing on, and
+        names, a new service account unknown to IAM policies for `iam_propagation_s`, an API just enabled
+        still answering SERVICE_DISABLED for `api_propagation_s`, billing on, and
         CreateBuild accepted in `global` and `build_regions` only (None: everywhere), and at most
         `log_read_quota` ListLogEntries calls per project in any `log_read_window_s` seconds."""
         if data_dir is None:
@@ -71,6 +73,7 @@ class Emulator:
             self.state,
             user=user,
             propagation_s=iam_propagation_s,
+            api_propagation_s=api_propagation_s,
             enabled_apis=enabled_apis,
             billing_enabled=billing,
         )

@@ -1,7 +1,8 @@
 """Service Usage v1: which APIs a project has enabled (https://cloud.google.com/service-usage/docs/reference/rpc).
 
 A project starts with Google's default services (access.DEFAULT_ENABLED); every other emulated API
-answers SERVICE_DISABLED until it is enabled here. Enabling is a long-running operation, as in Google.
+answers SERVICE_DISABLED until it is enabled here, and for a moment after (access.py: the API's own
+servers learn of it later than Service Usage). Enabling is a long-running operation, as in Google.
 """
 
 from __future__ import annotations
@@ -75,10 +76,7 @@ class ServiceUsage:
                 ],
             )
 
-        def add(record: dict) -> None:
-            record["services"] = sorted(set(record["services"]) | set(services))
-
-        self.access.update_project(project, add)
+        self.access.apis_enabled(project, services)
         return [self._service(project, service) for service in services]
 
     def enable(self, request: service_usage_v1.EnableServiceRequest, context: grpc.ServicerContext):

@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import time
+
 import grpc
 import pytest
 from click.testing import CliRunner
 from google.api_core import exceptions
-from google.cloud import billing_v1, secretmanager_v1
+from google.cloud import billing_v1, secretmanager_v1, service_usage_v1
 from google.cloud.billing_v1.services.cloud_billing.transports.grpc import CloudBillingGrpcTransport
 from google.cloud.secretmanager_v1.services.secret_manager_service.transports.grpc import (
     SecretManagerServiceGrpcTransport,
 )
 
 from launcher.cli import main
+from launcher.cloud import Clients
 from launcher.emulator.server import Emulator
+from tests.support.emulator import emulated
 
 PROJECT = "demo-project"
 
@@ -56,10 +60,35 @@ def test_emulator_start_takes_the_user_billing_and_propagation(monkeypatch, tmp_
             user=emulator.access.user,
             billing=emulator.access.billing_enabled,
             propagation=emulator.access.propagation_s,
+            api_propagation=emulator.access.api_propagation_s,
         )
 
     monkeypatch.setattr(Emulator, "serve", serve)
-    args = ["--user", "me@example.org", "--no-billing", "--iam-propagation", "0.5"]
+    args = ["--user", "me@example.org", "--no-billing", "--iam-propagation", "0.5", "--api-propagation", "3"]
     result = CliRunner().invoke(main, ["emulator", "start", "--data-dir", str(tmp_path / "d"), *args])
     assert result.exit_code == 0, result.output
-    assert seen == {"user": "user:me@example.org", "billing": False, "propagation": 0.5}
+    assert seen == {"user": "user:me@example.org", "billing": False, "propagation": 0.5, "api_propagation": 3}
+
+
+def test_a_just_enabled_api_answers_service_disabled_until_it_has_propagated(tmp_path):
+    """Service Usage reports the API ENABLED at once, but its own servers learn of it later: meanwhile
+    each call answers the SERVICE_DISABLED error whose message says to wait and retry."""
+    with emulated(tmp_path, api_propagation_s=1.0):
+        clients = Clients(PROJECT)
+        name = f"projects/{PROJECT}/services/secretmanager.googleapis.com"
+        clients.service_usage.batch_enable_services(
+            request=service_usage_v1.BatchEnableServicesRequest(
+                parent=f"projects/{PROJECT}", service_ids=["secretmanager.googleapis.com"]
+            )
+        ).result()
+        enabled = clients.service_usage.get_service(request=service_usage_v1.GetServiceRequest(name=name))
+        assert enabled.state == service_usage_v1.State.ENABLED
+        with pytest.raises(exceptions.PermissionDenied) as early:
+            clients.secrets.list_secrets(parent=f"projects/{PROJECT}")
+        assert early.value.reason == "SERVICE_DISABLED"
+        assert early.value.metadata["service"] == "secretmanager.googleapis.com"
+        assert "If you enabled this API recently, wait a few minutes" in early.value.message
+        # Other APIs, on from the start, are served meanwhile.
+        assert list(clients.storage.list_buckets()) == []
+        time.sleep(1.0)
+        assert list(clients.secrets.list_secrets(parent=f"projects/{PROJECT}")) == []

@@ -9,6 +9,7 @@ line that says what to do, exit status 2, and no traceback.
 from __future__ import annotations
 
 import re
+import time
 from pathlib import Path
 
 import pytest
@@ -83,6 +84,7 @@ def _make_viewer(env, role: str | None = "roles/viewer") -> None:
     clients.service_usage.enable_service(
         request={"name": f"projects/{PROJECT}/services/cloudresourcemanager.googleapis.com"}
     ).result()
+    time.sleep(env.emulator.access.api_propagation_s)  # until Resource Manager serves it
     projects = clients.projects
     resource = f"projects/{PROJECT}"
     policy = policy_pb2.Policy(bindings=[policy_pb2.Binding(role="roles/owner", members=[STRANGER])])

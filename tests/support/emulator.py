@@ -4,6 +4,7 @@ the environment pointing the launcher's clients at it while it runs."""
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -60,9 +61,11 @@ class Local:
         return Clients(project)
 
     def enable_apis(self, project: str = "demo-project") -> None:
-        """What `gcloud services enable` (or a first `up`) leaves: every API gemma-launch calls is on."""
+        """What `gcloud services enable` (or a first `up`) leaves: every API gemma-launch calls is on, and
+        served once the emulator's API propagation delay has passed."""
         self.clients(project).service_usage.batch_enable_services(
             request=service_usage_v1.BatchEnableServicesRequest(
                 parent=f"projects/{project}", service_ids=list(REQUIRED)
             )
         ).result()
+        time.sleep(self.emulator.access.api_propagation_s)
