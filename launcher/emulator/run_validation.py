@@ -13,6 +13,7 @@ from google.api import launch_stage_pb2
 from google.cloud import run_v2
 from google.protobuf import duration_pb2
 
+from launcher.emulator.labels import check_labels
 from launcher.emulator.rpc import invalid
 from launcher.emulator.storage import bucket_name_ok
 
@@ -134,6 +135,10 @@ def validate_template(job: run_v2.Job) -> None:
     for key in list(job.labels) + list(job.template.labels):
         if key.split("/")[0].endswith(_RESERVED_LABEL_PREFIXES):
             raise invalid(f"Label {key!r} uses a reserved namespace; Cloud Run API v2 rejects it.")
+    # "Only valid Google Cloud labels can be used on Cloud Run"
+    # (https://cloud.google.com/run/docs/configuring/jobs/labels), on the job and its template alike.
+    check_labels(job.labels, "A job")
+    check_labels(job.template.labels, "A job's execution template")
     # Job.launch_stage proto comment: "Cloud Run supports ALPHA, BETA, and GA".
     if job.launch_stage not in (Stage.LAUNCH_STAGE_UNSPECIFIED, Stage.ALPHA, Stage.BETA, Stage.GA):
         raise invalid(

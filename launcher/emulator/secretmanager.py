@@ -23,6 +23,7 @@ from google.iam.v1 import iam_policy_pb2, policy_pb2
 from google.protobuf import empty_pb2, json_format
 
 from launcher.emulator.access import Access, project_number, rename_member
+from launcher.emulator.labels import check_labels
 from launcher.emulator.resourcemanager import check_version_kept, check_versioned, policy_as_requested
 from launcher.emulator.rpc import (
     ApiError,
@@ -153,7 +154,7 @@ class SecretManager:
             )
         if "replication" not in request.secret:
             raise invalid("Secret.replication must be set (automatic or user_managed).")
-        _check_labels(dict(request.secret.labels))
+        check_labels(dict(request.secret.labels), "A secret")
         key = f"projects/{project_number(project['project'])}/secrets/{request.secret_id}"
         secret = request.secret
         secret.name = key
@@ -193,7 +194,7 @@ class SecretManager:
         if unknown := [path for path in paths if path not in mutable]:
             raise invalid(f"Field(s) {', '.join(unknown)} cannot be updated.")
         if "labels" in paths:
-            _check_labels(dict(request.secret.labels))
+            check_labels(dict(request.secret.labels), "A secret")
         key = self._secret_key(request.secret.name)
         with self.state.transaction() as tables:
             stored = tables["secrets"].get(key)
@@ -470,34 +471,6 @@ class SecretManager:
             ],
             hub,
         )
-
-
-# resources.proto, Secret.labels: keys [\p{Ll}\p{Lo}][\p{Ll}\p{Lo}\p{N}_-]{0,62}, values
-# [\p{Ll}\p{Lo}\p{N}_-]{0,63}, each at most 128 UTF-8 bytes, and no more than 64 labels.
-# (\p{Ll}\p{Lo} is approximated by lower-case letters and letters without case, \p{N} by str.isnumeric.)
-_MAX_LABELS = 64
-
-
-def _label_char(char: str, *, first: bool = False) -> bool:
-    letter = char.isalpha() and not char.isupper() and not char.istitle()
-    return letter if first else letter or char.isnumeric() or char in "_-"
-
-
-def _check_labels(labels: dict[str, str]) -> None:
-    if len(labels) > _MAX_LABELS:
-        raise invalid(f"A secret has at most {_MAX_LABELS} labels; {len(labels)} were given.")
-    for key, value in labels.items():
-        key_ok = 1 <= len(key) <= 63 and _label_char(key[0], first=True) and all(map(_label_char, key))
-        if not key_ok or len(key.encode()) > 128:
-            raise invalid(
-                f"Invalid label key {key!r}: 1-63 lower-case letters, digits, underscores and hyphens, "
-                "starting with a letter."
-            )
-        if len(value) > 63 or len(value.encode()) > 128 or not all(map(_label_char, value)):
-            raise invalid(
-                f"Invalid value {value!r} of label {key!r}: up to 63 lower-case letters, digits, "
-                "underscores and hyphens."
-            )
 
 
 def _etag_mismatch(name: str) -> ApiError:

@@ -446,6 +446,31 @@ def test_rejects_what_cloud_run_rejects(cloud):
     assert list(cloud.jobs.list_jobs(parent=PARENT)) == []
 
 
+def test_labels_that_are_not_valid_google_cloud_labels_are_refused(cloud):
+    """ "Only valid Google Cloud labels can be used on Cloud Run", on the job and its template alike."""
+    bad = {
+        "upper-case key": {"Team": "ml"},
+        "key starting with a digit": {"1team": "ml"},
+        "value with a space": {"team": "machine learning"},
+        "value over 63 characters": {"team": "x" * 64},
+        "65 labels": {f"k{n}": "v" for n in range(65)},
+    }
+    for case, labels in bad.items():
+        for where in ("job", "template"):
+            spec = job_spec()
+            if where == "job":
+                spec["labels"] = labels
+            else:
+                spec["template"]["labels"] = labels
+            with pytest.raises(exceptions.InvalidArgument) as refused:
+                cloud.create(spec)
+            assert "label" in refused.value.message, (case, where)
+    assert list(cloud.jobs.list_jobs(parent=PARENT)) == []
+    # Lower-case keys, international letters and an empty value are valid labels.
+    job = cloud.create(job_spec() | {"labels": {"managed-by": "gemma-launch", "équipe": "", "k_2": "a-b_1"}})
+    assert job.labels["managed-by"] == "gemma-launch"
+
+
 def test_job_id_rules(cloud):
     for job_id in ["Trainer", "9trainer", "trainer-", "t" * 64, "has_underscore"]:
         with pytest.raises(exceptions.InvalidArgument):
