@@ -87,6 +87,13 @@ def translate(error: BaseException, settings: Settings | None, what: str = "") -
             "Close the other readers (a Logs Explorer tab, another `gemma-launch logs --follow`) or wait a "
             "minute, then run the same command again: builds and executions go on meanwhile.",
         )
+    if isinstance(error, exceptions.RetryError) and (api := disabled_api(error.cause)):
+        # Only an API this process just enabled is retried on SERVICE_DISABLED (cloud.RETRY).
+        return UserError(
+            f"The {api} API, enabled moments ago, was still not served in project {project}{on} after "
+            f"{retry_deadline_s():g} s: Google can take a few minutes to turn an API on.",
+            "Wait a few minutes, then run the same command again: what is done stays done.",
+        )
     if isinstance(error, exceptions.RetryError):
         return UserError(
             f"Gave up{on} after retrying transient errors for {retry_deadline_s():g} s: {error.cause}",

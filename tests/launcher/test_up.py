@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 from click.testing import CliRunner
@@ -114,6 +117,28 @@ def test_up_takes_the_job_out_of_the_wider_object_admin_role_earlier_versions_gr
     down = CliRunner().invoke(main, ["down", "--yes"])
     assert down.exit_code == 0, down.output
     assert _bucket_roles(env, member) == set()
+
+
+def test_first_up_waits_for_the_apis_it_enabled_and_says_so_when_google_takes_longer(env):
+    """A just-enabled API answers SERVICE_DISABLED for a while: `up` retries that (the first up above
+    passes through it), and past the retry deadline says to wait, not to enable what it enabled."""
+    env.emulator.access.api_propagation_s = 600
+    done = subprocess.run(
+        [sys.executable, "-c", "from launcher.cli import main; main()", "up", "--skip-build", "--skip-stage"],
+        env={**os.environ, "GEMMA_LAUNCH_RETRY_DEADLINE": "2"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2, done.stderr[-2000:]
+    errors = [line for line in done.stderr.splitlines() if line.startswith(("Error:", "Hint:"))]
+    assert errors[0].startswith("Error: The ")
+    assert "API, enabled moments ago, was still not served" in errors[0]
+    assert errors[1] == "Hint: Wait a few minutes, then run the same command again: what is done stays done."
+    assert "Traceback" not in done.stderr
+    # Retried, with back-off: more than one call was refused as SERVICE_DISABLED, not a tight loop.
+    refused = [e for e in env.record() if e["outcome"] == "PERMISSION_DENIED"]
+    assert 2 <= len(refused) <= 20
 
 
 def test_dry_run_on_a_fresh_project_lists_the_apis_to_enable_and_stops(env):
