@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 import grpc
 import pytest
 from click.testing import CliRunner
@@ -73,7 +71,7 @@ def test_emulator_start_takes_the_user_billing_and_propagation(monkeypatch, tmp_
 def test_a_just_enabled_api_answers_service_disabled_until_it_has_propagated(tmp_path):
     """Service Usage reports the API ENABLED at once, but its own servers learn of it later: meanwhile
     each call answers the SERVICE_DISABLED error whose message says to wait and retry."""
-    with emulated(tmp_path, api_propagation_s=1.0):
+    with emulated(tmp_path, api_propagation_s=60.0) as emulator:
         clients = Clients(PROJECT)
         name = f"projects/{PROJECT}/services/secretmanager.googleapis.com"
         clients.service_usage.batch_enable_services(
@@ -90,5 +88,5 @@ def test_a_just_enabled_api_answers_service_disabled_until_it_has_propagated(tmp
         assert "If you enabled this API recently, wait a few minutes" in early.value.message
         # Other APIs, on from the start, are served meanwhile.
         assert list(clients.storage.list_buckets()) == []
-        time.sleep(1.0)
+        emulator.access.api_propagation_s = 0.0  # a minute later
         assert list(clients.secrets.list_secrets(parent=f"projects/{PROJECT}")) == []
