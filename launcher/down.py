@@ -374,7 +374,8 @@ def delete_account(clients: Clients, settings: Settings, email: str, *, dry_run:
 
 
 def delete_bucket(clients: Clients, settings: Settings, *, dry_run: bool) -> Change:
-    """Every object, then the bucket: Cloud Storage refuses to delete a bucket that holds any (409)."""
+    """Every object, then the bucket: Cloud Storage refuses to delete a bucket that holds any (409). Named
+    gs://B, as keep_bucket names it."""
     name = settings.bucket
 
     def delete() -> None:
@@ -385,7 +386,7 @@ def delete_bucket(clients: Clients, settings: Settings, *, dry_run: bool) -> Cha
 
     return _delete(
         "bucket",
-        name,
+        f"gs://{name}",
         settings,
         lambda: clients.storage.lookup_bucket(name, retry=RETRY) is not None,
         delete,

@@ -62,7 +62,7 @@ def down(
             )
         except click.Abort:  # no input to read (a script, stdin closed) or Ctrl-C: click's bare "Aborted!"
             raise UserError(
-                f"No bucket name was typed: nothing was deleted, bucket {settings.bucket} included.",
+                f"No bucket name was typed: nothing was deleted, gs://{settings.bucket} included.",
                 "Type its name when asked, or pass --yes to delete it without asking (from a script).",
             ) from None
         if typed.strip() != settings.bucket:

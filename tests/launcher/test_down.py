@@ -149,7 +149,7 @@ def test_delete_bucket_with_no_name_to_read_deletes_nothing_and_says_to_pass_yes
         "down", "--delete-bucket", input=""
     )  # stdin at its end, as in a script: asked before any call
     assert closed.exit_code == 2, closed.output
-    assert f"Error: No bucket name was typed: nothing was deleted, bucket {BUCKET} included." in closed.output
+    assert f"Error: No bucket name was typed: nothing was deleted, gs://{BUCKET} included." in closed.output
     assert "Hint: Type its name when asked, or pass --yes" in closed.output
     assert "Aborted!" not in closed.output
 
@@ -166,11 +166,14 @@ def test_delete_bucket_asks_for_its_name(env):
 
     typed = cli("down", "--delete-bucket", input=f"{BUCKET}\n")
     assert typed.exit_code == 0, typed.output
-    assert "bucket" in statuses(typed.output)["deleted"]
+    # Named gs://B whether deleted, absent or kept, in text and in --json.
+    assert f"     deleted  bucket           gs://{BUCKET}" in typed.output.splitlines()
     assert clients.storage.lookup_bucket(BUCKET) is None
     again = cli("down", "--delete-bucket", "--yes", "--json")
     assert again.exit_code == 0, again.output
-    assert {change["status"] for change in json.loads(again.output)["changes"]} == {"absent"}
+    changes = json.loads(again.output)["changes"]
+    assert {change["status"] for change in changes} == {"absent"}
+    assert [change["name"] for change in changes if change["kind"] == "bucket"] == [f"gs://{BUCKET}"]
     # Without --delete-bucket, a bucket that is gone is absent too, not kept.
     plain = cli("down")
     assert plain.exit_code == 0, plain.output
