@@ -94,9 +94,11 @@ def fine_tune(
     run_dir: Path,
     execution: str | None,
     attempt: int,
+    where: dict[str, str | None],
     shm: SharedMemory,
 ) -> dict[str, dict[str, dict[str, float]]]:
-    """Load, evaluate, train, evaluate again; write the adapter and results.json into run_dir.
+    """Load, evaluate, train, evaluate again; write the adapter and results.json into run_dir. `where`:
+    when the attempt started and in which region (run_record.attempt_record), recorded in results.json.
 
     Returns each evaluation method's baseline and final metrics. The model, the trainer and its optimizer
     state and the image features live only in here, so that nothing references them once it returns.
@@ -206,6 +208,7 @@ def fine_tune(
         "warm_start": warm.record(),
         "execution": execution,
         "task_attempt": attempt,
+        **where,
         "settings": run_settings(
             args,
             device=device,
@@ -226,6 +229,8 @@ def run(args: argparse.Namespace, task: int | None = None) -> None:
     token = args.hf_token or os.environ.get("HF_TOKEN") or None
     execution = os.environ.get("CLOUD_RUN_EXECUTION")
     attempt = int(os.environ.get("CLOUD_RUN_TASK_ATTEMPT", "0"))
+    # For results.json: once the run's record is gone, `gemma-launch` counts its duration from this start.
+    where = run_record.attempt_record(run_record.process_started(), run_record.cloud_run_region())
     output_dir = Path(args.output_dir)
     run_dir = run_directory(args.output_dir, execution, task)
     if task is not None:
@@ -258,7 +263,19 @@ def run(args: argparse.Namespace, task: int | None = None) -> None:
 
     set_seed(args.seed)
     by_method = fine_tune(
-        args, model_id, precision, device, token, data, processor, chat, run_dir, execution, attempt, shm
+        args,
+        model_id,
+        precision,
+        device,
+        token,
+        data,
+        processor,
+        chat,
+        run_dir,
+        execution,
+        attempt,
+        where,
+        shm,
     )
     if args.merge:
         # fine_tune has returned: the quantized model, its optimizer state, the trainer and the image

@@ -1,12 +1,20 @@
 """What the report page needs besides results.json, written next to it: every test image's prediction
 (predictions.json), the training curve (training_curve.json) and the gallery's thumbnails
-(thumbnails.json), so that `gemma-launch report` reads the bucket only, whatever the dataset's format."""
+(thumbnails.json), so that `gemma-launch report` reads the bucket only, whatever the dataset's format.
+And what results.json records of the run's time and place: its phases' seconds, when the task attempt
+started and the region Cloud Run ran it in, from which `gemma-launch` rebuilds a run's duration and cost
+once Cloud Run's record of it is gone (launcher/kept_costs.py)."""
 
+import http.client
 import io
 import json
+import os
+import re
 import time
-from collections.abc import Iterator
+import urllib.request
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +42,56 @@ class PhaseClock:
 
     def rounded(self) -> dict[str, float]:
         return {name: round(value, 2) for name, value in self.seconds.items()}
+
+
+# Cloud Run's metadata server (https://cloud.google.com/run/docs/container-contract#metadata-server)
+# answers `instance/region` with "projects/PROJECT-NUMBER/regions/REGION", to requests that carry
+# `Metadata-Flavor: Google`. Its host: the one google-auth reads too (GCE_METADATA_HOST, which the
+# emulator sets), else the name every instance resolves.
+METADATA_HOST_ENV = "GCE_METADATA_HOST"
+METADATA_HOST = "metadata.google.internal"
+REGION_PATH = "/computeMetadata/v1/instance/region"
+REGION_ANSWER = re.compile(r"projects/[^/]+/regions/([a-z0-9-]+)")
+# The server is on the instance: it answers in milliseconds, or is not there.
+METADATA_TIMEOUT_S = 2.0
+
+
+def process_started() -> datetime:
+    """When this process started, as the kernel records it: the container's start of a Cloud Run task
+    attempt, imports included (seconds of torch and transformers before main() runs); now where /proc
+    does not say (not Linux)."""
+    now = datetime.now(UTC)
+    try:
+        # proc(5): field 22 of /proc/self/stat, starttime, is in clock ticks after boot (the fields after
+        # the command's closing parenthesis start at field 3); /proc/uptime, the seconds since boot now.
+        ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return now
+    return now - timedelta(seconds=max(uptime - ticks / os.sysconf("SC_CLK_TCK"), 0.0))
+
+
+def cloud_run_region(environ: Mapping[str, str] = os.environ) -> str | None:
+    """The region Cloud Run runs this task in, as its metadata server tells it; None outside a Cloud Run
+    job (no CLOUD_RUN_EXECUTION: nothing is asked) or when the server gives no region."""
+    if not environ.get("CLOUD_RUN_EXECUTION"):
+        return None
+    host = environ.get(METADATA_HOST_ENV) or METADATA_HOST
+    request = urllib.request.Request(f"http://{host}{REGION_PATH}", headers={"Metadata-Flavor": "Google"})
+    # No proxy: the metadata server is on the instance, where no proxy reaches.
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    try:
+        with opener.open(request, timeout=METADATA_TIMEOUT_S) as response:
+            answer = response.read().decode().strip()
+    except (OSError, http.client.HTTPException, ValueError):
+        return None
+    found = REGION_ANSWER.fullmatch(answer)
+    return found[1] if found else None
+
+
+def attempt_record(started: datetime, region: str | None) -> dict[str, str | None]:
+    """results.json's "started" (UTC, ISO 8601, to the second) and "region" (None outside Cloud Run)."""
+    return {"started": started.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"), "region": region}
 
 
 def image_paths(split: datasets.Dataset, dataset: str) -> list[str]:

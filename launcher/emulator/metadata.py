@@ -5,6 +5,8 @@ serves /computeMetadata/v1/... to each instance, answering only requests that ca
 `Metadata-Flavor: Google`. google-auth's ADC looks there when GCE_METADATA_HOST / GCE_METADATA_IP
 name it (google.auth.environment_vars), so the trainer and the staging worker run unchanged: their
 access tokens are ones the emulator issued to the job's service account, and every API checks them.
+It answers `instance/region` as the contract's table gives it, "projects/PROJECT-NUMBER/regions/REGION":
+the trainer records the region in results.json.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ class _Server(LoggedErrors, ThreadingHTTPServer):
 
 
 class MetadataServer:
-    def __init__(self, access: Access, project: str, email: str) -> None:
+    def __init__(self, access: Access, project: str, email: str, region: str) -> None:
         self.email = email
         token = access.issue_token(f"serviceAccount:{email}")
         account = {
@@ -34,9 +36,11 @@ class MetadataServer:
             "scopes": ["https://www.googleapis.com/auth/cloud-platform"],
         }
         root = "/computeMetadata/v1/"
+        number = access.project(project)["number"]
         self._answers: dict[str, str | dict] = {
             root + "project/project-id": access.project_id(project),
-            root + "project/numeric-project-id": access.project(project)["number"],
+            root + "project/numeric-project-id": number,
+            root + "instance/region": f"projects/{number}/regions/{region}",
             root + "instance/service-accounts/default/email": email,
             root + f"instance/service-accounts/{email}/email": email,
             root + "instance/service-accounts/default/": account,

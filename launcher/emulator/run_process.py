@@ -144,7 +144,9 @@ class TaskProcess:
                 env[var.name] = self._secret(var)
             else:
                 env[var.name] = self._rewrite(var.value)
-        self.metadata = MetadataServer(self.access, self.context.project, account).start()
+        self.metadata = MetadataServer(
+            self.access, self.context.project, account, self.context.location
+        ).start()
         env |= self.metadata.environment()
         # The jobs' variables of the container contract: a task's index (0 to CLOUD_RUN_TASK_COUNT - 1,
         # set per task in launch()) and attempt, which a task uses to pick its share of the work

@@ -7,16 +7,22 @@ import subprocess
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 from gcp_storage_emulator.server import create_server
 from google.cloud import storage
 
+from launcher.emulator.access import Access
+from launcher.emulator.metadata import MetadataServer
+from launcher.emulator.state import State
+
 REPO = Path(__file__).resolve().parents[2]
 BUCKET = "gemma-launch-test"
 HF_TOKEN_CANARY = "hf_canaryTokenThatMustNeverBePrinted"
 EXECUTION = "trainer-job-full"
+REGION = "us-central1"  # where the reference run's metadata server says it runs
 
 # 740 train / 222 test images, 235 steps: chance (1/37) to > 0.5 in ~15 s of training on 2 cores.
 TRAIN_FLAGS = [
@@ -37,7 +43,10 @@ class Run:
     run_dir: Path
     stdout: str
     stderr: str
+    began: datetime  # just before its process was started
+    ended: datetime  # just after it exited
     execution: str = EXECUTION
+    region: str = REGION
     bucket: str = BUCKET
     token: str = HF_TOKEN_CANARY
 
@@ -115,8 +124,11 @@ def storage_emulator() -> Iterator[StorageEmulator]:
 def trained_run(
     tiny_model: Path, pets: Path, storage_emulator: str, tmp_path_factory: pytest.TempPathFactory
 ) -> Run:
-    """The uninterrupted reference run, as a Cloud Run task would do it: merge and upload included."""
+    """The uninterrupted reference run, as a Cloud Run task would do it: merge and upload included, the
+    emulator's metadata server telling it its region."""
     output_dir = tmp_path_factory.mktemp("full")
+    access = Access(State(tmp_path_factory.mktemp("metadata-state")))
+    metadata = MetadataServer(access, "demo-project", "trainer@demo-project.iam.gserviceaccount.com", REGION)
     args = [
         "--model-id",
         str(tiny_model),
@@ -132,7 +144,14 @@ def trained_run(
         "CLOUD_RUN_TASK_ATTEMPT": "0",
         "HF_TOKEN": HF_TOKEN_CANARY,
         "STORAGE_EMULATOR_HOST": storage_emulator.host,
+        **metadata.environment(),
     }
-    result = run_trainer(args, env)
+    metadata.start()
+    try:
+        began = datetime.now(UTC)
+        result = run_trainer(args, env)
+        ended = datetime.now(UTC)
+    finally:
+        metadata.stop()
     assert result.returncode == 0, result.stderr[-3000:]
-    return Run(output_dir, output_dir / EXECUTION, result.stdout, result.stderr)
+    return Run(output_dir, output_dir / EXECUTION, result.stdout, result.stderr, began, ended)

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 import weakref
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -50,12 +51,19 @@ def test_results_json_schema(trained_run, tiny_model: Path, pets: Path) -> None:
     assert set(results) == {
         "model_id", "dataset", "train_size", "eval_size", "eval_method", "baseline", "final", "by_method",
         "per_class", "train", "versions", "execution", "task_attempt", "settings", "platform", "phases",
-        "warm_start",
+        "warm_start", "started", "region",
     }  # fmt: skip
     assert results["model_id"] == str(tiny_model)
     assert results["dataset"] == str(pets)
     assert (results["train_size"], results["eval_size"], results["eval_method"]) == (740, 222, "both")
     assert (results["execution"], results["task_attempt"]) == (trained_run.execution, 0)
+    # When the attempt's process started (to the second, UTC), before its phases; and the region Cloud
+    # Run's metadata server names: what `gemma-launch` rebuilds a run's duration and price from.
+    started = datetime.strptime(results["started"], "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
+    # (/proc/uptime, which the start is counted back from, has centiseconds: a second's slack.)
+    assert trained_run.began - timedelta(seconds=1) <= started <= trained_run.ended
+    assert (trained_run.ended - started).total_seconds() > sum(results["phases"].values())
+    assert results["region"] == trained_run.region
     assert results["baseline"] == results["by_method"]["score"]["baseline"]
     assert results["final"] == results["by_method"]["score"]["final"]
     for phases in results["by_method"].values():
