@@ -2,16 +2,19 @@
 cost, rebuilt from what it wrote to the bucket.
 
 Cloud Run's record gave a run's start, its tasks' run time and its shape (vCPU, memory, GPU). Without it,
-the bucket still keeps the run's results.json (a sweep's: each task's): the wall-clock seconds of its
-phases, model load to save (`phases`, trainer/run_record.py), the GPU it ran on (`platform`, torch's
-name of the device; on the emulator, which runs tasks on its CPU, the --max-memory-gib the launcher gave
-for the job's GPU, launcher/job.py) and the time the bucket wrote it. The duration is the phases' sum,
-the start that many seconds before results.json was written, and the cost that duration at the region's
-prices for that GPU with the settings' vCPU and memory (those of the GPU's default shape when the
-settings name another GPU). Estimates, and lower bounds: the phases leave out the container's start, the
-checks of the data before the model loads, the optional merge and upload, and a retried task's earlier
-attempts. What a run did not write is not guessed: a results.json without phases (an older trainer's)
-or without a GPU, or a failure.json alone, leaves those numbers unknown, and says why.
+the bucket still keeps the run's results.json (a sweep's: each task's): when the task attempt's process
+started and the region Cloud Run ran it in (`started`, `region`, trainer/run_record.py), the wall-clock
+seconds of its phases, model load to save (`phases`), the GPU it ran on (`platform`, torch's name of the
+device; on the emulator, which runs tasks on its CPU, the --max-memory-gib the launcher gave for the
+job's GPU, launcher/job.py) and the time the bucket wrote it. The run lasted from its recorded start to
+that write; an older trainer's results.json, which records no start, from the phases' sum before it,
+which leaves out the checks and the data's download before the model loads. The cost is that duration
+at the prices of the region it records (else the settings') for that GPU with the settings' vCPU and
+memory (those of the GPU's default shape when the settings name another GPU). Estimates, and lower
+bounds: they leave out the container's start, the optional merge and upload after results.json, and a
+retried task's earlier attempts. What a run did not write is not guessed: a results.json without phases
+(an older trainer's) or without a GPU, or a failure.json alone, leaves those numbers unknown, and says
+why.
 """
 
 from __future__ import annotations
@@ -29,8 +32,8 @@ from launcher.settings_rules import DEFAULT_SHAPES
 
 # How the output says where these numbers come from.
 ESTIMATED = (
-    "estimated from the phases in results.json at the region's prices: a lower bound (no container start, "
-    "upload or earlier attempt)"
+    "estimated from results.json (its start, else its phases) at its region's prices: a lower bound (no "
+    "container start, upload or earlier attempt)"
 )
 BUDGET_FLAG = "max-memory-gib"
 
@@ -73,18 +76,31 @@ def recorded_gpu(results: dict[str, Any]) -> str | None:
 
 
 class PerSecond:
-    """What one task on a GPU costs a second, at the region's prices, read once per GPU."""
+    """What one task on a GPU costs a second, at a region's prices (the settings' unless a run recorded
+    its own), read once per region and GPU."""
 
     def __init__(self, clients: Clients, settings: Settings) -> None:
         self.clients, self.settings = clients, settings
-        self.known: dict[str, Prices] = {}
+        self.known: dict[tuple[str, str], Prices] = {}
 
-    def __call__(self, gpu: str) -> float:
-        if gpu not in self.known:
-            self.known[gpu] = pricing.prices(self.clients, self.settings.region, gpu)
+    def __call__(self, gpu: str, region: str | None = None) -> float:
+        where = (region or self.settings.region, gpu)
+        if where not in self.known:
+            self.known[where] = pricing.prices(self.clients, *where)
         same = gpu == self.settings.gpu
         cpu, memory = (self.settings.cpu, self.settings.memory) if same else DEFAULT_SHAPES[gpu]
-        return self.known[gpu].per_second(cpu_count(cpu), memory_gib(memory), 1)
+        return self.known[where].per_second(cpu_count(cpu), memory_gib(memory), 1)
+
+
+def _recorded_start(results: dict[str, Any]) -> datetime | None:
+    """When the task attempt that wrote results.json started, as it records it; None for an older
+    trainer's (or an unreadable value)."""
+    value = results.get("started")
+    try:
+        started = datetime.fromisoformat(value) if isinstance(value, str) else None
+    except ValueError:
+        return None
+    return started if started is not None and started.tzinfo is not None else None
 
 
 def rebuild(results: dict[str, Any] | None, written: datetime | None, per_second: PerSecond) -> Rebuilt:
@@ -100,13 +116,18 @@ def rebuild(results: dict[str, Any] | None, written: datetime | None, per_second
         return Rebuilt(
             None, None, None, f"{UNKNOWN}: its results.json records no phases (an older trainer's)"
         )
-    started = written - timedelta(seconds=seconds) if written else None
+    started = _recorded_start(results)
+    if started is not None and written is not None and written > started:
+        seconds = (written - started).total_seconds()
+    elif started is None and written is not None:
+        started = written - timedelta(seconds=seconds)
     gpu = recorded_gpu(results)
     if gpu is None:
         return Rebuilt(
             started, seconds, None, "cost not known: its results.json names no GPU that Cloud Run offers"
         )
-    return Rebuilt(started, seconds, seconds * per_second(gpu))
+    region = results.get("region")
+    return Rebuilt(started, seconds, seconds * per_second(gpu, region if isinstance(region, str) else None))
 
 
 def combined(tasks: list[Rebuilt], expected: int | None) -> Rebuilt:

@@ -272,3 +272,14 @@ def duration(seconds: float | None) -> str:
         return "-"
     whole = int(seconds)
     return f"{whole // 3600}h{whole % 3600 // 60:02d}m{whole % 60:02d}s"
+
+
+def rebuilt_cost(numbers: kept_costs.Rebuilt) -> str:
+    """What a run without a record cost and how long it ran, as its results.json tells them, marked as the
+    estimate it is (`results` and `report` show it); else why they are not known."""
+    if numbers.seconds is None:
+        return numbers.missing
+    took = f"ran ≈ {duration(numbers.seconds)}"
+    if numbers.usd is None:
+        return f"{took}; {numbers.missing}"
+    return f"≈ ${numbers.usd:.2f}, {took} ({kept_costs.ESTIMATED})"

@@ -2,17 +2,20 @@
 bucket (results.json, predictions.json, training_curve.json, thumbnails.json), into one HTML file.
 
 The page itself is trainer/report_page.py's, the renderer the trainer uses for its own report.html: it
-imports no torch, so the launcher can import it as it imports trainer.flags (docs/architecture.md).
+imports no torch, so the launcher can import it as it imports trainer.flags (docs/architecture.md). The
+page of a run whose record is gone shows its cost rebuilt from its results (launcher/kept_costs.py), as
+`results` and `status` do; the trainer's own page cannot know the cost.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-from launcher import executions, leaderboard, past_runs, sweep
+from launcher import executions, kept_costs, leaderboard, past_runs, sweep
 from launcher import job as jobs
 from launcher import results as run_results
 from launcher.cloud import EMULATOR_ENV, Clients
@@ -27,33 +30,46 @@ EXTRAS = ("predictions.json", "training_curve.json", "thumbnails.json")
 AUTHENTICATED = "https://storage.cloud.google.com"
 
 
-def run_page(clients: Clients, settings: Settings, execution: str) -> dict[str, Any]:
-    """The page data of one execution; an execution without results.json is the UserError `results` gives."""
+def run_page(clients: Clients, settings: Settings, execution: str, gone: bool = False) -> dict[str, Any]:
+    """The page data of one execution (`gone`: whose record is gone, with its cost rebuilt from its
+    results); an execution without results.json is the UserError `results` gives."""
     results = run_results.load(clients, settings, execution)
     if results is None:
         raise run_results.no_results(clients, settings, execution, command="report")
+    cost = _rebuilt_cost(clients, settings, execution, results) if gone else None
     return _page(
-        clients, settings, run_results.run_prefix(execution), results, executions.short_name(execution)
+        clients, settings, run_results.run_prefix(execution), results, executions.short_name(execution), cost
     )
 
 
+def _rebuilt_cost(clients: Clients, settings: Settings, execution: str, results: dict[str, Any]) -> str:
+    return leaderboard.rebuilt_cost(past_runs.numbers_of(clients, settings, execution, results))
+
+
 def _page(
-    clients: Clients, settings: Settings, prefix: str, results: dict[str, Any], name: str
+    clients: Clients,
+    settings: Settings,
+    prefix: str,
+    results: dict[str, Any],
+    name: str,
+    cost: str | None = None,
 ) -> dict[str, Any]:
     predictions, curve, thumbnails = (
         run_results.read_json(clients, settings, f"{prefix}/{extra}") for extra in EXTRAS
     )
-    return report_page.run_page(results, predictions, curve, thumbnails, name=name)
+    return report_page.run_page(results, predictions, curve, thumbnails, name=name, cost=cost)
 
 
-def pages(clients: Clients, settings: Settings, execution: str) -> list[dict[str, Any]]:
+def pages(clients: Clients, settings: Settings, execution: str, gone: bool = False) -> list[dict[str, Any]]:
     """An execution's page; a sweep's, a page per task that wrote its results (in its own task-<i>/
     directory, trainer/sweep.py), so that they are compared as executions are. The bucket is read first:
-    an execution with its own results.json is a run, whose page needs nothing from Cloud Run."""
+    an execution with its own results.json is a run, whose page needs nothing from Cloud Run. `gone`: the
+    execution's record is gone, so its page shows the cost rebuilt from its results."""
     results = run_results.load(clients, settings, execution)
     if results is not None:
         prefix = run_results.run_prefix(execution)
-        return [_page(clients, settings, prefix, results, executions.short_name(execution))]
+        cost = _rebuilt_cost(clients, settings, execution, results) if gone else None
+        return [_page(clients, settings, prefix, results, executions.short_name(execution), cost)]
     found = executions.find_execution(clients, execution)
     if found is None:
         return _kept_pages(clients, settings, execution)
@@ -82,16 +98,20 @@ def pages(clients: Clients, settings: Settings, execution: str) -> list[dict[str
 
 def _kept_pages(clients: Clients, settings: Settings, execution: str) -> list[dict[str, Any]]:
     """The pages of an execution whose record is gone (its job deleted): a sweep's, a page per task that
-    wrote results, named by the combination its results.json records; else the run's, or why it has none."""
+    wrote results, named by the combination its results.json records, with its cost rebuilt from them;
+    else the run's, or why it has none."""
     kept = past_runs.kept_one(clients, settings, execution)
     if kept is None or not kept.tasks_with_results:
-        return [run_page(clients, settings, execution)]
+        return [run_page(clients, settings, execution, gone=True)]
     short = executions.short_name(execution)
+    per_second = kept_costs.PerSecond(clients, settings)
     tasks = []
     for index in kept.tasks_with_results:
         prefix = leaderboard.task_prefix(execution, index)
-        results = run_results.read_json(clients, settings, f"{prefix}/results.json")
+        results = run_results.read_json(clients, settings, f"{prefix}/{run_results.RESULTS}")
         if results is not None:
+            written = kept.written_at.get(f"task-{index}/{run_results.RESULTS}")
+            numbers = kept_costs.rebuild(results, written, per_second)
             combinations = sweep.recorded_combinations(results)
             combination = combinations[index] if index < len(combinations) else {}
             shown = ", ".join(f"{key}={value}" for key, value in combination.items())
@@ -102,14 +122,18 @@ def _kept_pages(clients: Clients, settings: Settings, execution: str) -> list[di
                     prefix,
                     results,
                     f"{short} task {index}" + (f" ({shown})" if shown else ""),
+                    leaderboard.rebuilt_cost(numbers),
                 )
             )
-    return tasks or [run_page(clients, settings, execution)]
+    return tasks or [run_page(clients, settings, execution, gone=True)]
 
 
-def write(clients: Clients, settings: Settings, names: list[str], out_dir: Path) -> Path:
-    """Render the executions (full names) into one file in out_dir, a sweep as its tasks; its path."""
-    rendered = [page for name in names for page in pages(clients, settings, name)]
+def write(
+    clients: Clients, settings: Settings, names: list[str], out_dir: Path, gone: Collection[str] = ()
+) -> Path:
+    """Render the executions (full names) into one file in out_dir, a sweep as its tasks; its path.
+    `gone`: those of them whose record is gone, whose pages show the cost rebuilt from their results."""
+    rendered = [page for name in names for page in pages(clients, settings, name, name in gone)]
     shorts = [executions.short_name(name) for name in names]
     name = f"report-{shorts[0]}.html" if len(shorts) == 1 else f"report-{len(shorts)}-executions.html"
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -98,8 +98,10 @@ def run_page(
     curve: list[dict[str, Any]] | None,
     thumbnails: dict[str, str] | None,
     name: str = "",
+    cost: str | None = None,
 ) -> dict[str, Any]:
-    """What the template shows of one run, from the files the trainer writes next to results.json."""
+    """What the template shows of one run, from the files the trainer writes next to results.json.
+    `cost`: what it cost, as `gemma-launch report` knows it (the trainer does not)."""
     images = (predictions or {}).get("images") or []
     settings = results.get("settings", {})
     phases = results.get("phases") or {}
@@ -140,7 +142,7 @@ def run_page(
             ("platform", results.get("platform") or settings.get("resolved", {}).get("device")),
             ("training steps", results.get("train", {}).get("steps")),
             ("duration", duration),
-            ("cost", f"${results['cost_usd']:.2f}" if "cost_usd" in results else "not known"),
+            ("cost", cost or "not known"),
         ],
         "phases": phases,
         "settings": {**settings.get("flags", {}), **settings.get("resolved", {})},

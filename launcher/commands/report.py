@@ -33,7 +33,7 @@ def report(settings: Settings, names: tuple[str, ...], out_dir: Path, open_page:
     baseline vs fine-tuned, per-breed table, confusion heat map, training curve, gallery of mistakes;
     with several, or a sweep's tasks that wrote results, a leaderboard and a side-by-side comparison too.
     It works offline. After `down`, an execution whose record went with its job is read from the bucket,
-    which keeps its outputs."""
+    which keeps its outputs; its cost is then estimated from its results (≈), as `results` shows it."""
     clients = Clients(settings.project_id)
     looked_up = {
         one.name: one for one in (past_runs.find(clients, settings, name) for name in names or (None,))
@@ -42,7 +42,8 @@ def report(settings: Settings, names: tuple[str, ...], out_dir: Path, open_page:
         if one.execution is None:
             source = f"its page from {one.outputs_url(settings)}"
             console.print(one.note(source), markup=False, soft_wrap=True)
-    path = run_report.write(clients, settings, list(looked_up), out_dir)
+    gone = {name for name, one in looked_up.items() if one.execution is None}
+    path = run_report.write(clients, settings, list(looked_up), out_dir, gone)
     console.print(f"Wrote {path} ({human_bytes(path.stat().st_size)}).", markup=False, soft_wrap=True)
     if open_page:
         webbrowser.open(path.resolve().as_uri())

@@ -41,7 +41,7 @@ def results(settings: Settings, names: tuple[str, ...], as_json: bool) -> None:
     (a sweep by its best task).
 
     After `down`, an execution whose record went with its job is read from the bucket, which keeps its
-    results; its duration and cost are then estimated from the phases they record."""
+    results; its duration and cost are then estimated from the start (else the phases) they record."""
     clients = Clients(settings.project_id)
     # One named twice is shown once, as `report` does.
     looked_up = {
@@ -105,7 +105,8 @@ def results(settings: Settings, names: tuple[str, ...], as_json: bool) -> None:
         soft_wrap=True,
     )
     if rebuilt is not None:
-        console.print(_rebuilt_line(rebuilt), soft_wrap=True)
+        cost_word = "cost " if rebuilt.usd is not None else ""
+        console.print(cost_word + leaderboard.rebuilt_cost(rebuilt), soft_wrap=True)
     elif spent is not None:
         console.print(f"cost ≈ ${spent:.2f} (its tasks' run time at Cloud Run's prices)", soft_wrap=True)
     for out in places:
@@ -118,16 +119,6 @@ def results(settings: Settings, names: tuple[str, ...], as_json: bool) -> None:
         console.print(
             f"{'report':<17} {run_report.link(settings, name, found)}", markup=False, soft_wrap=True
         )
-
-
-def _rebuilt_line(rebuilt: kept_costs.Rebuilt) -> str:
-    """What a run without a record cost, as its results.json tells it, and where that comes from."""
-    if rebuilt.seconds is None:
-        return rebuilt.missing
-    took = f"ran ≈ {leaderboard.duration(rebuilt.seconds)}"
-    if rebuilt.usd is None:
-        return f"{took}; {rebuilt.missing}"
-    return f"cost ≈ ${rebuilt.usd:.2f}, {took} ({kept_costs.ESTIMATED})"
 
 
 def _render_entries(title: str, entries: list[leaderboard.Entry], as_json: bool) -> None:

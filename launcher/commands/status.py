@@ -24,7 +24,7 @@ from launcher.settings import Settings
 def status(settings: Settings, limit: int, as_json: bool) -> None:
     """The job's executions, newest first: state, tasks, retries, start, duration, and why one failed;
     then the runs the bucket keeps whose record went with a deleted job (their state from their results,
-    and their start, duration and cost estimated from the phases results.json records, ≈).
+    and their start, duration and cost estimated from the start, else the phases, results.json records, ≈).
     """
     clients = Clients(settings.project_id)
     job_exists = jobs.exists(clients, settings)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import re
 import textwrap
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -230,8 +230,8 @@ def test_a_sweep_whose_record_is_gone_is_ranked_and_reported_from_its_tasks_resu
     assert table.exit_code == 0, table.output
     assert table.output.splitlines()[0] == (
         "Execution sweep-x: execution record gone (job gemma3-finetuning-job deleted); its tasks' results "
-        f"from gs://{BUCKET}/runs/sweep-x/; durations and costs estimated from the phases in results.json at "
-        "the region's prices: a lower bound (no container start, upload or earlier attempt)"
+        f"from gs://{BUCKET}/runs/sweep-x/; durations and costs estimated from results.json (its start, else "
+        "its phases) at its region's prices: a lower bound (no container start, upload or earlier attempt)"
     )
     assert "Sweep sweep-x" in table.output and "10.0% -> 90.0%" in table.output
 
@@ -328,11 +328,14 @@ def test_after_down_a_runs_cost_is_rebuilt_from_its_results_and_calibrates_the_n
     table = cli("status").output
     assert re.search(rf"{good} .*≈ 0h16m40s .*≈ \$1\.02", table), table
     assert re.search(rf"{failed} .*unknown .*unknown .*unknown", table), table
-    assert "starts, durations and costs (≈) estimated from the phases in results.json" in table
+    assert "starts, durations and costs (≈) estimated from results.json (its start, else its phases)" in table
     assert f"{failed}: started, duration and cost not known: it wrote no results.json" in table
 
     assert json.loads(cli("results", good, "--json").output)["cost_usd"] == pytest.approx(1000 * PER_SECOND)
-    assert "cost ≈ $1.02, ran ≈ 0h16m40s (estimated from the phases" in cli("results", good).output
+    assert "cost ≈ $1.02, ran ≈ 0h16m40s (estimated from results.json" in cli("results", good).output
+    # `report` shows the same estimate on the page.
+    assert cli("report", good).exit_code == 0
+    assert "≈ $1.02, ran ≈ 0h16m40s (estimated from results.json" in Path(f"report-{good}.html").read_text()
 
     # After `up`, the job has no execution: the estimate still learns from the run the bucket keeps, with
     # one listing of the bucket: 300 s + 3680 / 8 s of training + 2 x 1000 / 1 s of evaluation.
@@ -392,7 +395,8 @@ def test_a_sweeps_tasks_costs_are_rebuilt_from_their_results_and_what_they_do_no
     ):
         for index, (where, seconds) in enumerate(tasks):
             results = {
-                "final": {"accuracy": 0.5 + index / 10},
+                "baseline": {"accuracy": 0.1, "macro_f1": 0.1, "unknown_rate": 0.0},
+                "final": {"accuracy": 0.5 + index / 10, "macro_f1": 0.5, "unknown_rate": 0.0},
                 "phases": {"load_s": seconds / 2, "train_s": seconds / 2},
                 "settings": {"flags": {"sweep-grid": grid, "max-memory-gib": 85}},
                 **where,
@@ -410,7 +414,7 @@ def test_a_sweeps_tasks_costs_are_rebuilt_from_their_results_and_what_they_do_no
     ]
     assert (board[2]["duration_s"], board[2]["cost_usd"]) == (None, None)
     table = cli("results", f"{job}-swp02").output
-    assert "durations and costs estimated from the phases in results.json" in table.splitlines()[0]
+    assert "durations and costs estimated from results.json (its start, else" in table.splitlines()[0]
     assert re.search(r"task 2 .* Unknown .* unknown .* unknown", table), table
 
     rows = {row["execution"]: row for row in json.loads(cli("status", "--json").output)}
@@ -424,6 +428,15 @@ def test_a_sweeps_tasks_costs_are_rebuilt_from_their_results_and_what_they_do_no
         assert (rows[name]["started"], rows[name]["duration_s"], rows[name]["cost_usd"]) == (None, None, None)
     # A GPU Cloud Run does not offer has no price here; its duration is still what its phases say.
     assert (rows[f"{job}-l40s1"]["duration_s"], rows[f"{job}-l40s1"]["cost_usd"]) == (50, None)
+    # Its report page shows what `results` shows; a sweep's, each task's.
+    assert cli("report", f"{job}-l40s1").exit_code == 0
+    assert "ran ≈ 0h00m50s; cost not known" in Path(f"report-{job}-l40s1.html").read_text()
+    assert cli("report", f"{job}-swp01").exit_code == 0
+    page = Path(f"report-{job}-swp01.html").read_text()
+    for seconds in (100, 200):
+        assert (
+            f"≈ ${seconds * PER_SECOND:.2f}, ran ≈ 0h0{seconds // 60}m{seconds % 60:02d}s (estimated" in page
+        )
     unpriced = "cost not known: its results.json names no GPU that Cloud Run offers"
     assert f"ran ≈ 0h00m50s; {unpriced}" in cli("results", f"{job}-l40s1").output
     status = cli("status").output
@@ -435,3 +448,37 @@ def test_a_sweeps_tasks_costs_are_rebuilt_from_their_results_and_what_they_do_no
         f"{job}-old01: started, duration and cost not known: its results.json records no phases (an older "
         "trainer's)" in status
     )
+
+
+def test_a_run_that_recorded_its_start_and_region_is_timed_from_that_start_at_that_regions_prices(env):
+    clients = env.clients(PROJECT)
+    bucket = clients.storage.create_bucket(clients.storage.bucket(BUCKET), location="europe-west4")
+    job = "gemma3-finetuning-job"
+    # The GPU costs twice as much in us-central1, where the run ran, as in europe-west4, the settings'.
+    gpu = "Jobs Nvidia RTX PRO 6000 GPU without zonal redundancy in us-central1"
+    (sku,) = [sku for sku in env.emulator.services["catalog"].skus if sku.description == gpu]
+    sku.pricing_info[0].pricing_expression.tiered_rates[-1].unit_price.nanos = 1_000_000
+    there = 20 * 0.000018 + 80 * 0.000002 + 0.001
+    # 1000 s of phases, after 500 s of checks and the dataset's download that only its start counts.
+    started = (datetime.now(UTC) - timedelta(seconds=1500)).replace(microsecond=0)
+    results = {
+        "final": {"accuracy": 0.8},
+        "platform": "torch 2.13.0 (CUDA 13.0), NVIDIA driver 580, NVIDIA RTX PRO 6000 (sm_120), Python 3",
+        "phases": {"load_s": 400.0, "train_s": 600.0},
+        "started": started.strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "region": "us-central1",
+    }
+    bucket.blob(f"runs/{job}-rec01/results.json").upload_from_string(json.dumps(results))
+    seconds = (bucket.get_blob(f"runs/{job}-rec01/results.json").updated - started).total_seconds()
+    assert seconds >= 1500
+
+    (row,) = json.loads(cli("status", "--json").output)
+    assert (row["started"], row["duration_s"]) == (results["started"], round(seconds))
+    assert row["cost_usd"] == pytest.approx(seconds * there)
+    assert json.loads(cli("results", "--json").output)["cost_usd"] == pytest.approx(seconds * there)
+    shown = f"≈ ${seconds * there:.2f}, ran ≈ 0h{int(seconds) // 60}m{int(seconds) % 60:02d}s (estimated"
+    assert f"cost {shown} from results.json (its start, else its phases)" in cli("results").output
+    # `report` shows the same estimate, as `results` marks it.
+    page = cli("report")
+    assert page.exit_code == 0, page.output
+    assert shown in Path(f"report-{job}-rec01.html").read_text()
