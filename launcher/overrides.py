@@ -92,6 +92,26 @@ def apply(args: Sequence[str], sets: Mapping[str, Any]) -> list[str]:
     return flags.with_settings(args, sets)
 
 
+def too_large(
+    args: Sequence[str], splits: Mapping[str, int], only: Sequence[str] | None = None
+) -> dict[str, tuple[int, int]]:
+    """The size settings of the trainer's arguments (or its defaults) that are larger than the staged
+    dataset's split they draw from: {setting: (its size, the split's)}; `only`: the settings to look at."""
+    try:
+        parsed = flags.parse_args(list(args))
+    except flags.FlagError as error:
+        raise UserError(
+            f"The job's trainer arguments are not valid for this gemma-launch: {error.message}.",
+            "Run `gemma-launch up` to write them again.",
+        ) from None
+    found = {}
+    for key, split in SIZES:
+        size, available = getattr(parsed, key.replace("-", "_")), splits.get(split)
+        if (only is None or key in only) and isinstance(available, int) and size > available:
+            found[key] = (size, available)
+    return found
+
+
 def check_sizes(
     args: Sequence[str],
     splits: Mapping[str, int],
@@ -101,30 +121,34 @@ def check_sizes(
 ) -> None:
     """--train-size and --eval-size of the trainer's arguments (or its defaults) against the split sizes
     recorded when the dataset was staged (launcher/staging/bucket.py); `only`: the size settings to check;
-    `grid`: a sweep's grid settings, so that the hint names the flag of `sweep` that sets the size."""
-    try:
-        parsed = flags.parse_args(list(args))
-    except flags.FlagError as error:
-        raise UserError(
-            f"The job's trainer arguments are not valid for this gemma-launch: {error.message}.",
-            "Run `gemma-launch up` to write them again.",
-        ) from None
-    for key, split in SIZES:
-        size, available = getattr(parsed, key.replace("-", "_")), splits.get(split)
-        if (only is not None and key not in only) or not isinstance(available, int) or size <= available:
-            continue
+    `grid`: a sweep's grid settings, so that the hint names the flag of `sweep` that sets the size. Both
+    sizes are named in one error, so that one corrected command fits (a small dataset misses both
+    defaults)."""
+    large = too_large(args, splits, only)
+    if not large:
+        return
+    problems = []
+    for key, (size, available) in large.items():
         default = "" if f"--{key}" in args else " (the trainer's default)"
-        drawn = "trainval (train)" if split == "train" else "test"
-        toml = f"{key} = {available} in [trainer] of gemma-launch.toml for every run"
-        if grid is not None and key in grid:
-            hint = f"Give --grid {key}= values of {available} or less."
-        else:
-            fix = f"run --set {key}={available}` for one run"
-            if grid is not None:
-                fix = f"sweep --set {key}={available}` for every task"
-            hint = f"Use {available} or less: `gemma-launch {fix}, or {toml}."
-        raise UserError(
-            f"{key} {size}{default} is larger than the {drawn} split of the staged dataset {dataset} "
-            f"({available} images).",
-            hint,
+        drawn = "trainval (train)" if key == "train-size" else "test"
+        where = f"of the staged dataset {dataset} " if not problems else ""
+        problems.append(f"{key} {size}{default} is larger than the {drawn} split {where}({available} images)")
+    hints = [
+        f"Give --grid {key}= values of {available} or less."
+        for key, (_, available) in large.items()
+        if grid is not None and key in grid
+    ]
+    fixed = {key: available for key, (_, available) in large.items() if grid is None or key not in grid}
+    if fixed:
+        limits = " and ".join(
+            f"{available} or less" if len(fixed) == 1 else f"{key} {available} or less"
+            for key, available in fixed.items()
         )
+        sets = " ".join(f"--set {key}={available}" for key, available in fixed.items())
+        toml = " and ".join(f"{key} = {available}" for key, available in fixed.items())
+        how = f"run {sets}` for one run" if grid is None else f"sweep {sets}` for every task"
+        hints.insert(
+            0,
+            f"Use {limits}: `gemma-launch {how}, or {toml} in [trainer] of gemma-launch.toml for every run.",
+        )
+    raise UserError("; ".join(problems) + ".", " ".join(hints))

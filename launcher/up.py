@@ -8,7 +8,7 @@ changes anything. Progress goes out through `Events`, which the CLI renders; thi
 from __future__ import annotations
 
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from google.cloud import run_v2
@@ -59,6 +59,9 @@ class Outcome:
     quota_unknown: str = ""  # why the quota could not be read
     apis_pending: bool = False  # a dry run stopped at the APIs: nothing behind them could be read
     estimate: cost.Estimate | None = None  # a dry run's estimate of what `run` would cost
+    # Sizes `run` must set, the staged dataset being smaller than the trainer's defaults: the command
+    # `up` suggests last must start.
+    run_sizes: dict[str, int] = field(default_factory=dict)
 
 
 def up(
@@ -168,8 +171,9 @@ def up(
         spec = jobs.job_spec(settings, image_uri, args)
         report(jobs.ensure_job(clients, settings, spec, dry_run=dry_run))
     estimate = cost.for_job(clients, settings, spec, args) if dry_run and spec is not None else None
+    run_sizes = staging.sizes_to_set(clients, settings, args) if spec is not None and not dry_run else {}
     # Read only: a pending quota request must not hold back provisioning, the build or staging.
     try:
-        return Outcome(changes, spec, quota.read(clients, settings), estimate=estimate)
+        return Outcome(changes, spec, quota.read(clients, settings), estimate=estimate, run_sizes=run_sizes)
     except quota.QuotaUnknown as error:
-        return Outcome(changes, spec, None, str(error), estimate=estimate)
+        return Outcome(changes, spec, None, str(error), estimate=estimate, run_sizes=run_sizes)

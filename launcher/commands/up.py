@@ -179,4 +179,16 @@ def _summarise_up(outcome: workflow.Outcome, as_json: bool, dry_run: bool) -> No
     elif all(change.status in ("unchanged", "skipped") for change in report):
         console.print("\nEverything was already in place: nothing changed.")
     elif spec is not None:
-        console.print("\nReady. Start a fine-tuning run with: gemma-launch run --follow")
+        sizes = outcome.run_sizes.items()
+        sets = "".join(f" --set {key}={size}" for key, size in sizes)
+        console.print(
+            f"\nReady. Start a fine-tuning run with: gemma-launch run{sets} --follow", soft_wrap=True
+        )
+        if sizes:
+            toml = " and ".join(f"{key} = {size}" for key, size in sizes)
+            console.print(
+                f"(the staged dataset is smaller than the trainer's default sizes; {toml} in [trainer] of "
+                "gemma-launch.toml sets them for every run)",
+                markup=False,
+                soft_wrap=True,
+            )

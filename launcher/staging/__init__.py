@@ -25,6 +25,7 @@ from launcher.staging.bucket import (
     check_trainer_sizes,
     lookup_bucket,
     read_marker,
+    sizes_to_set,
     stage_source,
 )
 from launcher.staging.events import Note, OnEvent, ignore
@@ -54,6 +55,7 @@ __all__ = [
     "model_prefix",
     "read_marker",
     "resolve_source",
+    "sizes_to_set",
     "stage",
     "stage_source",
 ]

@@ -317,6 +317,17 @@ def check_trainer_sizes(
         overrides.check_sizes(args, splits, f"gs://{settings.bucket}/{prefix}/", only, grid)
 
 
+def sizes_to_set(clients: Clients, settings: Settings, args: list[str]) -> dict[str, int]:
+    """The sizes a run of the job's arguments `args` must set to fit the dataset they read, each the size
+    of its split: a dataset smaller than the trainer's defaults (a rehearsal's) needs them; empty when
+    they fit or the splits were not recorded."""
+    prefix = jobs.staged_prefix(args, "--dataset")
+    splits = staged_splits(clients.storage, settings.bucket, prefix) if prefix else None
+    if not splits:
+        return {}
+    return {key: available for key, (_, available) in overrides.too_large(args, splits).items()}
+
+
 def staged_splits(client: storage.Client, bucket: str, prefix: str) -> dict[str, int] | None:
     """The split sizes recorded when the dataset under `prefix` was staged; None when unknown."""
     with storage_errors(bucket):

@@ -490,7 +490,14 @@ def test_sizes_are_checked_against_the_staged_splits_before_anything_starts(env,
     (model / "config.json").write_text("{}")
     pets = pets_dir(tmp_path, trainval=3, test=2)
     sources = ["--source", str(project_dir), "--model-source", str(model), "--dataset-source", str(pets)]
-    assert cli("up", *sources).exit_code == 0
+    made = cli("up", *sources)
+    assert made.exit_code == 0, made.output
+    # The command `up` ends with fits the dataset it staged, smaller than the trainer's defaults.
+    assert (
+        "Ready. Start a fine-tuning run with: gemma-launch run --set train-size=3 --set eval-size=2 --follow"
+        in made.output
+    )
+    assert "train-size = 3 and eval-size = 2 in [trainer] of gemma-launch.toml" in made.output
     staged = json.loads(
         (
             env.emulator.bucket_dir(f"{PROJECT}-gemma3-finetuning")
@@ -499,14 +506,22 @@ def test_sizes_are_checked_against_the_staged_splits_before_anything_starts(env,
     )
     assert staged["splits"] == {"train": 3, "test": 2}
 
+    # Both defaults are too large: one error names both, and its one command fixes both.
     default = cli("run", "--follow")
     assert default.exit_code == 2, default.output
     assert (
         "Error: train-size 3680 (the trainer's default) is larger than the trainval (train) split of the "
-        f"staged dataset gs://{PROJECT}-gemma3-finetuning/datasets/pets/ (3 images)." in default.output
+        f"staged dataset gs://{PROJECT}-gemma3-finetuning/datasets/pets/ (3 images); eval-size 1000 (the "
+        "trainer's default) is larger than the test split (2 images)." in default.output
     )
-    assert "Hint: Use 3 or less: `gemma-launch run --set train-size=3` for one run, or train-size = 3" in (
-        default.output
+    assert (
+        "Hint: Use train-size 3 or less and eval-size 2 or less: `gemma-launch run --set train-size=3 "
+        "--set eval-size=2` for one run, or train-size = 3 and eval-size = 2 in [trainer]" in default.output
+    )
+    one = cli("run", "--train-size", "3")
+    assert one.exit_code == 2 and "Error: eval-size 1000 (the trainer's default) is larger" in one.output
+    assert "Hint: Use 2 or less: `gemma-launch run --set eval-size=2` for one run, or eval-size = 2" in (
+        one.output
     )
     # A sweep's hint names the sweep's own flag: --set for a size its tasks share, --grid for one it varies.
     shared = cli("sweep", "--grid", "lora-r=8,16")
@@ -514,8 +529,8 @@ def test_sizes_are_checked_against_the_staged_splits_before_anything_starts(env,
         shared.exit_code == 2 and "Error: train-size 3680 (the trainer's default) is larger" in shared.output
     )
     assert (
-        "Hint: Use 3 or less: `gemma-launch sweep --set train-size=3` for every task, or train-size = 3"
-        in (shared.output)
+        "`gemma-launch sweep --set train-size=3 --set eval-size=2` for every task, or train-size = 3"
+        in shared.output
     )
     varied = cli("sweep", "--grid", "train-size=2,5", "--set", "eval-size=2")
     assert varied.exit_code == 2 and "Error: train-size 5 is larger than the trainval" in varied.output
@@ -523,7 +538,7 @@ def test_sizes_are_checked_against_the_staged_splits_before_anything_starts(env,
     too_many = cli("run", "--train-size", "3", "--set", "eval-size=5")
     assert too_many.exit_code == 2 and "eval-size 5 is larger than the test split" in too_many.output
     assert run_jobs(env) == []
-    fits = cli("run", "--train-size", "3", "--set", "eval-size=2", "--follow")
+    fits = cli("run", "--set", "train-size=3", "--set", "eval-size=2", "--follow")
     assert fits.exit_code == 0, fits.output
 
     # Sizes set for every run are checked by `up`, before the job takes them.
