@@ -3,6 +3,7 @@ and exit codes; the commands are in launcher/commands/, one module each: parse, 
 
 from __future__ import annotations
 
+import shlex
 from typing import Any
 
 import click
@@ -37,14 +38,14 @@ def _say(error: UserError) -> None:
         err_console.print(f"[bold]Hint:[/] {escape(error.hint)}", soft_wrap=True)
 
 
-def _usage_failure(caught: click.UsageError) -> click.exceptions.Exit:
+def _usage_failure(caught: click.UsageError, hint: str | None = None) -> click.exceptions.Exit:
     """Click's usage line, then the house `Error:` / `Hint:` pair in place of its "Try ... for help"."""
     ctx = caught.ctx
     if ctx:
         err_console.print(ctx.get_usage(), markup=False, soft_wrap=True)
     command = ctx.command_path if ctx else "gemma-launch"
     offers = "commands" if ctx and isinstance(ctx.command, click.Group) else "options"
-    _say(UserError(caught.format_message(), f"Run `{command} --help` for the {offers}."))
+    _say(UserError(caught.format_message(), hint or f"Run `{command} --help` for the {offers}."))
     return click.exceptions.Exit(2)
 
 
@@ -54,12 +55,31 @@ class Cli(click.Group):
 
     command_class = Command
 
-    def make_context(self, *args: Any, **kwargs: Any) -> click.Context:
+    def make_context(
+        self, info_name: str | None, args: list[str], *rest: Any, **kwargs: Any
+    ) -> click.Context:
         # The group's own options (`gemma-launch --bogus`) are parsed here, before invoke.
+        given = list(args)  # click's parser consumes the list it parses
         try:
-            return super().make_context(*args, **kwargs)
+            return super().make_context(info_name, args, *rest, **kwargs)
+        except click.NoSuchOption as caught:
+            hint = self._misplaced(caught.option_name, given)
+            if hint:
+                caught.possibilities = []  # click's guess is among the group's own options
+            raise _usage_failure(caught, hint) from None
         except click.UsageError as caught:
             raise _usage_failure(caught) from None
+
+    def _misplaced(self, option: str, args: list[str]) -> str | None:
+        """The hint for a command's options given before the command (`gemma-launch --config x status`),
+        as gcloud and kubectl take them: the same command line with them after the command (the group
+        has no option of its own but --help and --version); None when the command named lacks `option`."""
+        for at, word in enumerate(args):
+            command = self.commands.get(word)
+            if command is not None and any(option in param.opts for param in command.params):
+                fixed = [word, *args[:at], *args[at + 1 :]]
+                return f"Options go after the command: `gemma-launch {shlex.join(fixed)}`."
+        return None
 
     def invoke(self, ctx: click.Context) -> Any:
         try:

@@ -193,3 +193,26 @@ def test_a_usage_error_ends_with_one_error_line_and_a_hint_and_exits_2(argv, err
     assert lines[0].startswith("Usage: gemma-launch"), result.output
     assert lines[-2].startswith(error) and lines[-1].startswith(hint), result.output
     assert sum(line.startswith("Error:") for line in lines) == 1 and "Try '" not in result.output
+
+
+@pytest.mark.parametrize(
+    ("argv", "fixed"),
+    [
+        (["--config", "my.toml", "status"], "gemma-launch status --config my.toml"),
+        (["--json", "status", "--limit", "2"], "gemma-launch status --json --limit 2"),
+        (
+            ["--project", "p", "--config=my.toml", "logs", "-f"],
+            "gemma-launch logs --project p --config=my.toml -f",
+        ),
+    ],
+)
+def test_a_commands_option_given_before_the_command_gets_the_command_line_that_works(argv, fixed):
+    # gcloud and kubectl take global flags anywhere: a newcomer writes them first.
+    result = CliRunner().invoke(main, argv, prog_name="gemma-launch")
+    assert result.exit_code == 2, result.output
+    error, hint = result.output.splitlines()[-2:]
+    assert error == f"Error: No such option '{argv[0].partition('=')[0]}'.", (
+        result.output
+    )  # no "Did you mean"
+    assert hint == f"Hint: Options go after the command: `{fixed}`."
+    assert CliRunner().invoke(main, [*fixed.split()[1:], "--help"]).exit_code == 0
