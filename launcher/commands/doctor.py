@@ -37,11 +37,13 @@ def doctor_command(settings: Settings, as_json: bool) -> None:
         document = {"ok": not failed, "checks": [dataclasses.asdict(check) for check in checks]}
         click.echo(json.dumps(document, indent=2))
     else:
+        width = max(len(title) for title in doctor.TITLES.values())
         for check in checks:
             mark = "[green]✓[/]" if check.passed else "[red]✗[/]"
             fix = f"  Fix: {escape(check.fix)}" if check.fix and not check.passed else ""
             console.print(
-                f"{mark} [bold]{doctor.TITLES[check.name]:<15}[/] {escape(check.detail)}{fix}", soft_wrap=True
+                f"{mark} [bold]{doctor.TITLES[check.name]:<{width}}[/] {escape(check.detail)}{fix}",
+                soft_wrap=True,
             )
     if failed:
         raise UserError(

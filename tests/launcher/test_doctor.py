@@ -60,6 +60,10 @@ def test_a_ready_project_passes_every_check_and_exits_0(local):
     assert "developer@example.com" in line(result, "credentials")
     assert f"gs://{BUCKET} is free" in line(result, "bucket")
     assert f"all {len(UP_PERMISSIONS)}" in line(result, "permissions")
+    # Each check's finding starts in one column, after the longest title ("service accounts").
+    column = len("✓ service accounts ")
+    assert all(text[column - 1] == " " and text[column] != " " for text in lines), result.output
+    assert line(result, "bucket").startswith(f"✓ bucket{' ' * (column - len('✓ bucket'))}gs://")
 
     as_json = doctor("--json")
     assert as_json.exit_code == 0, as_json.output
