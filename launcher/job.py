@@ -370,6 +370,21 @@ def check_gpu(job: run_v2.Job, settings: Settings) -> None:
     )
 
 
+def check_bucket(job: run_v2.Job, settings: Settings) -> None:
+    """The settings' bucket is the one the job mounts: `run` and `sweep` read the staged dataset's splits
+    and the earlier runs' rates there, and a bucket named to `up` alone (--bucket) would otherwise check
+    another bucket's dataset, or none, before the job reads its own."""
+    mounted = [volume.gcs.bucket for volume in job.template.template.volumes if volume.name == VOLUME]
+    if not mounted or mounted[0] == settings.bucket:
+        return
+    raise UserError(
+        f"Job {settings.job} reads bucket gs://{mounted[0]}, not gs://{settings.bucket}: the settings name "
+        "another bucket than `up` gave the job.",
+        f'Pass --bucket {mounted[0]}, or set BUCKET_NAME={mounted[0]} or bucket = "{mounted[0]}" in '
+        "gemma-launch.toml so that every command finds it.",
+    )
+
+
 def require_service_account(clients: Clients, settings: Settings, job: run_v2.Job) -> None:
     """Refuse to start an execution whose account was deleted or disabled after `up`: its tasks could
     not act as it.

@@ -38,6 +38,7 @@ def check(
     other execution of it runs. A check that fails is a UserError; nothing is changed."""
     job = jobs.current_job(clients, settings)
     jobs.check_gpu(job, settings)
+    jobs.check_bucket(job, settings)
     combinations = grid.combinations() if grid is not None else [{}]
     notes: list[str] = []
     for combination in combinations:

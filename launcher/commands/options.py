@@ -95,8 +95,9 @@ def _setting_help(field: str) -> str:
     return f"{described}  [default: {default}]"
 
 
-# The settings a command that only reads an execution of the job needs to find it.
-JOB_SETTINGS = ("project_id", "region", "job")
+# The settings a command that reads an execution of the job needs to find it: the job, and the bucket
+# where its runs wrote (and which keeps them after `down`), as `up --bucket` may have named another.
+JOB_SETTINGS = ("project_id", "region", "bucket", "job")
 
 # The options `run`, `sweep` and `logs` share.
 FOLLOW_VERBOSE = click.option(

@@ -17,7 +17,7 @@ from launcher.staging.transfer import human_bytes
 
 
 @click.command("report", cls=Command)
-@settings_options(fields=(*JOB_SETTINGS, "bucket"))
+@settings_options(fields=JOB_SETTINGS)
 @click.argument("names", metavar="[EXECUTION]...", nargs=-1)
 @click.option(
     "--out",

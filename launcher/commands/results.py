@@ -22,7 +22,7 @@ ESTIMATED = f"durations and costs {kept_costs.ESTIMATED}"
 
 
 @click.command("results", cls=Command)
-@settings_options(fields=(*JOB_SETTINGS, "bucket"))
+@settings_options(fields=JOB_SETTINGS)
 @click.argument("names", metavar="[EXECUTION]...", nargs=-1)
 @click.option(
     "--json",

@@ -39,15 +39,27 @@ def sections(text: str) -> dict[str, list[str]]:
 @pytest.mark.parametrize(
     ("command", "settings"),
     [
-        (["logs"], ["--config", "--project", "--region", "--job"]),
-        (["status"], ["--config", "--project", "--region", "--job"]),
-        (["cancel"], ["--config", "--project", "--region", "--job"]),
+        (["logs"], ["--config", "--project", "--region", "--bucket", "--job"]),
+        (["status"], ["--config", "--project", "--region", "--bucket", "--job"]),
+        (["cancel"], ["--config", "--project", "--region", "--bucket", "--job"]),
         (["results"], ["--config", "--project", "--region", "--bucket", "--job"]),
         (
             ["run"],
-            ["--config", "--project", "--region", "--job", "--gpu", "--task-timeout", "--zonal-redundancy"],
+            [
+                "--config",
+                "--project",
+                "--region",
+                "--bucket",
+                "--job",
+                "--gpu",
+                "--task-timeout",
+                "--zonal-redundancy",
+            ],
         ),
-        (["sweep"], ["--config", "--project", "--region", "--job", "--gpu", "--zonal-redundancy"]),
+        (
+            ["sweep"],
+            ["--config", "--project", "--region", "--bucket", "--job", "--gpu", "--zonal-redundancy"],
+        ),
     ],
 )
 def test_help_lists_the_commands_own_options_first_then_only_the_settings_it_reads(command, settings):

@@ -550,6 +550,45 @@ def test_sizes_are_checked_against_the_staged_splits_before_anything_starts(env,
     assert "UpdateJob" not in [entry["method"] for entry in env.record()[before:]]
 
 
+def test_a_bucket_named_to_up_alone_is_named_by_the_run_refused_and_every_command_takes_it(
+    env, project_dir, tmp_path
+):
+    model = tmp_path / "tiny-model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    pets = pets_dir(tmp_path, trainval=3, test=2)
+    mine = f"{PROJECT}-mine"
+    sources = ["--source", str(project_dir), "--model-source", str(model), "--dataset-source", str(pets)]
+    assert cli("up", "--bucket", mine, *sources).exit_code == 0
+    # Without --bucket, run would check the default bucket's dataset, which the job does not read.
+    other = cli("run", "--set", "train-size=3", "--set", "eval-size=2")
+    assert other.exit_code == 2, other.output
+    assert other.output == (
+        f"Error: Job gemma3-finetuning-job reads bucket gs://{mine}, not gs://{PROJECT}-gemma3-finetuning: "
+        "the settings name another bucket than `up` gave the job.\n"
+        f'Hint: Pass --bucket {mine}, or set BUCKET_NAME={mine} or bucket = "{mine}" in gemma-launch.toml '
+        "so that every command finds it.\n"
+    )
+    assert cli("sweep", "--grid", "seed=1,2").output == other.output
+    assert run_jobs(env) == []
+    # With it, the sizes are checked against the dataset the job reads.
+    too_big = cli("run", "--bucket", mine)
+    assert (
+        too_big.exit_code == 2 and f"staged dataset gs://{mine}/datasets/pets/ (3 images)" in too_big.output
+    )
+    ran = cli("run", "--bucket", mine, "--set", "train-size=3", "--set", "eval-size=2", "--follow")
+    assert ran.exit_code == 0, ran.output
+    execution = json.loads(cli("status", "--json").output)[0]["execution"]
+    # After `down`, status and logs find the run in the bucket it wrote to, once told which.
+    assert cli("down", "--bucket", mine).exit_code == 0
+    kept = json.loads(cli("status", "--bucket", mine, "--json").output)
+    assert [(run["execution"], run["execution_record"]) for run in kept] == [(execution, False)]
+    elsewhere = cli("status")
+    assert elsewhere.exit_code == 2 and "(give --bucket if `up` used another bucket)" in elsewhere.output
+    assert cli("logs", execution, "--bucket", mine).exit_code == 0
+    assert cli("cancel", execution, "--bucket", mine).exit_code == 0
+
+
 @pytest.mark.parametrize("command", ["up", "stage"])
 def test_a_wrong_source_directory_is_reported_before_anything_is_created(
     fresh, monkeypatch, tmp_path, command
