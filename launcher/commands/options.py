@@ -105,6 +105,16 @@ FOLLOW_VERBOSE = click.option(
 )
 
 
+# `run --train-size N` and `sweep --train-size N`: the README's tour shows the first, a newcomer tries
+# the second.
+TRAIN_SIZE = click.option("--train-size", type=click.IntRange(min=1), help="Shortcut for --set train-size=N.")
+
+
+def with_train_size(sets: dict[str, str], train_size: int | None) -> dict[str, str]:
+    """The --set pairs with --train-size's, which wins over a --set train-size."""
+    return sets if train_size is None else {**sets, "train-size": str(train_size)}
+
+
 def max_cost_option(what: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     return click.option(
         "--max-cost",

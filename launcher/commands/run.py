@@ -7,7 +7,15 @@ import click
 from launcher import cost, executions, overrides, quota, start_checks
 from launcher.cloud import Clients
 from launcher.commands.follow import follow_or_show
-from launcher.commands.options import FOLLOW_VERBOSE, JOB_SETTINGS, Command, max_cost_option, settings_options
+from launcher.commands.options import (
+    FOLLOW_VERBOSE,
+    JOB_SETTINGS,
+    TRAIN_SIZE,
+    Command,
+    max_cost_option,
+    settings_options,
+    with_train_size,
+)
 from launcher.commands.render import console, err_console, say_fit
 from launcher.errors import UserError
 from launcher.settings import Settings, check_run_timeout
@@ -24,7 +32,7 @@ from launcher.settings_rules import parse_duration
     help="Override a trainer flag for this run (repeatable), checked against the trainer's own flags. "
     f"Keys: {', '.join(overrides.settable())}.",
 )
-@click.option("--train-size", type=click.IntRange(min=1), help="Shortcut for --set train-size=N.")
+@TRAIN_SIZE
 @click.option(
     "--timeout",
     help="Task timeout for this execution, e.g. 2h or 45m. With a GPU at most 12h, and over 1h only when "
@@ -74,9 +82,7 @@ def run_command(
     An execution is one training on one GPU. For replicates or several settings at once, run a sweep:
     `gemma-launch sweep --grid seed=1,2,3`.
     """
-    changes = overrides.parse_sets(sets)
-    if train_size is not None:
-        changes["train-size"] = str(train_size)
+    changes = with_train_size(overrides.parse_sets(sets), train_size)
     timeout_s = None
     if timeout:
         try:

@@ -13,7 +13,15 @@ from rich.table import Table
 from launcher import cost, executions, overrides, start_checks, sweep
 from launcher.cloud import Clients
 from launcher.commands.follow import follow_or_show
-from launcher.commands.options import FOLLOW_VERBOSE, JOB_SETTINGS, Command, max_cost_option, settings_options
+from launcher.commands.options import (
+    FOLLOW_VERBOSE,
+    JOB_SETTINGS,
+    TRAIN_SIZE,
+    Command,
+    max_cost_option,
+    settings_options,
+    with_train_size,
+)
 from launcher.commands.render import console, err_console, say_fit
 from launcher.errors import UserError
 from launcher.settings import Settings
@@ -37,6 +45,7 @@ from launcher.settings import Settings
     metavar="KEY=VALUE",
     help="A trainer setting for every task of the sweep (repeatable), as `run --set` takes it.",
 )
+@TRAIN_SIZE
 @click.option(
     "--parallelism",
     type=click.IntRange(min=1),
@@ -67,6 +76,7 @@ def sweep_command(
     settings: Settings,
     grids: tuple[str, ...],
     sets: tuple[str, ...],
+    train_size: int | None,
     parallelism: int | None,
     follow: bool,
     allow_concurrent: bool,
@@ -90,7 +100,7 @@ def sweep_command(
             "--follow and --dry-run together: a dry run starts nothing to follow.",
             "Drop --follow to see the plan, or --dry-run to start the sweep and follow it.",
         )
-    changes = overrides.parse_sets(sets)
+    changes = with_train_size(overrides.parse_sets(sets), train_size)
     grid = sweep.parse_grid(grids, changes)
     clients = Clients(settings.project_id)
     # The same checks, in the same order, for a dry run as for the sweep: a dry run that passes them

@@ -204,6 +204,17 @@ def test_a_dry_run_shows_each_task_its_arguments_and_the_estimate_and_changes_no
             7,
         )
 
+    # `--train-size N` is `--set train-size=N`, as for `run`.
+    sized = cli("sweep", *grid, "--train-size", "500", "--dry-run", "--json")
+    assert sized.exit_code == 0, sized.output
+    assert (
+        json.loads(sized.stdout)["execution_args"]
+        == json.loads(cli("sweep", *grid, "--set", "train-size=500", "--dry-run", "--json").stdout)[
+            "execution_args"
+        ]
+    )
+    assert "--train-size 500" in shlex.join(json.loads(sized.stdout)["execution_args"])
+
     # Above --max-cost: the plan, then the sweep's own refusal.
     over = cli("sweep", *grid, "--max-cost", "0", "--dry-run")
     assert over.exit_code == 2 and "│ task 3" in over.output
