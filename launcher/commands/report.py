@@ -11,7 +11,7 @@ from launcher import past_runs
 from launcher import report as run_report
 from launcher.cloud import Clients
 from launcher.commands.options import JOB_SETTINGS, Command, settings_options
-from launcher.commands.render import console
+from launcher.commands.render import console, err_console
 from launcher.settings import Settings
 from launcher.staging.transfer import human_bytes
 
@@ -27,7 +27,12 @@ from launcher.staging.transfer import human_bytes
     show_default="the current directory",
     help="Directory to write the HTML file into.",
 )
-@click.option("--open", "open_page", is_flag=True, help="Open the page in the default web browser.")
+@click.option(
+    "--open",
+    "open_page",
+    is_flag=True,
+    help="Open the page in the default web browser (or say that none opened it, as over SSH).",
+)
 def report(settings: Settings, names: tuple[str, ...], out_dir: Path, open_page: bool) -> None:
     """Write one self-contained HTML report of executions (default: the newest): the run and its settings,
     baseline vs fine-tuned, per-breed table, confusion heat map, training curve, gallery of mistakes;
@@ -45,5 +50,10 @@ def report(settings: Settings, names: tuple[str, ...], out_dir: Path, open_page:
     gone = {name for name, one in looked_up.items() if one.execution is None}
     path = run_report.write(clients, settings, list(looked_up), out_dir, gone)
     console.print(f"Wrote {path} ({human_bytes(path.stat().st_size)}).", markup=False, soft_wrap=True)
-    if open_page:
-        webbrowser.open(path.resolve().as_uri())
+    # On a machine without a browser (a VM reached over SSH, say) nothing opens: say so, rather than nothing.
+    if open_page and not webbrowser.open(path.resolve().as_uri()):
+        err_console.print(
+            f"No web browser opened it here: copy {path} to a machine with one, or open it there.",
+            markup=False,
+            soft_wrap=True,
+        )

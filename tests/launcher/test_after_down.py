@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import re
 import textwrap
+import webbrowser
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -267,6 +268,22 @@ def test_a_sweep_whose_record_is_gone_is_ranked_and_reported_from_its_tasks_resu
     assert page.exit_code == 0, page.output
     html = Path("report-sweep-x.html").read_text()
     assert "sweep-x task 1 (learning-rate=2e-4)" in html and "sweep-x task 0 (learning-rate=1e-4)" in html
+
+
+def test_report_open_says_so_when_no_browser_opens_the_page(env, monkeypatch):
+    clients = env.clients(PROJECT)
+    bucket = clients.storage.create_bucket(clients.storage.bucket(BUCKET), location="europe-west4")
+    results = {"baseline": {"accuracy": 0.1, "macro_f1": 0.1}, "final": {"accuracy": 0.7, "macro_f1": 0.6}}
+    bucket.blob("runs/run-y/results.json").upload_from_string(json.dumps(results))
+    # A machine reached over SSH: the one browser there is, `false`, opens nothing.
+    monkeypatch.setenv("BROWSER", "false")
+    monkeypatch.setattr(webbrowser, "_tryorder", None)
+    page = CliRunner().invoke(main, ["report", "run-y", "--open"])
+    assert page.exit_code == 0, page.output
+    assert Path("report-run-y.html").is_file()
+    assert page.stderr.splitlines()[-1] == (
+        "No web browser opened it here: copy report-run-y.html to a machine with one, or open it there."
+    )
 
 
 # A run as the trainer records it on an RTX PRO 6000 (docs/trainer.md, "results.json"): 1000 s of phases,
