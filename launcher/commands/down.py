@@ -102,6 +102,16 @@ def down(
             click.echo(f"  {command}")
     elif all(change.status in ("absent", "kept", teardown.NOT_CHECKED) for change in report):
         console.print("\nNothing left to delete" + (" that down could see." if apis_off else "."))
+    elif any(change.kind == "bucket" and change.status == "kept" for change in report):
+        # The one thing left, still billed for its storage: say what it holds and how it goes too.
+        deleted = sum(change.status == "deleted" for change in report)
+        console.print(
+            f"\nDeleted {deleted} resources. gs://{settings.bucket} stays with the weights, data and "
+            "results, which `status`, `results`, `report` and `logs` still read; `gemma-launch down "
+            "--delete-bucket` deletes it too, `gemma-launch up` makes the rest again.",
+            markup=False,
+            soft_wrap=True,
+        )
     if apis_off:
         err_console.print(
             f"[yellow]Note:[/] {', '.join(apis_off)} {'is' if len(apis_off) == 1 else 'are'} not enabled in "

@@ -131,6 +131,12 @@ def test_down_removes_what_up_made_keeps_the_bucket_and_a_second_down_deletes_no
     )
     assert done["absent"] == ["staging job"]  # --skip-stage: up never made it
     assert done["kept"] == ["bucket"]
+    # What stays, and how it goes too, in the last line.
+    assert first.output.splitlines()[-1] == (
+        f"Deleted 10 resources. gs://{BUCKET} stays with the weights, data and results, which `status`, "
+        "`results`, `report` and `logs` still read; `gemma-launch down --delete-bucket` deletes it too, "
+        "`gemma-launch up` makes the rest again."
+    )
     clients = env.clients(PROJECT)
     holds_nothing_up_made(clients)
     assert list(clients.storage.list_blobs(BUCKET, prefix="runs/"))  # the results stay
