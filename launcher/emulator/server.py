@@ -38,6 +38,7 @@ from launcher.emulator.secretmanager import SecretManager
 from launcher.emulator.serviceusage import ServiceUsage
 from launcher.emulator.state import State
 from launcher.emulator.storage import CloudStorage
+from launcher.errors import UserError
 
 
 class Emulator:
@@ -65,6 +66,19 @@ class Emulator:
         still answering SERVICE_DISABLED for `api_propagation_s`, billing on, and
         CreateBuild accepted in `global` and `build_regions` only (None: everywhere), and at most
         `log_read_quota` ListLogEntries calls per project in any `log_read_window_s` seconds."""
+        # Without SO_REUSEPORT, gRPC's default on Linux, a second emulator on a port in use fails here
+        # instead of sharing it with the first, each answering some of the calls from its own state.
+        self._grpc = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=32), options=[("grpc.so_reuseport", 0)]
+        )
+        try:
+            self.port = self._grpc.add_insecure_port(f"127.0.0.1:{port}")
+        except RuntimeError:
+            raise _port_in_use("--port", port) from None
+        # The storage server binds in its own thread, where a port in use would leave it waiting forever.
+        if storage_port and not _free(storage_port):
+            self._grpc.stop(None)
+            raise _port_in_use("--storage-port", storage_port)
         if data_dir is None:
             data_dir = Path(tempfile.mkdtemp(prefix="gemma-launch-emulator-"))
         self.data_dir = data_dir.resolve()
@@ -85,8 +99,6 @@ class Emulator:
         )
         self.storage_port = self._storage_server._api._port
         self._storage_server._api.run = partial(_serve_storage, self._storage_server._api)
-        self._grpc = grpc.server(futures.ThreadPoolExecutor(max_workers=32))
-        self.port = self._grpc.add_insecure_port(f"127.0.0.1:{port}")
         iam = Iam(self.state, self.access)
         logging = Logging(self.data_dir, ReadQuota(log_read_quota, log_read_window_s))
         secrets = SecretManager(self.state, self.access)
@@ -193,6 +205,25 @@ def _serve_storage(api: Any) -> None:
     api._httpd = _StorageServer((api._host, api._port), partial(RequestHandler, api._storage))
     api.is_running.set()
     api._httpd.serve_forever(poll_interval=0.02)
+
+
+def _port_in_use(flag: str, port: int) -> UserError:
+    return UserError(
+        f"Port {port} ({flag}) is in use on 127.0.0.1, by another emulator or another program.",
+        f"Stop that one (Ctrl-C in its shell), or leave out {flag} for a free port.",
+    )
+
+
+def _free(port: int) -> bool:
+    import socket
+
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as HTTPServer binds: a listener only
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
 
 
 def _free_port() -> int:

@@ -85,3 +85,19 @@ def test_a_stopped_emulator_is_reported_at_once_with_how_to_start_it(tmp_path, m
             in result.output
         ), result.output
         assert "Traceback" not in result.output
+
+
+def test_a_second_emulator_on_a_port_in_use_is_refused_instead_of_sharing_it(fresh, tmp_path):
+    # gRPC's default SO_REUSEPORT let a second emulator bind the first's port: each then answered some
+    # calls from its own state. The storage port, bound in a thread, left the second waiting forever.
+    running = fresh.emulator
+    for flag, port in (("--port", running.port), ("--storage-port", running.storage_port)):
+        second = CliRunner().invoke(
+            main, ["emulator", "start", "--data-dir", str(tmp_path / "second"), flag, str(port)]
+        )
+        assert second.exit_code == 2, second.output
+        assert second.stderr.splitlines()[-2:] == [
+            f"Error: Port {port} ({flag}) is in use on 127.0.0.1, by another emulator or another program.",
+            f"Hint: Stop that one (Ctrl-C in its shell), or leave out {flag} for a free port.",
+        ]
+    assert Clients(PROJECT).storage.lookup_bucket(BUCKET) is None  # the first still answers
