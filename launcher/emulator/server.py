@@ -66,8 +66,13 @@ class Emulator:
         still answering SERVICE_DISABLED for `api_propagation_s`, billing on, and
         CreateBuild accepted in `global` and `build_regions` only (None: everywhere), and at most
         `log_read_quota` ListLogEntries calls per project in any `log_read_window_s` seconds."""
-        # Without SO_REUSEPORT, gRPC's default on Linux, a second emulator on a port in use fails here
-        # instead of sharing it with the first, each answering some of the calls from its own state.
+        # A port in use is refused before any server binds: the storage server binds in its own thread,
+        # where it would wait forever, and gRPC logs its own failure to stderr first.
+        for flag, asked in (("--port", port), ("--storage-port", storage_port)):
+            if asked and not _free(asked):
+                raise _port_in_use(flag, asked)
+        # Without SO_REUSEPORT, gRPC's default on Linux, a second emulator that binds the port between
+        # that check and this one fails instead of sharing it, each answering from its own state.
         self._grpc = grpc.server(
             futures.ThreadPoolExecutor(max_workers=32), options=[("grpc.so_reuseport", 0)]
         )
@@ -75,10 +80,6 @@ class Emulator:
             self.port = self._grpc.add_insecure_port(f"127.0.0.1:{port}")
         except RuntimeError:
             raise _port_in_use("--port", port) from None
-        # The storage server binds in its own thread, where a port in use would leave it waiting forever.
-        if storage_port and not _free(storage_port):
-            self._grpc.stop(None)
-            raise _port_in_use("--storage-port", storage_port)
         if data_dir is None:
             data_dir = Path(tempfile.mkdtemp(prefix="gemma-launch-emulator-"))
         self.data_dir = data_dir.resolve()
