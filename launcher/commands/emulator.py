@@ -93,6 +93,13 @@ def emulator() -> None:
     show_default=True,
     help="Seconds a just-enabled API still answers SERVICE_DISABLED, as in Google Cloud.",
 )
+@click.option(
+    "--grant-propagation",
+    type=click.FloatRange(min=0),
+    default=2.0,
+    show_default=True,
+    help="Seconds a role just granted is not yet in effect, as in Google Cloud (minutes there).",
+)
 def emulator_start(
     port: int,
     storage_port: int,
@@ -107,6 +114,7 @@ def emulator_start(
     billing: bool,
     iam_propagation: float,
     api_propagation: float,
+    grant_propagation: float,
 ) -> None:
     """Run the local cloud in the foreground until Ctrl-C.
 
@@ -135,6 +143,7 @@ def emulator_start(
         "billing": billing,
         "iam_propagation_s": iam_propagation,
         "api_propagation_s": api_propagation,
+        "grant_propagation_s": grant_propagation,
     }
     if build_regions is not None:
         options["build_regions"] = _build_regions(build_regions)

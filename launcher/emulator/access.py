@@ -22,6 +22,14 @@ A service account made a moment ago is not yet known to other services' IAM: for
 seconds a policy naming it is refused (https://cloud.google.com/iam/docs/service-accounts-create:
 "...it can take up to 60 seconds..."; https://cloud.google.com/iam/docs/troubleshooting-access).
 
+A role granted a moment ago is not yet in effect: for `grant_propagation_s` seconds after a
+setIamPolicy added a binding (a role for a member, on a project or on a bucket, secret or repository),
+checks of that member's permissions ignore it, as Google's do: "Changes to allow or deny policies
+typically propagate in 2 minutes, but could potentially take 7 minutes or longer"
+(https://cloud.google.com/iam/docs/access-change-propagation). A binding removed stops granting at once
+(Google may honour it a while longer; nothing here relies on either). Pending grants are kept in
+memory: a restarted emulator has them all in effect.
+
 A disabled service account keeps its grants, but its tokens are refused until it is enabled again
 (iam.py says what IAM documents); what would run as it (a Cloud Run task, a build) fails as it starts.
 Attaching it (actAs on CreateJob, UpdateJob, CreateBuild) is not refused: the account exists, and IAM
@@ -219,6 +227,7 @@ class Access:
         user: str = DEFAULT_USER,
         propagation_s: float = 0.0,
         api_propagation_s: float = 0.0,
+        grant_propagation_s: float = 0.0,
         enabled_apis: Iterable[str] = DEFAULT_ENABLED,
         billing_enabled: bool = True,
     ) -> None:
@@ -226,6 +235,12 @@ class Access:
         self.user = f"user:{user}"
         self.propagation_s = propagation_s
         self.api_propagation_s = api_propagation_s
+        self.grant_propagation_s = grant_propagation_s
+        # A stored policy's etag -> when each (role, member) binding it added was added; a policy's etag
+        # changes with every write, so a grant is pending only in the policy that made it.
+        self._granted_at: dict[str, dict[tuple[str, str], float]] = {}
+        # (role, member) of the pending grants that a permission check has ignored, for tests.
+        self.held_back: set[tuple[str, str]] = set()
         self.default_enabled = frozenset(enabled_apis)
         self.billing_enabled = billing_enabled
         # token -> (member, the unique id of the service account it was issued to, None for others)
@@ -394,14 +409,38 @@ class Access:
 
     def allowed(self, member: str, permission: str, project: str, resource: str = "") -> bool:
         project_id = self.project_id(project)
+        pending: set[tuple[str, str]] = set()
         for policy in self.policies(project_id, resource):
+            granted_at = self._granted_at.get(str(policy.get("etag")), {})
             for binding in policy.get("bindings") or []:
                 members = binding.get("members") or []
-                if permission in permissions_of(binding["role"]) and (
-                    member in members or "allUsers" in members
-                ):
-                    return True
+                if permission not in permissions_of(binding["role"]):
+                    continue
+                for who in {member, "allUsers"} & set(members):
+                    grant = (binding["role"], who)
+                    if time.time() - granted_at.get(grant, 0.0) >= self.grant_propagation_s:
+                        return True
+                    pending.add(grant)
+        if pending:
+            self.held_back = self.held_back | pending  # a new set: a test's thread may be reading it
         return False
+
+    def policy_replaced(self, before: dict[str, Any] | None, after: dict[str, Any]) -> None:
+        """A setIamPolicy stored `after` over `before`: each binding it adds takes effect later."""
+        now = time.time()
+        earlier = self._granted_at.get(str((before or {}).get("etag")), {})
+        kept = _grants(before)
+        self._granted_at[str(after.get("etag"))] = {
+            grant: earlier.get(grant, now)
+            for grant in _grants(after)
+            if grant not in kept or grant in earlier
+        }
+
+    def grants_propagated(self, grants: set[tuple[str, str]] | None = None) -> None:
+        """The (role, member) `grants` (None: all) made so far are in effect, as minutes later: for tests."""
+        for granted_at in list(self._granted_at.values()):
+            for grant in list(granted_at) if grants is None else grants:
+                granted_at.pop(grant, None)
 
     def require(self, member: str, permission: str, project: str, resource: str) -> None:
         if not self.allowed(member, permission, project, resource):
@@ -516,6 +555,14 @@ def rename_member(policy: dict[str, Any] | None, old: str, new: str) -> bool:
         # The policy changed: a read-modify-write begun before must re-read it (ABORTED / 412).
         policy["etag"] = base64.b64encode(uuid.uuid4().bytes[:8]).decode()
     return renamed
+
+
+def _grants(policy: dict[str, Any] | None) -> set[tuple[str, str]]:
+    return {
+        (binding["role"], member)
+        for binding in (policy or {}).get("bindings") or []
+        for member in binding.get("members") or []
+    }
 
 
 def _resource_of(request: dict[str, Any]) -> str:

@@ -202,6 +202,7 @@ class ArtifactRegistry:
             tables["repository_policies"][request.resource] = replaced_policy(
                 current, request.policy, request.resource
             )
+            self.access.policy_replaced(current, tables["repository_policies"][request.resource])
             return policy_from(tables["repository_policies"][request.resource])
 
     # ---- Docker images --------------------------------------------------------------------------

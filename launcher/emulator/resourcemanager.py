@@ -153,7 +153,9 @@ class Projects:
             raise invalid("A project must have at least one owner; the policy removes every roles/owner.")
 
         def replace(record: dict) -> None:
-            record["policy"] = replaced_policy(record["policy"], request.policy, request.resource)
+            before = record["policy"]
+            record["policy"] = replaced_policy(before, request.policy, request.resource)
+            self.access.policy_replaced(before, record["policy"])
 
         return policy_from(self.access.update_project(project_id, replace)["policy"])
 

@@ -366,7 +366,9 @@ class SecretManager:
             del policy.bindings[:]
             policy.bindings.extend(kept)
             policy.etag = uuid.uuid4().bytes[:8]
-            tables["secrets"][key]["policy"] = json_format.MessageToDict(policy)
+            stored = json_format.MessageToDict(policy)
+            self.access.policy_replaced(tables["secrets"][key]["policy"], stored)
+            tables["secrets"][key]["policy"] = stored
         return policy
 
     def _validate_policy(self, policy: policy_pb2.Policy) -> None:

@@ -54,6 +54,7 @@ class Emulator:
         user: str = DEFAULT_USER,
         iam_propagation_s: float = 2.0,
         api_propagation_s: float = 0.0,
+        grant_propagation_s: float = 0.0,
         enabled_apis: tuple[str, ...] = tuple(DEFAULT_ENABLED),
         billing: bool = True,
         build_regions: Collection[str] | None = RESTRICTED_REGIONS,
@@ -63,7 +64,8 @@ class Emulator:
     ) -> None:
         """A fresh project's rules: APIs off but Google's defaults, `user` the owner of every project it
         names, a new service account unknown to IAM policies for `iam_propagation_s`, an API just enabled
-        still answering SERVICE_DISABLED for `api_propagation_s`, billing on, and
+        still answering SERVICE_DISABLED for `api_propagation_s`, a role just granted not in effect for
+        `grant_propagation_s`, billing on, and
         CreateBuild accepted in `global` and `build_regions` only (None: everywhere), and at most
         `log_read_quota` ListLogEntries calls per project in any `log_read_window_s` seconds."""
         # A port in use is refused before any server binds: the storage server binds in its own thread,
@@ -89,6 +91,7 @@ class Emulator:
             user=user,
             propagation_s=iam_propagation_s,
             api_propagation_s=api_propagation_s,
+            grant_propagation_s=grant_propagation_s,
             enabled_apis=enabled_apis,
             billing_enabled=billing,
         )

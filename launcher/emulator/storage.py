@@ -289,6 +289,7 @@ def _set_bucket_policy(request: Any, response: Any, storage: Storage, *args: Any
     except storage_iam.Denied as denied:
         response.status = denied.status
         return response.json(denied.body)
+    _EMULATED[storage].access.policy_replaced(storage.get_bucket_iam_policy(name), policy)
     storage.set_bucket_iam_policy(name, policy)
     response.json(policy)
 

@@ -59,13 +59,21 @@ def test_emulator_start_takes_the_user_billing_and_propagation(monkeypatch, tmp_
             billing=emulator.access.billing_enabled,
             propagation=emulator.access.propagation_s,
             api_propagation=emulator.access.api_propagation_s,
+            grant_propagation=emulator.access.grant_propagation_s,
         )
 
     monkeypatch.setattr(Emulator, "serve", serve)
     args = ["--user", "me@example.org", "--no-billing", "--iam-propagation", "0.5", "--api-propagation", "3"]
+    args += ["--grant-propagation", "4"]
     result = CliRunner().invoke(main, ["emulator", "start", "--data-dir", str(tmp_path / "d"), *args])
     assert result.exit_code == 0, result.output
-    assert seen == {"user": "user:me@example.org", "billing": False, "propagation": 0.5, "api_propagation": 3}
+    assert seen == {
+        "user": "user:me@example.org",
+        "billing": False,
+        "propagation": 0.5,
+        "api_propagation": 3,
+        "grant_propagation": 4,
+    }
 
 
 def test_a_just_enabled_api_answers_service_disabled_until_it_has_propagated(tmp_path):
@@ -90,3 +98,42 @@ def test_a_just_enabled_api_answers_service_disabled_until_it_has_propagated(tmp
         assert list(clients.storage.list_buckets()) == []
         emulator.access.api_propagation_s = 0.0  # a minute later
         assert list(clients.secrets.list_secrets(parent=f"projects/{PROJECT}")) == []
+
+
+def test_a_role_just_granted_takes_effect_later_and_one_removed_stops_at_once(local):
+    """Google: "Changes to allow or deny policies typically propagate in 2 minutes, but could potentially
+    take 7 minutes or longer" (iam/docs/access-change-propagation). Meanwhile the member is refused as if
+    it held no role; a binding it already held stays in effect through later writes of the policy."""
+    member = "user:reader@example.com"
+    token = local.emulator.access.issue_token(member)
+    client = secretmanager_v1.SecretManagerServiceClient(
+        transport=SecretManagerServiceGrpcTransport(channel=grpc.insecure_channel(local.emulator.host))
+    )
+    as_reader = [("authorization", f"Bearer {token}")]
+    projects = local.clients(PROJECT).projects
+    resource = f"projects/{PROJECT}"
+
+    def grant(role: str) -> None:
+        policy = projects.get_iam_policy(request={"resource": resource})
+        policy.bindings.add(role=role, members=[member])
+        projects.set_iam_policy(request={"resource": resource, "policy": policy})
+
+    local.emulator.access.grant_propagation_s = 60.0
+    grant("roles/secretmanager.viewer")
+    with pytest.raises(exceptions.PermissionDenied) as early:
+        client.list_secrets(parent=resource, metadata=as_reader)
+    assert early.value.reason == "IAM_PERMISSION_DENIED"
+    local.emulator.access.grants_propagated()  # minutes later
+    assert list(client.list_secrets(parent=resource, metadata=as_reader)) == []
+    # Another grant to the same member leaves the first in effect, and is itself pending.
+    grant("roles/viewer")
+    assert list(client.list_secrets(parent=resource, metadata=as_reader)) == []
+    assert not local.emulator.access.allowed(member, "run.jobs.get", PROJECT, resource)
+    # Removed: refused at once.
+    policy = projects.get_iam_policy(request={"resource": resource})
+    kept = [b for b in policy.bindings if member not in b.members]
+    del policy.bindings[:]
+    policy.bindings.extend(kept)
+    projects.set_iam_policy(request={"resource": resource, "policy": policy})
+    with pytest.raises(exceptions.PermissionDenied):
+        client.list_secrets(parent=resource, metadata=as_reader)
