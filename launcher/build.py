@@ -26,7 +26,7 @@ from google.protobuf import json_format
 from launcher import logs
 from launcher.build_context import SourceArchive, pack_source
 from launcher.changes import Change
-from launcher.cloud import RETRY, Clients
+from launcher.cloud import GRANT_PROPAGATION_S, RETRY, Clients, recently_granted
 from launcher.cloud_errors import explained
 from launcher.errors import UserError
 from launcher.settings import Settings
@@ -221,7 +221,8 @@ def _run_build(
     if build.status in FAILED:
         detail = build.failure_info.detail or build.status_detail or "no detail given"
         tail = "\n".join(f"  {line}" for line in last) or "  (no log lines)"
-        raise UserError(
+        raise BuildFailed(
+            build,
             f"Cloud Build {build.id} ended with {build.status.name}: {detail}\nLast log lines:\n{tail}",
             (f"Full log: {page} . " if page else "")
             + _failure_hint(build, settings)
@@ -230,19 +231,67 @@ def _run_build(
     return build
 
 
+class BuildFailed(UserError):
+    def __init__(self, build: cloudbuild_v1.Build, message: str, hint: str) -> None:
+        super().__init__(message, hint)
+        self.build = build
+
+
+# A build refused these by its account's missing roles fails as one of these types.
+_ACCESS_FAILURES = (
+    cloudbuild_v1.Build.FailureInfo.FailureType.FETCH_SOURCE_FAILED,
+    cloudbuild_v1.Build.FailureInfo.FailureType.PUSH_FAILED,
+)
+# Between builds refused for roles `up` granted moments ago: Google's advice is to retry with backoff.
+FIRST_REBUILD_PAUSE_S = 2.0
+MAX_REBUILD_PAUSE_S = 30.0
+
+
+def _run_build_once_granted(
+    clients: Clients,
+    settings: Settings,
+    request: cloudbuild_v1.CreateBuildRequest,
+    on_line: Callable[[str], None],
+    on_steps: Callable[[list[str]], None] | None = None,
+) -> cloudbuild_v1.Build:
+    """The build, started again while it fails to read the source or push the image for want of the
+    roles this process granted its account moments ago, which can take minutes to be in effect
+    (cloud.GRANT_PROPAGATION_S); a build that fails otherwise, or later, is reported at once."""
+    account = settings.build_service_account_email
+    pause = FIRST_REBUILD_PAUSE_S
+    while True:
+        try:
+            return _run_build(clients, settings, request, on_line, on_steps)
+        except BuildFailed as failed:
+            if failed.build.failure_info.type_ not in _ACCESS_FAILURES or not recently_granted(account):
+                raise
+            failure = failed.build.failure_info.type_
+            what = "read the source" if failure == _ACCESS_FAILURES[0] else "push the image"
+            on_line(
+                f"Cloud Build {failed.build.id} could not {what}: its account {account} was granted its "
+                f"roles moments ago, and Google takes a few minutes to put a new role in effect. Building "
+                f"again in {pause:g} s."
+            )
+        time.sleep(pause)
+        pause = min(pause * 2, MAX_REBUILD_PAUSE_S)
+
+
 def _failure_hint(build: cloudbuild_v1.Build, settings: Settings) -> str:
     """Source fetch and push failures are about the build's account, not the Dockerfile."""
     kind = build.failure_info.type_
     account = settings.build_service_account_email
+    # A role granted in the last minutes may not be in effect yet
+    # (https://cloud.google.com/iam/docs/access-change-propagation).
+    late = f"A role granted in the last {GRANT_PROPAGATION_S / 60:g} minutes may not be in effect yet."
     if kind == cloudbuild_v1.Build.FailureInfo.FailureType.FETCH_SOURCE_FAILED:
         return (
-            f"The build's account {account} could not read the source archive: run `gemma-launch up`, "
-            f"which grants it roles/storage.objectViewer on gs://{settings.bucket}."
+            f"The build's account {account} could not read the source archive: run `gemma-launch up` "
+            f"again, which grants it roles/storage.objectViewer on gs://{settings.bucket}. {late}"
         )
     if kind == cloudbuild_v1.Build.FailureInfo.FailureType.PUSH_FAILED:
         return (
-            f"The build's account {account} could not push the image: run `gemma-launch up`, which grants "
-            f"it roles/artifactregistry.writer on {settings.repository}."
+            f"The build's account {account} could not push the image: run `gemma-launch up` again, which "
+            f"grants it roles/artifactregistry.writer on {settings.repository}. {late}"
         )
     return "Fix the Dockerfile, its .dockerignore or the source, then run `gemma-launch up` again."
 
@@ -369,7 +418,7 @@ def build_image(
             source = _upload(clients, settings, archive)
         with explained("build", settings.image_repository_uri, settings):
             request = _build_request(settings, config, source, tag)
-            build = _run_build(clients, settings, request, on_line, on_steps)
+            build = _run_build_once_granted(clients, settings, request, on_line, on_steps)
         uri = _pushed_uri(build, settings, tag)
         return BuiltImage(uri, tag, Change("image", uri, "created", command))
     finally:

@@ -98,7 +98,38 @@ def enabled_now(apis: list[str]) -> None:
     _enabled_at.update(dict.fromkeys(apis, time.monotonic()))
 
 
+# A role just granted is not in effect at once either: "Changes to allow or deny policies typically
+# propagate in 2 minutes, but could potentially take 7 minutes or longer"
+# (https://cloud.google.com/iam/docs/access-change-propagation), and Google's advice is to retry. `up`
+# grants roles to its service accounts and uses them moments later (Cloud Run checks the job's account
+# can read the secret when the job is created, a build reads the source and pushes the image as its
+# account): a refusal that names an account this process granted roles to is retried that long.
+GRANT_PROPAGATION_S = 420.0
+_granted_at: dict[str, float] = {}
+
+
+def granted_now(accounts: list[str]) -> None:
+    """Roles were just granted to the service accounts `accounts` (emails)."""
+    _granted_at.update(dict.fromkeys(accounts, time.monotonic()))
+
+
+def recently_granted(account: str) -> bool:
+    """Whether this process granted `account` a role too recently for it to be in effect everywhere."""
+    granted_at = _granted_at.get(account)
+    return granted_at is not None and time.monotonic() - granted_at < GRANT_PROPAGATION_S
+
+
+def refused_new_grant(error: BaseException) -> str | None:
+    """The account a PERMISSION_DENIED names when this process granted it roles moments ago, else None."""
+    if not isinstance(error, exceptions.PermissionDenied | exceptions.Forbidden):
+        return None
+    text = str(error)
+    return next((account for account in _granted_at if account in text and recently_granted(account)), None)
+
+
 def _still_propagating(error: BaseException) -> bool:
+    if refused_new_grant(error):
+        return True
     if getattr(error, "reason", None) != "SERVICE_DISABLED":
         return False
     enabled_at = _enabled_at.get((getattr(error, "metadata", None) or {}).get("service", ""))

@@ -33,7 +33,7 @@ from huggingface_hub.errors import (
     RevisionNotFoundError,
 )
 
-from launcher.cloud import retry_deadline_s
+from launcher.cloud import GRANT_PROPAGATION_S, refused_new_grant, retry_deadline_s
 from launcher.errors import UserError
 from launcher.iam_roles import smallest_role_with
 from launcher.settings import Settings
@@ -93,6 +93,14 @@ def translate(error: BaseException, settings: Settings | None, what: str = "") -
             f"The {api} API, enabled moments ago, was still not served in project {project}{on} after "
             f"{retry_deadline_s():g} s: Google can take a few minutes to turn an API on.",
             "Wait a few minutes, then run the same command again: what is done stays done.",
+        )
+    if isinstance(error, exceptions.RetryError) and (account := refused_new_grant(error.cause)):
+        # Only a refusal naming an account this process just granted roles to is retried (cloud.RETRY).
+        return UserError(
+            f"The roles granted to {account} moments ago were still not in effect{on} after "
+            f"{retry_deadline_s():g} s: {error.cause}",
+            f"Google can take up to {GRANT_PROPAGATION_S / 60:g} minutes to put a new role in effect: wait "
+            "a few minutes, then run the same command again: what is done stays done.",
         )
     if isinstance(error, exceptions.RetryError):
         return UserError(

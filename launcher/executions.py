@@ -26,6 +26,7 @@ from launcher import job as jobs
 from launcher import logs
 from launcher.cloud import POLLING, RETRY, Clients
 from launcher.errors import UserError
+from launcher.iam_bindings import OBJECT_USER
 from launcher.settings import Settings
 
 EXECUTION_LABEL = "run.googleapis.com/execution_name"
@@ -143,6 +144,22 @@ def why(execution: run_v2.Execution) -> str:
         if condition.type_ == "Completed":
             return condition.message
     return ""
+
+
+# How a task's start fails when gcsfuse may not mount the bucket as the job's account
+# (https://cloud.google.com/storage/docs/cloud-storage-fuse/troubleshooting).
+_MOUNT_REFUSED = "Bad credentials for bucket"
+
+
+def refused_a_new_role(clients: Clients, settings: Settings, execution: run_v2.Execution) -> bool:
+    """Whether `execution` failed at its start because the job's account was refused the bucket while
+    its policy grants the account roles/storage.objectUser: a role granted minutes ago, not yet in
+    effect (https://cloud.google.com/iam/docs/access-change-propagation)."""
+    if _MOUNT_REFUSED not in why(execution):
+        return False
+    member = f"serviceAccount:{settings.service_account_email}"
+    policy = clients.storage.bucket(settings.bucket).get_iam_policy(requested_policy_version=3, retry=RETRY)
+    return any(b["role"] == OBJECT_USER and member in b["members"] for b in policy.bindings)
 
 
 def tasks_of(clients: Clients, execution: str) -> list[run_v2.Task]:

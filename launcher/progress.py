@@ -164,13 +164,17 @@ class BuildView:
         self._console.print(f"  {text}", style="dim", markup=False, soft_wrap=True)
 
     def steps(self, ids: list[str]) -> None:
-        """The build started with these steps."""
+        """The build started with these steps (a build started again: anew)."""
         self._ids = ids
+        self.stop()
         if not self._verbose and ids:
             self._steps = Steps(self._console, "Cloud Build", len(ids), self._say)
 
     def line(self, text: str) -> None:
-        if self._verbose or (self._steps is None and text.startswith("Cloud Build ")):
+        # Lines of the launcher's own about a build ("Cloud Build ID started", "... building again") show
+        # always; the build's log's own lines, as steps.
+        if self._verbose or text.startswith("Cloud Build "):
+            self.stop()
             self._say(text)
             return
         found = _BUILD_STEP.match(text)
@@ -183,6 +187,7 @@ class BuildView:
     def stop(self) -> None:
         if self._steps is not None:
             self._steps.stop()
+            self._steps = None
 
 
 class TrainingView:

@@ -47,13 +47,18 @@ def isolated_environment(tmp_path_factory: pytest.TempPathFactory, monkeypatch: 
     monkeypatch.chdir(tmp_path_factory.mktemp("cwd"))
     # Nor an API that an earlier test's `up` enabled in this process: its SERVICE_DISABLED would be retried.
     monkeypatch.setattr(cloud, "_enabled_at", {})
+    # Nor the accounts it granted roles to: their refusals would be retried.
+    monkeypatch.setattr(cloud, "_granted_at", {})
 
 
 @pytest.fixture
 def fresh(tmp_path: Path) -> Iterator[Local]:
     """The emulator as a new project is: only Google's default APIs on, the caller its owner; a new
-    service account and a just-enabled API each take a moment to be usable, as in Google Cloud."""
-    with emulated(tmp_path, iam_propagation_s=0.5, api_propagation_s=0.5, gpu_quota=GPU_QUOTA) as emulator:
+    service account, a just-enabled API and a role just granted each take a moment to be usable, as in
+    Google Cloud."""
+    with emulated(
+        tmp_path, iam_propagation_s=0.5, api_propagation_s=0.5, grant_propagation_s=0.5, gpu_quota=GPU_QUOTA
+    ) as emulator:
         yield Local(emulator, tmp_path / "record.jsonl")
 
 
@@ -65,7 +70,9 @@ def local(fresh: Local) -> Local:
     fresh.emulator.access.update_project(
         PROJECT, lambda record: record.update(services=sorted({*record["services"], *REQUIRED}))
     )
-    fresh.emulator.access.propagation_s = 0.0  # such tests grant right after creating an account
+    # Such tests grant right after creating an account, and use the role at once.
+    fresh.emulator.access.propagation_s = 0.0
+    fresh.emulator.access.grant_propagation_s = 0.0
     fresh.record_path.write_text("")  # tests assert on the calls they make themselves
     return fresh
 

@@ -10,9 +10,10 @@ from google.cloud import run_v2
 
 from launcher import cost, executions, progress
 from launcher import results as run_results
-from launcher.cloud import Clients
+from launcher.cloud import GRANT_PROPAGATION_S, Clients
 from launcher.commands.render import console, err_console
 from launcher.errors import UserError
+from launcher.iam_bindings import OBJECT_USER
 from launcher.settings import Settings
 
 
@@ -104,6 +105,14 @@ def fail_unless_succeeded(
     stopped = run_results.recorded_failure(clients, settings, final.name, task)
     if stopped is not None:
         raise UserError(f"{what} stopped on an error a retry cannot fix: {stopped.message}", stopped.hint)
+    if executions.refused_a_new_role(clients, settings, final):
+        raise UserError(
+            f"{what} could not start: the job's account {settings.service_account_email} was refused the "
+            f"bucket gs://{settings.bucket}, though it holds {OBJECT_USER} there.",
+            f"`gemma-launch up` granted that role moments ago, and Google takes up to "
+            f"{GRANT_PROPAGATION_S / 60:g} minutes to put a new role in effect: run the same command again "
+            "in a few minutes.",
+        )
     raise SystemExit(1)
 
 

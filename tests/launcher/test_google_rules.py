@@ -91,6 +91,7 @@ def _make_viewer(env, role: str | None = "roles/viewer") -> None:
     if role:
         policy.bindings.add(role=role, members=["user:developer@example.com"])
     projects.set_iam_policy(request=iam_policy_pb2.SetIamPolicyRequest(resource=resource, policy=policy))
+    env.emulator.access.grants_propagated()  # as minutes later
 
 
 def test_a_missing_permission_names_it_and_the_role_that_grants_it(env):

@@ -13,7 +13,10 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import threading
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 
@@ -25,6 +28,7 @@ from huggingface_hub import constants
 
 from launcher import logs, overrides
 from launcher.cli import main
+from launcher.emulator.access import Access
 from launcher.emulator.logging import ReadQuota
 from tests.support.image_source import image_source
 from tests.support.record import changes
@@ -1073,3 +1077,58 @@ def test_a_follow_that_outruns_the_log_read_quota_waits_and_shows_every_line_onc
         line for line in shown if not line.startswith("training: ")
     ]
     assert sum(" epoch " in line for line in every) == 4
+
+
+@contextmanager
+def grants_in_effect_once_refused(access: Access) -> Iterator[None]:
+    """Each role granted meanwhile stays out of effect until a check has refused for want of it, then
+    takes effect, as minutes later in Google Cloud: every use of a new role meets the delay once, however
+    fast or slow this machine runs."""
+    access.grant_propagation_s = 3600.0
+    stop = threading.Event()
+
+    def propagate() -> None:
+        while not stop.wait(0.05):
+            access.grants_propagated(set(access.held_back))
+
+    watcher = threading.Thread(target=propagate, daemon=True)
+    watcher.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        watcher.join()
+
+
+def test_a_first_up_outlasts_the_minutes_new_roles_take_and_a_run_right_after_says_to_wait(
+    fresh, monkeypatch, project_dir
+):
+    """A fresh project: `up` grants its accounts their roles and uses them seconds later (the build
+    reads the source and pushes as its account, Cloud Run checks the job's account can read the secret),
+    and `run` right after mounts the bucket as the job's account. Each meets a role not yet in effect:
+    `up` waits it out; the execution, which fails in the cloud, says to run again."""
+    monkeypatch.setenv("PROJECT_ID", PROJECT)
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    access = fresh.emulator.access
+    with grants_in_effect_once_refused(access):
+        made = up(project_dir)
+        assert made.exit_code == 0, made.output
+        for what in ("read the source", "push the image"):
+            assert f"could not {what}: its account gemma3-finetuning-build@" in made.output
+        assert "Google takes a few minutes to put a new role in effect. Building again in 2 s." in made.output
+        # `run` right after: the execution cannot mount the bucket yet, which run says, and what to do.
+        early = cli("run", "--follow")
+        assert early.exit_code == 2, early.output
+        error, hint = [line for line in early.output.splitlines() if line.startswith(("Error:", "Hint:"))]
+        assert "could not start: the job's account" in error and "though it holds" in error
+        assert "Google takes up to 7 minutes to put a new role in effect: run the same command again" in hint
+        ran = cli("run", "--follow")  # minutes later
+        assert ran.exit_code == 0, ran.output
+    build_account = f"serviceAccount:gemma3-finetuning-build@{PROJECT}.iam.gserviceaccount.com"
+    job_account = f"serviceAccount:gemma3-finetuning@{PROJECT}.iam.gserviceaccount.com"
+    assert {
+        ("roles/storage.objectViewer", build_account),
+        ("roles/artifactregistry.writer", build_account),
+        ("roles/secretmanager.secretAccessor", job_account),
+        ("roles/storage.objectUser", job_account),
+    } <= access.held_back

@@ -313,6 +313,7 @@ def test_up_without_the_permissions_it_uses_changes_nothing(env):
     updated.bindings.add(role="roles/owner", members=["user:someone@example.com"])
     updated.bindings.add(role="roles/editor", members=["user:developer@example.com"])
     projects.set_iam_policy(request=iam_policy_pb2.SetIamPolicyRequest(resource=resource, policy=updated))
+    env.emulator.access.grants_propagated()  # as minutes later
     env.record_path.write_text("")
     result = up()
     assert result.exit_code == 2
