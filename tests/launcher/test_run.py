@@ -1132,3 +1132,34 @@ def test_a_first_up_outlasts_the_minutes_new_roles_take_and_a_run_right_after_sa
         ("roles/secretmanager.secretAccessor", job_account),
         ("roles/storage.objectUser", job_account),
     } <= access.held_back
+
+
+def test_an_up_whose_new_role_outlasts_the_retry_deadline_says_to_wait_and_run_again(env, project_dir):
+    """Cloud Run checks that the job's account may read the secret when the job is created or updated:
+    a role `up` granted moments ago is retried, and past the retry deadline `up` says to wait."""
+    assert up(project_dir).exit_code == 0
+    secret = f"projects/{PROJECT}/secrets/HF_TOKEN"
+    secrets = env.clients(PROJECT).secrets
+    policy = secrets.get_iam_policy(request={"resource": secret})
+    del policy.bindings[:]  # taken away by hand: the next up grants it again
+    secrets.set_iam_policy(request={"resource": secret, "policy": policy})
+    env.emulator.access.grant_propagation_s = 3600.0
+    done = subprocess.run(
+        [sys.executable, "-c", "from launcher.cli import main; main()", "up", "--skip-stage"]
+        + ["--source", str(project_dir), "--max-retries", "2"],
+        env={**os.environ, "GEMMA_LAUNCH_RETRY_DEADLINE": "2"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "created  secret IAM" in done.stdout
+    error, hint = [line for line in done.stderr.splitlines() if line.startswith(("Error:", "Hint:"))]
+    assert error.startswith(
+        f"Error: The roles granted to gemma3-finetuning@{PROJECT}.iam.gserviceaccount.com"
+    )
+    assert "moments ago were still not in effect after 2 s: 403 Permission denied on secret" in error
+    assert hint.startswith("Hint: Google can take up to 7 minutes to put a new role in effect: wait a few")
+    assert "Traceback" not in done.stderr
+    # Retried, with back-off: the update was sent more than once, not in a tight loop.
+    assert 2 <= len([e for e in env.record() if e["method"] == "UpdateJob"]) <= 20
