@@ -13,10 +13,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
-import threading
 from collections import Counter
-from collections.abc import Iterator
-from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 
@@ -28,8 +25,8 @@ from huggingface_hub import constants
 
 from launcher import logs, overrides
 from launcher.cli import main
-from launcher.emulator.access import Access
 from launcher.emulator.logging import ReadQuota
+from tests.support.emulator import grants_in_effect_once_refused
 from tests.support.image_source import image_source
 from tests.support.record import changes
 from trainer.flags import build_parser
@@ -1077,27 +1074,6 @@ def test_a_follow_that_outruns_the_log_read_quota_waits_and_shows_every_line_onc
         line for line in shown if not line.startswith("training: ")
     ]
     assert sum(" epoch " in line for line in every) == 4
-
-
-@contextmanager
-def grants_in_effect_once_refused(access: Access) -> Iterator[None]:
-    """Each role granted meanwhile stays out of effect until a check has refused for want of it, then
-    takes effect, as minutes later in Google Cloud: every use of a new role meets the delay once, however
-    fast or slow this machine runs."""
-    access.grant_propagation_s = 3600.0
-    stop = threading.Event()
-
-    def propagate() -> None:
-        while not stop.wait(0.05):
-            access.grants_propagated(set(access.held_back))
-
-    watcher = threading.Thread(target=propagate, daemon=True)
-    watcher.start()
-    try:
-        yield
-    finally:
-        stop.set()
-        watcher.join()
 
 
 def test_a_first_up_outlasts_the_minutes_new_roles_take_and_a_run_right_after_says_to_wait(

@@ -17,6 +17,7 @@ from pydantic import SecretStr
 from launcher import staging
 from launcher.cli import main
 from launcher.settings import Settings
+from tests.support.emulator import grants_in_effect_once_refused
 from tests.support.hub_standin import HubStandin
 
 TOKEN = "hf_CloudStageToken0123456789abcdefXYZ"
@@ -278,3 +279,21 @@ def test_dry_run_shows_the_staging_job_and_changes_nothing(env, hub):
     # Reads are allowed (the estimate looks for earlier runs' results in the bucket); writes are not.
     assert not [e for e in env.record() if e["service"] == "storage" and e["mutating"]]
     assert hub.downloads() == []
+
+
+@pytest.mark.slow
+def test_a_first_up_stages_in_the_cloud_though_the_role_it_granted_the_job_is_not_in_effect_at_once(env, hub):
+    """Seconds after `up` grants the job's account roles/storage.objectUser, the staging job writes the
+    bucket as that account: the attempt refused while Google puts the role in effect is retried by Cloud
+    Run (the staging job's max_retries), and `up` goes on."""
+    access = env.emulator.access
+    with grants_in_effect_once_refused(access):
+        result = cli("up", "--model-source", MODEL, "--dataset-source", DATASET)
+    assert result.exit_code == 0, result.output
+    assert "does not have storage.objects.list access" in result.output
+    assert "failed on attempt 0; retrying (attempt 1 of at most 4)" in result.output
+    job_account = f"serviceAccount:gemma3-finetuning@{PROJECT}.iam.gserviceaccount.com"
+    assert ("roles/storage.objectUser", job_account) in access.held_back
+    assert len(stage_runs(env)) == 1
+    assert files(env, MODEL) == MODEL_FILES
+    assert files(env, "datasets/oxford-iiit-pet") == DATASET_FILES

@@ -4,6 +4,7 @@ the environment pointing the launcher's clients at it while it runs."""
 from __future__ import annotations
 
 import os
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -14,6 +15,7 @@ from google.cloud import service_usage_v1
 
 from launcher.apis import REQUIRED
 from launcher.cloud import Clients
+from launcher.emulator.access import Access
 from launcher.emulator.record import read_record
 from launcher.emulator.server import Emulator
 
@@ -69,3 +71,24 @@ class Local:
             )
         ).result()
         time.sleep(self.emulator.access.api_propagation_s)
+
+
+@contextmanager
+def grants_in_effect_once_refused(access: Access) -> Iterator[None]:
+    """Each role granted meanwhile stays out of effect until a check has refused for want of it, then
+    takes effect, as minutes later in Google Cloud: every use of a new role meets the delay once, however
+    fast or slow this machine runs."""
+    access.grant_propagation_s = 3600.0
+    stop = threading.Event()
+
+    def propagate() -> None:
+        while not stop.wait(0.05):
+            access.grants_propagated(set(access.held_back))
+
+    watcher = threading.Thread(target=propagate, daemon=True)
+    watcher.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        watcher.join()
