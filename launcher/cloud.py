@@ -120,10 +120,14 @@ def recently_granted(account: str) -> bool:
 
 
 def refused_new_grant(error: BaseException) -> str | None:
-    """The account a PERMISSION_DENIED names when this process granted it roles moments ago, else None."""
+    """The account a PERMISSION_DENIED names when this process granted it roles moments ago, else None.
+
+    Not an actAs refusal: that one names the account as the resource, and is the caller's own."""
     if not isinstance(error, exceptions.PermissionDenied | exceptions.Forbidden):
         return None
     text = str(error)
+    if "iam.serviceaccounts.actas" in text.lower():
+        return None
     return next((account for account in _granted_at if account in text and recently_granted(account)), None)
 
 
