@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +11,11 @@ import click
 from launcher.commands.options import Command
 from launcher.errors import UserError
 from launcher.settings_rules import REGION
+
+
+def propagation_option(flag: str, help: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """A delay Google Cloud puts between a change and its effect, in seconds (2 s here; minutes there)."""
+    return click.option(flag, type=click.FloatRange(min=0), default=2.0, show_default=True, help=help)
 
 
 @click.group()
@@ -79,26 +85,15 @@ def emulator() -> None:
     show_default=True,
     help="Whether the projects have billing enabled (what `doctor` checks).",
 )
-@click.option(
-    "--iam-propagation",
-    type=click.FloatRange(min=0),
-    default=2.0,
-    show_default=True,
-    help="Seconds a new service account stays unknown to IAM policies, as in Google Cloud.",
+@propagation_option(
+    "--iam-propagation", "Seconds a new service account stays unknown to IAM policies, as in Google Cloud."
 )
-@click.option(
-    "--api-propagation",
-    type=click.FloatRange(min=0),
-    default=2.0,
-    show_default=True,
-    help="Seconds a just-enabled API still answers SERVICE_DISABLED, as in Google Cloud.",
+@propagation_option(
+    "--api-propagation", "Seconds a just-enabled API still answers SERVICE_DISABLED, as in Google Cloud."
 )
-@click.option(
+@propagation_option(
     "--grant-propagation",
-    type=click.FloatRange(min=0),
-    default=2.0,
-    show_default=True,
-    help="Seconds a role just granted is not yet in effect, as in Google Cloud (minutes there).",
+    "Seconds a role just granted is not yet in effect, as in Google Cloud (minutes there).",
 )
 def emulator_start(
     port: int,
