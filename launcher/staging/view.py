@@ -67,10 +67,13 @@ class StagingView:
                     self._progress.stop()
                     self._progress = None
                 if ok:
-                    self._console.print(
-                        f"Staged {human_bytes(total)} in {seconds:.1f} s ({human_bytes(total / seconds)}/s)",
-                        soft_wrap=True,
+                    # Under a tenth of a second (a few small files) the time and rate are noise, not news.
+                    took = (
+                        f"in {seconds:.1f} s ({human_bytes(total / seconds)}/s)"
+                        if seconds >= 0.05
+                        else "in under 0.1 s"
                     )
+                    self._console.print(f"Staged {human_bytes(total)} {took}", soft_wrap=True)
 
     def _start(self, event: TransferStarted) -> None:
         self._console.print(
@@ -112,9 +115,10 @@ class StagingView:
             if self._quarters.passed(self._done) is None or self._done >= total:
                 return
             eta = f", about {duration(left)} left" if left is not None and left >= 1 else ""
-            share = self._done / total
+            # Floored: a line that says 100% while bytes are still to come reads as a hang.
+            percent = self._done * 100 // total
             self._console.print(
-                f"  {self._label}: {share:.0%} ({human_bytes(self._done)} of {human_bytes(total)}){eta}",
+                f"  {self._label}: {percent}% ({human_bytes(self._done)} of {human_bytes(total)}){eta}",
                 soft_wrap=True,
                 highlight=False,
             )

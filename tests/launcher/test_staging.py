@@ -542,6 +542,19 @@ def test_a_quarter_line_shows_the_share_moved_and_none_comes_once_everything_has
     ]
 
 
+def test_a_quarter_line_never_says_100_percent_before_the_last_bytes_nor_a_rate_for_an_instant():
+    out = io.StringIO()
+    view = StagingView(Console(file=out, width=200))
+    view(TransferStarted("model", "model tiny -> gs://b/models/tiny/", 2, 531_500))
+    view(BytesMoved("a.bin", 528_900))  # 99.5 % moved: 2.6 KB still to come
+    view(BytesMoved("b.bin", 2_600))
+    view(TransferEnded(531_500, 0.01, True))
+    assert out.getvalue().splitlines()[1:] == [
+        "  model: 99% (528.9 KB of 531.5 KB)",
+        "Staged 531.5 KB in under 0.1 s",
+    ]
+
+
 def test_the_cli_shows_a_plan_then_a_line_per_quarter_and_per_file_only_when_verbose(
     local, bucket, tmp_path, monkeypatch
 ):
