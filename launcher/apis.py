@@ -13,7 +13,7 @@ import time
 from google.cloud import service_usage_v1
 
 from launcher.changes import Change
-from launcher.cloud import POLLING, RETRY, Clients, enabled_now
+from launcher.cloud import ENABLED, POLLING, RETRY, Clients
 from launcher.cloud_errors import explained
 from launcher.settings import Settings
 
@@ -69,7 +69,7 @@ def ensure_apis(clients: Clients, settings: Settings, *, dry_run: bool = False) 
                 retry=RETRY,
             ).result(timeout=ENABLE_WAIT_S, retry=RETRY, polling=POLLING)
             _wait_until_enabled(clients, settings, missing)
-            enabled_now(missing)
+            ENABLED.mark(missing)
     changes = []
     for api in REQUIRED:
         if api not in missing:

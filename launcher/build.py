@@ -26,7 +26,7 @@ from google.protobuf import json_format
 from launcher import logs
 from launcher.build_context import SourceArchive, pack_source
 from launcher.changes import Change
-from launcher.cloud import GRANT_PROPAGATION_S, RETRY, Clients, recently_granted
+from launcher.cloud import GRANT_PROPAGATION_S, GRANTED, RETRY, Clients
 from launcher.cloud_errors import explained
 from launcher.errors import UserError
 from launcher.settings import Settings
@@ -263,7 +263,7 @@ def _run_build_once_granted(
         try:
             return _run_build(clients, settings, request, on_line, on_steps)
         except BuildFailed as failed:
-            if failed.build.failure_info.type_ not in _ACCESS_FAILURES or not recently_granted(account):
+            if failed.build.failure_info.type_ not in _ACCESS_FAILURES or account not in GRANTED:
                 raise
             failure = failed.build.failure_info.type_
             what = "read the source" if failure == _ACCESS_FAILURES[0] else "push the image"

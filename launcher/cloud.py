@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import socket
 import time
+from collections.abc import Iterator
 from functools import cached_property
 from urllib.parse import urlsplit
 
@@ -85,18 +86,31 @@ TRANSIENT = (
 _TRANSIENT_HTTP = {408, 429, 500, 502, 503, 504}
 
 
+class Recent:
+    """What this process changed in Google Cloud moments ago: each name counts as recent for `window_s`
+    seconds after `mark`, the time Google may take to put such a change in effect everywhere."""
+
+    def __init__(self, window_s: float) -> None:
+        self.window_s = window_s
+        self._at: dict[str, float] = {}
+
+    def mark(self, names: list[str]) -> None:
+        self._at.update(dict.fromkeys(names, time.monotonic()))
+
+    def __contains__(self, name: object) -> bool:
+        at = self._at.get(name) if isinstance(name, str) else None
+        return at is not None and time.monotonic() - at < self.window_s
+
+    def __iter__(self) -> Iterator[str]:
+        return (name for name in list(self._at) if name in self)
+
+
 # An API just enabled is not served at once: its calls may answer SERVICE_DISABLED for a few minutes,
 # as that answer's own message says ("If you enabled this API recently, wait a few minutes for the
 # action to propagate to our systems and retry"). For APIs this process enabled (`up`), that answer
 # is transient; for any other API it means what it says, and is reported at once.
 API_PROPAGATION_S = 300.0
-_enabled_at: dict[str, float] = {}
-
-
-def enabled_now(apis: list[str]) -> None:
-    """Service Usage has just enabled `apis`: their SERVICE_DISABLED answers are retried for a while."""
-    _enabled_at.update(dict.fromkeys(apis, time.monotonic()))
-
+ENABLED = Recent(API_PROPAGATION_S)
 
 # A role just granted is not in effect at once either: "Changes to allow or deny policies typically
 # propagate in 2 minutes, but could potentially take 7 minutes or longer"
@@ -105,18 +119,7 @@ def enabled_now(apis: list[str]) -> None:
 # can read the secret when the job is created, a build reads the source and pushes the image as its
 # account): a refusal that names an account this process granted roles to is retried that long.
 GRANT_PROPAGATION_S = 420.0
-_granted_at: dict[str, float] = {}
-
-
-def granted_now(accounts: list[str]) -> None:
-    """Roles were just granted to the service accounts `accounts` (emails)."""
-    _granted_at.update(dict.fromkeys(accounts, time.monotonic()))
-
-
-def recently_granted(account: str) -> bool:
-    """Whether this process granted `account` a role too recently for it to be in effect everywhere."""
-    granted_at = _granted_at.get(account)
-    return granted_at is not None and time.monotonic() - granted_at < GRANT_PROPAGATION_S
+GRANTED = Recent(GRANT_PROPAGATION_S)
 
 
 def refused_new_grant(error: BaseException) -> str | None:
@@ -128,7 +131,7 @@ def refused_new_grant(error: BaseException) -> str | None:
     text = str(error)
     if "iam.serviceaccounts.actas" in text.lower():
         return None
-    return next((account for account in _granted_at if account in text and recently_granted(account)), None)
+    return next((account for account in GRANTED if account in text), None)
 
 
 def _still_propagating(error: BaseException) -> bool:
@@ -136,8 +139,7 @@ def _still_propagating(error: BaseException) -> bool:
         return True
     if getattr(error, "reason", None) != "SERVICE_DISABLED":
         return False
-    enabled_at = _enabled_at.get((getattr(error, "metadata", None) or {}).get("service", ""))
-    return enabled_at is not None and time.monotonic() - enabled_at < API_PROPAGATION_S
+    return (getattr(error, "metadata", None) or {}).get("service", "") in ENABLED
 
 
 def is_transient(error: BaseException) -> bool:

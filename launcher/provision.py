@@ -24,7 +24,7 @@ from google.cloud import artifactregistry_v1, iam_admin_v1, secretmanager_v1, st
 from launcher import iam_bindings
 from launcher.apis import ensure_apis
 from launcher.changes import Change
-from launcher.cloud import POLLING, RETRY, Clients, granted_now
+from launcher.cloud import GRANTED, POLLING, RETRY, Clients
 from launcher.cloud_errors import explained
 from launcher.errors import UserError
 from launcher.iam_bindings import (
@@ -354,5 +354,5 @@ def provision(
         on_change(change)
         if change.kind.endswith(" IAM") and change.status in ("created", "updated"):
             # Not in effect for a few minutes: what uses these accounts next waits for it (cloud.py).
-            granted_now([settings.service_account_email, settings.build_service_account_email])
+            GRANTED.mark([settings.service_account_email, settings.build_service_account_email])
     return changes

@@ -46,9 +46,9 @@ def isolated_environment(tmp_path_factory: pytest.TempPathFactory, monkeypatch: 
     monkeypatch.setenv("GCE_METADATA_HOST", "127.0.0.1:9")
     monkeypatch.chdir(tmp_path_factory.mktemp("cwd"))
     # Nor an API that an earlier test's `up` enabled in this process: its SERVICE_DISABLED would be retried.
-    monkeypatch.setattr(cloud, "_enabled_at", {})
+    monkeypatch.setattr(cloud.ENABLED, "_at", {})
     # Nor the accounts it granted roles to: their refusals would be retried.
-    monkeypatch.setattr(cloud, "_granted_at", {})
+    monkeypatch.setattr(cloud.GRANTED, "_at", {})
 
 
 @pytest.fixture
