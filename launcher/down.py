@@ -258,7 +258,7 @@ def _bucket_binding(
     bucket = clients.storage.bucket(settings.bucket)
 
     def matches(policy: Any) -> bool:
-        held = any(b["role"] in (role, also) and member in b["members"] for b in policy.bindings)
+        held = iam_bindings.bucket_grants(policy, member, role, also)
         for binding in policy.bindings:
             if binding["role"] in (role, also):
                 binding["members"].discard(member)

@@ -26,7 +26,7 @@ from launcher import job as jobs
 from launcher import logs
 from launcher.cloud import POLLING, RETRY, Clients
 from launcher.errors import UserError
-from launcher.iam_bindings import OBJECT_USER
+from launcher.iam_bindings import OBJECT_USER, bucket_grants
 from launcher.settings import Settings
 
 EXECUTION_LABEL = "run.googleapis.com/execution_name"
@@ -159,7 +159,7 @@ def refused_a_new_role(clients: Clients, settings: Settings, execution: run_v2.E
         return False
     member = f"serviceAccount:{settings.service_account_email}"
     policy = clients.storage.bucket(settings.bucket).get_iam_policy(requested_policy_version=3, retry=RETRY)
-    return any(b["role"] == OBJECT_USER and member in b["members"] for b in policy.bindings)
+    return bucket_grants(policy, member, OBJECT_USER)
 
 
 def tasks_of(clients: Clients, execution: str) -> list[run_v2.Task]:

@@ -51,6 +51,11 @@ _POLICY_RACE_RETRY = Retry(
 )
 
 
+def bucket_grants(policy: Any, member: str, *roles: str) -> bool:
+    """Whether a bucket's policy (google-cloud-storage's Policy) binds `member` to any of `roles`."""
+    return any(b["role"] in roles and member in b["members"] for b in policy.bindings)
+
+
 def _ensure_bucket_role(
     clients: Clients, settings: Settings, email: str, role: str, *, dry_run: bool, replaces: str = ""
 ) -> Change:
@@ -68,8 +73,8 @@ def _ensure_bucket_role(
 
         def grant() -> bool:
             policy = bucket.get_iam_policy(requested_policy_version=3, retry=RETRY)
-            held = any(b["role"] == role and member in b["members"] for b in policy.bindings)
-            wider = any(b["role"] == replaces and member in b["members"] for b in policy.bindings)
+            held = bucket_grants(policy, member, role)
+            wider = bucket_grants(policy, member, replaces)
             if held and not wider:
                 return False
             if dry_run:
