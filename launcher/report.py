@@ -36,14 +36,17 @@ def run_page(clients: Clients, settings: Settings, execution: str, gone: bool = 
     results = run_results.load(clients, settings, execution)
     if results is None:
         raise run_results.no_results(clients, settings, execution, command="report")
-    cost = _rebuilt_cost(clients, settings, execution, results) if gone else None
-    return _page(
-        clients, settings, run_results.run_prefix(execution), results, executions.short_name(execution), cost
-    )
+    return _run_page(clients, settings, execution, results, gone)
 
 
-def _rebuilt_cost(clients: Clients, settings: Settings, execution: str, results: dict[str, Any]) -> str:
-    return leaderboard.rebuilt_cost(past_runs.numbers_of(clients, settings, execution, results))
+def _run_page(
+    clients: Clients, settings: Settings, execution: str, results: dict[str, Any], gone: bool
+) -> dict[str, Any]:
+    """The page of a run whose results.json is read."""
+    numbers = past_runs.numbers_of(clients, settings, execution, results) if gone else None
+    cost = leaderboard.rebuilt_cost(numbers) if numbers is not None else None
+    prefix, name = run_results.run_prefix(execution), executions.short_name(execution)
+    return _page(clients, settings, prefix, results, name, cost)
 
 
 def _page(
@@ -67,9 +70,7 @@ def pages(clients: Clients, settings: Settings, execution: str, gone: bool = Fal
     execution's record is gone, so its page shows the cost rebuilt from its results."""
     results = run_results.load(clients, settings, execution)
     if results is not None:
-        prefix = run_results.run_prefix(execution)
-        cost = _rebuilt_cost(clients, settings, execution, results) if gone else None
-        return [_page(clients, settings, prefix, results, executions.short_name(execution), cost)]
+        return [_run_page(clients, settings, execution, results, gone)]
     found = executions.find_execution(clients, execution)
     if found is None:
         return _kept_pages(clients, settings, execution)
